@@ -1,0 +1,178 @@
+"""The one place that talks to SQLite.
+
+One database file under $SCHEDCP_HOME, WAL mode, schema versioned by `MIGRATIONS` (append only:
+never edit a shipped migration, add a new one). Records are pydantic models stored as JSON next to
+the few columns that are queried, so a model can grow without a migration.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+from pydantic import BaseModel
+
+from . import config
+
+MIGRATIONS: list[str] = [
+    # 1: the base schema
+    """
+    CREATE TABLE records (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,            -- profile, report, deployment, outcome, ...
+        created_at REAL NOT NULL,
+        ref TEXT,                      -- main foreign key (e.g. the profile a report served)
+        data TEXT NOT NULL             -- the model as JSON
+    );
+    CREATE INDEX records_kind_time ON records(kind, created_at DESC);
+    CREATE INDEX records_ref ON records(ref);
+    CREATE TABLE cache (
+        key TEXT PRIMARY KEY,          -- content hash of everything that decides the result
+        kind TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        artifact_sha256 TEXT,
+        detail TEXT NOT NULL
+    );
+    CREATE TABLE kv (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+]
+
+M = TypeVar("M", bound=BaseModel)
+_local = threading.local()
+
+
+def new_id(prefix: str) -> str:
+    """Short, sortable-enough ids a person can type: `prof-1a2b3c4d5e`."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def connect(path: Path | None = None) -> sqlite3.Connection:
+    """A connection to the database at `path` (default: $SCHEDCP_HOME/schedcp.db), migrated."""
+    path = path or config.db_path()
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations; return the schema version."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for i, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+        # executescript runs the whole migration and its version bump as one transaction
+        conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;PRAGMA user_version = {i};\nCOMMIT;")
+        version = i
+    return version
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def db() -> sqlite3.Connection:
+    """A per-thread connection to the current home's database (reopened if $SCHEDCP_HOME changed)."""
+    path = str(config.db_path())
+    conn = getattr(_local, "conn", None)
+    if conn is None or getattr(_local, "path", None) != path:
+        conn = connect(Path(path))
+        _local.conn, _local.path = conn, path
+    return conn
+
+
+# --- records -------------------------------------------------------------------------------------
+
+def put(kind: str, model: BaseModel, *, ref: str | None = None) -> None:
+    """Insert or replace a record. The model must have `id` and `created_at` fields."""
+    data = model.model_dump_json()
+    db().execute(
+        "INSERT INTO records(id, kind, created_at, ref, data) VALUES (?,?,?,?,?) "
+        "ON CONFLICT(id) DO UPDATE SET data=excluded.data, ref=excluded.ref",
+        (model.id, kind, model.created_at, ref, data),  # type: ignore[attr-defined]
+    )
+
+
+def get(kind: str, id: str, cls: type[M]) -> M | None:
+    row = db().execute("SELECT data FROM records WHERE kind=? AND id=?", (kind, id)).fetchone()
+    return cls.model_validate_json(row["data"]) if row else None
+
+
+def list_records(kind: str, cls: type[M], *, ref: str | None = None, limit: int = 100) -> list[M]:
+    """Newest first."""
+    if ref is None:
+        rows = db().execute(
+            "SELECT data FROM records WHERE kind=? ORDER BY created_at DESC LIMIT ?", (kind, limit)
+        )
+    else:
+        rows = db().execute(
+            "SELECT data FROM records WHERE kind=? AND ref=? ORDER BY created_at DESC LIMIT ?",
+            (kind, ref, limit),
+        )
+    return [cls.model_validate_json(r["data"]) for r in rows]
+
+
+def ids(kind: str, limit: int = 1000) -> list[str]:
+    return [r["id"] for r in db().execute(
+        "SELECT id FROM records WHERE kind=? ORDER BY created_at DESC LIMIT ?", (kind, limit))]
+
+
+# --- content-hash cache --------------------------------------------------------------------------
+
+def cache_get(key: str) -> dict[str, Any] | None:
+    row = db().execute("SELECT data FROM cache WHERE key=?", (key,)).fetchone()
+    return json.loads(row["data"]) if row else None
+
+
+def cache_put(key: str, kind: str, data: dict[str, Any]) -> None:
+    db().execute(
+        "INSERT OR REPLACE INTO cache(key, kind, created_at, data) VALUES (?,?,?,?)",
+        (key, kind, time.time(), json.dumps(data)),
+    )
+
+
+# --- audit log and small settings ----------------------------------------------------------------
+
+def audit(actor: str, action: str, detail: dict[str, Any], artifact_sha256: str | None = None) -> None:
+    db().execute(
+        "INSERT INTO audit(at, actor, action, artifact_sha256, detail) VALUES (?,?,?,?,?)",
+        (time.time(), actor, action, artifact_sha256, json.dumps(detail)),
+    )
+
+
+def audit_log(limit: int = 200) -> list[dict[str, Any]]:
+    rows = db().execute("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
+    return [dict(r) | {"detail": json.loads(r["detail"])} for r in rows]
+
+
+def kv_get(key: str) -> str | None:
+    row = db().execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+    return row["value"] if row else None
+
+
+def kv_set(key: str, value: str) -> None:
+    db().execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?,?)", (key, value))
