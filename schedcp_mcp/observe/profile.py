@@ -1,0 +1,408 @@
+"""`profile_workload`: run (or attach to) a workload, measure it, and store a WorkloadProfile.
+
+What is measured, each only where the machine can:
+- psutil process-tree sampling: threads, processes seen (forks), voluntary / involuntary context
+  switches, CPU time, I/O bytes;
+- system-wide /proc/stat deltas (forks, context switches) and PSI cpu pressure;
+- `perf stat` software counters (and hardware counters where a PMU exists);
+- a run-queue latency histogram from libbpf-tools `runqlat` (CO-RE; needs BTF and root).
+Each source that could not run says why in `sources`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import psutil
+from pydantic import BaseModel, Field
+
+from .. import store
+from ..errors import BadInput, NotFound
+from .cpu import read_proc_stat, read_psi
+from .system import tools
+
+KIND = "profile"
+
+
+class Source(BaseModel):
+    name: str
+    used: bool
+    detail: str = ""
+
+
+class ProcessTreeMetrics(BaseModel):
+    processes_seen: int = Field(description="distinct processes observed in the tree")
+    max_threads: int
+    avg_threads: float
+    cpu_time_s: float
+    voluntary_ctx_switches: int
+    involuntary_ctx_switches: int
+    read_bytes: int | None = None
+    write_bytes: int | None = None
+
+
+class RunqlatHistogram(BaseModel):
+    unit: str = "usecs"
+    buckets: list[tuple[int, int, int]] = Field(description="(low, high, count)")
+    p50_us: float | None = None
+    p99_us: float | None = None
+
+
+class Characteristics(BaseModel):
+    cpu_bound: bool
+    latency_sensitive: bool
+    many_short_lived_processes: bool
+    parallelism: float = Field(description="average CPUs kept busy by the workload")
+    io_heavy: bool
+    cpu_utilization: float = Field(description="workload CPU time / (wall time x CPUs), 0..1")
+    voluntary_switch_rate: float = Field(description="voluntary context switches per second")
+    involuntary_switch_rate: float
+    fork_rate: float = Field(description="new processes per second")
+    features: dict[str, float] = Field(
+        description="normalized 0..1 feature vector used for profile similarity")
+
+
+class Goal(BaseModel):
+    metric: str = Field(description="e.g. wall_time_s, p99_wakeup_latency_us, throughput")
+    direction: Literal["lower", "higher"]
+    target_ratio: float | None = Field(
+        None, description="candidate/baseline bound, e.g. 0.9 = at least 10% better for 'lower'")
+    why: str = ""
+
+
+class WorkloadProfile(BaseModel):
+    id: str
+    created_at: float
+    command: list[str] | None = None
+    pid: int | None = None
+    duration_s: float
+    exit_code: int | None = None
+    ncpus: int
+    summary: str
+    characteristics: Characteristics
+    process_tree: ProcessTreeMetrics
+    system: dict[str, float] = Field(description="system-wide rates during the run")
+    perf_counters: dict[str, float] = {}
+    runqlat: RunqlatHistogram | None = None
+    goals: list[Goal]
+    resource_needs: dict[str, float | int | str]
+    sources: list[Source]
+
+
+def _tree(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+class _TreeSampler:
+    """Accumulates per-process counters; a process's last reading stands after it exits."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, tuple[float, int, int, int, int, int]] = {}
+        self.thread_samples: list[int] = []
+
+    def sample(self, procs: list[psutil.Process]) -> None:
+        threads = 0
+        for p in procs:
+            try:
+                with p.oneshot():
+                    ct = p.cpu_times()
+                    cs = p.num_ctx_switches()
+                    n = p.num_threads()
+                    try:
+                        io = p.io_counters()
+                        rb, wb = io.read_bytes, io.write_bytes
+                    except (psutil.AccessDenied, AttributeError):
+                        rb = wb = 0
+                self.last[p.pid] = (ct.user + ct.system, cs.voluntary, cs.involuntary, n, rb, wb)
+                threads += n
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                pass
+        self.thread_samples.append(threads)
+
+    def metrics(self, children_cpu: float = 0.0) -> ProcessTreeMetrics:
+        v = list(self.last.values())
+        return ProcessTreeMetrics(
+            processes_seen=len(v),
+            max_threads=max(self.thread_samples or [0]),
+            avg_threads=round(sum(self.thread_samples) / max(1, len(self.thread_samples)), 2),
+            cpu_time_s=round(max(sum(x[0] for x in v), children_cpu), 3),
+            voluntary_ctx_switches=sum(x[1] for x in v),
+            involuntary_ctx_switches=sum(x[2] for x in v),
+            read_bytes=sum(x[4] for x in v), write_bytes=sum(x[5] for x in v))
+
+
+def _parse_perf_csv(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split(",")
+        if len(parts) >= 3 and parts[0] and not parts[0].startswith("<"):
+            try:
+                out[parts[2]] = float(parts[0])
+            except ValueError:
+                pass
+    return out
+
+
+def parse_runqlat(text: str) -> RunqlatHistogram | None:
+    buckets = []
+    for m in re.finditer(r"^\s*(\d+)\s*->\s*(\d+)\s*:\s*(\d+)", text, re.M):
+        buckets.append((int(m[1]), int(m[2]), int(m[3])))
+    if not buckets:
+        return None
+    total = sum(b[2] for b in buckets)
+
+    def pct(q: float) -> float | None:
+        if not total:
+            return None
+        acc = 0
+        for lo, hi, n in buckets:
+            acc += n
+            if acc >= q * total:
+                return float(hi)
+        return float(buckets[-1][1])
+
+    return RunqlatHistogram(buckets=buckets, p50_us=pct(0.5), p99_us=pct(0.99))
+
+
+def characterize(tree: ProcessTreeMetrics, wall: float, ncpus: int,
+                 sys_forks: float) -> Characteristics:
+    wall = max(wall, 1e-3)
+    util = min(1.0, tree.cpu_time_s / (wall * ncpus))
+    parallelism = tree.cpu_time_s / wall
+    vol = tree.voluntary_ctx_switches / wall
+    invol = tree.involuntary_ctx_switches / wall
+    forks = max(tree.processes_seen - 1, sys_forks) / wall
+    io_rate = ((tree.read_bytes or 0) + (tree.write_bytes or 0)) / wall
+    features = {
+        "cpu_utilization": round(util, 3),
+        "parallelism": round(min(1.0, parallelism / ncpus), 3),
+        "wakeup_intensity": round(min(1.0, vol / 5000.0), 3),
+        "preemption": round(min(1.0, invol / 1000.0), 3),
+        "fork_intensity": round(min(1.0, forks / 200.0), 3),
+        "io": round(min(1.0, io_rate / 50e6), 3),
+    }
+    return Characteristics(
+        cpu_bound=util >= 0.6 and vol / max(parallelism, 0.01) < 500,
+        latency_sensitive=vol >= 1000,
+        many_short_lived_processes=forks >= 20,
+        parallelism=round(parallelism, 2),
+        io_heavy=features["io"] >= 0.3,
+        cpu_utilization=round(util, 3),
+        voluntary_switch_rate=round(vol, 1),
+        involuntary_switch_rate=round(invol, 1),
+        fork_rate=round(forks, 1),
+        features=features,
+    )
+
+
+def derive_goals(c: Characteristics, has_command: bool) -> list[Goal]:
+    goals: list[Goal] = []
+    if c.latency_sensitive:
+        goals.append(Goal(metric="p99_wakeup_latency_us", direction="lower", target_ratio=0.9,
+                          why=f"{c.voluntary_switch_rate:.0f} voluntary switches/s: tasks sleep and "
+                              "wake often, so wakeup latency dominates"))
+    if c.cpu_bound or c.many_short_lived_processes:
+        goals.append(Goal(metric="throughput", direction="higher", target_ratio=1.0,
+                          why="CPU-bound or fork-heavy: keep total work per second at least "
+                              "the default scheduler's"))
+    if has_command:
+        goals.append(Goal(metric="wall_time_s", direction="lower", target_ratio=1.0,
+                          why="the workload should not finish later than under the default"))
+    if not goals:
+        goals.append(Goal(metric="p99_wakeup_latency_us", direction="lower", target_ratio=1.0,
+                          why="light workload: do no harm to responsiveness"))
+    return goals
+
+
+def summarize(c: Characteristics, tree: ProcessTreeMetrics, wall: float, ncpus: int,
+              what: str) -> str:
+    kinds = [k for k, on in (("CPU-bound", c.cpu_bound), ("latency-sensitive", c.latency_sensitive),
+                             ("fork/exec-heavy", c.many_short_lived_processes),
+                             ("I/O-heavy", c.io_heavy)) if on] or ["light"]
+    return (f"{what} ran {wall:.1f}s and is {', '.join(kinds)}: it kept {c.parallelism:.2f} of "
+            f"{ncpus} CPUs busy ({c.cpu_utilization:.0%} utilization), used up to "
+            f"{tree.max_threads} threads in {tree.processes_seen} processes, "
+            f"{c.voluntary_switch_rate:.0f} voluntary and {c.involuntary_switch_rate:.0f} involuntary "
+            f"context switches/s, {c.fork_rate:.1f} new processes/s.")
+
+
+def profile_workload(command: list[str] | str | None = None, pid: int | None = None,
+                     duration_s: float = 10.0, *, use_perf: bool = True, use_runqlat: bool = True,
+                     progress: Callable[[float, str], None] | None = None) -> WorkloadProfile:
+    """Profile `command` (run to completion, at most `duration_s`) or attach to `pid` for
+    `duration_s`; store and return the WorkloadProfile."""
+    if (command is None) == (pid is None):
+        raise BadInput("give exactly one of command or pid",
+                       "e.g. command=['hackbench', '-g', '4'] or pid=1234")
+    duration_s = float(duration_s)
+    if not 0.2 <= duration_s <= 3600:
+        raise BadInput(f"duration_s={duration_s} out of range", "use 0.2 .. 3600 seconds")
+    if isinstance(command, str):
+        command = shlex.split(command)
+    if command is not None and not command:
+        raise BadInput("empty command", "give the program and its arguments")
+    avail = {t.name: t for t in tools()}
+    sources: list[Source] = []
+    ncpus = psutil.cpu_count() or 1
+    tmp = Path(tempfile.mkdtemp(prefix="schedcp-prof-"))
+    perf_out = tmp / "perf.csv"
+    perf_ok = use_perf and avail.get("perf") is not None and avail["perf"].usable
+    events = "task-clock,context-switches,cpu-migrations,page-faults"
+    if perf_ok and avail.get("perf-hw-counters") and avail["perf-hw-counters"].usable:
+        events += ",cycles,instructions"
+
+    runqlat = None
+    rq = avail.get("libbpf-tools/runqlat")
+    if use_runqlat and rq and rq.usable:
+        secs = max(1, int(duration_s))
+        runqlat = subprocess.Popen([rq.path, str(secs), "1"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(0.3)  # let it attach before the workload starts
+    elif use_runqlat:
+        sources.append(Source(name="runqlat", used=False,
+                              detail=rq.detail if rq else "libbpf-tools not installed"))
+
+    s0, t0_cpu = read_proc_stat(), psutil.cpu_times()
+    start = time.monotonic()
+    proc: subprocess.Popen | None = None
+    perf_attach: subprocess.Popen | None = None
+    exit_code = None
+    if command is not None:
+        exe = shutil.which(command[0])
+        if exe is None:
+            _stop(runqlat)
+            raise BadInput(f"command not found: {command[0]!r}", "give a program on PATH or a path")
+        argv = ([avail["perf"].path, "stat", "-x,", "-o", str(perf_out), "-e", events, "--", *command]
+                if perf_ok else command)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        root = psutil.Process(proc.pid)
+    else:
+        try:
+            root = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            _stop(runqlat)
+            raise NotFound(f"no process with pid {pid}", "list processes with `schedcp stats`")
+        if perf_ok:
+            perf_attach = subprocess.Popen(
+                [avail["perf"].path, "stat", "-x,", "-o", str(perf_out), "-e", events, "-p",
+                 str(pid), "--", "sleep", str(duration_s)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sampler = _TreeSampler()
+    stderr_tail = ""
+    while True:
+        elapsed = time.monotonic() - start
+        sampler.sample(_tree(root))
+        if progress:
+            progress(min(1.0, elapsed / duration_s), "profiling")
+        if proc is not None and proc.poll() is not None:
+            break
+        if elapsed >= duration_s:
+            break
+        if pid is not None and not root.is_running():
+            break
+        time.sleep(0.1)
+    wall = time.monotonic() - start
+    if proc is not None:
+        if proc.poll() is None:  # ran past duration_s: stop it, the profile covers what we saw
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        exit_code = proc.returncode
+        stderr_tail = (proc.stderr.read() or b"").decode(errors="replace")[-2000:]
+        proc.stderr.close()
+    if perf_attach is not None:
+        perf_attach.wait(duration_s + 10)
+    s1, t1_cpu = read_proc_stat(), psutil.cpu_times()
+
+    perf = {}
+    if perf_ok:
+        perf = _parse_perf_csv(perf_out.read_text() if perf_out.exists() else "")
+        sources.append(Source(name="perf stat", used=bool(perf), detail=f"events: {events}; "
+                              + avail["perf"].detail))
+    else:
+        sources.append(Source(name="perf stat", used=False,
+                              detail=(avail["perf"].detail if "perf" in avail else "not installed")
+                              if use_perf else "disabled"))
+    hist = None
+    if runqlat is not None:
+        if runqlat.poll() is None:  # SIGINT makes runqlat print what it has so far and exit
+            os.killpg(runqlat.pid, signal.SIGINT)
+        try:
+            out, err = runqlat.communicate(timeout=max(3.0, duration_s - wall + 5))
+            hist = parse_runqlat(out)
+            sources.append(Source(name="runqlat", used=hist is not None,
+                                  detail="libbpf-tools runqlat, system-wide" if hist else err[-300:]))
+        except subprocess.TimeoutExpired:
+            _stop(runqlat)
+            sources.append(Source(name="runqlat", used=False, detail="runqlat did not finish"))
+    sources.append(Source(name="psutil process tree", used=True,
+                          detail=f"{len(sampler.thread_samples)} samples at 10 Hz"))
+    sources.append(Source(name="/proc/stat", used=True))
+    bcc = avail.get("bcc")
+    sources.append(Source(name="bcc", used=False, detail=bcc.detail if bcc else "not installed"))
+
+    if command is not None and exit_code not in (0, None) and wall < duration_s:
+        raise BadInput(f"the workload failed: {shlex.join(command)} exited with {exit_code}",
+                       f"its stderr ends with: {stderr_tail.strip()[-500:] or '(empty)'}")
+
+    tree = sampler.metrics(children_cpu=perf.get("task-clock", 0.0) / 1000.0)
+    dcpu = {f: getattr(t1_cpu, f) - getattr(t0_cpu, f) for f in t0_cpu._fields}
+    iowait_pct = 100.0 * dcpu.get("iowait", 0.0) / max(sum(dcpu.values()), 1e-9)
+    sys_rates = {
+        "ctx_switches_per_s": round((s1["ctxt"] - s0["ctxt"]) / wall, 1),
+        "forks_per_s": round((s1["processes"] - s0["processes"]) / wall, 1),
+        "iowait_percent": round(iowait_pct, 2),
+    }
+    psi = read_psi("cpu")
+    if psi.available and psi.some_avg10 is not None:
+        sys_rates["psi_cpu_some_avg10"] = psi.some_avg10
+    ch = characterize(tree, wall, ncpus, s1["processes"] - s0["processes"] if command else 0)
+    what = shlex.join(command) if command else f"pid {pid}"
+    prof = WorkloadProfile(
+        id=store.new_id("prof"), created_at=time.time(), command=command, pid=pid,
+        duration_s=round(wall, 3), exit_code=exit_code, ncpus=ncpus,
+        summary=summarize(ch, tree, wall, ncpus, what), characteristics=ch, process_tree=tree,
+        system=sys_rates, perf_counters=perf, runqlat=hist,
+        goals=derive_goals(ch, command is not None),
+        resource_needs={"cpus": max(1, round(ch.parallelism + 0.49)),
+                        "threads": tree.max_threads, "cpu_time_s": tree.cpu_time_s},
+        sources=sources)
+    store.put(KIND, prof)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return prof
+
+
+def _stop(p: subprocess.Popen | None) -> None:
+    if p is not None and p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def list_profiles(limit: int = 20) -> list[WorkloadProfile]:
+    return store.list_records(KIND, WorkloadProfile, limit=limit)
+
+
+def get_profile(profile_id: str) -> WorkloadProfile:
+    p = store.get(KIND, profile_id, WorkloadProfile)
+    if p is None:
+        known = store.ids(KIND, 5)
+        raise NotFound(f"no workload profile {profile_id!r}",
+                       f"newest ids: {', '.join(known)}" if known else
+                       "no profiles yet: run profile_workload first")
+    return p
