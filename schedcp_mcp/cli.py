@@ -1,0 +1,309 @@
+"""The `schedcp` command: a thin click layer over the library. Every command has `--json`.
+
+Exit codes: 0 success, 1 the thing checked said no (rejected, failed validation), 2 usage or
+infrastructure error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import click
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import SchedcpError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    if as_json:
+        if isinstance(data, BaseModel):
+            click.echo(data.model_dump_json(indent=2))
+        else:
+            click.echo(json.dumps(_plain(data), indent=2, default=str))
+    else:
+        render(data)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, BaseModel):
+        return x.model_dump(mode="json")
+    if isinstance(x, (list, tuple)):
+        return [_plain(i) for i in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[float, str], None]]:
+    """A rich progress bar on stderr; yields progress(fraction, message)."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda fraction, message="": None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=1.0)
+
+        def update(fraction: float, message: str = "") -> None:
+            bar.update(task, completed=max(0.0, min(1.0, fraction)),
+                       description=f"{description}: {message}" if message else description)
+
+        yield update
+
+
+class SchedcpGroup(click.Group):
+    """Report SchedcpError as a clean message with its hint, exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SchedcpError as e:
+            err_console.print(f"[red]error:[/red] {e.message}")
+            if e.hint:
+                err_console.print(f"[yellow]hint:[/yellow] {e.hint}")
+            sys.exit(2)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable JSON output")
+
+
+@click.group(cls=SchedcpGroup)
+@click.version_option(package_name="schedcp")
+def main() -> None:
+    """schedcp: observe a workload, find or write a sched_ext scheduler for it, prove it safe and
+    better in a sandbox VM, deploy it with a token, and learn from the outcome."""
+
+
+# --- serve -----------------------------------------------------------------------------------------
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter("expected HOST:PORT, e.g. 127.0.0.1:8765")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@main.command()
+@click.option("--http", "http", metavar="HOST:PORT", help="serve streamable HTTP instead of stdio")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="file holding the bearer token HTTP clients must send")
+def serve(http: str | None, token_file: Path | None) -> None:
+    """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`)."""
+    from . import server
+
+    if http is None:
+        server.run_stdio()
+        return
+    host, port = parse_host_port(http)
+    token = token_file.read_text().strip() if token_file else None
+    if token_file and not token:
+        raise SchedcpError(f"token file {token_file} is empty", "put a long random token in it")
+    if not is_loopback(host) and not token:
+        raise SchedcpError(f"refusing to serve on non-loopback address {host} without a token",
+                           "pass --token-file FILE (clients send 'Authorization: Bearer <token>') "
+                           "or bind 127.0.0.1")
+    err_console.print(f"schedcp MCP server on http://{host}:{port}/mcp"
+                      + (" (bearer token required)" if token else ""))
+    server.run_http(host, port, token)
+
+
+# --- observe ----------------------------------------------------------------------------------------
+
+@main.command()
+@json_option
+def info(as_json: bool) -> None:
+    """System info: topology, kernel and sched_ext facts, usable tools."""
+    from .observe.system import get_system_info
+
+    def render(s):
+        t = s.topology
+        console.print(f"[bold]{s.hostname}[/bold]  kernel {s.kernel.release}  "
+                      f"{t.logical_cpus} CPUs / {t.physical_cores} cores / {t.packages} package(s), "
+                      f"{s.memory_gib} GiB")
+        console.print(f"SMT groups {t.smt_siblings}  LLC domains {t.llc_domains}  "
+                      f"NUMA {t.numa_nodes}")
+        x = s.kernel.sched_ext
+        console.print(f"sched_ext: {'present, ' + str(x.state) + (', ops ' + x.ops if x.ops else '') if x.present else 'absent'}"
+                      f"  BTF: {'yes' if s.kernel.btf else 'no'}  can load BPF schedulers: "
+                      f"{'yes' if s.kernel.can_load_bpf else 'no'} ({s.kernel.can_load_bpf_reason})")
+        table = Table("tool", "usable", "detail")
+        for tool in s.tools:
+            table.add_row(tool.name, "[green]yes[/green]" if tool.usable else "[red]no[/red]",
+                          tool.detail)
+        console.print(table)
+
+    emit(get_system_info(), as_json, render)
+
+
+@main.command()
+@click.option("--interval", default=1.0, show_default=True, help="sampling interval, seconds")
+@json_option
+def stats(interval: float, as_json: bool) -> None:
+    """CPU and scheduler statistics over one interval."""
+    from .observe.cpu import get_cpu_stats
+
+    def render(s):
+        table = Table("cpu", "busy%", "user", "sys", "iowait", "irq", "steal", "idle",
+                      title=f"{s.interval_s}s, load {s.load_avg}")
+        for c in s.per_cpu:
+            table.add_row(str(c.cpu), f"{c.busy:.1f}", f"{c.user:.1f}", f"{c.system:.1f}",
+                          f"{c.iowait:.1f}", f"{c.irq + c.softirq:.1f}", f"{c.steal:.1f}",
+                          f"{c.idle:.1f}")
+        console.print(table)
+        console.print(f"ctx switches/s {s.ctx_switches_per_s:.0f}  interrupts/s "
+                      f"{s.interrupts_per_s:.0f}  forks/s {s.forks_per_s:.1f}  running "
+                      f"{s.procs_running}  blocked {s.procs_blocked}")
+        p = s.psi_cpu
+        console.print(f"PSI cpu some avg10/60 {p.some_avg10}/{p.some_avg60}" if p.available
+                      else f"PSI: {p.reason}")
+        console.print("schedstat: " + (f"avg wait per timeslice {s.schedstat.avg_wait_per_timeslice_us} us"
+                                       if s.schedstat.available else str(s.schedstat.reason)))
+        top = Table("pid", "name", "cpu%", "policy", "nice", "threads", title="top processes")
+        for t in s.top_processes:
+            top.add_row(str(t.pid), t.name, f"{t.cpu_percent:.1f}", t.policy, str(t.nice),
+                        str(t.num_threads))
+        console.print(top)
+
+    emit(get_cpu_stats(interval), as_json, render)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--pid", type=int, help="attach to a running process instead of running CMD")
+@click.option("--duration", default=10.0, show_default=True, help="max seconds")
+@click.option("--no-runqlat", is_flag=True, help="skip the runqlat histogram")
+@json_option
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
+def profile(pid: int | None, duration: float, no_runqlat: bool, as_json: bool, cmd: tuple[str, ...]) -> None:
+    """Profile a workload: `schedcp profile -- hackbench -g 4` or `--pid N`."""
+    from .observe.profile import profile_workload
+
+    with progress_bar("profiling", not as_json) as bar:
+        p = profile_workload(list(cmd) if cmd else None, pid, duration,
+                             use_runqlat=not no_runqlat, progress=bar)
+
+    def render(p):
+        console.print(f"[bold]{p.id}[/bold]  {p.summary}")
+        for g in p.goals:
+            console.print(f"  goal: {g.metric} {g.direction}"
+                          + (f" (ratio {g.target_ratio})" if g.target_ratio else "") + f" — {g.why}")
+        if p.runqlat:
+            console.print(f"  run-queue latency p50 ≤ {p.runqlat.p50_us} us, p99 ≤ {p.runqlat.p99_us} us")
+        for s in p.sources:
+            console.print(f"  source {s.name}: {'used' if s.used else 'not used'} {s.detail}")
+
+    emit(p, as_json, render)
+
+
+@main.command("profiles")
+@click.option("--limit", default=20, show_default=True)
+@json_option
+def profiles_cmd(limit: int, as_json: bool) -> None:
+    """Stored workload profiles, newest first."""
+    from .observe.profile import list_profiles
+
+    def render(ps):
+        table = Table("id", "command", "summary")
+        for p in ps:
+            table.add_row(p.id, " ".join(p.command or [f"pid {p.pid}"])[:40], p.summary[:100])
+        console.print(table)
+
+    emit(list_profiles(limit), as_json, render)
+
+
+# --- policies ---------------------------------------------------------------------------------------
+
+@main.group()
+def policies() -> None:
+    """The policy repository: list, search, show."""
+
+
+@policies.command("list")
+@json_option
+def policies_list(as_json: bool) -> None:
+    """Every policy: ours (with source) and the scx catalog."""
+    from .repository.policies import list_policies
+
+    def render(ps):
+        table = Table("name", "kind", "runnable", "algorithm", "tags")
+        for p in ps:
+            table.add_row(p.name, p.kind, "yes" if p.runnable else "no", p.algorithm,
+                          ", ".join(p.tags))
+        console.print(table)
+
+    emit(list_policies(), as_json, render)
+
+
+@policies.command("search")
+@click.argument("query", required=False, default="")
+@click.option("--tag", "tags", multiple=True, help="only policies with this tag (repeatable)")
+@click.option("--limit", default=10, show_default=True)
+@click.option("--profile", "profile_id", help="also rank by history on profiles similar to this one")
+@json_option
+def policies_search(query: str, tags: tuple[str, ...], limit: int, profile_id: str | None,
+                    as_json: bool) -> None:
+    """Search policies by keywords (and history, with --profile)."""
+    from .learn import history
+    from .repository.policies import search_policies
+
+    scorer = history.scorer_for(profile_id) if profile_id else None
+    hits = search_policies(query, list(tags), limit, scorer)
+
+    def render(hs):
+        table = Table("score", "name", "kind", "summary", "why")
+        for h in hs:
+            table.add_row(f"{h.score:.2f}", h.name, h.kind, h.summary, h.reason)
+        console.print(table)
+
+    emit(hits, as_json, render)
+
+
+@policies.command("show")
+@click.argument("name")
+@json_option
+def policies_show(name: str, as_json: bool) -> None:
+    """A policy's metadata, parameters, history and source."""
+    from .learn import history
+    from .repository.policies import get_policy
+
+    p = get_policy(name)
+    data = {"policy": p, "history": history.outcomes_for_policy(name), "source_code": p.source_text()}
+
+    def render(d):
+        p = d["policy"]
+        console.print(f"[bold]{p.name}[/bold] ({p.kind}) — {p.summary}\n{p.description}")
+        console.print(f"algorithm: {p.algorithm}\nuse cases: {'; '.join(p.use_cases)}\n"
+                      f"limitations: {'; '.join(p.limitations)}\ntags: {', '.join(p.tags)}")
+        if p.parameters:
+            t = Table("parameter", "type", "default", "range", "description")
+            for q in p.parameters:
+                t.add_row(q.name, q.type, str(q.default), f"{q.min}..{q.max}", q.description)
+            console.print(t)
+        for tu in p.tunables:
+            console.print(f"  {tu.flag}: {tu.description}")
+        if d["history"]:
+            t = Table("outcome", "source", "reward", "goals met", "profile")
+            for o in d["history"]:
+                t.add_row(o.id, o.source, f"{o.reward:+.3f}", str(o.goals_met), str(o.profile_id))
+            console.print(t)
+
+    emit(data, as_json, render)

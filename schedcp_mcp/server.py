@@ -1,0 +1,211 @@
+"""The MCP server: a readable list of tools, each a thin call into the library.
+
+Every tool has typed inputs (their `Field` descriptions are what the agent reads), structured
+output (a pydantic model) and annotations saying whether it only reads or changes something.
+Expected failures (`SchedcpError`) come back as MCP tool errors with the message and what to do;
+anything else is logged here and reported without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Annotated, Any, Awaitable, Callable, Literal, TypeVar
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
+
+from . import __version__
+from .errors import SchedcpError
+from .observe import cpu, profile, system
+from .repository import policies
+
+log = logging.getLogger("schedcp.server")
+T = TypeVar("T")
+
+READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True,
+                            openWorldHint=False)
+MEASURES = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False,
+                           openWorldHint=False)
+SANDBOXED = ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True,
+                            openWorldHint=False)
+DESTRUCTIVE = ToolAnnotations(readOnlyHint=False, destructiveHint=True, idempotentHint=False,
+                              openWorldHint=False)
+
+INSTRUCTIONS = """schedcp optimizes the Linux CPU scheduler with sched_ext BPF policies, safely.
+Loop: observe (get_system_info, get_cpu_stats, profile_workload) -> plan (search_policies,
+get_policy) -> execute (submit_scheduler = compile + kernel verifier; validate_scheduler = sandbox
+VM stress + A/B benchmark; deploy needs a token from a passed validation) -> learn (get_feedback,
+record_outcome). Nothing reaches the host kernel without a deployment token."""
+
+server = MCPServer(name="schedcp", version=__version__, instructions=INSTRUCTIONS)
+
+
+def agent_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn expected failures into tool errors an agent can act on; never leak a traceback."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except ToolError:
+            raise
+        except SchedcpError as e:
+            raise ToolError(str(e)) from None
+        except ValidationError as e:
+            raise ToolError("invalid input: " + "; ".join(
+                f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        except Exception as e:  # a bug: log it for us, tell the agent plainly
+            log.exception("tool %s failed", fn.__name__)
+            raise ToolError(f"internal error in {fn.__name__}: {type(e).__name__}: {e}. "
+                            "This is a schedcp bug; the server logged the details.") from None
+
+    return wrapper
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, ctx: Context | None = None, **kwargs: Any) -> T:
+    """Run blocking library work in a worker thread; forward its progress(fraction, message)
+    callbacks as MCP progress notifications."""
+    if ctx is not None:
+        def progress(fraction: float, message: str = "") -> None:
+            try:
+                anyio.from_thread.run(ctx.report_progress, round(fraction * 100, 1), 100.0, message)
+            except Exception:  # progress is best effort: a client that left must not kill work
+                pass
+        kwargs["progress"] = progress
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+# --- observe ---------------------------------------------------------------------------------------
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def get_system_info() -> system.SystemInfo:
+    """CPU topology (cores, SMT siblings, LLC domains, NUMA), kernel facts (sched_ext present and
+    state, running BPF scheduler, BTF, config), and which observation/BPF tools work here and why
+    not."""
+    return await in_thread(system.get_system_info)
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def get_cpu_stats(
+    interval_s: Annotated[float, Field(ge=0.1, le=60, description="sampling interval, seconds")] = 1.0,
+    top_n: Annotated[int, Field(ge=1, le=100, description="how many top processes")] = 10,
+) -> cpu.CpuStats:
+    """Per-CPU utilisation split, load, context switches/interrupts per second, run-queue and
+    scheduling-delay figures (/proc/schedstat where the kernel has it), PSI cpu pressure, and the
+    top processes with their scheduling policy and nice."""
+    return await in_thread(cpu.get_cpu_stats, interval_s, top_n)
+
+
+@server.tool(annotations=MEASURES)
+@agent_errors
+async def profile_workload(
+    ctx: Context,
+    command: Annotated[list[str] | None, Field(
+        description="program and arguments to run, e.g. ['hackbench','-g','4']")] = None,
+    pid: Annotated[int | None, Field(description="attach to this running process instead")] = None,
+    duration_s: Annotated[float, Field(ge=0.2, le=3600,
+                                       description="max seconds to run / observe")] = 10.0,
+) -> profile.WorkloadProfile:
+    """Run (or attach to) a workload and store a WorkloadProfile: perf counters where supported,
+    process-tree metrics, run-queue latency histogram (runqlat) where it can run, a summary,
+    characteristics (CPU-bound / latency-sensitive / fork-heavy / parallelism / I/O) and explicit
+    optimization goals. Returns the profile with its id for later tools."""
+    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx)
+
+
+class ProfileList(BaseModel):
+    profiles: list[profile.WorkloadProfile]
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def list_profiles(
+    limit: Annotated[int, Field(ge=1, le=200, description="how many, newest first")] = 20,
+) -> ProfileList:
+    """Stored workload profiles, newest first (from this and earlier sessions)."""
+    return ProfileList(profiles=await in_thread(profile.list_profiles, limit))
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def get_profile(profile_id: Annotated[str, Field(description="e.g. prof-1a2b3c4d5e")]
+                      ) -> profile.WorkloadProfile:
+    """One stored workload profile by id."""
+    return await in_thread(profile.get_profile, profile_id)
+
+
+# --- plan --------------------------------------------------------------------------------------------
+
+class SearchResult(BaseModel):
+    query: str
+    hits: list[policies.SearchHit]
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def search_policies(
+    query: Annotated[str, Field(description="keywords: workload, goal, algorithm, e.g. "
+                                            "'latency interactive wakeup'")] = "",
+    tags: Annotated[list[str] | None, Field(description="only policies with any of these tags")] = None,
+    limit: Annotated[int, Field(ge=1, le=100)] = 10,
+    profile_id: Annotated[str | None, Field(
+        description="rank also by outcomes on workload profiles similar to this one")] = None,
+) -> SearchResult:
+    """Search the policy repository (our sched_ext policies and the scx production catalog).
+    Each hit has a score and the reason it matched."""
+    from .learn import history
+
+    scorer = history.scorer_for(profile_id) if profile_id else None
+    hits = await in_thread(policies.search_policies, query, tags, limit, scorer)
+    return SearchResult(query=query, hits=hits)
+
+
+class PolicyDetail(BaseModel):
+    policy: policies.Policy
+    source_code: str | None
+    history: list[dict[str, Any]] = []
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def get_policy(name: Annotated[str, Field(description="policy name, e.g. vtime_fair")]
+                     ) -> PolicyDetail:
+    """A policy's metadata, BPF source, parameters (type/default/range) and outcome history."""
+    from .learn import history
+
+    p = await in_thread(policies.get_policy, name)
+    return PolicyDetail(policy=p, source_code=p.source_text(),
+                        history=[o.model_dump() for o in history.outcomes_for_policy(name)])
+
+
+def run_stdio() -> None:
+    server.run("stdio")
+
+
+def run_http(host: str, port: int, token: str | None) -> None:
+    """Streamable HTTP. A bearer token, when given, is required on every request."""
+    import uvicorn
+    from starlette.responses import JSONResponse
+
+    app = server.streamable_http_app(host=host)
+    if token:
+        inner = app
+
+        async def app(scope, receive, send):  # type: ignore[no-redef]
+            if scope["type"] == "http":
+                headers = dict(scope.get("headers") or [])
+                if headers.get(b"authorization", b"") != f"Bearer {token}".encode():
+                    await JSONResponse({"error": "missing or wrong bearer token"},
+                                       status_code=401)(scope, receive, send)
+                    return
+            await inner(scope, receive, send)
+
+    uvicorn.run(app, host=host, port=port, log_level="warning")
