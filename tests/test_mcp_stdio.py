@@ -1,0 +1,86 @@
+"""The MCP server through the SDK's own client over stdio, spawning `schedcp serve` for real."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+from mcp import ClientSession, StdioServerParameters, stdio_client
+
+pytestmark = pytest.mark.anyio
+
+CORE_TOOLS = {"get_system_info", "get_cpu_stats", "profile_workload", "list_profiles",
+              "get_profile", "search_policies", "get_policy"}
+
+
+def server_params() -> StdioServerParameters:
+    exe = shutil.which("schedcp")
+    cmd, args = (exe, ["serve"]) if exe else (sys.executable, ["-m", "schedcp_mcp", "serve"])
+    return StdioServerParameters(command=cmd, args=args, env={
+        "SCHEDCP_HOME": os.environ["SCHEDCP_HOME"],
+        "SCHEDCP_SANDBOX_DIR": os.environ["SCHEDCP_SANDBOX_DIR"],
+        "PATH": os.environ["PATH"]})
+
+
+async def call(name: str, args: dict | None = None, progress=None):
+    async with stdio_client(server_params()) as (r, w), ClientSession(r, w) as s:
+        await s.initialize()
+        return await s.call_tool(name, args or {}, progress_callback=progress)
+
+
+async def test_tools_list_shows_tools_with_schemas_and_annotations():
+    async with stdio_client(server_params()) as (r, w), ClientSession(r, w) as s:
+        init = await s.initialize()
+        assert init.server_info.name == "schedcp"
+        tools = {t.name: t for t in (await s.list_tools()).tools}
+    assert CORE_TOOLS <= set(tools)
+    cpu = tools["get_cpu_stats"]
+    assert cpu.input_schema["properties"]["interval_s"]["maximum"] == 60
+    assert cpu.output_schema and "per_cpu" in cpu.output_schema["properties"]
+    assert cpu.annotations.read_only_hint is True
+    assert tools["profile_workload"].annotations.read_only_hint is False
+
+
+async def test_call_returns_structured_content():
+    res = await call("get_cpu_stats", {"interval_s": 0.2, "top_n": 3})
+    assert not res.is_error
+    data = res.structured_content
+    assert data["ncpus"] == os.cpu_count()
+    assert len(data["per_cpu"]) == os.cpu_count()
+    assert len(data["top_processes"]) <= 3
+
+
+async def test_bad_argument_is_a_tool_error_not_a_traceback():
+    res = await call("get_cpu_stats", {"interval_s": 999})
+    assert res.is_error
+    text = res.content[0].text
+    assert "interval_s" in text and "Traceback" not in text
+
+
+async def test_unknown_policy_suggests_nearest_names():
+    res = await call("get_policy", {"name": "vtime_fiar"})
+    assert res.is_error
+    assert "vtime_fair" in res.content[0].text and "Traceback" not in res.content[0].text
+
+
+async def test_profile_workload_stores_profile_then_get_profile_finds_it():
+    progress = []
+
+    async def on_progress(p, total, msg):
+        progress.append(p)
+
+    res = await call("profile_workload", {"command": ["stress-ng", "--cpu", "1", "--timeout", "1"],
+                                          "duration_s": 5}, on_progress)
+    assert not res.is_error, res.content
+    pid = res.structured_content["id"]
+    assert res.structured_content["characteristics"]["cpu_utilization"] > 0.2
+    got = await call("get_profile", {"profile_id": pid})
+    assert got.structured_content["id"] == pid
+    assert progress, "long tools send MCP progress notifications"
+
+
+async def test_profiling_a_missing_command_is_a_clear_error():
+    res = await call("profile_workload", {"command": ["no-such-program-xyz"], "duration_s": 1})
+    assert res.is_error and "command not found" in res.content[0].text
