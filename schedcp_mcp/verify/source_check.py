@@ -1,0 +1,299 @@
+"""Checks on untrusted BPF C source before any compiler sees it.
+
+A submitted source may include `vmlinux.h`, libbpf's `<bpf/*.h>`, the kernel's `<scx/*.h>` and
+`<asm-generic/errno.h>` — nothing else. Anything that lets the preprocessor or the assembler open a
+file is refused: other `#include`s (and `#include_next`, `#import`, computed includes), `#embed`,
+`__has_include`/`__has_embed` probes, file-reading pragmas (`#pragma GCC dependency`, `_Pragma`,
+`__pragma`), and `.incbin` in inline assembly.
+
+The directives are read the way the C preprocessor reads them (translation phases 1-3): backslash
+line continuations are spliced, comments become a space (so a comment cannot hide or split a
+directive), `%:` is `#`, and trigraphs are refused outright. These checks are the first wall with
+a clear message; the second is that the compiler runs in the toolchain chroot with `-nostdinc`, no
+network and only the allowlisted include directories, and `compile.py` checks the list of files
+the compiler actually opened.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .models import VerifyError
+
+MAX_SOURCE_BYTES = 256 * 1024
+
+# Header names a source may include (relative to the allowlisted include directories).
+ALLOWED_HEADERS = [
+    re.compile(r"vmlinux\.h"),
+    re.compile(r"bpf/[A-Za-z0-9_]+(\.bpf)?\.h"),
+    re.compile(r"scx/[A-Za-z0-9_]+(\.bpf)?\.h"),
+    re.compile(r"asm-generic/errno(-base)?\.h"),
+]
+ALLOWED_HEADERS_TEXT = '"vmlinux.h", <bpf/*.h>, <scx/*.h>, <asm-generic/errno.h>'
+
+# Pragmas that only steer code generation or diagnostics (checked on the pragma's first words).
+ALLOWED_PRAGMAS = re.compile(
+    r"(once|unroll|nounroll|pack|push_macro|pop_macro|"
+    r"GCC (unroll|diagnostic)|clang (loop|unroll|diagnostic|attribute))\b"
+)
+
+# Licenses the kernel treats as GPL-compatible (include/linux/license.h).
+GPL_COMPATIBLE = {"GPL", "GPL v2", "GPL and additional rights", "Dual BSD/GPL", "Dual MIT/GPL",
+                  "Dual MPL/GPL"}
+
+_TRIGRAPH = re.compile(r"\?\?[=/'()!<>\-]")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LICENSE = re.compile(r'\bSEC\s*\(\s*"license"\s*\)\s*=\s*"((?:[^"\\]|\\.)*)"')
+
+
+@dataclass
+class _Text:
+    """Source after phases 1-3, with the physical line each character came from."""
+
+    text: str
+    lines: list[int]
+
+    def line_at(self, i: int) -> int:
+        return self.lines[min(i, len(self.lines) - 1)] if self.lines else 1
+
+
+def _clean(source: str) -> _Text:
+    """Splice continuations and replace comments by a space; keep string/char literals."""
+    out: list[str] = []
+    lines: list[int] = []
+    line = 1
+    i, n = 0, len(source)
+
+    def skip_splices(j: int) -> int:
+        nonlocal line
+        # backslash, optional horizontal whitespace (clang accepts it), newline
+        while j < n and source[j] == "\\":
+            k = j + 1
+            while k < n and source[k] in " \t\f\v":
+                k += 1
+            if k < n and source[k] == "\n":
+                line += 1
+                j = k + 1
+            elif k + 1 < n and source[k] == "\r" and source[k + 1] == "\n":
+                line += 1
+                j = k + 2
+            else:
+                break
+        return j
+
+    def peek(j: int) -> tuple[str, int]:
+        """The character at j after splices, and the index after it."""
+        j = skip_splices(j)
+        return (source[j], j + 1) if j < n else ("", j)
+
+    while True:
+        c, i2 = peek(i)
+        if not c:
+            break
+        here = line
+        if c == "/":
+            c2, i3 = peek(i2)
+            if c2 == "/":  # line comment: to the end of the (spliced) line
+                i = i3
+                while True:
+                    c3, i4 = peek(i)
+                    if not c3 or c3 == "\n":
+                        break
+                    i = i4
+                out.append(" "), lines.append(here)
+                continue
+            if c2 == "*":
+                i = i3
+                while True:
+                    c3, i4 = peek(i)
+                    if not c3:
+                        break
+                    if c3 == "\n":
+                        line += 1
+                    if c3 == "*":
+                        c4, i5 = peek(i4)
+                        if c4 == "/":
+                            i = i5
+                            break
+                    i = i4
+                out.append(" "), lines.append(here)
+                continue
+        if c in "\"'":
+            quote = c
+            out.append(c), lines.append(here)
+            i = i2
+            while True:
+                c3, i4 = peek(i)
+                if not c3 or c3 == "\n":
+                    break
+                out.append(c3), lines.append(line)
+                i = i4
+                if c3 == "\\":
+                    c4, i5 = peek(i)
+                    if c4 and c4 != "\n":
+                        out.append(c4), lines.append(line)
+                        i = i5
+                    continue
+                if c3 == quote:
+                    break
+            continue
+        if c == "\n":
+            line += 1
+        out.append(c), lines.append(here)
+        i = i2
+    return _Text("".join(out), lines)
+
+
+def header_allowed(name: str, trusted_include_dirs: tuple[Path, ...] = ()) -> bool:
+    if any(p.fullmatch(name) for p in ALLOWED_HEADERS):
+        return True
+    return _in_trusted_dir(name, trusted_include_dirs)
+
+
+def _in_trusted_dir(name: str, dirs: tuple[Path, ...]) -> bool:
+    """A relative name (no `..`) of a file that exists in an operator-trusted include directory."""
+    if not name or name.startswith("/") or "\\" in name or ".." in Path(name).parts:
+        return False
+    for d in dirs:
+        d = Path(d).resolve()
+        p = (d / name).resolve()
+        if p.is_file() and p.is_relative_to(d):
+            return True
+    return False
+
+
+def _operand(rest: str) -> tuple[str | None, str]:
+    """Parse `"name"` or `<name>` at the start of rest: (name or None, delimiter style)."""
+    rest = rest.strip()
+    m = re.match(r'"([^"\n]*)"|<([^>\n]*)>', rest)
+    if not m:
+        return None, ""
+    return (m.group(1), '"') if m.group(1) is not None else (m.group(2), "<")
+
+
+def _refusal_for_name(name: str, trusted: tuple[Path, ...]) -> str | None:
+    if name.startswith("/"):
+        return f'absolute include path "{name}" refused'
+    if ".." in re.split(r"[/\\]", name):
+        return f'include path "{name}" with ".." refused'
+    if not header_allowed(name, trusted):
+        return f'header "{name}" is not allowed (allowed: {ALLOWED_HEADERS_TEXT})'
+    return None
+
+
+def check_source(source: str, *, trusted_include_dirs: tuple[Path, ...] | list[Path] = ()
+                 ) -> list[VerifyError]:
+    """Every reason to refuse `source` before compiling it (empty list: go ahead)."""
+    trusted = tuple(Path(d) for d in trusted_include_dirs)
+    errors: list[VerifyError] = []
+    physical = source.splitlines()
+
+    def refuse(code: str, message: str, line: int | None = None) -> None:
+        snippet = physical[line - 1].rstrip() if line and 0 < line <= len(physical) else None
+        errors.append(VerifyError(stage="source_check", code=code, message=message, line=line,
+                                  file="source.bpf.c" if line else None, snippet=snippet))
+
+    size = len(source.encode("utf-8", "surrogatepass"))
+    if size > MAX_SOURCE_BYTES:
+        refuse("too_large", f"source is {size} bytes, the limit is {MAX_SOURCE_BYTES}")
+        return errors
+    if "\0" in source:
+        refuse("nul_byte", "source contains a NUL byte", source[: source.index("\0")].count("\n") + 1)
+        return errors
+    for m in _TRIGRAPH.finditer(source):
+        refuse("trigraph", f"trigraph {m.group()!r} refused (it can hide a directive or a line "
+               "continuation)", source[: m.start()].count("\n") + 1)
+    if errors:
+        return errors
+
+    t = _clean(source)
+    offset = 0
+    for logical in t.text.split("\n"):
+        line_no = t.line_at(offset)
+        _check_line(logical, line_no, trusted, refuse)
+        offset += len(logical) + 1
+
+    _check_tokens(t, trusted, refuse)
+
+    m = _LICENSE.search(t.text)
+    if not m:
+        refuse("no_license", 'no license declared: add `char _license[] SEC("license") = "GPL";` '
+               "(sched_ext schedulers must be GPL-compatible)")
+    elif m.group(1) not in GPL_COMPATIBLE:
+        refuse("license", f'license "{m.group(1)}" is not GPL-compatible (use one of: '
+               f'{", ".join(sorted(GPL_COMPATIBLE))})', t.line_at(m.start()))
+    return errors
+
+
+def _check_line(logical: str, line_no: int, trusted, refuse) -> None:
+    s = logical.lstrip(" \t\f\v\r")
+    if s.startswith("%:"):
+        s = s[2:]
+    elif s.startswith("#"):
+        s = s[1:]
+    else:
+        return
+    s = s.lstrip(" \t\f\v")
+    m = _IDENT.match(s)
+    if not m:
+        return
+    directive, rest = m.group(), s[m.end():]
+    if directive in ("include", "include_next", "import"):
+        name, _ = _operand(rest)
+        if name is None:
+            refuse("computed_include", f"#{directive} must name a header literally "
+                   '("name.h" or <name.h>); computed includes are refused', line_no)
+        elif directive != "include":
+            refuse("include_not_allowed", f"#{directive} is refused; use #include", line_no)
+        elif why := _refusal_for_name(name, trusted):
+            refuse("include_not_allowed", why, line_no)
+    elif directive == "embed":
+        refuse("embed", "#embed is refused (it reads a file into the program)", line_no)
+    elif directive == "pragma":
+        body = rest.strip()
+        if not ALLOWED_PRAGMAS.match(body):
+            refuse("pragma", f'"#pragma {body}" is refused (allowed: once, unroll, pack, '
+                   "diagnostic, loop pragmas)", line_no)
+
+
+def _check_tokens(t: _Text, trusted, refuse) -> None:
+    """Operators that work anywhere, not only in directives: __has_include, _Pragma, .incbin."""
+    text = t.text
+    for m in re.finditer(r"\b(__has_include_next|__has_include|__has_embed|_Pragma|__pragma)\b", text):
+        word, after, line = m.group(1), text[m.end():], t.line_at(m.start())
+        if word == "__has_embed":
+            refuse("embed", "__has_embed is refused", line)
+        elif word.startswith("__has_include"):
+            a = re.match(r"\s*\(\s*(\"[^\"\n]*\"|<[^>\n]*>)\s*\)", after)
+            if not a:
+                refuse("computed_include", f"{word} must name a header literally", line)
+                continue
+            name = a.group(1)[1:-1]
+            if word == "__has_include_next":
+                refuse("include_not_allowed", "__has_include_next is refused", line)
+            elif why := _refusal_for_name(name, trusted):
+                refuse("include_not_allowed", f"{word}: {why}", line)
+        else:
+            a = re.match(r'\s*\(\s*"((?:[^"\\\n]|\\.)*)"\s*\)', after) if word == "_Pragma" else \
+                re.match(r"\s*\(([^()\n]*)\)", after)
+            body = a.group(1).replace('\\"', '"').strip() if a else None
+            if body is None or not ALLOWED_PRAGMAS.match(body):
+                refuse("pragma", f"{word}({body if body is not None else '...'}) is refused "
+                       "(allowed: once, unroll, pack, diagnostic, loop pragmas)", line)
+
+    # .incbin/.include in inline asm read files at assembly time. Look through string
+    # concatenation ("in" "cbin") and token pasting (in ## cbin): drop blanks, quotes and #.
+    keep = [(i, c) for i, c in enumerate(text) if not (c.isspace() or c in '"#')]
+    squashed = "".join(c for _, c in keep).lower()
+    for needle in ("incbin", ".include"):
+        pos = squashed.find(needle)
+        if pos >= 0:
+            refuse("asm_file_read", f"'{needle.lstrip('.')}' is refused (an assembler directive "
+                   "that reads a file)", t.line_at(keep[pos][0]))
+
+
+def license_of(source: str) -> str | None:
+    m = _LICENSE.search(_clean(source).text)
+    return m.group(1) if m else None
