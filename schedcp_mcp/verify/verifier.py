@@ -1,0 +1,170 @@
+"""The real kernel verifier: load the object with the sandbox's loader and read what the kernel said.
+
+The loader (`sandbox/guest/loader.c`) runs in the sandbox VM, or on the host when the host kernel
+has sched_ext and we may load BPF. In `--verify` mode it fills the `__SCX_*` enum rodata, sets the
+parameters, loads every program (the verifier runs here), attaches the ops (the scheduler's
+`init` runs here) and detaches at once. It prints one JSON object; its `log` holds libbpf's output,
+which for a rejected program contains the kernel verifier log between
+`-- BEGIN PROG LOAD LOG --` and `-- END PROG LOAD LOG --`, with `; <source> @ file:line`
+annotations when the object was built with `-g`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InfrastructureError
+from .models import VerifyError
+
+_BEGIN = re.compile(r"prog '([^']+)': -- BEGIN PROG LOAD LOG --")
+_END = "-- END PROG LOAD LOG --"
+_INSN = re.compile(r"^(\d+): \(")
+_SRC = re.compile(r"^; (.*?) @ (\S+):(\d+)\s*$")
+_PROCESSED = re.compile(r"^processed (\d+) insns")
+_STATE = re.compile(r"^(\d+: [RF]\w|from \d+ to \d+:|func#\d+ @\d+|Live regs before insn:|\s*\d+: \.)")
+_EXTERN = re.compile(r"libbpf: (extern \([^)]*\) '([^']+)': not found in kernel[^\n]*)")
+_PROG_FAIL = re.compile(r"libbpf: prog '([^']+)': (?!-- )(.*)")
+
+
+@dataclass
+class VerifierVerdict:
+    accepted: bool
+    errors: list[VerifyError] = field(default_factory=list)
+    log: str = ""                 # the kernel verifier log of the failing program (or libbpf's output)
+    verified_insns: dict[str, int] = field(default_factory=dict)
+    ops_name: str | None = None
+    uei: dict | None = None
+    raw: dict = field(default_factory=dict)  # the loader's JSON
+
+
+def parse_verifier_log(text: str) -> tuple[str | None, str, VerifyError | None]:
+    """From libbpf output: (failing program, its verifier log, the error the kernel reported).
+
+    The kernel's message is the lines between the last instruction and `processed N insns`; the
+    instruction index is that last instruction's; the source line is the last `; ... @ file:line`
+    annotation before it.
+    """
+    m = _BEGIN.search(text)
+    if not m:
+        return None, "", None
+    prog = m.group(1)
+    body = text[m.end():]
+    end = body.find(_END)
+    log = (body[:end] if end >= 0 else body).strip("\n")
+    lines = log.splitlines()
+
+    stop = next((i for i, ln in enumerate(lines) if _PROCESSED.match(ln)), len(lines))
+    msg_lines: list[str] = []
+    i = stop - 1
+    while i >= 0 and not (_INSN.match(lines[i]) or _SRC.match(lines[i]) or _STATE.match(lines[i])):
+        if lines[i].strip():
+            msg_lines.append(lines[i].strip())
+        i -= 1
+    msg_lines.reverse()
+    insn = src = None
+    for j in range(i, -1, -1):
+        if insn is None and (mi := _INSN.match(lines[j])):
+            insn = int(mi.group(1))
+        if (ms := _SRC.match(lines[j])):
+            src = ms
+            break
+    message = " ".join(msg_lines) or (lines[stop - 1].strip() if stop else "rejected by the verifier")
+    err = VerifyError(stage="verifier", code="verifier_rejected", message=message, program=prog,
+                      insn=insn, file=src.group(2) if src else None,
+                      line=int(src.group(3)) if src else None,
+                      snippet=src.group(1).strip() if src else None)
+    return prog, log, err
+
+
+def verdict_from_loader(result: dict, source_name: str = "source.bpf.c") -> VerifierVerdict:
+    """Turn the loader's JSON into a verdict with structured errors."""
+    log = result.get("log") or ""
+    progs = {p["name"]: p["verified_insns"] for p in result.get("programs") or []
+             if p.get("loaded") and "verified_insns" in p}
+    v = VerifierVerdict(accepted=bool(result.get("ok")), log=log, verified_insns=progs,
+                        ops_name=result.get("ops_name") or None, uei=result.get("uei"), raw=result)
+    if v.accepted:
+        return v
+    stage = result.get("stage") or "?"
+    error = result.get("error") or "the loader failed"
+    if stage == "load":
+        prog, vlog, err = parse_verifier_log(log)
+        if err is not None:
+            v.log = vlog
+            v.errors.append(err)
+        for m in _EXTERN.finditer(log):
+            v.errors.append(VerifyError(stage="verifier", code="missing_kfunc", message=m.group(1)))
+        if not v.errors:
+            # a load failure outside the verifier (BTF, relocation, map creation): libbpf's words
+            fails = [f"{p}: {why}" for p, why in _PROG_FAIL.findall(log)]
+            lines = [ln for ln in log.splitlines() if ln.startswith("libbpf:")]
+            v.errors.append(VerifyError(stage="verifier", code="load_failed",
+                                        message="; ".join(fails[:3]) or (lines[-1] if lines else error)))
+    elif stage in ("attach", "enabled", "run"):
+        uei = result.get("uei") or {}
+        why = " — ".join(x for x in (uei.get("reason"), uei.get("message")) if x)
+        v.errors.append(VerifyError(stage="verifier", code="attach_failed",
+                                    message=f"{error}" + (f" (scheduler exit: {why})" if why and why not in error else "")))
+    else:
+        code = {"params": "bad_param", "usage": "loader_usage", "kernel": "no_sched_ext"}.get(stage, "loader_failed")
+        v.errors.append(VerifyError(stage="verifier", code=code, message=error))
+    return v
+
+
+# --- running the loader ---------------------------------------------------------------------------
+
+def loader_argv(obj: str, params: dict[str, str], map_sizes: dict[str, int] | None = None) -> list[str]:
+    argv = [obj, "--verify"]
+    for k, val in params.items():
+        argv += ["--param", f"{k}={val}"]
+    for k, n in (map_sizes or {}).items():
+        argv += ["--map-size", f"{k}={n}"]
+    return argv
+
+
+def _parse_stdout(stdout: str, stderr: str, rc: int) -> dict:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    raise InfrastructureError(f"the loader printed no result (exit {rc}): {(stderr or stdout)[-500:]}",
+                              "see the sandbox log; `schedcp sandbox build --force` rebuilds the loader")
+
+
+def host_can_load() -> bool:
+    """The host target works when the kernel has sched_ext and we may load BPF (root)."""
+    return Path("/sys/kernel/sched_ext/state").exists() and os.geteuid() == 0
+
+
+def run_in_vm(vm, obj: bytes, params: dict[str, str], *, map_sizes=None, timeout_s: float = 60
+              ) -> VerifierVerdict:
+    """Load `obj` with the loader inside a running sandbox VM."""
+    argv = loader_argv("obj.bpf.o", params, map_sizes)
+    script = "exec schedcp-loader " + " ".join(_sh(a) for a in argv) + "\n"
+    res = vm.run(script, files={"obj.bpf.o": obj}, timeout_s=timeout_s)
+    return verdict_from_loader(_parse_stdout(res.stdout, res.stderr, res.rc))
+
+
+def run_on_host(obj_path: Path, params: dict[str, str], *, loader: Path, map_sizes=None,
+                timeout_s: float = 60) -> VerifierVerdict:
+    if not host_can_load():
+        raise InfrastructureError("the host kernel has no sched_ext (or we are not root)",
+                                  "use --target sandbox")
+    argv = [str(loader)] + loader_argv(str(obj_path), params, map_sizes)
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        raise InfrastructureError(f"the loader did not finish in {timeout_s:.0f} s") from e
+    return verdict_from_loader(_parse_stdout(p.stdout, p.stderr, p.returncode))
+
+
+def _sh(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
