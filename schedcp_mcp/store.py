@@ -176,3 +176,12 @@ def kv_get(key: str) -> str | None:
 
 def kv_set(key: str, value: str) -> None:
     db().execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?,?)", (key, value))
+
+
+def kv_claim(key: str, value: str) -> bool:
+    """Set `key` only if it is not set yet; True if this call set it (atomic: single-use markers)."""
+    try:
+        db().execute("INSERT INTO kv(key, value) VALUES (?,?)", (key, value))
+        return True
+    except sqlite3.IntegrityError:
+        return False

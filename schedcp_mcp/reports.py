@@ -1,0 +1,109 @@
+"""ValidationReport: the stored record of what layers 1 and 2 said about one artifact.
+
+The artifact is the compiled BPF object (content-addressed by its sha256) plus the parameters it is
+loaded with; a deployment token is bound to exactly that (see deploy/tokens.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from . import store
+from .errors import NotFound
+from .observe.profile import Goal
+from .verify.models import Layer1Report
+
+KIND = "report"
+
+
+class ValidationReport(BaseModel):
+    id: str
+    created_at: float = Field(default_factory=time.time)
+    policy: str | None = Field(None, description="repository policy name, or None for a raw source")
+    params: dict[str, str] = {}
+    source_sha256: str
+    object_sha256: str | None = None
+    artifact_sha256: str | None = Field(
+        None, description="sha256 over object sha256 + parameters: what a token is bound to")
+    object_path: str | None = None
+    ops_name: str | None = None
+    target: str = "sandbox"
+    profile_id: str | None = None
+    goals: list[Goal] = []
+    layer1: Layer1Report
+    layer2: dict[str, Any] | None = Field(None, description="sandbox run (Layer2Result) if done")
+    invalidated: bool = False
+    invalidated_reason: str | None = None
+
+    @property
+    def passed_layer1(self) -> bool:
+        return self.layer1.verdict == "accepted"
+
+    @property
+    def passed_layer2(self) -> bool:
+        return bool(self.layer2 and self.layer2.get("passed"))
+
+    @property
+    def passed(self) -> bool:
+        return self.passed_layer1 and self.passed_layer2 and not self.invalidated
+
+    @property
+    def status(self) -> str:
+        if self.invalidated:
+            return f"invalidated: {self.invalidated_reason}"
+        if not self.passed_layer1:
+            return f"layer 1 {self.layer1.verdict} at {self.layer1.stage}"
+        if self.layer2 is None:
+            return "layer 1 accepted; not validated in the sandbox yet"
+        return "passed layers 1 and 2" if self.passed_layer2 else \
+            f"layer 2 failed: {self.layer2.get('failure_reason')}"
+
+
+def artifact_hash(object_sha256: str, params: dict[str, Any]) -> str:
+    blob = json.dumps({"object": object_sha256, "params": {k: str(v) for k, v in sorted(params.items())}},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def new_report(layer1: Layer1Report, *, policy: str | None, params: dict[str, Any],
+               profile_id: str | None = None, goals: list[Goal] | None = None) -> ValidationReport:
+    r = ValidationReport(
+        id=store.new_id("rep"), policy=policy, params={k: str(v) for k, v in params.items()},
+        source_sha256=layer1.source_sha256, object_sha256=layer1.object_sha256,
+        artifact_sha256=artifact_hash(layer1.object_sha256, params) if layer1.object_sha256 else None,
+        object_path=layer1.object_path, ops_name=layer1.ops_name, target=layer1.target,
+        profile_id=profile_id, goals=goals or [], layer1=layer1)
+    save(r)
+    return r
+
+
+def save(r: ValidationReport) -> None:
+    store.put(KIND, r, ref=r.policy)
+
+
+def get_report(report_id: str) -> ValidationReport:
+    r = store.get(KIND, report_id, ValidationReport)
+    if r is None:
+        recent = store.ids(KIND, 5)
+        raise NotFound(f"no validation report {report_id!r}",
+                       "recent reports: " + ", ".join(recent) if recent else
+                       "submit a scheduler first (submit_scheduler / schedcp verify)")
+    return r
+
+
+def list_reports(limit: int = 20) -> list[ValidationReport]:
+    return store.list_records(KIND, ValidationReport, limit=limit)
+
+
+def invalidate(report_id: str, reason: str, actor: str = "operator") -> ValidationReport:
+    r = get_report(report_id)
+    r.invalidated, r.invalidated_reason = True, reason
+    save(r)
+    store.audit(actor, "invalidate_report", {"report_id": report_id, "reason": reason},
+                r.artifact_sha256)
+    return r
