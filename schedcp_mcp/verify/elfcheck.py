@@ -39,6 +39,7 @@ class ElfInfo:
     kfuncs: list[str] = field(default_factory=list)          # strong externs: must exist
     weak_kfuncs: list[str] = field(default_factory=list)     # __weak: guarded by bpf_ksym_exists()
     helper_ids: list[int] = field(default_factory=list)
+    kfunc_callers: dict[str, list[str]] = field(default_factory=dict)  # kfunc -> calling functions
     license: str | None = None
     hot_path_insns: int = 0
     errors: list[VerifyError] = field(default_factory=list)
@@ -87,11 +88,11 @@ def inspect_object(data: bytes) -> ElfInfo:
     for idx, sec in enumerate(sections):
         if not sec["sh_flags"] & SHF_EXECINSTR or sec["sh_size"] == 0:
             continue
+        funcs = [s for s in symbols if s["st_shndx"] == idx and s["st_info"]["type"] == "STT_FUNC"]
         if sec.name != ".text":  # .text holds subprograms (BPF-to-BPF calls), not programs
-            for sym in symbols:
-                if sym["st_shndx"] == idx and sym["st_info"]["type"] == "STT_FUNC":
-                    progs[(idx, sym["st_value"])] = ProgramInfo(
-                        name=sym.name, section=sec.name, insns=sym["st_size"] // 8)
+            for sym in funcs:
+                progs[(idx, sym["st_value"])] = ProgramInfo(
+                    name=sym.name, section=sec.name, insns=sym["st_size"] // 8)
         code = sec.data()
         relocated: dict[int, object] = {}
         if idx in rels:
@@ -104,6 +105,11 @@ def inspect_object(data: bytes) -> ElfInfo:
             if sym is not None:
                 if sym["st_shndx"] == "SHN_UNDEF" and sym.name:
                     kfuncs[sym.name] = sym["st_info"]["bind"] == "STB_WEAK"
+                    caller = next((f.name for f in funcs
+                                   if f["st_value"] <= off < f["st_value"] + f["st_size"]), sec.name)
+                    users = info.kfunc_callers.setdefault(sym.name, [])
+                    if caller not in users:
+                        users.append(caller)
             elif code[off + 1] >> 4 == 0:
                 helpers.add(struct.unpack_from("<i", code, off + 4)[0])
     info.kfuncs = sorted(k for k, weak in kfuncs.items() if not weak)

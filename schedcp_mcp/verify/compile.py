@@ -1,0 +1,149 @@
+"""Compile BPF C into an object with clang in the sandbox toolchain, and read clang's diagnostics.
+
+The compiler runs through `sandbox.toolchain.run`: inside the trixie rootfs chroot, without network,
+with time and memory limits. Only the allowlisted include directories are searched (`-nostdinc`,
+the image's `/opt/schedcp/include` holding vmlinux.h, bpf/, scx/, asm-generic/errno*.h), plus the
+operator's trusted directories, copied into the work directory. clang writes the list of every file
+it opened (`-MD`); anything outside those directories fails the compile even if it got past
+`source_check`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InfrastructureError
+from .models import VerifyError
+
+SOURCE_NAME = "source.bpf.c"
+OBJECT_NAME = "source.bpf.o"
+DEPS_NAME = "source.d"
+MAX_TRUSTED_FILES = 500
+MAX_TRUSTED_BYTES = 16 * 1024 * 1024
+
+_DIAG = re.compile(r"^(?P<file>[^\s:][^:\n]*):(?P<line>\d+):(?P<col>\d+): "
+                   r"(?P<sev>fatal error|error|warning|note): (?P<msg>.*)$")
+
+
+@dataclass
+class CompileResult:
+    ok: bool
+    object: bytes | None = None
+    errors: list[VerifyError] = field(default_factory=list)
+    warnings: list[VerifyError] = field(default_factory=list)
+    stderr: str = ""
+    seconds: float = 0.0
+    opened: list[str] = field(default_factory=list)  # files clang read (from -MD)
+
+    @property
+    def object_sha256(self) -> str | None:
+        return hashlib.sha256(self.object).hexdigest() if self.object else None
+
+
+def parse_diagnostics(stderr: str, source_lines: list[str] | None = None,
+                      source_name: str = SOURCE_NAME) -> list[VerifyError]:
+    """clang's `file:line:col: severity: message` lines, with the source line as the snippet."""
+    out: list[VerifyError] = []
+    lines = stderr.splitlines()
+    for i, ln in enumerate(lines):
+        m = _DIAG.match(ln)
+        if not m:
+            continue
+        sev = "error" if "error" in m["sev"] else m["sev"]
+        line_no = int(m["line"])
+        snippet = None
+        if source_lines is not None and Path(m["file"]).name == source_name and 0 < line_no <= len(source_lines):
+            snippet = source_lines[line_no - 1].rstrip()
+        elif i + 1 < len(lines) and re.match(r"^\s*\d+ \| ", lines[i + 1]):
+            snippet = lines[i + 1].split("| ", 1)[1].rstrip()
+        out.append(VerifyError(stage="compile", code="clang", severity=sev, message=m["msg"],
+                               file=m["file"], line=line_no, column=int(m["col"]), snippet=snippet))
+    return out
+
+
+def _trusted_files(dirs: tuple[Path, ...]) -> tuple[dict[str, bytes], list[str]]:
+    """Headers of the operator-trusted include dirs, to copy into the work dir as trusted/<i>/."""
+    files: dict[str, bytes] = {}
+    flags: list[str] = []
+    total = 0
+    for i, d in enumerate(dirs):
+        d = Path(d).resolve()
+        if not d.is_dir():
+            raise InfrastructureError(f"trusted include directory {d} does not exist")
+        flags.append(f"-Itrusted/{i}")
+        for p in sorted(d.rglob("*.h")):
+            if not p.is_file():
+                continue
+            total += p.stat().st_size
+            if len(files) >= MAX_TRUSTED_FILES or total > MAX_TRUSTED_BYTES:
+                raise InfrastructureError(f"trusted include directory {d} is too big "
+                                          f"(> {MAX_TRUSTED_FILES} headers or {MAX_TRUSTED_BYTES >> 20} MiB)")
+            files[f"trusted/{i}/{p.relative_to(d)}"] = p.read_bytes()
+    return files, flags
+
+
+def _deps(text: str) -> list[str]:
+    """Paths from a make-style dependency file (`obj: a.c b.h \\`)."""
+    body = text.replace("\\\n", " ")
+    body = body.split(":", 1)[1] if ":" in body else ""
+    return [p.replace("\\ ", " ") for p in re.findall(r"(?:\\ |\S)+", body)]
+
+
+def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, ...] = (),
+                   timeout_s: float = 60, mem_mb: int = 1536) -> CompileResult:
+    """Compile `source` (already through `source_check`) with the image's clang and flags."""
+    from ..sandbox import toolchain
+
+    files, trusted_flags = _trusted_files(tuple(trusted_include_dirs))
+    files[SOURCE_NAME] = source.encode()
+    include_dirs = list(manifest.toolchain.include_dirs)
+    argv = (["clang", *manifest.toolchain.cflags, "-fno-color-diagnostics", "-fno-trigraphs",
+             *trusted_flags, *[f"-I{d}" for d in include_dirs],
+             "-MD", "-MF", DEPS_NAME, "-c", SOURCE_NAME, "-o", OBJECT_NAME])
+    t0 = time.monotonic()
+    res = toolchain.run(argv, files, timeout_s=timeout_s, mem_mb=mem_mb, outputs=[OBJECT_NAME, DEPS_NAME])
+    seconds = time.monotonic() - t0
+    stderr = _text(getattr(res, "stderr", ""))
+    diags = parse_diagnostics(stderr, source.splitlines())
+    result = CompileResult(ok=False, stderr=stderr, seconds=seconds,
+                           errors=[d for d in diags if d.severity == "error"],
+                           warnings=[d for d in diags if d.severity == "warning"])
+    if getattr(res, "timed_out", False):
+        result.errors.append(VerifyError(stage="compile", code="timeout",
+                                         message=f"the compiler did not finish in {timeout_s:.0f} s"))
+        return result
+    outputs = getattr(res, "outputs", {}) or {}
+    obj = outputs.get(OBJECT_NAME)
+    if res.rc != 0 or not obj:
+        if not result.errors:
+            tail = stderr.strip().splitlines()[-3:]
+            why = " / ".join(tail) or f"clang exited with {res.rc}"
+            if getattr(res, "oom", False) or res.rc in (137, -9):
+                why = f"the compiler was killed (memory limit {mem_mb} MiB or time limit): {why}"
+            result.errors.append(VerifyError(stage="compile", code="compiler_failed", message=why))
+        return result
+
+    # Every file clang opened must be the source, a trusted header, or in the allowlisted dirs.
+    result.opened = _deps(_text(outputs.get(DEPS_NAME, b"")))
+    allowed = tuple(d.rstrip("/") + "/" for d in include_dirs)
+    for p in result.opened:
+        norm = posixpath.normpath(p)
+        if norm == SOURCE_NAME or norm.startswith("trusted/"):
+            continue
+        if not norm.startswith(allowed):
+            result.errors.append(VerifyError(stage="compile", code="include_not_allowed",
+                                             message=f"the compiler opened {p}, outside the allowed "
+                                             "include directories; refused"))
+    if result.errors:
+        return result
+    result.ok, result.object = True, obj
+    return result
+
+
+def _text(b) -> str:
+    return b.decode("utf-8", "replace") if isinstance(b, (bytes, bytearray)) else (b or "")

@@ -1,0 +1,242 @@
+"""Layer 1 end to end: source checks → compile → ELF checks → BTF checks → the kernel verifier.
+
+Each stage stops the pipeline with a `rejected` report naming what is wrong; the cheap stages run
+first so that most mistakes never cost a VM boot. Results are cached by the content hash of
+everything that decides them (source, parameters, trusted headers, target, and the sandbox's
+`build_id` — kernel, toolchain and loader), so a repeat verify answers from SQLite in milliseconds.
+Infrastructure failures (no sandbox image, no qemu) raise `InfrastructureError`; they are not the
+candidate's fault and are never cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .. import config, store
+from ..errors import BadInput, InfrastructureError
+from . import btf as btfmod
+from . import verifier
+from .compile import compile_source
+from .elfcheck import inspect_object
+from .models import Layer1Report, Target, VerifyError
+from .source_check import check_source
+
+Progress = Callable[[str, float], None]
+CACHE_KIND = "layer1"
+CACHE_VERSION = 1  # bump when the report's meaning changes
+
+
+def _sha(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _trusted_hash(dirs: tuple[Path, ...]) -> str:
+    h = hashlib.sha256()
+    for d in dirs:
+        for p in sorted(Path(d).rglob("*.h")):
+            h.update(str(p.relative_to(d)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(source_sha: str, params: dict[str, str], target: str, build_id: str,
+              trusted: tuple[Path, ...] = (), map_sizes: dict[str, int] | None = None,
+              host_btf_sha: str = "") -> str:
+    return _sha(json.dumps({"v": CACHE_VERSION, "src": source_sha, "params": sorted(params.items()),
+                            "target": target, "build": build_id, "trusted": _trusted_hash(trusted),
+                            "maps": sorted((map_sizes or {}).items()), "host_btf": host_btf_sha}))
+
+
+def object_store() -> Path:
+    """Where compiled objects are kept by content hash (layer 2 and deploy load them from here)."""
+    p = config.home() / "objects"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _save_object(obj: bytes) -> tuple[str, str]:
+    sha = _sha(obj)
+    path = object_store() / f"{sha}.bpf.o"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(obj)
+        tmp.replace(path)
+    return sha, str(path)
+
+
+@contextmanager
+def _sandbox_vm(vm, progress: Progress) -> Iterator[object]:
+    """The caller's running VM, or a throwaway one booted for this verify."""
+    if vm is not None:
+        yield vm
+        return
+    from ..sandbox.vm import VM
+
+    progress("booting the sandbox VM", 0.7)
+    with VM() as fresh:
+        yield fresh
+
+
+def verify_source(source: str, *, params: dict[str, str] | None = None, target: Target = "sandbox",
+                  trusted_include_dirs: tuple[Path, ...] | list[Path] = (), vm=None,
+                  use_cache: bool = True, progress: Progress | None = None,
+                  map_sizes: dict[str, int] | None = None, policy: str | None = None) -> Layer1Report:
+    """Run layer 1 on BPF C `source` for `target` ("sandbox": the sched_ext VM; "host": this kernel).
+
+    `params` set `const volatile` variables by name (the loader type-checks them against the
+    object's BTF); `trusted_include_dirs` are operator-trusted header directories (CLI `-I`);
+    `vm` is an already running sandbox VM to load in (saves the boot).
+    """
+    say = progress or (lambda msg, frac: None)
+    t_start = time.monotonic()
+    params = {k: str(v) for k, v in (params or {}).items()}
+    trusted = tuple(Path(d).resolve() for d in trusted_include_dirs)
+    if target not in ("sandbox", "host"):
+        raise BadInput(f"unknown target {target!r}", "use sandbox or host")
+    r = Layer1Report(verdict="rejected", stage="source_check", source_sha256=_sha(source),
+                     params=params, target=target, policy=policy)
+
+    def finish(stage: str, verdict: str = "rejected") -> Layer1Report:
+        r.stage, r.verdict = stage, verdict
+        r.total_s = round(time.monotonic() - t_start, 4)
+        return r
+
+    def timed(stage: str, t0: float) -> None:
+        r.durations[stage] = round(r.durations.get(stage, 0) + time.monotonic() - t0, 4)
+
+    # 1. untrusted-source checks: before anything else, no sandbox needed
+    t0 = time.monotonic()
+    say("checking the source", 0.0)
+    r.errors = check_source(source, trusted_include_dirs=trusted)
+    timed("source_check", t0)
+    if r.errors:
+        return finish("source_check")
+
+    # the image (kernel, toolchain, loader) decides the result: its build_id is in the cache key
+    from ..sandbox import image
+
+    t0 = time.monotonic()
+    manifest = image.ensure(progress=progress)
+    if target == "sandbox":
+        btf_path, kernel_version, host_btf_sha = Path(manifest.paths.vmlinux_btf), manifest.kernel_version, ""
+    else:
+        btf_path, kernel_version = btfmod.HOST_BTF, platform.release()
+        host_btf_sha = _sha(btf_path.read_bytes()) if btf_path.exists() else ""
+    r.kernel_version = kernel_version
+    key = cache_key(r.source_sha256, params, target, manifest.build_id, trusted, map_sizes, host_btf_sha)
+    timed("setup", t0)
+    if use_cache:
+        hit = store.cache_get(key)
+        if hit is not None:
+            cached = Layer1Report.model_validate(hit)
+            cached.cached = True
+            cached.policy = policy
+            cached.total_s = round(time.monotonic() - t_start, 4)
+            return cached
+
+    def done(stage: str, verdict: str = "rejected") -> Layer1Report:
+        report = finish(stage, verdict)
+        if verdict != "error":
+            store.cache_put(key, CACHE_KIND, report.model_dump(mode="json"))
+        return report
+
+    # 2. compile in the toolchain chroot
+    t0 = time.monotonic()
+    say("compiling", 0.1)
+    c = compile_source(source, manifest, trusted_include_dirs=trusted)
+    timed("compile", t0)
+    r.warnings += c.warnings
+    if not c.ok:
+        r.errors = c.errors
+        return done("compile")
+    r.object_sha256, r.object_path = _save_object(c.object)
+
+    # 3. what the object holds
+    t0 = time.monotonic()
+    say("checking the object", 0.4)
+    info = inspect_object(c.object)
+    r.ops_name, r.callbacks, r.license = info.ops_name, info.callbacks, info.license
+    r.programs, r.hot_path_insns = info.programs, info.hot_path_insns
+    r.kfuncs = sorted(set(info.kfuncs))
+    timed("elf", t0)
+    r.errors = [e for e in info.errors if e.severity == "error"]
+    r.warnings += [e for e in info.errors if e.severity != "error"]
+    if r.errors:
+        return done("elf")
+
+    # 4. against the target kernel's BTF: kfuncs, ops members, helpers
+    t0 = time.monotonic()
+    say("checking kfuncs against the kernel's BTF", 0.5)
+    facts = btfmod.kernel_facts(btf_path)
+    r.helpers = [facts.helper_ids.get(h, f"helper#{h}") for h in info.helper_ids]
+    ops_type = info.ops_type or "sched_ext_ops"
+    if ops_type not in facts.ops_members:
+        r.errors.append(VerifyError(stage="btf", code="no_sched_ext",
+                                    message=f"kernel {kernel_version} has no struct {ops_type}"
+                                    + ("" if facts.has_sched_ext else " (no sched_ext at all)")))
+    else:
+        members = set(facts.ops_members[ops_type])
+        r.missing_callbacks = [cb for cb in info.callbacks if cb not in members]
+        for cb in r.missing_callbacks:
+            r.errors.append(VerifyError(stage="btf", code="missing_callback",
+                                        message=f"callback .{cb} is not a member of struct {ops_type} "
+                                        f"in kernel {kernel_version}"))
+    r.missing_kfuncs = [k for k in info.kfuncs if not facts.has_kfunc(k)]
+    for k in r.missing_kfuncs:
+        users = info.kfunc_callers.get(k) or [None]
+        r.errors.append(VerifyError(stage="btf", code="missing_kfunc", program=users[0],
+                                    message=f"kfunc {k} does not exist in kernel {kernel_version}"))
+    for h in info.helper_ids:
+        if h not in facts.helper_ids:
+            r.errors.append(VerifyError(stage="btf", code="unknown_helper",
+                                        message=f"BPF helper #{h} is unknown to kernel {kernel_version}"))
+    timed("btf", t0)
+    if r.errors:
+        return done("btf")
+
+    # 5. the real kernel verifier (load, attach, detach)
+    t0 = time.monotonic()
+    if target == "sandbox":
+        with _sandbox_vm(vm, say) as v:
+            timed("vm_boot", t0)
+            t0 = time.monotonic()
+            say("loading in the sandbox kernel (verifier)", 0.8)
+            verdict = verifier.run_in_vm(v, c.object, params, map_sizes=map_sizes)
+    else:
+        say("loading in the host kernel (verifier)", 0.8)
+        obj_path = Path(r.object_path)
+        verdict = verifier.run_on_host(obj_path, params, loader=Path(manifest.paths.loader),
+                                       map_sizes=map_sizes)
+    timed("verifier", t0)
+    r.verifier_log = verdict.log
+    for p in r.programs:
+        p.verified_insns = verdict.verified_insns.get(p.name)
+    if not verdict.accepted:
+        r.errors = verdict.errors
+        if any(e.code in ("bad_param", "loader_usage") for e in r.errors):
+            return finish("verifier", "rejected")  # a bad parameter: not worth caching
+        if any(e.code == "no_sched_ext" for e in r.errors):
+            return finish("verifier", "error")
+        return done("verifier")
+    say("accepted", 1.0)
+    return done("done", "accepted")
+
+
+def verify_policy(name: str, params: dict[str, str] | None = None, **kw) -> Layer1Report:
+    """Layer 1 for a repository policy: parameters are type- and range-checked against its
+    policy.json (defaults fill the rest) before the source is verified."""
+    from ..repository.policies import get_policy
+
+    p = get_policy(name)
+    source = p.source_text()
+    if source is None:
+        raise BadInput(f"policy {name} has no BPF source here ({p.kind})",
+                       "only schedcp policies can be verified; scx ones run from their own binary")
+    resolved = p.resolve_params(params)
+    as_text = {k: str(int(v)) for k, v in resolved.items()}
+    return verify_source(source, params=as_text, policy=name, **kw)
