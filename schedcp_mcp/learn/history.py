@@ -3,9 +3,9 @@ and the similarity that lets an outcome on one workload inform the ranking for a
 
 Similarity of two profiles = 1 - (Euclidean distance of their normalized feature vectors / sqrt(d)),
 in [0, 1]; features are the 0..1 values in `WorkloadProfile.characteristics.features`
-(cpu_utilization, parallelism, wakeup_intensity, preemption, fork_intensity, io).
+(cpu_utilization, wakeup_intensity, preemption, fork_intensity, io; rates on a log scale).
 History score of a policy for a profile = sum(sim_i * reward_i) / (sum(sim_i) + 1) over its outcomes
-on profiles with sim_i >= 0.5 — the +1 shrinks the score toward 0 when evidence is thin.
+on profiles with sim_i >= 0.6 — the +1 shrinks the score toward 0 when evidence is thin.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..observe.profile import WorkloadProfile, get_profile
 from ..repository.policies import Policy
 
 KIND = "outcome"
-MIN_SIMILARITY = 0.5
+MIN_SIMILARITY = 0.6
 HISTORY_WEIGHT = 4.0  # one unit of reward is worth this much text relevance
 
 
@@ -89,7 +89,16 @@ def all_outcomes(limit: int = 5000) -> list[Outcome]:
 
 
 def similarity(a: WorkloadProfile, b: WorkloadProfile) -> float:
-    fa, fb = a.characteristics.features, b.characteristics.features
+    return _feature_similarity(a.characteristics.features, b.characteristics.features)
+
+
+def similarity_to_features(a: WorkloadProfile, features: dict[str, float]) -> float:
+    """Similarity on the features both sides have (live samples lack some profile features)."""
+    fa = {k: v for k, v in a.characteristics.features.items() if k in features}
+    return _feature_similarity(fa, features)
+
+
+def _feature_similarity(fa: dict[str, float], fb: dict[str, float]) -> float:
     keys = sorted(set(fa) | set(fb))
     if not keys:
         return 0.0

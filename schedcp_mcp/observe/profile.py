@@ -11,6 +11,7 @@ Each source that could not run says why in `sources`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -185,13 +186,13 @@ def characterize(tree: ProcessTreeMetrics, wall: float, ncpus: int,
     invol = tree.involuntary_ctx_switches / wall
     forks = max(tree.processes_seen - 1, sys_forks) / wall
     io_rate = ((tree.read_bytes or 0) + (tree.write_bytes or 0)) / wall
+    # rates on a log scale: 10/s and 10000/s must differ more than 5000/s and 10000/s do
     features = {
         "cpu_utilization": round(util, 3),
-        "parallelism": round(min(1.0, parallelism / ncpus), 3),
-        "wakeup_intensity": round(min(1.0, vol / 5000.0), 3),
-        "preemption": round(min(1.0, invol / 1000.0), 3),
-        "fork_intensity": round(min(1.0, forks / 200.0), 3),
-        "io": round(min(1.0, io_rate / 50e6), 3),
+        "wakeup_intensity": round(min(1.0, math.log10(1 + vol) / 4), 3),
+        "preemption": round(min(1.0, math.log10(1 + invol) / 4), 3),
+        "fork_intensity": round(min(1.0, math.log10(1 + forks) / 3), 3),
+        "io": round(min(1.0, math.log10(1 + io_rate) / 9), 3),
     }
     return Characteristics(
         cpu_bound=util >= 0.6 and vol / max(parallelism, 0.01) < 500,

@@ -1,0 +1,242 @@
+"""Proactive monitoring: conditions an agent registers, a watcher that evaluates them, and
+webhook delivery (JSON POST with retries and exponential backoff, every attempt recorded).
+
+Conditions:
+- `psi_cpu_above`: CPU PSI `some avg10` (percent) is above `threshold`;
+- `reward_below`: a deployment's latest feedback reward is below `threshold`;
+- `profile_changed`: the machine's current behaviour (features from a short CPU-stats sample) has
+  similarity below `threshold` to the stored profile `profile_id`.
+A condition fires on the rising edge (false -> true) and at most once per `cooldown_s`.
+
+Only http(s) URLs. Loopback hosts are allowed by default; any other host only when the operator
+lists it in $SCHEDCP_CALLBACK_ALLOW_HOSTS (comma-separated), so a tool call cannot make the server
+probe a network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field
+
+from .. import store
+from ..errors import BadInput, NotFound
+
+KIND, DELIVERY = "callback", "delivery"
+
+
+class Condition(BaseModel):
+    kind: Literal["psi_cpu_above", "reward_below", "profile_changed"]
+    threshold: float = Field(description="PSI percent, reward, or similarity (0..1)")
+    deployment_id: str | None = Field(None, description="for reward_below")
+    profile_id: str | None = Field(None, description="for profile_changed")
+    cooldown_s: float = Field(60.0, ge=0, description="min seconds between two firings")
+
+
+class Callback(BaseModel):
+    id: str
+    created_at: float
+    url: str
+    condition: Condition
+    active: bool = True
+    last_value: float | None = None
+    last_state: bool = False
+    last_fired_at: float | None = None
+    fired: int = 0
+
+
+class Delivery(BaseModel):
+    id: str
+    created_at: float
+    callback_id: str
+    attempt: int
+    ok: bool
+    status: int | None = None
+    error: str | None = None
+    event: dict
+
+
+def allowed_hosts() -> set[str]:
+    return {h.strip().lower() for h in os.environ.get("SCHEDCP_CALLBACK_ALLOW_HOSTS", "").split(",")
+            if h.strip()}
+
+
+def check_url(url: str) -> None:
+    """Refuse non-http(s) URLs and non-loopback hosts the operator did not allow."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise BadInput(f"callback URL scheme {parts.scheme!r} is not allowed", "use http:// or https://")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise BadInput("callback URL has no host", "e.g. http://127.0.0.1:9000/hook")
+    if host in allowed_hosts():
+        return
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, parts.port or 80, proto=socket.IPPROTO_TCP)}
+    except socket.gaierror as e:
+        raise BadInput(f"cannot resolve callback host {host!r}: {e}", "use a loopback address")
+    if not addrs or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs):
+        raise BadInput(f"callback host {host!r} is not loopback",
+                       "only loopback is allowed by default; the operator can allow a host with "
+                       "SCHEDCP_CALLBACK_ALLOW_HOSTS")
+
+
+def register(url: str, condition: Condition) -> Callback:
+    check_url(url)
+    if condition.kind == "reward_below" and not condition.deployment_id:
+        raise BadInput("reward_below needs deployment_id", "give the deployment to watch")
+    if condition.kind == "profile_changed":
+        if not condition.profile_id:
+            raise BadInput("profile_changed needs profile_id", "give the profile to compare with")
+        from ..observe.profile import get_profile
+        get_profile(condition.profile_id)
+    cb = Callback(id=store.new_id("cb"), created_at=time.time(), url=url, condition=condition)
+    store.put(KIND, cb)
+    store.audit("agent", "callback_registered", {"id": cb.id, "url": url,
+                                                 "condition": condition.model_dump()})
+    return cb
+
+
+def list_callbacks(include_removed: bool = False) -> list[Callback]:
+    return [c for c in store.list_records(KIND, Callback, limit=1000) if c.active or include_removed]
+
+
+def get_callback(cb_id: str) -> Callback:
+    cb = store.get(KIND, cb_id, Callback)
+    if cb is None:
+        raise NotFound(f"no callback {cb_id!r}", "list them with list_callbacks")
+    return cb
+
+
+def remove(cb_id: str) -> Callback:
+    cb = get_callback(cb_id)
+    cb.active = False
+    store.put(KIND, cb)
+    store.audit("agent", "callback_removed", {"id": cb_id})
+    return cb
+
+
+def deliveries(cb_id: str | None = None) -> list[Delivery]:
+    return store.list_records(DELIVERY, Delivery, ref=cb_id, limit=500)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+def measure(cond: Condition) -> tuple[float | None, bool]:
+    """(value, condition holds)."""
+    if cond.kind == "psi_cpu_above":
+        from ..observe.cpu import read_psi
+
+        psi = read_psi("cpu")
+        v = psi.some_avg10 if psi.available else None
+        return v, v is not None and v > cond.threshold
+    if cond.kind == "reward_below":
+        from .feedback import deployment_feedback
+
+        try:
+            v = deployment_feedback(cond.deployment_id).reward
+        except Exception:  # no readings yet: nothing to say
+            return None, False
+        return v, v < cond.threshold
+    from ..observe.cpu import get_cpu_stats
+    from ..observe.profile import get_profile
+    from .history import similarity_to_features
+
+    prof = get_profile(cond.profile_id)
+    s = get_cpu_stats(1.0, top_n=1)
+    features = {  # the same scales as observe.profile.characterize, system-wide
+        "cpu_utilization": s.total_busy_percent / 100.0,
+        "wakeup_intensity": min(1.0, math.log10(1 + s.ctx_switches_per_s) / 4),
+        "fork_intensity": min(1.0, math.log10(1 + s.forks_per_s) / 3),
+    }
+    v = similarity_to_features(prof, features)
+    return v, v < cond.threshold
+
+
+def post(url: str, event: dict, timeout: float = 5.0) -> int:
+    check_url(url)
+    req = urllib.request.Request(url, data=json.dumps(event).encode(), method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          "User-Agent": "schedcp-callback/1"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (checked above)
+        return resp.status
+
+
+def deliver(cb: Callback, event: dict, retries: int = 4, backoff_s: float = 0.5) -> bool:
+    """POST with exponential backoff; every attempt is recorded. True when one succeeded."""
+    for attempt in range(1, retries + 1):
+        status, error = None, None
+        try:
+            status = post(cb.url, event)
+        except urllib.error.HTTPError as e:
+            status, error = e.code, f"HTTP {e.code}"
+        except Exception as e:  # URLError, timeout, refused, BadInput
+            error = str(e)
+        ok = status is not None and 200 <= status < 300
+        store.put(DELIVERY, Delivery(id=store.new_id("dlv"), created_at=time.time(),
+                                     callback_id=cb.id, attempt=attempt, ok=ok, status=status,
+                                     error=error, event=event), ref=cb.id)
+        if ok:
+            return True
+        time.sleep(backoff_s * 2 ** (attempt - 1))
+    return False
+
+
+def evaluate_once(now: float | None = None) -> list[str]:
+    """Evaluate every active callback; deliver the ones that fired. Returns fired callback ids."""
+    now = now or time.time()
+    fired = []
+    for cb in list_callbacks():
+        value, holds = measure(cb.condition)
+        rising = holds and not cb.last_state
+        cool = cb.last_fired_at is None or now - cb.last_fired_at >= cb.condition.cooldown_s
+        cb.last_value, cb.last_state = value, holds
+        if rising and cool:
+            cb.last_fired_at, cb.fired = now, cb.fired + 1
+            store.put(KIND, cb)
+            event = {"callback_id": cb.id, "condition": cb.condition.model_dump(), "value": value,
+                     "at": now, "message": f"{cb.condition.kind}: value {value} crossed threshold "
+                                           f"{cb.condition.threshold}"}
+            deliver(cb, event)
+            fired.append(cb.id)
+        else:
+            store.put(KIND, cb)
+    return fired
+
+
+class Watcher:
+    """Background thread evaluating callbacks every `interval_s` (started by the server)."""
+
+    def __init__(self, interval_s: float = 5.0):
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Watcher":
+        self._thread = threading.Thread(target=self._run, name="schedcp-callbacks", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                evaluate_once()
+            except Exception:  # one bad condition must not stop the watcher
+                import logging
+
+                logging.getLogger("schedcp.callbacks").exception("callback evaluation failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)

@@ -1,0 +1,142 @@
+"""Learning: outcome history changes ranking; callbacks fire on real conditions and retry."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from schedcp_mcp.errors import BadInput
+from schedcp_mcp.learn import callbacks, history
+from schedcp_mcp.learn.history import MetricResult
+from schedcp_mcp.observe import profile
+from schedcp_mcp.repository.policies import search_policies
+
+
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory):
+    """Two real CPU-hog profiles and one real hackbench profile, in a shared home."""
+    import os
+    home = tmp_path_factory.mktemp("learnhome")
+    old = os.environ.get("SCHEDCP_HOME")
+    os.environ["SCHEDCP_HOME"] = str(home)
+    try:
+        hog1 = profile.profile_workload(["stress-ng", "--cpu", "2", "--timeout", "2"], duration_s=5,
+                                        use_runqlat=False)
+        hog2 = profile.profile_workload(["stress-ng", "--cpu", "2", "--timeout", "1"], duration_s=5,
+                                        use_runqlat=False)
+        hb = profile.profile_workload(["hackbench", "-g", "2", "-l", "300"], duration_s=20,
+                                      use_runqlat=False)
+    finally:
+        if old is not None:
+            os.environ["SCHEDCP_HOME"] = old
+    return home, hog1, hog2, hb
+
+
+def test_similarity_separates_cpu_hogs_from_messaging(profiles):
+    _, hog1, hog2, hb = profiles
+    assert history.similarity(hog1, hog2) >= history.MIN_SIMILARITY
+    assert history.similarity(hog1, hb) < history.MIN_SIMILARITY
+    assert history.similarity(hog1, hb) < history.similarity(hog1, hog2)
+
+
+def test_reward_formula():
+    better = MetricResult(metric="t", direction="lower", baseline=2.0, candidate=1.0, ratio=0.5)
+    worse = MetricResult(metric="ops", direction="higher", baseline=100, candidate=50, ratio=0.5)
+    assert history.reward([better]) == pytest.approx(0.693, abs=1e-3)
+    assert history.reward([worse]) == pytest.approx(-0.693, abs=1e-3)
+    assert history.reward([better, worse]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_good_outcome_raises_policy_for_similar_profile_only(profiles, monkeypatch):
+    home, hog1, hog2, hb = profiles
+    monkeypatch.setenv("SCHEDCP_HOME", str(home))
+    query = "throughput"
+    before_hog = [h.name for h in search_policies(query, limit=20, history=history.scorer_for(hog2.id))]
+    # the policy that ranked lowest for this query did very well on a CPU hog
+    winner = before_hog[-1]
+    history.record(history.new_outcome(
+        source="external", policy=winner, profile_id=hog1.id,
+        metrics=[MetricResult(metric="throughput", direction="higher", baseline=100, candidate=150,
+                              ratio=1.5)]))
+    after_hog = search_policies(query, limit=20, history=history.scorer_for(hog2.id))
+    assert [h.name for h in after_hog].index(winner) < before_hog.index(winner)
+    hit = next(h for h in after_hog if h.name == winner)
+    assert hit.history_score > 0 and "history" in hit.reason
+    # a dissimilar workload's ranking is unchanged by it
+    after_hb = search_policies(query, limit=20, history=history.scorer_for(hb.id))
+    hb_hit = next(h for h in after_hb if h.name == winner)
+    assert hb_hit.history_score == 0
+
+
+class Receiver:
+    """A real HTTP server on loopback that fails the first `fail_first` requests with 500."""
+
+    def __init__(self, fail_first: int = 0):
+        self.events, self.hits, self.fail_first = [], 0, fail_first
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.hits += 1
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.hits <= outer.fail_first:
+                    self.send_response(500)
+                else:
+                    outer.events.append(json.loads(body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_callback_fires_on_real_psi_condition_and_retries_failed_receiver():
+    rx = Receiver(fail_first=2)
+    try:
+        # threshold -1: CPU PSI some avg10 is always >= 0, so the condition really holds
+        cb = callbacks.register(rx.url, callbacks.Condition(kind="psi_cpu_above", threshold=-1))
+        fired = callbacks.evaluate_once()
+        assert fired == [cb.id]
+        assert len(rx.events) == 1 and rx.events[0]["callback_id"] == cb.id
+        attempts = sorted(callbacks.deliveries(cb.id), key=lambda d: d.attempt)
+        assert [d.ok for d in attempts] == [False, False, True]
+        assert attempts[0].status == 500
+        # edge-triggered: still true, no second firing
+        assert callbacks.evaluate_once() == []
+    finally:
+        rx.close()
+
+
+def test_callback_does_not_fire_when_condition_is_false():
+    rx = Receiver()
+    try:
+        callbacks.register(rx.url, callbacks.Condition(kind="psi_cpu_above", threshold=101))
+        assert callbacks.evaluate_once() == []
+        assert rx.events == []
+    finally:
+        rx.close()
+
+
+def test_callback_urls_are_restricted():
+    with pytest.raises(BadInput, match="scheme"):
+        callbacks.register("file:///etc/passwd", callbacks.Condition(kind="psi_cpu_above", threshold=1))
+    with pytest.raises(BadInput, match="not loopback"):
+        callbacks.register("http://192.0.2.1/x", callbacks.Condition(kind="psi_cpu_above", threshold=1))
+
+
+def test_list_and_remove_callbacks():
+    cb = callbacks.register("http://127.0.0.1:9/x", callbacks.Condition(kind="psi_cpu_above",
+                                                                         threshold=50))
+    assert [c.id for c in callbacks.list_callbacks()] == [cb.id]
+    callbacks.remove(cb.id)
+    assert callbacks.list_callbacks() == []
