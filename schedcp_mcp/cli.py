@@ -46,16 +46,17 @@ def _plain(x: Any) -> Any:
 
 
 @contextmanager
-def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[float, str], None]]:
-    """A rich progress bar on stderr; yields progress(fraction, message)."""
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[str, float], None]]:
+    """A rich progress bar on stderr; yields progress(message, fraction) — the library's
+    progress-callback convention."""
     if not enabled or not sys.stderr.isatty():
-        yield lambda fraction, message="": None
+        yield lambda message, fraction=0.0: None
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(description, total=1.0)
 
-        def update(fraction: float, message: str = "") -> None:
+        def update(message: str, fraction: float = 0.0) -> None:
             bar.update(task, completed=max(0.0, min(1.0, fraction)),
                        description=f"{description}: {message}" if message else description)
 

@@ -69,10 +69,10 @@ def agent_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
 
 
 async def in_thread(fn: Callable[..., T], *args: Any, ctx: Context | None = None, **kwargs: Any) -> T:
-    """Run blocking library work in a worker thread; forward its progress(fraction, message)
+    """Run blocking library work in a worker thread; forward its progress(message, fraction)
     callbacks as MCP progress notifications."""
     if ctx is not None:
-        def progress(fraction: float, message: str = "") -> None:
+        def progress(message: str, fraction: float = 0.0) -> None:
             try:
                 anyio.from_thread.run(ctx.report_progress, round(fraction * 100, 1), 100.0, message)
             except Exception:  # progress is best effort: a client that left must not kill work

@@ -241,7 +241,7 @@ def summarize(c: Characteristics, tree: ProcessTreeMetrics, wall: float, ncpus: 
 
 def profile_workload(command: list[str] | str | None = None, pid: int | None = None,
                      duration_s: float = 10.0, *, use_perf: bool = True, use_runqlat: bool = True,
-                     progress: Callable[[float, str], None] | None = None) -> WorkloadProfile:
+                     progress: Callable[[str, float], None] | None = None) -> WorkloadProfile:
     """Profile `command` (run to completion, at most `duration_s`) or attach to `pid` for
     `duration_s`; store and return the WorkloadProfile."""
     if (command is None) == (pid is None):
@@ -307,7 +307,7 @@ def profile_workload(command: list[str] | str | None = None, pid: int | None = N
         elapsed = time.monotonic() - start
         sampler.sample(_tree(root))
         if progress:
-            progress(min(1.0, elapsed / duration_s), "profiling")
+            progress("profiling", min(1.0, elapsed / duration_s))
         if proc is not None and proc.poll() is not None:
             break
         if elapsed >= duration_s:
