@@ -1,0 +1,753 @@
+"""The sandbox image: a sched_ext kernel, a BPF toolchain rootfs, the scx headers, and guest initramfs.
+
+Everything lives under `config.sandbox_dir()`:
+
+    apt/            private apt state for Debian sid (sources list, lists, cache); the system's apt
+                    configuration is never read or written
+    debs/           the downloaded kernel packages
+    kernel/         vmlinuz, config, vmlinux (ELF), vmlinux.btf (raw BTF), vmlinux.h
+    rootfs/         a Debian trixie chroot: clang 19, libbpf 1.5, bpftool 7.5, stress-ng, hackbench,
+                    perf, busybox-static. It is the BPF toolchain (see toolchain.py) and the source of
+                    the guest's tools. /opt/schedcp/include in it holds only the allowlisted headers.
+    sched_ext/      tools/sched_ext/ of Debian's linux-source for the same kernel (scx headers and the
+                    kernel's example schedulers; GPL-2.0, used from here, never copied into the project)
+    guest/          schedcp-loader (static), initramfs.cpio.gz (small: busybox + loader + agent, for
+                    verification) and initramfs-full.img (the small one with a tools archive appended,
+                    for workloads)
+    manifest.json   what was built, from what, with hashes and a build_id for cache keys
+
+Why these choices (measured on the development machines, see DESIGN.md): Debian stable kernels have
+sched_ext disabled, sid's cloud kernel has it; the host's clang/libbpf/bpftool are too old, trixie's are
+not; what the guest boots decides the cold verify time, so the verify initramfs stays a few MB.
+
+`build()` is idempotent: each step records a fingerprint of its inputs in `steps.json` and is skipped
+when its outputs exist and the fingerprint is unchanged, so a second build does nothing. It resolves
+the kernel from the apt lists it already has; `build(refresh=True)` updates them (and picks up a newer
+kernel), `build(force=True)` redoes every step.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel, Field
+
+from .. import config
+from ..errors import InfrastructureError
+
+Progress = Callable[[str, float], None]
+
+MIRROR = os.environ.get("SCHEDCP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+KERNEL_FLAVOUR = "cloud-amd64"
+ROOTFS_SUITE = "trixie"
+ROOTFS_PACKAGES = [
+    "clang", "llvm", "libbpf-dev", "bpftool", "libelf-dev", "zlib1g-dev", "libzstd-dev", "gcc",
+    "libc6-dev", "make", "linux-libc-dev", "busybox-static", "stress-ng", "rt-tests", "linux-perf",
+    "util-linux", "procps", "coreutils",
+]
+#: Paths inside the rootfs (= the chroot) of the allowlisted include directories, in -I order.
+INCLUDE_ROOT = "/opt/schedcp/include"
+INCLUDE_DIRS = [INCLUDE_ROOT, f"{INCLUDE_ROOT}/bpf-compat"]
+#: Guest tools for workloads (the full initramfs), as paths inside the rootfs.
+GUEST_TOOLS = [
+    "/usr/bin/stress-ng", "/usr/bin/hackbench", "/usr/bin/perf", "/usr/sbin/bpftool",
+    "/usr/bin/taskset", "/usr/bin/chrt", "/usr/bin/nproc",
+]
+LOADER_GUEST_PATH = "/usr/bin/schedcp-loader"
+GUEST_SRC = Path(__file__).parent / "guest"
+
+
+class Paths(BaseModel):
+    vmlinuz: str
+    kernel_config: str
+    vmlinux: str = Field(description="the kernel ELF with its BTF, for kfunc/ops checks")
+    vmlinux_btf: str = Field(description="the kernel's raw BTF (.BTF section), readable by bpftool/libbpf")
+    vmlinux_h: str
+    scx_dir: str = Field(description="tools/sched_ext of the kernel's source")
+    scx_include_dir: str = Field(description="tools/sched_ext/include (holds scx/ and bpf-compat/)")
+    scx_examples_dir: str = Field(description="where the kernel's example schedulers (scx_*.bpf.c) are")
+    rootfs: str
+    loader: str = Field(description="the static loader binary (host path; /usr/bin/schedcp-loader in the guest)")
+    initramfs: str = Field(description="small guest image: busybox, loader, agent")
+    initramfs_full: str = Field(description="the small image with the workload tools appended")
+
+
+class Toolchain(BaseModel):
+    clang: str
+    bpftool: str
+    libbpf: str
+    include_dirs: list[str] = Field(description="allowlisted -I directories, as paths inside the rootfs chroot")
+    cflags: list[str] = Field(description="the BPF flags of the kernel's tools/sched_ext/Makefile")
+
+
+class Manifest(BaseModel):
+    schema_version: int = 1
+    built_at: str
+    sandbox_dir: str
+    kernel_version: str = Field(description="uname -r of the sandbox kernel")
+    kernel_package: str
+    sched_ext: bool = Field(description="the kernel config has CONFIG_SCHED_CLASS_EXT=y")
+    packages: dict[str, str] = Field(description="Debian package -> version used")
+    paths: Paths
+    toolchain: Toolchain
+    sizes: dict[str, int] = Field(description="bytes of the initramfs images and the loader")
+    hashes: dict[str, str] = Field(description="sha256 of the artifacts")
+    build_id: str = Field(description="hash of kernel + toolchain + guest artifacts; part of cache keys")
+    build_seconds: float = 0.0
+
+
+BPF_CFLAGS = [
+    "-g", "-O2", "-mcpu=v3", "-target", "bpf", "-D__TARGET_ARCH_x86", "-mlittle-endian",
+    "-fms-extensions", "-Wno-microsoft-anon-tag", "-Wno-compare-distinct-pointer-types", "-nostdinc",
+]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _run(argv: list[str], what: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+    try:
+        p = subprocess.run(argv, capture_output=True, timeout=timeout, **kw)
+    except FileNotFoundError as e:
+        raise InfrastructureError(f"{what}: {argv[0]} is not installed", hint=_install_hint(argv[0])) from e
+    except subprocess.TimeoutExpired as e:
+        raise InfrastructureError(f"{what}: timed out after {timeout:.0f} s") from e
+    if p.returncode != 0:
+        err = (p.stderr or b"").decode(errors="replace").strip()[-2000:]
+        raise InfrastructureError(f"{what} failed (exit {p.returncode}): {err}")
+    return p
+
+
+def _install_hint(tool: str) -> str:
+    pkg = {"mmdebstrap": "mmdebstrap", "apt-get": "apt", "dpkg-deb": "dpkg", "zstd": "zstd",
+           "qemu-system-x86_64": "qemu-system-x86", "unshare": "util-linux"}.get(tool, tool)
+    return f"install it, e.g. `apt-get install {pkg}`"
+
+
+def _sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_tree(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            h.update(str(p.relative_to(root)).encode() + b"\0")
+            h.update(_sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _fp(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class _Steps:
+    """Fingerprints of finished steps, so that a rebuild skips what is done and unchanged."""
+
+    def __init__(self, sd: Path, force: bool):
+        self.path = sd / "steps.json"
+        self.force = force
+        try:
+            self.done: dict = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.done = {}
+
+    def fresh(self, name: str, fp: str, *outputs: Path) -> bool:
+        return not self.force and self.done.get(name) == fp and all(o.exists() for o in outputs)
+
+    def mark(self, name: str, fp) -> None:
+        self.done[name] = fp
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=1))
+        tmp.replace(self.path)
+
+
+def _chroot_prefix(rootfs: Path) -> list[str]:
+    """Run a command inside the rootfs: a plain chroot as root, a user namespace otherwise."""
+    if os.geteuid() == 0:
+        return ["chroot", str(rootfs)]
+    return ["unshare", "--user", "--map-root-user", "chroot", str(rootfs)]
+
+
+def chroot_run(rootfs: Path, argv: list[str], what: str, timeout: float = 600) -> str:
+    """Run a trusted build command in the rootfs (image building only; untrusted code uses toolchain.run)."""
+    p = _run(_chroot_prefix(rootfs) + ["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                                       "LC_ALL=C"] + argv, what, timeout=timeout)
+    return p.stdout.decode(errors="replace")
+
+
+# ---------------------------------------------------------------- apt (Debian sid, private state)
+
+
+class _Apt:
+    def __init__(self, sd: Path):
+        self.dir = sd / "apt"
+        for d in ("lists/partial", "cache/archives/partial", "etc"):
+            (self.dir / d).mkdir(parents=True, exist_ok=True)
+        if not KEYRING.exists():
+            raise InfrastructureError(f"Debian archive keyring {KEYRING} is missing",
+                                      hint="apt-get install debian-archive-keyring")
+        self.sources = self.dir / "etc/sources.list"
+        want = f"deb [signed-by={KEYRING}] {MIRROR} sid main\n"
+        if not self.sources.exists() or self.sources.read_text() != want:
+            self.sources.write_text(want)
+        self.opts = [
+            "-o", f"Dir::Etc::sourcelist={self.sources}", "-o", "Dir::Etc::sourceparts=-",
+            "-o", f"Dir::State::Lists={self.dir / 'lists'}", "-o", f"Dir::Cache={self.dir / 'cache'}",
+            "-o", "Dir::State::status=/dev/null", "-o", "APT::Architecture=amd64",
+            "-o", "APT::Architectures=amd64", "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root",
+            "-o", "Acquire::Retries=3", "-o", "Dir::Etc::preferences=/dev/null",
+            "-o", "Dir::Etc::preferencesparts=-",
+        ]
+
+    def lists_fingerprint(self) -> list:
+        return sorted([p.name, p.stat().st_size, int(p.stat().st_mtime)]
+                      for p in (self.dir / "lists").iterdir() if p.is_file())
+
+    def has_lists(self) -> bool:
+        return any("_Packages" in p.name for p in (self.dir / "lists").iterdir())
+
+    def update(self) -> None:
+        _run(["apt-get", *self.opts, "update"], "apt-get update (Debian sid lists)", timeout=600)
+
+    def show(self, pkg: str) -> dict[str, str]:
+        p = _run(["apt-cache", *self.opts, "show", "--no-all-versions", pkg], f"apt-cache show {pkg}")
+        fields: dict[str, str] = {}
+        for line in p.stdout.decode().splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                k, v = line.split(":", 1)
+                fields.setdefault(k, v.strip())
+        return fields
+
+    def search(self, regex: str) -> list[str]:
+        p = _run(["apt-cache", *self.opts, "search", "--names-only", regex], f"apt-cache search {regex}")
+        return [line.split(" - ", 1)[0] for line in p.stdout.decode().splitlines() if line]
+
+    def download(self, pkgs: list[str], dest: Path) -> None:
+        _run(["apt-get", *self.opts, "download", *pkgs], f"apt-get download {' '.join(pkgs)}",
+             timeout=1200, cwd=dest)
+
+
+def _version_key(v: str) -> list:
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", v)]
+
+
+def _resolve_kernel(apt: _Apt) -> dict[str, str]:
+    """The newest sid linux-image-*-cloud-amd64 and its split packages (binary: vmlinuz, base: config)."""
+    images = [n for n in apt.search(rf"^linux-image-[0-9].*-{KERNEL_FLAVOUR}$") if not n.endswith("-dbg")]
+    if not images:
+        raise InfrastructureError(f"no linux-image-*-{KERNEL_FLAVOUR} package in Debian sid's lists")
+    image = max(images, key=lambda n: _version_key(n))
+    abi = image[len("linux-image-"):]                      # e.g. 7.2.13+deb14-cloud-amd64
+    info = apt.show(image)
+    deps = info.get("Depends", "")
+    binary = f"linux-binary-{abi}"
+    base = f"linux-base-{abi}"
+    if binary not in deps:  # older layout: the image package holds everything
+        binary = base = image
+    upstream = re.match(r"(\d+\.\d+)", abi).group(1)
+    return {"image": image, "abi": abi, "version": info.get("Version", ""), "binary": binary,
+            "base": base, "source": f"linux-source-{upstream}", "upstream": upstream}
+
+
+# ---------------------------------------------------------------- kernel
+
+
+def _extract_vmlinux(vmlinuz: Path, out: Path) -> None:
+    """extract-vmlinux for a zstd (or gzip/xz) compressed bzImage: find the payload, decompress it."""
+    data = vmlinuz.read_bytes()
+    for magic, cmd in ((b"\x28\xb5\x2f\xfd", ["zstd", "-dc"]), (b"\x1f\x8b\x08", ["gzip", "-dc"]),
+                       (b"\xfd7zXZ\x00", ["xz", "-dc"])):
+        pos = data.find(magic)
+        while pos >= 0:
+            try:
+                p = subprocess.run(cmd, input=data[pos:], capture_output=True, timeout=120)
+            except FileNotFoundError as e:
+                raise InfrastructureError(f"{cmd[0]} is needed to decompress the kernel",
+                                          hint=_install_hint(cmd[0])) from e
+            if p.stdout[:4] == b"\x7fELF":  # trailing data makes the tools exit non-zero: ignore
+                out.write_bytes(p.stdout)
+                return
+            pos = data.find(magic, pos + 1)
+    raise InfrastructureError(f"could not find a compressed ELF kernel inside {vmlinuz}")
+
+
+def _extract_btf(vmlinux: Path, out: Path) -> None:
+    from elftools.elf.elffile import ELFFile
+
+    with open(vmlinux, "rb") as f:
+        sec = ELFFile(f).get_section_by_name(".BTF")
+        if sec is None:
+            raise InfrastructureError(f"{vmlinux} has no .BTF section (kernel without CONFIG_DEBUG_INFO_BTF)")
+        out.write_bytes(sec.data())
+
+
+def kernel_config_has(config_path: Path, option: str) -> bool:
+    return f"{option}=y" in config_path.read_text().splitlines()
+
+
+# ---------------------------------------------------------------- cpio (newc), deterministic
+
+
+class Cpio:
+    """A newc cpio archive built in memory with fixed owners and mtimes, so that its hash is stable."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[int, bytes, int]] = {}  # path -> (mode, data, rdev)
+
+    def dir(self, path: str, mode: int = 0o755) -> None:
+        path = path.strip("/")
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            p = "/".join(parts[:i])
+            if p and p not in self.entries:
+                self.entries[p] = (0o040000 | mode, b"", 0)
+
+    def _parent(self, path: str) -> None:
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent:
+            self.dir(parent)
+
+    def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        path = path.strip("/")
+        self._parent(path)
+        self.entries[path] = (0o100000 | mode, data, 0)
+
+    def symlink(self, path: str, target: str) -> None:
+        path = path.strip("/")
+        self._parent(path)
+        self.entries[path] = (0o120777, target.encode(), 0)
+
+    def chardev(self, path: str, major: int, minor: int, mode: int = 0o600) -> None:
+        path = path.strip("/")
+        self._parent(path)
+        self.entries[path] = (0o020000 | mode, b"", (major << 8) | minor)
+
+    def from_rootfs(self, rootfs: Path, path: str, _depth: int = 0) -> None:
+        """Add `path` of the rootfs, following symlinks in it and its parents (merged /usr)."""
+        if _depth > 40:
+            raise InfrastructureError(f"symlink loop at {path} in the rootfs")
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            host = rootfs / sub
+            if host.is_symlink():
+                target = os.readlink(host)
+                if self.entries.get(sub, (0,))[0] != 0o120777:
+                    self.symlink(sub, target)
+                resolved = os.path.normpath(os.path.join("/" + "/".join(parts[: i - 1]), target))
+                rest = "/".join(parts[i:])
+                return self.from_rootfs(rootfs, resolved + ("/" + rest if rest else ""), _depth + 1)
+        host = rootfs / path.strip("/")
+        if host.is_dir():
+            self.dir(path)
+        else:
+            self.file(path, host.read_bytes(), host.stat().st_mode & 0o777)
+
+    def bytes(self) -> bytes:
+        out = bytearray()
+        ino = 1000
+
+        def emit(name: str, mode: int, data: bytes, rdev: int, nlink: int) -> None:
+            nonlocal ino
+            ino += 1
+            nb = name.encode() + b"\0"
+            hdr = "070701" + "".join(f"{x:08x}" for x in (
+                ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(nb), 0))
+            out.extend(hdr.encode() + nb)
+            out.extend(b"\0" * (-len(out) % 4))
+            out.extend(data)
+            out.extend(b"\0" * (-len(out) % 4))
+
+        for name in sorted(self.entries):
+            mode, data, rdev = self.entries[name]
+            emit(name, mode, data, rdev, 2 if mode & 0o040000 and not mode & 0o100000 else 1)
+        emit("TRAILER!!!", 0, b"", 0, 1)
+        return bytes(out)
+
+    def gz(self, level: int = 6) -> bytes:
+        return gzip.compress(self.bytes(), compresslevel=level, mtime=0)
+
+
+def _ldd(rootfs: Path, binaries: list[str]) -> list[str]:
+    libs: set[str] = set()
+    for b in binaries:
+        out = chroot_run(rootfs, ["ldd", b], f"ldd {b}")
+        for line in out.splitlines():
+            m = re.search(r"(/\S+)\s+\(0x", line)
+            if m:
+                libs.add(m.group(1))
+    return sorted(libs)
+
+
+# ---------------------------------------------------------------- the build
+
+
+def manifest_path() -> Path:
+    return config.sandbox_dir() / "manifest.json"
+
+
+def load_manifest() -> Manifest | None:
+    try:
+        return Manifest.model_validate_json(manifest_path().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure(progress: Progress | None = None) -> Manifest:
+    """The manifest of a complete image, building it on first need."""
+    m = load_manifest()
+    if m is not None and Path(m.paths.initramfs).exists() and Path(m.paths.rootfs, "usr/bin/clang").exists():
+        return m
+    return build(progress=progress)
+
+
+def build(force: bool = False, progress: Progress | None = None, refresh: bool = False) -> Manifest:
+    """Build (or bring up to date) the sandbox image and return its manifest."""
+    t_start = time.monotonic()
+    sd = config.sandbox_dir()
+    say = progress or (lambda msg, frac: None)
+    steps = _Steps(sd, force)
+    total = 11
+    n = 0
+
+    def step(msg: str) -> None:
+        nonlocal n
+        say(msg, n / total)
+        n += 1
+
+    lock = _BuildLock(sd)
+    with lock:
+        # 1. apt lists for sid
+        step("Debian sid package lists")
+        apt = _Apt(sd)
+        if force or refresh or not apt.has_lists():
+            apt.update()
+
+        # 2. resolve + download the kernel and its source
+        step("resolving the newest sid cloud kernel")
+        lists_fp = apt.lists_fingerprint()
+        cached = steps.done.get("resolved")
+        if not force and isinstance(cached, dict) and cached.get("lists") == lists_fp:
+            k = cached["kernel"]
+        else:
+            k = _resolve_kernel(apt)
+            try:
+                k["source_version"] = apt.show(k["source"]).get("Version", "")
+            except InfrastructureError:
+                k["source_version"] = ""
+            steps.mark("resolved", {"lists": lists_fp, "kernel": k})
+        debs = sd / "debs"
+        debs.mkdir(exist_ok=True)
+        kdir = sd / "kernel"
+        kfp = _fp(k["image"], k["version"], k["binary"], k["base"])
+        vmlinuz, kconfig = kdir / "vmlinuz", kdir / "config"
+        if not steps.fresh("kernel", kfp, vmlinuz, kconfig):
+            step_msg = f"downloading {k['binary']} {k['version']}"
+            say(step_msg, n / total)
+            for f in debs.glob("*.deb"):
+                f.unlink()
+            apt.download(sorted({k["binary"], k["base"]}), debs)
+            shutil.rmtree(kdir, ignore_errors=True)
+            tmp = sd / "kernel.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for deb in debs.glob("*.deb"):
+                _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"dpkg-deb -x {deb.name}")
+            mod = tmp / "usr/lib/modules" / k["abi"]
+            if not (mod / "vmlinuz").exists():
+                cand = list((tmp / "boot").glob("vmlinuz-*")) if (tmp / "boot").exists() else []
+                if not cand:
+                    raise InfrastructureError(f"no vmlinuz in {k['binary']}")
+                mod.mkdir(parents=True, exist_ok=True)
+                shutil.copy(cand[0], mod / "vmlinuz")
+                shutil.copy(next((tmp / "boot").glob("config-*")), mod / "config")
+            kdir.mkdir()
+            shutil.copy(mod / "vmlinuz", vmlinuz)
+            shutil.copy(mod / "config", kconfig)
+            shutil.rmtree(tmp)
+            for f in debs.glob("*.deb"):
+                f.unlink()
+            steps.mark("kernel", kfp)
+        if not kernel_config_has(kconfig, "CONFIG_SCHED_CLASS_EXT"):
+            raise InfrastructureError(
+                f"{k['image']} {k['version']} has no CONFIG_SCHED_CLASS_EXT=y",
+                hint="Debian sid's kernel config changed; try again later or pin an older kernel")
+
+        # 3. rootfs (toolchain + guest tools)
+        step(f"Debian {ROOTFS_SUITE} rootfs with clang, libbpf, bpftool, stress-ng, perf (mmdebstrap)")
+        rootfs = sd / "rootfs"
+        rfp = _fp(ROOTFS_SUITE, ROOTFS_PACKAGES, MIRROR)
+        if not steps.fresh("rootfs", rfp, rootfs / "usr/bin/clang", rootfs / "usr/sbin/bpftool"):
+            tmp = sd / "rootfs.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            mode = "root" if os.geteuid() == 0 else "unshare"
+            _run(["mmdebstrap", "--variant=minbase", f"--mode={mode}", "--include=" + ",".join(ROOTFS_PACKAGES),
+                  "--aptopt=Acquire::Retries \"3\"",
+                  "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
+                  "--dpkgopt=path-exclude=/usr/share/doc/*",
+                  ROOTFS_SUITE, str(tmp), MIRROR], "mmdebstrap (the trixie rootfs)", timeout=1800)
+            shutil.rmtree(rootfs, ignore_errors=True)
+            tmp.rename(rootfs)
+            steps.mark("rootfs", rfp)
+        rootfs_status_hash = _sha256_file(rootfs / "var/lib/dpkg/status")
+
+        # 4. vmlinux, raw BTF, vmlinux.h (with the rootfs's bpftool 7.5)
+        step("vmlinux, BTF and vmlinux.h")
+        vmlinux, vbtf, vh = kdir / "vmlinux", kdir / "vmlinux.btf", kdir / "vmlinux.h"
+        hfp = _fp(_sha256_file(vmlinuz), rootfs_status_hash)
+        if not steps.fresh("vmlinux_h", hfp, vmlinux, vbtf, vh):
+            _extract_vmlinux(vmlinuz, vmlinux)
+            _extract_btf(vmlinux, vbtf)
+            stage = rootfs / "tmp/schedcp-btf"
+            stage.mkdir(parents=True, exist_ok=True)
+            shutil.copy(vbtf, stage / "vmlinux.btf")
+            out = chroot_run(rootfs, ["bpftool", "btf", "dump", "file", "/tmp/schedcp-btf/vmlinux.btf",
+                                      "format", "c"], "bpftool btf dump (vmlinux.h)")
+            shutil.rmtree(stage)
+            if "struct sched_ext_ops {" not in out:
+                raise InfrastructureError("the kernel's BTF has no struct sched_ext_ops")
+            vh.write_text(out)
+            steps.mark("vmlinux_h", hfp)
+
+        # 5. tools/sched_ext from linux-source-<ver>
+        step(f"tools/sched_ext from {k['source']}")
+        scx = sd / "sched_ext"
+        sfp = _fp(k["source"], k["version"])
+        if not steps.fresh("sched_ext", sfp, scx / "include/scx/common.bpf.h", scx / "scx_simple.bpf.c"):
+            _extract_sched_ext(apt, k, sd, scx)
+            steps.mark("sched_ext", sfp)
+        source_version = k.get("source_version", "")
+
+        # 6. the allowlisted include dir inside the rootfs
+        step("allowlisted BPF include directory")
+        inc = rootfs / INCLUDE_ROOT.lstrip("/")
+        ifp = _fp(sfp, rootfs_status_hash, hfp)
+        if not steps.fresh("include", ifp, inc / "vmlinux.h", inc / "scx/common.bpf.h"):
+            _make_include_dir(rootfs, scx, vh, inc)
+            steps.mark("include", ifp)
+
+        # 7. the loader, statically linked in the toolchain
+        step("schedcp-loader (static libbpf loader)")
+        gdir = sd / "guest"
+        gdir.mkdir(exist_ok=True)
+        loader = gdir / "schedcp-loader"
+        lsrc = [GUEST_SRC / "loader.c", GUEST_SRC / "eu_search_shim.c"]
+        lfp = _fp([_sha256_file(p) for p in lsrc], rootfs_status_hash)
+        if not steps.fresh("loader", lfp, loader):
+            _build_loader(rootfs, lsrc, loader)
+            steps.mark("loader", lfp)
+
+        # 8. initramfs images
+        step("guest initramfs images")
+        small, full = gdir / "initramfs.cpio.gz", gdir / "initramfs-full.img"
+        init = GUEST_SRC / "init.sh"
+        gfp = _fp(_sha256_file(init), _sha256_file(loader), rootfs_status_hash, GUEST_TOOLS)
+        if not steps.fresh("initramfs", gfp, small, full):
+            small_gz = _small_initramfs(rootfs, init, loader)
+            small.write_bytes(small_gz)
+            full.write_bytes(small_gz + _tools_archive(rootfs))
+            steps.mark("initramfs", gfp)
+
+        # 9. manifest
+        step("toolchain versions")
+        mfp = _fp(kfp, rfp, hfp, sfp, ifp, lfp, gfp)
+        old = load_manifest()
+        if old is not None and steps.fresh("manifest", mfp, manifest_path()) and old.paths.rootfs == str(rootfs):
+            say("sandbox image is up to date", 1.0)
+            return old
+        toolchain = _toolchain_versions(rootfs)
+        step("manifest")
+        hashes = {
+            "vmlinuz": _sha256_file(vmlinuz),
+            "vmlinux_btf": _sha256_file(vbtf),
+            "vmlinux_h": _sha256_file(vh),
+            "rootfs_dpkg_status": rootfs_status_hash,
+            "include_dir": _sha256_tree(inc),
+            "loader": _sha256_file(loader),
+            "initramfs": _sha256_file(small),
+            "initramfs_full": _sha256_file(full),
+        }
+        build_id = _fp(hashes["vmlinuz"], hashes["include_dir"], hashes["loader"], hashes["initramfs"],
+                       hashes["initramfs_full"], hashes["rootfs_dpkg_status"], toolchain)[:16]
+        pkgs = _rootfs_packages(rootfs)
+        pkgs.update({k["binary"]: k["version"], k["base"]: k["version"], k["image"]: k["version"]})
+        if source_version:
+            pkgs[k["source"]] = source_version
+        m = Manifest(
+            built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            sandbox_dir=str(sd),
+            kernel_version=k["abi"],
+            kernel_package=k["image"],
+            sched_ext=True,
+            packages=pkgs,
+            paths=Paths(vmlinuz=str(vmlinuz), kernel_config=str(kconfig), vmlinux=str(vmlinux),
+                        vmlinux_btf=str(vbtf), vmlinux_h=str(vh), scx_dir=str(scx),
+                        scx_include_dir=str(scx / "include"), scx_examples_dir=str(scx), rootfs=str(rootfs),
+                        loader=str(loader), initramfs=str(small), initramfs_full=str(full)),
+            toolchain=Toolchain(**toolchain, include_dirs=INCLUDE_DIRS, cflags=BPF_CFLAGS),
+            sizes={"initramfs": small.stat().st_size, "initramfs_full": full.stat().st_size,
+                   "loader": loader.stat().st_size},
+            hashes=hashes,
+            build_id=build_id,
+            build_seconds=round(time.monotonic() - t_start, 1),
+        )
+        tmp = manifest_path().with_suffix(".tmp")
+        tmp.write_text(m.model_dump_json(indent=2))
+        tmp.replace(manifest_path())
+        steps.mark("manifest", mfp)
+        say("sandbox image built", 1.0)
+        return m
+
+
+class _BuildLock:
+    """One build at a time per sandbox dir (two CLI invocations must not interleave)."""
+
+    def __init__(self, sd: Path):
+        self.path = sd / ".build.lock"
+
+    def __enter__(self):
+        import fcntl
+
+        self.f = open(self.path, "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self.f, fcntl.LOCK_EX)  # another build is running: wait for it
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _extract_sched_ext(apt: _Apt, k: dict[str, str], sd: Path, scx: Path) -> None:
+    tmp = sd / "src.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        apt.download([k["source"]], tmp)
+        deb = next(tmp.glob("*.deb"))
+        # the .deb holds usr/src/linux-source-X.Y.tar.xz: pull that one file out, then one dir from it
+        p = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+        with tarfile.open(fileobj=p.stdout, mode="r|") as tf:
+            for member in tf:
+                if member.name.endswith(".tar.xz") and "/usr/src/" in "/" + member.name.lstrip("./"):
+                    with open(tmp / "src.tar.xz", "wb") as out:
+                        shutil.copyfileobj(tf.extractfile(member), out)
+                    break
+        p.wait()
+        deb.unlink()
+        if not (tmp / "src.tar.xz").exists():
+            raise InfrastructureError(f"{k['source']} holds no source tarball")
+        _run(["tar", "-xJf", str(tmp / "src.tar.xz"), "-C", str(tmp), "--wildcards", "*/tools/sched_ext/*"],
+             "extracting tools/sched_ext", timeout=600)
+        found = next(tmp.glob("*/tools/sched_ext"), None)
+        if found is None:
+            raise InfrastructureError(f"{k['source']} has no tools/sched_ext")
+        shutil.rmtree(scx, ignore_errors=True)
+        shutil.move(str(found), scx)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_include_dir(rootfs: Path, scx: Path, vh: Path, inc: Path) -> None:
+    """Only libbpf's bpf/*.h, scx/*.h, bpf-compat, vmlinux.h and asm-generic/errno*.h."""
+    shutil.rmtree(inc, ignore_errors=True)
+    (inc / "bpf").mkdir(parents=True)
+    (inc / "asm-generic").mkdir()
+    for h in (rootfs / "usr/include/bpf").glob("*.h"):
+        shutil.copy(h, inc / "bpf")
+    shutil.copytree(scx / "include/scx", inc / "scx")
+    shutil.copytree(scx / "include/bpf-compat", inc / "bpf-compat")
+    for h in ("errno.h", "errno-base.h"):
+        shutil.copy(rootfs / "usr/include/asm-generic" / h, inc / "asm-generic")
+    shutil.copy(vh, inc / "vmlinux.h")
+    for p in [inc, *inc.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def _build_loader(rootfs: Path, sources: list[Path], out: Path) -> None:
+    work = rootfs / "tmp/schedcp-loader-build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        for s in sources:
+            shutil.copy(s, work / s.name)
+        chroot_run(rootfs, ["gcc", "-O2", "-Wall", "-static", "-o", "/tmp/schedcp-loader-build/schedcp-loader",
+                            *[f"/tmp/schedcp-loader-build/{s.name}" for s in sources],
+                            "-lbpf", "-lelf", "-lz", "-lzstd"], "compiling schedcp-loader")
+        chroot_run(rootfs, ["strip", "/tmp/schedcp-loader-build/schedcp-loader"], "strip schedcp-loader")
+        shutil.copy(work / "schedcp-loader", out)
+        out.chmod(0o755)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _small_initramfs(rootfs: Path, init: Path, loader: Path) -> bytes:
+    c = Cpio()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "etc",
+              "sys/fs/bpf", "sys/kernel/debug"):
+        c.dir(d)
+    c.chardev("dev/console", 5, 1)
+    c.chardev("dev/null", 1, 3, 0o666)
+    c.file("init", init.read_bytes(), 0o755)
+    c.file("bin/busybox", (rootfs / "usr/bin/busybox").read_bytes(), 0o755)
+    c.file(LOADER_GUEST_PATH, loader.read_bytes(), 0o755)
+    c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+    c.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
+    return c.gz()
+
+
+def _tools_archive(rootfs: Path) -> bytes:
+    """The workload tools and their shared libraries, as a cpio to append to the small image."""
+    c = Cpio()
+    tools = [t for t in GUEST_TOOLS if (rootfs / t.lstrip("/")).exists()]
+    for t in tools + _ldd(rootfs, tools):
+        c.from_rootfs(rootfs, t)
+    # perf execs perf_<ver> wrappers on some releases; take any versioned perf binaries too
+    for extra in sorted((rootfs / "usr/bin").glob("perf_*")):
+        c.from_rootfs(rootfs, "/usr/bin/" + extra.name)
+    # the entries the small image owns must not be replaced by merged-/usr symlinks
+    for d in ("bin", "sbin"):
+        c.entries.pop(d, None)
+    return c.gz(level=1)
+
+
+def _rootfs_packages(rootfs: Path) -> dict[str, str]:
+    want = {"clang", "llvm", "libbpf-dev", "libbpf1", "bpftool", "stress-ng", "rt-tests", "linux-perf",
+            "busybox-static", "linux-libc-dev", "gcc", "libelf-dev"}
+    out: dict[str, str] = {}
+    pkg = None
+    for line in (rootfs / "var/lib/dpkg/status").read_text().splitlines():
+        if line.startswith("Package: "):
+            pkg = line.split(": ", 1)[1]
+        elif line.startswith("Version: ") and pkg in want:
+            out[pkg.split(":")[0]] = line.split(": ", 1)[1]
+    return out
+
+
+def _toolchain_versions(rootfs: Path) -> dict[str, str]:
+    clang = chroot_run(rootfs, ["clang", "--version"], "clang --version").splitlines()[0]
+    bpftool = chroot_run(rootfs, ["bpftool", "--version"], "bpftool --version")
+    bv = re.search(r"v(\d+\.\d+\.\d+)", bpftool)
+    lv = re.search(r"libbpf v(\d+\.\d+)", bpftool)
+    pk = _rootfs_packages(rootfs)
+    cv = re.search(r"clang version (\d+\.\d+\.\d+)", clang)
+    return {"clang": cv.group(1) if cv else clang, "bpftool": bv.group(1) if bv else bpftool.strip(),
+            "libbpf": pk.get("libbpf-dev", lv.group(1) if lv else "")}
