@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,15 @@ class SchedcpGroup(click.Group):
             err_console.print(f"[red]error:[/red] {e.message}")
             if e.hint:
                 err_console.print(f"[yellow]hint:[/yellow] {e.hint}")
+            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a bug: say so plainly; SCHEDCP_DEBUG=1 shows the traceback
+            if os.environ.get("SCHEDCP_DEBUG"):
+                raise
+            err_console.print(f"[red]internal error:[/red] {type(e).__name__}: {e}")
+            err_console.print("[yellow]hint:[/yellow] this is a schedcp bug; rerun with "
+                              "SCHEDCP_DEBUG=1 for the traceback")
             sys.exit(2)
 
 
@@ -308,3 +318,139 @@ def policies_show(name: str, as_json: bool) -> None:
             console.print(t)
 
     emit(data, as_json, render)
+
+
+# --- sandbox ----------------------------------------------------------------------------------------
+
+@main.group()
+def sandbox() -> None:
+    """The sched_ext sandbox: image build, info, the staging VM."""
+
+
+@sandbox.command("build")
+@click.option("--force", is_flag=True, help="rebuild everything")
+@click.option("--refresh", is_flag=True, help="look for a newer sid kernel")
+@json_option
+def sandbox_build(force: bool, refresh: bool, as_json: bool) -> None:
+    """Build (or bring up to date) the sandbox image: sid kernel, toolchain rootfs, guest."""
+    from .sandbox import image
+
+    with progress_bar("sandbox build", not as_json) as bar:
+        m = image.build(force=force, refresh=refresh, progress=bar)
+    emit(m, as_json, lambda m: console.print(
+        f"sandbox ready: kernel {m.kernel_version} (sched_ext), clang {m.toolchain.clang}, "
+        f"bpftool {m.toolchain.bpftool}, build {m.build_id[:12]}"))
+
+
+@sandbox.command("info")
+@json_option
+def sandbox_info(as_json: bool) -> None:
+    """The sandbox manifest (kernel, packages, paths, hashes) and the staging VM's state."""
+    from .sandbox import image
+    from .sandbox.vm import VM
+
+    m = image.load_manifest()
+    if m is None:
+        raise SchedcpError("the sandbox image is not built", "run `schedcp sandbox build`")
+    staging = VM.named_status("staging")
+    data = {"manifest": m, "staging_vm": staging}
+    emit(data, as_json, lambda d: console.print(
+        f"kernel {m.kernel_version}; build {m.build_id[:12]}; built {m.built_at}; "
+        f"staging VM: {'running' if staging else 'stopped'}"))
+
+
+@sandbox.command("stop")
+@click.option("--name", default="staging", show_default=True)
+def sandbox_stop(name: str) -> None:
+    """Stop a long-lived sandbox VM (the staging VM by default)."""
+    from .sandbox.vm import VM
+
+    stopped = VM.stop_named(name)
+    console.print(f"{name} VM {'stopped' if stopped else 'was not running'}")
+
+
+# --- layer 1: verify --------------------------------------------------------------------------------
+
+def parse_params(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--param")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def render_layer1(r) -> None:
+    l1 = r.layer1
+    colour = "green" if l1.verdict == "accepted" else "red"
+    console.print(f"[bold]{r.id}[/bold] {r.policy or 'source'}: [{colour}]{l1.verdict}[/{colour}] "
+                  f"at stage {l1.stage}; kernel {l1.kernel_version}; "
+                  f"{'cached, ' if l1.cached else ''}{l1.total_s:.2f}s")
+    for e in l1.errors:
+        where = f"line {e.line}" + (f":{e.column}" if e.column else "") if e.line else ""
+        console.print(f"  [red]{e.stage}[/red] {e.program or ''} {where}: {e.message}")
+        if e.snippet:
+            console.print(f"      {e.snippet.strip()}")
+    if l1.missing_kfuncs:
+        console.print(f"  missing kfuncs on {l1.kernel_version}: {', '.join(l1.missing_kfuncs)}")
+    if l1.programs:
+        t = Table("program", "callback", "insns", "verified insns")
+        for p in l1.programs:
+            t.add_row(p.name, p.callback or "", str(p.insns), str(p.verified_insns or ""))
+        console.print(t)
+
+
+def layer1_json(r) -> dict:
+    d = r.layer1.model_dump(mode="json")
+    return {"report_id": r.id, **d}
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--policy", help="verify a repository policy instead of a file")
+@click.option("--all-policies", is_flag=True, help="verify every repository policy at its defaults")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="set a const volatile")
+@click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
+@click.option("-I", "include_dirs", multiple=True, type=click.Path(exists=True, file_okay=False,
+              path_type=Path), help="operator-trusted include directory")
+@click.option("--no-cache", is_flag=True, help="do not answer from the result cache")
+@json_option
+def verify(file: Path | None, policy: str | None, all_policies: bool, params: tuple[str, ...],
+           target: str, include_dirs: tuple[Path, ...], no_cache: bool, as_json: bool) -> None:
+    """Layer 1: compile, static checks and the real kernel verifier.
+    Exit 0 accepted, 1 rejected, 2 usage/infrastructure error."""
+    from . import candidates
+    from .repository.policies import list_policies
+
+    chosen = sum(bool(x) for x in (file, policy, all_policies))
+    if chosen != 1:
+        raise click.UsageError("give exactly one of FILE, --policy NAME, --all-policies")
+    kv = parse_params(params)
+    if all_policies:
+        from .sandbox.vm import VM
+
+        names = [p.name for p in list_policies() if p.kind == "schedcp"]
+        reports = []
+        with progress_bar("verifying policies", not as_json) as bar, VM() as vm:
+            for i, name in enumerate(names):
+                bar(name, i / len(names))
+                reports.append(candidates.submit(policy=name, target=target, use_cache=not no_cache,
+                                                 vm=vm))
+        ok = all(r.passed_layer1 for r in reports)
+        if as_json:
+            click.echo(json.dumps({"passed": ok, "reports": [layer1_json(r) for r in reports]},
+                                  indent=2))
+        else:
+            for r in reports:
+                render_layer1(r)
+        sys.exit(0 if ok else 1)
+    source = file.read_text(errors="replace") if file else None
+    with progress_bar("verify", not as_json) as bar:
+        r = candidates.submit(source=source, policy=policy, params=kv, target=target,
+                              trusted_include_dirs=include_dirs, use_cache=not no_cache, progress=bar)
+    if as_json:
+        click.echo(json.dumps(layer1_json(r), indent=2))
+    else:
+        render_layer1(r)
+    sys.exit(0 if r.passed_layer1 else 1)

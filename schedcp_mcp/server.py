@@ -186,6 +186,37 @@ async def get_policy(name: Annotated[str, Field(description="policy name, e.g. v
                         history=[o.model_dump() for o in history.outcomes_for_policy(name)])
 
 
+# --- execute ---------------------------------------------------------------------------------------
+
+class SubmitResult(BaseModel):
+    report_id: str
+    status: str
+    layer1: Any
+
+
+@server.tool(annotations=SANDBOXED)
+@agent_errors
+async def submit_scheduler(
+    ctx: Context,
+    source: Annotated[str | None, Field(
+        description="BPF C source of a sched_ext scheduler (#include <scx/common.bpf.h>)")] = None,
+    policy: Annotated[str | None, Field(description="or: a repository policy name")] = None,
+    params: Annotated[dict[str, str] | None, Field(
+        description="const volatile parameters by name, e.g. {'slice_ns': '5000000'}")] = None,
+    target: Annotated[Literal["sandbox", "host"], Field(
+        description="whose kernel verifies it: the sandbox VM (default) or this host")] = "sandbox",
+    profile_id: Annotated[str | None, Field(
+        description="the WorkloadProfile this candidate is for (its goals apply)")] = None,
+) -> SubmitResult:
+    """Layer 1: untrusted-source checks, compile, ELF/BTF checks (callbacks, kfuncs present in the
+    target kernel, license, hot-path size) and the real kernel BPF verifier. Stores a
+    ValidationReport; a rejection explains the failing program, source line and kernel message."""
+    from . import candidates
+
+    r = await in_thread(candidates.submit, source, policy, params, target, profile_id, ctx=ctx)
+    return SubmitResult(report_id=r.id, status=r.status, layer1=r.layer1.model_dump(mode="json"))
+
+
 def run_stdio() -> None:
     server.run("stdio")
 

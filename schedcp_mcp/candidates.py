@@ -1,0 +1,96 @@
+"""A candidate's way through the layers: submit (layer 1) -> validate (layer 2) -> token.
+
+The CLI and the MCP server both call these; each step stores its ValidationReport so an agent in a
+later session can pick up from a report id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+from . import config
+from .errors import BadInput
+from .observe.profile import Goal, get_profile
+from .reports import ValidationReport, get_report, new_report, save
+
+Progress = Callable[[str, float], None]
+MAX_SOURCE_BYTES = 256 * 1024
+
+
+def sources_dir() -> Path:
+    p = config.home() / "sources"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def save_source(source: str) -> str:
+    """Keep every submitted source, content-addressed, so a report can be contributed later."""
+    sha = hashlib.sha256(source.encode()).hexdigest()
+    path = sources_dir() / f"{sha}.bpf.c"
+    if not path.exists():
+        path.write_text(source)
+    return sha
+
+
+def source_for(report: ValidationReport) -> str:
+    path = sources_dir() / f"{report.source_sha256}.bpf.c"
+    if path.exists():
+        return path.read_text()
+    if report.policy:
+        from .repository.policies import get_policy
+
+        text = get_policy(report.policy).source_text()
+        if text and hashlib.sha256(text.encode()).hexdigest() == report.source_sha256:
+            return text
+    raise BadInput(f"the source of report {report.id} is no longer stored",
+                   "submit the scheduler again")
+
+
+def submit(source: str | None = None, policy: str | None = None,
+           params: dict[str, Any] | None = None, target: str = "sandbox",
+           profile_id: str | None = None, goals: list[Goal] | None = None,
+           trusted_include_dirs: tuple[Path, ...] = (), use_cache: bool = True,
+           progress: Progress | None = None, vm=None) -> ValidationReport:
+    """Layer 1 for a raw source or a repository policy; returns the stored report."""
+    from .verify import pipeline
+
+    if (source is None) == (policy is None):
+        raise BadInput("give exactly one of source or policy",
+                       "source = BPF C text; policy = a repository policy name")
+    if profile_id:
+        prof = get_profile(profile_id)
+        goals = goals if goals else prof.goals
+    kw = dict(target=target, use_cache=use_cache, progress=progress, vm=vm)
+    if policy is not None:
+        layer1 = pipeline.verify_policy(policy, {k: str(v) for k, v in (params or {}).items()},
+                                        trusted_include_dirs=trusted_include_dirs, **kw)
+    else:
+        if len(source.encode()) > MAX_SOURCE_BYTES:
+            raise BadInput(f"source is {len(source.encode())} bytes; the limit is {MAX_SOURCE_BYTES}",
+                           "a sched_ext scheduler fits in a few hundred lines")
+        layer1 = pipeline.verify_source(source, params={k: str(v) for k, v in (params or {}).items()},
+                                        trusted_include_dirs=trusted_include_dirs, **kw)
+        save_source(source)
+    if policy is not None:
+        from .repository.policies import get_policy
+
+        text = get_policy(policy).source_text()
+        if text:
+            save_source(text)
+    return new_report(layer1, policy=policy, params=layer1.params, profile_id=profile_id, goals=goals)
+
+
+def report_or_submit(report_id: str | None, source: str | None, policy: str | None,
+                     params: dict[str, Any] | None, **kw) -> ValidationReport:
+    if report_id:
+        if source or policy:
+            raise BadInput("give a report_id or a source/policy, not both", "")
+        return get_report(report_id)
+    return submit(source=source, policy=policy, params=params, **kw)
+
+
+def save_report(r: ValidationReport) -> ValidationReport:
+    save(r)
+    return r
