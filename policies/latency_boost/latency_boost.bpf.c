@@ -33,6 +33,7 @@ char _license[] SEC("license") = "GPL";
 const volatile u64 slice_ns = 5000000ULL;	/* 5 ms */
 const volatile u64 lag_ns = 40000000ULL;	/* 40 ms of sleeper credit */
 const volatile bool preempt = true;
+const volatile u64 preempt_min_ns = 1000000ULL;	/* 1 ms */
 
 UEI_DEFINE(uei);
 
@@ -58,13 +59,20 @@ struct {
 	__type(value, struct task_ctx);
 } task_ctxs SEC(".maps");
 
-/* Deadline of the task each CPU runs, for wakeup preemption. */
+/* What each CPU runs, for wakeup preemption. */
+struct cpu_run {
+	u64 deadline;		/* deadline of the running task */
+	u64 started_at;		/* when it started running */
+	u64 burst;		/* its burst before it started */
+	u64 avg_burst;		/* its average burst */
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAX_CPUS);
 	__type(key, u32);
-	__type(value, u64);
-} cpu_deadline SEC(".maps");
+	__type(value, struct cpu_run);
+} cpu_runs SEC(".maps");
 
 static inline bool vtime_before(u64 a, u64 b)
 {
@@ -111,7 +119,8 @@ void BPF_STRUCT_OPS(latency_boost_enqueue, struct task_struct *p, u64 enq_flags)
 {
 	struct task_ctx *tctx = lookup_tctx(p);
 	u32 cpu = scx_bpf_task_cpu(p);
-	u64 *running_dl;
+	struct cpu_run *cr;
+	u64 ran;
 
 	if (!tctx) {
 		scx_bpf_dsq_insert(p, EDF_DSQ, slice_ns, enq_flags);
@@ -122,11 +131,21 @@ void BPF_STRUCT_OPS(latency_boost_enqueue, struct task_struct *p, u64 enq_flags)
 	scx_bpf_dsq_insert_vtime(p, EDF_DSQ, slice_ns, tctx->deadline,
 				 enq_flags);
 
-	/* A waking task with an earlier deadline takes its old CPU. */
+	/*
+	 * A waking task takes its old CPU if it has the earlier deadline, the
+	 * running task is a longer runner (twice the waker's usual burst) and
+	 * has run for @preempt_min_ns. Without the last two tests, peers that
+	 * all wake often (a message-passing pipeline) preempt each other on
+	 * every wakeup and throughput collapses.
+	 */
 	if (!preempt || !(enq_flags & SCX_ENQ_WAKEUP))
 		return;
-	running_dl = bpf_map_lookup_elem(&cpu_deadline, &cpu);
-	if (running_dl && vtime_before(tctx->deadline, *running_dl))
+	cr = bpf_map_lookup_elem(&cpu_runs, &cpu);
+	if (!cr || !cr->started_at || !vtime_before(tctx->deadline, cr->deadline))
+		return;
+	ran = cr->burst + time_delta(scx_bpf_now(), cr->started_at);
+	if (ran >= preempt_min_ns && ran > 2 * tctx->avg_burst &&
+	    cr->avg_burst > 2 * tctx->avg_burst)
 		scx_bpf_kick_cpu(cpu, SCX_KICK_PREEMPT);
 }
 
@@ -155,7 +174,7 @@ void BPF_STRUCT_OPS(latency_boost_running, struct task_struct *p)
 {
 	struct task_ctx *tctx = lookup_tctx(p);
 	u32 cpu = scx_bpf_task_cpu(p);
-	u64 *running_dl;
+	struct cpu_run *cr;
 
 	if (vtime_before(vtime_now, p->scx.dsq_vtime))
 		vtime_now = p->scx.dsq_vtime;
@@ -163,23 +182,33 @@ void BPF_STRUCT_OPS(latency_boost_running, struct task_struct *p)
 		return;
 
 	tctx->started_at = scx_bpf_now();
-	running_dl = bpf_map_lookup_elem(&cpu_deadline, &cpu);
-	if (running_dl)
-		*running_dl = tctx->deadline ?: p->scx.dsq_vtime;
+	cr = bpf_map_lookup_elem(&cpu_runs, &cpu);
+	if (cr) {
+		cr->deadline = tctx->deadline ?: p->scx.dsq_vtime;
+		cr->started_at = tctx->started_at;
+		cr->burst = tctx->burst;
+		cr->avg_burst = tctx->avg_burst;
+	}
 }
 
 void BPF_STRUCT_OPS(latency_boost_stopping, struct task_struct *p, bool runnable)
 {
 	struct task_ctx *tctx = bpf_task_storage_get(&task_ctxs, p, 0, 0);
+	u32 cpu = scx_bpf_task_cpu(p);
+	struct cpu_run *cr;
 	u64 used;
 
+	cr = bpf_map_lookup_elem(&cpu_runs, &cpu);
+	if (cr)
+		cr->started_at = 0;	/* nothing of ours runs here now */
 	if (!tctx || !tctx->started_at)
 		return;
 
 	used = time_delta(scx_bpf_now(), tctx->started_at);
 	tctx->started_at = 0;
 	tctx->burst += used;
-	p->scx.dsq_vtime += scale_by_task_weight_inverse(p, used);
+	scx_bpf_task_set_dsq_vtime(p, p->scx.dsq_vtime +
+					scale_by_task_weight_inverse(p, used));
 }
 
 void BPF_STRUCT_OPS(latency_boost_quiescent, struct task_struct *p, u64 deq_flags)
@@ -193,7 +222,7 @@ void BPF_STRUCT_OPS(latency_boost_quiescent, struct task_struct *p, u64 deq_flag
 
 void BPF_STRUCT_OPS(latency_boost_enable, struct task_struct *p)
 {
-	p->scx.dsq_vtime = vtime_now;
+	scx_bpf_task_set_dsq_vtime(p, vtime_now);
 }
 
 s32 BPF_STRUCT_OPS_SLEEPABLE(latency_boost_init)

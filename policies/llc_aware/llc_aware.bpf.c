@@ -148,12 +148,13 @@ void BPF_STRUCT_OPS(llc_aware_stopping, struct task_struct *p, bool runnable)
 	u64 used = p->scx.slice < slice_ns ? slice_ns - p->scx.slice : 0;
 
 	/* Charge the used part of the slice, scaled by the inverse weight. */
-	p->scx.dsq_vtime += scale_by_task_weight_inverse(p, used);
+	scx_bpf_task_set_dsq_vtime(p, p->scx.dsq_vtime +
+					scale_by_task_weight_inverse(p, used));
 }
 
 void BPF_STRUCT_OPS(llc_aware_enable, struct task_struct *p)
 {
-	p->scx.dsq_vtime = vtime_now;
+	scx_bpf_task_set_dsq_vtime(p, vtime_now);
 }
 
 /* Build the CPU -> LLC table, one DSQ and one cpumask per LLC. */

@@ -114,12 +114,13 @@ void BPF_STRUCT_OPS(vtime_fair_stopping, struct task_struct *p, bool runnable)
 	used = time_delta(now, tctx->started_at);
 	tctx->started_at = 0;
 	/* Weighted charge: heavier tasks advance more slowly. */
-	p->scx.dsq_vtime += scale_by_task_weight_inverse(p, used);
+	scx_bpf_task_set_dsq_vtime(p, p->scx.dsq_vtime +
+					scale_by_task_weight_inverse(p, used));
 }
 
 void BPF_STRUCT_OPS(vtime_fair_enable, struct task_struct *p)
 {
-	p->scx.dsq_vtime = vtime_now;
+	scx_bpf_task_set_dsq_vtime(p, vtime_now);
 }
 
 s32 BPF_STRUCT_OPS_SLEEPABLE(vtime_fair_init)
