@@ -1,0 +1,307 @@
+"""Layer 3: token-gated deploy, status, rollback, and the deployment record.
+
+deploy(token): check and spend the token -> check the target is ready (host: sched_ext, BPF
+permission, and a human at the CLI or a server started with --allow-host-deploy) -> record the
+previous state -> measure the baseline metric -> load -> confirm `enabled` + ops name (on any failure
+restore the previous state) -> start the monitor. Every step that changes a kernel is audited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from .. import config, store
+from ..errors import BadInput, InfrastructureError, NotFound, SchedcpError
+from . import tokens
+from .targets import HostTarget, SandboxTarget, ScxState, Target, get_target
+
+KIND = "deployment"
+Status = Literal["active", "rolled_back", "failed", "superseded", "stopped"]
+DEFAULT_METRIC = "hackbench -g 2 -l 100"
+
+
+class Reading(BaseModel):
+    at: float
+    state: str
+    ops: str | None = None
+    psi_some_avg10: float | None = None
+    ctx_switches_per_s: float | None = None
+    metric: float | None = None
+    ratio: float | None = Field(None, description="metric / baseline")
+    degraded: bool = False
+    note: str = ""
+
+
+class MonitorPolicy(BaseModel):
+    metric_cmd: str | None = Field(None, description="prints a number; run in the target")
+    metric_direction: Literal["lower", "higher"] = "lower"
+    max_degradation_ratio: float = Field(
+        1.10, description="rollback when the metric is worse than baseline by this ratio "
+                          "(lower-is-better: metric/baseline > r; higher: baseline/metric > r)")
+    consecutive: int = Field(3, ge=1, description="... for this many consecutive samples")
+    interval_s: float = Field(5.0, ge=0.5)
+    workload_cmd: str | None = Field(None, description="background workload kept running in the target")
+
+
+class Deployment(BaseModel):
+    id: str
+    created_at: float
+    report_id: str
+    artifact_sha256: str
+    policy: str | None
+    params: dict[str, str]
+    ops_name: str | None
+    target: str
+    actor: str
+    token_jti: str
+    status: Status = "active"
+    previous: ScxState
+    baseline: float | None = None
+    monitor: MonitorPolicy
+    monitor_pid: int | None = None
+    readings: list[Reading] = []
+    consecutive_bad: int = 0
+    ended_at: float | None = None
+    end_reason: str | None = None
+    exit_info: str | None = None
+
+    @property
+    def running_s(self) -> float:
+        return (self.ended_at or time.time()) - self.created_at
+
+
+class DryRun(BaseModel):
+    dry_run: bool = True
+    report_id: str
+    artifact_sha256: str
+    target: str
+    would: list[str]
+    current_state: ScxState | None = None
+
+
+def save(d: Deployment) -> None:
+    store.put(KIND, d, ref=d.target)
+
+
+def get_deployment(dep_id: str) -> Deployment:
+    d = store.get(KIND, dep_id, Deployment)
+    if d is None:
+        raise NotFound(f"no deployment {dep_id!r}", "see `schedcp status`")
+    return d
+
+
+def list_deployments(limit: int = 50) -> list[Deployment]:
+    return store.list_records(KIND, Deployment, limit=limit)
+
+
+def active(target: str) -> Deployment | None:
+    for d in store.list_records(KIND, Deployment, ref=target, limit=50):
+        if d.status == "active":
+            return d
+    return None
+
+
+def host_allowed(actor: str) -> str | None:
+    """Why a host deploy is not allowed for this actor (None = allowed)."""
+    missing = HostTarget.readiness()
+    if actor != "cli" and os.environ.get("SCHEDCP_ALLOW_HOST_DEPLOY") != "1":
+        missing.append("a human running `schedcp deploy --token T --target host`, or a server started "
+                       "with --allow-host-deploy")
+    return "; ".join(missing) or None
+
+
+def _median_metric(t: Target, cmd: str, n: int = 3) -> float:
+    return statistics.median(t.run_metric(cmd) for _ in range(n))
+
+
+def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: bool = False,
+           monitor: MonitorPolicy | None = None, start_monitor: bool = True) -> Deployment | DryRun:
+    monitor = monitor or MonitorPolicy()
+    if target == "host":
+        why = host_allowed(actor)
+        if why:
+            tokens.check(token, target, actor, spend=False)  # a bad token is reported first
+            store.audit(actor, "deploy_refused", {"why": why, "target": target})
+            raise tokens.TokenRefused(f"host deploy refused: missing {why}",
+                                      "deploy to the sandbox target, or fix what is missing")
+    payload, report = tokens.check(token, target, actor, spend=not dry_run)
+    obj = Path(report.object_path).read_bytes()
+    t = get_target(target)
+    if dry_run:
+        cur = t.state() if target == "host" or getattr(t, "running", lambda: True)() else None
+        would = [f"record the current scheduler state ({cur.state if cur else 'staging VM not running'})"]
+        if monitor.workload_cmd:
+            would.append(f"start the background workload: {monitor.workload_cmd}")
+        would += [f"measure the baseline: {monitor.metric_cmd or DEFAULT_METRIC} x3",
+                  f"load {report.policy or 'source'} (ops {report.ops_name}, artifact "
+                  f"{report.artifact_sha256[:12]}) into the {target} kernel with params {report.params}",
+                  "confirm sched_ext state=enabled and root/ops",
+                  f"monitor every {monitor.interval_s}s; roll back after {monitor.consecutive} samples "
+                  f"worse than {monitor.max_degradation_ratio}x baseline or if the kernel disables it"]
+        store.audit(actor, "deploy_dry_run", {"report_id": report.id, "target": target},
+                    report.artifact_sha256)
+        return DryRun(report_id=report.id, artifact_sha256=report.artifact_sha256, target=target,
+                      would=would, current_state=cur)
+
+    # never two schedulers: a deployment already active here is unloaded first (superseded)
+    prev_dep = active(target)
+    if prev_dep is not None:
+        _end(prev_dep, "superseded", f"superseded by a deploy of report {report.id}", actor, unload=True)
+    previous = t.state()
+    if monitor.workload_cmd:
+        t.start_workload(monitor.workload_cmd)
+    metric_cmd = monitor.metric_cmd or DEFAULT_METRIC
+    monitor = monitor.model_copy(update={"metric_cmd": metric_cmd})
+    baseline = _median_metric(t, metric_cmd)
+    d = Deployment(id=store.new_id("dep"), created_at=time.time(), report_id=report.id,
+                   artifact_sha256=report.artifact_sha256, policy=report.policy, params=report.params,
+                   ops_name=report.ops_name, target=target, actor=actor, token_jti=payload.jti,
+                   previous=previous, baseline=baseline, monitor=monitor)
+    try:
+        t.load(obj, report.params)
+        now = t.state()
+        if not now.enabled or (report.ops_name and now.ops != report.ops_name):
+            raise InfrastructureError(
+                f"after loading, sched_ext state is {now.state!r} with ops {now.ops!r} "
+                f"(expected enabled / {report.ops_name}): {t.exit_info()[-400:]}")
+    except SchedcpError as e:
+        t.unload()
+        _restore(t, d, actor)
+        d.status, d.ended_at, d.end_reason = "failed", time.time(), str(e)
+        save(d)
+        store.audit(actor, "deploy_failed", {"deployment_id": d.id, "why": str(e)}, d.artifact_sha256)
+        raise
+    save(d)
+    store.audit(actor, "deploy", {"deployment_id": d.id, "report_id": report.id, "target": target,
+                                  "ops": report.ops_name, "baseline": baseline,
+                                  "previous": previous.model_dump()}, d.artifact_sha256)
+    if start_monitor:
+        spawn_monitor(d)
+    return d
+
+
+def _restore(t: Target, d: Deployment, actor: str) -> None:
+    """Put the previous scheduler back: a deployment we superseded is reloaded; otherwise the
+    kernel default stays (we unloaded ours)."""
+    prev = store.list_records(KIND, Deployment, ref=d.target, limit=50)
+    for p in prev:
+        if p.status == "superseded" and p.id != d.id and p.ops_name == d.previous.ops:
+            from ..reports import get_report
+
+            r = get_report(p.report_id)
+            t.load(Path(r.object_path).read_bytes(), r.params)
+            p.status, p.ended_at, p.end_reason = "active", None, None
+            save(p)
+            spawn_monitor(p)
+            store.audit(actor, "restore_previous", {"deployment_id": p.id}, p.artifact_sha256)
+            return
+
+
+def _end(d: Deployment, status: Status, reason: str, actor: str, unload: bool = True) -> Deployment:
+    t = get_target(d.target)
+    try:
+        d.exit_info = t.exit_info()[-2000:]
+    except SchedcpError:
+        pass
+    if unload:
+        t.unload()
+    if d.monitor.workload_cmd and status != "superseded":
+        try:
+            t.stop_workload()
+        except SchedcpError:
+            pass
+    d.status, d.ended_at, d.end_reason = status, time.time(), reason
+    save(d)
+    store.audit(actor, "rollback" if status == "rolled_back" else status,
+                {"deployment_id": d.id, "reason": reason, "target": d.target}, d.artifact_sha256)
+    from ..learn.feedback import record_deployment_outcome
+
+    record_deployment_outcome(d)
+    return d
+
+
+def rollback(deployment_id: str | None = None, target: str = "sandbox", reason: str = "requested",
+             actor: str = "cli") -> Deployment:
+    d = get_deployment(deployment_id) if deployment_id else active(target)
+    if d is None:
+        raise NotFound(f"nothing is deployed on {target}", "see `schedcp status`")
+    if d.status != "active":
+        raise BadInput(f"deployment {d.id} is not active ({d.status}: {d.end_reason})", "")
+    d = _end(d, "rolled_back", reason, actor, unload=True)
+    _restore(get_target(d.target), d, actor)
+    return d
+
+
+# --- the monitor process -----------------------------------------------------------------------
+
+def spawn_monitor(d: Deployment) -> int:
+    """Start the monitor as its own process (it outlives the CLI and survives server restarts)."""
+    log = open(config.home() / f"monitor-{d.id}.log", "ab")
+    p = subprocess.Popen([sys.executable, "-m", "schedcp_mcp.deploy.monitor", d.id],
+                         stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                         env={**os.environ, "SCHEDCP_HOME": str(config.home())})
+    d.monitor_pid = p.pid
+    save(d)
+    return p.pid
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as dead
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def resume_monitors() -> list[str]:
+    """Restart the monitor of every active deployment whose monitor process is gone."""
+    resumed = []
+    for d in list_deployments():
+        if d.status == "active" and not _pid_alive(d.monitor_pid):
+            spawn_monitor(d)
+            store.audit("server", "monitor_resumed", {"deployment_id": d.id}, d.artifact_sha256)
+            resumed.append(d.id)
+    return resumed
+
+
+class StatusReport(BaseModel):
+    deployments: list[Deployment]
+    targets: dict[str, ScxState | str]
+
+
+def status() -> StatusReport:
+    deps = [d for d in list_deployments(20)]
+    targets: dict[str, ScxState | str] = {}
+    try:
+        targets["host"] = HostTarget().state()
+    except Exception as e:  # noqa: BLE001 - status must always answer
+        targets["host"] = f"unreadable: {e}"
+    sb = SandboxTarget(start=False)
+    if sb.running():
+        try:
+            targets["sandbox"] = sb.state()
+        except SchedcpError as e:
+            targets["sandbox"] = f"staging VM busy or unreachable: {e.message}"
+    else:
+        targets["sandbox"] = "staging VM not running"
+    return StatusReport(deployments=deps, targets=targets)
+
+
+def dump(d: Deployment) -> str:
+    return json.dumps(d.model_dump(mode="json"), indent=2)
