@@ -21,6 +21,7 @@ from ..errors import InfrastructureError
 
 BTF_MAGIC = 0xEB9F
 HOST_BTF = Path("/sys/kernel/btf/vmlinux")
+FACTS_VERSION = 2  # bump when KernelFacts changes
 
 # kind numbers (include/uapi/linux/btf.h)
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
@@ -143,7 +144,7 @@ class KernelFacts:
     btf_sha256: str
     funcs: set[str]
     ops_members: dict[str, list[str]]  # sched_ext_ops (and _cid) -> members; {} without sched_ext
-    helper_ids: dict[int, str]  # from enum bpf_func_id: 1 -> map_lookup_elem
+    helper_ids: dict[int, str]  # from enum bpf_func_id: 1 -> bpf_map_lookup_elem
 
     @property
     def has_sched_ext(self) -> bool:
@@ -186,7 +187,7 @@ def read_btf_file(path: Path) -> bytes:
 
 @lru_cache(maxsize=8)
 def _facts_for(btf_sha: str, path: str) -> KernelFacts:
-    cache = config.home() / "cache" / "btf" / f"{btf_sha}.json"
+    cache = config.home() / "cache" / "btf" / f"{btf_sha}.v{FACTS_VERSION}.json"
     if cache.exists():
         d = json.loads(cache.read_text())
         return KernelFacts(btf_sha, set(d["funcs"]), d["ops_members"],
@@ -197,7 +198,7 @@ def _facts_for(btf_sha: str, path: str) -> KernelFacts:
     if hit:
         for name, val in hit[1].members:
             if name.startswith("BPF_FUNC_") and name != "BPF_FUNC_unspec" and name != "__BPF_FUNC_MAX_ID":
-                helpers[val] = name[len("BPF_FUNC_"):]
+                helpers[val] = "bpf_" + name[len("BPF_FUNC_"):]  # as C calls it: bpf_map_lookup_elem
     ops = {n: btf.struct_members(n) for n in ("sched_ext_ops", "sched_ext_ops_cid")}
     facts = KernelFacts(btf_sha, btf.func_names(), {n: m for n, m in ops.items() if m}, helpers)
     cache.parent.mkdir(parents=True, exist_ok=True)

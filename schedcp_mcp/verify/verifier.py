@@ -28,7 +28,6 @@ _SRC = re.compile(r"^; (.*?) @ (\S+):(\d+)\s*$")
 _PROCESSED = re.compile(r"^processed (\d+) insns")
 _STATE = re.compile(r"^(\d+: [RF]\w|from \d+ to \d+:|func#\d+ @\d+|Live regs before insn:|\s*\d+: \.)")
 _EXTERN = re.compile(r"libbpf: (extern \([^)]*\) '([^']+)': not found in kernel[^\n]*)")
-_PROG_FAIL = re.compile(r"libbpf: prog '([^']+)': (?!-- )(.*)")
 
 
 @dataclass
@@ -100,11 +99,14 @@ def verdict_from_loader(result: dict, source_name: str = "source.bpf.c") -> Veri
         for m in _EXTERN.finditer(log):
             v.errors.append(VerifyError(stage="verifier", code="missing_kfunc", message=m.group(1)))
         if not v.errors:
-            # a load failure outside the verifier (BTF, relocation, map creation): libbpf's words
-            fails = [f"{p}: {why}" for p, why in _PROG_FAIL.findall(log)]
-            lines = [ln for ln in log.splitlines() if ln.startswith("libbpf:")]
+            # a load failure outside the verifier (map creation, BTF, relocation): libbpf's most
+            # specific line, e.g. "map 'pair_ctx': failed to create: Invalid argument(-22)"
+            lines = [ln.removeprefix("libbpf: ").strip() for ln in log.splitlines()
+                     if ln.startswith("libbpf: ")]
+            specific = [ln for ln in lines if not ln.startswith(("failed to load object", "Error in "))
+                        and "Retrying" not in ln]
             v.errors.append(VerifyError(stage="verifier", code="load_failed",
-                                        message="; ".join(fails[:3]) or (lines[-1] if lines else error)))
+                                        message=(specific or lines or [error])[0]))
     elif stage in ("attach", "enabled", "run"):
         uei = result.get("uei") or {}
         why = " — ".join(x for x in (uei.get("reason"), uei.get("message")) if x)

@@ -1,0 +1,266 @@
+"""Layer 1: untrusted-source checks, compile, ELF/BTF checks and the real kernel verifier.
+
+Tests without a mark need no VM; those that compile need the sandbox image (toolchain) and are
+skipped with a hint when it is not built. `@pytest.mark.vm` tests boot the sched_ext VM.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from schedcp_mcp.verify import btf
+from schedcp_mcp.verify.compile import compile_source, parse_diagnostics
+from schedcp_mcp.verify.elfcheck import inspect_object
+from schedcp_mcp.verify.pipeline import verify_policy, verify_source
+from schedcp_mcp.verify.source_check import MAX_SOURCE_BYTES, check_source
+from schedcp_mcp.verify.verifier import parse_verifier_log
+
+FIXTURES = Path(__file__).parent / "fixtures" / "bpf"
+OK_TAIL = '\n#include <scx/common.bpf.h>\nchar _license[] SEC("license") = "GPL";\n'
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / f"{name}.bpf.c").read_text()
+
+
+@pytest.fixture(scope="session")
+def manifest():
+    from schedcp_mcp.sandbox import image
+
+    m = image.load_manifest()
+    if m is None:
+        pytest.skip("sandbox image not built: run `schedcp sandbox build`")
+    return m
+
+
+@pytest.fixture(scope="module")
+def vm():
+    """One sandbox VM shared by the VM tests of this module (a boot is seconds under TCG)."""
+    from schedcp_mcp.sandbox import image
+    from schedcp_mcp.sandbox.vm import VM
+
+    if image.load_manifest() is None:
+        pytest.skip("sandbox image not built: run `schedcp sandbox build`")
+    with VM() as v:
+        yield v
+
+
+def codes(errors) -> list[str]:
+    return [e.code for e in errors]
+
+
+# --- untrusted source: refused before any compiler runs ------------------------------------------
+
+def test_include_etc_passwd_is_refused_before_compiling():
+    r = verify_source(fixture("include_passwd"))
+    assert (r.verdict, r.stage) == ("rejected", "source_check")
+    assert "compile" not in r.durations and r.object_sha256 is None
+    (e,) = r.errors
+    assert e.code == "include_not_allowed" and e.line == 4 and "/etc/passwd" in e.message
+
+
+@pytest.mark.parametrize("line, why", [
+    ('#include "../secret.h"', '".."'),
+    ("#include </usr/include/stdio.h>", "absolute"),
+    ("#include <stdio.h>", "not allowed"),
+    ("#include_next <bpf/bpf_helpers.h>", "#include_next"),
+    ('#define F "/etc/passwd"\n#include F', "computed"),
+    ('#if __has_include("/etc/shadow")\n#endif', "__has_include"),
+    ("#define PROBE __has_include", "__has_include"),
+    ('const char d[] = {\n#embed "/etc/passwd"\n};', "#embed"),
+    ('#pragma GCC dependency "/etc/passwd"', "#pragma"),
+    ('_Pragma("GCC dependency \\"/etc/passwd\\"")', "_Pragma"),
+    ('asm(".in" "cbin \\"/etc/passwd\\"");', "incbin"),
+    # the preprocessor's own tricks: a line continuation, comments inside the directive, a digraph
+    ('#inc\\\nlude "/etc/passwd"', "absolute"),
+    ('/* a */ # /* b */ include /*\n*/ "/etc/passwd"', "absolute"),
+    ('%:include "/etc/passwd"', "absolute"),
+    ('??=include "/etc/passwd"', "trigraph"),
+])
+def test_file_reading_constructs_are_refused(line, why):
+    errors = check_source(line + OK_TAIL)
+    assert errors, line
+    assert why in errors[0].message, errors[0].message
+    # the line of the offending directive (continuations and comments keep the first line)
+    want = 2 if line.startswith(("#define F", "const char d")) else 1
+    assert errors[0].line == want
+
+
+def test_allowed_includes_and_harmless_text_pass():
+    src = ('#include "vmlinux.h"\n#include <bpf/bpf_helpers.h>\n#include <asm-generic/errno.h>\n'
+           '#pragma unroll\n// #include "/etc/passwd" in a comment\n'
+           'const char *s = "#include </etc/passwd>";' + OK_TAIL)
+    assert check_source(src) == []
+
+
+def test_trusted_include_dir_admits_its_headers_only(tmp_path):
+    (tmp_path / "mine.h").write_text("#define X 1\n")
+    src = '#include "mine.h"' + OK_TAIL
+    assert codes(check_source(src)) == ["include_not_allowed"]
+    assert check_source(src, trusted_include_dirs=[tmp_path]) == []
+    assert codes(check_source('#include "../mine.h"' + OK_TAIL, trusted_include_dirs=[tmp_path])) \
+        == ["include_not_allowed"]
+
+
+def test_license_must_be_gpl_compatible():
+    assert codes(check_source("#include <scx/common.bpf.h>\n")) == ["no_license"]
+    e = check_source('#include <scx/common.bpf.h>\nchar _license[] SEC("license") = "MIT";\n')
+    assert codes(e) == ["license"] and e[0].line == 2
+    assert check_source('char _license[] SEC("license") = "Dual BSD/GPL";\n') == []
+
+
+def test_oversized_source_is_refused():
+    e = check_source("//" + "x" * MAX_SOURCE_BYTES + OK_TAIL)
+    assert codes(e) == ["too_large"]
+
+
+# --- parsers (fed with real tool output formats) ---------------------------------------------------
+
+def test_clang_diagnostics_are_structured():
+    stderr = ("source.bpf.c:11:48: error: use of undeclared identifier 'no_such_factor'\n"
+              "   11 |         scx_bpf_dsq_insert(p, SCX_DSQ_GLOBAL, slice * no_such_factor, enq_flags);\n"
+              "      |                                                       ^\n1 error generated.\n")
+    (d,) = parse_diagnostics(stderr)
+    assert (d.file, d.line, d.column, d.severity) == ("source.bpf.c", 11, 48, "error")
+    assert "no_such_factor" in d.message and "no_such_factor" in d.snippet
+
+
+def test_verifier_log_gives_program_insn_source_line_and_message():
+    log = ("libbpf: prog 'bad': BPF program load failed: Permission denied\n"
+           "libbpf: prog 'bad': -- BEGIN PROG LOAD LOG --\n0: R1=ctx() R10=fp0\n"
+           "; void BPF_STRUCT_OPS(bad, struct task_struct *p) @ source.bpf.c:20\n"
+           "0: (79) r6 = *(u64 *)(r1 +0)\n; s->n[idx]++; @ source.bpf.c:27\n12: (0f) r1 += r2\n"
+           "13: (79) r2 = *(u64 *)(r1 +0)\n"
+           "R1 unbounded memory access, make sure to bounds check any such access\n"
+           "processed 14 insns (limit 1000000) max_states_per_insn 0 total_states 1\n"
+           "-- END PROG LOAD LOG --\n")
+    prog, vlog, e = parse_verifier_log(log)
+    assert prog == "bad" and vlog.startswith("0: R1=ctx()")
+    assert (e.program, e.insn, e.line, e.snippet) == ("bad", 13, 27, "s->n[idx]++;")
+    assert e.message.startswith("R1 unbounded memory access")
+
+
+def test_host_btf_facts_are_read_and_cached():
+    if not btf.HOST_BTF.exists():
+        pytest.skip("host kernel has no BTF")
+    t0 = time.monotonic()
+    facts = btf.kernel_facts()
+    assert "bpf_map_lookup_elem" in facts.helper_ids.values()
+    assert facts.has_kfunc("bpf_task_acquire") or facts.has_kfunc("bpf_cpumask_create")
+    btf._facts_for.cache_clear()
+    t1 = time.monotonic()
+    again = btf.kernel_facts()
+    assert again.funcs == facts.funcs
+    assert time.monotonic() - t1 < 0.5 and time.monotonic() - t1 < t1 - t0 + 0.05
+
+
+# --- compile and ELF/BTF checks (need the toolchain, not a VM) --------------------------------------
+
+def test_compile_error_reports_its_line(manifest):
+    r = verify_source(fixture("compile_error"))
+    assert (r.verdict, r.stage) == ("rejected", "compile")
+    e = r.errors[0]
+    assert (e.line, e.column) == (11, 48) and "no_such_factor" in e.message
+    assert "no_such_factor" in e.snippet
+
+
+def test_elf_checks_on_a_compiled_fixture(manifest):
+    c = compile_source(fixture("minimal"), manifest)
+    assert c.ok, c.errors
+    assert any(p.endswith("scx/common.bpf.h") for p in c.opened)
+    info = inspect_object(c.object)
+    assert info.errors == []
+    assert info.ops_name == "minimal" and info.license == "GPL"
+    assert info.callbacks == ["enqueue", "exit"]
+    progs = {p.name: p for p in info.programs}
+    assert progs["minimal_enqueue"].callback == "enqueue" and progs["minimal_enqueue"].insns > 0
+    assert info.hot_path_insns == progs["minimal_enqueue"].insns
+    assert "scx_bpf_error_bstr" not in info.kfuncs  # only what is called
+    facts = btf.kernel_facts(Path(manifest.paths.vmlinux_btf))
+    assert all(facts.has_kfunc(k) for k in info.kfuncs)
+
+
+def test_missing_kfunc_is_named_with_the_kernel_version(manifest):
+    r = verify_source(fixture("missing_kfunc"))
+    assert (r.verdict, r.stage) == ("rejected", "btf")
+    assert r.missing_kfuncs == ["scx_bpf_teleport_task"]
+    (e,) = r.errors
+    assert "scx_bpf_teleport_task" in e.message and manifest.kernel_version in e.message
+    assert e.program == "teleport_enqueue"
+
+
+def test_repeat_verify_is_served_from_the_cache(manifest):
+    first = verify_source(fixture("compile_error"))
+    assert not first.cached
+    t0 = time.monotonic()
+    again = verify_source(fixture("compile_error"))
+    assert again.cached and time.monotonic() - t0 < 0.5
+    assert again.errors == first.errors
+    assert not verify_source(fixture("compile_error"), use_cache=False).cached
+
+
+def test_policy_parameters_are_checked_against_policy_json(manifest):
+    from schedcp_mcp.errors import BadInput, NotFound
+
+    with pytest.raises(NotFound):
+        verify_policy("no_such_policy")
+    with pytest.raises(BadInput):
+        verify_policy("fifo", {"slice_ns": "-5"})
+
+
+# --- the real kernel verifier in the sandbox VM --------------------------------------------------
+
+@pytest.mark.vm
+def test_minimal_scheduler_is_accepted_by_the_kernel(vm, manifest):
+    r = verify_source(fixture("minimal"), vm=vm)
+    assert (r.verdict, r.stage) == ("accepted", "done"), r.errors
+    assert r.kernel_version == manifest.kernel_version
+    enq = next(p for p in r.programs if p.callback == "enqueue")
+    assert enq.verified_insns and enq.verified_insns > 0
+
+
+@pytest.mark.vm
+def test_unbounded_map_index_is_rejected_with_kernel_message_and_line(vm):
+    src = fixture("unbounded_index")
+    r = verify_source(src, vm=vm)
+    assert (r.verdict, r.stage) == ("rejected", "verifier")
+    e = r.errors[0]
+    assert e.program == "unbounded_enqueue"
+    bug_line = next(i for i, ln in enumerate(src.splitlines(), 1) if "BUG:" in ln)
+    assert e.line == bug_line and "s->n[idx]++" in e.snippet
+    assert "processed" in r.verifier_log and e.message in r.verifier_log  # the kernel's own words
+    assert e.insn is not None
+
+
+@pytest.mark.vm
+def test_every_repository_policy_passes_the_verifier(vm):
+    from schedcp_mcp.repository.policies import list_policies
+
+    ours = [p for p in list_policies() if p.kind == "schedcp"]
+    assert ours
+    for p in ours:
+        r = verify_policy(p.name, vm=vm)
+        assert r.verdict == "accepted", (p.name, [e.message for e in r.errors], r.verifier_log[-2000:])
+        assert r.ops_name == (p.ops_name or r.ops_name)
+
+
+@pytest.mark.vm
+def test_kernel_example_schedulers_pass_or_fail_with_the_kernels_reason(vm, manifest):
+    examples = Path(manifest.paths.scx_examples_dir)
+    needs_userspace = {"scx_userland", "scx_pair"}
+    seen = 0
+    for src in sorted(examples.glob("scx_*.bpf.c")):
+        name = src.name.removesuffix(".bpf.c")
+        r = verify_source(src.read_text(), trusted_include_dirs=[examples], vm=vm)
+        seen += 1
+        if name in needs_userspace and r.verdict != "accepted":
+            assert r.stage == "verifier" and r.errors, name
+            assert r.errors[0].code == "attach_failed", (name, r.errors)
+            assert "pid" in r.errors[0].message or "pair" in r.errors[0].message.lower() \
+                or r.errors[0].message, name
+        else:
+            assert r.verdict == "accepted", (name, [e.message for e in r.errors], r.verifier_log[-2000:])
+    assert seen >= 8
