@@ -1,0 +1,206 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * schedcp-probe: the sandbox's own measuring tools (schbench is not packaged in Debian).
+ *
+ *   schedcp-probe wakeup [-t SLEEPERS] [-H HOGS] [-p PERIOD_US] [-d DURATION_MS]
+ *       SLEEPERS threads each sleep until an absolute deadline every PERIOD_US and record how late
+ *       they woke up (now - deadline); HOGS threads spin on the CPU meanwhile, so a woken sleeper
+ *       has to be scheduled in front of a CPU hog. That delay is what a scheduler decides: under a
+ *       FIFO with long slices a sleeper waits behind the hogs, under a latency-aware one it does
+ *       not. Prints one JSON object: samples, p50_us, p90_us, p99_us, max_us, hog_loops.
+ *
+ *   schedcp-probe time CMD [ARG]...
+ *       Runs CMD, waits, and prints one JSON object {"elapsed_s": ..., "rc": ...} (the guest's
+ *       busybox `date` has no nanoseconds). rc is the exit status, or 128+signal.
+ *
+ * Static, no dependencies beyond libc and pthreads; built by the sandbox toolchain and shipped
+ * into the VM.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_THREADS 64
+#define MAX_SAMPLES (1 << 20)
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static atomic_int stop;
+static atomic_ullong hog_loops;
+static uint64_t period_ns, end_ns;
+
+/* per-sleeper sample buffers; merged after the run */
+static struct sleeper {
+	pthread_t tid;
+	uint64_t *lat_ns;
+	size_t n, cap;
+} sleepers[MAX_THREADS];
+
+static void *sleeper_main(void *arg)
+{
+	struct sleeper *s = arg;
+	/* the default 50 us timer slack would be measured as latency */
+	prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+	uint64_t next = now_ns();
+	for (;;) {
+		next += period_ns;
+		if (next >= end_ns)
+			break;
+		struct timespec ts = { .tv_sec = next / 1000000000ull, .tv_nsec = next % 1000000000ull };
+		while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+			;
+		uint64_t t = now_ns();
+		if (s->n < s->cap)
+			s->lat_ns[s->n++] = t > next ? t - next : 0;
+		/* a very late wakeup skips the deadlines it missed rather than bursting to catch up */
+		if (t > next + period_ns)
+			next = t - (t - next) % period_ns;
+	}
+	return NULL;
+}
+
+static void *hog_main(void *arg)
+{
+	(void)arg;
+	unsigned long long loops = 0;
+	volatile uint64_t x = 1;
+	while (!atomic_load_explicit(&stop, memory_order_relaxed)) {
+		for (int i = 0; i < 10000; i++)
+			x = x * 6364136223846793005ull + 1442695040888963407ull;
+		loops++;
+	}
+	atomic_fetch_add(&hog_loops, loops);
+	return NULL;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+static double pct_us(const uint64_t *v, size_t n, double p)
+{
+	if (!n)
+		return 0.0;
+	size_t i = (size_t)(p / 100.0 * (double)(n - 1) + 0.5);
+	return (double)v[i < n ? i : n - 1] / 1000.0;
+}
+
+static int do_wakeup(int argc, char **argv)
+{
+	int nsleep = 4, nhog = 2, opt;
+	long period_us = 2000, duration_ms = 1000;
+	while ((opt = getopt(argc, argv, "t:H:p:d:")) != -1) {
+		switch (opt) {
+		case 't': nsleep = atoi(optarg); break;
+		case 'H': nhog = atoi(optarg); break;
+		case 'p': period_us = atol(optarg); break;
+		case 'd': duration_ms = atol(optarg); break;
+		default:
+			fprintf(stderr, "usage: schedcp-probe wakeup [-t N] [-H N] [-p US] [-d MS]\n");
+			return 2;
+		}
+	}
+	if (nsleep < 1 || nsleep > MAX_THREADS || nhog < 0 || nhog > MAX_THREADS || period_us < 10 ||
+	    duration_ms < 1) {
+		fprintf(stderr, "schedcp-probe: out of range (1..%d sleepers, 0..%d hogs, period >= 10 us)\n",
+			MAX_THREADS, MAX_THREADS);
+		return 2;
+	}
+	period_ns = (uint64_t)period_us * 1000;
+	end_ns = now_ns() + (uint64_t)duration_ms * 1000000ull;
+	size_t cap = (size_t)(duration_ms * 1000 / period_us) + 2;
+	if (cap > MAX_SAMPLES)
+		cap = MAX_SAMPLES;
+
+	pthread_t hogs[MAX_THREADS];
+	for (int i = 0; i < nhog; i++)
+		if (pthread_create(&hogs[i], NULL, hog_main, NULL)) {
+			perror("pthread_create");
+			return 1;
+		}
+	for (int i = 0; i < nsleep; i++) {
+		sleepers[i].lat_ns = calloc(cap, sizeof(uint64_t));
+		sleepers[i].cap = cap;
+		if (!sleepers[i].lat_ns || pthread_create(&sleepers[i].tid, NULL, sleeper_main, &sleepers[i])) {
+			perror("schedcp-probe: sleeper");
+			return 1;
+		}
+	}
+	for (int i = 0; i < nsleep; i++)
+		pthread_join(sleepers[i].tid, NULL);
+	atomic_store(&stop, 1);
+	for (int i = 0; i < nhog; i++)
+		pthread_join(hogs[i], NULL);
+
+	size_t n = 0;
+	for (int i = 0; i < nsleep; i++)
+		n += sleepers[i].n;
+	uint64_t *all = malloc((n ? n : 1) * sizeof(uint64_t));
+	if (!all) {
+		perror("malloc");
+		return 1;
+	}
+	size_t k = 0;
+	for (int i = 0; i < nsleep; i++) {
+		memcpy(all + k, sleepers[i].lat_ns, sleepers[i].n * sizeof(uint64_t));
+		k += sleepers[i].n;
+	}
+	qsort(all, n, sizeof(uint64_t), cmp_u64);
+	printf("{\"samples\": %zu, \"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"max_us\": %.1f, "
+	       "\"hog_loops\": %llu, \"sleepers\": %d, \"hogs\": %d, \"period_us\": %ld}\n",
+	       n, pct_us(all, n, 50), pct_us(all, n, 90), pct_us(all, n, 99), n ? (double)all[n - 1] / 1000.0 : 0.0,
+	       (unsigned long long)atomic_load(&hog_loops), nsleep, nhog, period_us);
+	return n ? 0 : 1;
+}
+
+static int do_time(int argc, char **argv)
+{
+	if (argc < 2) {
+		fprintf(stderr, "usage: schedcp-probe time CMD [ARG]...\n");
+		return 2;
+	}
+	uint64_t t0 = now_ns();
+	pid_t pid = fork();
+	if (pid < 0) {
+		perror("fork");
+		return 1;
+	}
+	if (pid == 0) {
+		execvp(argv[1], argv + 1);
+		fprintf(stderr, "schedcp-probe: exec %s: %s\n", argv[1], strerror(errno));
+		_exit(127);
+	}
+	int status;
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	double s = (double)(now_ns() - t0) / 1e9;
+	int rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+	printf("{\"elapsed_s\": %.6f, \"rc\": %d}\n", s, rc);
+	return rc;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc >= 2 && !strcmp(argv[1], "wakeup"))
+		return do_wakeup(argc - 1, argv + 1);
+	if (argc >= 2 && !strcmp(argv[1], "time"))
+		return do_time(argc - 1, argv + 1);
+	fprintf(stderr, "usage: schedcp-probe wakeup [-t N] [-H N] [-p US] [-d MS] | time CMD [ARG]...\n");
+	return 2;
+}
