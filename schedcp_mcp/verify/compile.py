@@ -95,7 +95,7 @@ def _deps(text: str) -> list[str]:
 
 
 def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, ...] = (),
-                   timeout_s: float = 60, mem_mb: int = 1536) -> CompileResult:
+                   timeout_s: float = 60, mem_mb: int = 2048) -> CompileResult:
     """Compile `source` (already through `source_check`) with the image's clang and flags."""
     from ..sandbox import toolchain
 
@@ -106,30 +106,30 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
              *trusted_flags, *[f"-I{d}" for d in include_dirs],
              "-MD", "-MF", DEPS_NAME, "-c", SOURCE_NAME, "-o", OBJECT_NAME])
     t0 = time.monotonic()
-    res = toolchain.run(argv, files, timeout_s=timeout_s, mem_mb=mem_mb, outputs=[OBJECT_NAME, DEPS_NAME])
+    res = toolchain.run(argv, workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
+                        outputs=[OBJECT_NAME, DEPS_NAME])
     seconds = time.monotonic() - t0
-    stderr = _text(getattr(res, "stderr", ""))
+    stderr = res.stderr
     diags = parse_diagnostics(stderr, source.splitlines())
     result = CompileResult(ok=False, stderr=stderr, seconds=seconds,
                            errors=[d for d in diags if d.severity == "error"],
                            warnings=[d for d in diags if d.severity == "warning"])
-    if getattr(res, "timed_out", False):
+    if res.timed_out:
         result.errors.append(VerifyError(stage="compile", code="timeout",
                                          message=f"the compiler did not finish in {timeout_s:.0f} s"))
         return result
-    outputs = getattr(res, "outputs", {}) or {}
-    obj = outputs.get(OBJECT_NAME)
+    obj = res.outputs.get(OBJECT_NAME)
     if res.rc != 0 or not obj:
         if not result.errors:
             tail = stderr.strip().splitlines()[-3:]
             why = " / ".join(tail) or f"clang exited with {res.rc}"
-            if getattr(res, "oom", False) or res.rc in (137, -9):
+            if res.rc in (137, -9):
                 why = f"the compiler was killed (memory limit {mem_mb} MiB or time limit): {why}"
             result.errors.append(VerifyError(stage="compile", code="compiler_failed", message=why))
         return result
 
     # Every file clang opened must be the source, a trusted header, or in the allowlisted dirs.
-    result.opened = _deps(_text(outputs.get(DEPS_NAME, b"")))
+    result.opened = _deps(res.outputs.get(DEPS_NAME, b"").decode("utf-8", "replace"))
     allowed = tuple(d.rstrip("/") + "/" for d in include_dirs)
     for p in result.opened:
         norm = posixpath.normpath(p)
@@ -144,6 +144,3 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
     result.ok, result.object = True, obj
     return result
 
-
-def _text(b) -> str:
-    return b.decode("utf-8", "replace") if isinstance(b, (bytes, bytearray)) else (b or "")
