@@ -94,3 +94,43 @@ def report_or_submit(report_id: str | None, source: str | None, policy: str | No
 def save_report(r: ValidationReport) -> ValidationReport:
     save(r)
     return r
+
+
+def validate(report_id: str | None = None, source: str | None = None, policy: str | None = None,
+             params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
+             workloads: list[str] | None = None, profile_id: str | None = None,
+             rounds: int = 3, progress: Progress | None = None, issue_token: bool = True,
+             use_cache: bool = True) -> tuple[ValidationReport, Any]:
+    """Layer 2 in the sandbox for a report (or a new submission): stress, correctness and same-boot
+    A/B against the default scheduler. Records the outcome; returns (report, token or None)."""
+    from .learn.feedback import record_validation_outcome
+    from .validate.runner import validate_in_sandbox
+    from .validate.workloads import get_workloads
+
+    say = progress or (lambda msg, frac: None)
+    r = report_or_submit(report_id, source, policy, params, profile_id=profile_id, goals=goals,
+                         use_cache=use_cache,
+                         progress=lambda m, f: say(f"layer 1: {m}", 0.1 * f))
+    if profile_id and not r.profile_id:
+        r.profile_id = profile_id
+    if goals:
+        r.goals = goals
+    elif not r.goals and r.profile_id:
+        r.goals = get_profile(r.profile_id).goals
+    if not r.passed_layer1:
+        save(r)
+        return r, None
+    chosen = get_workloads(workloads)
+    layer2 = validate_in_sandbox(
+        Path(r.object_path).read_bytes(), ops_name=r.ops_name or "", params=r.params, goals=r.goals,
+        workloads=chosen, rounds=rounds,
+        progress=lambda m, f: say(f"layer 2: {m}", 0.1 + 0.9 * f))
+    r.layer2 = layer2.model_dump(mode="json")
+    save(r)
+    record_validation_outcome(r.id)
+    token = None
+    if issue_token and r.passed:
+        from .deploy.tokens import issue
+
+        token = issue(r.id, "sandbox")
+    return r, token

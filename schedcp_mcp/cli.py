@@ -454,3 +454,283 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
     else:
         render_layer1(r)
     sys.exit(0 if r.passed_layer1 else 1)
+
+
+# --- layer 2: validate ------------------------------------------------------------------------------
+
+def parse_goals(items: tuple[str, ...]):
+    """`p99_wakeup_latency_us<=0.9`, `throughput>=0.97`."""
+    from .observe.profile import Goal
+
+    goals = []
+    for item in items:
+        import re
+
+        m = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(<=|>=)\s*([0-9.]+)\s*", item)
+        if not m:
+            raise click.BadParameter(f"{item!r}: expected METRIC<=RATIO or METRIC>=RATIO",
+                                     param_hint="--goal")
+        goals.append(Goal(metric=m[1], direction="lower" if m[2] == "<=" else "higher",
+                          target_ratio=float(m[3]), why="given on the command line"))
+    return goals
+
+
+def render_layer2(r, token) -> None:
+    render_layer1(r)
+    l2 = r.layer2 or {}
+    if not l2:
+        return
+    t = Table("workload", "metric", "baseline", "candidate", "ratio", "noise", "verdict",
+              title="sandbox A/B (same boot, interleaved; TCG timings: compare ratios only)")
+    for w in l2.get("workloads", []):
+        b, c = w.get("baseline_stats") or {}, w.get("candidate_stats") or {}
+        t.add_row(w["name"], f"{w['metric']} ({w['unit']})", f"{b.get('median', float('nan')):.4g}",
+                  f"{c.get('median', float('nan')):.4g}",
+                  f"{w['ratio']:.3f}" if w.get("ratio") else "-",
+                  f"{w['noise']:.1%}" if w.get("noise") else "-", w["verdict"])
+    console.print(t)
+    for g in l2.get("correctness", []) + l2.get("performance", []):
+        mark = "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]"
+        console.print(f"  {mark} {g['kind']}/{g['name']}: {g['reason']}")
+    colour = "green" if r.passed else "red"
+    console.print(f"[{colour}]{r.status}[/{colour}]")
+    if token:
+        console.print(f"deployment token (single use, expires in 1 h):\n{token.token}")
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--policy", help="a repository policy instead of a file")
+@click.option("--report", "report_id", help="an existing report (layer 1 passed)")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE")
+@click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO",
+              help="e.g. p99_wakeup_latency_us<=0.9, throughput>=0.97 (repeatable)")
+@click.option("--workload", "workloads", multiple=True, help="run only these workloads (repeatable)")
+@click.option("--profile", "profile_id", help="the WorkloadProfile this is for (its goals apply)")
+@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds")
+@json_option
+def validate(file: Path | None, policy: str | None, report_id: str | None, params: tuple[str, ...],
+             goals: tuple[str, ...], workloads: tuple[str, ...], profile_id: str | None, rounds: int,
+             as_json: bool) -> None:
+    """Layer 2: stress, correctness and same-boot A/B performance in the sandbox VM.
+    Exit 0 pass (prints a deployment token), 1 fail (with the reason), 2 usage/infrastructure."""
+    from . import candidates
+
+    if sum(bool(x) for x in (file, policy, report_id)) != 1:
+        raise click.UsageError("give exactly one of FILE, --policy NAME, --report ID")
+    with progress_bar("validate", not as_json) as bar:
+        r, token = candidates.validate(report_id=report_id,
+                                       source=file.read_text(errors="replace") if file else None,
+                                       policy=policy, params=parse_params(params),
+                                       goals=parse_goals(goals), workloads=list(workloads) or None,
+                                       profile_id=profile_id, rounds=rounds, progress=bar)
+    if as_json:
+        click.echo(json.dumps({"report_id": r.id, "passed": r.passed, "status": r.status,
+                               "token": token.token if token else None,
+                               "layer1": r.layer1.model_dump(mode="json"), "layer2": r.layer2},
+                              indent=2))
+    else:
+        render_layer2(r, token)
+    sys.exit(0 if r.passed else 1)
+
+
+@main.command("workloads")
+@json_option
+def workloads_cmd(as_json: bool) -> None:
+    """The sandbox benchmark workloads."""
+    from .validate.workloads import list_workloads
+
+    def render(ws):
+        t = Table("name", "metric", "unit", "better", "command")
+        for w in ws:
+            t.add_row(w.name, w.metric, w.unit, w.direction, w.command)
+        console.print(t)
+
+    emit(list_workloads(), as_json, render)
+
+
+@main.command("reports")
+@click.option("--limit", default=20, show_default=True)
+@json_option
+def reports_cmd(limit: int, as_json: bool) -> None:
+    """Stored validation reports, newest first."""
+    from .reports import list_reports
+
+    def render(rs):
+        t = Table("id", "policy", "ops", "status")
+        for r in rs:
+            t.add_row(r.id, r.policy or "(source)", r.ops_name or "", r.status)
+        console.print(t)
+
+    emit(list_reports(limit), as_json, render)
+
+
+# --- layer 3: token, deploy, status, rollback, audit ---------------------------------------------
+
+@main.command()
+@click.argument("report_id")
+@click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
+@click.option("--ttl", default=3600, show_default=True, help="seconds until it expires")
+@json_option
+def token(report_id: str, target: str, ttl: int, as_json: bool) -> None:
+    """Issue a fresh deployment token for a report that passed layers 1 and 2."""
+    from .deploy import tokens
+
+    t = tokens.issue(report_id, target, ttl, actor="cli")
+    emit(t, as_json, lambda t: click.echo(t.token))
+
+
+@main.command()
+@click.option("--token", "token_", required=True, help="deployment token from validate / `schedcp token`")
+@click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
+@click.option("--dry-run", is_flag=True, help="check the token and print what would happen")
+@click.option("--metric-cmd", help="command printing a number, run in the target to watch the deploy")
+@click.option("--metric-direction", type=click.Choice(["lower", "higher"]), default="lower",
+              show_default=True)
+@click.option("--max-degradation", default=1.10, show_default=True,
+              help="roll back when the metric is this many times worse than the baseline...")
+@click.option("--consecutive", default=3, show_default=True, help="...for this many samples")
+@click.option("--interval", default=5.0, show_default=True, help="monitor sampling period, s")
+@click.option("--workload", help="background workload to keep running in the target")
+@json_option
+def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metric_direction: str,
+           max_degradation: float, consecutive: int, interval: float, workload: str | None,
+           as_json: bool) -> None:
+    """Deploy a validated scheduler with its token, then monitor it (automatic rollback)."""
+    from .deploy.deployments import MonitorPolicy, deploy as do_deploy
+
+    mon = MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
+                        max_degradation_ratio=max_degradation, consecutive=consecutive,
+                        interval_s=interval, workload_cmd=workload)
+    with progress_bar("deploy", not as_json and not dry_run) as bar:
+        bar("deploying", 0.2)
+        d = do_deploy(token_, target, actor="cli", dry_run=dry_run, monitor=mon)
+
+    def render(d):
+        if getattr(d, "dry_run", False):
+            console.print(f"[bold]dry run[/bold]: token valid for report {d.report_id} on {d.target}; "
+                          "would:")
+            for w in d.would:
+                console.print(f"  - {w}")
+        else:
+            console.print(f"[green]deployed[/green] {d.id}: {d.policy or 'source'} (ops {d.ops_name}) "
+                          f"on {d.target}; baseline {d.monitor.metric_cmd!r} = {d.baseline}; monitor "
+                          f"pid {d.monitor_pid}")
+
+    emit(d, as_json, render)
+
+
+@main.command()
+@json_option
+def status(as_json: bool) -> None:
+    """What is deployed where, since when, from which report, and the monitor's latest reading."""
+    from .deploy.deployments import resume_monitors, status as get_status
+
+    resume_monitors()
+    s = get_status()
+
+    def render(s):
+        for name, st in s.targets.items():
+            console.print(f"{name}: " + (f"sched_ext {st.state}, ops {st.ops}" if not isinstance(st, str)
+                                         else st))
+        t = Table("deployment", "target", "policy", "status", "since", "report", "last reading")
+        import datetime as dt
+
+        for d in s.deployments:
+            last = d.readings[-1] if d.readings else None
+            t.add_row(d.id, d.target, d.policy or "(source)", d.status + (f": {d.end_reason}" if
+                                                                          d.end_reason else ""),
+                      dt.datetime.fromtimestamp(d.created_at).strftime("%H:%M:%S"), d.report_id,
+                      f"{last.state} metric {last.metric} ({last.ratio}x)" if last else "-")
+        console.print(t)
+
+    emit(s, as_json, render)
+
+
+@main.command()
+@click.argument("deployment_id", required=False)
+@click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
+@click.option("--reason", default="operator requested rollback", show_default=True)
+@json_option
+def rollback(deployment_id: str | None, target: str, reason: str, as_json: bool) -> None:
+    """Unload the deployed scheduler and restore the previous one (or the kernel default)."""
+    from .deploy.deployments import rollback as do_rollback
+
+    d = do_rollback(deployment_id, target, reason, actor="cli")
+    emit(d, as_json, lambda d: console.print(f"rolled back {d.id}: {d.end_reason}"))
+
+
+@main.command()
+@click.option("--limit", default=50, show_default=True)
+@json_option
+def audit(limit: int, as_json: bool) -> None:
+    """The audit log: tokens issued, deploys, rollbacks, refusals."""
+    from . import store
+
+    def render(rows):
+        import datetime as dt
+
+        t = Table("time", "actor", "action", "artifact", "detail")
+        for r in rows:
+            t.add_row(dt.datetime.fromtimestamp(r["at"]).strftime("%Y-%m-%d %H:%M:%S"), r["actor"],
+                      r["action"], (r["artifact_sha256"] or "")[:12], json.dumps(r["detail"])[:90])
+        console.print(t)
+
+    emit(store.audit_log(limit), as_json, render)
+
+
+# --- learn --------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("subject_id")
+@json_option
+def feedback(subject_id: str, as_json: bool) -> None:
+    """Feedback for a deployment (dep-…) or a validation report (rep-…)."""
+    from .learn.feedback import get_feedback
+
+    def render(f):
+        console.print(f.summary)
+        t = Table("metric", "baseline", "candidate", "ratio", "target", "met")
+        for m in f.metrics:
+            t.add_row(m.metric, f"{m.baseline:.4g}", f"{m.candidate:.4g}", f"{m.ratio:.3f}",
+                      str(m.target_ratio), str(m.met))
+        console.print(t)
+
+    emit(get_feedback(subject_id), as_json, render)
+
+
+@main.command()
+@click.argument("report_id")
+@click.option("--name", required=True)
+@click.option("--description", required=True)
+@click.option("--tag", "tags", multiple=True)
+@json_option
+def contribute(report_id: str, name: str, description: str, tags: tuple[str, ...], as_json: bool) -> None:
+    """Add a validated scheduler that met its goals to the policy repository."""
+    from .learn.contribute import contribute_policy
+
+    p = contribute_policy(report_id, name, description, list(tags), actor="cli")
+    emit(p, as_json, lambda p: console.print(f"added policy {p.name} at {p.path}"))
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print figures (not timed tests)."""
+
+
+@bench.command("verify")
+def bench_verify() -> None:
+    """Cold (VM boot + load), warm (VM running, new object) and cached verify times."""
+    from .verify.bench import bench_verify as run
+
+    run()
+
+
+@bench.command("policies")
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+def bench_policies(rounds: int, out: Path) -> None:
+    """A/B ratios of every repository policy on the sandbox workloads (table + PNG chart)."""
+    from .validate.bench import bench_policies as run
+
+    run(rounds=rounds, out_dir=out)

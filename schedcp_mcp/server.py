@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Annotated, Any, Awaitable, Callable, Literal, TypeVar
+import os
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Literal, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -43,7 +45,25 @@ get_policy) -> execute (submit_scheduler = compile + kernel verifier; validate_s
 VM stress + A/B benchmark; deploy needs a token from a passed validation) -> learn (get_feedback,
 record_outcome). Nothing reaches the host kernel without a deployment token."""
 
-server = MCPServer(name="schedcp", version=__version__, instructions=INSTRUCTIONS)
+@asynccontextmanager
+async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
+    """Background duties of a running server: resume deployment monitors that died with a previous
+    server, and evaluate registered callbacks."""
+    from .deploy.deployments import resume_monitors
+    from .learn.callbacks import Watcher
+
+    try:
+        await anyio.to_thread.run_sync(resume_monitors)
+    except Exception:  # the server must start even if the store or a target is unwell
+        log.exception("could not resume deployment monitors")
+    watcher = Watcher(float(os.environ.get("SCHEDCP_CALLBACK_INTERVAL", "5"))).start()
+    try:
+        yield
+    finally:
+        watcher.stop()
+
+
+server = MCPServer(name="schedcp", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
 
 
 def agent_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -215,6 +235,218 @@ async def submit_scheduler(
 
     r = await in_thread(candidates.submit, source, policy, params, target, profile_id, ctx=ctx)
     return SubmitResult(report_id=r.id, status=r.status, layer1=r.layer1.model_dump(mode="json"))
+
+
+class ValidateResult(BaseModel):
+    report_id: str
+    passed: bool
+    status: str
+    token: str | None = Field(None, description="single-use deployment token when the report passed")
+    layer1: Any
+    layer2: Any | None
+
+
+class GoalIn(BaseModel):
+    metric: str = Field(description="e.g. p99_wakeup_latency_us, throughput, wall_time_s, or a "
+                                    "workload metric such as messaging_time_s")
+    direction: Literal["lower", "higher"]
+    target_ratio: float = Field(description="candidate/baseline bound, e.g. 0.9 for 'lower'")
+
+
+@server.tool(annotations=SANDBOXED)
+@agent_errors
+async def validate_scheduler(
+    ctx: Context,
+    report_id: Annotated[str | None, Field(description="a report from submit_scheduler")] = None,
+    source: Annotated[str | None, Field(description="or: BPF C source (runs layer 1 first)")] = None,
+    policy: Annotated[str | None, Field(description="or: a repository policy name")] = None,
+    params: Annotated[dict[str, str] | None, Field(description="parameters (with source/policy)")] = None,
+    goals: Annotated[list[GoalIn] | None, Field(
+        description="performance goals; default: the profile's goals, else 'no workload worse "
+                    "than baseline beyond noise'")] = None,
+    workloads: Annotated[list[str] | None, Field(description="subset of list_workloads names")] = None,
+    profile_id: Annotated[str | None, Field(description="the WorkloadProfile it is for")] = None,
+    rounds: Annotated[int, Field(ge=1, le=10, description="interleaved A/B rounds")] = 3,
+) -> ValidateResult:
+    """Layer 2 in a sched_ext sandbox VM: baseline under the default scheduler, load, stress and
+    correctness checks (stall watchdog, error exits, starvation), interleaved A/B benchmarks, unload.
+    Takes minutes; sends progress. A pass returns a deployment token."""
+    from . import candidates
+    from .observe.profile import Goal
+
+    gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
+    r, tok = await in_thread(candidates.validate, report_id, source, policy, params, gs, workloads,
+                             profile_id, rounds, ctx=ctx)
+    return ValidateResult(report_id=r.id, passed=r.passed, status=r.status,
+                          token=tok.token if tok else None, layer1=r.layer1.model_dump(mode="json"),
+                          layer2=r.layer2)
+
+
+class WorkloadList(BaseModel):
+    workloads: list[Any]
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def list_workloads() -> WorkloadList:
+    """The sandbox benchmark workloads: name, command, metric, unit, direction."""
+    from .validate.workloads import list_workloads as lw
+
+    return WorkloadList(workloads=[w.model_dump() for w in lw()])
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def get_report(report_id: Annotated[str, Field(description="rep-…")]) -> dict[str, Any]:
+    """A stored ValidationReport (layer 1 and layer 2 results)."""
+    from .reports import get_report as gr
+
+    r = await in_thread(gr, report_id)
+    return {"status": r.status, "passed": r.passed, **r.model_dump(mode="json")}
+
+
+class DeployResult(BaseModel):
+    deployment: Any
+
+
+@server.tool(annotations=DESTRUCTIVE)
+@agent_errors
+async def deploy(
+    ctx: Context,
+    token: Annotated[str, Field(description="deployment token from validate_scheduler")],
+    target: Annotated[Literal["sandbox", "host"], Field(
+        description="sandbox = the staging VM; host = this kernel (needs --allow-host-deploy)")] = "sandbox",
+    dry_run: Annotated[bool, Field(description="check the token and say what would happen")] = False,
+    metric_cmd: Annotated[str | None, Field(description="command printing a number to watch")] = None,
+    metric_direction: Literal["lower", "higher"] = "lower",
+    max_degradation_ratio: Annotated[float, Field(gt=1.0, le=10)] = 1.10,
+    consecutive: Annotated[int, Field(ge=1, le=100)] = 3,
+    interval_s: Annotated[float, Field(ge=0.5, le=600)] = 5.0,
+    workload_cmd: Annotated[str | None, Field(description="background workload in the target")] = None,
+) -> DeployResult:
+    """Layer 3: load a validated scheduler with its single-use token, confirm it is enabled, and
+    monitor it; it is rolled back automatically when the kernel disables it or the metric degrades."""
+    from .deploy.deployments import MonitorPolicy, deploy as do_deploy
+
+    mon = MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
+                        max_degradation_ratio=max_degradation_ratio, consecutive=consecutive,
+                        interval_s=interval_s, workload_cmd=workload_cmd)
+    d = await in_thread(do_deploy, token, target, actor="mcp", dry_run=dry_run, monitor=mon)
+    return DeployResult(deployment=d.model_dump(mode="json"))
+
+
+@server.tool(annotations=DESTRUCTIVE)
+@agent_errors
+async def rollback(
+    deployment_id: Annotated[str | None, Field(description="default: the active one on target")] = None,
+    target: Literal["sandbox", "host"] = "sandbox",
+    reason: str = "agent requested rollback",
+) -> DeployResult:
+    """Unload a deployed scheduler and restore the previous one (or the kernel default)."""
+    from .deploy.deployments import rollback as rb
+
+    d = await in_thread(rb, deployment_id, target, reason, actor="mcp")
+    return DeployResult(deployment=d.model_dump(mode="json"))
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def get_status() -> dict[str, Any]:
+    """What is deployed where, since when, from which report/token, and the latest monitor reading."""
+    from .deploy.deployments import status
+
+    return (await in_thread(status)).model_dump(mode="json")
+
+
+# --- learn -----------------------------------------------------------------------------------------
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def get_feedback(subject_id: Annotated[str, Field(
+        description="a deployment id (dep-…) or a validation report id (rep-…)")]) -> dict[str, Any]:
+    """Before/after figures per metric, ratio, reward (mean log-improvement vs the default
+    scheduler over the goal metrics, in [-1, 1]; -1 for a failed/killed scheduler), whether goals were
+    met, how long it ran, rollback and why, and a summary."""
+    from .learn.feedback import get_feedback as gf
+
+    return (await in_thread(gf, subject_id)).model_dump(mode="json")
+
+
+class MetricIn(BaseModel):
+    metric: str
+    direction: Literal["lower", "higher"]
+    baseline: float = Field(gt=0)
+    candidate: float = Field(gt=0)
+
+
+@server.tool(annotations=MEASURES)
+@agent_errors
+async def record_outcome(
+    policy: Annotated[str, Field(description="policy name (or 'custom')")],
+    metrics: Annotated[list[MetricIn], Field(min_length=1, description="measured before/after")],
+    profile_id: Annotated[str | None, Field(description="the workload it served")] = None,
+    params: dict[str, int] | None = None,
+    note: str = "",
+) -> dict[str, Any]:
+    """Record an outcome measured outside schedcp; it feeds the history ranking of search_policies."""
+    from .learn import history
+
+    ms = [history.MetricResult(**m.model_dump(), ratio=round(m.candidate / m.baseline, 6))
+          for m in metrics]
+    o = history.new_outcome(source="external", policy=policy, params=params or {},
+                            profile_id=profile_id, metrics=ms, note=note)
+    return history.record(o).model_dump(mode="json")
+
+
+@server.tool(annotations=MEASURES)
+@agent_errors
+async def contribute_policy(
+    report_id: Annotated[str, Field(description="a report that passed layers 1 and 2 and met its goals")],
+    name: Annotated[str, Field(description="new policy name: lowercase, digits, underscore")],
+    description: str,
+    tags: list[str] | None = None,
+) -> dict[str, Any]:
+    """Add a validated generated/revised scheduler to the repository with provenance."""
+    from .learn.contribute import contribute_policy as cp
+
+    return (await in_thread(cp, report_id, name, description, tags, actor="mcp")).model_dump(mode="json")
+
+
+@server.tool(annotations=MEASURES)
+@agent_errors
+async def register_callback(
+    url: Annotated[str, Field(description="http(s) URL; loopback unless the operator allowed the host")],
+    kind: Literal["psi_cpu_above", "reward_below", "profile_changed"],
+    threshold: float,
+    deployment_id: str | None = None,
+    profile_id: str | None = None,
+    cooldown_s: Annotated[float, Field(ge=0)] = 60.0,
+) -> dict[str, Any]:
+    """Have the server POST a JSON event to `url` when a condition becomes true (CPU PSI above a
+    level, a deployment's reward below a level, the workload no longer resembling a profile)."""
+    from .learn import callbacks
+
+    cond = callbacks.Condition(kind=kind, threshold=threshold, deployment_id=deployment_id,
+                               profile_id=profile_id, cooldown_s=cooldown_s)
+    return (await in_thread(callbacks.register, url, cond)).model_dump(mode="json")
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def list_callbacks() -> dict[str, Any]:
+    """Registered callbacks with their last value and firing count."""
+    from .learn import callbacks
+
+    return {"callbacks": [c.model_dump(mode="json") for c in callbacks.list_callbacks()]}
+
+
+@server.tool(annotations=DESTRUCTIVE)
+@agent_errors
+async def remove_callback(callback_id: str) -> dict[str, Any]:
+    """Stop a callback."""
+    from .learn import callbacks
+
+    return callbacks.remove(callback_id).model_dump(mode="json")
 
 
 def run_stdio() -> None:

@@ -73,6 +73,8 @@ class Paths(BaseModel):
     vmlinuz: str
     kernel_config: str
     vmlinux: str = Field(description="the kernel ELF with its BTF, for kfunc/ops checks")
+    boot_kernel: str = Field(description="what qemu boots: vmlinux when it has a PVH entry (no decompression, "
+                                         "faster under TCG), else vmlinuz")
     vmlinux_btf: str = Field(description="the kernel's raw BTF (.BTF section), readable by bpftool/libbpf")
     vmlinux_h: str
     scx_dir: str = Field(description="tools/sched_ext of the kernel's source")
@@ -296,6 +298,19 @@ def _extract_btf(vmlinux: Path, out: Path) -> None:
         if sec is None:
             raise InfrastructureError(f"{vmlinux} has no .BTF section (kernel without CONFIG_DEBUG_INFO_BTF)")
         out.write_bytes(sec.data())
+
+
+def has_pvh_entry(vmlinux: Path) -> bool:
+    """Does the ELF kernel carry XEN_ELFNOTE_PHYS32_ENTRY (18), so qemu can boot it directly (PVH)?"""
+    from elftools.elf.elffile import ELFFile
+
+    with open(vmlinux, "rb") as f:
+        for sec in ELFFile(f).iter_sections():
+            if sec.header.sh_type == "SHT_NOTE":
+                for note in sec.iter_notes():
+                    if note["n_name"] == "Xen" and note["n_type"] == 18:
+                        return True
+    return False
 
 
 def kernel_config_has(config_path: Path, option: str) -> bool:
@@ -567,7 +582,7 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
 
         # 9. manifest
         step("toolchain versions")
-        mfp = _fp(kfp, rfp, hfp, sfp, ifp, lfp, gfp)
+        mfp = _fp(kfp, rfp, hfp, sfp, ifp, lfp, gfp, Manifest.model_fields["schema_version"].default)
         old = load_manifest()
         if old is not None and steps.fresh("manifest", mfp, manifest_path()) and old.paths.rootfs == str(rootfs):
             say("sandbox image is up to date", 1.0)
@@ -598,6 +613,7 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
             sched_ext=True,
             packages=pkgs,
             paths=Paths(vmlinuz=str(vmlinuz), kernel_config=str(kconfig), vmlinux=str(vmlinux),
+                        boot_kernel=str(vmlinux if has_pvh_entry(vmlinux) else vmlinuz),
                         vmlinux_btf=str(vbtf), vmlinux_h=str(vh), scx_dir=str(scx),
                         scx_include_dir=str(scx / "include"), scx_examples_dir=str(scx), rootfs=str(rootfs),
                         loader=str(loader), initramfs=str(small), initramfs_full=str(full)),

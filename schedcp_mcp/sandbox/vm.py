@@ -264,7 +264,7 @@ class VM:
         return [
             QEMU, "-name", f"schedcp-{self.name or 'vm'}", *accel, "-smp", str(self.cpus), "-m", str(self.mem_mb),
             "-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-no-reboot",
-            "-kernel", m.paths.vmlinuz, "-initrd", initrd, "-append", append,
+            "-kernel", m.paths.boot_kernel, "-initrd", initrd, "-append", append,
             "-chardev", f"file,id=con,path={self.console_path}", "-serial", "chardev:con",
             "-device", "virtio-serial-pci,id=vser",
             "-chardev", f"socket,id=agent,path={self.sock_path},server=on,wait=off",

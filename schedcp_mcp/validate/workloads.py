@@ -21,21 +21,21 @@ from .models import Workload
 PROBE_SRC = Path(__file__).parent / "probe.c"
 PROBE_GUEST = "/run/l2/schedcp-probe"
 
-# A parallel "build": 160 short jobs, 4 at a time (make -j4 on 2 vCPUs), each a fresh shell doing a
+# A parallel "build": 48 short jobs, 4 at a time (make -j4 on 2 vCPUs), each a fresh shell doing a
 # little arithmetic and piping into another process — the fork/exec/exit/wait churn of a build
 # without a compiler in the guest.
 _BUILD_JOB = 'x=0; for i in 1 2 3 4 5 6 7 8; do x=$((x+i*$0)); done; echo $0 $x | md5sum >/dev/null'
 
 WORKLOADS: list[Workload] = [
     Workload(
-        name="hackbench", description="hackbench: 4 groups x 40 tasks passing messages over sockets "
+        name="hackbench", description="hackbench: 2 groups x 40 tasks passing messages over sockets "
         "(wakeup-heavy, many more tasks than CPUs)",
-        command="hackbench -g 4 -l 150", metric="messaging_time_s", unit="s", direction="lower",
+        command="hackbench -g 2 -l 60", metric="messaging_time_s", unit="s", direction="lower",
         parser="hackbench", goal_metrics=["wall_time_s"], requires=["hackbench"]),
     Workload(
         name="pipe", description="perf bench sched pipe: two tasks ping-pong over a pipe "
         "(pure wakeup/context-switch cost)",
-        command="perf bench sched pipe -l 8000", metric="pipe_time_s", unit="s", direction="lower",
+        command="perf bench sched pipe -l 1500", metric="pipe_time_s", unit="s", direction="lower",
         parser="perf_pipe", goal_metrics=["wall_time_s"], requires=["perf"]),
     Workload(
         name="wakeup", description="schedcp-probe: 4 threads wake every 2 ms while 2 threads hog the "
@@ -44,9 +44,9 @@ WORKLOADS: list[Workload] = [
         direction="lower", parser="probe_wakeup",
         goal_metrics=["p99_wakeup_latency_us", "wakeup_latency_us", "latency"]),
     Workload(
-        name="build", description="build-like: 160 short shell jobs, 4 in parallel, each forking and "
+        name="build", description="build-like: 48 short shell jobs, 4 in parallel, each forking and "
         "exec'ing (make -j4 without a compiler)",
-        command=f"$PROBE time sh -c 'seq 1 160 | xargs -P 4 -n 1 sh -c \"{_BUILD_JOB}\"'",
+        command=f"$PROBE time sh -c 'seq 1 48 | xargs -P 4 -n 1 sh -c \"{_BUILD_JOB}\"'",
         metric="build_time_s", unit="s", direction="lower", parser="probe_time",
         goal_metrics=["wall_time_s", "throughput"]),
     Workload(

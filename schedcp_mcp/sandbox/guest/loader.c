@@ -120,7 +120,18 @@ static struct {
 	char *uei_dump;
 	double run_s;
 	const char *stop_reason;
+	struct buf timings; /* JSON object body: seconds per phase */
 } R = { .stage = "start" };
+
+static double now_s(void);
+static double t_mark;
+/* record how long the phase that ends now took */
+static void mark(const char *phase)
+{
+	double t = now_s();
+	buf_printf(&R.timings, "%s\"%s\": %.4f", R.timings.len ? ", " : "", phase, t - t_mark);
+	t_mark = t;
+}
 
 static void fail(const char *stage, const char *fmt, ...)
 {
@@ -172,6 +183,7 @@ static void emit_result(void)
 		buf_json_str(&o, R.stop_reason);
 	else
 		buf_printf(&o, "null");
+	buf_printf(&o, ", \"timings\": {%s}", R.timings.p ? R.timings.p : "");
 	buf_printf(&o, ", \"log\": ");
 	buf_json_str(&o, R.log.p ? R.log.p : "");
 	buf_printf(&o, "}\n");
@@ -342,9 +354,9 @@ static void fill_scx_enums(struct bpf_object *obj, const struct btf *kbtf)
 				struct enum_want *w = find_want(&c, n);
 				if (w && !w->found) {
 					w->found = true;
-					/* signed enums sign-extend, as the C loader's u64 read does */
-					w->val = btf_kflag(t) ? (unsigned long long)(long long)(__s32)e->val
-							      : (unsigned long long)(__u32)e->val;
+					/* btf_enum.val is an __s32: the C loaders' `*v = e->val` sign-extends
+					 * it into the u64 whatever the enum's signedness; do the same */
+					w->val = (unsigned long long)(long long)(__s32)e->val;
 				}
 			}
 		} else if (btf_is_enum64(t)) {
@@ -739,6 +751,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 
+	t_mark = now_s();
 	libbpf_set_print(libbpf_print);
 	signal(SIGINT, on_signal);
 	signal(SIGTERM, on_signal);
@@ -757,7 +770,9 @@ int main(int argc, char **argv)
 		emit_result();
 		return 1;
 	}
+	mark("open");
 	struct btf *kbtf = btf__load_vmlinux_btf();
+	mark("kernel_btf");
 	if (!kbtf) {
 		fail("open", "cannot read the kernel's BTF: %s", strerror(errno));
 		emit_result();
@@ -788,6 +803,7 @@ int main(int argc, char **argv)
 			set_ops_u32(ops, "hotplug_seq", strtoull(seq, NULL, 10));
 	}
 	fill_scx_enums(obj, kbtf);
+	mark("enums");
 
 	R.stage = "params";
 	struct param_ctx pc = { bpf_object__btf(obj), 0 };
@@ -824,7 +840,9 @@ int main(int argc, char **argv)
 	size_uei_dump(obj, ops, &uei);
 
 	R.stage = "load";
+	mark("params");
 	int err = bpf_object__load(obj);
+	mark("load");
 	if (err) {
 		fail("load", "the kernel rejected the object: %s", strerror(-err));
 		report_programs(obj);
@@ -846,6 +864,7 @@ int main(int argc, char **argv)
 		emit_result();
 		return 1;
 	}
+	mark("attach");
 	R.stage = "enabled";
 	for (int i = 0; i < 50; i++) {
 		read_line(SCX_SYSFS "/state", R.state_attached, sizeof(R.state_attached));
@@ -894,6 +913,8 @@ int main(int argc, char **argv)
 		}
 		R.run_s = now_s() - t0;
 	}
+	if (run)
+		mark("run");
 	R.stage = "detach";
 	bpf_link__destroy(link);
 	for (int i = 0; i < 100; i++) {
@@ -902,6 +923,7 @@ int main(int argc, char **argv)
 			break;
 		usleep(20000);
 	}
+	mark("detach");
 	read_uei(&uei, obj, kbtf);
 	if (failed) {
 		fail("run", "the scheduler was disabled while running: %s%s%s", R.uei_reason[0] ? R.uei_reason : R.stop_reason,

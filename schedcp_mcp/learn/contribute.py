@@ -1,0 +1,75 @@
+"""Repository evolution: a validated candidate that met its goals becomes a policy directory, with
+provenance (parent policy, report id, source hash, date), so later searches can find it."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from .. import config, store
+from ..errors import BadInput
+from ..repository.policies import Policy, get_policy, list_policies
+
+NAME = re.compile(r"^[a-z][a-z0-9_]{1,30}$")
+
+
+def contribute_policy(report_id: str, name: str, description: str, tags: list[str] | None = None,
+                      summary: str | None = None, actor: str = "agent") -> Policy:
+    from ..candidates import source_for
+    from ..reports import get_report
+    from .feedback import report_feedback
+
+    if not NAME.match(name):
+        raise BadInput(f"policy name {name!r} is not allowed",
+                       "2-31 chars: lowercase letters, digits, underscore; start with a letter")
+    if any(p.name == name for p in list_policies()):
+        raise BadInput(f"a policy named {name!r} already exists", "choose another name")
+    if not description.strip():
+        raise BadInput("a description is required", "say what the scheduler does and for which workload")
+    r = get_report(report_id)
+    if not r.passed:
+        raise BadInput(f"report {r.id} did not pass validation ({r.status})",
+                       "only schedulers that passed layers 1 and 2 can join the repository")
+    fb = report_feedback(r.id)
+    if not fb.goals_met:
+        raise BadInput(f"report {r.id} passed but did not meet its goals: {fb.summary}",
+                       "revise the scheduler until it meets the goals")
+    source = source_for(r)
+    parent = get_policy(r.policy) if r.policy else None
+    params = []
+    if parent is not None:
+        for p in parent.parameters:
+            d = p.model_dump()
+            if p.name in r.params:
+                d["default"] = p.check(r.params[p.name])
+            params.append(d)
+    d = config.policies_dir() / name
+    d.mkdir(parents=True, exist_ok=False)
+    src_name = f"{name}.bpf.c"
+    (d / src_name).write_text(source)
+    date = time.strftime("%Y-%m-%d")
+    meta = {
+        "name": name,
+        "summary": summary or description.strip().split(".")[0][:120],
+        "description": description.strip(),
+        "algorithm": parent.algorithm if parent else "contributed by an agent",
+        "source": src_name,
+        "ops_name": r.ops_name,
+        "use_cases": parent.use_cases if parent else [],
+        "tags": sorted(set(tags or (parent.tags if parent else []))),
+        "limitations": parent.limitations if parent else ["validated only on the sandbox workloads"],
+        "parameters": params,
+        "goals": [g.metric for g in r.goals],
+        "provenance": {"parent_policy": r.policy or "", "report_id": r.id,
+                       "source_sha256": r.source_sha256, "artifact_sha256": r.artifact_sha256 or "",
+                       "date": date, "contributed_by": actor, "reward": f"{fb.reward:+.4f}"},
+    }
+    (d / "policy.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (d / "README.md").write_text(
+        f"# {name}\n\n{description.strip()}\n\nContributed {date} from validation report `{r.id}`"
+        + (f", revised from `{r.policy}`" if r.policy else "") + f".\n\n{fb.summary}\n")
+    store.audit(actor, "contribute_policy", {"name": name, "report_id": r.id, "path": str(d)},
+                r.artifact_sha256)
+    return get_policy(name)

@@ -1,0 +1,383 @@
+"""Layer 2: run a compiled sched_ext scheduler in one booted sandbox VM and judge it.
+
+The sequence, all in the same boot (timings are only comparable within one boot):
+
+    setup      ship schedcp-probe, the object and the workload scripts to /run/l2 in the guest
+    baseline-1 every workload under the kernel's default scheduler
+    load-1     the loader attaches the candidate in the background (`--run`, watchdog `--timeout-ms`);
+               state must be `enabled` and root/ops the expected name
+    stress     stress-ng cpu/fork/affinity/switch/sleep while sampling every second: sched_ext state,
+               ops, nr_rejected, and each stress worker's CPU time (a worker whose time stops moving
+               is starving)
+    candidate-1 every workload under the candidate
+    unload-1 / baseline-2 / load-2 / candidate-2 / ...   interleaved rounds
+    unload-N   SIGTERM to the loader; the default scheduler must be back (state `disabled`)
+    kernel log sched_ext lines of dmesg
+
+Each step is one `vm.run` with a timeout; workloads are also bounded inside the guest (`timeout -s
+KILL`), so a slow candidate fails its workload instead of the VM. A scheduler that dies (stall, error
+exit) ends the measuring early and the run goes straight to the unload/collect steps. A VM that stops
+answering is killed by `vm.run`; the result then says what timed out and carries the console's
+sched_ext lines. A VM booted here is always powered off before returning.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import time
+from typing import Callable
+
+from ..errors import BadInput, InfrastructureError
+from ..observe.profile import Goal
+from . import gates
+from .models import Layer2Result, Observations, StateSample, StressSummary, Workload
+from .workloads import PROBE_GUEST, ensure_probe, get_workloads, parse, parse_stress_ng_metrics
+
+Progress = Callable[[str, float], None]
+
+G = "/run/l2"
+LIB = r"""
+L=/run/l2
+SX=/sys/kernel/sched_ext
+snap() {
+	st=$(cat $SX/state 2>/dev/null || echo absent)
+	ops=$(cat $SX/root/ops 2>/dev/null)
+	rej=$(cat $SX/nr_rejected 2>/dev/null)
+	read up _ </proc/uptime
+	echo "@@S $up $1 $st ${ops:--} ${rej:--1}"
+}
+alive() { [ -d /proc/$1 ] && ! grep -q '^State:.*Z' /proc/$1/status 2>/dev/null; }
+"""
+
+#: stress-ng mix: CPU hogs, fork/exit churn, affinity changes, context-switch ping-pong, sleep/wakeup
+STRESSORS = "--cpu 2 --fork 2 --affinity 1 --switch 2 --sleep 1 --sleep-max 16"
+SAMPLE_PERIOD_S = 1.0
+#: a stress worker whose CPU time does not move over this many consecutive samples is starving
+STALL_SAMPLES = 3
+KERNEL_LOG_RE = re.compile(r"sched_ext|BUG:|Oops|WARNING: CPU|hung_task|soft lockup|rcu.*stall", re.I)
+LOADER_KEYS = ("ok", "stage", "error", "ops_name", "sched_ext", "params", "uei", "run_s", "stop_reason")
+
+
+def _loader_summary(d: dict) -> dict:
+    out = {k: d.get(k) for k in LOADER_KEYS if k in d}
+    if isinstance(out.get("uei"), dict) and len(out["uei"].get("dump") or "") > 4000:
+        out["uei"] = {**out["uei"], "dump": out["uei"]["dump"][:4000] + "\n[… cut]"}
+    return out
+
+
+def _json_after(marker: str, text: str) -> dict | None:
+    i = text.find(marker)
+    if i < 0:
+        return None
+    for line in text[i + len(marker):].splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+class _Run:
+    """One validation's state: the VM, the facts collected so far, the timeline."""
+
+    def __init__(self, vm, obj: bytes, ops_name: str, params: dict[str, str], workloads: list[Workload],
+                 timeout_ms: int, progress: Progress):
+        self.vm, self.obj, self.ops_name, self.params = vm, obj, ops_name, params
+        self.workloads, self.timeout_ms, self.say = workloads, timeout_ms, progress
+        self.obs = Observations(ops_name=ops_name)
+        self.samples: dict[str, tuple[list[float], list[float]]] = {w.name: ([], []) for w in workloads}
+        self.extra: dict[str, dict[str, tuple[list[float], list[float]]]] = {w.name: {} for w in workloads}
+        self.durations: dict[str, float] = {}
+        self.nload = 0
+        self.rounds_done = 0
+
+    # ---------------------------------------------------------------- plumbing
+
+    def step(self, phase: str, body: str, timeout_s: float, files: dict[str, bytes] | None = None) -> str:
+        t0 = time.monotonic()
+        r = self.vm.run(LIB + body, files=files, timeout_s=timeout_s)
+        key = re.sub(r"-\d+$", "", phase)
+        self.durations[key] = round(self.durations.get(key, 0.0) + time.monotonic() - t0, 3)
+        out = r.stdout
+        for m in re.finditer(r"^@@S (\S+) (\S+) (\S+) (\S+) (\S+)$", out, re.M):
+            rej = int(m.group(5))
+            self.obs.timeline.append(StateSample(t=float(m.group(1)), phase=m.group(2), state=m.group(3),
+                                                 ops="" if m.group(4) == "-" else m.group(4),
+                                                 nr_rejected=None if rej < 0 else rej))
+        return out
+
+    def enabled(self) -> bool:
+        last = self.obs.timeline[-1] if self.obs.timeline else None
+        return bool(last and last.state == "enabled" and last.ops == self.ops_name)
+
+    # ---------------------------------------------------------------- steps
+
+    def setup(self) -> None:
+        files = {"obj.bpf.o": self.obj}
+        if any("$PROBE" in w.command for w in self.workloads):
+            files["schedcp-probe"] = ensure_probe().read_bytes()
+        for w in self.workloads:
+            files[f"w_{w.name}.sh"] = (f"PROBE={PROBE_GUEST}\n{w.command}\n").encode()
+        self.step("setup", f"rm -rf {G}; mkdir -p {G} && cp * {G}/ && chmod +x {G}/* && snap setup\n",
+                  timeout_s=60, files=files)
+
+    def measure(self, side: str, rnd: int) -> None:
+        phase = f"{side}-{rnd}"
+        body = []
+        for w in self.workloads:
+            body.append(f"snap {phase}\necho '@@B {w.name}'\n"
+                        f"timeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\necho \"@@E {w.name} $?\"\n")
+        body.append(f"snap {phase}\n")
+        out = self.step(phase, "".join(body), timeout_s=sum(w.timeout_s for w in self.workloads) + 60)
+        idx = 0 if side == "baseline" else 1
+        for w in self.workloads:
+            m = re.search(rf"^@@B {re.escape(w.name)}\n(.*?)^@@E {re.escape(w.name)} (\d+)$", out, re.M | re.S)
+            if not m:
+                self._werr(w, f"{phase}: no output (the run was cut short)")
+                continue
+            text, rc = m.group(1), int(m.group(2))
+            if rc != 0:
+                why = "killed by the guest timeout ({:.0f} s)".format(w.timeout_s) if rc in (137, 124) else f"exit {rc}"
+                self._werr(w, f"{phase}: {why}: {text.strip()[-300:]}")
+                continue
+            try:
+                values = parse(w, text)
+            except ValueError as e:
+                self._werr(w, f"{phase}: {e}")
+                continue
+            self.samples[w.name][idx].append(values[w.metric])
+            for k, v in values.items():
+                if k != w.metric:
+                    self.extra[w.name].setdefault(k, ([], []))[idx].append(v)
+
+    def _werr(self, w: Workload, msg: str) -> None:
+        self.obs.workload_errors.setdefault(w.name, []).append(msg)
+
+    def load(self) -> bool:
+        self.nload += 1
+        n = self.nload
+        args = " ".join(f"--param {shlex.quote(f'{k}={v}')}" for k, v in self.params.items())
+        out = self.step(f"load-{n}", f"""
+setsid schedcp-loader $L/obj.bpf.o --run --timeout-ms {int(self.timeout_ms)} {args} \
+	>$L/loader.{n}.json 2>$L/loader.{n}.err </dev/null &
+pid=$!
+echo $pid >$L/loader.pid
+i=0
+while [ $i -lt 300 ]; do
+	[ "$(cat $SX/state)" = enabled ] && [ -n "$(cat $SX/root/ops 2>/dev/null)" ] && break
+	alive $pid || break
+	sleep 0.1; i=$((i + 1))
+done
+snap load-{n}
+if ! alive $pid; then echo '@@EXITED'; cat $L/loader.{n}.json; echo; echo '@@ERR'; tail -c 1500 $L/loader.{n}.err; fi
+""", timeout_s=90)
+        last = self.obs.timeline[-1] if self.obs.timeline else None
+        entry = {"state": last.state if last else None, "ops": last.ops if last else None, "error": None}
+        if "@@EXITED" in out:
+            d = _json_after("@@EXITED", out) or {}
+            if d:
+                self.obs.loader_exits.append(_loader_summary(d))
+            err = out.split("@@ERR", 1)[-1].strip()
+            entry["error"] = (f"the loader exited at {d.get('stage', '?')}: {d.get('error') or err[-500:]}"
+                              if d else f"the loader exited without a result: {err[-500:]}")
+            if d.get("ok") and (d.get("sched_ext") or {}).get("root_ops") == self.ops_name:
+                # attached, then the kernel threw it out at once (stall/error): not an attach failure
+                entry.update(state="enabled", ops=self.ops_name, error=None)
+        self.obs.loads.append(entry)
+        return entry["error"] is None and self.enabled()
+
+    def stress(self, seconds: float) -> None:
+        out = self.step("stress", f"""
+snap stress
+echo '@@EV0'; cat $SX/root/events 2>/dev/null; echo '@@EV0END'
+stress-ng {STRESSORS} --timeout {int(seconds)} --metrics-brief >$L/stress.out 2>&1 &
+spid=$!
+while alive $spid; do
+	sleep {SAMPLE_PERIOD_S}
+	snap stress
+	cat /proc/[0-9]*/stat 2>/dev/null | awk -v pp=$spid '$4 == pp {{ print "@@P", $1, $2, $14 + $15 }}'
+	echo '@@PEND'
+done
+wait $spid
+echo "@@RC $?"
+echo '@@EV1'; cat $SX/root/events 2>/dev/null; echo '@@EV1END'
+cat $L/stress.out
+""", timeout_s=seconds + 90)
+        rc = re.search(r"^@@RC (\d+)$", out, re.M)
+        st = StressSummary(duration_s=seconds, rc=int(rc.group(1)) if rc else None)
+        st.stressors = {k: v["bogo_ops"] for k, v in parse_stress_ng_metrics(out).items()}
+        # progress: per worker pid, CPU ticks at each sample
+        series: dict[str, list[int]] = {}
+        for block in out.split("@@PEND")[:-1]:
+            st.samples += 1
+            for m in re.finditer(r"^@@P (\d+) \((\S+)\) (\d+)$", block, re.M):
+                series.setdefault(f"{m.group(2)}[{m.group(1)}]", []).append(int(m.group(3)))
+        for worker, ticks in series.items():
+            for i in range(len(ticks) - STALL_SAMPLES + 1):
+                if ticks[i + STALL_SAMPLES - 1] == ticks[i]:
+                    st.stalled_workers.append(f"{worker} (no CPU time for {STALL_SAMPLES - 1} periods of "
+                                              f"{SAMPLE_PERIOD_S:g}s)")
+                    break
+        ev0, ev1 = _events(out, "@@EV0"), _events(out, "@@EV1")
+        st.events = {k: v - ev0.get(k, 0) for k, v in ev1.items() if v != ev0.get(k, 0)}
+        self.obs.stress = st
+
+    def unload(self) -> None:
+        n = self.nload
+        out = self.step(f"unload-{n}", f"""
+pid=$(cat $L/loader.pid 2>/dev/null)
+if [ -n "$pid" ] && alive $pid; then kill -TERM $pid; fi
+i=0; while [ -n "$pid" ] && [ $i -lt 100 ] && alive $pid; do sleep 0.1; i=$((i + 1)); done
+if [ -n "$pid" ] && alive $pid; then echo '@@KILLED'; kill -KILL $pid; sleep 0.5; fi
+i=0; while [ $i -lt 50 ] && [ "$(cat $SX/state)" != disabled ]; do sleep 0.1; i=$((i + 1)); done
+snap unload-{n}
+echo '@@J'; cat $L/loader.{n}.json 2>/dev/null; echo
+""", timeout_s=60)
+        d = _json_after("@@J", out)
+        if d and not any(e.get("run_s") == d.get("run_s") and e.get("uei") == _loader_summary(d).get("uei")
+                         for e in self.obs.loader_exits):
+            self.obs.loader_exits.append(_loader_summary(d))
+        last = self.obs.timeline[-1]
+        self.obs.final_state, self.obs.final_ops = last.state, last.ops
+
+    def kernel_log(self) -> None:
+        out = self.step("kernel-log", "dmesg 2>/dev/null\n", timeout_s=30)
+        self.obs.kernel_log = _kernel_lines(out)
+
+
+def _events(text: str, marker: str) -> dict[str, int]:
+    m = re.search(rf"^{marker}$(.*?)^{marker}END$", text, re.M | re.S)
+    out = {}
+    for line in (m.group(1) if m else "").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _kernel_lines(text: str, limit: int = 80) -> list[str]:
+    lines = [ln.rstrip() for ln in text.splitlines() if KERNEL_LOG_RE.search(ln)]
+    return lines[-limit:]
+
+
+def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str, str] | None = None,
+                        goals: list[Goal] | None = None, workloads: list[str] | list[Workload] | None = None,
+                        rounds: int = 3, stress_s: float = 6.0, timeout_ms: int = 3000, vm=None,
+                        progress: Progress | None = None) -> Layer2Result:
+    """Stress, check and A/B-benchmark a compiled scheduler in one sandbox VM boot.
+
+    `object_bytes` is a layer-1-accepted BPF object whose struct_ops name is `ops_name`; `params` are
+    loader `--param` values; `goals` become performance gates (without goals: no workload worse than
+    baseline beyond its noise); `workloads` are names from `list_workloads()` (default: all);
+    `vm` is a running full sandbox VM to use (default: boot one and power it off afterwards).
+    Infrastructure failures (no image, VM does not boot) raise InfrastructureError; everything the
+    candidate did wrong, including hanging the VM, comes back as a failed Layer2Result.
+    """
+    say = progress or (lambda msg, frac: None)
+    if rounds < 1 or rounds > 20:
+        raise BadInput(f"rounds must be 1..20, not {rounds}")
+    if not object_bytes:
+        raise BadInput("empty BPF object")
+    wl = [w if isinstance(w, Workload) else None for w in (workloads or [])]
+    wls = [w for w in wl if w is not None] or get_workloads([w for w in (workloads or []) if isinstance(w, str)])
+    params = {k: str(v) for k, v in (params or {}).items()}
+    t_start = time.monotonic()
+    if any("$PROBE" in w.command for w in wls):
+        ensure_probe()  # compile before booting: a toolchain problem should not cost a boot
+
+    own_vm = vm is None
+    if own_vm:
+        from ..sandbox.vm import VM
+
+        say("booting the sandbox VM", 0.0)
+        t0 = time.monotonic()
+        vm = VM(full=True).start()
+        boot_s = time.monotonic() - t0
+    else:
+        if not getattr(vm, "full", True):
+            raise BadInput("layer 2 needs the full sandbox image (VM(full=True)): the small one has no workloads")
+        boot_s = 0.0
+    run = _Run(vm, object_bytes, ops_name, params, wls, timeout_ms, say)
+    if boot_s:
+        run.durations["boot"] = round(boot_s, 3)
+    total_steps = 3 + 3 * rounds + 1
+    done = 0
+
+    def tick(msg: str) -> None:
+        nonlocal done
+        done += 1
+        say(msg, min(0.99, done / total_steps))
+
+    from ..sandbox.vm import GuestTimeout
+
+    try:
+        tick("setting up the guest")
+        run.setup()
+        for r in range(1, rounds + 1):
+            if r > 1:
+                tick(f"round {r}: unloading")
+                run.unload()
+            tick(f"round {r}: baseline (default scheduler)")
+            run.measure("baseline", r)
+            tick(f"round {r}: loading {ops_name}")
+            if not run.load():
+                break
+            if r == 1:
+                tick(f"stress + correctness ({stress_s:g} s)")
+                run.stress(stress_s)
+                if not run.enabled():
+                    break
+            tick(f"round {r}: candidate {ops_name}")
+            run.measure("candidate", r)
+            run.rounds_done = r
+            if not run.enabled():
+                break
+        tick("unloading, checking the default scheduler is back")
+        run.unload()
+        run.kernel_log()
+    except GuestTimeout as e:
+        run.obs.hang = f"{e.message} (during {_current_phase(run)})"
+        run.obs.kernel_log = _kernel_lines(vm.console())
+    except InfrastructureError as e:
+        if own_vm or not vm.alive:
+            run.obs.hang = f"the VM failed: {e.message} (during {_current_phase(run)})"
+            run.obs.kernel_log = _kernel_lines(vm.console())
+        else:
+            raise
+    finally:
+        if own_vm:
+            vm.close()
+    run.durations["total"] = round(time.monotonic() - t_start, 3)
+
+    results = [gates.summarize(w, *run.samples[w.name], errors=run.obs.workload_errors.get(w.name),
+                               secondary=run.extra[w.name]) for w in wls]
+    cg = gates.correctness_gates(run.obs)
+    pg = gates.performance_gates(results, wls, goals) if all(g.passed for g in cg) else []
+    passed, why = gates.verdict(cg, pg)
+    say("passed" if passed else f"failed: {why}", 1.0)
+    return Layer2Result(passed=passed, failure_reason=why, ops_name=ops_name, params=params, correctness=cg,
+                        performance=pg, workloads=results, timeline=run.obs.timeline,
+                        kernel_log=run.obs.kernel_log, stress=run.obs.stress, loader_exits=run.obs.loader_exits,
+                        rounds=run.rounds_done,
+                        durations=run.durations, kernel_version=getattr(vm, "kernel_version", None) or None)
+
+
+def _current_phase(run: _Run) -> str:
+    return run.obs.timeline[-1].phase + " (last sample)" if run.obs.timeline else "setup"
+
+
+def validate_layer1(report, **kw) -> Layer2Result:
+    """Layer 2 for an accepted Layer1Report (its stored object, ops name and parameters)."""
+    if not report.accepted or not report.object_path:
+        raise BadInput("layer 2 needs a scheduler that passed layer 1",
+                       hint=f"layer 1 said {report.verdict} at {report.stage}")
+    from pathlib import Path
+
+    obj = Path(report.object_path)
+    if not obj.exists():
+        raise InfrastructureError(f"the compiled object {obj} is gone", hint="verify the scheduler again")
+    return validate_in_sandbox(obj.read_bytes(), ops_name=report.ops_name or "", params=report.params, **kw)
