@@ -207,14 +207,17 @@ def _restore(t: Target, d: Deployment, actor: str) -> None:
 
 
 def _end(d: Deployment, status: Status, reason: str, actor: str, unload: bool = True) -> Deployment:
-    t = get_target(d.target)
-    try:
-        d.exit_info = t.exit_info()[-2000:]
-    except SchedcpError:
-        pass
+    t = SandboxTarget(start=False) if d.target == "sandbox" else get_target(d.target)
+    if d.target == "sandbox" and not t.running():
+        unload = False  # the VM is gone, and the scheduler with it
+    else:
+        try:
+            d.exit_info = d.exit_info or t.exit_info()[-2000:]
+        except SchedcpError:
+            pass
     if unload:
         t.unload()
-    if d.monitor.workload_cmd and status != "superseded":
+    if d.monitor.workload_cmd and status != "superseded" and unload:
         try:
             t.stop_workload()
         except SchedcpError:

@@ -17,7 +17,7 @@ import time
 from .. import store
 from ..errors import SchedcpError
 from .deployments import Deployment, Reading, _end, _restore, get_deployment, save
-from .targets import get_target
+from .targets import SandboxTarget, get_target
 
 MAX_READINGS = 200
 
@@ -40,8 +40,13 @@ def degraded(d: Deployment, value: float) -> tuple[bool, float | None]:
     return worse > d.monitor.max_degradation_ratio, round(ratio, 4)
 
 
+def _target(d: Deployment):
+    # the monitor never boots a staging VM: if it is gone, so is the deployment
+    return SandboxTarget(start=False) if d.target == "sandbox" else get_target(d.target)
+
+
 def sample_once(d: Deployment, prev_ctxt: tuple[float, int] | None = None) -> tuple[Reading, tuple[float, int] | None]:
-    t = get_target(d.target)
+    t = _target(d)
     st = t.state()
     r = Reading(at=time.time(), state=st.state, ops=st.ops, psi_some_avg10=st.psi_some_avg10)
     if st.ctxt is not None and st.uptime_s is not None:
@@ -67,6 +72,8 @@ def monitor_loop(dep_id: str, max_samples: int | None = None) -> Deployment:
         d = get_deployment(dep_id)
         if d.status != "active":
             return d
+        if d.target == "sandbox" and not SandboxTarget(start=False).running():
+            return _end(d, "stopped", "the staging VM was stopped", "monitor", unload=False)
         try:
             reading, prev = sample_once(d, prev)
         except SchedcpError as e:  # the VM is busy or gone: note it and try again
