@@ -95,7 +95,7 @@ class Toolchain(BaseModel):
 
 
 class Manifest(BaseModel):
-    schema_version: int = 1
+    schema_version: int = 2
     built_at: str
     sandbox_dir: str
     kernel_version: str = Field(description="uname -r of the sandbox kernel")
@@ -766,4 +766,10 @@ def _toolchain_versions(rootfs: Path) -> dict[str, str]:
     pk = _rootfs_packages(rootfs)
     cv = re.search(r"clang version (\d+\.\d+\.\d+)", clang)
     return {"clang": cv.group(1) if cv else clang, "bpftool": bv.group(1) if bv else bpftool.strip(),
-            "libbpf": pk.get("libbpf-dev", lv.group(1) if lv else "")}
+            "libbpf": _upstream(pk.get("libbpf-dev", "")) or (lv.group(1) if lv else "")}
+
+
+def _upstream(debian_version: str) -> str:
+    """"1:1.5.0-3" -> "1.5.0" (no epoch, no Debian revision)."""
+    v = debian_version.split(":", 1)[-1]
+    return v.rsplit("-", 1)[0] if "-" in v else v

@@ -210,6 +210,22 @@ def _sock_path(vmdir: Path) -> Path:
     return short / (hashlib.sha256(str(vmdir).encode()).hexdigest()[:16] + ".sock")
 
 
+def _lock(d: Path, wait_s: float, name: str):
+    """The named VM's attachment lock (an flock on <dir>/lock), waiting up to wait_s for it."""
+    f = open(d / "lock", "w")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                f.close()
+                raise InfrastructureError(f"the sandbox VM {name!r} is busy (another process is attached)",
+                                          hint="wait for it, or stop the VM")
+            time.sleep(0.1)
+
+
 def _pid_alive(pid: int, sock: str) -> bool:
     """Is `pid` still our qemu (and not a recycled pid)?"""
     try:
@@ -453,14 +469,20 @@ class VM:
 
     @classmethod
     def start_named(cls, name: str, *, full: bool = True, idle_timeout_s: int = 1800, **kw) -> "VM":
-        """Boot a long-lived VM (or return the running one) and attach to it."""
+        """Boot a long-lived VM (or attach to the running one of that name) and attach to it."""
         d = _named_dir(name)
         d.mkdir(parents=True, exist_ok=True)
-        if cls.named_status(name) is not None:
-            return cls.attach(name)
-        vm = cls(full=full, idle_timeout_s=idle_timeout_s, _vmdir=d, _detached=True, **kw)
+        lock = _lock(d, 120, name)  # one starter at a time; re-check under the lock
+        st = cls.named_status(name)
+        if st is not None:
+            return cls._attach(name, st, lock)
+        try:
+            vm = cls(full=full, idle_timeout_s=idle_timeout_s, _vmdir=d, _detached=True, **kw)
+        except BaseException:
+            lock.close()
+            raise
         vm.name = name
-        vm._take_lock(30)
+        vm._lock_f = lock
         vm.start()
         (d / "state.json").write_text(json.dumps({
             "name": name, "pid": vm.pid, "sock": str(vm.sock_path), "console": str(vm.console_path),
@@ -471,46 +493,37 @@ class VM:
     @classmethod
     def attach(cls, name: str, wait_s: float = 60.0) -> "VM":
         """Attach to a running named VM (waiting up to wait_s for another process to detach)."""
-        st = cls.named_status(name)
-        if st is None:
+        if cls.named_status(name) is None:
             raise InfrastructureError(f"no sandbox VM named {name!r} is running",
                                       hint=f"start it with VM.start_named({name!r})")
-        d = _named_dir(name)
+        lock = _lock(_named_dir(name), wait_s, name)
+        st = cls.named_status(name)
+        if st is None:
+            lock.close()
+            raise InfrastructureError(f"the sandbox VM {name!r} stopped while we waited for it")
+        return cls._attach(name, st, lock)
+
+    @classmethod
+    def _attach(cls, name: str, st: dict, lock) -> "VM":
         vm = cls.__new__(cls)
         vm.__dict__.update(manifest=image.load_manifest(), full=st["full"], accel=st["accel"], name=name,
                            kernel_version=st["kernel_version"], boot_s=st.get("boot_s", 0.0), proc=None,
-                           pid=st["pid"], _chan=None, _lock_f=None, _detached=True, _tmpdir=None, dir=d,
-                           sock_path=Path(st["sock"]), console_path=Path(st["console"]), _finalizer=None,
-                           boot_timeout_s=30.0, idle_timeout_s=st["idle_timeout_s"], mem_mb=0, cpus=0,
-                           extra_cmdline="")
-        vm._take_lock(wait_s)
+                           pid=st["pid"], _chan=None, _lock_f=lock, _detached=True, _tmpdir=None,
+                           dir=_named_dir(name), sock_path=Path(st["sock"]), console_path=Path(st["console"]),
+                           _finalizer=None, boot_timeout_s=30.0, idle_timeout_s=st["idle_timeout_s"], mem_mb=0,
+                           cpus=0, extra_cmdline="")
         deadline = time.monotonic() + 10
         try:
             vm._connect(deadline)
             nonce = secrets.token_hex(6)
             vm._chan.send(f"PING {nonce}\n".encode(), deadline)
             while vm._chan.readline(deadline, vm._alive) != f"PONG {nonce}":
-                pass
+                pass  # skips what a previous client left unread
         except (TimeoutError, ConnectionError, OSError) as e:
             vm.detach()
             raise InfrastructureError(f"the sandbox VM {name!r} does not answer: {e or 'timeout'}",
                                       hint=f"stop it with VM.stop_named({name!r}) (`schedcp sandbox stop`)")
         return vm
-
-    def _take_lock(self, wait_s: float) -> None:
-        f = open(self.dir / "lock", "w")
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._lock_f = f
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    f.close()
-                    raise InfrastructureError(f"the sandbox VM {self.name!r} is busy (another process is attached)",
-                                              hint="wait for it, or stop the VM")
-                time.sleep(0.1)
 
     @staticmethod
     def named_status(name: str) -> dict | None:

@@ -95,7 +95,8 @@ while :; do
 		dd of="$w/req.tgz" bs=65536 count="$len" iflag=fullblock,count_bytes <&3 2>/dev/null
 		: >"$w/outputs.txt"
 		if tar -xzf "$w/req.tgz" -C "$w" 2>"$w/stderr"; then
-			(cd "$w/work" && exec sh ../script.sh) >"$w/stdout" 2>"$w/stderr" </dev/null
+			# fd 3 (the channel) is not the script's: background jobs must not hold it
+			(cd "$w/work" && exec sh ../script.sh 3>&-) >"$w/stdout" 2>"$w/stderr" </dev/null
 			rc=$?
 		else
 			: >"$w/stdout"
