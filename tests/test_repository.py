@@ -1,0 +1,88 @@
+"""The policy repository: metadata of every policy is valid and truthful; search ranks sensibly."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from schedcp_mcp.errors import BadInput, NotFound
+from schedcp_mcp.repository.policies import get_policy, load_all, search_policies
+
+OURS = [p for p in load_all()[0] if p.kind == "schedcp"]
+SCX = [p for p in load_all()[0] if p.kind == "scx"]
+
+
+def test_no_policy_directory_fails_to_load():
+    assert load_all()[1] == []
+
+
+def test_at_least_six_own_policies_with_distinct_algorithms():
+    assert len(OURS) >= 6
+    assert len({p.algorithm for p in OURS}) == len(OURS)
+
+
+@pytest.mark.parametrize("p", OURS, ids=lambda p: p.name)
+def test_policy_metadata_matches_its_source(p):
+    src = p.source_text()
+    assert "#include <scx/common.bpf.h>" in src
+    assert re.search(r'_license\[\]\s*SEC\("license"\)\s*=\s*"GPL"', src)
+    assert "SCX_OPS_DEFINE" in src
+    assert re.search(rf'\.name\s*=\s*"{re.escape(p.ops_name)}"', src), "ops_name is the ops .name"
+    assert len(p.ops_name) <= 31
+    for q in p.parameters:
+        assert re.search(rf"const volatile \w+ {q.name}\b", src), f"{q.name} is a const volatile"
+        assert q.min is None or q.max is None or q.min <= q.default <= q.max
+    assert p.summary and p.description and p.use_cases and p.limitations and p.tags
+    assert (p.path and __import__("pathlib").Path(p.path, "README.md").exists())
+
+
+def test_scx_catalog_lists_production_schedulers():
+    names = {p.name for p in SCX}
+    assert {"scx_rusty", "scx_lavd", "scx_bpfland", "scx_flash", "scx_cosmos", "scx_layered",
+            "scx_p2dq", "scx_tickless"} <= names
+    for p in SCX:
+        assert p.summary and p.use_cases and p.binary
+        assert p.runnable == bool(__import__("shutil").which(p.binary))
+
+
+def test_search_ranks_latency_policy_first_for_latency_query():
+    hits = search_policies("interactive latency wakeup", include_catalog=False)
+    assert hits[0].name == "latency_boost"
+    assert "latency" in hits[0].reason
+
+
+def test_search_ranks_batch_first_for_throughput_query():
+    hits = search_policies("batch throughput long slices", include_catalog=False)
+    assert hits[0].name == "batch"
+
+
+def test_search_by_tag_filters():
+    hits = search_policies("", tags=["locality"], limit=50)
+    assert hits and all("locality" in h.tags for h in hits)
+
+
+def test_search_includes_catalog_and_says_not_runnable():
+    hits = search_policies("gaming desktop interactive", limit=20)
+    scx = [h for h in hits if h.kind == "scx"]
+    assert scx
+    for h in scx:
+        if not h.runnable:
+            assert "not installed" in h.reason
+
+
+def test_get_policy_unknown_suggests_nearest():
+    with pytest.raises(NotFound) as e:
+        get_policy("vtime_fiar")
+    assert "vtime_fair" in e.value.hint
+
+
+def test_parameters_are_type_and_range_checked():
+    p = get_policy("vtime_fair")
+    assert p.resolve_params({"slice_ns": "5000000"})["slice_ns"] == 5_000_000
+    with pytest.raises(BadInput, match="out of range"):
+        p.resolve_params({"slice_ns": "1"})
+    with pytest.raises(BadInput, match="not a u64"):
+        p.resolve_params({"slice_ns": "fast"})
+    with pytest.raises(BadInput, match="no parameter"):
+        p.resolve_params({"nope": "1"})
