@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,17 +70,59 @@ def _save_object(obj: bytes) -> tuple[str, str]:
     return sha, str(path)
 
 
+class _BootInBackground:
+    """Boot a throwaway sandbox VM while the source compiles (the boot is most of a cold verify).
+
+    `get()` waits for it; `cancel()` kills it at once when an earlier stage already rejected the
+    candidate, so a compile error is never slowed down by a boot."""
+
+    def __init__(self):
+        from ..sandbox.vm import VM
+
+        self.vm = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.t0 = time.monotonic()
+        self.boot_s = 0.0
+
+        def boot() -> None:
+            try:
+                self.vm = VM()
+                if not self.cancelled:
+                    self.vm.start()
+                    self.boot_s = time.monotonic() - self.t0
+            except BaseException as e:  # noqa: BLE001 — handed to the caller in get()
+                self.error = e
+            if self.cancelled and self.vm is not None:
+                self.vm.close(graceful=False)
+
+        self.thread = threading.Thread(target=boot, name="schedcp-vm-boot", daemon=True)
+        self.thread.start()
+
+    def get(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.vm
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        vm = self.vm
+        if vm is not None:
+            vm.kill()  # the booting thread then fails fast and closes it
+
+
 @contextmanager
-def _sandbox_vm(vm, progress: Progress) -> Iterator[object]:
-    """The caller's running VM, or a throwaway one booted for this verify."""
+def _sandbox_vm(vm, booting: "_BootInBackground | None") -> Iterator[object]:
+    """The caller's running VM, or the throwaway one booted for this verify (closed afterwards)."""
     if vm is not None:
         yield vm
         return
-    from ..sandbox.vm import VM
-
-    progress("booting the sandbox VM", 0.7)
-    with VM() as fresh:
+    fresh = booting.get()
+    try:
         yield fresh
+    finally:
+        fresh.close()
 
 
 def verify_source(source: str, *, params: dict[str, str] | None = None, target: Target = "sandbox",
@@ -139,92 +182,108 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
             cached.total_s = round(time.monotonic() - t_start, 4)
             return cached
 
+    # a cold sandbox verify: boot the VM while the cheaper stages run
+    booting = _BootInBackground() if target == "sandbox" and vm is None else None
+
     def done(stage: str, verdict: str = "rejected") -> Layer1Report:
+        if booting is not None and stage not in ("done", "verifier"):
+            booting.cancel()  # rejected before the VM was needed: do not wait for the boot
         report = finish(stage, verdict)
         if verdict != "error":
             store.cache_put(key, CACHE_KIND, report.model_dump(mode="json"))
         return report
 
-    # 2. compile in the toolchain chroot
-    t0 = time.monotonic()
-    say("compiling", 0.1)
-    c = compile_source(source, manifest, trusted_include_dirs=trusted)
-    timed("compile", t0)
-    r.warnings += c.warnings
-    if not c.ok:
-        r.errors = c.errors
-        return done("compile")
-    r.object_sha256, r.object_path = _save_object(c.object)
+    def stages() -> Layer1Report:
+        # 2. compile in the toolchain chroot
+        t0 = time.monotonic()
+        say("compiling", 0.1)
+        c = compile_source(source, manifest, trusted_include_dirs=trusted)
+        timed("compile", t0)
+        r.warnings += c.warnings
+        if not c.ok:
+            r.errors = c.errors
+            return done("compile")
+        r.object_sha256, r.object_path = _save_object(c.object)
 
-    # 3. what the object holds
-    t0 = time.monotonic()
-    say("checking the object", 0.4)
-    info = inspect_object(c.object)
-    r.ops_name, r.callbacks, r.license = info.ops_name, info.callbacks, info.license
-    r.programs, r.hot_path_insns = info.programs, info.hot_path_insns
-    r.kfuncs = sorted(set(info.kfuncs))
-    timed("elf", t0)
-    r.errors = [e for e in info.errors if e.severity == "error"]
-    r.warnings += [e for e in info.errors if e.severity != "error"]
-    if r.errors:
-        return done("elf")
+        # 3. what the object holds
+        t0 = time.monotonic()
+        say("checking the object", 0.4)
+        info = inspect_object(c.object)
+        r.ops_name, r.callbacks, r.license = info.ops_name, info.callbacks, info.license
+        r.programs, r.hot_path_insns = info.programs, info.hot_path_insns
+        r.kfuncs = sorted(set(info.kfuncs))
+        timed("elf", t0)
+        r.errors = [e for e in info.errors if e.severity == "error"]
+        r.warnings += [e for e in info.errors if e.severity != "error"]
+        if r.errors:
+            return done("elf")
 
-    # 4. against the target kernel's BTF: kfuncs, ops members, helpers
-    t0 = time.monotonic()
-    say("checking kfuncs against the kernel's BTF", 0.5)
-    facts = btfmod.kernel_facts(btf_path)
-    r.helpers = [facts.helper_ids.get(h, f"helper#{h}") for h in info.helper_ids]
-    ops_type = info.ops_type or "sched_ext_ops"
-    if ops_type not in facts.ops_members:
-        r.errors.append(VerifyError(stage="btf", code="no_sched_ext",
-                                    message=f"kernel {kernel_version} has no struct {ops_type}"
-                                    + ("" if facts.has_sched_ext else " (no sched_ext at all)")))
-    else:
-        members = set(facts.ops_members[ops_type])
-        r.missing_callbacks = [cb for cb in info.callbacks if cb not in members]
-        for cb in r.missing_callbacks:
-            r.errors.append(VerifyError(stage="btf", code="missing_callback",
-                                        message=f"callback .{cb} is not a member of struct {ops_type} "
-                                        f"in kernel {kernel_version}"))
-    r.missing_kfuncs = [k for k in info.kfuncs if not facts.has_kfunc(k)]
-    for k in r.missing_kfuncs:
-        users = info.kfunc_callers.get(k) or [None]
-        r.errors.append(VerifyError(stage="btf", code="missing_kfunc", program=users[0],
-                                    message=f"kfunc {k} does not exist in kernel {kernel_version}"))
-    for h in info.helper_ids:
-        if h not in facts.helper_ids:
-            r.errors.append(VerifyError(stage="btf", code="unknown_helper",
-                                        message=f"BPF helper #{h} is unknown to kernel {kernel_version}"))
-    timed("btf", t0)
-    if r.errors:
-        return done("btf")
+        # 4. against the target kernel's BTF: kfuncs, ops members, helpers
+        t0 = time.monotonic()
+        say("checking kfuncs against the kernel's BTF", 0.5)
+        facts = btfmod.kernel_facts(btf_path)
+        r.helpers = [facts.helper_ids.get(h, f"helper#{h}") for h in info.helper_ids]
+        ops_type = info.ops_type or "sched_ext_ops"
+        if ops_type not in facts.ops_members:
+            r.errors.append(VerifyError(stage="btf", code="no_sched_ext",
+                                        message=f"kernel {kernel_version} has no struct {ops_type}"
+                                        + ("" if facts.has_sched_ext else " (no sched_ext at all)")))
+        else:
+            members = set(facts.ops_members[ops_type])
+            r.missing_callbacks = [cb for cb in info.callbacks if cb not in members]
+            for cb in r.missing_callbacks:
+                r.errors.append(VerifyError(stage="btf", code="missing_callback",
+                                            message=f"callback .{cb} is not a member of struct {ops_type} "
+                                            f"in kernel {kernel_version}"))
+        r.missing_kfuncs = [k for k in info.kfuncs if not facts.has_kfunc(k)]
+        for k in r.missing_kfuncs:
+            users = info.kfunc_callers.get(k) or [None]
+            r.errors.append(VerifyError(stage="btf", code="missing_kfunc", program=users[0],
+                                        message=f"kfunc {k} does not exist in kernel {kernel_version}"))
+        for h in info.helper_ids:
+            if h not in facts.helper_ids:
+                r.errors.append(VerifyError(stage="btf", code="unknown_helper",
+                                            message=f"BPF helper #{h} is unknown to kernel {kernel_version}"))
+        timed("btf", t0)
+        if r.errors:
+            return done("btf")
 
-    # 5. the real kernel verifier (load, attach, detach)
-    t0 = time.monotonic()
-    if target == "sandbox":
-        with _sandbox_vm(vm, say) as v:
-            timed("vm_boot", t0)
-            t0 = time.monotonic()
-            say("loading in the sandbox kernel (verifier)", 0.8)
-            verdict = verifier.run_in_vm(v, c.object, params, map_sizes=map_sizes)
-    else:
-        say("loading in the host kernel (verifier)", 0.8)
-        obj_path = Path(r.object_path)
-        verdict = verifier.run_on_host(obj_path, params, loader=Path(manifest.paths.loader),
-                                       map_sizes=map_sizes)
-    timed("verifier", t0)
-    r.verifier_log = verdict.log
-    for p in r.programs:
-        p.verified_insns = verdict.verified_insns.get(p.name)
-    if not verdict.accepted:
-        r.errors = verdict.errors
-        if any(e.code in ("bad_param", "loader_usage") for e in r.errors):
-            return finish("verifier", "rejected")  # a bad parameter: not worth caching
-        if any(e.code == "no_sched_ext" for e in r.errors):
-            return finish("verifier", "error")
-        return done("verifier")
-    say("accepted", 1.0)
-    return done("done", "accepted")
+        # 5. the real kernel verifier (load, attach, detach)
+        t0 = time.monotonic()
+        if target == "sandbox":
+            if booting is not None:
+                say("waiting for the sandbox VM to boot", 0.7)
+            with _sandbox_vm(vm, booting) as v:
+                timed("vm_wait", t0)
+                if booting is not None:
+                    r.durations["vm_boot"] = round(booting.boot_s, 4)
+                t0 = time.monotonic()
+                say("loading in the sandbox kernel (verifier)", 0.8)
+                verdict = verifier.run_in_vm(v, c.object, params, map_sizes=map_sizes)
+        else:
+            say("loading in the host kernel (verifier)", 0.8)
+            obj_path = Path(r.object_path)
+            verdict = verifier.run_on_host(obj_path, params, loader=Path(manifest.paths.loader),
+                                           map_sizes=map_sizes)
+        timed("verifier", t0)
+        r.verifier_log = verdict.log
+        for p in r.programs:
+            p.verified_insns = verdict.verified_insns.get(p.name)
+        if not verdict.accepted:
+            r.errors = verdict.errors
+            if any(e.code in ("bad_param", "loader_usage") for e in r.errors):
+                return finish("verifier", "rejected")  # a bad parameter: not worth caching
+            if any(e.code == "no_sched_ext" for e in r.errors):
+                return finish("verifier", "error")
+            return done("verifier")
+        say("accepted", 1.0)
+        return done("done", "accepted")
+
+    try:
+        return stages()
+    finally:
+        if booting is not None:
+            booting.cancel()  # a no-op when the VM was used (it is closed by then)
 
 
 def verify_policy(name: str, params: dict[str, str] | None = None, **kw) -> Layer1Report:
