@@ -236,6 +236,19 @@ def test_unbounded_map_index_is_rejected_with_kernel_message_and_line(vm):
 
 
 @pytest.mark.vm
+def test_the_loader_type_checks_parameters_against_the_object(vm):
+    src = (FIXTURES / "minimal.bpf.c").read_text().replace(
+        "UEI_DEFINE(uei);", "UEI_DEFINE(uei);\nconst volatile u64 slice_ns = 1000000;")
+    assert verify_source(src, params={"slice_ns": "5000000"}, vm=vm).verdict == "accepted"
+    bad = verify_source(src, params={"slice_ns": "banana"}, vm=vm)
+    assert bad.verdict == "rejected" and bad.errors[0].code == "bad_param"
+    assert "slice_ns" in bad.errors[0].message
+    unknown = verify_source(src, params={"no_such_knob": "1"}, vm=vm)
+    assert unknown.errors[0].code == "bad_param" and "no_such_knob" in unknown.errors[0].message
+    assert not verify_source(src, params={"slice_ns": "banana"}, vm=vm).cached
+
+
+@pytest.mark.vm
 def test_every_repository_policy_passes_the_verifier(vm):
     from schedcp_mcp.repository.policies import list_policies
 
@@ -279,3 +292,20 @@ def test_kernel_example_schedulers_pass_or_fail_with_the_kernels_reason(vm, mani
             pytest.fail("scx_qmap now passes: remove it from EXAMPLES_THAT_NEED_MORE")
         assert (r.verdict, r.stage) == ("rejected", "verifier"), name
         assert r.errors[0].code == code and words in r.errors[0].message, (name, r.errors)
+
+
+def test_host_target_without_sched_ext_is_an_infrastructure_error(manifest):
+    from schedcp_mcp.errors import InfrastructureError
+
+    facts = btf.kernel_facts()
+    if facts.has_sched_ext:
+        pytest.skip("this host kernel has sched_ext")
+    with pytest.raises(InfrastructureError, match="no sched_ext"):
+        verify_source(fixture("minimal"), target="host")
+
+
+def test_bad_parameter_names_are_refused():
+    from schedcp_mcp.errors import BadInput
+
+    with pytest.raises(BadInput):
+        verify_source(fixture("minimal"), params={"slice_ns; rm -rf /": "1"})

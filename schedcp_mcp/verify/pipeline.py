@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -141,6 +142,10 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
     trusted = tuple(Path(d).resolve() for d in trusted_include_dirs)
     if target not in ("sandbox", "host"):
         raise BadInput(f"unknown target {target!r}", "use sandbox or host")
+    for k in params:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise BadInput(f"parameter name {k!r} is not a C identifier",
+                           "parameters are `const volatile` globals of the scheduler, set by name")
     r = Layer1Report(verdict="rejected", stage="source_check", source_sha256=_sha(source),
                      params=params, target=target, policy=policy)
 
@@ -224,10 +229,15 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
         facts = btfmod.kernel_facts(btf_path)
         r.helpers = [facts.helper_ids.get(h, f"helper#{h}") for h in info.helper_ids]
         ops_type = info.ops_type or "sched_ext_ops"
+        if not facts.has_sched_ext:
+            raise InfrastructureError(f"the {target} kernel {kernel_version} has no sched_ext "
+                                      "(no struct sched_ext_ops in its BTF)",
+                                      "use --target sandbox" if target == "host" else
+                                      "rebuild the sandbox: schedcp sandbox build --force")
         if ops_type not in facts.ops_members:
-            r.errors.append(VerifyError(stage="btf", code="no_sched_ext",
-                                        message=f"kernel {kernel_version} has no struct {ops_type}"
-                                        + ("" if facts.has_sched_ext else " (no sched_ext at all)")))
+            r.errors.append(VerifyError(stage="btf", code="no_ops_type",
+                                        message=f"kernel {kernel_version} has no struct {ops_type} "
+                                        "(the scheduler needs a newer sched_ext)"))
         else:
             members = set(facts.ops_members[ops_type])
             r.missing_callbacks = [cb for cb in info.callbacks if cb not in members]
@@ -274,7 +284,7 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
             if any(e.code in ("bad_param", "loader_usage") for e in r.errors):
                 return finish("verifier", "rejected")  # a bad parameter: not worth caching
             if any(e.code == "no_sched_ext" for e in r.errors):
-                return finish("verifier", "error")
+                raise InfrastructureError(f"the {target} kernel has no sched_ext: {r.errors[0].message}")
             return done("verifier")
         say("accepted", 1.0)
         return done("done", "accepted")
