@@ -32,6 +32,9 @@ SCX_EXIT_ERROR = 1024
 SCX_EXIT_ERROR_STALL = 1026
 
 DISABLED_RE = re.compile(r'sched_ext: BPF scheduler "([^"]*)" disabled \(([^)]*)\)')
+#: kernel log lines that mean the kernel itself is unhappy, whichever scheduler caused it
+KERNEL_TROUBLE_RE = re.compile(r"BUG:|Oops:|WARNING: CPU|hung_task|soft lockup|rcu: INFO: rcu_\w+ self-detected stall|"
+                               r"rcu: INFO: rcu_\w+ detected stalls")
 #: exit reasons that are not the scheduler's fault (kernel/ext.c scx_exit_reason())
 CLEAN_REASONS = ("unregistered from user space", "unregistered from BPF", "unregistered from the main kernel")
 
@@ -99,24 +102,11 @@ def correctness_gates(obs: Observations) -> list[Gate]:
         f"{obs.hang}; a scheduler that starves the guest's agent looks like this — check the stall and "
         "kernel log gates, or raise the step timeout if the machine is just slow")
 
-    # attached with the expected ops
-    bad = [ld for ld in obs.loads if ld.get("error") or ld.get("state") != "enabled"
-           or ld.get("ops") != obs.ops_name]
-    if not obs.loads:
-        add("attached", False, "the candidate was never loaded (the run stopped before the first load)")
-    elif bad:
-        ld = bad[0]
-        add("attached", False, f"load {obs.loads.index(ld) + 1}: "
-            + (ld.get("error") or f"sched_ext state was {ld.get('state')!r} with ops {ld.get('ops')!r}, "
-               f"expected 'enabled' with {obs.ops_name!r}"))
-    else:
-        add("attached", True, f"{len(obs.loads)} load(s): state enabled, root/ops = {obs.ops_name}")
-
     # stall: the kernel's own words first, then the loader's UEI
-    stall_lines = [ln for ln in obs.kernel_log if "runnable task stall" in ln]
+    stall_lines = [ln.strip() for ln in obs.kernel_log if "runnable task stall" in ln or "failed to run for" in ln]
     stall_exits = [e for e in obs.loader_exits if _is_stall(e)]
     if stall_lines or stall_exits:
-        why = stall_lines[0].strip() if stall_lines else _uei_text(stall_exits[0])
+        why = " / ".join(stall_lines[:2]) if stall_lines else _uei_text(stall_exits[0])
         detail = f" ({_uei_text(stall_exits[0])})" if stall_lines and stall_exits else ""
         add("no_stall", False, f"the kernel's watchdog disabled the scheduler: {why}{detail}. A runnable "
             "task was not dispatched within timeout_ms: check that every enqueued task reaches a DSQ "
@@ -135,6 +125,19 @@ def correctness_gates(obs: Observations) -> list[Gate]:
         add("no_error_exit", False, f"the kernel disabled the scheduler: {err_lines[0].strip()}")
     else:
         add("no_error_exit", True, "no error exit")
+
+    # attached with the expected ops
+    bad = [ld for ld in obs.loads if ld.get("error") or ld.get("state") != "enabled"
+           or ld.get("ops") != obs.ops_name]
+    if not obs.loads:
+        add("attached", False, "the candidate was never loaded (the run stopped before the first load)")
+    elif bad:
+        ld = bad[0]
+        add("attached", False, f"load {obs.loads.index(ld) + 1}: "
+            + (ld.get("error") or f"sched_ext state was {ld.get('state')!r} with ops {ld.get('ops')!r}, "
+               f"expected 'enabled' with {obs.ops_name!r}"))
+    else:
+        add("attached", True, f"{len(obs.loads)} load(s): state enabled, root/ops = {obs.ops_name}")
 
     # stayed enabled whenever the candidate was supposed to be running
     off = [s for s in obs.timeline if s.phase.startswith(("candidate", "stress"))
@@ -167,6 +170,10 @@ def correctness_gates(obs: Observations) -> list[Gate]:
         else:
             add("stressors_progressed", True, f"{len(st.stressors)} stressors all progressed over {st.samples} "
                 f"samples in {st.duration_s:.1f}s")
+
+    trouble = [ln for ln in obs.kernel_log if KERNEL_TROUBLE_RE.search(ln)]
+    add("kernel_healthy", not trouble, "no kernel BUG/WARNING/lockup lines" if not trouble else
+        f"the kernel complained: {trouble[0].strip()} — see the kernel log excerpt")
 
     errs = [f"{k}: {v[0]}" for k, v in obs.workload_errors.items() if v]
     add("workloads_ran", not errs, "every workload run exited 0 with parsable output" if not errs else

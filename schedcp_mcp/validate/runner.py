@@ -56,7 +56,7 @@ STRESSORS = "--cpu 2 --fork 2 --affinity 1 --switch 2 --sleep 1 --sleep-max 16"
 SAMPLE_PERIOD_S = 1.0
 #: a stress worker whose CPU time does not move over this many consecutive samples is starving
 STALL_SAMPLES = 3
-KERNEL_LOG_RE = re.compile(r"sched_ext|BUG:|Oops|WARNING: CPU|hung_task|soft lockup|rcu.*stall", re.I)
+KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_TROUBLE_RE.pattern)
 LOADER_KEYS = ("ok", "stage", "error", "ops_name", "sched_ext", "params", "uei", "run_s", "stop_reason")
 
 
@@ -132,9 +132,14 @@ class _Run:
             body.append(f"snap {phase}\necho '@@B {w.name}'\n"
                         f"timeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\necho \"@@E {w.name} $?\"\n")
         body.append(f"snap {phase}\n")
+        n0 = len(self.obs.timeline)
         out = self.step(phase, "".join(body), timeout_s=sum(w.timeout_s for w in self.workloads) + 60)
+        snaps = self.obs.timeline[n0:]
         idx = 0 if side == "baseline" else 1
-        for w in self.workloads:
+        for i, w in enumerate(self.workloads):
+            if side == "candidate" and not all(s.state == "enabled" and s.ops == self.ops_name
+                                               for s in snaps[i:i + 2]):
+                continue  # the candidate was not running for this whole run: not a candidate figure
             m = re.search(rf"^@@B {re.escape(w.name)}\n(.*?)^@@E {re.escape(w.name)} (\d+)$", out, re.M | re.S)
             if not m:
                 self._werr(w, f"{phase}: no output (the run was cut short)")
@@ -339,15 +344,11 @@ def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str,
         tick("unloading, checking the default scheduler is back")
         run.unload()
         run.kernel_log()
-    except GuestTimeout as e:
-        run.obs.hang = f"{e.message} (during {_current_phase(run)})"
-        run.obs.kernel_log = _kernel_lines(vm.console())
-    except InfrastructureError as e:
-        if own_vm or not vm.alive:
-            run.obs.hang = f"the VM failed: {e.message} (during {_current_phase(run)})"
-            run.obs.kernel_log = _kernel_lines(vm.console())
-        else:
+    except InfrastructureError as e:  # GuestTimeout included: vm.run has killed the VM
+        if not isinstance(e, GuestTimeout) and vm.alive:
             raise
+        run.obs.kernel_log = _kernel_lines(vm.console())
+        run.obs.hang = _hang_reason(e, run)
     finally:
         if own_vm:
             vm.close()
@@ -367,7 +368,16 @@ def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str,
 
 
 def _current_phase(run: _Run) -> str:
-    return run.obs.timeline[-1].phase + " (last sample)" if run.obs.timeline else "setup"
+    return f"after {run.obs.timeline[-1].phase}" if run.obs.timeline else "during setup"
+
+
+def _hang_reason(e: InfrastructureError, run: _Run) -> str:
+    """What the VM's death looked like, in the kernel's words when it crashed."""
+    crash = [ln.strip() for ln in run.obs.kernel_log if re.search(r"Oops|BUG:|Kernel panic|RIP: |Sched_ext:", ln)]
+    where = _current_phase(run)
+    if crash:
+        return f"the guest kernel crashed ({where}): " + " / ".join(dict.fromkeys(crash[:4]))
+    return f"{e.message} ({where})"
 
 
 def validate_layer1(report, **kw) -> Layer2Result:

@@ -35,7 +35,7 @@ WORKLOADS: list[Workload] = [
     Workload(
         name="pipe", description="perf bench sched pipe: two tasks ping-pong over a pipe "
         "(pure wakeup/context-switch cost)",
-        command="perf bench sched pipe -l 1500", metric="pipe_time_s", unit="s", direction="lower",
+        command="perf bench sched pipe -l 1000", metric="pipe_time_s", unit="s", direction="lower",
         parser="perf_pipe", goal_metrics=["wall_time_s"], requires=["perf"]),
     Workload(
         name="wakeup", description="schedcp-probe: 4 threads wake every 2 ms while 2 threads hog the "
