@@ -6,10 +6,12 @@
  * Each task's deadline is its weighted virtual time (as in vtime_fair) plus
  * the CPU burst it is expected to need, divided by a latency factor:
  *
- *   deadline = vtime + avg_burst * 100 / weight / (1 + log2(1 + wakeups/s))
+ *   deadline = vtime + burst * 100 / weight / (1 + log2(1 + wakeups/s))
  *
- * avg_burst is the average CPU time the task used between wakeup and sleep;
- * wakeups/s is a moving average of how often it wakes. An interactive task
+ * burst is the CPU time the task is expected to use before it sleeps again:
+ * the moving average of its past bursts, or the current one if that is
+ * already longer (a CPU hog never sleeps). wakeups/s is a moving average of
+ * how often it wakes. An interactive task
  * (input handler, audio thread, RPC server thread) runs ~100 us per wakeup
  * and wakes hundreds of times a second, so its deadline is only a few
  * microseconds after its vtime; a CPU hog never sleeps and gets a whole
@@ -64,7 +66,7 @@ struct cpu_run {
 	u64 deadline;		/* deadline of the running task */
 	u64 started_at;		/* when it started running */
 	u64 burst;		/* its burst before it started */
-	u64 avg_burst;		/* its average burst */
+	u64 exp_burst;		/* its expected burst (task_burst()) */
 };
 
 struct {
@@ -91,14 +93,25 @@ static struct task_ctx *lookup_tctx(struct task_struct *p)
 				    BPF_LOCAL_STORAGE_GET_F_CREATE);
 }
 
+/*
+ * The burst a task is expected to need: its average, or what it has already
+ * used since it woke if that is more. The second term matters for CPU hogs,
+ * which never sleep and so never update their average.
+ */
+static u64 task_burst(struct task_ctx *tctx)
+{
+	return tctx->burst > tctx->avg_burst ? tctx->burst : tctx->avg_burst;
+}
+
 static u64 task_deadline(struct task_struct *p, struct task_ctx *tctx)
 {
-	u64 vtime = p->scx.dsq_vtime, burst;
+	u64 vtime = p->scx.dsq_vtime, burst = task_burst(tctx);
 
 	if (vtime_before(vtime, vtime_now - lag_ns))
 		vtime = vtime_now - lag_ns;
 
-	burst = tctx->avg_burst < slice_ns ? tctx->avg_burst : slice_ns;
+	if (burst > slice_ns)
+		burst = slice_ns;
 	burst = scale_by_task_weight_inverse(p, burst);
 	return vtime + burst / (1 + log2_u64(tctx->wake_freq + 1));
 }
@@ -145,7 +158,7 @@ void BPF_STRUCT_OPS(latency_boost_enqueue, struct task_struct *p, u64 enq_flags)
 		return;
 	ran = cr->burst + time_delta(scx_bpf_now(), cr->started_at);
 	if (ran >= preempt_min_ns && ran > 2 * tctx->avg_burst &&
-	    cr->avg_burst > 2 * tctx->avg_burst)
+	    cr->exp_burst > 2 * tctx->avg_burst)
 		scx_bpf_kick_cpu(cpu, SCX_KICK_PREEMPT);
 }
 
@@ -187,7 +200,7 @@ void BPF_STRUCT_OPS(latency_boost_running, struct task_struct *p)
 		cr->deadline = tctx->deadline ?: p->scx.dsq_vtime;
 		cr->started_at = tctx->started_at;
 		cr->burst = tctx->burst;
-		cr->avg_burst = tctx->avg_burst;
+		cr->exp_burst = task_burst(tctx);
 	}
 }
 
