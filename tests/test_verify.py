@@ -202,6 +202,17 @@ def test_repeat_verify_is_served_from_the_cache(manifest):
     assert not verify_source(fixture("compile_error"), use_cache=False).cached
 
 
+def test_cached_report_is_rebuilt_when_its_object_is_gone(manifest):
+    src = fixture("missing_kfunc")  # reaches the object stage without a VM
+    first = verify_source(src)
+    assert first.object_path and Path(first.object_path).exists()
+    assert verify_source(src).cached
+    Path(first.object_path).unlink()
+    again = verify_source(src)
+    assert not again.cached and Path(again.object_path).exists()
+    assert again.object_sha256 == first.object_sha256  # the build is reproducible
+
+
 def test_policy_parameters_are_checked_against_policy_json(manifest):
     from schedcp_mcp.errors import BadInput, NotFound
 

@@ -164,6 +164,53 @@ def essential_name(name: str) -> str:
     return name
 
 
+_OPS_STRUCTS = (b"sched_ext_ops", b"sched_ext_ops_cid")
+# bytes of type-specific data after the 12-byte header, by kind: fixed, per vlen member
+_EXTRA = {INT: (4, 0), PTR: (0, 0), ARRAY: (12, 0), STRUCT: (0, 12), UNION: (0, 12), ENUM: (0, 8),
+          FWD: (0, 0), TYPEDEF: (0, 0), VOLATILE: (0, 0), CONST: (0, 0), RESTRICT: (0, 0),
+          FUNC: (0, 0), FUNC_PROTO: (0, 8), VAR: (4, 0), DATASEC: (0, 12), FLOAT: (0, 0),
+          DECL_TAG: (4, 0), TYPE_TAG: (0, 0), ENUM64: (0, 12)}
+
+
+def scan_kernel_facts(data: bytes, btf_sha: str = "") -> KernelFacts:
+    """The facts from a kernel's BTF in one pass that decodes only the names it needs (a full
+    `Btf` parse of a 6 MB kernel BTF takes ~0.5 s; this takes a fraction)."""
+    magic, _v, _f, hdr_len = struct.unpack_from("<HBBI", data, 0)
+    if magic != BTF_MAGIC:
+        raise ValueError("not BTF")
+    type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+    strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
+    t = data[hdr_len + type_off: hdr_len + type_off + type_len]
+
+    def name(off: int) -> bytes:
+        return strs[off: strs.index(b"\0", off)]
+
+    func_offs: list[int] = []
+    ops: dict[str, list[str]] = {}
+    helpers: dict[int, str] = {}
+    pos, n, unpack = 0, len(t), struct.unpack_from
+    while pos < n:
+        name_off, info, _ = unpack("<III", t, pos)
+        pos += 12
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        fixed, per = _EXTRA.get(kind, (None, None))
+        if fixed is None:
+            raise ValueError(f"unknown BTF kind {kind}")
+        if kind == FUNC:
+            func_offs.append(name_off)
+        elif kind == STRUCT and name_off and (nm := name(name_off)) in _OPS_STRUCTS:
+            ops[nm.decode()] = [name(unpack("<I", t, pos + 12 * i)[0]).decode() for i in range(vlen)]
+        elif kind == ENUM and name_off and name(name_off) == b"bpf_func_id":
+            for i in range(vlen):
+                e_name, val = unpack("<Ii", t, pos + 8 * i)
+                nm = name(e_name).decode()
+                if nm.startswith("BPF_FUNC_") and nm != "BPF_FUNC_unspec":
+                    helpers[val] = "bpf_" + nm[len("BPF_FUNC_"):]  # as C calls it: bpf_map_lookup_elem
+        pos += fixed + per * vlen
+    funcs = {name(o).decode() for o in set(func_offs)}
+    return KernelFacts(btf_sha, funcs, ops, helpers)
+
+
 def btf_from_vmlinux_elf(path: Path) -> bytes:
     """The .BTF section of an uncompressed vmlinux ELF."""
     from elftools.elf.elffile import ELFFile
@@ -192,15 +239,7 @@ def _facts_for(btf_sha: str, path: str) -> KernelFacts:
         d = json.loads(cache.read_text())
         return KernelFacts(btf_sha, set(d["funcs"]), d["ops_members"],
                            {int(k): v for k, v in d["helper_ids"].items()})
-    btf = Btf(read_btf_file(Path(path)))
-    helpers = {}
-    hit = btf.find(ENUM, "bpf_func_id")
-    if hit:
-        for name, val in hit[1].members:
-            if name.startswith("BPF_FUNC_") and name != "BPF_FUNC_unspec" and name != "__BPF_FUNC_MAX_ID":
-                helpers[val] = "bpf_" + name[len("BPF_FUNC_"):]  # as C calls it: bpf_map_lookup_elem
-    ops = {n: btf.struct_members(n) for n in ("sched_ext_ops", "sched_ext_ops_cid")}
-    facts = KernelFacts(btf_sha, btf.func_names(), {n: m for n, m in ops.items() if m}, helpers)
+    facts = scan_kernel_facts(read_btf_file(Path(path)), btf_sha)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps({"funcs": sorted(facts.funcs), "ops_members": facts.ops_members,

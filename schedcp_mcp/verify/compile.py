@@ -103,6 +103,7 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
     files[SOURCE_NAME] = source.encode()
     include_dirs = list(manifest.toolchain.include_dirs)
     argv = (["clang", *manifest.toolchain.cflags, "-fno-color-diagnostics", "-fno-trigraphs",
+             "-ffile-compilation-dir=.",  # reproducible: no random work dir in the DWARF
              *trusted_flags, *[f"-I{d}" for d in include_dirs],
              "-MD", "-MF", DEPS_NAME, "-c", SOURCE_NAME, "-o", OBJECT_NAME])
     t0 = time.monotonic()

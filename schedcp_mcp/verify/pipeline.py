@@ -180,6 +180,8 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
     timed("setup", t0)
     if use_cache:
         hit = store.cache_get(key)
+        if hit is not None and hit.get("object_path") and not Path(hit["object_path"]).exists():
+            hit = None  # the object was removed: layer 2 needs it, so build it again
         if hit is not None:
             cached = Layer1Report.model_validate(hit)
             cached.cached = True
