@@ -1,0 +1,320 @@
+"""Layer 2: workload parsers (on real tool output), the gates (on recorded facts), and — marked `vm` —
+whole sandbox runs: a stalling scheduler, an erroring one, and a repository policy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from schedcp_mcp.errors import BadInput
+from schedcp_mcp.observe.profile import Goal
+from schedcp_mcp.validate import gates
+from schedcp_mcp.validate.models import Observations, StateSample, StressSummary
+from schedcp_mcp.validate.workloads import (get_workloads, list_workloads, parse, parse_hackbench,
+                                            parse_perf_pipe, parse_probe_time, parse_probe_wakeup,
+                                            parse_stress_ng_cpu, parse_stress_ng_metrics)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "bpf_l2"
+
+# ---------------------------------------------------------------- outputs captured from the real tools
+# (hackbench/perf/stress-ng on this Debian bookworm host; the stress-ng 0.19 one inside the sandbox guest)
+
+HACKBENCH = """Running in process mode with 4 groups using 40 file descriptors each (== 160 tasks)
+Each sender will pass 300 messages of 100 bytes
+Time: 1.124
+"""
+PERF_MESSAGING = """# Running 'sched/messaging' benchmark:
+# 20 sender and receiver processes per group
+# 4 groups == 160 processes run
+
+     Total time: 0.477 [sec]
+"""
+PERF_PIPE = """# Running 'sched/pipe' benchmark:
+# Executed 20000 pipe operations between two processes
+
+     Total time: 0.144 [sec]
+
+       7.243600 usecs/op
+         138052 ops/sec
+"""
+STRESS_NG_HOST = """stress-ng: info:  [18450] setting to a 2 second run per stressor
+stress-ng: info:  [18450] dispatching hogs: 2 cpu
+stress-ng: metrc: [18450] stressor       bogo ops real time  usr time  sys time   bogo ops/s     bogo ops/s
+stress-ng: metrc: [18450]                           (secs)    (secs)    (secs)   (real time) (usr+sys time)
+stress-ng: metrc: [18450] cpu                2768      2.00      1.05      0.01      1383.81        2605.69
+stress-ng: info:  [18450] successful run completed in 2.01s
+"""
+STRESS_NG_GUEST = """stress-ng: info:  [885] setting to a 3 secs run per stressor
+stress-ng: info:  [885] dispatching hogs: 2 cpu, 2 fork, 1 affinity, 2 switch, 1 sleep
+stress-ng: warn:  [885] WARNING! using HPET clocksource (refer to /sys/devices/system/clocksource/clocksource0), this may impact benchmarking performance
+stress-ng: metrc: [885] stressor       bogo ops real time  usr time  sys time   bogo ops/s     bogo ops/s
+stress-ng: metrc: [885]                           (secs)    (secs)    (secs)   (real time) (usr+sys time)
+stress-ng: metrc: [885] cpu                  22      3.38      0.94      0.25         6.52          18.48
+stress-ng: metrc: [885] fork                 32      3.14      0.05      0.57        10.20          51.48
+stress-ng: metrc: [885] affinity           1886      3.05      0.09      1.63       617.58        1097.49
+stress-ng: metrc: [885] switch             1197      3.08      0.03      0.44       388.23        2546.47
+stress-ng: metrc: [885] sleep               276      3.04      0.12      0.99        90.80         249.12
+stress-ng: info:  [885] skipped: 0
+stress-ng: info:  [885] passed: 8: cpu (2) fork (2) affinity (1) switch (2) sleep (1)
+stress-ng: info:  [885] failed: 0
+stress-ng: info:  [885] successful run completed in 3.49 secs
+"""
+PROBE_WAKEUP = ('{"samples": 1306, "p50_us": 306.8, "p90_us": 4662.1, "p99_us": 8175.4, "max_us": 19953.8, '
+                '"hog_loops": 34417, "sleepers": 4, "hogs": 2, "period_us": 2000}\n')
+
+
+def test_parsers_read_real_tool_output():
+    assert parse_hackbench(HACKBENCH) == {"messaging_time_s": 1.124}
+    assert parse_hackbench(PERF_MESSAGING) == {"messaging_time_s": 0.477}
+    assert parse_perf_pipe(PERF_PIPE) == {"pipe_time_s": 0.144, "pipe_usecs_per_op": 7.2436,
+                                          "pipe_ops_per_s": 138052.0}
+    assert parse_stress_ng_cpu(STRESS_NG_HOST)["cpu_bogo_ops_per_s"] == 1383.81
+    rows = parse_stress_ng_metrics(STRESS_NG_GUEST)
+    assert set(rows) == {"cpu", "fork", "affinity", "switch", "sleep"}
+    assert rows["affinity"] == {"bogo_ops": 1886.0, "real_time_s": 3.05, "bogo_ops_per_s": 617.58}
+    w = parse_probe_wakeup(PROBE_WAKEUP)
+    assert w["p99_wakeup_latency_us"] == 8175.4 and w["p50_wakeup_latency_us"] == 306.8
+    assert parse_probe_time('{"elapsed_s": 0.607890, "rc": 0}\n') == {"build_time_s": 0.60789}
+
+
+def test_parsers_name_the_problem_in_bad_output():
+    with pytest.raises(ValueError, match="hackbench time"):
+        parse_hackbench("hackbench: fork failed: Resource temporarily unavailable\n")
+    with pytest.raises(ValueError, match="exited with 3"):
+        parse_probe_time('{"elapsed_s": 0.002, "rc": 3}\n')
+    with pytest.raises(ValueError, match="no cpu stressor"):
+        parse_stress_ng_cpu("stress-ng: error: [1] cpu: cannot allocate\n")
+
+
+@pytest.mark.parametrize("tool,argv,workload", [
+    ("hackbench", ["hackbench", "-g", "1", "-l", "20"], "hackbench"),
+    ("perf", ["perf", "bench", "sched", "pipe", "-l", "2000"], "pipe"),
+    ("stress-ng", ["stress-ng", "--cpu", "1", "--cpu-method", "int64", "-t", "1", "--metrics-brief"], "cpu"),
+])
+def test_parsers_read_the_tools_running_on_this_host(tool, argv, workload):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed on this host")
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        pytest.skip(f"{tool} cannot run here: {p.stderr.strip()[-200:]}")
+    (w,) = get_workloads([workload])
+    values = parse(w, p.stdout + p.stderr)
+    assert values[w.metric] > 0
+
+
+def test_every_workload_has_a_metric_direction_and_parser():
+    ws = list_workloads()
+    assert {w.name for w in ws} == {"hackbench", "pipe", "wakeup", "build", "cpu"}
+    for w in ws:
+        assert w.direction in ("lower", "higher") and w.unit and w.command
+    with pytest.raises(BadInput, match="known: hackbench"):
+        get_workloads(["nope"])
+
+
+def test_probe_built_by_the_sandbox_toolchain_measures_wakeups_on_the_host():
+    from schedcp_mcp.sandbox import image
+
+    if image.load_manifest() is None:
+        pytest.skip("no sandbox image (schedcp sandbox build)")
+    from schedcp_mcp.validate.workloads import ensure_probe
+
+    probe = ensure_probe()
+    p = subprocess.run([str(probe), "wakeup", "-t", "2", "-H", "1", "-p", "1000", "-d", "300"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    v = parse_probe_wakeup(p.stdout)
+    assert 0 <= v["p50_wakeup_latency_us"] <= v["p99_wakeup_latency_us"] <= v["max_wakeup_latency_us"]
+    t = subprocess.run([str(probe), "time", "sh", "-c", "sleep 0.2"], capture_output=True, text=True, timeout=30)
+    assert 0.19 < parse_probe_time(t.stdout)["build_time_s"] < 5
+
+
+# ---------------------------------------------------------------- gates on recorded facts
+
+WL = {w.name: w for w in list_workloads()}
+
+
+def _result(name, base, cand):
+    return gates.summarize(WL[name], base, cand)
+
+
+def test_summary_reports_medians_ratio_noise_and_verdict():
+    r = _result("hackbench", [2.0, 2.1, 1.9], [1.5, 1.6, 1.55])
+    assert r.baseline_stats.median == 2.0 and r.candidate_stats.median == 1.55
+    assert r.ratio == pytest.approx(0.775) and r.verdict == "better"
+    assert r.noise == pytest.approx(0.1)  # (2.1 - 1.9) / 2.0
+    higher = _result("cpu", [100, 101, 99], [90, 91, 89])
+    assert higher.verdict == "worse" and higher.improvement == pytest.approx(-0.1)
+    failed = gates.summarize(WL["pipe"], [1.0], [], errors=["candidate-1: exit 1"])
+    assert failed.verdict == "failed" and failed.ratio is None
+
+
+def test_without_goals_no_workload_may_be_worse_beyond_noise():
+    ok = _result("hackbench", [2.0, 2.1, 1.9], [2.05, 2.1, 2.0])  # within ±10 % noise
+    bad = _result("pipe", [1.0, 1.01, 0.99], [1.3, 1.31, 1.29])
+    g = gates.performance_gates([ok, bad], list_workloads(), None)
+    assert [x.passed for x in g] == [True, False]
+    assert "worse than baseline beyond its noise" in g[1].reason and "ratio 1.300" in g[1].reason
+
+
+def test_goals_map_onto_workloads_in_the_goals_direction():
+    wake = _result("wakeup", [1000, 1100, 900], [700, 720, 690])  # medians 1000 vs 700
+    build = _result("build", [2.0, 2.0, 2.0], [1.6, 1.6, 1.6])     # time 0.8 → throughput 1.25
+    cpu = _result("cpu", [100, 100, 100], [97, 97, 97])
+    goals = [Goal(metric="p99_wakeup_latency_us", direction="lower", target_ratio=0.9),
+             Goal(metric="throughput", direction="higher", target_ratio=0.97)]
+    g = {x.name: x for x in gates.performance_gates([wake, build, cpu], list_workloads(), goals)}
+    assert g["goal:p99_wakeup_latency_us@wakeup"].passed
+    assert g["goal:throughput@build"].passed and "ratio 1.250" in g["goal:throughput@build"].reason
+    assert g["goal:throughput@cpu"].passed  # 0.97 >= 0.97
+    stricter = [Goal(metric="p99_wakeup_latency_us", direction="lower", target_ratio=0.5)]
+    (only,) = [x for x in gates.performance_gates([wake], list_workloads(), stricter) if x.name.startswith("goal")]
+    assert not only.passed and "0.700 > 0.500" in only.reason
+
+
+def test_a_goal_no_workload_measures_fails_with_advice():
+    g = gates.performance_gates([_result("cpu", [1.0], [1.0])], list_workloads(),
+                                [Goal(metric="p99_wakeup_latency_us", direction="lower", target_ratio=0.9)])
+    assert not g[0].passed and "not measured by any workload" in g[0].reason
+
+
+def test_goals_do_not_excuse_a_severe_regression_elsewhere():
+    wake = _result("wakeup", [1000, 1000, 1000], [500, 500, 500])
+    pipe = _result("pipe", [1.0, 1.0, 1.0], [3.0, 3.0, 3.0])
+    g = gates.performance_gates([wake, pipe], list_workloads(),
+                                [Goal(metric="p99_wakeup_latency_us", direction="lower", target_ratio=0.9)])
+    assert {x.name: x.passed for x in g} == {"goal:p99_wakeup_latency_us@wakeup": True,
+                                             "no_severe_regression:pipe": False}
+
+
+def _clean_obs(**kw) -> Observations:
+    base = dict(
+        ops_name="fifo", loads=[{"state": "enabled", "ops": "fifo", "error": None}],
+        loader_exits=[{"ok": True, "uei": {"kind": 64, "kind_name": "SCX_EXIT_UNREG",
+                                           "reason": "unregistered from user space", "message": ""}}],
+        kernel_log=['[ 40.01] sched_ext: BPF scheduler "fifo" enabled',
+                    '[ 59.79] sched_ext: BPF scheduler "fifo" disabled (unregistered from user space)'],
+        timeline=[StateSample(t=41, phase="stress", state="enabled", ops="fifo", nr_rejected=0),
+                  StateSample(t=50, phase="candidate-1", state="enabled", ops="fifo", nr_rejected=0)],
+        stress=StressSummary(duration_s=6, stressors={"cpu": 296, "fork": 135}, samples=5, rc=0),
+        final_state="disabled", final_ops="")
+    base.update(kw)
+    return Observations(**base)
+
+
+def test_a_clean_run_passes_every_correctness_gate():
+    g = gates.correctness_gates(_clean_obs())
+    assert all(x.passed for x in g), [x for x in g if not x.passed]
+    assert gates.verdict(g, [])[0]
+
+
+def test_a_stall_is_reported_in_the_kernels_words():
+    # the kernel log and loader result recorded from the stall fixture in the sandbox
+    obs = _clean_obs(
+        loads=[{"state": "disabled", "ops": "", "error": "the loader exited at enabled: sched_ext state is "
+                "'disabling' after attach, not 'enabled'"}],
+        loader_exits=[], stress=None, final_state="disabled",
+        kernel_log=['[   21.365319] sched_ext: BPF scheduler "stall" enabled',
+                    '[   26.028848] sched_ext: BPF scheduler "stall" disabled (runnable task stall)',
+                    '[   26.029914] sched_ext: stall: schedcp-loader[448] failed to run for 4.460s'])
+    passed, why = gates.verdict(gates.correctness_gates(obs), [])
+    assert not passed and why.startswith("no_stall:")
+    assert "runnable task stall" in why and "failed to run for 4.460s" in why
+
+
+def test_an_error_exit_gives_the_exit_kind_and_message():
+    obs = _clean_obs(loader_exits=[{"ok": True, "uei": {
+        "kind": 1025, "kind_name": "SCX_EXIT_ERROR_BPF", "reason": "scx_bpf_error",
+        "message": "error.bpf.c:33: schedcp test: deliberate error after 5000 context switches"}}])
+    passed, why = gates.verdict(gates.correctness_gates(obs), [])
+    assert not passed and why.startswith("no_error_exit:")
+    assert "SCX_EXIT_ERROR_BPF" in why and "deliberate error after 5000" in why
+
+
+def test_starving_workers_rejected_tasks_and_a_hung_vm_each_fail_with_a_reason():
+    g = {x.name: x for x in gates.correctness_gates(_clean_obs(
+        stress=StressSummary(duration_s=6, stressors={"cpu": 10}, samples=5, rc=0,
+                             stalled_workers=["stress-ng-sleep[91] (no CPU time for 2 periods of 1s)"]),
+        timeline=[StateSample(t=41, phase="stress", state="enabled", ops="fifo", nr_rejected=3)],
+        hang="the guest command did not finish within 90 s; the VM was killed (after candidate-1)"))}
+    assert not g["stressors_progressed"].passed and "stress-ng-sleep[91]" in g["stressors_progressed"].reason
+    assert not g["nr_rejected_zero"].passed and "nr_rejected = 3" in g["nr_rejected_zero"].reason
+    assert not g["vm_responsive"].passed and "did not finish within 90 s" in g["vm_responsive"].reason
+
+
+# ---------------------------------------------------------------- whole runs in the sandbox VM
+
+@pytest.fixture(scope="module")
+def sandbox_vm():
+    from schedcp_mcp.sandbox import image
+    from schedcp_mcp.sandbox.vm import VM
+
+    if image.load_manifest() is None:
+        pytest.skip("no sandbox image (schedcp sandbox build)")
+    holder = {"vm": VM(full=True).start()}
+
+    def get():
+        if not holder["vm"].alive:  # a candidate may take the guest down; the next test gets a fresh one
+            holder["vm"].close(graceful=False)
+            holder["vm"] = VM(full=True).start()
+        return holder["vm"]
+
+    yield get
+    holder["vm"].close()
+
+
+def _layer1(source_path: Path, vm, **kw):
+    from schedcp_mcp.verify.pipeline import verify_source
+
+    r = verify_source(source_path.read_text(), vm=vm, **kw)
+    assert r.accepted, r.errors
+    return r
+
+
+@pytest.mark.vm
+def test_a_scheduler_that_never_dispatches_is_caught_as_a_stall(sandbox_vm):
+    from schedcp_mcp.validate.runner import validate_layer1
+
+    vm = sandbox_vm()
+    res = validate_layer1(_layer1(FIXTURES / "stall.bpf.c", vm), rounds=1, vm=vm,
+                          workloads=["hackbench", "wakeup"])
+    assert not res.passed
+    assert res.failure_reason.startswith("no_stall:") and "runnable task stall" in res.failure_reason
+    assert any("runnable task stall" in ln for ln in res.kernel_log)
+    assert res.workloads[0].baseline and not res.workloads[0].candidate
+
+
+@pytest.mark.vm
+def test_a_scheduler_calling_scx_bpf_error_is_reported_with_its_message(sandbox_vm):
+    from schedcp_mcp.validate.runner import validate_layer1
+
+    vm = sandbox_vm()
+    res = validate_layer1(_layer1(FIXTURES / "error.bpf.c", vm), rounds=1, vm=vm,
+                          workloads=["hackbench", "wakeup"])
+    assert not res.passed
+    assert res.failure_reason.startswith("no_error_exit:")
+    assert "SCX_EXIT_ERROR_BPF" in res.failure_reason and "deliberate error" in res.failure_reason
+    assert res.timeline[-1].state == "disabled"
+
+
+@pytest.mark.vm
+def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm):
+    from schedcp_mcp.validate.runner import validate_layer1
+    from schedcp_mcp.verify.pipeline import verify_policy
+
+    vm = sandbox_vm()
+    l1 = verify_policy("vtime_fair", vm=vm)
+    assert l1.accepted, l1.errors
+    res = validate_layer1(l1, rounds=2, vm=vm)
+    assert all(g.passed for g in res.correctness), [g for g in res.correctness if not g.passed]
+    assert res.rounds == 2 and res.kernel_version and res.kernel_version.startswith("7.")
+    for w in res.workloads:
+        assert len(w.baseline) == 2 and len(w.candidate) == 2, (w.name, w.errors)
+        assert w.ratio and w.ratio > 0 and w.noise is not None
+    phases = {s.phase.split("-")[0] for s in res.timeline}
+    assert {"baseline", "load", "stress", "candidate", "unload"} <= phases
+    assert res.stress and set(res.stress.stressors) == {"cpu", "fork", "affinity", "switch", "sleep"}
+    assert any('"vtime_fair" enabled' in ln for ln in res.kernel_log)
+    assert res.durations["total"] > 0 and res.performance  # perf gates judged (pass or fail by the numbers)
