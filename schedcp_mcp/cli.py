@@ -118,9 +118,14 @@ def is_loopback(host: str) -> bool:
 @click.option("--http", "http", metavar="HOST:PORT", help="serve streamable HTTP instead of stdio")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="file holding the bearer token HTTP clients must send")
-def serve(http: str | None, token_file: Path | None) -> None:
+@click.option("--allow-host-deploy", is_flag=True,
+              help="let MCP clients deploy to this host's kernel (still only with a valid token)")
+def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool) -> None:
     """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`)."""
     from . import server
+
+    if allow_host_deploy:
+        os.environ["SCHEDCP_ALLOW_HOST_DEPLOY"] = "1"
 
     if http is None:
         server.run_stdio()

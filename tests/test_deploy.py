@@ -17,7 +17,7 @@ from schedcp_mcp.sandbox.vm import VM
 
 pytestmark = pytest.mark.vm
 FIXTURES = Path(__file__).parent / "fixtures" / "bpf_deploy"
-LENIENT = [Goal(metric="throughput", direction="higher", target_ratio=0.5, why="test: only correctness")]
+LENIENT = [Goal(metric="wall_time_s", direction="lower", target_ratio=2.0, why="test: correctness matters here")]
 
 
 @pytest.fixture(scope="module")
