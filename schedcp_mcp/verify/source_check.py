@@ -283,15 +283,24 @@ def _check_tokens(t: _Text, trusted, refuse) -> None:
                 refuse("pragma", f"{word}({body if body is not None else '...'}) is refused "
                        "(allowed: once, unroll, pack, diagnostic, loop pragmas)", line)
 
-    # .incbin/.include in inline asm read files at assembly time. Look through string
-    # concatenation ("in" "cbin") and token pasting (in ## cbin): drop blanks, quotes and #.
-    keep = [(i, c) for i, c in enumerate(text) if not (c.isspace() or c in '"#')]
-    squashed = "".join(c for _, c in keep).lower()
-    for needle in ("incbin", ".include"):
-        pos = squashed.find(needle)
-        if pos >= 0:
-            refuse("asm_file_read", f"'{needle.lstrip('.')}' is refused (an assembler directive "
-                   "that reads a file)", t.line_at(keep[pos][0]))
+    # .incbin/.include in inline asm read files at assembly time. Look through string-literal
+    # concatenation (".in" "cbin") and token pasting (in ## cbin); a plain `x.include` field is fine.
+    joined = re.sub(r"\s*##\s*", "", re.sub(r'"\s*"', "", text))
+    for pattern, what in ((r"incbin", "incbin"), (r"\.\s*include\s*\\?[\"<]", "include")):
+        m = re.search(pattern, joined, re.IGNORECASE)
+        if m:
+            # the line: count newlines in `joined` up to the hit (joins never remove newlines
+            # except inside `" \n "` runs, so this is the line or a little before it)
+            line = joined[: m.start()].count("\n") + 1
+            refuse("asm_file_read", f"'.{what}' is refused (an assembler directive that reads a file)",
+                   t.line_at(_nth_line_start(text, line)))
+
+
+def _nth_line_start(text: str, line: int) -> int:
+    pos = 0
+    for _ in range(line - 1):
+        pos = text.find("\n", pos) + 1
+    return pos
 
 
 def license_of(source: str) -> str | None:
