@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from schedcp_mcp import config
 from schedcp_mcp.errors import InfrastructureError
 from schedcp_mcp.sandbox import image, toolchain
 from schedcp_mcp.sandbox.vm import VM, GuestTimeout
@@ -158,9 +160,11 @@ def test_toolchain_runs_unprivileged_and_without_network(manifest):
 
 def test_toolchain_timeout_kills_the_command(manifest):
     t0 = time.monotonic()
-    r = toolchain.run(["sh", "-c", "sleep 60"], timeout_s=1)
+    r = toolchain.run(["sh", "-c", "pwd; sleep 60"], timeout_s=1)
     assert r.timed_out and time.monotonic() - t0 < 10
-    assert not any((Path(manifest.paths.rootfs) / toolchain.WORK_ROOT).iterdir())  # work dir removed
+    workdir = r.stdout.strip()
+    assert workdir.startswith(f"/{toolchain.WORK_ROOT}/")
+    assert not (Path(manifest.paths.rootfs) / workdir.lstrip("/")).exists()  # the work dir was removed
 
 
 # ------------------------------------------------------------------ VM
@@ -276,6 +280,7 @@ def test_named_vm_is_shared_between_processes_and_stops(manifest):
         assert p.stdout.strip() == "shared", p.stderr
     finally:
         assert VM.stop_named(name)
+        shutil.rmtree(config.sandbox_dir() / "vms" / name, ignore_errors=True)
     assert VM.named_status(name) is None
     with pytest.raises(InfrastructureError):
         VM.attach(name)
