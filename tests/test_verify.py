@@ -183,6 +183,17 @@ def test_elf_checks_on_a_compiled_fixture(manifest):
     assert all(facts.has_kfunc(k) for k in info.kfuncs)
 
 
+def test_compiler_jail_reports_files_outside_the_allowlist(manifest):
+    """Defense in depth: even if a source got past source_check, clang runs in the toolchain
+    chroot (host files are not there) and every file it opened is checked."""
+    for src in ('#include <scx/common.bpf.h>\n#include "/etc/debian_version"\n',   # fails to parse
+                '#include <scx/common.bpf.h>\n#include "/etc/hostname"\n'):        # empty: compiles
+        c = compile_source(src, manifest)
+        assert not c.ok and c.object is None
+        assert any(e.code == "include_not_allowed" and "/etc/" in e.message for e in c.errors), c.errors
+        assert all(e.snippet is None for e in c.errors if e.file and e.file.startswith("/etc"))
+
+
 def test_missing_kfunc_is_named_with_the_kernel_version(manifest):
     r = verify_source(fixture("missing_kfunc"))
     assert (r.verdict, r.stage) == ("rejected", "btf")

@@ -111,7 +111,20 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
                         outputs=[OBJECT_NAME, DEPS_NAME])
     seconds = time.monotonic() - t0
     stderr = res.stderr
-    diags = parse_diagnostics(stderr, source.splitlines())
+    allowed = tuple(d.rstrip("/") + "/" for d in include_dirs)
+
+    def outside(path: str) -> bool:
+        norm = posixpath.normpath(path)
+        return not (norm == SOURCE_NAME or norm.startswith("trusted/") or norm.startswith(allowed))
+
+    diags = []
+    for d in parse_diagnostics(stderr, source.splitlines()):
+        if d.file and outside(d.file):
+            # never echo a file we should not have read (its first line would be the snippet)
+            d = VerifyError(stage="compile", code="include_not_allowed",
+                            message=f"the compiler read {d.file}, outside the allowed include "
+                            "directories; refused")
+        diags.append(d)
     result = CompileResult(ok=False, stderr=stderr, seconds=seconds,
                            errors=[d for d in diags if d.severity == "error"],
                            warnings=[d for d in diags if d.severity == "warning"])
@@ -131,12 +144,8 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
 
     # Every file clang opened must be the source, a trusted header, or in the allowlisted dirs.
     result.opened = _deps(res.outputs.get(DEPS_NAME, b"").decode("utf-8", "replace"))
-    allowed = tuple(d.rstrip("/") + "/" for d in include_dirs)
     for p in result.opened:
-        norm = posixpath.normpath(p)
-        if norm == SOURCE_NAME or norm.startswith("trusted/"):
-            continue
-        if not norm.startswith(allowed):
+        if outside(p):
             result.errors.append(VerifyError(stage="compile", code="include_not_allowed",
                                              message=f"the compiler opened {p}, outside the allowed "
                                              "include directories; refused"))
