@@ -284,3 +284,20 @@ def test_named_vm_is_shared_between_processes_and_stops(manifest):
     assert VM.named_status(name) is None
     with pytest.raises(InfrastructureError):
         VM.attach(name)
+
+
+@pytest.mark.vm
+def test_a_forgotten_named_vm_powers_itself_off_when_idle(manifest):
+    name = f"idle-{os.getpid()}"
+    try:
+        v = VM.start_named(name, full=False, idle_timeout_s=3)
+        pid = v.pid
+        v.detach()
+        deadline = time.monotonic() + 60
+        while VM.named_status(name) is not None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert VM.named_status(name) is None
+        assert not Path(f"/proc/{pid}/cmdline").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    finally:
+        VM.stop_named(name)
+        shutil.rmtree(config.sandbox_dir() / "vms" / name, ignore_errors=True)

@@ -1,8 +1,8 @@
 """Performance history: outcomes stored against (policy, parameters, source hash, workload profile),
 and the similarity that lets an outcome on one workload inform the ranking for a similar one.
 
-Similarity of two profiles = 1 - (Euclidean distance of their normalized feature vectors / sqrt(d)),
-in [0, 1]; features are the 0..1 values in `WorkloadProfile.characteristics.features`
+Similarity of two profiles = 1 - (weighted Euclidean distance of their normalized feature vectors /
+sqrt(sum of weights)), in [0, 1] (weights in FEATURE_WEIGHTS); features are the 0..1 values in `WorkloadProfile.characteristics.features`
 (cpu_utilization, wakeup_intensity, preemption, fork_intensity, io; rates on a log scale).
 History score of a policy for a profile = sum(sim_i * reward_i) / (sum(sim_i) + 1) over its outcomes
 on profiles with sim_i >= 0.6 — the +1 shrinks the score toward 0 when evidence is thin.
@@ -98,12 +98,18 @@ def similarity_to_features(a: WorkloadProfile, features: dict[str, float]) -> fl
     return _feature_similarity(fa, features)
 
 
+#: behaviour-shape features weigh more than utilization, which contention on the machine shifts
+FEATURE_WEIGHTS = {"wakeup_intensity": 2.0, "fork_intensity": 2.0, "io": 1.0, "cpu_utilization": 1.0,
+                   "preemption": 0.5}
+
+
 def _feature_similarity(fa: dict[str, float], fb: dict[str, float]) -> float:
     keys = sorted(set(fa) | set(fb))
     if not keys:
         return 0.0
-    d = math.sqrt(sum((fa.get(k, 0.0) - fb.get(k, 0.0)) ** 2 for k in keys))
-    return max(0.0, 1.0 - d / math.sqrt(len(keys)))
+    w = {k: FEATURE_WEIGHTS.get(k, 1.0) for k in keys}
+    d = math.sqrt(sum(w[k] * (fa.get(k, 0.0) - fb.get(k, 0.0)) ** 2 for k in keys))
+    return max(0.0, 1.0 - d / math.sqrt(sum(w.values())))
 
 
 def scorer_for(profile_id: str):

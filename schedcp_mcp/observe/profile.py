@@ -195,7 +195,9 @@ def characterize(tree: ProcessTreeMetrics, wall: float, ncpus: int,
         "io": round(min(1.0, math.log10(1 + io_rate) / 9), 3),
     }
     return Characteristics(
-        cpu_bound=util >= 0.6 and vol / max(parallelism, 0.01) < 500,
+        # CPU-bound: it keeps at least half a CPU busy and rarely sleeps per CPU-second it gets
+        # (utilization alone would call a hog "light" on a machine busy with other work)
+        cpu_bound=parallelism >= 0.5 and vol / max(parallelism, 0.01) < 200,
         latency_sensitive=vol >= 1000,
         many_short_lived_processes=forks >= 20,
         parallelism=round(parallelism, 2),

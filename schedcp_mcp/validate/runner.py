@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shlex
 import time
 from typing import Callable
@@ -93,6 +94,7 @@ class _Run:
         self.extra: dict[str, dict[str, tuple[list[float], list[float]]]] = {w.name: {} for w in workloads}
         self.durations: dict[str, float] = {}
         self.nload = 0
+        self.marker: str | None = None
         self.rounds_done = 0
 
     # ---------------------------------------------------------------- plumbing
@@ -122,8 +124,14 @@ class _Run:
             files["schedcp-probe"] = ensure_probe().read_bytes()
         for w in self.workloads:
             files[f"w_{w.name}.sh"] = (f"PROBE={PROBE_GUEST}\n{w.command}\n").encode()
-        self.step("setup", f"rm -rf {G}; mkdir -p {G} && cp * {G}/ && chmod +x {G}/* && snap setup\n",
-                  timeout_s=60, files=files)
+        self.marker = f"schedcp-l2: begin {secrets.token_hex(4)}"
+        # the kernel log is shared by every validation in this boot: mark where ours starts (at error
+        # level, so that it reaches the console too, for when the guest dies)
+        # a scheduler left attached by an earlier, interrupted run in this VM would make our load fail
+        self.step("setup", "for p in $(pidof schedcp-loader); do kill -TERM $p; done\n"
+                  "i=0; while [ $i -lt 50 ] && [ \"$(cat $SX/state)\" != disabled ]; do sleep 0.1; i=$((i + 1)); done\n"
+                  f"rm -rf {G}; mkdir -p {G} && cp * {G}/ && chmod +x {G}/* && "
+                  f"echo '<3>{self.marker}' >/dev/kmsg; snap setup\n", timeout_s=60, files=files)
 
     def measure(self, side: str, rnd: int) -> None:
         phase = f"{side}-{rnd}"
@@ -251,7 +259,7 @@ echo '@@J'; cat $L/loader.{n}.json 2>/dev/null; echo
 
     def kernel_log(self) -> None:
         out = self.step("kernel-log", "dmesg 2>/dev/null\n", timeout_s=30)
-        self.obs.kernel_log = _kernel_lines(out)
+        self.obs.kernel_log = _kernel_lines(out, self.marker)
 
 
 def _events(text: str, marker: str) -> dict[str, int]:
@@ -264,7 +272,10 @@ def _events(text: str, marker: str) -> dict[str, int]:
     return out
 
 
-def _kernel_lines(text: str, limit: int = 80) -> list[str]:
+def _kernel_lines(text: str, marker: str | None = None, limit: int = 80) -> list[str]:
+    """The sched_ext and kernel-trouble lines after this validation's marker."""
+    if marker and marker in text:
+        text = text[text.rindex(marker) + len(marker):]
     lines = [ln.rstrip() for ln in text.splitlines() if KERNEL_LOG_RE.search(ln)]
     return lines[-limit:]
 
@@ -347,7 +358,7 @@ def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str,
     except InfrastructureError as e:  # GuestTimeout included: vm.run has killed the VM
         if not isinstance(e, GuestTimeout) and vm.alive:
             raise
-        run.obs.kernel_log = _kernel_lines(vm.console())
+        run.obs.kernel_log = _kernel_lines(vm.console(), getattr(run, "marker", None))
         run.obs.hang = _hang_reason(e, run)
     finally:
         if own_vm:
