@@ -30,6 +30,12 @@ fi
 echo "setup: installing the schedcp Python package (editable, with test extras)"
 $PY -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -E "^WARNING: (Running pip as|Location)" || true
 
+# the real Claude Code CLI, for the tests that check it connects (best effort: needs npm)
+if ! command -v claude >/dev/null && command -v npm >/dev/null; then
+  echo "setup: installing the Claude Code CLI (npm) for the client tests"
+  npm install -g --silent @anthropic-ai/claude-code >/dev/null 2>&1 || echo "setup: claude CLI not installed (tests skip)"
+fi
+
 if [ "${SCHEDCP_SKIP_SANDBOX:-0}" != "1" ]; then
   echo "setup: building the sched_ext sandbox image (cached; --force rebuilds)"
   schedcp sandbox build
