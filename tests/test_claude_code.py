@@ -38,5 +38,6 @@ def test_project_mcp_json_connects_once_approved(tmp_path):
     shutil.copy(ROOT / ".mcp.json", proj / ".mcp.json")
     (proj / ".claude" / "settings.local.json").write_text(json.dumps(
         {"enableAllProjectMcpServers": True, "enabledMcpjsonServers": ["schedcp"]}))
+    subprocess.run(["git", "init", "-q", str(proj)], check=True)  # Claude Code's project root
     listing = claude(["mcp", "list"], tmp_path, proj)
     assert "schedcp" in listing and "Connected" in listing, listing
