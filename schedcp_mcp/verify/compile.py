@@ -7,29 +7,24 @@ operator's trusted directories, copied into the work directory. clang writes the
 it opened (`-MD`); anything outside those directories fails the compile even if it got past
 `source_check`.
 
-Most of a compile is clang parsing vmlinux.h (~3 MB) through `scx/common.bpf.h`. When a source
-starts with `#include <scx/common.bpf.h>` (as sched_ext schedulers do), that header comes from a
-precompiled header built once per sandbox image, which halves the compile.
+Most of a compile is clang parsing vmlinux.h (~3 MB). A precompiled `scx/common.bpf.h` halved the
+compile, but clang 19 then leaves the BTF of extern kfuncs declared in the header out of the object
+(libbpf: "failed to find BTF for extern 'bpf_iter_scx_dsq_destroy'"), so every compile parses it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import config
 from ..errors import InfrastructureError
 from .models import VerifyError
-from .source_check import starts_with_include
 
 SOURCE_NAME = "source.bpf.c"
-PCH_NAME = "common.pch"
-PCH_HEADER = "scx/common.bpf.h"
 OBJECT_NAME = "source.bpf.o"
 DEPS_NAME = "source.d"
 MAX_TRUSTED_FILES = 500
@@ -104,60 +99,34 @@ def _deps(text: str) -> list[str]:
 
 
 def _base_argv(manifest) -> list[str]:
-    return ["clang", *manifest.toolchain.cflags, "-fno-color-diagnostics", "-fno-trigraphs",
+    # Without address-space randomisation clang's output does not depend on where it ran
+    # (belt and braces: with -ffile-compilation-dir objects were already reproducible here).
+    norandom = ["setarch", "x86_64", "-R"] if Path(manifest.paths.rootfs, "usr/bin/setarch").exists() else []
+    return [*norandom, "clang", *manifest.toolchain.cflags, "-fno-color-diagnostics", "-fno-trigraphs",
             "-ffile-compilation-dir=.",  # reproducible: no random work dir in the DWARF
             *[f"-I{d}" for d in manifest.toolchain.include_dirs]]
 
 
-def precompiled_header(manifest) -> bytes | None:
-    """`scx/common.bpf.h` precompiled for this image (built on first use, kept next to the image
-    by its build_id); None when it cannot be built (compiles then parse the header as usual)."""
-    from ..sandbox import toolchain
-
-    path = config.sandbox_dir() / "cache" / f"common-{manifest.build_id}.pch"
-    if path.exists():
-        return path.read_bytes()
-    header = f"{manifest.toolchain.include_dirs[0].rstrip('/')}/{PCH_HEADER}"
-    res = toolchain.run([*_base_argv(manifest), "-x", "c-header", header, "-o", PCH_NAME],
-                        timeout_s=120, mem_mb=2048, outputs=[PCH_NAME])
-    data = res.outputs.get(PCH_NAME)
-    if res.rc != 0 or not data:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return data
-
-
 def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, ...] = (),
-                   timeout_s: float = 60, mem_mb: int = 2048, use_pch: bool = True) -> CompileResult:
+                   timeout_s: float = 60, mem_mb: int = 2048) -> CompileResult:
     """Compile `source` (already through `source_check`) with the image's clang and flags."""
     from ..sandbox import toolchain
 
     files, trusted_flags = _trusted_files(tuple(trusted_include_dirs))
     files[SOURCE_NAME] = source.encode()
     include_dirs = list(manifest.toolchain.include_dirs)
-    pch = precompiled_header(manifest) if use_pch and starts_with_include(source, PCH_HEADER) else None
-    if pch is not None:
-        files[PCH_NAME] = pch
-    argv = [*_base_argv(manifest), *trusted_flags, *(["-include-pch", PCH_NAME] if pch else []),
-            "-MD", "-MF", DEPS_NAME, "-c", SOURCE_NAME, "-o", OBJECT_NAME]
+    argv = [*_base_argv(manifest), *trusted_flags, "-MD", "-MF", DEPS_NAME, "-c", SOURCE_NAME,
+            "-o", OBJECT_NAME]
     t0 = time.monotonic()
     res = toolchain.run(argv, workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
                         outputs=[OBJECT_NAME, DEPS_NAME])
     seconds = time.monotonic() - t0
     stderr = res.stderr
-    if pch is not None and res.rc != 0 and re.search(r"precompiled header|PCH|AST file", stderr):
-        # a stale or incompatible PCH must never decide a verdict: compile the plain way
-        return compile_source(source, manifest, trusted_include_dirs=trusted_include_dirs,
-                              timeout_s=timeout_s, mem_mb=mem_mb, use_pch=False)
     allowed = tuple(d.rstrip("/") + "/" for d in include_dirs)
 
     def outside(path: str) -> bool:
         norm = posixpath.normpath(path)
-        return not (norm in (SOURCE_NAME, PCH_NAME) or norm.startswith("trusted/")
-                    or norm.startswith(allowed))
+        return not (norm == SOURCE_NAME or norm.startswith("trusted/") or norm.startswith(allowed))
 
     diags = []
     for d in parse_diagnostics(stderr, source.splitlines()):

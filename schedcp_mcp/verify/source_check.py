@@ -303,13 +303,6 @@ def _nth_line_start(text: str, line: int) -> int:
     return pos
 
 
-def starts_with_include(source: str, header: str) -> bool:
-    """Is the first thing in `source` (comments aside) `#include <header>` (or "header")?"""
-    text = _clean(source).text.lstrip()
-    m = re.match(r"(#|%:)[ \t]*include[ \t]*([<\"])([^>\"\n]*)[>\"]", text)
-    return bool(m) and m.group(3) == header
-
-
 def license_of(source: str) -> str | None:
     m = _LICENSE.search(_clean(source).text)
     return m.group(1) if m else None
