@@ -112,6 +112,8 @@ def verdict_from_loader(result: dict, source_name: str = "source.bpf.c") -> Veri
         why = " — ".join(x for x in (uei.get("reason"), uei.get("message")) if x)
         v.errors.append(VerifyError(stage="verifier", code="attach_failed",
                                     message=f"{error}" + (f" (scheduler exit: {why})" if why and why not in error else "")))
+        if uei.get("dump"):  # the kernel's dump of the scheduler's state when it exited
+            v.log = (log + "\n" if log else "") + "--- scheduler exit dump ---\n" + uei["dump"]
     else:
         code = {"params": "bad_param", "usage": "loader_usage", "kernel": "no_sched_ext"}.get(stage, "loader_failed")
         v.errors.append(VerifyError(stage="verifier", code=code, message=error))
