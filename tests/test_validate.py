@@ -244,6 +244,33 @@ def test_starving_workers_rejected_tasks_and_a_hung_vm_each_fail_with_a_reason()
     assert not g["vm_responsive"].passed and "did not finish within 90 s" in g["vm_responsive"].reason
 
 
+CRASH_CONSOLE = """[    8.113240] schedcp-agent: serving on /dev/vport0p1 (idle poweroff: 0s)
+[    9.000000] schedcp-l2: begin 1a2b3c4d
+[    9.894159] Oops: int3: 0000 [#1] SMP NOPTI
+[    9.894159] CPU: 0 UID: 0 PID: 15 Comm: rcu_preempt Not tainted 7.2.13+deb14-cloud-amd64 #1 PREEMPT(lazy)
+[    9.894159] Sched_ext: error (enabling+all)
+[    9.894159] RIP: 0010:__schedule+0x190/0x1070
+[    9.894159] Kernel panic - not syncing: Fatal exception in interrupt
+"""
+
+
+def test_a_crashed_guest_is_reported_with_the_kernels_oops():
+    from schedcp_mcp.errors import InfrastructureError
+    from schedcp_mcp.validate.runner import _hang_reason, _kernel_lines
+
+    old = '[    5.0] sched_ext: BPF scheduler "stall" disabled (runnable task stall)\n'
+    lines = _kernel_lines(old + CRASH_CONSOLE, "schedcp-l2: begin 1a2b3c4d")
+    assert not any("stall" in ln for ln in lines)  # an earlier validation's lines in the same boot
+    run = type("R", (), {})()
+    run.obs = Observations(ops_name="error", kernel_log=lines,
+                           timeline=[StateSample(t=9, phase="load-1", state="enabled", ops="error")])
+    why = _hang_reason(InfrastructureError("the VM closed the agent channel"), run)
+    assert why.startswith("the guest kernel crashed (after load-1): ")
+    assert "Oops: int3" in why and "Sched_ext: error (enabling+all)" in why
+    g = {x.name: x for x in gates.correctness_gates(_clean_obs(kernel_log=lines, hang=why))}
+    assert not g["vm_responsive"].passed and not g["kernel_healthy"].passed
+
+
 # ---------------------------------------------------------------- whole runs in the sandbox VM
 
 @pytest.fixture(scope="module")

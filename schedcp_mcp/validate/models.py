@@ -93,6 +93,8 @@ class Layer2Result(BaseModel):
     rounds: int = 0
     durations: dict[str, float] = Field({}, description="seconds per phase, and total")
     kernel_version: str | None = None
+    retried_after: list[str] = Field([], description="guest kernel crashes after which the whole run was "
+                                     "repeated in a fresh VM (TCG emulation faults; see runner)")
     note: str = ("timings are from a qemu VM (TCG when KVM is unavailable): only the ratios within this "
                  "one boot are meaningful, not the absolute figures")
 
