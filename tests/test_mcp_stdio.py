@@ -84,3 +84,20 @@ async def test_profile_workload_stores_profile_then_get_profile_finds_it():
 async def test_profiling_a_missing_command_is_a_clear_error():
     res = await call("profile_workload", {"command": ["no-such-program-xyz"], "duration_s": 1})
     assert res.is_error and "command not found" in res.content[0].text
+
+
+async def test_submit_scheduler_refuses_host_file_include_before_compiling():
+    src = '#include "/etc/passwd"\nchar _license[] __attribute__((section("license"))) = "GPL";\n'
+    res = await call("submit_scheduler", {"source": src})
+    assert not res.is_error, res.content
+    data = res.structured_content
+    assert data["layer1"]["verdict"] == "rejected"
+    assert data["layer1"]["stage"] == "source_check"
+    assert any("/etc/passwd" in e["message"] for e in data["layer1"]["errors"])
+
+
+async def test_deploy_with_forged_token_is_refused_and_nothing_loads():
+    res = await call("deploy", {"token": "eyJ2IjoxfQ.AAAA", "target": "sandbox"})
+    assert res.is_error and "signature" in res.content[0].text
+    audit = await call("get_status")
+    assert not audit.is_error
