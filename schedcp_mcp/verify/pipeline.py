@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .. import config, store
+from ..sandbox.vm import GuestTimeout
 from ..errors import BadInput, InfrastructureError
 from . import btf as btfmod
 from . import verifier
@@ -32,6 +33,7 @@ from .source_check import check_source
 Progress = Callable[[str, float], None]
 CACHE_KIND = "layer1"
 CACHE_VERSION = 1  # bump when the report's meaning changes
+LOAD_TIMEOUT_S = 60.0  # load + attach + detach in the guest; seconds normally
 
 
 def _sha(data: bytes | str) -> str:
@@ -274,7 +276,14 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
                     r.durations["vm_boot"] = round(booting.boot_s, 4)
                 t0 = time.monotonic()
                 say("loading in the sandbox kernel (verifier)", 0.8)
-                verdict = verifier.run_in_vm(v, c.object, params, map_sizes=map_sizes)
+                try:
+                    verdict = verifier.run_in_vm(v, c.object, params, map_sizes=map_sizes,
+                                                 timeout_s=LOAD_TIMEOUT_S)
+                except GuestTimeout as e:
+                    # loading hung the guest: say so in the report (not cached: it may be the host)
+                    timed("verifier", t0)
+                    r.errors = [VerifyError(stage="verifier", code="timeout", message=e.message)]
+                    return finish("verifier", "error")
         else:
             say("loading in the host kernel (verifier)", 0.8)
             obj_path = Path(r.object_path)
