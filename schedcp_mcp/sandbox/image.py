@@ -11,7 +11,7 @@ Everything lives under `config.sandbox_dir()`:
                     the guest's tools. /opt/schedcp/include in it holds only the allowlisted headers.
     sched_ext/      tools/sched_ext/ of Debian's linux-source for the same kernel (scx headers and the
                     kernel's example schedulers; GPL-2.0, used from here, never copied into the project)
-    guest/          schedcp-loader (static), initramfs.cpio.gz (small: busybox + loader + agent, for
+    guest/          schedcp-loader and schedcp-agent (static), initramfs.cpio.gz (small: busybox, loader, agent, for
                     verification) and initramfs-full.img (the small one with a tools archive appended,
                     for workloads)
     manifest.json   what was built, from what, with hashes and a build_id for cache keys
@@ -562,27 +562,32 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
         step("schedcp-loader (static libbpf loader)")
         gdir = sd / "guest"
         gdir.mkdir(exist_ok=True)
-        loader = gdir / "schedcp-loader"
+        loader, agent = gdir / "schedcp-loader", gdir / "schedcp-agent"
         lsrc = [GUEST_SRC / "loader.c", GUEST_SRC / "eu_search_shim.c"]
         lfp = _fp([_sha256_file(p) for p in lsrc], rootfs_status_hash)
         if not steps.fresh("loader", lfp, loader):
-            _build_loader(rootfs, lsrc, loader)
+            _build_static(rootfs, lsrc, loader, ["-lbpf", "-lelf", "-lz", "-lzstd"])
             steps.mark("loader", lfp)
+        asrc = [GUEST_SRC / "agent.c"]
+        afp = _fp([_sha256_file(p) for p in asrc], rootfs_status_hash)
+        if not steps.fresh("agent", afp, agent):
+            _build_static(rootfs, asrc, agent, [])
+            steps.mark("agent", afp)
 
         # 8. initramfs images
         step("guest initramfs images")
         small, full = gdir / "initramfs.cpio.gz", gdir / "initramfs-full.img"
         init = GUEST_SRC / "init.sh"
-        gfp = _fp(_sha256_file(init), _sha256_file(loader), rootfs_status_hash, GUEST_TOOLS)
+        gfp = _fp(_sha256_file(init), _sha256_file(loader), _sha256_file(agent), rootfs_status_hash, GUEST_TOOLS)
         if not steps.fresh("initramfs", gfp, small, full):
-            small_gz = _small_initramfs(rootfs, init, loader)
+            small_gz = _small_initramfs(rootfs, init, loader, agent)
             small.write_bytes(small_gz)
             full.write_bytes(small_gz + _tools_archive(rootfs))
             steps.mark("initramfs", gfp)
 
         # 9. manifest
         step("toolchain versions")
-        mfp = _fp(kfp, rfp, hfp, sfp, ifp, lfp, gfp, Manifest.model_fields["schema_version"].default)
+        mfp = _fp(kfp, rfp, hfp, sfp, ifp, lfp, afp, gfp, Manifest.model_fields["schema_version"].default)
         old = load_manifest()
         if old is not None and steps.fresh("manifest", mfp, manifest_path()) and old.paths.rootfs == str(rootfs):
             say("sandbox image is up to date", 1.0)
@@ -596,6 +601,7 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
             "rootfs_dpkg_status": rootfs_status_hash,
             "include_dir": _sha256_tree(inc),
             "loader": _sha256_file(loader),
+            "agent": _sha256_file(agent),
             "initramfs": _sha256_file(small),
             "initramfs_full": _sha256_file(full),
         }
@@ -698,24 +704,25 @@ def _make_include_dir(rootfs: Path, scx: Path, vh: Path, inc: Path) -> None:
         p.chmod(0o755 if p.is_dir() else 0o644)
 
 
-def _build_loader(rootfs: Path, sources: list[Path], out: Path) -> None:
-    work = rootfs / "tmp/schedcp-loader-build"
+def _build_static(rootfs: Path, sources: list[Path], out: Path, libs: list[str]) -> None:
+    """Compile a static guest binary with the rootfs's gcc (the guest has no shared libraries)."""
+    work = rootfs / "tmp/schedcp-static-build"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         for s in sources:
             shutil.copy(s, work / s.name)
-        chroot_run(rootfs, ["gcc", "-O2", "-Wall", "-static", "-o", "/tmp/schedcp-loader-build/schedcp-loader",
-                            *[f"/tmp/schedcp-loader-build/{s.name}" for s in sources],
-                            "-lbpf", "-lelf", "-lz", "-lzstd"], "compiling schedcp-loader")
-        chroot_run(rootfs, ["strip", "/tmp/schedcp-loader-build/schedcp-loader"], "strip schedcp-loader")
-        shutil.copy(work / "schedcp-loader", out)
+        chroot_run(rootfs, ["gcc", "-O2", "-Wall", "-static", "-o", "/tmp/schedcp-static-build/out",
+                            *[f"/tmp/schedcp-static-build/{s.name}" for s in sources], *libs],
+                   f"compiling {out.name}")
+        chroot_run(rootfs, ["strip", "/tmp/schedcp-static-build/out"], f"strip {out.name}")
+        shutil.copy(work / "out", out)
         out.chmod(0o755)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _small_initramfs(rootfs: Path, init: Path, loader: Path) -> bytes:
+def _small_initramfs(rootfs: Path, init: Path, loader: Path, agent: Path) -> bytes:
     c = Cpio()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "etc",
               "sys/fs/bpf", "sys/kernel/debug"):
@@ -725,6 +732,7 @@ def _small_initramfs(rootfs: Path, init: Path, loader: Path) -> bytes:
     c.file("init", init.read_bytes(), 0o755)
     c.file("bin/busybox", (rootfs / "usr/bin/busybox").read_bytes(), 0o755)
     c.file(LOADER_GUEST_PATH, loader.read_bytes(), 0o755)
+    c.file("usr/bin/schedcp-agent", agent.read_bytes(), 0o755)
     c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
     c.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
     return c.gz()

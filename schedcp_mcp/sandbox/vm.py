@@ -5,10 +5,12 @@
     with VM(full=True) as vm:                          # + stress-ng, hackbench, perf (workloads)
         ...
 
-The guest's PID 1 is `guest/init.sh`, which serves a line + exact-length-body protocol over a
-virtio-serial port (`org.schedcp.agent`, built into the Debian cloud kernel) bound to a host unix
-socket: a request is a gzipped tar of the script and its files, the reply a gzipped tar of stdout,
-stderr and the requested output files. One boot serves any number of commands (the warm path).
+The guest's init (`guest/init.sh`) mounts the kernel filesystems and hands PID 1 to `schedcp-agent`
+(`guest/agent.c`), which serves a line + exact-length-body protocol over a virtio-serial port
+(`org.schedcp.agent`; virtio-pci and virtio-console are built into the Debian cloud kernel) bound to a
+host unix socket: a request carries the script, its files and the names of the outputs wanted; the
+reply carries rc, stdout, stderr and those files. One boot serves any number of commands (the warm
+path); the agent forks once per command, which matters under TCG where a fork costs tens of ms.
 
 Every boot, command and shutdown is bounded by a timeout; on a timeout or a dead guest the qemu
 process group is killed and `InfrastructureError` (`GuestTimeout` for a hung command) is raised. An
@@ -28,7 +30,6 @@ from __future__ import annotations
 import atexit
 import fcntl
 import hashlib
-import io
 import json
 import os
 import secrets
@@ -36,7 +37,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
+import struct
 import tempfile
 import time
 import weakref
@@ -577,35 +578,33 @@ def _check_rel(name: str) -> None:
         raise BadInput(f"guest file name {name!r} must be a relative path without '..'")
 
 
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
-    ti = tarfile.TarInfo(name)
-    ti.size = len(data)
-    ti.mode = mode
-    tf.addfile(ti, io.BytesIO(data))
+def _rec(kind: bytes, name: str, data: bytes) -> bytes:
+    n = name.encode()
+    return kind + struct.pack("<II", len(n), len(data)) + n + data
 
 
 def _pack_request(script: str, files: dict[str, bytes], outputs: list[str]) -> bytes:
-    bio = io.BytesIO()
-    with tarfile.open(fileobj=bio, mode="w:gz", compresslevel=1, format=tarfile.USTAR_FORMAT) as tf:
-        _tar_add(tf, "script.sh", script.encode())
-        _tar_add(tf, "outputs.txt", "".join(o + "\n" for o in outputs).encode())
-        for name, data in files.items():
-            _tar_add(tf, "work/" + name, data, 0o755)
-    return bio.getvalue()
+    """Records (see guest/agent.c): the script, the work files, the names of the outputs wanted."""
+    parts = [_rec(b"S", "script.sh", script.encode())]
+    parts += [_rec(b"F", name, data) for name, data in files.items()]
+    parts += [_rec(b"O", name, b"") for name in outputs]
+    return b"".join(parts)
 
 
 def _unpack_result(body: bytes) -> dict:
     out: dict = {"stdout": "", "stderr": "", "outputs": {}}
-    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tf:
-        for m in tf.getmembers():
-            if not m.isfile():
-                continue
-            data = tf.extractfile(m).read()
-            name = m.name.lstrip("./")
-            if name == "stdout":
-                out["stdout"] = data.decode(errors="replace")
-            elif name == "stderr":
-                out["stderr"] = data.decode(errors="replace")
-            elif name.startswith("out/"):
-                out["outputs"][name[4:]] = data
+    off = 0
+    while off + 9 <= len(body):
+        kind = body[off:off + 1]
+        nl, dl = struct.unpack_from("<II", body, off + 1)
+        off += 9
+        name = body[off:off + nl].decode(errors="replace")
+        data = body[off + nl:off + nl + dl]
+        off += nl + dl
+        if kind == b"o":
+            out["stdout"] = data.decode(errors="replace")
+        elif kind == b"e":
+            out["stderr"] = data.decode(errors="replace")
+        elif kind == b"F":
+            out["outputs"][name] = data
     return out
