@@ -288,9 +288,10 @@ EXAMPLES_THAT_NEED_MORE = {
     "scx_userland": ("attach_failed", "User scheduler pid uninitialized"),
     # its C loader sizes pair_ctx to nr_cpus/2; left at 0 the kernel refuses to create the map
     "scx_pair": ("load_failed", "map 'pair_ctx': failed to create: Invalid argument"),
-    # 7.2's qmap keeps its queues in a BPF arena; clang 19 (trixie) emits an arena pointer access
-    # without addr_space_cast and the verifier refuses it. A toolchain gap, not a layer-1 bug: when
-    # the toolchain's clang is new enough this entry must go (the test then demands acceptance).
+    # 7.2's qmap keeps its queues in a BPF arena; clang emits one arena pointer store without an
+    # addr_space_cast and the verifier refuses it (measured with trixie's clang 19 and sid's
+    # clang 21.1.8 alike, at scx_qmap.bpf.c:324). Not a layer-1 bug: if a toolchain or kernel
+    # update fixes it, this entry must go (the test then demands acceptance).
     "scx_qmap": ("verifier_rejected", "invalid mem access 'scalar'"),
 }
 
