@@ -143,6 +143,28 @@ def test_verifier_log_gives_program_insn_source_line_and_message():
     assert e.message.startswith("R1 unbounded memory access")
 
 
+def test_loader_results_become_structured_errors():
+    """Loader JSON as it came back from the sandbox kernel for three failure kinds."""
+    from schedcp_mcp.verify.verifier import verdict_from_loader
+
+    missing = verdict_from_loader({"ok": False, "stage": "load", "error": "rejected", "log":
+        "libbpf: extern (func ksym) 'scx_bpf_teleport_task': not found in kernel or module BTFs\n"
+        "libbpf: failed to load object 'obj.bpf.o'\n"})
+    assert missing.errors[0].code == "missing_kfunc" and "scx_bpf_teleport_task" in missing.errors[0].message
+    pair = verdict_from_loader({"ok": False, "stage": "load", "error": "rejected", "log":
+        "libbpf: Error in bpf_create_map_xattr(pair_ctx):Invalid argument(-22). Retrying without BTF.\n"
+        "libbpf: map 'pair_ctx': failed to create: Invalid argument(-22)\n"
+        "libbpf: failed to load object 'obj.bpf.o'\n"})
+    assert pair.errors[0].message == "map 'pair_ctx': failed to create: Invalid argument(-22)"
+    user = verdict_from_loader({"ok": False, "stage": "enabled", "log": "", "programs": [
+        {"name": "userland_init", "loaded": True, "verified_insns": 19}],
+        "error": "sched_ext state is 'disabled' after attach, not 'enabled': scx_bpf_error",
+        "uei": {"kind": 1025, "reason": "scx_bpf_error", "dump": "CPU states ...",
+                "message": "scx_userland.bpf.c:322: User scheduler pid uninitialized (0)"}})
+    assert user.errors[0].code == "attach_failed" and "pid uninitialized" in user.errors[0].message
+    assert user.verified_insns == {"userland_init": 19} and "CPU states" in user.log
+
+
 def test_host_btf_facts_are_read_and_cached():
     if not btf.HOST_BTF.exists():
         pytest.skip("host kernel has no BTF")
@@ -234,6 +256,23 @@ def test_policy_parameters_are_checked_against_policy_json(manifest):
 
 
 # --- the real kernel verifier in the sandbox VM --------------------------------------------------
+
+@pytest.mark.vm
+def test_cold_verify_boots_while_compiling_and_drops_the_vm_on_early_rejection(manifest):
+    import psutil
+
+    r = verify_source(fixture("compile_error"), use_cache=False)  # no VM given: a cold verify
+    assert r.stage == "compile"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        kids = [p for p in psutil.Process().children(recursive=True) if "qemu" in p.name()]
+        if not kids:
+            break
+        time.sleep(0.2)
+    assert not kids, "the VM booted for a rejected candidate is still running"
+    cold = verify_source(fixture("minimal"), use_cache=False)
+    assert cold.verdict == "accepted" and cold.durations["vm_boot"] > 0
+
 
 @pytest.mark.vm
 def test_minimal_scheduler_is_accepted_by_the_kernel(vm, manifest):
