@@ -83,6 +83,9 @@ def inspect_object(data: bytes) -> ElfInfo:
 
     # -- programs and what they call
     progs: dict[tuple[int, int], ProgramInfo] = {}
+    calls: dict[tuple[int, int], set[tuple[int, int]]] = {}  # (section, func start) -> call targets
+    sizes = {(s["st_shndx"], s["st_value"]): s["st_size"] // 8 for s in symbols
+             if s["st_info"]["type"] == "STT_FUNC" and isinstance(s["st_shndx"], int)}
     kfuncs: dict[str, bool] = {}  # name -> weak
     helpers: set[int] = set()
     for idx, sec in enumerate(sections):
@@ -102,6 +105,16 @@ def inspect_object(data: bytes) -> ElfInfo:
             if code[off] != BPF_CALL:
                 continue
             sym = relocated.get(off)
+            imm = struct.unpack_from("<i", code, off + 4)[0]
+            caller_fn = next((f for f in funcs if f["st_value"] <= off < f["st_value"] + f["st_size"]), None)
+            if sym is not None and isinstance(sym["st_shndx"], int):
+                # a BPF-to-BPF call into another section (usually .text): symbol + imm + 1 slots
+                target = (sym["st_shndx"], sym["st_value"] + (imm + 1) * 8)
+                calls.setdefault((idx, caller_fn["st_value"] if caller_fn else 0), set()).add(target)
+            elif sym is None and code[off + 1] >> 4 == 1:
+                # a BPF-to-BPF call within the section: pc + imm + 1
+                calls.setdefault((idx, caller_fn["st_value"] if caller_fn else 0), set()).add(
+                    (idx, off + (imm + 1) * 8))
             if sym is not None:
                 if sym["st_shndx"] == "SHN_UNDEF" and sym.name:
                     kfuncs[sym.name] = sym["st_info"]["bind"] == "STB_WEAK"
@@ -111,7 +124,7 @@ def inspect_object(data: bytes) -> ElfInfo:
                     if caller not in users:
                         users.append(caller)
             elif code[off + 1] >> 4 == 0:
-                helpers.add(struct.unpack_from("<i", code, off + 4)[0])
+                helpers.add(imm)
     info.kfuncs = sorted(k for k, weak in kfuncs.items() if not weak)
     info.weak_kfuncs = sorted(k for k, weak in kfuncs.items() if weak)
     info.helper_ids = sorted(helpers)
@@ -129,9 +142,22 @@ def inspect_object(data: bytes) -> ElfInfo:
     else:
         _read_ops(elf, sections, symbols, rels, link, progs, info)
 
+    for key, prog in progs.items():
+        prog.subprog_insns = sum(sizes.get(f, 0) for f in _reachable(key, calls) if f != key)
     info.programs = list(progs.values())
-    info.hot_path_insns = sum(p.insns for p in info.programs if p.callback in HOT_CALLBACKS)
+    info.hot_path_insns = sum(p.insns + p.subprog_insns for p in info.programs
+                              if p.callback in HOT_CALLBACKS)
     return info
+
+
+def _reachable(start: tuple[int, int], calls: dict) -> set[tuple[int, int]]:
+    seen, todo = {start}, [start]
+    while todo:
+        for target in calls.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
 
 
 def _read_ops(elf, sections, symbols, rels, link, progs, info: ElfInfo) -> None:

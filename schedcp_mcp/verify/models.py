@@ -32,6 +32,8 @@ class ProgramInfo(BaseModel):
     section: str = Field(description="ELF section, e.g. struct_ops/fifo_enqueue")
     callback: str | None = Field(None, description="sched_ext_ops member it implements, e.g. enqueue")
     insns: int = Field(description="Instructions in the object (before the verifier)")
+    subprog_insns: int = Field(0, description="Instructions of the non-inlined functions it calls "
+                               "(BPF-to-BPF calls, transitively)")
     verified_insns: int | None = Field(None, description="Instructions the kernel verifier processed")
 
 
@@ -51,7 +53,8 @@ class Layer1Report(BaseModel):
     helpers: list[str] = []
     license: str | None = None
     hot_path_insns: int = Field(0, description="Instructions in enqueue/dispatch/select_cpu/running/"
-                                "stopping (object size, excluding called subprograms): an overhead hint")
+                                "stopping and the functions they call (object size, before the "
+                                "verifier): an overhead hint")
     kernel_version: str | None = None
     source_sha256: str = ""
     object_sha256: str | None = None
