@@ -168,8 +168,8 @@ def correctness_gates(obs: Observations) -> list[Gate]:
         elif st.rc not in (0, None):
             add("stressors_progressed", False, f"stress-ng exited with {st.rc}")
         else:
-            add("stressors_progressed", True, f"{len(st.stressors)} stressors all progressed over {st.samples} "
-                f"samples in {st.duration_s:.1f}s")
+            add("stressors_progressed", True, f"{len(st.stressors)} stressors all progressed; {st.workers} workers "
+                f"followed over {st.samples} samples in {st.duration_s:.1f}s")
 
     trouble = [ln for ln in obs.kernel_log if KERNEL_TROUBLE_RE.search(ln)]
     add("kernel_healthy", not trouble, "no kernel BUG/WARNING/lockup lines" if not trouble else

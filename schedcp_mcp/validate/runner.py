@@ -236,6 +236,7 @@ cat $L/stress.out
             st.samples += 1
             for m in re.finditer(r"^@@P (\d+) \((\S+)\) (\d+)$", block, re.M):
                 series.setdefault(f"{m.group(2)}[{m.group(1)}]", []).append(int(m.group(3)))
+        st.workers = len(series)
         for worker, ticks in series.items():
             for i in range(len(ticks) - STALL_SAMPLES + 1):
                 if ticks[i + STALL_SAMPLES - 1] == ticks[i]:
