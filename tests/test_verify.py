@@ -216,6 +216,20 @@ def test_compiler_jail_reports_files_outside_the_allowlist(manifest):
         assert all(e.snippet is None for e in c.errors if e.file and e.file.startswith("/etc"))
 
 
+def test_hot_path_counts_the_functions_callbacks_call(manifest):
+    examples = Path(manifest.paths.scx_examples_dir)
+    c = compile_source((examples / "scx_flatcg.bpf.c").read_text(), manifest,
+                       trusted_include_dirs=(examples,))
+    assert c.ok, c.errors
+    info = inspect_object(c.object)
+    progs = {p.callback: p for p in info.programs}
+    # fcg_runnable is a few instructions calling the non-inlined update_active_weight_sums()
+    assert progs["runnable"].insns < 30 < progs["runnable"].subprog_insns
+    assert info.hot_path_insns == sum(p.insns + p.subprog_insns for p in info.programs
+                                      if p.callback in ("select_cpu", "enqueue", "dispatch",
+                                                        "running", "stopping"))
+
+
 def test_missing_kfunc_is_named_with_the_kernel_version(manifest):
     r = verify_source(fixture("missing_kfunc"))
     assert (r.verdict, r.stage) == ("rejected", "btf")
