@@ -158,10 +158,24 @@ def run_in_vm(vm, obj: bytes, params: dict[str, str], *, map_sizes=None, timeout
 
 def run_on_host(obj_path: Path, params: dict[str, str], *, loader: Path, map_sizes=None,
                 timeout_s: float = 60) -> VerifierVerdict:
+    """Load `obj_path` in the host kernel: the verifier only, never attached.
+
+    In the sandbox `--verify` also attaches the scheduler for a moment (its `init` runs), which is
+    the point there. On the host that moment would put an unvalidated scheduler in charge of the
+    real machine — a deploy without a token — so the host target needs a loader that can load
+    without attaching (`--load-only`) and refuses otherwise."""
     if not host_can_load():
         raise InfrastructureError("the host kernel has no sched_ext (or we are not root)",
                                   "use --target sandbox")
-    argv = [str(loader)] + loader_argv(str(obj_path), params, map_sizes)
+    try:
+        usage = subprocess.run([str(loader)], capture_output=True, text=True, timeout=10).stderr
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise InfrastructureError(f"cannot run the loader {loader}: {e}") from e
+    if "--load-only" not in usage:
+        raise InfrastructureError("this loader cannot load without attaching, and layer 1 must not "
+                                  "attach an unvalidated scheduler to the host",
+                                  "verify with --target sandbox; deploy to the host with a token")
+    argv = [str(loader)] + loader_argv(str(obj_path), params, map_sizes) + ["--load-only"]
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
