@@ -95,7 +95,7 @@ class Toolchain(BaseModel):
 
 
 class Manifest(BaseModel):
-    schema_version: int = 2
+    schema_version: int = 3
     built_at: str
     sandbox_dir: str
     kernel_version: str = Field(description="uname -r of the sandbox kernel")
@@ -107,6 +107,7 @@ class Manifest(BaseModel):
     sizes: dict[str, int] = Field(description="bytes of the initramfs images and the loader")
     hashes: dict[str, str] = Field(description="sha256 of the artifacts")
     build_id: str = Field(description="hash of kernel + toolchain + guest artifacts; part of cache keys")
+    sources_sha: str = Field("", description="hash of the checkout's guest sources the image was built from")
     build_seconds: float = 0.0
 
 
@@ -136,6 +137,14 @@ def _install_hint(tool: str) -> str:
     pkg = {"mmdebstrap": "mmdebstrap", "apt-get": "apt", "dpkg-deb": "dpkg", "zstd": "zstd",
            "qemu-system-x86_64": "qemu-system-x86", "unshare": "util-linux"}.get(tool, tool)
     return f"install it, e.g. `apt-get install {pkg}`"
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace a file in one step: a VM booting from it, or a reader, never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    tmp.replace(path)
 
 
 def _sha256_file(p: Path) -> str:
@@ -425,10 +434,21 @@ def load_manifest() -> Manifest | None:
         return None
 
 
+def sources_sha() -> str:
+    """Hash of what this checkout builds into the image (guest sources, package lists): when it
+    differs from the manifest's, the image is out of date (e.g. after a pull that changed loader.c)."""
+    h = hashlib.sha256(json.dumps([ROOTFS_SUITE, ROOTFS_PACKAGES, GUEST_TOOLS, INCLUDE_DIRS, BPF_CFLAGS]).encode())
+    for p in sorted(GUEST_SRC.iterdir()):
+        if p.is_file():
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def ensure(progress: Progress | None = None) -> Manifest:
-    """The manifest of a complete image, building it on first need."""
+    """The manifest of a complete, up-to-date image, building (only what is missing or stale) on need."""
     m = load_manifest()
-    if m is not None and Path(m.paths.initramfs).exists() and Path(m.paths.rootfs, "usr/bin/clang").exists():
+    if (m is not None and m.sources_sha == sources_sha() and Path(m.paths.initramfs).exists()
+            and Path(m.paths.rootfs, "usr/bin/clang").exists()):
         return m
     return build(progress=progress)
 
@@ -581,8 +601,8 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
         gfp = _fp(_sha256_file(init), _sha256_file(loader), _sha256_file(agent), rootfs_status_hash, GUEST_TOOLS)
         if not steps.fresh("initramfs", gfp, small, full):
             small_gz = _small_initramfs(rootfs, init, loader, agent)
-            small.write_bytes(small_gz)
-            full.write_bytes(small_gz + _tools_archive(rootfs))
+            _atomic_write(small, small_gz)
+            _atomic_write(full, small_gz + _tools_archive(rootfs))
             steps.mark("initramfs", gfp)
 
         # 9. manifest
@@ -590,6 +610,9 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
         mfp = _fp(kfp, rfp, hfp, sfp, ifp, lfp, afp, gfp, Manifest.model_fields["schema_version"].default)
         old = load_manifest()
         if old is not None and steps.fresh("manifest", mfp, manifest_path()) and old.paths.rootfs == str(rootfs):
+            if old.sources_sha != sources_sha():  # a source change that changed no artifact
+                old.sources_sha = sources_sha()
+                _write_manifest(old)
             say("sandbox image is up to date", 1.0)
             return old
         toolchain = _toolchain_versions(rootfs)
@@ -628,14 +651,19 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
                    "loader": loader.stat().st_size},
             hashes=hashes,
             build_id=build_id,
+            sources_sha=sources_sha(),
             build_seconds=round(time.monotonic() - t_start, 1),
         )
-        tmp = manifest_path().with_suffix(".tmp")
-        tmp.write_text(m.model_dump_json(indent=2))
-        tmp.replace(manifest_path())
+        _write_manifest(m)
         steps.mark("manifest", mfp)
         say("sandbox image built", 1.0)
         return m
+
+
+def _write_manifest(m: Manifest) -> None:
+    tmp = manifest_path().with_suffix(".tmp")
+    tmp.write_text(m.model_dump_json(indent=2))
+    tmp.replace(manifest_path())
 
 
 class _BuildLock:
@@ -688,8 +716,10 @@ def _extract_sched_ext(apt: _Apt, k: dict[str, str], sd: Path, scx: Path) -> Non
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _make_include_dir(rootfs: Path, scx: Path, vh: Path, inc: Path) -> None:
-    """Only libbpf's bpf/*.h, scx/*.h, bpf-compat, vmlinux.h and asm-generic/errno*.h."""
+def _make_include_dir(rootfs: Path, scx: Path, vh: Path, final: Path) -> None:
+    """Only libbpf's bpf/*.h, scx/*.h, bpf-compat, vmlinux.h and asm-generic/errno*.h. Built aside and
+    swapped in, so that a compile running meanwhile sees the old or the new directory, whole."""
+    inc = final.with_name(final.name + ".new")
     shutil.rmtree(inc, ignore_errors=True)
     (inc / "bpf").mkdir(parents=True)
     (inc / "asm-generic").mkdir()
@@ -702,6 +732,12 @@ def _make_include_dir(rootfs: Path, scx: Path, vh: Path, inc: Path) -> None:
     shutil.copy(vh, inc / "vmlinux.h")
     for p in [inc, *inc.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    inc.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_static(rootfs: Path, sources: list[Path], out: Path, libs: list[str]) -> None:
@@ -716,8 +752,7 @@ def _build_static(rootfs: Path, sources: list[Path], out: Path, libs: list[str])
                             *[f"/tmp/schedcp-static-build/{s.name}" for s in sources], *libs],
                    f"compiling {out.name}")
         chroot_run(rootfs, ["strip", "/tmp/schedcp-static-build/out"], f"strip {out.name}")
-        shutil.copy(work / "out", out)
-        out.chmod(0o755)
+        _atomic_write(out, (work / "out").read_bytes(), 0o755)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
