@@ -188,6 +188,9 @@ def check_source(source: str, *, trusted_include_dirs: tuple[Path, ...] | list[P
     """Every reason to refuse `source` before compiling it (empty list: go ahead)."""
     trusted = tuple(Path(d) for d in trusted_include_dirs)
     errors: list[VerifyError] = []
+    size = len(source.encode("utf-8", "surrogatepass"))
+    # clang ends a line at "\n", "\r\n" and a lone "\r": read lines the same way
+    source = source.replace("\r\n", "\n").replace("\r", "\n")
     physical = source.splitlines()
 
     def refuse(code: str, message: str, line: int | None = None) -> None:
@@ -195,7 +198,6 @@ def check_source(source: str, *, trusted_include_dirs: tuple[Path, ...] | list[P
         errors.append(VerifyError(stage="source_check", code=code, message=message, line=line,
                                   file="source.bpf.c" if line else None, snippet=snippet))
 
-    size = len(source.encode("utf-8", "surrogatepass"))
     if size > MAX_SOURCE_BYTES:
         refuse("too_large", f"source is {size} bytes, the limit is {MAX_SOURCE_BYTES}")
         return errors
