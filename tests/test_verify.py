@@ -80,6 +80,8 @@ def test_include_etc_passwd_is_refused_before_compiling():
     ('%:include "/etc/passwd"', "absolute"),
     ('??=include "/etc/passwd"', "trigraph"),
     ('int x;\r#include "/etc/passwd"', "absolute"),  # a lone CR ends a line for clang too
+    ('\ufeff#include "/etc/passwd"', "absolute"),     # clang skips a leading byte-order mark
+    ('#__include_macros "/etc/passwd"', "refused"),
 ])
 def test_file_reading_constructs_are_refused(line, why):
     errors = check_source(line + OK_TAIL)

@@ -191,6 +191,7 @@ def check_source(source: str, *, trusted_include_dirs: tuple[Path, ...] | list[P
     size = len(source.encode("utf-8", "surrogatepass"))
     # clang ends a line at "\n", "\r\n" and a lone "\r": read lines the same way
     source = source.replace("\r\n", "\n").replace("\r", "\n")
+    source = source.removeprefix("\ufeff")  # clang skips a byte-order mark before the first line
     physical = source.splitlines()
 
     def refuse(code: str, message: str, line: int | None = None) -> None:
@@ -253,6 +254,8 @@ def _check_line(logical: str, line_no: int, trusted, refuse) -> None:
             refuse("include_not_allowed", why, line_no)
     elif directive == "embed":
         refuse("embed", "#embed is refused (it reads a file into the program)", line_no)
+    elif re.search(r"include|import|embed", directive):  # e.g. clang's #__include_macros
+        refuse("include_not_allowed", f"#{directive} is refused", line_no)
     elif directive == "pragma":
         body = rest.strip()
         if not ALLOWED_PRAGMAS.match(body):
