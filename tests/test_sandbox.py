@@ -301,3 +301,23 @@ def test_a_forgotten_named_vm_powers_itself_off_when_idle(manifest):
     finally:
         VM.stop_named(name)
         shutil.rmtree(config.sandbox_dir() / "vms" / name, ignore_errors=True)
+
+
+@pytest.mark.vm
+def test_an_ephemeral_vm_does_not_outlive_a_killed_owner(manifest):
+    code = ("import os, sys; from schedcp_mcp.sandbox.vm import VM; v = VM().start(); "
+            "print(v.pid, flush=True); sys.stdin.read()")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        pid = int(owner.stdout.readline())
+        assert b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        owner.kill()  # no atexit, no finalizer
+        owner.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and Path(f"/proc/{pid}/cmdline").exists() \
+                and b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            time.sleep(0.2)
+        assert not Path(f"/proc/{pid}/cmdline").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    finally:
+        owner.kill()

@@ -14,7 +14,9 @@ path); the agent forks once per command, which matters under TCG where a fork co
 
 Every boot, command and shutdown is bounded by a timeout; on a timeout or a dead guest the qemu
 process group is killed and `InfrastructureError` (`GuestTimeout` for a hung command) is raised. An
-ephemeral VM never outlives its owner: close() / the context manager / a finalizer / atexit kill it.
+ephemeral VM never outlives its owner: close() / the context manager / a finalizer / atexit kill it,
+and should the owner die without running any of them (SIGKILL), the guest sees the channel close and
+powers itself off.
 
 Named VMs are long-lived and shared between processes (`VM.start_named("staging")`,
 `VM.attach("staging")`, `VM.stop_named("staging")`): their pid, socket and console log live in
@@ -237,6 +239,20 @@ def _pid_alive(pid: int, sock: str) -> bool:
         return False
 
 
+def _sweep_stale_tmpdirs(min_age_s: float = 120) -> None:
+    """Remove the temporary dirs of ephemeral VMs whose owner died without cleaning up."""
+    for d in Path(tempfile.gettempdir()).glob("schedcp-vm-*"):
+        try:
+            if time.time() - d.stat().st_mtime < min_age_s:
+                continue
+            pid = int((d / "qemu.pid").read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and _pid_alive(pid, str(d)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
 class VM:
     """A sched_ext sandbox VM. See the module docstring."""
 
@@ -261,6 +277,7 @@ class VM:
         self._detached = _detached
         self._tmpdir: str | None = None
         if _vmdir is None:
+            _sweep_stale_tmpdirs()
             self._tmpdir = tempfile.mkdtemp(prefix="schedcp-vm-")
             _vmdir = Path(self._tmpdir)
         self.dir = _vmdir
@@ -275,7 +292,7 @@ class VM:
         initrd = m.paths.initramfs_full if self.full else m.paths.initramfs
         # quiet: a serial console is slow under TCG; panic=-1 + -no-reboot: a panic ends qemu
         append = (f"console=ttyS0 quiet panic=-1 mitigations=off cryptomgr.notests "
-                  f"schedcp.idle={int(self.idle_timeout_s)}")
+                  f"schedcp.idle={int(self.idle_timeout_s)} schedcp.ephemeral={0 if self._detached else 1}")
         if self.extra_cmdline:
             append += " " + self.extra_cmdline
         if self.accel == "kvm":

@@ -14,7 +14,9 @@
  * return. Reply kinds: 'o' stdout, 'e' stderr, 'F' an output file that existed.
  * The script runs as `sh script` in a fresh work dir, stdin /dev/null; the channel is close-on-exec, so
  * background jobs never hold it. With an idle timeout (argv[2] seconds, 0 = none) the guest powers off
- * when no request came for that long. As PID 1 it also reaps orphaned processes.
+ * when no request came for that long; an ephemeral VM (argv[3] = 1) powers off as soon as the host
+ * closes the channel, so a VM never outlives the process that booted it, however that process died.
+ * As PID 1 it also reaps orphaned processes.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -327,10 +329,11 @@ static void handle_run(const char *id, size_t len)
 int main(int argc, char **argv)
 {
 	if (argc < 2) {
-		fprintf(stderr, "usage: schedcp-agent DEVICE [IDLE_SECONDS]\n");
+		fprintf(stderr, "usage: schedcp-agent DEVICE [IDLE_SECONDS [EPHEMERAL]]\n");
 		return 2;
 	}
 	double idle = argc > 2 ? atof(argv[2]) : 0;
+	int ephemeral = argc > 3 && atoi(argv[3]);
 	ch = open(argv[1], O_RDWR | O_CLOEXEC | O_NOCTTY);
 	if (ch < 0) {
 		perror(argv[1]);
@@ -350,6 +353,11 @@ int main(int argc, char **argv)
 				in_len = 0; /* garbage without newlines: drop it */
 			int r = fill(1000);
 			reap();
+			if (r < 0 && ephemeral) {
+				/* the VM's owner is gone (even SIGKILLed: its socket closed): do not outlive it */
+				fprintf(stderr, "schedcp-agent: the host closed the channel, powering off\n");
+				power_off();
+			}
 			if (r < 0)
 				usleep(100000); /* no host connected */
 			if (r <= 0 && idle > 0 && now() - last >= idle) {

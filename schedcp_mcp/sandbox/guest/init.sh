@@ -6,7 +6,8 @@
 # Mounts the kernel filesystems a sched_ext sandbox needs (proc, sys, devtmpfs, debugfs, tracefs,
 # bpffs, cgroup2, tmpfs), finds the agent channel (a virtio-serial port named org.schedcp.agent, or
 # ttyS1), and hands over to schedcp-agent (agent.c), which serves the host's requests over it. The
-# idle poweroff delay comes from the kernel command line (schedcp.idle=SECONDS, 0 = never).
+# idle poweroff delay comes from the kernel command line (schedcp.idle=SECONDS, 0 = never), and so does
+# schedcp.ephemeral=1: power off as soon as the host closes the channel (the owner died).
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -30,9 +31,11 @@ ulimit -l unlimited 2>/dev/null
 ulimit -n 65536 2>/dev/null
 
 idle=0
+ephemeral=0
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	schedcp.idle=*) idle=${arg#schedcp.idle=} ;;
+	schedcp.ephemeral=*) ephemeral=${arg#schedcp.ephemeral=} ;;
 	esac
 done
 
@@ -50,4 +53,4 @@ if [ -z "$dev" ]; then
 fi
 echo "schedcp-agent: serving on $dev (idle poweroff: ${idle}s)" >/dev/kmsg
 
-exec /usr/bin/schedcp-agent "$dev" "$idle"
+exec /usr/bin/schedcp-agent "$dev" "$idle" "$ephemeral"
