@@ -45,7 +45,7 @@ import time
 import weakref
 from pathlib import Path, PurePosixPath
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import config
 from ..errors import BadInput, InfrastructureError
@@ -62,6 +62,8 @@ class GuestTimeout(InfrastructureError):
 
 
 class GuestResult(BaseModel):
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
     rc: int
     stdout: str
     stderr: str
