@@ -233,6 +233,19 @@ def test_hot_path_counts_the_functions_callbacks_call(manifest):
                                                         "running", "stopping"))
 
 
+def test_macro_built_incbin_is_caught_after_preprocessing(manifest):
+    """Two levels of macros build `.incbin` out of pieces the source checks cannot see; the
+    preprocessed output shows it whole. (Measured: the BPF assembler does run .incbin.)"""
+    src = ('#include <scx/common.bpf.h>\nchar _license[] SEC("license") = "GPL";\n'
+           "#define CAT(a, b) a##b\n#define STR_(x) #x\n#define STR(x) STR_(x)\n"
+           'asm(STR(CAT(.inc, bin)) " \\"/etc/hostname\\"");\n')
+    assert check_source(src) == []  # the source-level checks are fooled ...
+    r = verify_source(src)
+    assert (r.verdict, r.stage) == ("rejected", "compile")  # ... the compile stage is not
+    (e,) = [e for e in r.errors if e.code == "asm_file_read"]
+    assert e.line == 6 and e.file == "source.bpf.c"
+
+
 def test_missing_kfunc_is_named_with_the_kernel_version(manifest):
     r = verify_source(fixture("missing_kfunc"))
     assert (r.verdict, r.stage) == ("rejected", "btf")

@@ -3,9 +3,10 @@
 The compiler runs through `sandbox.toolchain.run`: inside the trixie rootfs chroot, without network,
 with time and memory limits. Only the allowlisted include directories are searched (`-nostdinc`,
 the image's `/opt/schedcp/include` holding vmlinux.h, bpf/, scx/, asm-generic/errno*.h), plus the
-operator's trusted directories, copied into the work directory. clang writes the list of every file
-it opened (`-MD`); anything outside those directories fails the compile even if it got past
-`source_check`.
+operator's trusted directories, copied into the work directory. Defense in depth behind
+`source_check`: clang writes the list of every file it opened (`-MD`), and anything outside those
+directories fails the compile; the preprocessed output (`-E`, where every macro trick is expanded)
+is checked for inline assembly that reads files and for pragmas outside the allowlist.
 
 Most of a compile is clang parsing vmlinux.h (~3 MB). A precompiled `scx/common.bpf.h` halved the
 compile, but clang 19 then leaves the BTF of extern kfuncs declared in the header out of the object
@@ -17,16 +18,19 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InfrastructureError
 from .models import VerifyError
+from .source_check import check_preprocessed
 
 SOURCE_NAME = "source.bpf.c"
 OBJECT_NAME = "source.bpf.o"
 DEPS_NAME = "source.d"
+PREPROCESSED_NAME = "source.i"
 MAX_TRUSTED_FILES = 500
 MAX_TRUSTED_BYTES = 16 * 1024 * 1024
 
@@ -115,11 +119,13 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
     files, trusted_flags = _trusted_files(tuple(trusted_include_dirs))
     files[SOURCE_NAME] = source.encode()
     include_dirs = list(manifest.toolchain.include_dirs)
-    argv = [*_base_argv(manifest), *trusted_flags, "-MD", "-MF", DEPS_NAME, "-c", SOURCE_NAME,
-            "-o", OBJECT_NAME]
+    flags = [*_base_argv(manifest), *trusted_flags]
+    # One jail run: preprocess (for the checks every macro trick expands into), then compile.
+    script = (shlex.join([*flags, "-E", SOURCE_NAME, "-o", PREPROCESSED_NAME]) + " && exec "
+              + shlex.join([*flags, "-MD", "-MF", DEPS_NAME, "-c", SOURCE_NAME, "-o", OBJECT_NAME]))
     t0 = time.monotonic()
-    res = toolchain.run(argv, workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
-                        outputs=[OBJECT_NAME, DEPS_NAME])
+    res = toolchain.run(["sh", "-c", script], workdir_files=files, timeout_s=timeout_s,
+                        mem_mb=mem_mb, outputs=[OBJECT_NAME, DEPS_NAME, PREPROCESSED_NAME])
     seconds = time.monotonic() - t0
     stderr = res.stderr
     allowed = tuple(d.rstrip("/") + "/" for d in include_dirs)
@@ -154,6 +160,7 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
         return result
 
     # Every file clang opened must be the source, a trusted header, or in the allowlisted dirs.
+    result.errors += check_preprocessed(res.outputs.get(PREPROCESSED_NAME, b"").decode("utf-8", "replace"))
     result.opened = _deps(res.outputs.get(DEPS_NAME, b"").decode("utf-8", "replace"))
     for p in result.opened:
         if outside(p):

@@ -308,6 +308,54 @@ def _nth_line_start(text: str, line: int) -> int:
     return pos
 
 
+_LINE_MARKER = re.compile(r'^#\s*(\d+)\s+"((?:[^"\\]|\\.)*)"')
+_ASM = re.compile(r'\b(?:asm|__asm__|__asm)\b[\s\w]*\(\s*((?:"(?:[^"\\\n]|\\.)*"\s*)+)')
+_ASM_FILE_READ = re.compile(r"\.\s*(incbin|include)\b", re.IGNORECASE)
+
+
+def check_preprocessed(text: str) -> list[VerifyError]:
+    """Checks on the preprocessor's output (`clang -E`), where every macro trick is expanded:
+    inline-asm templates must not read files (.incbin/.include) and every pragma (also those made
+    by `_Pragma`) must be allowlisted. Findings point at the source line via the line markers."""
+    errors: list[VerifyError] = []
+    # where each line of the output came from: (file, line) from `# N "file"` markers
+    origin: list[tuple[str, int]] = []
+    cur_file, cur_line = "", 1
+    lines = text.split("\n")
+    for ln in lines:
+        m = _LINE_MARKER.match(ln)
+        if m:
+            cur_file, cur_line = m.group(2), int(m.group(1))
+            origin.append((cur_file, cur_line))
+            continue
+        origin.append((cur_file, cur_line))
+        cur_line += 1
+    starts = [0]
+    for ln in lines:
+        starts.append(starts[-1] + len(ln) + 1)
+
+    def where(pos: int) -> tuple[str, int]:
+        import bisect
+        return origin[max(0, bisect.bisect_right(starts, pos) - 1)]
+
+    for m in _ASM.finditer(text):
+        template = "".join(re.findall(r'"((?:[^"\\\n]|\\.)*)"', m.group(1)))
+        bad = _ASM_FILE_READ.search(template)
+        if bad:
+            f, line = where(m.start())
+            errors.append(VerifyError(stage="compile", code="asm_file_read", file=f, line=line,
+                                      message=f"inline assembly with '.{bad.group(1).lower()}' is refused "
+                                      "(an assembler directive that reads a file)"))
+    for i, ln in enumerate(lines):
+        if ln.startswith("#pragma"):
+            body = ln[len("#pragma"):].strip()
+            if not ALLOWED_PRAGMAS.match(body):
+                f, line = origin[i]
+                errors.append(VerifyError(stage="compile", code="pragma", file=f, line=line,
+                                          message=f'"#pragma {body}" is refused'))
+    return errors
+
+
 def license_of(source: str) -> str | None:
     m = _LICENSE.search(_clean(source).text)
     return m.group(1) if m else None
