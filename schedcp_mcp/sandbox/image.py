@@ -48,7 +48,6 @@ from ..errors import InfrastructureError
 
 Progress = Callable[[str, float], None]
 
-MIRROR = os.environ.get("SCHEDCP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 KERNEL_FLAVOUR = "cloud-amd64"
 ROOTFS_SUITE = "trixie"
@@ -67,6 +66,31 @@ GUEST_TOOLS = [
 ]
 LOADER_GUEST_PATH = "/usr/bin/schedcp-loader"
 GUEST_SRC = Path(__file__).parent / "guest"
+
+
+def debian_mirror() -> str:
+    """$SCHEDCP_DEBIAN_MIRROR, else the Debian archive this machine's apt already uses (read only)."""
+    env = os.environ.get("SCHEDCP_DEBIAN_MIRROR")
+    if env:
+        return env.rstrip("/")
+    uris: list[str] = []
+    sources = Path("/etc/apt/sources.list.d")
+    for f in sorted(sources.glob("*.sources")) if sources.is_dir() else []:
+        for line in f.read_text(errors="replace").splitlines():
+            if line.strip().lower().startswith("uris:"):
+                uris += line.split(":", 1)[1].split()
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text(errors="replace").splitlines():
+            m = re.match(r"\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)", line)
+            if m:
+                uris.append(m.group(1))
+    for u in uris:
+        u = u.rstrip("/")
+        if u.endswith("/debian") and "security" not in u:
+            return u
+    raise InfrastructureError("no Debian archive found in this machine's apt sources",
+                              hint="set SCHEDCP_DEBIAN_MIRROR to a Debian mirror URL (…/debian)")
 
 
 class Paths(BaseModel):
@@ -137,6 +161,16 @@ def _install_hint(tool: str) -> str:
     pkg = {"mmdebstrap": "mmdebstrap", "apt-get": "apt", "dpkg-deb": "dpkg", "zstd": "zstd",
            "qemu-system-x86_64": "qemu-system-x86", "unshare": "util-linux"}.get(tool, tool)
     return f"install it, e.g. `apt-get install {pkg}`"
+
+
+def _swap_dir(new: Path, final: Path) -> None:
+    """Put a freshly built directory in place with two renames (users see the old or the new one)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -215,7 +249,7 @@ class _Apt:
             raise InfrastructureError(f"Debian archive keyring {KEYRING} is missing",
                                       hint="apt-get install debian-archive-keyring")
         self.sources = self.dir / "etc/sources.list"
-        want = f"deb [signed-by={KEYRING}] {MIRROR} sid main\n"
+        want = f"deb [signed-by={KEYRING}] {debian_mirror()} sid main\n"
         if not self.sources.exists() or self.sources.read_text() != want:
             self.sources.write_text(want)
         self.opts = [
@@ -528,7 +562,8 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
         # 3. rootfs (toolchain + guest tools)
         step(f"Debian {ROOTFS_SUITE} rootfs with clang, libbpf, bpftool, stress-ng, perf (mmdebstrap)")
         rootfs = sd / "rootfs"
-        rfp = _fp(ROOTFS_SUITE, ROOTFS_PACKAGES, MIRROR)
+        mirror = debian_mirror()
+        rfp = _fp(ROOTFS_SUITE, ROOTFS_PACKAGES)
         if not steps.fresh("rootfs", rfp, rootfs / "usr/bin/clang", rootfs / "usr/sbin/bpftool"):
             tmp = sd / "rootfs.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -537,9 +572,8 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
                   "--aptopt=Acquire::Retries \"3\"",
                   "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
                   "--dpkgopt=path-exclude=/usr/share/doc/*",
-                  ROOTFS_SUITE, str(tmp), MIRROR], "mmdebstrap (the trixie rootfs)", timeout=1800)
-            shutil.rmtree(rootfs, ignore_errors=True)
-            tmp.rename(rootfs)
+                  ROOTFS_SUITE, str(tmp), mirror], "mmdebstrap (the trixie rootfs)", timeout=1800)
+            _swap_dir(tmp, rootfs)
             steps.mark("rootfs", rfp)
         rootfs_status_hash = _sha256_file(rootfs / "var/lib/dpkg/status")
 
@@ -732,12 +766,7 @@ def _make_include_dir(rootfs: Path, scx: Path, vh: Path, final: Path) -> None:
     shutil.copy(vh, inc / "vmlinux.h")
     for p in [inc, *inc.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    inc.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    _swap_dir(inc, final)
 
 
 def _build_static(rootfs: Path, sources: list[Path], out: Path, libs: list[str]) -> None:
