@@ -192,7 +192,7 @@ def check_source(source: str, *, trusted_include_dirs: tuple[Path, ...] | list[P
     # clang ends a line at "\n", "\r\n" and a lone "\r": read lines the same way
     source = source.replace("\r\n", "\n").replace("\r", "\n")
     source = source.removeprefix("\ufeff")  # clang skips a byte-order mark before the first line
-    physical = source.splitlines()
+    physical = source.split("\n")  # (not splitlines: it also splits at \f, \v, U+2028 ...)
 
     def refuse(code: str, message: str, line: int | None = None) -> None:
         snippet = physical[line - 1].rstrip() if line and 0 < line <= len(physical) else None
