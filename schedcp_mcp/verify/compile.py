@@ -135,7 +135,7 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
         return not (norm == SOURCE_NAME or norm.startswith("trusted/") or norm.startswith(allowed))
 
     diags = []
-    for d in parse_diagnostics(stderr, source.splitlines()):
+    for d in parse_diagnostics(stderr, re.split(r"\r\n|\r|\n", source)):  # clang's line ends
         if d.file and outside(d.file):
             # never echo a file we should not have read (its first line would be the snippet)
             d = VerifyError(stage="compile", code="include_not_allowed",
