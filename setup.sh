@@ -10,7 +10,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 HOST_PACKAGES=(
-  qemu-system-x86 mmdebstrap zstd cpio xz-utils util-linux       # sandbox VM and image build
+  qemu-system-x86 mmdebstrap zstd cpio xz-utils util-linux debian-archive-keyring  # sandbox VM, image
   stress-ng rt-tests linux-perf libbpf-tools bpftool procps       # workloads and observation
 )
 missing=()
