@@ -3,6 +3,8 @@ status and audit. Real validations, a real staging VM, a real monitor process.""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -126,6 +128,12 @@ def test_deploy_then_degradation_rolls_back(fifo_report):
     assert st.enabled and st.ops == "fifo"
     s = deployments.status()
     assert s.deployments[0].id == d.id and s.targets["sandbox"].ops == "fifo"
+    # the monitor dies (as with a server restart): resuming starts a new one from the stored state
+    os.kill(d.monitor_pid, signal.SIGKILL)
+    wait_for(lambda: not deployments._pid_alive(d.monitor_pid), 10, "the monitor to die")
+    assert deployments.resume_monitors() == [d.id]
+    new_pid = deployments.get_deployment(d.id).monitor_pid
+    assert new_pid != d.monitor_pid and deployments._pid_alive(new_pid)
     # inject a real degradation: the figure the metric command reports gets 5x worse
     with target.vm() as v:
         v.run("echo 5.0 > /run/schedcp-metric")
