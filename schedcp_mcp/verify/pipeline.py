@@ -10,6 +10,7 @@ candidate's fault and are never cached.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -48,10 +49,18 @@ def _trusted_hash(dirs: tuple[Path, ...]) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """A hash of layer 1's own code: a changed check must not be answered from an old cache."""
+    here = Path(__file__).parent
+    return _sha(b"".join(p.read_bytes() for p in sorted(here.glob("*.py"))))[:16]
+
+
 def cache_key(source_sha: str, params: dict[str, str], target: str, build_id: str,
               trusted: tuple[Path, ...] = (), map_sizes: dict[str, int] | None = None,
               host_btf_sha: str = "") -> str:
-    return _sha(json.dumps({"v": CACHE_VERSION, "src": source_sha, "params": sorted(params.items()),
+    return _sha(json.dumps({"v": CACHE_VERSION, "code": _code_version(), "src": source_sha,
+                            "params": sorted(params.items()),
                             "target": target, "build": build_id, "trusted": _trusted_hash(trusted),
                             "maps": sorted((map_sizes or {}).items()), "host_btf": host_btf_sha}))
 
