@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .. import config, store
+from ..sandbox import image
 from ..sandbox.vm import GuestTimeout
 from ..errors import BadInput, InfrastructureError
 from . import btf as btfmod
@@ -173,15 +174,12 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
     say("checking the source", 0.0)
     r.errors = check_source(source, trusted_include_dirs=trusted)
     timed("source_check", t0)
-    from ..sandbox import image
-
     if r.errors:
         known = image.load_manifest() if target == "sandbox" else None  # (never builds)
         r.kernel_version = known.kernel_version if known else (platform.release() if target == "host" else None)
         return finish("source_check")
 
     # the image (kernel, toolchain, loader) decides the result: its build_id is in the cache key
-
     t0 = time.monotonic()
     manifest = image.ensure(progress=progress)
     if target == "sandbox":
