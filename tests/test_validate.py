@@ -147,6 +147,10 @@ def test_summary_reports_medians_ratio_noise_and_verdict():
     assert r.noise == pytest.approx(0.1)  # (2.1 - 1.9) / 2.0
     higher = _result("cpu", [100, 101, 99], [90, 91, 89])
     assert higher.verdict == "worse" and higher.improvement == pytest.approx(-0.1)
+    # a wild baseline sample inflates the noise, but ranges that do not overlap still decide
+    wild = _result("pipe", [2.9, 1.4, 5.9], [0.36, 0.15, 0.23])
+    assert wild.noise > 1 and wild.verdict == "better"
+    assert _result("wakeup", [32540, 13565, 25726], [45894, 78616, 58714]).verdict == "worse"
     failed = gates.summarize(WL["pipe"], [1.0], [], errors=["candidate-1: exit 1"])
     assert failed.verdict == "failed" and failed.ratio is None
 

@@ -189,12 +189,14 @@ def _chart(rows: list[dict], wl: list[str], path: Path) -> None:
                 continue
             xs.append(j + (i - (len(ok) - 1) / 2) * width)
             ys.append(s)
-            errs.append(s * (w.noise or 0))
-        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=r["policy"] + ("" if res.passed else " (failed)"))
+            k = 1 + (w.noise or 0)  # ×/÷ the run's relative noise: symmetric on the log axis
+            errs.append((s - s / k, s * k - s))
+        yerr = [[e[0] for e in errs], [e[1] for e in errs]]
+        ax.bar(xs, ys, width, yerr=yerr, capsize=2, label=r["policy"] + ("" if res.passed else " (failed)"))
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(wl)), wl)
     ax.set_yscale("log")
-    ax.set_ylabel("speedup vs default scheduler (>1 = better)")
+    ax.set_ylabel("speedup vs default scheduler (>1 = better)\nbars: ×/÷ (1 + noise)")
     ax.set_title("sched_ext policies in the sandbox VM (same-boot A/B; TCG: ratios only)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
