@@ -364,8 +364,3 @@ def check_preprocessed(text: str) -> list[VerifyError]:
             errors.append(VerifyError(stage="compile", code="pragma", file=f, line=line,
                                       message=f'"#pragma {body}" is refused'))
     return errors
-
-
-def license_of(source: str) -> str | None:
-    m = _LICENSE.search(_clean(source).text)
-    return m.group(1) if m else None

@@ -80,7 +80,7 @@ def parse_verifier_log(text: str) -> tuple[str | None, str, VerifyError | None]:
     return prog, log, err
 
 
-def verdict_from_loader(result: dict, source_name: str = "source.bpf.c") -> VerifierVerdict:
+def verdict_from_loader(result: dict) -> VerifierVerdict:
     """Turn the loader's JSON into a verdict with structured errors."""
     log = result.get("log") or ""
     progs = {p["name"]: p["verified_insns"] for p in result.get("programs") or []
