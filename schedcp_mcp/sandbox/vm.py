@@ -24,7 +24,8 @@ Named VMs are long-lived and shared between processes (`VM.start_named("staging"
 after `idle_timeout_s` without requests, so a forgotten one ends by itself.
 
 Acceleration: KVM when a quick probe boot works (nested KVM on some hosts exists but faults), TCG
-(`-accel tcg,thread=multi -cpu max`) otherwise; the probe result is cached in `<sandbox>/accel.json`.
+(`-accel tcg,thread=single -cpu max`: multi-threaded TCG crashed the guest while
+switching schedulers, see _cmdline) otherwise; the probe result is cached in `<sandbox>/accel.json`.
 """
 
 from __future__ import annotations
@@ -300,7 +301,11 @@ class VM:
         if self.accel == "kvm":
             accel = ["-accel", "kvm", "-cpu", "host"]
         else:
-            accel = ["-accel", "tcg,thread=multi", "-cpu", "max"]
+            # single-threaded TCG: with thread=multi the guest kernel oopsed (int3 in try_to_wake_up,
+            # text poking racing the other vCPU thread) in 1 of 3 boots that switched schedulers 68
+            # times; thread=single: 0 in 96 switches, and no slower on this 2-core machine
+            # (2.6 s vs 2.9 s per load/unload cycle under stress).
+            accel = ["-accel", "tcg,thread=single", "-cpu", "max"]
         return [
             QEMU, "-name", f"schedcp-{self.name or 'vm'}", *accel, "-smp", str(self.cpus), "-m", str(self.mem_mb),
             *(["-bios", str(QBOOT)] if QBOOT.exists() else []),
