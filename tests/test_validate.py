@@ -240,7 +240,7 @@ def test_an_error_exit_gives_the_exit_kind_and_message():
 def test_starving_workers_rejected_tasks_and_a_hung_vm_each_fail_with_a_reason():
     g = {x.name: x for x in gates.correctness_gates(_clean_obs(
         stress=StressSummary(duration_s=6, stressors={"cpu": 10}, samples=5, rc=0,
-                             stalled_workers=["stress-ng-sleep[91] (no CPU time for 2 periods of 1s)"]),
+                             stalled_workers=["stress-ng-sleep[91] (not run once in 2 periods of 1s)"]),
         timeline=[StateSample(t=41, phase="stress", state="enabled", ops="fifo", nr_rejected=3)],
         hang="the guest command did not finish within 90 s; the VM was killed (after candidate-1)"))}
     assert not g["stressors_progressed"].passed and "stress-ng-sleep[91]" in g["stressors_progressed"].reason

@@ -73,7 +73,7 @@ class StressSummary(BaseModel):
     duration_s: float
     stressors: dict[str, float] = Field({}, description="stressor -> bogo ops (stress-ng --metrics-brief)")
     samples: int = Field(0, description="sampling periods checked")
-    workers: int = Field(0, description="stress-ng worker processes whose CPU time was followed")
+    workers: int = Field(0, description="stress-ng worker processes followed (times switched in, all threads)")
     stalled_workers: list[str] = Field([], description="workers that made no progress for a whole period")
     events: dict[str, int] = Field({}, description="sched_ext events counters changed during the stress")
     rc: int | None = None

@@ -7,8 +7,9 @@ The sequence, all in the same boot (timings are only comparable within one boot)
     load-1     the loader attaches the candidate in the background (`--run`, watchdog `--timeout-ms`);
                state must be `enabled` and root/ops the expected name
     stress     stress-ng cpu/fork/affinity/switch/sleep while sampling every second: sched_ext state,
-               ops, nr_rejected, and each stress worker's CPU time (a worker whose time stops moving
-               is starving)
+               ops, nr_rejected, and how often each stress worker's threads were switched in
+               (/proc/PID/task/*/schedstat; a worker never run for 2 periods is starving — CPU time
+               in /proc/PID/stat has 10 ms granularity, too coarse for a ping-pong worker)
     candidate-1 every workload under the candidate
     unload-1 / baseline-2 / load-2 / candidate-2 / ...   interleaved rounds
     unload-N   SIGTERM to the loader; the default scheduler must be back (state `disabled`)
@@ -17,8 +18,12 @@ The sequence, all in the same boot (timings are only comparable within one boot)
 Each step is one `vm.run` with a timeout; workloads are also bounded inside the guest (`timeout -s
 KILL`), so a slow candidate fails its workload instead of the VM. A scheduler that dies (stall, error
 exit) ends the measuring early and the run goes straight to the unload/collect steps. A VM that stops
-answering is killed by `vm.run`; the result then says what timed out and carries the console's
-sched_ext lines. A VM booted here is always powered off before returning.
+answering is killed by `vm.run`; the result then says what timed out (or the kernel's Oops when the
+guest crashed) and carries the console's sched_ext lines. A VM booted here is always powered off
+before returning; a caller's VM is left running (and is dead if the candidate killed it).
+
+A VM may serve several validations: each marks the kernel log at setup and reads only what follows,
+and stops a loader an interrupted run left behind.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ alive() { [ -d /proc/$1 ] && ! grep -q '^State:.*Z' /proc/$1/status 2>/dev/null;
 #: stress-ng mix: CPU hogs, fork/exit churn, affinity changes, context-switch ping-pong, sleep/wakeup
 STRESSORS = "--cpu 2 --fork 2 --affinity 1 --switch 2 --sleep 1 --sleep-max 16"
 SAMPLE_PERIOD_S = 1.0
-#: a stress worker whose CPU time does not move over this many consecutive samples is starving
+#: a stress worker not switched in at all over this many consecutive samples is starving
 STALL_SAMPLES = 3
 KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_TROUBLE_RE.pattern)
 LOADER_KEYS = ("ok", "stage", "error", "ops_name", "sched_ext", "params", "uei", "run_s", "stop_reason")
@@ -219,7 +224,9 @@ spid=$!
 while alive $spid; do
 	sleep {SAMPLE_PERIOD_S}
 	snap stress
-	cat /proc/[0-9]*/stat 2>/dev/null | awk -v pp=$spid '$4 == pp {{ print "@@P", $1, $2, $14 + $15 }}'
+	for p in $(cat /proc/[0-9]*/stat 2>/dev/null | awk -v pp=$spid '$4 == pp {{ print $1 }}'); do
+		echo "@@P $p $(cat /proc/$p/comm 2>/dev/null) $(cat /proc/$p/task/*/schedstat 2>/dev/null | awk '{{ n += $3 }} END {{ print n + 0 }}')"
+	done
 	echo '@@PEND'
 done
 wait $spid
@@ -234,13 +241,13 @@ cat $L/stress.out
         series: dict[str, list[int]] = {}
         for block in out.split("@@PEND")[:-1]:
             st.samples += 1
-            for m in re.finditer(r"^@@P (\d+) \((\S+)\) (\d+)$", block, re.M):
+            for m in re.finditer(r"^@@P (\d+) (\S+) (\d+)$", block, re.M):
                 series.setdefault(f"{m.group(2)}[{m.group(1)}]", []).append(int(m.group(3)))
         st.workers = len(series)
         for worker, ticks in series.items():
             for i in range(len(ticks) - STALL_SAMPLES + 1):
                 if ticks[i + STALL_SAMPLES - 1] == ticks[i]:
-                    st.stalled_workers.append(f"{worker} (no CPU time for {STALL_SAMPLES - 1} periods of "
+                    st.stalled_workers.append(f"{worker} (not run once in {STALL_SAMPLES - 1} periods of "
                                               f"{SAMPLE_PERIOD_S:g}s)")
                     break
         ev0, ev1 = _events(out, "@@EV0"), _events(out, "@@EV1")
