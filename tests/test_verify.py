@@ -305,6 +305,17 @@ def test_cold_verify_boots_while_compiling_and_drops_the_vm_on_early_rejection(m
 
 
 @pytest.mark.vm
+def test_a_dead_vm_is_an_infrastructure_error_not_a_verdict(manifest):
+    from schedcp_mcp.errors import InfrastructureError
+    from schedcp_mcp.sandbox.vm import VM
+
+    with VM() as v:
+        pass  # booted and powered off
+    with pytest.raises(InfrastructureError, match="not running"):
+        verify_source(fixture("minimal"), vm=v, use_cache=False)
+
+
+@pytest.mark.vm
 def test_minimal_scheduler_is_accepted_by_the_kernel(vm, manifest):
     r = verify_source(fixture("minimal"), vm=vm)
     assert (r.verdict, r.stage) == ("accepted", "done"), r.errors

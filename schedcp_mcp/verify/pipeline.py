@@ -283,13 +283,21 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
                     r.durations["vm_boot"] = round(booting.boot_s, 4)
                 t0 = time.monotonic()
                 say("loading in the sandbox kernel (verifier)", 0.8)
+                if not v.alive:
+                    raise InfrastructureError("the sandbox VM given for this verify is not running",
+                                              "start a new one (or pass none: a throwaway VM boots)")
                 try:
                     verdict = verifier.run_in_vm(v, c.object, params, map_sizes=map_sizes,
                                                  timeout_s=LOAD_TIMEOUT_S)
-                except GuestTimeout as e:
-                    # loading hung the guest: say so in the report (not cached: it may be the host)
+                except InfrastructureError as e:
+                    if v.alive and not isinstance(e, GuestTimeout):
+                        raise
+                    # the guest hung or its kernel died while loading this object: say so in
+                    # the report, with the kernel's last words (not cached: it may be the host)
                     timed("verifier", t0)
-                    r.errors = [VerifyError(stage="verifier", code="timeout", message=e.message)]
+                    r.errors = [VerifyError(stage="verifier", message=e.message,
+                                            code="timeout" if isinstance(e, GuestTimeout) else "guest_crashed")]
+                    r.verifier_log = _kernel_last_words(v.console())
                     return finish("verifier", "error")
         else:
             say("loading in the host kernel (verifier)", 0.8)
@@ -315,6 +323,14 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
     finally:
         if booting is not None:
             booting.cancel()  # a no-op when the VM was used (it is closed by then)
+
+
+def _kernel_last_words(console: str, lines: int = 60) -> str:
+    """The guest console from the first oops/panic line on (or its tail)."""
+    text = console.splitlines()
+    start = next((i for i, ln in enumerate(text)
+                  if re.search(r"\] (BUG|Oops|general protection|Kernel panic|WARNING)", ln)), None)
+    return "\n".join(text[start:start + lines] if start is not None else text[-lines:])
 
 
 def verify_policy(name: str, params: dict[str, str] | None = None, **kw) -> Layer1Report:
