@@ -46,6 +46,8 @@ def vm():
         pytest.skip("sandbox image not built: run `schedcp sandbox build`")
     with VM() as v:
         yield v
+        if not v.alive:  # it died during a test: show why (the kernel's console)
+            print("sandbox VM console tail:\n" + v.console()[-6000:])
 
 
 def codes(errors) -> list[str]:
