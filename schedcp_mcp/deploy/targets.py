@@ -101,9 +101,15 @@ class SandboxTarget:
 
     @contextmanager
     def vm(self) -> Iterator[object]:
+        from ..sandbox import image
         from ..sandbox.vm import VM
 
-        if VM.named_status(self.vm_name) is None:
+        st = VM.named_status(self.vm_name)
+        if st is not None and self.start and st.get("build_id") != image.ensure().build_id:
+            # a staging VM from an older image speaks an older agent protocol: replace it
+            VM.stop_named(self.vm_name)
+            st = None
+        if st is None:
             if not self.start:
                 raise InfrastructureError(f"the {self.vm_name} VM is not running",
                                           "deploy to the sandbox starts it")
