@@ -240,12 +240,20 @@ def test_an_error_exit_gives_the_exit_kind_and_message():
 def test_starving_workers_rejected_tasks_and_a_hung_vm_each_fail_with_a_reason():
     g = {x.name: x for x in gates.correctness_gates(_clean_obs(
         stress=StressSummary(duration_s=6, stressors={"cpu": 10}, samples=5, rc=0,
-                             stalled_workers=["stress-ng-sleep[91] (not run once in 2 periods of 1s)"]),
+                             stalled_workers=["stress-ng-sleep[91] (not run once in 2.4 s)"]),
         timeline=[StateSample(t=41, phase="stress", state="enabled", ops="fifo", nr_rejected=3)],
         hang="the guest command did not finish within 90 s; the VM was killed (after candidate-1)"))}
     assert not g["stressors_progressed"].passed and "stress-ng-sleep[91]" in g["stressors_progressed"].reason
     assert not g["nr_rejected_zero"].passed and "nr_rejected = 3" in g["nr_rejected_zero"].reason
     assert not g["vm_responsive"].passed and "did not finish within 90 s" in g["vm_responsive"].reason
+
+
+def test_a_worker_is_starving_when_its_switch_in_count_stands_still():
+    from schedcp_mcp.validate.runner import STALL_S, _longest_standstill
+
+    assert _longest_standstill([(10.0, 5), (10.8, 9), (11.5, 14), (12.3, 20)]) == 0.0
+    stuck = [(10.0, 5), (10.8, 9), (11.5, 9), (12.3, 9), (13.1, 9), (13.9, 12)]
+    assert _longest_standstill(stuck) == pytest.approx(2.3) and _longest_standstill(stuck) >= STALL_S
 
 
 CRASH_CONSOLE = """[    8.113240] schedcp-agent: serving on /dev/vport0p1 (idle poweroff: 0s)

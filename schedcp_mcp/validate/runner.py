@@ -8,7 +8,7 @@ The sequence, all in the same boot (timings are only comparable within one boot)
                state must be `enabled` and root/ops the expected name
     stress     stress-ng cpu/fork/affinity/switch/sleep while sampling every second: sched_ext state,
                ops, nr_rejected, and how often each stress worker's threads were switched in
-               (/proc/PID/task/*/schedstat; a worker never run for 2 periods is starving — CPU time
+               (/proc/PID/task/*/schedstat; a worker not run once in 2 s is starving — CPU time
                in /proc/PID/stat has 10 ms granularity, too coarse for a ping-pong worker)
     candidate-1 every workload under the candidate
     unload-1 / baseline-2 / load-2 / candidate-2 / ...   interleaved rounds
@@ -47,21 +47,28 @@ G = "/run/l2"
 LIB = r"""
 L=/run/l2
 SX=/sys/kernel/sched_ext
+# builtins only (read, not cat): a fork costs tens of ms under TCG and would perturb what we measure
 snap() {
-	st=$(cat $SX/state 2>/dev/null || echo absent)
-	ops=$(cat $SX/root/ops 2>/dev/null)
-	rej=$(cat $SX/nr_rejected 2>/dev/null)
+	st=absent ops= rej=
+	read -r st 2>/dev/null <$SX/state
+	read -r ops 2>/dev/null <$SX/root/ops
+	read -r rej 2>/dev/null <$SX/nr_rejected
 	read up _ </proc/uptime
 	echo "@@S $up $1 $st ${ops:--} ${rej:--1}"
 }
-alive() { [ -d /proc/$1 ] && ! grep -q '^State:.*Z' /proc/$1/status 2>/dev/null; }
+alive() {
+	local l
+	read -r l 2>/dev/null </proc/$1/stat || return 1
+	set -- $l
+	[ "$3" != Z ]
+}
 """
 
 #: stress-ng mix: CPU hogs, fork/exit churn, affinity changes, context-switch ping-pong, sleep/wakeup
 STRESSORS = "--cpu 2 --fork 2 --affinity 1 --switch 2 --sleep 1 --sleep-max 16"
-SAMPLE_PERIOD_S = 1.0
-#: a stress worker not switched in at all over this many consecutive samples is starving
-STALL_SAMPLES = 3
+SAMPLE_PERIOD_S = 1.0  # the target; the loop sleeps half of it, and scanning /proc takes the rest
+#: a stress worker not switched in at all for this long (guest seconds) is starving
+STALL_S = 2.0
 KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_TROUBLE_RE.pattern)
 LOADER_KEYS = ("ok", "stage", "error", "ops_name", "sched_ext", "params", "uei", "run_s", "stop_reason")
 
@@ -222,10 +229,16 @@ echo '@@EV0'; cat $SX/root/events 2>/dev/null; echo '@@EV0END'
 stress-ng {STRESSORS} --timeout {int(seconds)} --metrics-brief >$L/stress.out 2>&1 &
 spid=$!
 while alive $spid; do
-	sleep {SAMPLE_PERIOD_S}
+	sleep {SAMPLE_PERIOD_S / 2}
 	snap stress
-	for p in $(cat /proc/[0-9]*/stat 2>/dev/null | awk -v pp=$spid '$4 == pp {{ print $1 }}'); do
-		echo "@@P $p $(cat /proc/$p/comm 2>/dev/null) $(cat /proc/$p/task/*/schedstat 2>/dev/null | awk '{{ n += $3 }} END {{ print n + 0 }}')"
+	# shell builtins only (no fork per process): under TCG a fork costs tens of ms
+	for d in /proc/[0-9]*; do
+		read -r l 2>/dev/null <$d/stat || continue
+		set -- $l
+		[ "$4" = "$spid" ] || continue
+		n=0
+		for t in $d/task/*; do read -r a b c 2>/dev/null <$t/schedstat && n=$((n + c)); done
+		echo "@@P ${{d#/proc/}} $2 $n"
 	done
 	echo '@@PEND'
 done
@@ -237,19 +250,18 @@ cat $L/stress.out
         rc = re.search(r"^@@RC (\d+)$", out, re.M)
         st = StressSummary(duration_s=seconds, rc=int(rc.group(1)) if rc else None)
         st.stressors = {k: v["bogo_ops"] for k, v in parse_stress_ng_metrics(out).items()}
-        # progress: per worker pid, CPU ticks at each sample
-        series: dict[str, list[int]] = {}
+        # progress: per worker, (guest time, times its threads were switched in) at each sample
+        series: dict[str, list[tuple[float, int]]] = {}
         for block in out.split("@@PEND")[:-1]:
             st.samples += 1
-            for m in re.finditer(r"^@@P (\d+) (\S+) (\d+)$", block, re.M):
-                series.setdefault(f"{m.group(2)}[{m.group(1)}]", []).append(int(m.group(3)))
+            t = re.findall(r"^@@S (\S+) ", block, re.M)
+            if not t:
+                continue
+            for m in re.finditer(r"^@@P (\d+) \(?([^)\s]+)\)? (\d+)$", block, re.M):
+                series.setdefault(f"{m.group(2)}[{m.group(1)}]", []).append((float(t[-1]), int(m.group(3))))
         st.workers = len(series)
-        for worker, ticks in series.items():
-            for i in range(len(ticks) - STALL_SAMPLES + 1):
-                if ticks[i + STALL_SAMPLES - 1] == ticks[i]:
-                    st.stalled_workers.append(f"{worker} (not run once in {STALL_SAMPLES - 1} periods of "
-                                              f"{SAMPLE_PERIOD_S:g}s)")
-                    break
+        st.stalled_workers = [f"{w} (not run once in {gap:.1f} s)" for w, s in series.items()
+                              if (gap := _longest_standstill(s)) >= STALL_S]
         ev0, ev1 = _events(out, "@@EV0"), _events(out, "@@EV1")
         st.events = {k: v - ev0.get(k, 0) for k, v in ev1.items() if v != ev0.get(k, 0)}
         self.obs.stress = st
@@ -275,6 +287,17 @@ echo '@@J'; cat $L/loader.{n}.json 2>/dev/null; echo
     def kernel_log(self) -> None:
         out = self.step("kernel-log", "dmesg 2>/dev/null\n", timeout_s=30)
         self.obs.kernel_log = _kernel_lines(out, self.marker)
+
+
+def _longest_standstill(samples: list[tuple[float, int]]) -> float:
+    """Longest time between two samples of a switch-in counter that did not move."""
+    best = 0.0
+    for i, (t0, n0) in enumerate(samples):
+        for t1, n1 in samples[i + 1:]:
+            if n1 != n0:
+                break
+            best = max(best, t1 - t0)
+    return best
 
 
 def _events(text: str, marker: str) -> dict[str, int]:
