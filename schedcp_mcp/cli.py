@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import click
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -394,9 +395,9 @@ def render_layer1(r) -> None:
                   f"{'cached, ' if l1.cached else ''}{l1.total_s:.2f}s")
     for e in l1.errors:
         where = f"line {e.line}" + (f":{e.column}" if e.column else "") if e.line else ""
-        console.print(f"  [red]{e.stage}[/red] {e.program or ''} {where}: {e.message}")
+        console.print(f"  [red]{e.stage}[/red] {escape(e.program or '')} {where}: {escape(e.message)}")
         if e.snippet:
-            console.print(f"      {e.snippet.strip()}")
+            console.print(f"      {escape(e.snippet.strip())}")
     if l1.missing_kfuncs:
         console.print(f"  missing kfuncs on {l1.kernel_version}: {', '.join(l1.missing_kfuncs)}")
     if l1.programs:
@@ -496,7 +497,7 @@ def render_layer2(r, token) -> None:
     console.print(t)
     for g in l2.get("correctness", []) + l2.get("performance", []):
         mark = "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]"
-        console.print(f"  {mark} {g['kind']}/{g['name']}: {g['reason']}")
+        console.print(f"  {mark} {g['kind']}/{g['name']}: {escape(g['reason'])}")
     colour = "green" if r.passed else "red"
     console.print(f"[{colour}]{r.status}[/{colour}]")
     if token:
