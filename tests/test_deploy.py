@@ -155,13 +155,14 @@ def test_watchdog_kill_after_deploy_is_detected_and_recorded(starve_report):
     d = deployments.deploy(tokens.issue(starve_report.id).token, "sandbox", monitor=mon)
     assert target.state().ops == "starve_comm"
     with target.vm() as v:  # a task the scheduler never dispatches: the kernel watchdog fires
-        v.run("cp /bin/busybox /tmp/starveme; setsid /tmp/starveme sh -c 'while :; do :; done' "
+        v.run("setsid sh -c 'printf starveme > /proc/self/comm; while :; do :; done' "
               ">/dev/null 2>&1 </dev/null 3>&- & echo started")
     done = wait_for(lambda: (x := deployments.get_deployment(d.id)).status != "active" and x, 90,
                     "the monitor to notice the watchdog")
     assert done.status == "rolled_back"
     assert "runnable task stall" in done.end_reason
     with target.vm() as v:
-        v.run("pkill starveme; true")
+        v.run("for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = starveme ] && "
+              "kill ${p#/proc/}; done; true")
     assert any(a["action"] == "rollback" and a["detail"]["deployment_id"] == d.id
                for a in store.audit_log())
