@@ -40,4 +40,4 @@ if [ "${SCHEDCP_SKIP_SANDBOX:-0}" != "1" ]; then
   echo "setup: building the sched_ext sandbox image (cached; --force rebuilds)"
   schedcp sandbox build
 fi
-echo "setup: done. Try: schedcp info; schedcp policies list; schedcp validate --policy vtime_fair"
+echo "setup: done. Try: schedcp info; schedcp policies list; schedcp validate --policy latency_boost"
