@@ -280,7 +280,7 @@ def test_named_vm_is_shared_between_processes_and_stops(manifest):
         assert p.stdout.strip() == "shared", p.stderr
     finally:
         assert VM.stop_named(name)
-        shutil.rmtree(config.sandbox_dir() / "vms" / name, ignore_errors=True)
+        shutil.rmtree(config.home() / "vms" / name, ignore_errors=True)
     assert VM.named_status(name) is None
     with pytest.raises(InfrastructureError):
         VM.attach(name)
@@ -300,7 +300,7 @@ def test_a_forgotten_named_vm_powers_itself_off_when_idle(manifest):
         assert not Path(f"/proc/{pid}/cmdline").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     finally:
         VM.stop_named(name)
-        shutil.rmtree(config.sandbox_dir() / "vms" / name, ignore_errors=True)
+        shutil.rmtree(config.home() / "vms" / name, ignore_errors=True)
 
 
 @pytest.mark.vm

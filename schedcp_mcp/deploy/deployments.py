@@ -133,7 +133,8 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
             store.audit(actor, "deploy_refused", {"why": why, "target": target})
             raise tokens.TokenRefused(f"host deploy refused: missing {why}",
                                       "deploy to the sandbox target, or fix what is missing")
-    payload, report = tokens.check(token, target, actor, spend=not dry_run)
+    # check first, spend only when the target can take it: a refusal must not burn the token
+    payload, report = tokens.check(token, target, actor, spend=False)
     obj = Path(report.object_path).read_bytes()
     t = get_target(target)
     if dry_run:
@@ -152,11 +153,20 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
         return DryRun(report_id=report.id, artifact_sha256=report.artifact_sha256, target=target,
                       would=would, current_state=cur)
 
-    # never two schedulers: a deployment already active here is unloaded first (superseded)
+    # never two schedulers: ours already active here is unloaded first (superseded); one we did not
+    # load is left alone — we could not restore it after a rollback
     prev_dep = active(target)
+    current = t.state()
+    if current.enabled and (prev_dep is None or current.ops != prev_dep.ops_name):
+        store.audit(actor, "deploy_refused", {"why": f"foreign scheduler {current.ops} running",
+                                              "target": target}, report.artifact_sha256)
+        raise InfrastructureError(
+            f"another sched_ext scheduler ({current.ops}) is running on {target}, not deployed by "
+            "this schedcp", "stop it first; the token was not spent")
+    payload, report = tokens.check(token, target, actor, spend=True)
     if prev_dep is not None:
         _end(prev_dep, "superseded", f"superseded by a deploy of report {report.id}", actor, unload=True)
-    previous = t.state()
+    previous = current
     if monitor.workload_cmd:
         t.start_workload(monitor.workload_cmd)
     metric_cmd = monitor.metric_cmd or DEFAULT_METRIC

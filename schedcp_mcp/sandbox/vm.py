@@ -20,7 +20,8 @@ powers itself off.
 
 Named VMs are long-lived and shared between processes (`VM.start_named("staging")`,
 `VM.attach("staging")`, `VM.stop_named("staging")`): their pid, socket and console log live in
-`<sandbox>/vms/<name>/`, one process is attached at a time (an flock), and the guest powers itself off
+`$SCHEDCP_HOME/vms/<name>/` (one set per home: the deployments
+recorded in that home's database own them), one process is attached at a time (an flock), and the guest powers itself off
 after `idle_timeout_s` without requests, so a forgotten one ends by itself.
 
 Acceleration: KVM when a quick probe boot works (nested KVM on some hosts exists but faults), TCG
@@ -206,7 +207,8 @@ def _check_name(name: str) -> str:
 
 
 def _named_dir(name: str) -> Path:
-    return config.sandbox_dir() / "vms" / _check_name(name)
+    # per schedcp home, not per image: a staging VM belongs with the deployments recorded beside it
+    return config.home() / "vms" / _check_name(name)
 
 
 def _sock_path(vmdir: Path) -> Path:
