@@ -166,3 +166,22 @@ def test_watchdog_kill_after_deploy_is_detected_and_recorded(starve_report):
               "kill ${p#/proc/}; done; true")
     assert any(a["action"] == "rollback" and a["detail"]["deployment_id"] == d.id
                for a in store.audit_log())
+
+
+def test_a_scheduler_schedcp_did_not_load_is_not_replaced_and_the_token_is_kept(fifo_report):
+    target = SandboxTarget()
+    obj = Path(fifo_report.object_path).read_bytes()
+    with target.vm() as v:  # someone else's scheduler, loaded behind schedcp's back
+        v.run("cp obj.o /run/foreign.bpf.o; setsid schedcp-loader /run/foreign.bpf.o --run "
+              ">/dev/null 2>&1 </dev/null 3>&- & sleep 2", files={"obj.o": obj})
+    assert target.state().enabled
+    t = tokens.issue(fifo_report.id).token
+    try:
+        with pytest.raises(Exception, match="another sched_ext scheduler"):
+            deployments.deploy(t, "sandbox")
+        tokens.check(t, "sandbox", "test", spend=False)  # still valid: nothing was spent
+    finally:
+        with target.vm() as v:
+            v.run("for p in /proc/[0-9]*; do case \"$(cat $p/cmdline 2>/dev/null | tr '\\0' ' ')\" in "
+                  "*foreign.bpf.o*) kill ${p#/proc/};; esac; done; sleep 1")
+    assert not target.state().enabled
