@@ -38,6 +38,6 @@ fi
 
 if [ "${SCHEDCP_SKIP_SANDBOX:-0}" != "1" ]; then
   echo "setup: building the sched_ext sandbox image (cached; --force rebuilds)"
-  schedcp sandbox build
+  $PY -m schedcp_mcp sandbox build
 fi
 echo "setup: done. Try: schedcp info; schedcp policies list; schedcp validate --policy latency_boost"
