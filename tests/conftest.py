@@ -4,6 +4,7 @@ sandbox image is shared (it is big and slow to build) through $SCHEDCP_SANDBOX_D
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,23 @@ import pytest
 REAL_SANDBOX = Path(os.environ.get("SCHEDCP_SANDBOX_DIR")
                     or Path(os.environ.get("SCHEDCP_HOME") or Path.home() / ".local/share/schedcp")
                     / "sandbox")
+
+# module-scoped fixtures run before the per-test ones below: they must see the real image too
+os.environ["SCHEDCP_SANDBOX_DIR"] = str(REAL_SANDBOX)
+
+
+@contextmanager
+def home_env(path: Path):
+    """Point SCHEDCP_HOME at `path` for a module-scoped fixture; restore it exactly afterwards."""
+    old = os.environ.get("SCHEDCP_HOME")
+    os.environ["SCHEDCP_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("SCHEDCP_HOME", None)
+        else:
+            os.environ["SCHEDCP_HOME"] = old
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import home_env
 from schedcp_mcp import candidates, store
 from schedcp_mcp.deploy import deployments, tokens
 from schedcp_mcp.deploy.targets import SandboxTarget
@@ -24,15 +25,9 @@ LENIENT = [Goal(metric="wall_time_s", direction="lower", target_ratio=2.0, why="
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    import os
-
-    h = tmp_path_factory.mktemp("deployhome")
-    old = os.environ.get("SCHEDCP_HOME")
-    os.environ["SCHEDCP_HOME"] = str(h)
-    yield h
-    VM.stop_named("staging")
-    if old is not None:
-        os.environ["SCHEDCP_HOME"] = old
+    with home_env(tmp_path_factory.mktemp("deployhome")) as h:
+        yield h
+        VM.stop_named("staging")
 
 
 @pytest.fixture(autouse=True)

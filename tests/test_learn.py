@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from conftest import home_env
 from schedcp_mcp.errors import BadInput
 from schedcp_mcp.learn import callbacks, history
 from schedcp_mcp.learn.history import MetricResult
@@ -18,20 +19,14 @@ from schedcp_mcp.repository.policies import search_policies
 @pytest.fixture(scope="module")
 def profiles(tmp_path_factory):
     """Two real CPU-hog profiles and one real hackbench profile, in a shared home."""
-    import os
     home = tmp_path_factory.mktemp("learnhome")
-    old = os.environ.get("SCHEDCP_HOME")
-    os.environ["SCHEDCP_HOME"] = str(home)
-    try:
+    with home_env(home):
         hog1 = profile.profile_workload(["stress-ng", "--cpu", "2", "--timeout", "2"], duration_s=5,
                                         use_runqlat=False)
         hog2 = profile.profile_workload(["stress-ng", "--cpu", "2", "--timeout", "1"], duration_s=5,
                                         use_runqlat=False)
         hb = profile.profile_workload(["hackbench", "-g", "2", "-l", "300"], duration_s=20,
                                       use_runqlat=False)
-    finally:
-        if old is not None:
-            os.environ["SCHEDCP_HOME"] = old
     return home, hog1, hog2, hb
 
 
