@@ -593,14 +593,15 @@ def token(report_id: str, target: str, ttl: int, as_json: bool) -> None:
 @click.option("--metric-cmd", help="command printing a number, run in the target to watch the deploy")
 @click.option("--metric-direction", type=click.Choice(["lower", "higher"]), default="lower",
               show_default=True)
-@click.option("--max-degradation", default=1.10, show_default=True,
-              help="roll back when the metric is this many times worse than the baseline...")
+@click.option("--max-degradation", type=float, default=None,
+              help="roll back when the metric is this many times worse than the baseline... "
+                   "(default: from the report's goals; 1.10 without goals)")
 @click.option("--consecutive", default=3, show_default=True, help="...for this many samples")
 @click.option("--interval", default=5.0, show_default=True, help="monitor sampling period, s")
 @click.option("--workload", help="background workload to keep running in the target")
 @json_option
 def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metric_direction: str,
-           max_degradation: float, consecutive: int, interval: float, workload: str | None,
+           max_degradation: float | None, consecutive: int, interval: float, workload: str | None,
            as_json: bool) -> None:
     """Deploy a validated scheduler with its token, then monitor it (automatic rollback)."""
     from .deploy.deployments import MonitorPolicy, deploy as do_deploy

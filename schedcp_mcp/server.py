@@ -319,7 +319,8 @@ async def deploy(
     dry_run: Annotated[bool, Field(description="check the token and say what would happen")] = False,
     metric_cmd: Annotated[str | None, Field(description="command printing a number to watch")] = None,
     metric_direction: Literal["lower", "higher"] = "lower",
-    max_degradation_ratio: Annotated[float, Field(gt=1.0, le=10)] = 1.10,
+    max_degradation_ratio: Annotated[float | None, Field(
+        gt=1.0, le=10, description="default: from the report's goals (1.10 without goals)")] = None,
     consecutive: Annotated[int, Field(ge=1, le=100)] = 3,
     interval_s: Annotated[float, Field(ge=0.5, le=600)] = 5.0,
     workload_cmd: Annotated[str | None, Field(description="background workload in the target")] = None,

@@ -44,9 +44,10 @@ class Reading(BaseModel):
 class MonitorPolicy(BaseModel):
     metric_cmd: str | None = Field(None, description="prints a number; run in the target")
     metric_direction: Literal["lower", "higher"] = "lower"
-    max_degradation_ratio: float = Field(
-        1.10, description="rollback when the metric is worse than baseline by this ratio "
-                          "(lower-is-better: metric/baseline > r; higher: baseline/metric > r)")
+    max_degradation_ratio: float | None = Field(
+        None, description="rollback when the metric is worse than baseline by this ratio "
+                          "(lower-is-better: metric/baseline > r; higher: baseline/metric > r); "
+                          "default: derived from the report's goals (threshold_from_goals)")
     consecutive: int = Field(3, ge=1, description="... for this many consecutive samples")
     interval_s: float = Field(5.0, ge=0.5)
     workload_cmd: str | None = Field(None, description="background workload kept running in the target")
@@ -119,6 +120,25 @@ def host_allowed(actor: str) -> str | None:
     return "; ".join(missing) or None
 
 
+def threshold_from_goals(goals) -> float:
+    """How much worse than the pre-deploy baseline a deployment may get before it is rolled back.
+    A do-no-harm goal gives its own bound (`wall_time_s lower 1.3` -> 1.3; `throughput higher 0.8`
+    -> 1/0.8); an improvement goal (lower < 1 or higher > 1) tolerates only noise; no bound is below
+    1.05 (the noise of a monitor sample); the tightest goal wins; no goals: 1.10."""
+    if not goals:
+        return 1.10
+    bounds = []
+    for g in goals:
+        r = g.target_ratio
+        if r is None:
+            bounds.append(1.05)
+        elif g.direction == "lower":
+            bounds.append(max(r, 1.05))
+        else:
+            bounds.append(max(1 / r, 1.05) if r > 0 else 1.05)
+    return round(min(bounds), 4)
+
+
 def _median_metric(t: Target, cmd: str, n: int = 3) -> float:
     return statistics.median(t.run_metric(cmd) for _ in range(n))
 
@@ -135,6 +155,8 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
                                       "deploy to the sandbox target, or fix what is missing")
     # check first, spend only when the target can take it: a refusal must not burn the token
     payload, report = tokens.check(token, target, actor, spend=False)
+    if monitor.max_degradation_ratio is None:
+        monitor = monitor.model_copy(update={"max_degradation_ratio": threshold_from_goals(report.goals)})
     obj = Path(report.object_path).read_bytes()
     t = get_target(target)
     if dry_run:

@@ -100,9 +100,9 @@ def deployment_feedback(dep_id: str) -> Feedback:
         metrics.append(MetricResult(metric=d.monitor.metric_cmd or "metric",
                                     direction=d.monitor.metric_direction, baseline=d.baseline,
                                     candidate=cand, ratio=round(cand / d.baseline, 4),
-                                    target_ratio=d.monitor.max_degradation_ratio
+                                    target_ratio=(d.monitor.max_degradation_ratio or 1.10)
                                     if d.monitor.metric_direction == "lower"
-                                    else 1 / d.monitor.max_degradation_ratio))
+                                    else 1 / (d.monitor.max_degradation_ratio or 1.10)))
         m = metrics[0]
         m.met = m.ratio <= m.target_ratio if m.direction == "lower" else m.ratio >= m.target_ratio
     killed = bool(d.end_reason and "kernel disabled" in d.end_reason)
