@@ -96,6 +96,25 @@ def save_report(r: ValidationReport) -> ValidationReport:
     return r
 
 
+def check_goals_measurable(goals: list[Goal], workloads) -> None:
+    """Refuse, before any VM boots, a goal that no chosen workload measures (a typo, or a profile's
+    goal with too few workloads), and say which workloads would measure it."""
+    from .validate.workloads import list_workloads
+
+    def measures(w, metric: str) -> bool:
+        return metric == w.metric or metric in w.goal_metrics
+
+    for g in goals:
+        if any(measures(w, g.metric) for w in workloads):
+            continue
+        able = [w.name for w in list_workloads() if measures(w, g.metric)]
+        known = sorted({m for w in list_workloads() for m in [w.metric, *w.goal_metrics]})
+        raise BadInput(f"goal {g.metric!r} is not measured by the chosen workloads "
+                       f"({', '.join(w.name for w in workloads)})",
+                       f"add --workload {' / '.join(able)}" if able else
+                       f"known metrics: {', '.join(known)}")
+
+
 def validate(report_id: str | None = None, source: str | None = None, policy: str | None = None,
              params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
              workloads: list[str] | None = None, profile_id: str | None = None,
@@ -121,6 +140,7 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
         save(r)
         return r, None
     chosen = get_workloads(workloads)
+    check_goals_measurable(r.goals, chosen)
     layer2 = validate_in_sandbox(
         Path(r.object_path).read_bytes(), ops_name=r.ops_name or "", params=r.params, goals=r.goals,
         workloads=chosen, rounds=rounds,

@@ -180,8 +180,9 @@ def stats(interval: float, as_json: bool) -> None:
     from .observe.cpu import get_cpu_stats
 
     def render(s):
+        load = " ".join(f"{x:.2f}" for x in s.load_avg)
         table = Table("cpu", "busy%", "user", "sys", "iowait", "irq", "steal", "idle",
-                      title=f"{s.interval_s}s, load {s.load_avg}")
+                      title=f"CPU time over {s.interval_s:.2f} s — load average {load}")
         for c in s.per_cpu:
             table.add_row(str(c.cpu), f"{c.busy:.1f}", f"{c.user:.1f}", f"{c.system:.1f}",
                           f"{c.iowait:.1f}", f"{c.irq + c.softirq:.1f}", f"{c.steal:.1f}",
@@ -286,6 +287,9 @@ def policies_search(query: str, tags: tuple[str, ...], limit: int, profile_id: s
     hits = search_policies(query, list(tags), limit, scorer)
 
     def render(hs):
+        if not hs:
+            console.print("no policy matched; try other words, or `schedcp policies list`")
+            return
         table = Table("score", "name", "kind", "summary", "why")
         for h in hs:
             table.add_row(f"{h.score:.2f}", h.name, h.kind, h.summary, h.reason)
@@ -313,7 +317,8 @@ def policies_show(name: str, as_json: bool) -> None:
         if p.parameters:
             t = Table("parameter", "type", "default", "range", "description")
             for q in p.parameters:
-                t.add_row(q.name, q.type, str(q.default), f"{q.min}..{q.max}", q.description)
+                rng = "-" if q.min is None and q.max is None else f"{q.min}..{q.max}"
+                t.add_row(q.name, q.type, str(q.default), rng, q.description)
             console.print(t)
         for tu in p.tunables:
             console.print(f"  {tu.flag}: {tu.description}")
@@ -394,8 +399,9 @@ def render_layer1(r) -> None:
                   f"at stage {l1.stage}; kernel {l1.kernel_version}; "
                   f"{'cached, ' if l1.cached else ''}{l1.total_s:.2f}s")
     for e in l1.errors:
-        where = f"line {e.line}" + (f":{e.column}" if e.column else "") if e.line else ""
-        console.print(f"  [red]{e.stage}[/red] {escape(e.program or '')} {where}: {escape(e.message)}")
+        where = " ".join(x for x in (e.program, f"line {e.line}" + (f":{e.column}" if e.column else "")
+                                     if e.line else None) if x)
+        console.print(f"  [red]{e.stage}[/red]{' ' + escape(where) if where else ''}: {escape(e.message)}")
         if e.snippet:
             console.print(f"      {escape(e.snippet.strip())}")
     if l1.missing_kfuncs:
@@ -501,7 +507,8 @@ def render_layer2(r, token) -> None:
     colour = "green" if r.passed else "red"
     console.print(f"[{colour}]{r.status}[/{colour}]")
     if token:
-        console.print(f"deployment token (single use, expires in 1 h):\n{token.token}")
+        console.print("deployment token (single use, expires in 1 h):")
+        click.echo(token.token)  # never wrapped: it must survive copy-paste and pipes
 
 
 @main.command()
@@ -638,8 +645,8 @@ def status(as_json: bool) -> None:
 
     def render(s):
         for name, st in s.targets.items():
-            console.print(f"{name}: " + (f"sched_ext {st.state}, ops {st.ops}" if not isinstance(st, str)
-                                         else st))
+            console.print(f"{name}: " + (f"sched_ext {st.state}, running scheduler: {st.ops or 'none'}"
+                                         if not isinstance(st, str) else st))
         t = Table("deployment", "target", "policy", "status", "since", "report", "last reading")
         import datetime as dt
 

@@ -115,8 +115,8 @@ def host_allowed(actor: str) -> str | None:
     """Why a host deploy is not allowed for this actor (None = allowed)."""
     missing = HostTarget.readiness()
     if actor != "cli" and os.environ.get("SCHEDCP_ALLOW_HOST_DEPLOY") != "1":
-        missing.append("a human running `schedcp deploy --token T --target host`, or a server started "
-                       "with --allow-host-deploy")
+        missing.append("no one allowed MCP clients to deploy to the host (a human runs `schedcp deploy "
+                       "--token T --target host`, or starts the server with --allow-host-deploy)")
     return "; ".join(missing) or None
 
 
@@ -151,7 +151,7 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
         if why:
             tokens.check(token, target, actor, spend=False)  # a bad token is reported first
             store.audit(actor, "deploy_refused", {"why": why, "target": target})
-            raise tokens.TokenRefused(f"host deploy refused: missing {why}",
+            raise tokens.TokenRefused(f"host deploy refused: {why}",
                                       "deploy to the sandbox target, or fix what is missing")
     # check first, spend only when the target can take it: a refusal must not burn the token
     payload, report = tokens.check(token, target, actor, spend=False)

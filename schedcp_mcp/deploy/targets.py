@@ -202,7 +202,7 @@ class HostTarget:
             missing.append("this kernel has no sched_ext (/sys/kernel/sched_ext missing; needs "
                            "CONFIG_SCHED_CLASS_EXT=y, Linux >= 6.12)")
         if os.geteuid() != 0:
-            missing.append("permission to load BPF (run as root: CAP_BPF + CAP_SYS_ADMIN)")
+            missing.append("no permission to load BPF (run as root: CAP_BPF + CAP_SYS_ADMIN)")
         return missing
 
     def state(self) -> ScxState:

@@ -84,7 +84,7 @@ def issue(report_id: str, target: str = "sandbox", ttl_s: float = DEFAULT_TTL_S,
         store.audit(actor, "token_refused", {"report_id": report_id, "why": r.status},
                     r.artifact_sha256)
         raise TokenRefused(f"report {report_id} did not pass layers 1 and 2 ({r.status})",
-                           "only a validated artifact can be deployed: run validate_scheduler")
+                           "only a validated artifact can be deployed: `schedcp validate` / validate_scheduler")
     now = time.time()
     p = TokenPayload(jti=secrets.token_hex(12), report_id=r.id, artifact_sha256=r.artifact_sha256 or "",
                      target=target, exp=now + ttl_s, iat=now)

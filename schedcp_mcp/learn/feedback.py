@@ -71,7 +71,7 @@ def report_feedback(report_id: str) -> Feedback:
     r = get_report(report_id)
     if r.layer2 is None:
         raise BadInput(f"report {r.id} has no sandbox results yet ({r.status})",
-                       "run validate_scheduler on it first")
+                       "validate it first: `schedcp validate --report ID` / validate_scheduler")
     l2 = Layer2Result.model_validate(r.layer2)
     goal_map = {w.metric: _goal_metrics_of(w.name) for w in l2.workloads}
     metrics = apply_goals(l2.metric_results(), r.goals, goal_map)
@@ -128,7 +128,7 @@ def get_feedback(subject_id: str) -> Feedback:
         fb = report_feedback(subject_id)
     else:
         raise BadInput(f"{subject_id!r} is neither a deployment (dep-…) nor a report (rep-…) id",
-                       "see `schedcp status` or list_reports")
+                       "see `schedcp status` and `schedcp reports` (MCP: get_status, get_report)")
     existing = [o for o in store.list_records("outcome", Outcome, limit=2000)
                 if subject_id in (o.report_id, o.deployment_id)]
     if existing:

@@ -201,7 +201,7 @@ def characterize(tree: ProcessTreeMetrics, wall: float, ncpus: int,
         latency_sensitive=vol >= 1000,
         many_short_lived_processes=forks >= 20,
         parallelism=round(parallelism, 2),
-        io_heavy=features["io"] >= 0.3,
+        io_heavy=features["io"] >= 0.75,  # >= ~10 MB/s of reads + writes
         cpu_utilization=round(util, 3),
         voluntary_switch_rate=round(vol, 1),
         involuntary_switch_rate=round(invol, 1),
@@ -248,7 +248,8 @@ def profile_workload(command: list[str] | str | None = None, pid: int | None = N
     `duration_s`; store and return the WorkloadProfile."""
     if (command is None) == (pid is None):
         raise BadInput("give exactly one of command or pid",
-                       "e.g. command=['hackbench', '-g', '4'] or pid=1234")
+                       "e.g. `schedcp profile -- hackbench -g 4` or `--pid 1234` "
+                       "(MCP: command=['hackbench','-g','4'] or pid=1234)")
     duration_s = float(duration_s)
     if not 0.2 <= duration_s <= 3600:
         raise BadInput(f"duration_s={duration_s} out of range", "use 0.2 .. 3600 seconds")

@@ -158,7 +158,7 @@ def get_policy(name: str) -> Policy:
     for p in policies:
         if p.name == name:
             return p
-    near = difflib.get_close_matches(name, [p.name for p in policies], n=3, cutoff=0.4)
+    near = difflib.get_close_matches(name, [p.name for p in policies], n=3, cutoff=0.6)
     raise NotFound(f"no policy named {name!r}",
                    f"did you mean {', '.join(near)}?" if near else
                    "list them with `schedcp policies list` / list via search_policies")

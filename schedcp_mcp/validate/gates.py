@@ -242,7 +242,7 @@ def performance_gates(results: list[WorkloadResult], workloads: list[Workload],
         target = goal.target_ratio
         if not matched:
             add(f"goal:{goal.metric}", False, f"goal {goal.metric} is not measured by any workload in this run; "
-                f"include a workload for it (see list_workloads)")
+                f"include a workload for it (`schedcp workloads` / list_workloads)")
             continue
         for r in matched:
             covered.add(r.name)
