@@ -14,9 +14,9 @@ from . import config
 from .errors import BadInput
 from .observe.profile import Goal, get_profile
 from .reports import ValidationReport, get_report, new_report, save
+from .verify.source_check import MAX_SOURCE_BYTES
 
 Progress = Callable[[str, float], None]
-MAX_SOURCE_BYTES = 256 * 1024
 
 
 def sources_dir() -> Path:
@@ -64,21 +64,22 @@ def submit(source: str | None = None, policy: str | None = None,
         goals = goals if goals else prof.goals
     kw = dict(target=target, use_cache=use_cache, progress=progress, vm=vm)
     if policy is not None:
-        layer1 = pipeline.verify_policy(policy, {k: str(v) for k, v in (params or {}).items()},
-                                        trusted_include_dirs=trusted_include_dirs, **kw)
-    else:
-        if len(source.encode()) > MAX_SOURCE_BYTES:
-            raise BadInput(f"source is {len(source.encode())} bytes; the limit is {MAX_SOURCE_BYTES}",
-                           "a sched_ext scheduler fits in a few hundred lines")
-        layer1 = pipeline.verify_source(source, params={k: str(v) for k, v in (params or {}).items()},
-                                        trusted_include_dirs=trusted_include_dirs, **kw)
-        save_source(source)
-    if policy is not None:
         from .repository.policies import get_policy
 
         text = get_policy(policy).source_text()
-        if text:
-            save_source(text)
+        layer1 = pipeline.verify_policy(policy, {k: str(v) for k, v in (params or {}).items()},
+                                        trusted_include_dirs=trusted_include_dirs, **kw)
+    else:
+        # refused before anything is stored (the verifier's own check would reject it too, but
+        # only after save_source had kept it)
+        if len(source.encode()) > MAX_SOURCE_BYTES:
+            raise BadInput(f"source is {len(source.encode())} bytes; the limit is {MAX_SOURCE_BYTES}",
+                           "a sched_ext scheduler fits in a few hundred lines")
+        text = source
+        layer1 = pipeline.verify_source(source, params={k: str(v) for k, v in (params or {}).items()},
+                                        trusted_include_dirs=trusted_include_dirs, **kw)
+    if text:
+        save_source(text)
     return new_report(layer1, policy=policy, params=layer1.params, profile_id=profile_id, goals=goals)
 
 
@@ -89,11 +90,6 @@ def report_or_submit(report_id: str | None, source: str | None, policy: str | No
             raise BadInput("give a report_id or a source/policy, not both", "")
         return get_report(report_id)
     return submit(source=source, policy=policy, params=params, **kw)
-
-
-def save_report(r: ValidationReport) -> ValidationReport:
-    save(r)
-    return r
 
 
 def check_goals_measurable(goals: list[Goal], workloads) -> None:

@@ -12,9 +12,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -82,17 +81,6 @@ def migrate(conn: sqlite3.Connection) -> int:
         conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;PRAGMA user_version = {i};\nCOMMIT;")
         version = i
     return version
-
-
-@contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def db() -> sqlite3.Connection:
@@ -172,10 +160,6 @@ def audit_log(limit: int = 200) -> list[dict[str, Any]]:
 def kv_get(key: str) -> str | None:
     row = db().execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
     return row["value"] if row else None
-
-
-def kv_set(key: str, value: str) -> None:
-    db().execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?,?)", (key, value))
 
 
 def kv_claim(key: str, value: str) -> bool:

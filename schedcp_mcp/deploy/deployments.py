@@ -8,7 +8,6 @@ restore the previous state) -> start the monitor. Every step that changes a kern
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -160,7 +159,7 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
     obj = Path(report.object_path).read_bytes()
     t = get_target(target)
     if dry_run:
-        cur = t.state() if target == "host" or getattr(t, "running", lambda: True)() else None
+        cur = t.state() if t.running() else None
         would = [f"record the current scheduler state ({cur.state if cur else 'staging VM not running'})"]
         if monitor.workload_cmd:
             would.append(f"start the background workload: {monitor.workload_cmd}")
@@ -239,8 +238,8 @@ def _restore(t: Target, d: Deployment, actor: str) -> None:
 
 
 def _end(d: Deployment, status: Status, reason: str, actor: str, unload: bool = True) -> Deployment:
-    t = SandboxTarget(start=False) if d.target == "sandbox" else get_target(d.target)
-    if d.target == "sandbox" and not t.running():
+    t = get_target(d.target, start=False)
+    if not t.running():
         unload = False  # the VM is gone, and the scheduler with it
     else:
         try:
@@ -337,6 +336,3 @@ def status() -> StatusReport:
         targets["sandbox"] = "staging VM not running"
     return StatusReport(deployments=deps, targets=targets)
 
-
-def dump(d: Deployment) -> str:
-    return json.dumps(d.model_dump(mode="json"), indent=2)

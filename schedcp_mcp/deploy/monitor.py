@@ -40,13 +40,8 @@ def degraded(d: Deployment, value: float) -> tuple[bool, float | None]:
     return worse > d.monitor.max_degradation_ratio, round(ratio, 4)
 
 
-def _target(d: Deployment):
-    # the monitor never boots a staging VM: if it is gone, so is the deployment
-    return SandboxTarget(start=False) if d.target == "sandbox" else get_target(d.target)
-
-
 def sample_once(d: Deployment, prev_ctxt: tuple[float, int] | None = None) -> tuple[Reading, tuple[float, int] | None]:
-    t = _target(d)
+    t = get_target(d.target, start=False)  # never boot a VM: if it is gone, so is the deployment
     st = t.state()
     r = Reading(at=time.time(), state=st.state, ops=st.ops, psi_some_avg10=st.psi_some_avg10)
     if st.ctxt is not None and st.uptime_s is not None:

@@ -80,6 +80,7 @@ def loader_args(obj_path: str, params: dict[str, str], timeout_ms: int | None) -
 class Target(Protocol):
     name: str
 
+    def running(self) -> bool: ...
     def state(self) -> ScxState: ...
     def load(self, obj: bytes, params: dict[str, str], timeout_ms: int | None = None) -> None: ...
     def unload(self) -> None: ...
@@ -190,6 +191,9 @@ class HostTarget:
 
     name = "host"
 
+    def running(self) -> bool:
+        return True
+
     def __init__(self) -> None:
         self.dir = config.home() / "host"
         self.dir.mkdir(exist_ok=True)
@@ -267,9 +271,10 @@ class HostTarget:
             pass
 
 
-def get_target(name: str) -> Target:
+def get_target(name: str, start: bool = True) -> Target:
+    """`start=False`: never boot the staging VM (monitors and rollbacks of a VM that is gone)."""
     if name == "sandbox":
-        return SandboxTarget()
+        return SandboxTarget(start=start)
     if name == "host":
         return HostTarget()
     raise InfrastructureError(f"unknown target {name!r}", "use sandbox or host")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import os
 import socket
 import threading
@@ -149,15 +148,15 @@ def measure(cond: Condition) -> tuple[float | None, bool]:
             return None, False
         return v, v < cond.threshold
     from ..observe.cpu import get_cpu_stats
-    from ..observe.profile import get_profile
+    from ..observe.profile import get_profile, scale_rate
     from .history import similarity_to_features
 
     prof = get_profile(cond.profile_id)
     s = get_cpu_stats(1.0, top_n=1)
-    features = {  # the same scales as observe.profile.characterize, system-wide
+    features = {  # the profile's features, measured system-wide
         "cpu_utilization": s.total_busy_percent / 100.0,
-        "wakeup_intensity": min(1.0, math.log10(1 + s.ctx_switches_per_s) / 4),
-        "fork_intensity": min(1.0, math.log10(1 + s.forks_per_s) / 3),
+        "wakeup_intensity": scale_rate("wakeup_intensity", s.ctx_switches_per_s),
+        "fork_intensity": scale_rate("fork_intensity", s.forks_per_s),
     }
     v = similarity_to_features(prof, features)
     return v, v < cond.threshold

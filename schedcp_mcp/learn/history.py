@@ -17,7 +17,6 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from .. import store
-from ..errors import BadInput
 from ..observe.profile import WorkloadProfile, get_profile
 from ..repository.policies import Policy
 
@@ -141,10 +140,3 @@ def scorer_for(profile_id: str):
             f"weighted reward {mean:+.3f}")
 
     return score
-
-
-def validate_reward_inputs(metrics: list[MetricResult]) -> None:
-    for m in metrics:
-        if m.baseline <= 0 or m.candidate <= 0:
-            raise BadInput(f"metric {m.metric}: baseline and candidate must be > 0",
-                           "give the measured figures, e.g. seconds or ops/s")

@@ -177,6 +177,16 @@ def parse_runqlat(text: str) -> RunqlatHistogram | None:
     return RunqlatHistogram(buckets=buckets, p50_us=pct(0.5), p99_us=pct(0.99))
 
 
+#: rates become features on a log scale (10/s and 10000/s must differ more than 5000/s and 10000/s
+#: do); a feature reaches 1.0 at 10**decades events (or bytes) per second
+RATE_DECADES = {"wakeup_intensity": 4, "preemption": 4, "fork_intensity": 3, "io": 9}
+
+
+def scale_rate(feature: str, per_s: float) -> float:
+    """A per-second rate as a 0..1 similarity feature (shared with the live callbacks watcher)."""
+    return round(min(1.0, math.log10(1 + max(per_s, 0.0)) / RATE_DECADES[feature]), 3)
+
+
 def characterize(tree: ProcessTreeMetrics, wall: float, ncpus: int,
                  sys_forks: float) -> Characteristics:
     wall = max(wall, 1e-3)
@@ -186,13 +196,12 @@ def characterize(tree: ProcessTreeMetrics, wall: float, ncpus: int,
     invol = tree.involuntary_ctx_switches / wall
     forks = max(tree.processes_seen - 1, sys_forks) / wall
     io_rate = ((tree.read_bytes or 0) + (tree.write_bytes or 0)) / wall
-    # rates on a log scale: 10/s and 10000/s must differ more than 5000/s and 10000/s do
     features = {
         "cpu_utilization": round(util, 3),
-        "wakeup_intensity": round(min(1.0, math.log10(1 + vol) / 4), 3),
-        "preemption": round(min(1.0, math.log10(1 + invol) / 4), 3),
-        "fork_intensity": round(min(1.0, math.log10(1 + forks) / 3), 3),
-        "io": round(min(1.0, math.log10(1 + io_rate) / 9), 3),
+        "wakeup_intensity": scale_rate("wakeup_intensity", vol),
+        "preemption": scale_rate("preemption", invol),
+        "fork_intensity": scale_rate("fork_intensity", forks),
+        "io": scale_rate("io", io_rate),
     }
     return Characteristics(
         # CPU-bound: it keeps at least half a CPU busy and rarely sleeps per CPU-second it gets
