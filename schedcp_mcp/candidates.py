@@ -6,6 +6,8 @@ later session can pick up from a report id.
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 from pathlib import Path
 from typing import Any, Callable
@@ -52,13 +54,22 @@ def submit(source: str | None = None, policy: str | None = None,
            params: dict[str, Any] | None = None, target: str = "sandbox",
            profile_id: str | None = None, goals: list[Goal] | None = None,
            trusted_include_dirs: tuple[Path, ...] = (), use_cache: bool = True,
-           progress: Progress | None = None, vm=None) -> ValidationReport:
-    """Layer 1 for a raw source or a repository policy; returns the stored report."""
+           progress: Progress | None = None, vm=None, actor: str = "api") -> ValidationReport:
+    """Layer 1 for a raw source or a repository policy; returns the stored report.
+
+    The host target puts untested BPF through this machine's own kernel verifier (loaded, never
+    attached): an operator may ask for that (`actor="cli"`); an MCP client only when the server
+    was started with --allow-host-verify."""
     from .verify import pipeline
 
     if (source is None) == (policy is None):
         raise BadInput("give exactly one of source or policy",
                        "source = BPF C text; policy = a repository policy name")
+    if target == "host" and actor != "cli" and os.environ.get("SCHEDCP_ALLOW_HOST_VERIFY") != "1":
+        raise BadInput("verifying on the host loads the program into this machine's kernel, and no "
+                       "one allowed MCP clients to do that",
+                       "use target sandbox; or a human runs `schedcp verify --target host`, or starts "
+                       "the server with `schedcp serve --allow-host-verify`")
     if profile_id:
         prof = get_profile(profile_id)
         goals = goals if goals else prof.goals

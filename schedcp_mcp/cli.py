@@ -121,12 +121,17 @@ def is_loopback(host: str) -> bool:
               help="file holding the bearer token HTTP clients must send")
 @click.option("--allow-host-deploy", is_flag=True,
               help="let MCP clients deploy to this host's kernel (still only with a valid token)")
-def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool) -> None:
+@click.option("--allow-host-verify", is_flag=True,
+              help="let MCP clients run layer 1 against this host's kernel (load only, never attached)")
+def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
+          allow_host_verify: bool) -> None:
     """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`)."""
     from . import server
 
     if allow_host_deploy:
         os.environ["SCHEDCP_ALLOW_HOST_DEPLOY"] = "1"
+    if allow_host_verify:
+        os.environ["SCHEDCP_ALLOW_HOST_VERIFY"] = "1"
 
     if http is None:
         server.run_stdio()
@@ -404,6 +409,9 @@ def render_layer1(r) -> None:
         console.print(f"  [red]{e.stage}[/red]{' ' + escape(where) if where else ''}: {escape(e.message)}")
         if e.snippet:
             console.print(f"      {escape(e.snippet.strip())}")
+    for w in l1.warnings:
+        where = f" line {w.line}" if w.line else ""
+        console.print(f"  [yellow]{w.severity}[/yellow] {w.stage}{where}: {escape(w.message)}")
     if l1.missing_kfuncs:
         console.print(f"  missing kfuncs on {l1.kernel_version}: {', '.join(l1.missing_kfuncs)}")
     if l1.programs:
@@ -448,7 +456,7 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
             for i, name in enumerate(names):
                 bar(name, i / len(names))
                 reports.append(candidates.submit(policy=name, target=target, use_cache=not no_cache,
-                                                 vm=vm))
+                                                 vm=vm, actor="cli"))
         ok = all(r.passed_layer1 for r in reports)
         if as_json:
             click.echo(json.dumps({"passed": ok, "reports": [layer1_json(r) for r in reports]},
@@ -459,7 +467,7 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
         sys.exit(0 if ok else 1)
     source = file.read_text(errors="replace") if file else None
     with progress_bar("verify", not as_json) as bar:
-        r = candidates.submit(source=source, policy=policy, params=kv, target=target,
+        r = candidates.submit(source=source, policy=policy, params=kv, target=target, actor="cli",
                               trusted_include_dirs=include_dirs, use_cache=not no_cache, progress=bar)
     if as_json:
         click.echo(json.dumps(layer1_json(r), indent=2))

@@ -224,7 +224,8 @@ async def submit_scheduler(
     params: Annotated[dict[str, str] | None, Field(
         description="const volatile parameters by name, e.g. {'slice_ns': '5000000'}")] = None,
     target: Annotated[Literal["sandbox", "host"], Field(
-        description="whose kernel verifies it: the sandbox VM (default) or this host")] = "sandbox",
+        description="whose kernel verifies it: the sandbox VM (default), or this host (loaded, never "
+        "attached; needs a sched_ext host and `schedcp serve --allow-host-verify`)")] = "sandbox",
     profile_id: Annotated[str | None, Field(
         description="the WorkloadProfile this candidate is for (its goals apply)")] = None,
 ) -> SubmitResult:
@@ -233,7 +234,8 @@ async def submit_scheduler(
     ValidationReport; a rejection explains the failing program, source line and kernel message."""
     from . import candidates
 
-    r = await in_thread(candidates.submit, source, policy, params, target, profile_id, ctx=ctx)
+    r = await in_thread(candidates.submit, source, policy, params, target, profile_id, actor="mcp",
+                        ctx=ctx)
     return SubmitResult(report_id=r.id, status=r.status, layer1=r.layer1.model_dump(mode="json"))
 
 

@@ -96,6 +96,13 @@ async def test_submit_scheduler_refuses_host_file_include_before_compiling():
     assert any("/etc/passwd" in e["message"] for e in data["layer1"]["errors"])
 
 
+async def test_host_verify_from_an_mcp_client_needs_the_operators_permission():
+    res = await call("submit_scheduler", {"policy": "fifo", "target": "host"})
+    assert res.is_error
+    text = res.content[0].text
+    assert "--allow-host-verify" in text and "Traceback" not in text
+
+
 async def test_deploy_with_forged_token_is_refused_and_nothing_loads():
     res = await call("deploy", {"token": "eyJ2IjoxfQ.AAAA", "target": "sandbox"})
     assert res.is_error and "signature" in res.content[0].text

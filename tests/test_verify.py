@@ -6,12 +6,13 @@ skipped with a hint when it is not built. `@pytest.mark.vm` tests boot the sched
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
 
-from schedcp_mcp.verify import btf
+from schedcp_mcp.verify import btf, verifier
 from schedcp_mcp.verify.compile import compile_source, parse_diagnostics
 from schedcp_mcp.verify.elfcheck import inspect_object
 from schedcp_mcp.verify.pipeline import verify_policy, verify_source
@@ -399,14 +400,89 @@ def test_kernel_example_schedulers_pass_or_fail_with_the_kernels_reason(vm, mani
         assert r.errors[0].code == code and words in r.errors[0].message, (name, r.errors)
 
 
-def test_host_target_without_sched_ext_is_an_infrastructure_error(manifest):
-    from schedcp_mcp.errors import InfrastructureError
+@pytest.mark.vm
+def test_load_only_runs_the_verifier_and_never_attaches(vm, manifest):
+    """`--load-only` is all the host target ever does; here it runs in the sandbox kernel, where
+    sched_ext's enable counter shows whether anything was attached."""
+    def enable_seq() -> int:
+        return int(vm.run("cat /sys/kernel/sched_ext/enable_seq").stdout.strip())
 
-    facts = btf.kernel_facts()
-    if facts.has_sched_ext:
-        pytest.skip("this host kernel has sched_ext")
-    with pytest.raises(InfrastructureError, match="no sched_ext"):
+    ok = compile_source(fixture("minimal"), manifest)
+    bad_src = fixture("unbounded_index")
+    bad = compile_source(bad_src, manifest)
+    assert ok.ok and bad.ok
+    before = enable_seq()
+    accepted = verifier.run_in_vm(vm, ok.object, {}, load_only=True)
+    rejected = verifier.run_in_vm(vm, bad.object, {}, load_only=True)
+    assert enable_seq() == before, "a load-only verify attached a scheduler"
+    assert accepted.accepted and accepted.raw["sched_ext"]["state_final"] == "disabled"
+    assert accepted.verified_insns and all(n > 0 for n in accepted.verified_insns.values())
+    assert not rejected.accepted
+    e = rejected.errors[0]
+    bug_line = next(i for i, ln in enumerate(bad_src.splitlines(), 1) if "BUG:" in ln)
+    assert (e.program, e.line) == ("unbounded_enqueue", bug_line)
+    # the same object with the full --verify does attach (the counter moves): the probe works
+    assert verifier.run_in_vm(vm, ok.object, {}).accepted and enable_seq() == before + 1
+
+
+def test_host_target_without_sched_ext_is_refused_before_compiling(manifest, monkeypatch):
+    from schedcp_mcp.errors import InfrastructureError
+    from schedcp_mcp.verify import pipeline
+
+    if verifier.host_can_load():
+        pytest.skip("this host can load sched_ext schedulers")
+
+    def no_compile(*a, **kw):
+        raise AssertionError("compiled for a host that cannot load the result")
+
+    monkeypatch.setattr(pipeline, "compile_source", no_compile)
+    with pytest.raises(InfrastructureError, match="cannot load sched_ext") as e:
         verify_source(fixture("minimal"), target="host")
+    assert "--target sandbox" in e.value.hint
+
+
+def test_the_loader_itself_refuses_a_kernel_without_sched_ext(manifest):
+    """Defence in depth behind `host_can_load`: the real loader binary, run on this host."""
+    import json
+    import subprocess
+
+    if Path("/sys/kernel/sched_ext/state").exists():
+        pytest.skip("this host kernel has sched_ext")
+    c = compile_source(fixture("minimal"), manifest)
+    obj = Path(os.environ["SCHEDCP_HOME"]) / "minimal.bpf.o"
+    obj.write_bytes(c.object)
+    argv = [manifest.paths.loader, *verifier.loader_argv(str(obj), {}, load_only=True)]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    out = json.loads(p.stdout)
+    assert (p.returncode, out["ok"], out["stage"]) == (1, False, "kernel")
+    assert verifier.verdict_from_loader(out).errors[0].code == "no_sched_ext"
+
+
+def test_host_target_compiles_against_the_hosts_own_btf(manifest):
+    from schedcp_mcp.verify.compile import host_vmlinux_h
+
+    if not btf.HOST_BTF.exists():
+        pytest.skip("host kernel has no BTF")
+    header = host_vmlinux_h(btf.HOST_BTF)
+    assert b"struct task_struct {" in header
+    assert list((Path(os.environ["SCHEDCP_HOME"]) / "host").glob("vmlinux-*.h")), "kept for next time"
+    assert host_vmlinux_h(btf.HOST_BTF) == header
+    src = ('#include "vmlinux.h"\n#include <bpf/bpf_helpers.h>\n'
+           'int pid_of(struct task_struct *p) { return p->pid; }\n')
+    c = compile_source(src, manifest, vmlinux_h=header)
+    assert c.ok, c.errors
+    assert "target/vmlinux.h" in c.opened
+    assert not any(p.endswith("/vmlinux.h") and not p.startswith("target/") for p in c.opened)
+
+
+def test_mcp_clients_may_not_verify_on_the_host_unless_allowed(monkeypatch):
+    from schedcp_mcp import candidates
+    from schedcp_mcp.errors import BadInput
+
+    monkeypatch.delenv("SCHEDCP_ALLOW_HOST_VERIFY", raising=False)
+    with pytest.raises(BadInput, match="no one allowed MCP clients") as e:
+        candidates.submit(policy="fifo", target="host", actor="mcp")
+    assert "--allow-host-verify" in e.value.hint
 
 
 def test_bad_parameter_names_are_refused():

@@ -8,6 +8,9 @@ operator's trusted directories, copied into the work directory. Defense in depth
 directories fails the compile; the preprocessed output (`-E`, where every macro trick is expanded)
 is checked for inline assembly that reads files and for pragmas outside the allowlist.
 
+For the host target the object is compiled against a vmlinux.h generated from the host's own BTF
+(`host_vmlinux_h`), put first on the include path as `target/vmlinux.h`.
+
 Most of a compile is clang parsing vmlinux.h (~3 MB). A precompiled `scx/common.bpf.h` halved the
 compile, but clang 19 then leaves the BTF of extern kfuncs declared in the header out of the object
 (libbpf: "failed to find BTF for extern 'bpf_iter_scx_dsq_destroy'"), so every compile parses it.
@@ -31,6 +34,7 @@ SOURCE_NAME = "source.bpf.c"
 OBJECT_NAME = "source.bpf.o"
 DEPS_NAME = "source.d"
 PREPROCESSED_NAME = "source.i"
+TARGET_HEADER_DIR = "target"  # in the work dir: the target kernel's vmlinux.h, when not the sandbox's
 MAX_TRUSTED_FILES = 500
 MAX_TRUSTED_BYTES = 16 * 1024 * 1024
 
@@ -102,24 +106,57 @@ def _deps(text: str) -> list[str]:
     return [p.replace("\\ ", " ") for p in re.findall(r"(?:\\ |\S)+", body)]
 
 
-def _base_argv(manifest) -> list[str]:
+def _base_argv(manifest, first_includes: list[str] = ()) -> list[str]:
     # Without address-space randomisation clang's output does not depend on where it ran
     # (belt and braces: with -ffile-compilation-dir objects were already reproducible here).
     norandom = ["setarch", "x86_64", "-R"] if Path(manifest.paths.rootfs, "usr/bin/setarch").exists() else []
     return [*norandom, "clang", *manifest.toolchain.cflags, "-fno-color-diagnostics", "-fno-trigraphs",
             "-ffile-compilation-dir=.",  # reproducible: no random work dir in the DWARF
-            *[f"-I{d}" for d in manifest.toolchain.include_dirs]]
+            *[f"-I{d}" for d in [*first_includes, *manifest.toolchain.include_dirs]]]
+
+
+def host_vmlinux_h(btf_path: Path) -> bytes:
+    """vmlinux.h for the host kernel, from its BTF (`/sys/kernel/btf/vmlinux`), made with the
+    toolchain's bpftool and kept under $SCHEDCP_HOME/host/ by the BTF's hash."""
+    from .. import config
+    from ..sandbox import toolchain
+
+    try:
+        btf = btf_path.read_bytes()
+    except OSError as e:
+        raise InfrastructureError(f"cannot read the host kernel's BTF {btf_path}: {e}",
+                                  "the host kernel needs CONFIG_DEBUG_INFO_BTF; use --target sandbox") from e
+    out = config.home() / "host" / f"vmlinux-{hashlib.sha256(btf).hexdigest()[:16]}.h"
+    if out.exists():
+        return out.read_bytes()
+    res = toolchain.run(["sh", "-c", "bpftool btf dump file vmlinux.btf format c > vmlinux.h"],
+                        workdir_files={"vmlinux.btf": btf}, outputs=["vmlinux.h"], timeout_s=120)
+    header = res.outputs.get("vmlinux.h")
+    if res.rc != 0 or not header:
+        raise InfrastructureError(f"bpftool could not turn {btf_path} into vmlinux.h: "
+                                  f"{res.stderr.strip()[-300:] or f'exit {res.rc}'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(header)
+    tmp.replace(out)
+    return header
 
 
 def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, ...] = (),
-                   timeout_s: float = 60, mem_mb: int = 2048) -> CompileResult:
-    """Compile `source` (already through `source_check`) with the image's clang and flags."""
+                   timeout_s: float = 60, mem_mb: int = 2048,
+                   vmlinux_h: bytes | None = None) -> CompileResult:
+    """Compile `source` (already through `source_check`) with the image's clang and flags.
+    `vmlinux_h` replaces the sandbox kernel's (the host target gives the host's)."""
     from ..sandbox import toolchain
 
     files, trusted_flags = _trusted_files(tuple(trusted_include_dirs))
     files[SOURCE_NAME] = source.encode()
+    first = []
+    if vmlinux_h is not None:
+        files[f"{TARGET_HEADER_DIR}/vmlinux.h"] = vmlinux_h
+        first = [TARGET_HEADER_DIR]  # searched before the image's include dirs
     include_dirs = list(manifest.toolchain.include_dirs)
-    flags = [*_base_argv(manifest), *trusted_flags]
+    flags = [*_base_argv(manifest, first), *trusted_flags]
     # One jail run: preprocess (for the checks every macro trick expands into), then compile.
     script = (shlex.join([*flags, "-E", SOURCE_NAME, "-o", PREPROCESSED_NAME]) + " && exec "
               + shlex.join([*flags, "-MD", "-MF", DEPS_NAME, "-c", SOURCE_NAME, "-o", OBJECT_NAME]))
@@ -132,7 +169,8 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
 
     def outside(path: str) -> bool:
         norm = posixpath.normpath(path)
-        return not (norm == SOURCE_NAME or norm.startswith("trusted/") or norm.startswith(allowed))
+        return not (norm == SOURCE_NAME or norm.startswith(("trusted/", f"{TARGET_HEADER_DIR}/"))
+                    or norm.startswith(allowed))
 
     diags = []
     for d in parse_diagnostics(stderr, re.split(r"\r\n|\r|\n", source)):  # clang's line ends

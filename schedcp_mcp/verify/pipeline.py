@@ -27,7 +27,7 @@ from ..sandbox.vm import GuestTimeout
 from ..errors import BadInput, InfrastructureError
 from . import btf as btfmod
 from . import verifier
-from .compile import compile_source
+from .compile import compile_source, host_vmlinux_h
 from .elfcheck import inspect_object
 from .models import Layer1Report, Target, VerifyError
 from .source_check import check_source
@@ -179,6 +179,14 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
         r.kernel_version = known.kernel_version if known else (platform.release() if target == "host" else None)
         return finish("source_check")
 
+    if target == "host" and not verifier.host_can_load():
+        # before compiling: the host target loads into this kernel, which must have sched_ext
+        raise InfrastructureError(
+            f"the host kernel {platform.release()} cannot load sched_ext schedulers: "
+            + ("it has no sched_ext (/sys/kernel/sched_ext missing)"
+               if not Path("/sys/kernel/sched_ext/state").exists() else "loading BPF needs root"),
+            "use --target sandbox (a VM with a sched_ext kernel)")
+
     # the image (kernel, toolchain, loader) decides the result: its build_id is in the cache key
     t0 = time.monotonic()
     manifest = image.ensure(progress=progress)
@@ -216,7 +224,8 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
         # 2. compile in the toolchain chroot
         t0 = time.monotonic()
         say("compiling", 0.1)
-        c = compile_source(source, manifest, trusted_include_dirs=trusted)
+        c = compile_source(source, manifest, trusted_include_dirs=trusted,
+                           vmlinux_h=host_vmlinux_h(btf_path) if target == "host" else None)
         timed("compile", t0)
         r.warnings += c.warnings
         if not c.ok:
@@ -272,7 +281,7 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
         if r.errors:
             return done("btf")
 
-        # 5. the real kernel verifier (load, attach, detach)
+        # 5. the real kernel verifier (sandbox: load, attach, detach; host: load only)
         t0 = time.monotonic()
         if target == "sandbox":
             if booting is not None:
@@ -304,6 +313,11 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
             obj_path = Path(r.object_path)
             verdict = verifier.run_on_host(obj_path, params, loader=Path(manifest.paths.loader),
                                            map_sizes=map_sizes)
+            r.warnings.append(VerifyError(
+                stage="verifier", code="load_only", severity="note",
+                message="on the host the object was loaded (every program through the kernel "
+                "verifier) and unloaded without attaching: its init and runtime were not exercised; "
+                "layer 2 (schedcp validate) runs it in the sandbox"))
         timed("verifier", t0)
         r.verifier_log = verdict.log
         for p in r.programs:

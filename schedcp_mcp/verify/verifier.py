@@ -3,7 +3,8 @@
 The loader (`sandbox/guest/loader.c`) runs in the sandbox VM, or on the host when the host kernel
 has sched_ext and we may load BPF. In `--verify` mode it fills the `__SCX_*` enum rodata, sets the
 parameters, loads every program (the verifier runs here), attaches the ops (the scheduler's
-`init` runs here) and detaches at once. It prints one JSON object; its `log` holds libbpf's output,
+`init` runs here) and detaches at once; with `--load-only` (the host) it stops after the load and
+never attaches. It prints one JSON object; its `log` holds libbpf's output,
 which for a rejected program contains the kernel verifier log between
 `-- BEGIN PROG LOAD LOG --` and `-- END PROG LOAD LOG --`, with `; <source> @ file:line`
 annotations when the object was built with `-g`.
@@ -122,8 +123,9 @@ def verdict_from_loader(result: dict) -> VerifierVerdict:
 
 # --- running the loader ---------------------------------------------------------------------------
 
-def loader_argv(obj: str, params: dict[str, str], map_sizes: dict[str, int] | None = None) -> list[str]:
-    argv = [obj, "--verify"]
+def loader_argv(obj: str, params: dict[str, str], map_sizes: dict[str, int] | None = None,
+                load_only: bool = False) -> list[str]:
+    argv = [obj, "--verify"] + (["--load-only"] if load_only else [])
     for k, val in params.items():
         argv += ["--param", f"{k}={val}"]
     for k, n in (map_sizes or {}).items():
@@ -147,10 +149,11 @@ def host_can_load() -> bool:
     return Path("/sys/kernel/sched_ext/state").exists() and os.geteuid() == 0
 
 
-def run_in_vm(vm, obj: bytes, params: dict[str, str], *, map_sizes=None, timeout_s: float = 60
-              ) -> VerifierVerdict:
-    """Load `obj` with the loader inside a running sandbox VM."""
-    argv = loader_argv("obj.bpf.o", params, map_sizes)
+def run_in_vm(vm, obj: bytes, params: dict[str, str], *, map_sizes=None, timeout_s: float = 60,
+              load_only: bool = False) -> VerifierVerdict:
+    """Load `obj` with the loader inside a running sandbox VM (and attach it for a moment, unless
+    `load_only`: then exactly what the host target does)."""
+    argv = loader_argv("obj.bpf.o", params, map_sizes, load_only)
     script = "exec schedcp-loader " + " ".join(_sh(a) for a in argv) + "\n"
     res = vm.run(script, files={"obj.bpf.o": obj}, timeout_s=timeout_s)
     return verdict_from_loader(_parse_stdout(res.stdout, res.stderr, res.rc))
@@ -158,28 +161,23 @@ def run_in_vm(vm, obj: bytes, params: dict[str, str], *, map_sizes=None, timeout
 
 def run_on_host(obj_path: Path, params: dict[str, str], *, loader: Path, map_sizes=None,
                 timeout_s: float = 60) -> VerifierVerdict:
-    """Load `obj_path` in the host kernel: the verifier only, never attached.
+    """Load `obj_path` in the host kernel with `--load-only`: the verifier runs, nothing is attached.
 
     In the sandbox `--verify` also attaches the scheduler for a moment (its `init` runs), which is
     the point there. On the host that moment would put an unvalidated scheduler in charge of the
-    real machine — a deploy without a token — so the host target needs a loader that can load
-    without attaching (`--load-only`) and refuses otherwise."""
+    real machine (a deploy without a token), so the host only ever gets `--load-only`; a scheduler
+    already running on the host is not disturbed by it."""
     if not host_can_load():
         raise InfrastructureError("the host kernel has no sched_ext (or we are not root)",
                                   "use --target sandbox")
-    try:
-        usage = subprocess.run([str(loader)], capture_output=True, text=True, timeout=10).stderr
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise InfrastructureError(f"cannot run the loader {loader}: {e}") from e
-    if "--load-only" not in usage:
-        raise InfrastructureError("this loader cannot load without attaching, and layer 1 must not "
-                                  "attach an unvalidated scheduler to the host",
-                                  "verify with --target sandbox; deploy to the host with a token")
-    argv = [str(loader)] + loader_argv(str(obj_path), params, map_sizes) + ["--load-only"]
+    argv = [str(loader)] + loader_argv(str(obj_path), params, map_sizes, load_only=True)
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
         raise InfrastructureError(f"the loader did not finish in {timeout_s:.0f} s") from e
+    except OSError as e:
+        raise InfrastructureError(f"cannot run the loader {loader}: {e}",
+                                  "`schedcp sandbox build --force` rebuilds it") from e
     return verdict_from_loader(_parse_stdout(p.stdout, p.stderr, p.returncode))
 
 

@@ -16,6 +16,10 @@
  *   - then detaches at once (--verify) or stays attached (--run) until a signal, the duration, or the
  *     kernel disabling the scheduler, and reports the user exit info (kind, reason, message).
  *
+ * --verify --load-only stops after the load: the kernel verifier has run on every program, and
+ * nothing is attached, so no scheduler ever takes over the CPUs. This is the only mode used on a
+ * host kernel before a deployment token exists.
+ *
  * stdout: exactly one JSON object. stderr: a human log. Exit: 0 ok, 1 rejected/failed, 2 usage.
  */
 #define _GNU_SOURCE
@@ -345,32 +349,22 @@ static void fill_scx_enums(struct bpf_object *obj, const struct btf *kbtf)
 	__u32 cnt = btf__type_cnt(kbtf);
 	for (__u32 id = 1; id < cnt; id++) {
 		const struct btf_type *t = btf__type_by_id(kbtf, id);
-		if (btf_is_enum(t)) {
-			const struct btf_enum *e = btf_enum(t);
-			for (int i = 0; i < btf_vlen(t); i++, e++) {
-				const char *n = btf__name_by_offset(kbtf, e->name_off);
-				if (strncmp(n, "SCX_", 4))
-					continue;
-				struct enum_want *w = find_want(&c, n);
-				if (w && !w->found) {
-					w->found = true;
-					/* btf_enum.val is an __s32: the C loaders' `*v = e->val` sign-extends
-					 * it into the u64 whatever the enum's signedness; do the same */
-					w->val = (unsigned long long)(long long)(__s32)e->val;
-				}
-			}
-		} else if (btf_is_enum64(t)) {
-			const struct btf_enum64 *e = btf_enum64(t);
-			for (int i = 0; i < btf_vlen(t); i++, e++) {
-				const char *n = btf__name_by_offset(kbtf, e->name_off);
-				if (strncmp(n, "SCX_", 4))
-					continue;
-				struct enum_want *w = find_want(&c, n);
-				if (w && !w->found) {
-					w->found = true;
-					w->val = btf_enum64_value(e);
-				}
-			}
+		bool is64 = btf_is_enum64(t);
+		if (!is64 && !btf_is_enum(t))
+			continue;
+		for (int i = 0; i < btf_vlen(t); i++) {
+			const struct btf_enum *e = is64 ? NULL : btf_enum(t) + i;
+			const struct btf_enum64 *e64 = is64 ? btf_enum64(t) + i : NULL;
+			const char *n = btf__name_by_offset(kbtf, is64 ? e64->name_off : e->name_off);
+			if (strncmp(n, "SCX_", 4))
+				continue;
+			struct enum_want *w = find_want(&c, n);
+			if (!w || w->found)
+				continue;
+			w->found = true;
+			/* btf_enum.val is an __s32: the C loaders' `*v = e->val` sign-extends it into
+			 * the u64 whatever the enum's signedness; do the same */
+			w->val = is64 ? btf_enum64_value(e64) : (unsigned long long)(long long)(__s32)e->val;
 		}
 	}
 	for (int i = 0; i < c.n; i++) {
@@ -677,8 +671,9 @@ static double now_s(void)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: schedcp-loader OBJ.bpf.o (--verify | --run [--duration S])\n"
-		"       [--param NAME=VALUE]... [--map-size MAP=N]... [--timeout-ms N]\n");
+		"usage: schedcp-loader OBJ.bpf.o (--verify [--load-only] | --run [--duration S])\n"
+		"       [--param NAME=VALUE]... [--map-size MAP=N]... [--timeout-ms N]\n"
+		"  --load-only  load (the kernel verifier runs) and unload; never attach\n");
 }
 
 static void report_programs(struct bpf_object *obj)
@@ -704,7 +699,7 @@ static void report_programs(struct bpf_object *obj)
 int main(int argc, char **argv)
 {
 	const char *path = NULL;
-	bool verify = false, run = false;
+	bool verify = false, run = false, load_only = false;
 	double duration = 0;
 	long timeout_ms = -1;
 	struct { const char *map; long n; } sizes[MAX_PARAMS];
@@ -715,6 +710,8 @@ int main(int argc, char **argv)
 		const char *next = i + 1 < argc ? argv[i + 1] : NULL;
 		if (!strcmp(a, "--verify")) {
 			verify = true;
+		} else if (!strcmp(a, "--load-only")) {
+			load_only = true;
 		} else if (!strcmp(a, "--run")) {
 			run = true;
 		} else if (!strcmp(a, "--duration") && next) {
@@ -747,6 +744,12 @@ int main(int argc, char **argv)
 	if (!path || verify == run) {
 		usage();
 		fail("usage", "need one object and exactly one of --verify / --run");
+		emit_result();
+		return 2;
+	}
+	if (load_only && !verify) {
+		usage();
+		fail("usage", "--load-only goes with --verify");
 		emit_result();
 		return 2;
 	}
@@ -850,6 +853,16 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	report_programs(obj);
+	if (load_only) {
+		/* every program passed the verifier; closing the object unloads them, unattached */
+		read_line(SCX_SYSFS "/state", R.state_final, sizeof(R.state_final));
+		bpf_object__close(obj);
+		btf__free(kbtf);
+		R.stage = "done";
+		R.ok = true;
+		emit_result();
+		return 0;
+	}
 	/* after load, the data sections are mmaped onto the live maps: re-locate the uei */
 	uei.found = false;
 	for_each_var(obj, ".data", find_uei_var, &uei);
