@@ -430,7 +430,8 @@ def layer1_json(r) -> dict:
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--policy", help="verify a repository policy instead of a file")
 @click.option("--all-policies", is_flag=True, help="verify every repository policy at its defaults")
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="set a const volatile")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="set a const volatile (or a policy parameter); map:MAP=N sizes a map")
 @click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
 @click.option("-I", "include_dirs", multiple=True, type=click.Path(exists=True, file_okay=False,
               path_type=Path), help="operator-trusted include directory")
@@ -523,7 +524,8 @@ def render_layer2(r, token) -> None:
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--policy", help="a repository policy instead of a file")
 @click.option("--report", "report_id", help="an existing report (layer 1 passed)")
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="set a const volatile (or a policy parameter); map:MAP=N sizes a map")
 @click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO",
               help="e.g. p99_wakeup_latency_us<=0.9, throughput>=0.97 (repeatable)")
 @click.option("--workload", "workloads", multiple=True, help="run only these workloads (repeatable)")

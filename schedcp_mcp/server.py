@@ -222,7 +222,8 @@ async def submit_scheduler(
         description="BPF C source of a sched_ext scheduler (#include <scx/common.bpf.h>)")] = None,
     policy: Annotated[str | None, Field(description="or: a repository policy name")] = None,
     params: Annotated[dict[str, str] | None, Field(
-        description="const volatile parameters by name, e.g. {'slice_ns': '5000000'}")] = None,
+        description="const volatile parameters by name, e.g. {'slice_ns': '5000000'}; "
+        "'map:NAME': 'N' sizes a map the scheduler leaves to its loader")] = None,
     target: Annotated[Literal["sandbox", "host"], Field(
         description="whose kernel verifies it: the sandbox VM (default), or this host (loaded, never "
         "attached; needs a sched_ext host and `schedcp serve --allow-host-verify`)")] = "sandbox",

@@ -401,6 +401,42 @@ def test_kernel_example_schedulers_pass_or_fail_with_the_kernels_reason(vm, mani
 
 
 @pytest.mark.vm
+def test_maps_left_to_the_loader_are_sized_by_a_parameter(vm, tmp_path, monkeypatch):
+    """Like scx_pair's C loader: a map without max_entries is refused until a parameter sizes it,
+    given raw (`map:NAME=N`) or by a policy.json parameter with `sizes_map`."""
+    import json
+    import shutil
+
+    src = fixture("unsized_map")
+    unsized = verify_source(src, vm=vm)
+    assert (unsized.verdict, unsized.stage) == ("rejected", "verifier")
+    assert unsized.errors[0].code == "load_failed" and "cpu_enqueues" in unsized.errors[0].message
+    sized = verify_source(src, params={"map:cpu_enqueues": "64"}, vm=vm)
+    assert sized.verdict == "accepted", sized.errors
+
+    pdir = tmp_path / "policies" / "sized"
+    pdir.mkdir(parents=True)
+    shutil.copy(FIXTURES / "unsized_map.bpf.c", pdir / "sized.bpf.c")
+    (pdir / "policy.json").write_text(json.dumps({
+        "name": "sized", "summary": "fixture", "description": "fixture", "algorithm": "global FIFO",
+        "source": "sized.bpf.c", "ops_name": "sized",
+        "parameters": [{"name": "max_cpus", "type": "u32", "default": 64, "min": 1, "max": 4096,
+                        "sizes_map": "cpu_enqueues", "description": "CPUs counted"}]}))
+    monkeypatch.setenv("SCHEDCP_POLICIES", str(tmp_path / "policies"))
+    r = verify_policy("sized", {"max_cpus": "8"}, vm=vm)
+    assert r.verdict == "accepted", r.errors
+    assert r.params == {"map:cpu_enqueues": "8"}
+
+
+def test_map_sizes_must_be_positive_integers():
+    from schedcp_mcp.errors import BadInput
+
+    for bad in ("0", "-1", "lots", str(2**32)):
+        with pytest.raises(BadInput, match="map size"):
+            verify_source(fixture("minimal"), params={"map:cpu_enqueues": bad})
+
+
+@pytest.mark.vm
 def test_load_only_runs_the_verifier_and_never_attaches(vm, manifest):
     """`--load-only` is all the host target ever does; here it runs in the sandbox kernel, where
     sched_ext's enable counter shows whether anything was attached."""

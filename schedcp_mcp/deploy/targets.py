@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from .. import config
 from ..errors import InfrastructureError
+from ..verify import verifier
 
 STAGING = "staging"
 RUN_DIR = "/run/schedcp"  # in the guest
@@ -69,9 +70,7 @@ def parse_metric(text: str) -> float:
 
 
 def loader_args(obj_path: str, params: dict[str, str], timeout_ms: int | None) -> list[str]:
-    args = [obj_path, "--run"]
-    for k, v in sorted(params.items()):
-        args += ["--param", f"{k}={v}"]
+    args = [obj_path, "--run", *verifier.loader_args(params)]
     if timeout_ms:
         args += ["--timeout-ms", str(timeout_ms)]
     return args

@@ -41,8 +41,8 @@ def contribute_policy(report_id: str, name: str, description: str, tags: list[st
     if parent is not None:
         for p in parent.parameters:
             d = p.model_dump()
-            if p.name in r.params:
-                d["default"] = p.check(r.params[p.name])
+            if p.loader_key in r.params:
+                d["default"] = p.check(r.params[p.loader_key])
             params.append(d)
     d = config.policies_dir() / name
     d.mkdir(parents=True, exist_ok=False)

@@ -36,6 +36,14 @@ class Parameter(BaseModel):
     min: int | None = None
     max: int | None = None
     description: str
+    sizes_map: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
+        "this parameter is the max_entries of that map (set by the loader before load, like the "
+        "scx C loaders' bpf_map__set_max_entries), not a const volatile"))
+
+    @property
+    def loader_key(self) -> str:
+        """Its key in a candidate's params: the variable's name, or `map:<map>` for a map size."""
+        return f"map:{self.sizes_map}" if self.sizes_map else self.name
 
     @model_validator(mode="after")
     def _default_in_range(self) -> "Parameter":

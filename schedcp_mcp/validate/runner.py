@@ -37,6 +37,7 @@ from typing import Callable
 
 from ..errors import BadInput, InfrastructureError, SchedcpError
 from ..observe.profile import Goal
+from ..verify import verifier
 from . import gates
 from .models import Layer2Result, Observations, StateSample, StressSummary, Workload
 from .workloads import PROBE_GUEST, ensure_probe, get_workloads, parse, parse_stress_ng_metrics
@@ -192,7 +193,7 @@ class _Run:
     def load(self) -> bool:
         self.nload += 1
         n = self.nload
-        args = " ".join(f"--param {shlex.quote(f'{k}={v}')}" for k, v in self.params.items())
+        args = shlex.join(verifier.loader_args(self.params))
         out = self.step(f"load-{n}", f"""
 setsid schedcp-loader $L/obj.bpf.o --run --timeout-ms {int(self.timeout_ms)} {args} \
 	>$L/loader.{n}.json 2>$L/loader.{n}.err </dev/null &

@@ -58,12 +58,11 @@ def _code_version() -> str:
 
 
 def cache_key(source_sha: str, params: dict[str, str], target: str, build_id: str,
-              trusted: tuple[Path, ...] = (), map_sizes: dict[str, int] | None = None,
-              host_btf_sha: str = "") -> str:
+              trusted: tuple[Path, ...] = (), host_btf_sha: str = "") -> str:
     return _sha(json.dumps({"v": CACHE_VERSION, "code": _code_version(), "src": source_sha,
                             "params": sorted(params.items()),
                             "target": target, "build": build_id, "trusted": _trusted_hash(trusted),
-                            "maps": sorted((map_sizes or {}).items()), "host_btf": host_btf_sha}))
+                            "host_btf": host_btf_sha}))
 
 
 def object_store() -> Path:
@@ -141,11 +140,11 @@ def _sandbox_vm(vm, booting: "_BootInBackground | None") -> Iterator[object]:
 def verify_source(source: str, *, params: dict[str, str] | None = None, target: Target = "sandbox",
                   trusted_include_dirs: tuple[Path, ...] | list[Path] = (), vm=None,
                   use_cache: bool = True, progress: Progress | None = None,
-                  map_sizes: dict[str, int] | None = None, policy: str | None = None) -> Layer1Report:
+                  policy: str | None = None) -> Layer1Report:
     """Run layer 1 on BPF C `source` for `target` ("sandbox": the sched_ext VM; "host": this kernel).
 
     `params` set `const volatile` variables by name (the loader type-checks them against the
-    object's BTF); `trusted_include_dirs` are operator-trusted header directories (CLI `-I`);
+    object's BTF), and `map:NAME` entries size map NAME; `trusted_include_dirs` are operator-trusted header directories (CLI `-I`);
     `vm` is an already running sandbox VM to load in (saves the boot).
     """
     say = progress or (lambda msg, frac: None)
@@ -154,10 +153,14 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
     trusted = tuple(Path(d).resolve() for d in trusted_include_dirs)
     if target not in ("sandbox", "host"):
         raise BadInput(f"unknown target {target!r}", "use sandbox or host")
-    for k in params:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+    for k, v in params.items():
+        if not re.fullmatch(r"(map:)?[A-Za-z_][A-Za-z0-9_]*", k):
             raise BadInput(f"parameter name {k!r} is not a C identifier",
-                           "parameters are `const volatile` globals of the scheduler, set by name")
+                           "parameters are `const volatile` globals of the scheduler, set by name; "
+                           "map:NAME=N sizes map NAME")
+        if k.startswith(verifier.MAP_SIZE_PREFIX) and not (v.isdigit() and 0 < int(v) < 2**32):
+            raise BadInput(f"map size {k}={v!r} is not a positive 32-bit integer",
+                           "map:NAME=N sets the max_entries of map NAME")
     r = Layer1Report(verdict="rejected", stage="source_check", source_sha256=_sha(source),
                      params=params, target=target, policy=policy)
 
@@ -196,7 +199,7 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
         btf_path, kernel_version = btfmod.HOST_BTF, platform.release()
         host_btf_sha = _sha(btf_path.read_bytes()) if btf_path.exists() else ""
     r.kernel_version = kernel_version
-    key = cache_key(r.source_sha256, params, target, manifest.build_id, trusted, map_sizes, host_btf_sha)
+    key = cache_key(r.source_sha256, params, target, manifest.build_id, trusted, host_btf_sha)
     timed("setup", t0)
     if use_cache:
         hit = store.cache_get(key)
@@ -296,8 +299,7 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
                     raise InfrastructureError("the sandbox VM given for this verify is not running",
                                               "start a new one (or pass none: a throwaway VM boots)")
                 try:
-                    verdict = verifier.run_in_vm(v, c.object, params, map_sizes=map_sizes,
-                                                 timeout_s=LOAD_TIMEOUT_S)
+                    verdict = verifier.run_in_vm(v, c.object, params, timeout_s=LOAD_TIMEOUT_S)
                 except InfrastructureError as e:
                     if v.alive and not isinstance(e, GuestTimeout):
                         raise
@@ -311,8 +313,7 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
         else:
             say("loading in the host kernel (verifier)", 0.8)
             obj_path = Path(r.object_path)
-            verdict = verifier.run_on_host(obj_path, params, loader=Path(manifest.paths.loader),
-                                           map_sizes=map_sizes)
+            verdict = verifier.run_on_host(obj_path, params, loader=Path(manifest.paths.loader))
             r.warnings.append(VerifyError(
                 stage="verifier", code="load_only", severity="note",
                 message="on the host the object was loaded (every program through the kernel "
@@ -358,5 +359,5 @@ def verify_policy(name: str, params: dict[str, str] | None = None, **kw) -> Laye
         raise BadInput(f"policy {name} has no BPF source here ({p.kind})",
                        "only schedcp policies can be verified; scx ones run from their own binary")
     resolved = p.resolve_params(params)
-    as_text = {k: str(int(v)) for k, v in resolved.items()}
+    as_text = {p.param(k).loader_key: str(int(v)) for k, v in resolved.items()}
     return verify_source(source, params=as_text, policy=name, **kw)

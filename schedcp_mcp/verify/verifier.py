@@ -123,14 +123,23 @@ def verdict_from_loader(result: dict) -> VerifierVerdict:
 
 # --- running the loader ---------------------------------------------------------------------------
 
-def loader_argv(obj: str, params: dict[str, str], map_sizes: dict[str, int] | None = None,
-                load_only: bool = False) -> list[str]:
-    argv = [obj, "--verify"] + (["--load-only"] if load_only else [])
-    for k, val in params.items():
-        argv += ["--param", f"{k}={val}"]
-    for k, n in (map_sizes or {}).items():
-        argv += ["--map-size", f"{k}={n}"]
-    return argv
+MAP_SIZE_PREFIX = "map:"  # params["map:NAME"] = N sizes map NAME (max_entries) instead of a rodata
+
+
+def loader_args(params: dict[str, str]) -> list[str]:
+    """The loader's `--param NAME=V` (a `const volatile`) and `--map-size MAP=N` (a map's
+    max_entries, for maps a scheduler leaves to its loader) for a candidate's params."""
+    args: list[str] = []
+    for k, val in sorted(params.items()):
+        if k.startswith(MAP_SIZE_PREFIX):
+            args += ["--map-size", f"{k.removeprefix(MAP_SIZE_PREFIX)}={val}"]
+        else:
+            args += ["--param", f"{k}={val}"]
+    return args
+
+
+def loader_argv(obj: str, params: dict[str, str], load_only: bool = False) -> list[str]:
+    return [obj, "--verify", *(["--load-only"] if load_only else []), *loader_args(params)]
 
 
 def _parse_stdout(stdout: str, stderr: str, rc: int) -> dict:
@@ -149,17 +158,17 @@ def host_can_load() -> bool:
     return Path("/sys/kernel/sched_ext/state").exists() and os.geteuid() == 0
 
 
-def run_in_vm(vm, obj: bytes, params: dict[str, str], *, map_sizes=None, timeout_s: float = 60,
+def run_in_vm(vm, obj: bytes, params: dict[str, str], *, timeout_s: float = 60,
               load_only: bool = False) -> VerifierVerdict:
     """Load `obj` with the loader inside a running sandbox VM (and attach it for a moment, unless
     `load_only`: then exactly what the host target does)."""
-    argv = loader_argv("obj.bpf.o", params, map_sizes, load_only)
+    argv = loader_argv("obj.bpf.o", params, load_only)
     script = "exec schedcp-loader " + " ".join(_sh(a) for a in argv) + "\n"
     res = vm.run(script, files={"obj.bpf.o": obj}, timeout_s=timeout_s)
     return verdict_from_loader(_parse_stdout(res.stdout, res.stderr, res.rc))
 
 
-def run_on_host(obj_path: Path, params: dict[str, str], *, loader: Path, map_sizes=None,
+def run_on_host(obj_path: Path, params: dict[str, str], *, loader: Path,
                 timeout_s: float = 60) -> VerifierVerdict:
     """Load `obj_path` in the host kernel with `--load-only`: the verifier runs, nothing is attached.
 
@@ -170,7 +179,7 @@ def run_on_host(obj_path: Path, params: dict[str, str], *, loader: Path, map_siz
     if not host_can_load():
         raise InfrastructureError("the host kernel has no sched_ext (or we are not root)",
                                   "use --target sandbox")
-    argv = [str(loader)] + loader_argv(str(obj_path), params, map_sizes, load_only=True)
+    argv = [str(loader)] + loader_argv(str(obj_path), params, load_only=True)
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
