@@ -66,28 +66,45 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[s
 
 
 class SchedcpGroup(click.Group):
-    """Report SchedcpError as a clean message with its hint, exit 2."""
+    """Report SchedcpError as a clean message with its hint, exit 2 (under --json: as JSON on
+    stdout, `{"error": {"kind", "message", "hint"}}`, so a script always gets JSON)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SchedcpError as e:
-            err_console.print(f"[red]error:[/red] {e.message}")
-            if e.hint:
-                err_console.print(f"[yellow]hint:[/yellow] {e.hint}")
-            sys.exit(2)
+            self._fail(ctx, type(e).__name__, e.message, e.hint)
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:  # a bug: say so plainly; SCHEDCP_DEBUG=1 shows the traceback
             if os.environ.get("SCHEDCP_DEBUG"):
                 raise
-            err_console.print(f"[red]internal error:[/red] {type(e).__name__}: {e}")
-            err_console.print("[yellow]hint:[/yellow] this is a schedcp bug; rerun with "
-                              "SCHEDCP_DEBUG=1 for the traceback")
-            sys.exit(2)
+            self._fail(ctx, "InternalError", f"{type(e).__name__}: {e}",
+                       "this is a schedcp bug; rerun with SCHEDCP_DEBUG=1 for the traceback")
+
+    @staticmethod
+    def _fail(ctx: click.Context, kind: str, message: str, hint: str | None) -> None:
+        if ctx.meta.get(JSON_META):
+            click.echo(json.dumps({"error": {"kind": kind, "message": message, "hint": hint}}, indent=2))
+        else:
+            label = "internal error" if kind == "InternalError" else "error"
+            err_console.print(f"[red]{label}:[/red] {escape(message)}")
+            if hint:
+                err_console.print(f"[yellow]hint:[/yellow] {escape(hint)}")
+        sys.exit(2)
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable JSON output")
+JSON_META = "schedcp.json"  # set in the shared context meta when a command got --json
+
+
+def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[JSON_META] = True
+    return value
+
+
+json_option = click.option("--json", "as_json", is_flag=True, callback=_remember_json,
+                           help="machine-readable JSON output")
 
 
 @click.group(cls=SchedcpGroup)
