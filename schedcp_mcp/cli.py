@@ -530,6 +530,8 @@ def render_layer2(r, token) -> None:
     for g in l2.get("correctness", []) + l2.get("performance", []):
         mark = "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]"
         console.print(f"  {mark} {g['kind']}/{g['name']}: {escape(g['reason'])}")
+    for w in l2.get("warnings", []):
+        console.print(f"  [yellow]warning[/yellow] {escape(w)}")
     colour = "green" if r.passed else "red"
     console.print(f"[{colour}]{r.status}[/{colour}]")
     if token:

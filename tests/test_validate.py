@@ -163,6 +163,16 @@ def test_without_goals_no_workload_may_be_worse_beyond_noise():
     assert "worse than baseline beyond its noise" in g[1].reason and "ratio 1.300" in g[1].reason
 
 
+def test_a_pass_too_noisy_to_show_a_regression_carries_a_warning():
+    quiet = _result("hackbench", [2.0, 2.1, 1.9], [2.05, 2.1, 2.0])       # ±10 %
+    noisy = _result("wakeup", [100, 40, 180], [120, 60, 190])              # ±140 %, verdict same
+    worse = _result("pipe", [1.0, 1.01, 0.99], [1.3, 1.31, 1.29])          # a clear loss: gates say it
+    assert noisy.verdict == "same"
+    warnings = gates.noise_warnings([quiet, noisy, worse])
+    assert len(warnings) == 1 and warnings[0].startswith("wakeup: noise ±140%")
+    assert "--rounds" in warnings[0]
+
+
 def test_goals_map_onto_workloads_in_the_goals_direction():
     wake = _result("wakeup", [1000, 1100, 900], [700, 720, 690])  # medians 1000 vs 700
     build = _result("build", [2.0, 2.0, 2.0], [1.6, 1.6, 1.6])     # time 0.8 → throughput 1.25

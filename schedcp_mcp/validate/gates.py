@@ -30,6 +30,9 @@ from ..learn.history import MetricResult
 NOISE_FLOOR = 0.03
 #: with goals, any workload worse than this factor (beyond noise) fails anyway
 SEVERE_REGRESSION = 1.5
+#: above this relative noise a "same" verdict says little: the result warns (it does not fail,
+#: since on a 2-core TCG host ±30-100% is common and every run would fail)
+NOISY = 0.5
 #: UEI kinds (enum scx_exit_kind): >= 1024 are errors
 SCX_EXIT_ERROR = 1024
 SCX_EXIT_ERROR_STALL = 1026
@@ -268,6 +271,14 @@ def performance_gates(results: list[WorkloadResult], workloads: list[Workload],
         add(f"no_severe_regression:{r.name}", ok,
             _fmt(r) + ("" if ok else f" — more than {SEVERE_REGRESSION}x worse on a workload the goals do not cover"))
     return gates
+
+
+def noise_warnings(results: list[WorkloadResult]) -> list[str]:
+    """Workloads whose noise hides regressions of the size the gates tolerate: a pass there is weak
+    evidence, and whoever holds the token should know it."""
+    return [f"{r.name}: noise ±{r.noise:.0%}, so a regression up to that size would not show here; "
+            f"repeat with more --rounds or on a quieter machine before trusting this {r.verdict!r}"
+            for r in results if r.noise is not None and r.noise > NOISY and r.verdict in ("same", "better")]
 
 
 def verdict(correctness: list[Gate], performance: list[Gate]) -> tuple[bool, str | None]:

@@ -96,6 +96,8 @@ class Layer2Result(BaseModel):
     kernel_version: str | None = None
     retried_after: list[str] = Field([], description="guest kernel crashes after which the whole run was "
                                      "repeated in a fresh VM (TCG emulation faults; see runner)")
+    warnings: list[str] = Field([], description="what makes this verdict weak evidence (e.g. workloads "
+                                "too noisy to show a regression)")
     note: str = ("timings are from a qemu VM (TCG when KVM is unavailable): only the ratios within this "
                  "one boot are meaningful, not the absolute figures")
 

@@ -436,7 +436,7 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
     return Layer2Result(passed=passed, failure_reason=why, ops_name=ops_name, params=params, correctness=cg,
                         performance=pg, workloads=results, timeline=run.obs.timeline,
                         kernel_log=run.obs.kernel_log, stress=run.obs.stress, loader_exits=run.obs.loader_exits,
-                        rounds=run.rounds_done,
+                        rounds=run.rounds_done, warnings=gates.noise_warnings(results),
                         durations=run.durations, kernel_version=getattr(vm, "kernel_version", None) or None)
 
 
