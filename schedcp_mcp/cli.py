@@ -74,7 +74,11 @@ class SchedcpGroup(click.Group):
             return super().invoke(ctx)
         except SchedcpError as e:
             self._fail(ctx, type(e).__name__, e.message, e.hint)
-        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+        except click.ClickException as e:
+            if not ctx.meta.get(JSON_META):
+                raise
+            self._fail(ctx, "UsageError", e.format_message(), "see --help")
+        except (click.exceptions.Exit, SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:  # a bug: say so plainly; SCHEDCP_DEBUG=1 shows the traceback
             if os.environ.get("SCHEDCP_DEBUG"):

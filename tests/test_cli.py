@@ -4,7 +4,6 @@ codes (0 ok, 1 rejected, 2 usage or infrastructure), and output a script can par
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "bpf"
 
 
 def schedcp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    exe = shutil.which("schedcp")
-    cmd = [exe] if exe else [sys.executable, "-m", "schedcp_mcp"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
+    """`python -m schedcp_mcp` of this interpreter: the code under test, whatever is on PATH."""
+    return subprocess.run([sys.executable, "-m", "schedcp_mcp", *args], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def test_unknown_policy_exits_2_with_a_hint_and_no_traceback():
@@ -37,6 +36,13 @@ def test_errors_under_json_are_json_on_stdout():
 def test_bad_parameter_value_exits_2_naming_the_allowed_range():
     p = schedcp("verify", "--policy", "fifo", "--param", "slice_ns=fast")
     assert p.returncode == 2 and "slice_ns" in p.stderr
+
+
+def test_usage_errors_under_json_are_json_too():
+    p = schedcp("verify", "--policy", "fifo", "--param", "no-equals-sign", "--json")
+    assert p.returncode == 2
+    err = json.loads(p.stdout)["error"]
+    assert err["kind"] == "UsageError" and "NAME=VALUE" in err["message"]
 
 
 def test_a_rejected_source_exits_1_with_the_reason_in_json():

@@ -135,3 +135,19 @@ def test_list_and_remove_callbacks():
     assert [c.id for c in callbacks.list_callbacks()] == [cb.id]
     callbacks.remove(cb.id)
     assert callbacks.list_callbacks() == []
+
+
+def test_a_contributed_raw_source_keeps_the_values_it_was_validated_with():
+    """Without a parent policy the report's params become policy.json parameters: a map size a
+    `sizes_map` parameter, a const volatile override a parameter of its name."""
+    from types import SimpleNamespace
+
+    from schedcp_mcp.learn.contribute import params_from_report
+    from schedcp_mcp.repository.policies import Policy
+
+    report = SimpleNamespace(id="rep-1", params={"map:cpu_enqueues": "64", "slice_ns": "5000000",
+                                                 "boost": "true", "nice_bias": "-3"})
+    params = params_from_report(report)
+    pol = Policy(name="c", summary="s", description="d", algorithm="a", parameters=params)
+    assert pol.loader_params(None) == {"map:cpu_enqueues": "64", "slice_ns": "5000000", "boost": "1",
+                         "nice_bias": "-3"}

@@ -86,3 +86,23 @@ def test_parameters_are_type_and_range_checked():
         p.resolve_params({"slice_ns": "fast"})
     with pytest.raises(BadInput, match="no parameter"):
         p.resolve_params({"nope": "1"})
+
+
+def test_a_parameter_that_sizes_a_map_must_be_a_usable_map_size():
+    from pydantic import ValidationError
+
+    from schedcp_mcp.repository.policies import Parameter, Policy
+
+    ok = Parameter(name="max_cpus", type="u32", default=64, min=1, sizes_map="cpu_enqueues",
+                   description="CPUs")
+    assert ok.loader_key == "map:cpu_enqueues"
+    assert Parameter(name="slice_ns", type="u64", default=1, description="x").loader_key == "slice_ns"
+    for bad in (dict(type="bool", default=True), dict(type="u32", default=4),          # min 0 allowed
+                dict(type="u64", default=4, min=1)):                                 # > 2^32 allowed
+        with pytest.raises(ValidationError, match="sizes map"):
+            Parameter(name="n", sizes_map="m", description="x", **bad)
+    with pytest.raises(ValidationError, match="size the same map"):
+        Policy(name="p", summary="s", description="d", algorithm="a",
+               parameters=[ok, ok.model_copy(update={"name": "other"})])
+    with pytest.raises(BadInput, match="sizes_map"):
+        get_policy("fifo").resolve_params({"map:x": "4"})

@@ -428,10 +428,24 @@ def test_maps_left_to_the_loader_are_sized_by_a_parameter(vm, tmp_path, monkeypa
     assert r.params == {"map:cpu_enqueues": "8"}
 
 
+@pytest.mark.vm
+def test_a_verify_leaves_no_pinned_map_behind(vm, manifest):
+    """A map marked LIBBPF_PIN_BY_NAME would outlive the verify in /sys/fs/bpf (or reuse someone
+    else's pin); the loader keeps every map private to its load."""
+    src = fixture("unsized_map").replace(
+        "__type(value, u64);\n} cpu_enqueues",
+        "__type(value, u64);\n\t__uint(max_entries, 8);\n\t__uint(pinning, LIBBPF_PIN_BY_NAME);\n} cpu_enqueues")
+    assert "LIBBPF_PIN_BY_NAME" in src
+    assert verify_source(src, vm=vm).verdict == "accepted"
+    c = compile_source(src, manifest)
+    assert verifier.run_in_vm(vm, c.object, {}, load_only=True).accepted
+    assert vm.run("ls -A /sys/fs/bpf").stdout.strip() == ""
+
+
 def test_map_sizes_must_be_positive_integers():
     from schedcp_mcp.errors import BadInput
 
-    for bad in ("0", "-1", "lots", str(2**32)):
+    for bad in ("0", "-1", "lots", str(2**32), "²", "٣"):
         with pytest.raises(BadInput, match="map size"):
             verify_source(fixture("minimal"), params={"map:cpu_enqueues": bad})
 
@@ -461,7 +475,7 @@ def test_load_only_runs_the_verifier_and_never_attaches(vm, manifest):
     assert verifier.run_in_vm(vm, ok.object, {}).accepted and enable_seq() == before + 1
 
 
-def test_host_target_without_sched_ext_is_refused_before_compiling(manifest, monkeypatch):
+def test_host_target_without_sched_ext_is_refused_before_compiling(monkeypatch):
     from schedcp_mcp.errors import InfrastructureError
     from schedcp_mcp.verify import pipeline
 

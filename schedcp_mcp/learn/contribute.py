@@ -14,6 +14,31 @@ from ..repository.policies import Policy, get_policy, list_policies
 NAME = re.compile(r"^[a-z][a-z0-9_]{1,30}$")
 
 
+def params_from_report(r) -> list[dict]:
+    """policy.json parameters for a raw source, at the values it was validated with: map sizes
+    become `sizes_map` parameters, `const volatile` overrides parameters of that name (typed
+    64-bit here; the loader checks the variable's real type)."""
+    out = []
+    for key, value in sorted(r.params.items()):
+        v = value.strip().lower()
+        if v in ("true", "false"):
+            out.append({"name": key, "type": "bool", "default": v == "true",
+                        "description": f"validated at {v} (report {r.id})"})
+            continue
+        try:
+            n = int(v, 0)
+        except ValueError:
+            n = int(v, 10)  # "010": the loader's strtoll would read octal; keep the digits as given
+        if key.startswith("map:"):
+            m = key.removeprefix("map:")
+            out.append({"name": f"{m}_entries", "type": "u32", "default": n, "min": 1, "sizes_map": m,
+                        "description": f"max_entries of map {m} (set by the loader)"})
+        else:
+            out.append({"name": key, "type": "s64" if n < 0 else "u64", "default": n,
+                        "description": f"validated at {value} (report {r.id})"})
+    return out
+
+
 def contribute_policy(report_id: str, name: str, description: str, tags: list[str] | None = None,
                       summary: str | None = None, actor: str = "agent") -> Policy:
     from ..candidates import source_for
@@ -44,6 +69,8 @@ def contribute_policy(report_id: str, name: str, description: str, tags: list[st
             if p.loader_key in r.params:
                 d["default"] = p.check(r.params[p.loader_key])
             params.append(d)
+    else:
+        params = params_from_report(r)
     d = config.policies_dir() / name
     d.mkdir(parents=True, exist_ok=False)
     src_name = f"{name}.bpf.c"

@@ -47,6 +47,11 @@ class Parameter(BaseModel):
 
     @model_validator(mode="after")
     def _default_in_range(self) -> "Parameter":
+        if self.sizes_map:
+            lo, hi = INT_RANGES[self.type]
+            if self.type == "bool" or max(lo, self.min or 0) < 1 or min(hi, self.max or hi) > 2**32 - 1:
+                raise ValueError(f"parameter {self.name} sizes map {self.sizes_map}: it must be an "
+                                 "integer with min >= 1 and max <= 4294967295")
         self.check(self.default)
         return self
 
@@ -100,12 +105,21 @@ class Policy(BaseModel):
     provenance: dict[str, str] = {}
     path: str | None = None
 
+    @model_validator(mode="after")
+    def _one_parameter_per_map(self) -> "Policy":
+        maps = [p.sizes_map for p in self.parameters if p.sizes_map]
+        if len(maps) != len(set(maps)):
+            raise ValueError(f"two parameters size the same map ({', '.join(sorted(maps))})")
+        return self
+
     def param(self, name: str) -> Parameter:
         for p in self.parameters:
             if p.name == name:
                 return p
         raise BadInput(f"policy {self.name} has no parameter {name!r}",
-                       "parameters: " + (", ".join(p.name for p in self.parameters) or "none"))
+                       "parameters: " + (", ".join(p.name for p in self.parameters) or "none")
+                       + ("; a policy sizes its maps through its own parameters (sizes_map)"
+                          if name.startswith("map:") else ""))
 
     def resolve_params(self, given: dict[str, str | int | bool] | None) -> dict[str, int]:
         """Defaults overlaid with `given`, each type- and range-checked."""
@@ -113,6 +127,10 @@ class Policy(BaseModel):
         for k, v in (given or {}).items():
             out[k] = self.param(k).check(v)
         return out
+
+    def loader_params(self, given: dict[str, str | int | bool] | None) -> dict[str, str]:
+        """`resolve_params` as the loader takes them: by variable name, map sizes as `map:<map>`."""
+        return {self.param(k).loader_key: str(int(v)) for k, v in self.resolve_params(given).items()}
 
     def source_text(self) -> str | None:
         if self.kind != "schedcp" or not self.path or not self.source:

@@ -19,8 +19,10 @@ compile, but clang 19 then leaves the BTF of extern kfuncs declared in the heade
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import re
+import secrets
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -136,7 +138,7 @@ def host_vmlinux_h(btf_path: Path) -> bytes:
         raise InfrastructureError(f"bpftool could not turn {btf_path} into vmlinux.h: "
                                   f"{res.stderr.strip()[-300:] or f'exit {res.rc}'}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # concurrent verifies
     tmp.write_bytes(header)
     tmp.replace(out)
     return header

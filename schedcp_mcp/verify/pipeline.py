@@ -158,7 +158,8 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
             raise BadInput(f"parameter name {k!r} is not a C identifier",
                            "parameters are `const volatile` globals of the scheduler, set by name; "
                            "map:NAME=N sizes map NAME")
-        if k.startswith(verifier.MAP_SIZE_PREFIX) and not (v.isdigit() and 0 < int(v) < 2**32):
+        if k.startswith(verifier.MAP_SIZE_PREFIX) and not (re.fullmatch(r"[0-9]{1,10}", v)
+                                                           and 0 < int(v) < 2**32):
             raise BadInput(f"map size {k}={v!r} is not a positive 32-bit integer",
                            "map:NAME=N sets the max_entries of map NAME")
     r = Layer1Report(verdict="rejected", stage="source_check", source_sha256=_sha(source),
@@ -358,6 +359,4 @@ def verify_policy(name: str, params: dict[str, str] | None = None, **kw) -> Laye
     if source is None:
         raise BadInput(f"policy {name} has no BPF source here ({p.kind})",
                        "only schedcp policies can be verified; scx ones run from their own binary")
-    resolved = p.resolve_params(params)
-    as_text = {p.param(k).loader_key: str(int(v)) for k, v in resolved.items()}
-    return verify_source(source, params=as_text, policy=name, **kw)
+    return verify_source(source, params=p.loader_params(params), policy=name, **kw)

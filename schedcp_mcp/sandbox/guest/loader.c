@@ -841,6 +841,11 @@ int main(int argc, char **argv)
 	struct uei_loc uei = { .btf = bpf_object__btf(obj) };
 	for_each_var(obj, ".data", find_uei_var, &uei);
 	size_uei_dump(obj, ops, &uei);
+	/* no pinning: a map marked LIBBPF_PIN_BY_NAME would outlive us in /sys/fs/bpf (a verify must
+	 * leave nothing behind) or be reused from someone else's pin; this loader is the scheduler's
+	 * only userspace, so its maps stay private to this load */
+	bpf_object__for_each_map(map, obj)
+		bpf_map__set_pin_path(map, NULL);
 
 	R.stage = "load";
 	mark("params");
