@@ -525,6 +525,22 @@ def test_host_target_compiles_against_the_hosts_own_btf(manifest):
     assert not any(p.endswith("/vmlinux.h") and not p.startswith("target/") for p in c.opened)
 
 
+@pytest.mark.vm
+def test_the_host_chain_works_on_a_sched_ext_kernels_btf(vm, manifest, tmp_path):
+    """What `--target host` does on a sched_ext host, with the sandbox kernel standing in for it:
+    vmlinux.h generated from the kernel's raw BTF (as from /sys/kernel/btf/vmlinux), a scheduler
+    compiled against it through scx/common.bpf.h, loaded with --load-only."""
+    from schedcp_mcp.verify.compile import host_vmlinux_h
+
+    header = host_vmlinux_h(Path(manifest.paths.vmlinux_btf))
+    assert b"struct sched_ext_ops {" in header
+    c = compile_source(fixture("minimal"), manifest, vmlinux_h=header)
+    assert c.ok, c.errors
+    assert "target/vmlinux.h" in c.opened  # reached through scx/common.bpf.h, not the image's copy
+    v = verifier.run_in_vm(vm, c.object, {}, load_only=True)
+    assert v.accepted and v.verified_insns
+
+
 def test_mcp_clients_may_not_verify_on_the_host_unless_allowed(monkeypatch):
     from schedcp_mcp import candidates
     from schedcp_mcp.errors import BadInput

@@ -220,6 +220,10 @@ void BPF_STRUCT_OPS(latency_boost_stopping, struct task_struct *p, bool runnable
 	used = time_delta(scx_bpf_now(), tctx->started_at);
 	tctx->started_at = 0;
 	tctx->burst += used;
+	/* the vtime charge is at most one slice: time run while nothing else
+	 * waited (slice refilled, no stopping) took nothing from anyone */
+	if (used > slice_ns)
+		used = slice_ns;
 	scx_bpf_task_set_dsq_vtime(p, p->scx.dsq_vtime +
 					scale_by_task_weight_inverse(p, used));
 }

@@ -10,9 +10,10 @@
  *
  * The runtime is measured with timestamps taken when a task starts and stops
  * running, not derived from the unused slice, so a task that yields early is
- * charged only for what it used. A task that slept keeps at most
- * @max_credit_ns of weighted credit, so a long sleeper cannot come back and
- * monopolise the CPUs, but still runs soon after it wakes.
+ * charged only for what it used (and never more than one slice per run). A
+ * task that slept keeps at most @max_credit_ns of weighted credit, so a long
+ * sleeper cannot come back and monopolise the CPUs, but still runs soon after
+ * it wakes.
  *
  * Works well: mixed workloads where nice values should mean something
  * (background jobs at nice 19 beside foreground work), many tasks competing
@@ -113,6 +114,14 @@ void BPF_STRUCT_OPS(vtime_fair_stopping, struct task_struct *p, bool runnable)
 
 	used = time_delta(now, tctx->started_at);
 	tctx->started_at = 0;
+	/*
+	 * At most one slice: a task that ran on while nothing else waited (the
+	 * kernel refills its slice without a stopping/running pair) took nothing
+	 * from anyone. Charged in full, it would queue behind every task that
+	 * arrived since, for seconds: the watchdog's "runnable task stall".
+	 */
+	if (used > slice_ns)
+		used = slice_ns;
 	/* Weighted charge: heavier tasks advance more slowly. */
 	scx_bpf_task_set_dsq_vtime(p, p->scx.dsq_vtime +
 					scale_by_task_weight_inverse(p, used));
