@@ -40,6 +40,28 @@ def schedcp_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def manifest():
+    """The built sandbox image; tests that need it skip with a hint when it is not built."""
+    from schedcp_mcp.sandbox import image
+
+    m = image.load_manifest()
+    if m is None:
+        pytest.skip("sandbox image not built: run `schedcp sandbox build`")
+    return m
+
+
+@pytest.fixture(scope="module")
+def vm(manifest):
+    """One small sandbox VM shared by the VM tests of a module (a boot is seconds under TCG)."""
+    from schedcp_mcp.sandbox.vm import VM
+
+    with VM() as v:
+        yield v
+        if not v.alive:  # it died during a test: show why (the kernel's console)
+            print("sandbox VM console tail:\n" + v.console()[-6000:])
+
+
 @pytest.fixture
 def anyio_backend():
     return "asyncio"

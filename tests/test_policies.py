@@ -36,17 +36,6 @@ dmesg | grep -i 'sched_ext' | tail -3
 """
 
 
-@pytest.fixture(scope="module")
-def vm():
-    from schedcp_mcp.sandbox import image
-    from schedcp_mcp.sandbox.vm import VM
-
-    if image.load_manifest() is None:
-        pytest.skip("sandbox image not built: run `schedcp sandbox build`")
-    with VM() as v:
-        yield v
-
-
 def run_scenario(vm, obj: bytes) -> tuple[str, int, str]:
     res = vm.run(SCENARIO, files={"obj.bpf.o": obj}, timeout_s=60)
     m = re.search(r"state=(\S*) ops=(\S*) solo_ticks=(\d+)", res.stdout)

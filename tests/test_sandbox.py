@@ -170,12 +170,6 @@ def test_toolchain_timeout_kills_the_command(manifest):
 # ------------------------------------------------------------------ VM
 
 
-@pytest.fixture(scope="module")
-def vm(manifest):
-    with VM() as v:
-        yield v
-
-
 @pytest.mark.vm
 def test_vm_boots_runs_commands_and_is_gone_after_close(manifest):
     with VM() as v:

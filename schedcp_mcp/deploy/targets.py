@@ -26,7 +26,7 @@ from ..verify import verifier
 
 STAGING = "staging"
 RUN_DIR = "/run/schedcp"  # in the guest
-SCX = "/sys/kernel/sched_ext"
+SCX = verifier.SCX_SYSFS
 
 STATE_SCRIPT = f"""
 echo "state=$(cat {SCX}/state 2>/dev/null)"
@@ -200,13 +200,7 @@ class HostTarget:
     @staticmethod
     def readiness() -> list[str]:
         """What is missing for a host deploy (empty = ready)."""
-        missing = []
-        if not Path(SCX).exists():
-            missing.append("this kernel has no sched_ext (/sys/kernel/sched_ext missing; needs "
-                           "CONFIG_SCHED_CLASS_EXT=y, Linux >= 6.12)")
-        if os.geteuid() != 0:
-            missing.append("no permission to load BPF (run as root: CAP_BPF + CAP_SYS_ADMIN)")
-        return missing
+        return verifier.host_missing()
 
     def state(self) -> ScxState:
         r = subprocess.run(["sh", "-c", STATE_SCRIPT], capture_output=True, text=True, timeout=10)

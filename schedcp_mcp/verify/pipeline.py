@@ -183,13 +183,11 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
         r.kernel_version = known.kernel_version if known else (platform.release() if target == "host" else None)
         return finish("source_check")
 
-    if target == "host" and not verifier.host_can_load():
+    if target == "host" and (missing := verifier.host_missing()):
         # before compiling: the host target loads into this kernel, which must have sched_ext
-        raise InfrastructureError(
-            f"the host kernel {platform.release()} cannot load sched_ext schedulers: "
-            + ("it has no sched_ext (/sys/kernel/sched_ext missing)"
-               if not Path("/sys/kernel/sched_ext/state").exists() else "loading BPF needs root"),
-            "use --target sandbox (a VM with a sched_ext kernel)")
+        raise InfrastructureError(f"the host kernel {platform.release()} cannot load sched_ext "
+                                  "schedulers: " + "; ".join(missing),
+                                  "use --target sandbox (a VM with a sched_ext kernel)")
 
     # the image (kernel, toolchain, loader) decides the result: its build_id is in the cache key
     t0 = time.monotonic()

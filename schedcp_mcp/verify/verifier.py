@@ -22,6 +22,7 @@ from pathlib import Path
 from ..errors import InfrastructureError
 from .models import VerifyError
 
+SCX_SYSFS = "/sys/kernel/sched_ext"
 _BEGIN = re.compile(r"prog '([^']+)': -- BEGIN PROG LOAD LOG --")
 _END = "-- END PROG LOAD LOG --"
 _INSN = re.compile(r"^(\d+): \(")
@@ -153,9 +154,16 @@ def _parse_stdout(stdout: str, stderr: str, rc: int) -> dict:
                               "see the sandbox log; `schedcp sandbox build --force` rebuilds the loader")
 
 
-def host_can_load() -> bool:
-    """The host target works when the kernel has sched_ext and we may load BPF (root)."""
-    return Path("/sys/kernel/sched_ext/state").exists() and os.geteuid() == 0
+def host_missing() -> list[str]:
+    """What this host lacks to load a sched_ext scheduler (empty = it can): layer 1's host target
+    and a host deploy both need it."""
+    missing = []
+    if not Path(SCX_SYSFS).exists():
+        missing.append("this kernel has no sched_ext (/sys/kernel/sched_ext missing; needs "
+                       "CONFIG_SCHED_CLASS_EXT=y, Linux >= 6.12)")
+    if os.geteuid() != 0:
+        missing.append("no permission to load BPF (run as root: CAP_BPF + CAP_SYS_ADMIN)")
+    return missing
 
 
 def run_in_vm(vm, obj: bytes, params: dict[str, str], *, timeout_s: float = 60,
@@ -176,8 +184,8 @@ def run_on_host(obj_path: Path, params: dict[str, str], *, loader: Path,
     the point there. On the host that moment would put an unvalidated scheduler in charge of the
     real machine (a deploy without a token), so the host only ever gets `--load-only`; a scheduler
     already running on the host is not disturbed by it."""
-    if not host_can_load():
-        raise InfrastructureError("the host kernel has no sched_ext (or we are not root)",
+    if missing := host_missing():
+        raise InfrastructureError("the host cannot load the scheduler: " + "; ".join(missing),
                                   "use --target sandbox")
     argv = [str(loader)] + loader_argv(str(obj_path), params, load_only=True)
     try:
