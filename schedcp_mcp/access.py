@@ -36,20 +36,20 @@ class CommandRefused(SchedcpError):
     """An MCP client asked to run a command the operator did not allow."""
 
 
-def allowed_prefixes() -> list[list[str]]:
-    """The operator's allowlist: sandbox workload commands (exact) are added by `command_allowed`."""
-    raw = os.environ.get(ALLOW_PREFIXES_ENV, "")
-    if not raw:
-        return []
+ALLOW_EXACT_ENV = "SCHEDCP_ALLOW_COMMANDS_EXACT"  # a JSON list of whole argvs (sandbox workloads)
+
+
+def _argv_list(env: str) -> list[list[str]]:
     try:
-        value = json.loads(raw)
+        value = json.loads(os.environ.get(env) or "[]")
     except ValueError:
         return []
     return [list(map(str, p)) for p in value if isinstance(p, list) and p]
 
 
-def set_policy(allow_any: bool, prefixes: list[str]) -> None:
-    """Record the operator's choice for this server process (and the monitors it starts)."""
+def set_policy(allow_any: bool, prefixes: list[str], exact: list[list[str]] = ()) -> None:
+    """Record the operator's choice for this server process (and the monitors it starts):
+    any command, argv prefixes (shell words, e.g. 'hackbench -g'), and whole argvs."""
     if allow_any:
         os.environ[ALLOW_ANY_ENV] = "1"
     argvs = []
@@ -60,20 +60,16 @@ def set_policy(allow_any: bool, prefixes: list[str]) -> None:
         argvs.append(argv)
     if argvs:
         os.environ[ALLOW_PREFIXES_ENV] = json.dumps(argvs)
-
-
-def _sandbox_workload_argvs() -> list[list[str]]:
-    from .validate.workloads import list_workloads
-
-    return [shlex.split(w.command) for w in list_workloads() if "$" not in w.command]
+    if exact:
+        os.environ[ALLOW_EXACT_ENV] = json.dumps([list(a) for a in exact])
 
 
 def command_allowed(argv: list[str]) -> bool:
     if os.environ.get(ALLOW_ANY_ENV) == "1":
         return True
-    if argv in _sandbox_workload_argvs():
+    if argv in _argv_list(ALLOW_EXACT_ENV):
         return True
-    return any(argv[: len(p)] == p for p in allowed_prefixes())
+    return any(argv[: len(p)] == p for p in _argv_list(ALLOW_PREFIXES_ENV))
 
 
 def check_command(argv: list[str] | str, actor: str, what: str = "command") -> None:

@@ -160,7 +160,9 @@ def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
         os.environ["SCHEDCP_ALLOW_HOST_DEPLOY"] = "1"
     if allow_host_verify:
         os.environ["SCHEDCP_ALLOW_HOST_VERIFY"] = "1"
-    access.set_policy(allow_command, list(command_prefixes))
+    from .validate.workloads import host_commands
+
+    access.set_policy(allow_command, list(command_prefixes), host_commands())
 
     if http is None:
         server.run_stdio()

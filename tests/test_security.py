@@ -24,6 +24,13 @@ from schedcp_mcp.errors import BadInput, SchedcpError
 from schedcp_mcp.observe import profile
 
 
+@pytest.fixture(autouse=True)
+def no_operator_allowances(monkeypatch):
+    """Each test starts from the default (nothing allowed) and its set_policy calls are undone."""
+    for env in (access.ALLOW_ANY_ENV, access.ALLOW_PREFIXES_ENV, access.ALLOW_EXACT_ENV):
+        monkeypatch.setenv(env, "")
+
+
 # --- commands from MCP clients ---------------------------------------------------------------------
 
 def test_an_mcp_client_cannot_run_a_command_by_default(tmp_path):
@@ -35,6 +42,9 @@ def test_an_mcp_client_cannot_run_a_command_by_default(tmp_path):
 
 
 def test_an_mcp_client_can_profile_a_pid_and_the_sandbox_workloads(monkeypatch):
+    from schedcp_mcp.validate.workloads import host_commands
+
+    access.set_policy(False, [], host_commands())  # what `schedcp serve` does
     with subprocess.Popen(["sleep", "5"]) as sleeper:
         p = profile.profile_workload(pid=sleeper.pid, duration_s=0.5, use_runqlat=False, actor="mcp")
         sleeper.kill()
@@ -47,7 +57,6 @@ def test_an_mcp_client_can_profile_a_pid_and_the_sandbox_workloads(monkeypatch):
 
 def test_the_operator_widens_commands_with_prefixes_or_allows_all(monkeypatch):
     access.check_command(["sh", "-c", "anything"], "cli")  # a human at the CLI may run anything
-    monkeypatch.delenv(access.ALLOW_ANY_ENV, raising=False)
     access.set_policy(False, ["hackbench -g"])
     access.check_command(["hackbench", "-g", "8"], "mcp")
     for argv in (["hackbench", "-l", "8"], ["/tmp/hackbench", "-g", "8"], ["sh", "-c", "hackbench -g 1"]):
