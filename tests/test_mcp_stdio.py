@@ -18,10 +18,11 @@ CORE_TOOLS = {"get_system_info", "get_cpu_stats", "profile_workload", "list_prof
 def server_params() -> StdioServerParameters:
     exe = shutil.which("schedcp")
     cmd, args = (exe, ["serve"]) if exe else (sys.executable, ["-m", "schedcp_mcp", "serve"])
-    return StdioServerParameters(command=cmd, args=args, env={
-        "SCHEDCP_HOME": os.environ["SCHEDCP_HOME"],
-        "SCHEDCP_SANDBOX_DIR": os.environ["SCHEDCP_SANDBOX_DIR"],
-        "PATH": os.environ["PATH"]})
+    env = {"SCHEDCP_HOME": os.environ["SCHEDCP_HOME"],
+           "SCHEDCP_SANDBOX_DIR": os.environ["SCHEDCP_SANDBOX_DIR"], "PATH": os.environ["PATH"]}
+    if os.environ.get("PYTHONPATH"):  # a worktree's code, not the editable install's
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return StdioServerParameters(command=cmd, args=args, env=env)
 
 
 async def call(name: str, args: dict | None = None, progress=None):
