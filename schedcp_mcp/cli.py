@@ -517,30 +517,31 @@ def parse_goals(items: tuple[str, ...]):
     return goals
 
 
-def render_layer2(r, token) -> None:
+def render_layer2(out) -> None:
+    r = out.report
     render_layer1(r)
-    l2 = r.layer2 or {}
-    if not l2:
+    l2 = r.layer2
+    if l2 is None:
         return
     t = Table("workload", "metric", "baseline", "candidate", "ratio", "noise", "verdict",
               title="sandbox A/B (same boot, interleaved; TCG timings: compare ratios only)")
-    for w in l2.get("workloads", []):
-        b, c = w.get("baseline_stats") or {}, w.get("candidate_stats") or {}
-        t.add_row(w["name"], f"{w['metric']} ({w['unit']})", f"{b.get('median', float('nan')):.4g}",
-                  f"{c.get('median', float('nan')):.4g}",
-                  f"{w['ratio']:.3f}" if w.get("ratio") else "-",
-                  f"{w['noise']:.1%}" if w.get("noise") else "-", w["verdict"])
+    nan = float("nan")
+    for w in l2.workloads:
+        t.add_row(w.name, f"{w.metric} ({w.unit})",
+                  f"{w.baseline_stats.median if w.baseline_stats else nan:.4g}",
+                  f"{w.candidate_stats.median if w.candidate_stats else nan:.4g}",
+                  f"{w.ratio:.3f}" if w.ratio else "-", f"{w.noise:.1%}" if w.noise else "-", w.verdict)
     console.print(t)
-    for g in l2.get("correctness", []) + l2.get("performance", []):
-        mark = "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]"
-        console.print(f"  {mark} {g['kind']}/{g['name']}: {escape(g['reason'])}")
-    for w in l2.get("warnings", []):
+    for g in l2.correctness + l2.performance:
+        mark = "[green]pass[/green]" if g.passed else "[red]FAIL[/red]"
+        console.print(f"  {mark} {g.kind}/{g.name}: {escape(g.reason)}")
+    for w in l2.warnings:
         console.print(f"  [yellow]warning[/yellow] {escape(w)}")
     colour = "green" if r.passed else "red"
     console.print(f"[{colour}]{r.status}[/{colour}]")
-    if token:
+    if out.token:
         console.print("deployment token (single use, expires in 1 h):")
-        click.echo(token.token)  # never wrapped: it must survive copy-paste and pipes
+        click.echo(out.token)  # never wrapped: it must survive copy-paste and pipes
 
 
 @main.command()
@@ -565,19 +566,13 @@ def validate(file: Path | None, policy: str | None, report_id: str | None, param
     if sum(bool(x) for x in (file, policy, report_id)) != 1:
         raise click.UsageError("give exactly one of FILE, --policy NAME, --report ID")
     with progress_bar("validate", not as_json) as bar:
-        r, token = candidates.validate(report_id=report_id,
+        out = candidates.validate(report_id=report_id,
                                        source=file.read_text(errors="replace") if file else None,
                                        policy=policy, params=parse_params(params),
                                        goals=parse_goals(goals), workloads=list(workloads) or None,
                                        profile_id=profile_id, rounds=rounds, progress=bar)
-    if as_json:
-        click.echo(json.dumps({"report_id": r.id, "passed": r.passed, "status": r.status,
-                               "token": token.token if token else None,
-                               "layer1": r.layer1.model_dump(mode="json"), "layer2": r.layer2},
-                              indent=2))
-    else:
-        render_layer2(r, token)
-    sys.exit(0 if r.passed else 1)
+    emit(out, as_json, render_layer2)
+    sys.exit(0 if out.passed else 1)
 
 
 @main.command("workloads")

@@ -14,8 +14,13 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from . import store
+from .candidates import check_goals_measurable, measurable_goals
 from .errors import BadInput, NotFound
-from .observe.profile import Goal, get_profile
+from .models import Goal
+from .observe.profile import get_profile
+from .reports import get_report
+from .repository.policies import get_policy
+from .validate.workloads import get_workloads
 
 KIND = "plan"
 Strategy = Literal["reconfigure", "revise", "generate"]
@@ -60,18 +65,13 @@ class OptimizationPlan(BaseModel):
     author: str = "agent"
 
 
-def create_plan(profile_id: str, workloads: list[str], goals: list[Goal], strategy: str,
+def create_plan(profile_id: str, workloads: list[str], goals: list[Goal] | None, strategy: str,
                 rationale: str, candidates: list[PlannedCandidate], budget_s: float | None = None,
                 author: str = "agent") -> OptimizationPlan:
     """Check a plan against what exists (profile, policies and their parameters, reports, workloads,
     goals the workloads measure) and store it. A plan that could not run is refused now, not
-    minutes into a validation."""
-    from .candidates import check_goals_measurable
-    from .reports import get_report
-    from .repository.policies import get_policy
-    from .validate.workloads import get_workloads
-
-    get_profile(profile_id)
+    minutes into a validation. No goals: the profile's goals that the workloads measure."""
+    prof = get_profile(profile_id)
     if strategy not in STRATEGY_ORDER:
         raise BadInput(f"unknown strategy {strategy!r}", "one of: " + ", ".join(STRATEGY_ORDER))
     if not rationale.strip():
@@ -82,6 +82,7 @@ def create_plan(profile_id: str, workloads: list[str], goals: list[Goal], strate
     if not workloads:
         raise BadInput("a plan needs at least one sandbox workload", "see list_workloads")
     chosen = get_workloads(workloads)
+    goals = goals if goals else measurable_goals(prof.goals, workloads)
     check_goals_measurable(goals, chosen)
     for c in candidates:
         if c.policy:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from .. import store
 from ..errors import BadInput, NotFound
+from ..models import Goal
 from .cpu import read_proc_stat, read_psi
 from .system import tools
 
@@ -70,14 +71,6 @@ class Characteristics(BaseModel):
     fork_rate: float = Field(description="new processes per second")
     features: dict[str, float] = Field(
         description="normalized 0..1 feature vector used for profile similarity")
-
-
-class Goal(BaseModel):
-    metric: str = Field(description="e.g. wall_time_s, p99_wakeup_latency_us, throughput")
-    direction: Literal["lower", "higher"]
-    target_ratio: float | None = Field(
-        None, description="candidate/baseline bound, e.g. 0.9 = at least 10% better for 'lower'")
-    why: str = ""
 
 
 class WorkloadProfile(BaseModel):

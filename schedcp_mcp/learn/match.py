@@ -14,7 +14,9 @@ from typing import Callable
 from pydantic import BaseModel, Field
 
 from ..errors import BadInput
-from .profile import WorkloadProfile, get_profile, list_profiles, profile_workload
+from ..observe.profile import WorkloadProfile, get_profile, list_profiles, profile_workload
+from ..validate.workloads import ensure_probe, get_workloads, list_workloads
+from .history import similarity
 
 Progress = Callable[[str, float], None]
 
@@ -35,8 +37,6 @@ class WorkloadMatch(BaseModel):
 
 def host_command(workload: str) -> list[str]:
     """A sandbox workload's benchmark command as it runs on the host (`$PROBE` is our probe binary)."""
-    from ..validate.workloads import ensure_probe, get_workloads
-
     w = get_workloads([workload])[0]
     if "$PROBE" in w.command:
         return ["sh", "-c", f"PROBE={ensure_probe()}; {w.command}"]
@@ -83,9 +83,6 @@ def explain(target: WorkloadProfile, ref: WorkloadProfile) -> str:
 def match_workloads(profile_id: str, limit: int = 5,
                     progress: Progress | None = None) -> list[WorkloadMatch]:
     """Sandbox workloads ranked by similarity to a stored profile, each with the reason."""
-    from ..learn.history import similarity
-    from ..validate.workloads import list_workloads
-
     if not 1 <= limit <= 20:
         raise BadInput(f"limit={limit} out of range", "use 1..20")
     target = get_profile(profile_id)
