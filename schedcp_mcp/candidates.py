@@ -54,8 +54,10 @@ def submit(source: str | None = None, policy: str | None = None,
            params: dict[str, Any] | None = None, target: str = "sandbox",
            profile_id: str | None = None, goals: list[Goal] | None = None,
            trusted_include_dirs: tuple[Path, ...] = (), use_cache: bool = True,
-           progress: Progress | None = None, vm=None, actor: str = "api") -> ValidationReport:
-    """Layer 1 for a raw source or a repository policy; returns the stored report.
+           progress: Progress | None = None, vm=None, actor: str = "api",
+           provenance=None, candidate_id: str | None = None) -> ValidationReport:
+    """Layer 1 for a raw source or a repository policy; returns the stored report (with the
+    synthesis provenance and candidate id when `synth` made it).
 
     The host target puts untested BPF through this machine's own kernel verifier (loaded, never
     attached): an operator may ask for that (`actor="cli"`); an MCP client only when the server
@@ -91,7 +93,8 @@ def submit(source: str | None = None, policy: str | None = None,
                                         trusted_include_dirs=trusted_include_dirs, **kw)
     if text:
         save_source(text)
-    return new_report(layer1, policy=policy, params=layer1.params, profile_id=profile_id, goals=goals)
+    return new_report(layer1, policy=policy, params=layer1.params, profile_id=profile_id, goals=goals,
+                      provenance=provenance, candidate_id=candidate_id)
 
 
 def report_or_submit(report_id: str | None, source: str | None, policy: str | None,

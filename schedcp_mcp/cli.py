@@ -611,6 +611,115 @@ def reports_cmd(limit: int, as_json: bool) -> None:
     emit(list_reports(limit), as_json, render)
 
 
+# --- synthesis: primitives, generate, reconfigure, revise, tune -------------------------------------
+
+def render_synth(res) -> None:
+    from .reports import get_report
+
+    render_layer1(get_report(res.report_id))
+    colour = "green" if res.verdict == "accepted" else "red"
+    p = res.provenance
+    origin = p.parent_policy or p.parent_candidate or (p.spec or {}).get("name", "")
+    console.print(f"candidate [bold]{res.candidate_id}[/bold] ({p.kind} from {escape(origin)}): "
+                  f"[{colour}]{res.verdict}[/{colour}]")
+    if res.params:
+        console.print("  params: " + " ".join(f"{k}={v}" for k, v in sorted(res.params.items())))
+    console.print(f"  next: {escape(res.next_step)}")
+
+
+def _synth_exit(res) -> None:
+    sys.exit(0 if res.verdict == "accepted" else 1)
+
+
+@main.command("primitives")
+@json_option
+def primitives_cmd(as_json: bool) -> None:
+    """The algorithm primitives a generated scheduler is built from (what, when, knobs, ranges)."""
+    from .synth.primitives import catalog
+
+    def render(c):
+        for axis in c.axes:
+            t = Table("primitive", "what / when / fails", "knobs (type default range)", title=axis,
+                      show_lines=True)
+            for p in c.primitives:
+                if p.axis != axis:
+                    continue
+                knobs = "\n".join(f"{k.name} ({k.type} {k.default}"
+                                   + (f" {k.min}..{k.max}" if k.min is not None else "") + ")"
+                                   for k in p.params)
+                t.add_row(p.name, f"{p.what}\n[green]when:[/green] {p.when}\n[red]fails:[/red] {p.fails}"
+                          + (f"\n[yellow]requires:[/yellow] {p.requires}" if p.requires else ""), knobs)
+            console.print(t)
+        console.print("class treatments: " + "; ".join(f"{k}: {v}" for k, v in c.class_treatments.items()))
+        console.print("example spec: " + json.dumps(c.spec_example))
+
+    emit(catalog(), as_json, render)
+
+
+@main.command()
+@click.argument("spec_file", metavar="SPEC.json|-", type=click.File("r"))
+@click.option("--no-cache", is_flag=True, help="do not answer layer 1 from the result cache")
+@click.option("--source", "show_source", is_flag=True, help="print the generated C source")
+@json_option
+def generate(spec_file, no_cache: bool, show_source: bool, as_json: bool) -> None:
+    """Generate a scheduler from a spec (see `schedcp primitives`), compile it and run the kernel
+    verifier. Exit 0 accepted, 1 rejected, 2 spec refused."""
+    from .errors import BadInput
+    from .synth.generate import generate as gen
+
+    try:
+        data = json.load(spec_file)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"the spec is not JSON: {e}", "see `schedcp primitives` for an example spec")
+    with progress_bar("generate", not as_json) as bar:
+        res = gen(data, use_cache=not no_cache, progress=bar, actor="cli")
+    if as_json:
+        click.echo(res.model_dump_json(indent=2))
+    else:
+        if show_source and res.source:
+            click.echo(res.source)
+        render_synth(res)
+    _synth_exit(res)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", required=True,
+              help="a policy.json parameter (repeatable)")
+@json_option
+def reconfigure(name: str, params: tuple[str, ...], as_json: bool) -> None:
+    """A policy with new parameter values (checked against policy.json, loaded as rodata).
+    Exit 0 accepted, 1 rejected, 2 bad parameter."""
+    from .synth.reconfigure import reconfigure as rc
+
+    with progress_bar("reconfigure", not as_json) as bar:
+        res = rc(name, parse_params(params), progress=bar, actor="cli")
+    emit(res, as_json, render_synth)
+    _synth_exit(res)
+
+
+@main.command()
+@click.argument("base", metavar="NAME|CANDIDATE")
+@click.argument("patch_file", metavar="PATCH|-", type=click.File("r"))
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="load with these values")
+@click.option("--source", "show_source", is_flag=True, help="print the revised C source")
+@json_option
+def revise(base: str, patch_file, params: tuple[str, ...], show_source: bool, as_json: bool) -> None:
+    """Apply a unified diff to a copy of a policy's (or candidate's) source and verify the result.
+    Exit 0 accepted, 1 rejected, 2 the patch does not apply."""
+    from .synth.revise import revise as rv
+
+    with progress_bar("revise", not as_json) as bar:
+        res = rv(base, patch_file.read(), parse_params(params), progress=bar, actor="cli")
+    if as_json:
+        click.echo(res.model_dump_json(indent=2))
+    else:
+        if show_source and res.source:
+            click.echo(res.source)
+        render_synth(res)
+    _synth_exit(res)
+
+
 # --- layer 3: token, deploy, status, rollback, audit ---------------------------------------------
 
 @main.command()
@@ -771,6 +880,19 @@ def bench_verify() -> None:
     from .verify.bench import bench_verify as run
 
     run()
+
+
+@bench.command("synth")
+@click.option("--workers", default=2, show_default=True, help="compile threads sharing the one VM")
+@json_option
+def bench_synth(workers: int, as_json: bool) -> None:
+    """The primitive matrix: render, compile and kernel-verify every spec in one VM boot."""
+    from .synth.bench import bench_synth as run
+
+    res = run(workers=workers, say=(lambda line: None) if as_json else None)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    sys.exit(0 if res["accepted"] == res["specs"] else 1)
 
 
 @bench.command("policies")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from . import store
 from .errors import NotFound
 from .observe.profile import Goal
+from .synth.provenance import Provenance
 from .verify.models import Layer1Report
 
 KIND = "report"
@@ -37,6 +38,8 @@ class ValidationReport(BaseModel):
     goals: list[Goal] = []
     layer1: Layer1Report
     layer2: dict[str, Any] | None = Field(None, description="sandbox run (Layer2Result) if done")
+    candidate_id: str | None = Field(None, description="the synthesized candidate (cand-…) it checks")
+    provenance: Provenance | None = Field(None, description="how the candidate was made (synth)")
     invalidated: bool = False
     invalidated_reason: str | None = None
 
@@ -71,13 +74,15 @@ def artifact_hash(object_sha256: str, params: dict[str, Any]) -> str:
 
 
 def new_report(layer1: Layer1Report, *, policy: str | None, params: dict[str, Any],
-               profile_id: str | None = None, goals: list[Goal] | None = None) -> ValidationReport:
+               profile_id: str | None = None, goals: list[Goal] | None = None,
+               provenance: Provenance | None = None, candidate_id: str | None = None) -> ValidationReport:
     r = ValidationReport(
         id=store.new_id("rep"), policy=policy, params={k: str(v) for k, v in params.items()},
         source_sha256=layer1.source_sha256, object_sha256=layer1.object_sha256,
         artifact_sha256=artifact_hash(layer1.object_sha256, params) if layer1.object_sha256 else None,
         object_path=layer1.object_path, ops_name=layer1.ops_name, target=layer1.target,
-        profile_id=profile_id, goals=goals or [], layer1=layer1)
+        profile_id=profile_id, goals=goals or [], layer1=layer1, provenance=provenance,
+        candidate_id=candidate_id)
     save(r)
     return r
 

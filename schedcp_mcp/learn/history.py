@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from .. import store
 from ..observe.profile import WorkloadProfile, get_profile
 from ..repository.policies import Policy
+from ..synth.provenance import Provenance
 
 KIND = "outcome"
 MIN_SIMILARITY = 0.6
@@ -45,6 +46,8 @@ class Outcome(BaseModel):
     profile_id: str | None = None
     report_id: str | None = None
     deployment_id: str | None = None
+    candidate_id: str | None = Field(None, description="the synthesized candidate (cand-…), if any")
+    provenance: Provenance | None = Field(None, description="how that candidate was made")
     metrics: list[MetricResult] = []
     reward: float
     goals_met: bool
