@@ -19,7 +19,7 @@ from . import config, store
 from .errors import BadInput, NotFound
 from .models import Goal, IssuedToken
 from .repository.policies import get_policy
-from .synth.provenance import Provenance
+from .repository.provenance import Provenance
 from .validate.models import Layer2Result
 from .verify.models import Layer1Report
 

@@ -45,7 +45,7 @@ def _candidate_knobs(candidate_id: str | None) -> list:
     """A generated candidate's knobs (typed, with ranges) for its policy.json."""
     if not candidate_id:
         return []
-    from ..synth.provenance import get_candidate
+    from ..repository.provenance import get_candidate
 
     return get_candidate(candidate_id).knobs
 
@@ -123,7 +123,7 @@ def contribute_policy(report_id: str, name: str, description: str, tags: list[st
     }
     (d / "policy.json").write_text(json.dumps(meta, indent=2) + "\n")
     if prov and prov.spec:
-        (d / "spec.json").write_text(json.dumps(prov.spec, indent=2) + "\n")
+        (d / "spec.json").write_text(prov.spec.model_dump_json(indent=2) + "\n")
     if prov and prov.patch:
         (d / "origin.patch").write_text(prov.patch)
     (d / "README.md").write_text(

@@ -20,7 +20,7 @@ from .. import store
 from ..models import MetricResult
 from ..observe.profile import WorkloadProfile, get_profile
 from ..repository.policies import Policy
-from ..synth.provenance import Provenance
+from ..repository.provenance import Provenance
 
 KIND = "outcome"
 MIN_SIMILARITY = 0.6

@@ -14,5 +14,5 @@ from .spec import SchedulerSpec
 def generate(spec: SchedulerSpec | dict[str, Any], **kw) -> SynthResult:
     """`kw` go to layer 1 (target, vm, use_cache, progress, actor, profile_id)."""
     r = render(spec)
-    prov = Provenance(kind="generated", spec=r.spec.model_dump(mode="json"), params=r.params)
+    prov = Provenance(kind="generated", spec=r.spec, params=r.params)
     return submit(prov, source=r.source, knobs=r.knobs, **kw)

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..repository.policies import Parameter
+from ..repository.provenance import SchedulerSpec
 
 Axis = Literal["queue", "ordering", "cpu_select", "slice", "preempt", "task_class"]
 AXES: tuple[Axis, ...] = ("queue", "ordering", "cpu_select", "slice", "preempt", "task_class")
@@ -267,7 +268,7 @@ class Catalog(BaseModel):
     class_treatments: dict[str, str]
     class_params: list[Parameter]
     max_classes: int
-    spec_example: dict
+    spec_example: SchedulerSpec
 
 
 def catalog() -> Catalog:
@@ -275,4 +276,4 @@ def catalog() -> Catalog:
 
     return Catalog(axes=list(AXES), primitives=PRIMITIVES, common_params=COMMON_PARAMS,
                    class_treatments=CLASS_TREATMENTS, class_params=CLASS_PARAMS,
-                   max_classes=MAX_CLASSES, spec_example=EXAMPLE_SPEC)
+                   max_classes=MAX_CLASSES, spec_example=SchedulerSpec.model_validate(EXAMPLE_SPEC))

@@ -1,52 +1,15 @@
-"""Candidates and where they came from.
-
-Every synthesized scheduler (generated, revised, reconfigured, or a tuning trial) is a `Candidate`
-record in the store (`kind="candidate"`, id `cand-…`) pointing at its layer-1 ValidationReport and
-carrying its `Provenance`: the parent policy or candidate, the spec, the patch, the parameters. The
-report carries the same provenance, and so do the learning history's outcomes and a contributed
-policy's policy.json, so any scheduler can be traced back to how it was made.
-"""
+"""The one way a synthesized candidate enters layer 1: submit it with its provenance, store the
+Candidate record (repository/provenance.py) and answer with a SynthResult an agent can act on."""
 
 from __future__ import annotations
-
-import hashlib
-import time
-from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from .. import store
-from ..errors import NotFound
 from ..repository.policies import Parameter
+from ..repository.provenance import Candidate, Provenance, get_candidate, save_candidate  # noqa: F401
 from ..verify.models import VerifyError
-
-KIND = "candidate"
 VERIFIER_LOG_CHARS = 6000
-
-
-class Provenance(BaseModel):
-    kind: Literal["generated", "revised", "reconfigured", "tuned"]
-    parent_policy: str | None = Field(None, description="the repository policy it derives from")
-    parent_candidate: str | None = Field(None, description="the candidate it derives from (cand-…)")
-    spec: dict[str, Any] | None = Field(None, description="the SchedulerSpec it was generated from")
-    patch: str | None = Field(None, description="the unified diff it was revised by")
-    params: dict[str, str] = Field({}, description="the knob values it was built/loaded with")
-    tune_id: str | None = Field(None, description="the tuning run that tried it (tune-…)")
-
-    @property
-    def patch_sha256(self) -> str | None:
-        return hashlib.sha256(self.patch.encode()).hexdigest() if self.patch else None
-
-
-class Candidate(BaseModel):
-    id: str
-    created_at: float = Field(default_factory=time.time)
-    provenance: Provenance
-    report_id: str
-    source_sha256: str
-    ops_name: str | None = None
-    verdict: str
-    knobs: list[Parameter] = Field([], description="its const volatile knobs with types and ranges")
 
 
 class SynthResult(BaseModel):
@@ -68,20 +31,6 @@ class SynthResult(BaseModel):
     next_step: str
 
 
-def get_candidate(candidate_id: str) -> Candidate:
-    c = store.get(KIND, candidate_id, Candidate)
-    if c is None:
-        recent = store.ids(KIND, 5)
-        raise NotFound(f"no candidate {candidate_id!r}",
-                       "recent: " + ", ".join(recent) if recent else
-                       "make one with generate_scheduler / revise_policy / reconfigure_policy")
-    return c
-
-
-def list_candidates(limit: int = 50, parent: str | None = None) -> list[Candidate]:
-    return store.list_records(KIND, Candidate, ref=parent, limit=limit)
-
-
 def candidate_source(c: Candidate) -> str:
     from ..candidates import source_for
     from ..reports import get_report
@@ -99,7 +48,7 @@ def submit(prov: Provenance, *, source: str | None = None, policy: str | None = 
                           candidate_id=cid, **kw)
     c = Candidate(id=cid, provenance=prov, report_id=r.id, source_sha256=r.source_sha256,
                   ops_name=r.ops_name, verdict=r.layer1.verdict, knobs=knobs or [])
-    store.put(KIND, c, ref=prov.parent_policy or prov.parent_candidate or prov.kind)
+    save_candidate(c)
     l1 = r.layer1
     if l1.accepted:
         nxt = (f"validate it in the sandbox: validate_scheduler(report_id={r.id!r}) / "

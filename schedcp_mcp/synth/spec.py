@@ -11,10 +11,11 @@ import difflib
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import BadInput
 from ..repository.policies import Parameter
+from ..repository.provenance import SchedulerSpec, TaskClass
 from . import primitives as prims
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,23}$")
@@ -29,34 +30,6 @@ EXAMPLE_SPEC: dict[str, Any] = {
     "classes": [{"match": "kthread", "treat": "local"}],
     "params": {"slice_ns": 3000000, "preempt_min_ns": 500000},
 }
-
-
-class TaskClass(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    match: str = Field(description="kthread, short_lived, comm or cgroup")
-    pattern: str | None = Field(None, description="comm/cgroup only: exact name, or a prefix ending "
-                                "in '*' (letters, digits, _ . : / + -; at most 15 characters)")
-    treat: str = Field("boost", description="boost, background or local (local: kthread only)")
-    slice_pct: int = Field(100, description="this class's slice in percent of the computed slice "
-                           "(10..1000)")
-
-
-class SchedulerSpec(BaseModel):
-    """What `generate_scheduler` takes. Axes default to the simplest sound choice."""
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="scheduler (ops) name: lowercase letters, digits, _; 2-24 chars")
-    description: str = Field("", description="what it is for, one line (goes into the header comment)")
-    queue: str = Field("global", description="global, per_cpu, per_llc or per_numa")
-    ordering: str = Field("vtime", description="fifo, vtime or deadline")
-    cpu_select: str = Field("default", description="default, prev_sticky, llc_first, idle_core or "
-                            "sync_waker")
-    slice: str = Field("fixed", description="fixed, scaled or interactive")
-    preempt: str = Field("none", description="none, kick_idle or wakeup")
-    classes: list[TaskClass] = Field([], description="task classes, first match wins (at most 4)")
-    params: dict[str, int | bool] = Field({}, description="knob values by name (see list_primitives); "
-                                          "unset knobs take the primitive's default")
 
 
 class SpecProblem(BaseModel):
