@@ -126,11 +126,11 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
              params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
              workloads: list[str] | None = None, profile_id: str | None = None,
              rounds: int = 3, progress: Progress | None = None, issue_token: bool = True,
-             use_cache: bool = True) -> tuple[ValidationReport, Any]:
+             use_cache: bool = True, budget_s: float | None = None) -> tuple[ValidationReport, Any]:
     """Layer 2 in the sandbox for a report (or a new submission): stress, correctness and same-boot
     A/B against the default scheduler. Records the outcome; returns (report, token or None)."""
     from .learn.feedback import record_validation_outcome
-    from .validate.runner import validate_in_sandbox
+    from .validate.runner import BUDGET_S, validate_in_sandbox
     from .validate.workloads import get_workloads
 
     say = progress or (lambda msg, frac: None)
@@ -150,7 +150,7 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
     check_goals_measurable(r.goals, chosen)
     layer2 = validate_in_sandbox(
         Path(r.object_path).read_bytes(), ops_name=r.ops_name or "", params=r.params, goals=r.goals,
-        workloads=chosen, rounds=rounds,
+        workloads=chosen, rounds=rounds, budget_s=BUDGET_S if budget_s is None else budget_s,
         progress=lambda m, f: say(f"layer 2: {m}", 0.1 + 0.9 * f))
     r.layer2 = layer2.model_dump(mode="json")
     save(r)
