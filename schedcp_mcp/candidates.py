@@ -7,47 +7,22 @@ later session can pick up from a report id.
 from __future__ import annotations
 
 import os
-
-import hashlib
 from pathlib import Path
 from typing import Any, Callable
 
-from . import config
+from .deploy.tokens import issue
 from .errors import BadInput
-from .observe.profile import Goal, get_profile
-from .reports import ValidationReport, get_report, new_report, save
+from .learn.feedback import record_validation_outcome
+from .models import Goal
+from .observe.profile import get_profile
+from .reports import ValidationOutcome, ValidationReport, get_report, new_report, save, save_source
+from .repository.policies import get_policy
+from .validate.runner import BUDGET_S, validate_in_sandbox
+from .validate.workloads import get_workloads, list_workloads
+from .verify import pipeline
 from .verify.source_check import MAX_SOURCE_BYTES
 
 Progress = Callable[[str, float], None]
-
-
-def sources_dir() -> Path:
-    p = config.home() / "sources"
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-def save_source(source: str) -> str:
-    """Keep every submitted source, content-addressed, so a report can be contributed later."""
-    sha = hashlib.sha256(source.encode()).hexdigest()
-    path = sources_dir() / f"{sha}.bpf.c"
-    if not path.exists():
-        path.write_text(source)
-    return sha
-
-
-def source_for(report: ValidationReport) -> str:
-    path = sources_dir() / f"{report.source_sha256}.bpf.c"
-    if path.exists():
-        return path.read_text()
-    if report.policy:
-        from .repository.policies import get_policy
-
-        text = get_policy(report.policy).source_text()
-        if text and hashlib.sha256(text.encode()).hexdigest() == report.source_sha256:
-            return text
-    raise BadInput(f"the source of report {report.id} is no longer stored",
-                   "submit the scheduler again")
 
 
 def submit(source: str | None = None, policy: str | None = None,
@@ -60,8 +35,6 @@ def submit(source: str | None = None, policy: str | None = None,
     The host target puts untested BPF through this machine's own kernel verifier (loaded, never
     attached): an operator may ask for that (`actor="cli"`); an MCP client only when the server
     was started with --allow-host-verify."""
-    from .verify import pipeline
-
     if (source is None) == (policy is None):
         raise BadInput("give exactly one of source or policy",
                        "source = BPF C text; policy = a repository policy name")
@@ -75,8 +48,6 @@ def submit(source: str | None = None, policy: str | None = None,
         goals = goals if goals else prof.goals
     kw = dict(target=target, use_cache=use_cache, progress=progress, vm=vm)
     if policy is not None:
-        from .repository.policies import get_policy
-
         text = get_policy(policy).source_text()
         layer1 = pipeline.verify_policy(policy, {k: str(v) for k, v in (params or {}).items()},
                                         trusted_include_dirs=trusted_include_dirs, **kw)
@@ -103,14 +74,24 @@ def report_or_submit(report_id: str | None, source: str | None, policy: str | No
     return submit(source=source, policy=policy, params=params, **kw)
 
 
+def measures(workload, metric: str) -> bool:
+    return metric == workload.metric or metric in workload.goal_metrics
+
+
+def measurable_goals(goals: list[Goal], workload_names: list[str]) -> list[Goal]:
+    """The goals (a profile's, typically) that the named sandbox workloads measure; when none is
+    left, "do no harm" on each workload's own metric, so a validation never falls back to goals
+    it cannot measure."""
+    chosen = get_workloads(workload_names)
+    kept = [g for g in goals if any(measures(w, g.metric) for w in chosen)]
+    return kept or [Goal(metric=w.metric, direction=w.direction, target_ratio=1.0,
+                         why=f"no profile goal is measured by {w.name}: do no harm on its metric")
+                    for w in chosen]
+
+
 def check_goals_measurable(goals: list[Goal], workloads) -> None:
     """Refuse, before any VM boots, a goal that no chosen workload measures (a typo, or a profile's
     goal with too few workloads), and say which workloads would measure it."""
-    from .validate.workloads import list_workloads
-
-    def measures(w, metric: str) -> bool:
-        return metric == w.metric or metric in w.goal_metrics
-
     for g in goals:
         if any(measures(w, g.metric) for w in workloads):
             continue
@@ -126,13 +107,10 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
              params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
              workloads: list[str] | None = None, profile_id: str | None = None,
              rounds: int = 3, progress: Progress | None = None, issue_token: bool = True,
-             use_cache: bool = True, budget_s: float | None = None) -> tuple[ValidationReport, Any]:
+             use_cache: bool = True, budget_s: float | None = None) -> ValidationOutcome:
     """Layer 2 in the sandbox for a report (or a new submission): stress, correctness and same-boot
-    A/B against the default scheduler. Records the outcome; returns (report, token or None)."""
-    from .learn.feedback import record_validation_outcome
-    from .validate.runner import BUDGET_S, validate_in_sandbox
-    from .validate.workloads import get_workloads
-
+    A/B against the default scheduler. Records the outcome; returns the report and, when it
+    passed, a deployment token. `budget_s`: seconds for the sandbox run (default runner.BUDGET_S)."""
     say = progress or (lambda msg, frac: None)
     r = report_or_submit(report_id, source, policy, params, profile_id=profile_id, goals=goals,
                          use_cache=use_cache,
@@ -145,19 +123,17 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
         r.goals = get_profile(r.profile_id).goals
     if not r.passed_layer1:
         save(r)
-        return r, None
+        return ValidationOutcome.of(r, None)
     chosen = get_workloads(workloads)
     check_goals_measurable(r.goals, chosen)
     layer2 = validate_in_sandbox(
         Path(r.object_path).read_bytes(), ops_name=r.ops_name or "", params=r.params, goals=r.goals,
         workloads=chosen, rounds=rounds, budget_s=BUDGET_S if budget_s is None else budget_s,
         progress=lambda m, f: say(f"layer 2: {m}", 0.1 + 0.9 * f))
-    r.layer2 = layer2.model_dump(mode="json")
+    r.layer2 = layer2
     save(r)
     record_validation_outcome(r.id)
     token = None
     if issue_token and r.passed:
-        from .deploy.tokens import issue
-
         token = issue(r.id, "sandbox")
-    return r, token
+    return ValidationOutcome.of(r, token)

@@ -1,4 +1,5 @@
-"""ValidationReport: the stored record of what layers 1 and 2 said about one artifact.
+"""ValidationReport: the stored record of what layers 1 and 2 said about one artifact, and the
+submitted sources it was made from.
 
 The artifact is the compiled BPF object (content-addressed by its sha256) plus the parameters it is
 loaded with; a deployment token is bound to exactly that (see deploy/tokens.py).
@@ -9,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr, computed_field
 
-from . import store
-from .errors import NotFound
-from .observe.profile import Goal
+from . import config, store
+from .errors import BadInput, NotFound
+from .models import Goal, IssuedToken
+from .repository.policies import get_policy
+from .validate.models import Layer2Result
 from .verify.models import Layer1Report
 
 KIND = "report"
@@ -36,7 +40,7 @@ class ValidationReport(BaseModel):
     profile_id: str | None = None
     goals: list[Goal] = []
     layer1: Layer1Report
-    layer2: dict[str, Any] | None = Field(None, description="sandbox run (Layer2Result) if done")
+    layer2: Layer2Result | None = Field(None, description="the sandbox run, once validated")
     invalidated: bool = False
     invalidated_reason: str | None = None
 
@@ -46,12 +50,14 @@ class ValidationReport(BaseModel):
 
     @property
     def passed_layer2(self) -> bool:
-        return bool(self.layer2 and self.layer2.get("passed"))
+        return bool(self.layer2 and self.layer2.passed)
 
+    @computed_field(description="passed layers 1 and 2 and not invalidated: a token may be issued")
     @property
     def passed(self) -> bool:
         return self.passed_layer1 and self.passed_layer2 and not self.invalidated
 
+    @computed_field(description="where the report stands, in words")
     @property
     def status(self) -> str:
         if self.invalidated:
@@ -61,7 +67,31 @@ class ValidationReport(BaseModel):
         if self.layer2 is None:
             return "layer 1 accepted; not validated in the sandbox yet"
         return "passed layers 1 and 2" if self.passed_layer2 else \
-            f"layer 2 failed: {self.layer2.get('failure_reason')}"
+            f"layer 2 failed: {self.layer2.failure_reason}"
+
+
+class ValidationOutcome(BaseModel):
+    """What a validation answers (CLI `validate --json` and the MCP tool alike): the report's
+    verdict, both layers' results and, when it passed, a deployment token."""
+
+    report_id: str
+    passed: bool
+    status: str
+    token: str | None = Field(None, description="single-use deployment token when the report passed")
+    layer1: Layer1Report
+    layer2: Layer2Result | None
+    _report: ValidationReport = PrivateAttr()
+
+    @classmethod
+    def of(cls, report: ValidationReport, token: IssuedToken | None) -> "ValidationOutcome":
+        out = cls(report_id=report.id, passed=report.passed, status=report.status,
+                  token=token.token if token else None, layer1=report.layer1, layer2=report.layer2)
+        out._report = report
+        return out
+
+    @property
+    def report(self) -> ValidationReport:
+        return self._report
 
 
 def artifact_hash(object_sha256: str, params: dict[str, Any]) -> str:
@@ -107,3 +137,31 @@ def invalidate(report_id: str, reason: str, actor: str = "operator") -> Validati
     store.audit(actor, "invalidate_report", {"report_id": report_id, "reason": reason},
                 r.artifact_sha256)
     return r
+
+
+# --- submitted sources, content-addressed, so a report can be contributed later --------------------
+
+def sources_dir() -> Path:
+    p = config.home() / "sources"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def save_source(source: str) -> str:
+    sha = hashlib.sha256(source.encode()).hexdigest()
+    path = sources_dir() / f"{sha}.bpf.c"
+    if not path.exists():
+        path.write_text(source)
+    return sha
+
+
+def source_for(report: ValidationReport) -> str:
+    path = sources_dir() / f"{report.source_sha256}.bpf.c"
+    if path.exists():
+        return path.read_text()
+    if report.policy:
+        text = get_policy(report.policy).source_text()
+        if text and hashlib.sha256(text.encode()).hexdigest() == report.source_sha256:
+            return text
+    raise BadInput(f"the source of report {report.id} is no longer stored",
+                   "submit the scheduler again")

@@ -22,10 +22,17 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from . import __version__
+from . import __version__, candidates, plans, reports
+from .deploy import deployments
 from .errors import SchedcpError
+from .learn import callbacks, contribute, feedback, history, match
+from .learn.history import Outcome
+from .models import Deployment, Goal, MetricResult
 from .observe import cpu, profile, system
 from .repository import policies
+from .validate.models import Workload
+from .validate.workloads import list_workloads as all_workloads
+from .verify.models import Layer1Report
 
 log = logging.getLogger("schedcp.server")
 T = TypeVar("T")
@@ -49,14 +56,11 @@ record_outcome). Nothing reaches the host kernel without a deployment token."""
 async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
     """Background duties of a running server: resume deployment monitors that died with a previous
     server, and evaluate registered callbacks."""
-    from .deploy.deployments import resume_monitors
-    from .learn.callbacks import Watcher
-
     try:
-        await anyio.to_thread.run_sync(resume_monitors)
+        await anyio.to_thread.run_sync(deployments.resume_monitors)
     except Exception:  # the server must start even if the store or a target is unwell
         log.exception("could not resume deployment monitors")
-    watcher = Watcher(float(os.environ.get("SCHEDCP_CALLBACK_INTERVAL", "5"))).start()
+    watcher = callbacks.Watcher(float(os.environ.get("SCHEDCP_CALLBACK_INTERVAL", "5"))).start()
     try:
         yield
     finally:
@@ -129,16 +133,43 @@ async def get_cpu_stats(
 async def profile_workload(
     ctx: Context,
     command: Annotated[list[str] | None, Field(
-        description="program and arguments to run, e.g. ['hackbench','-g','4']")] = None,
-    pid: Annotated[int | None, Field(description="attach to this running process instead")] = None,
+        description="program and arguments to run on this host, e.g. ['hackbench','-g','2','-l','60']; "
+        "only the sandbox workloads' commands unless the operator allowed more "
+        "(`schedcp serve --allow-command-prefix/--allow-command`)")] = None,
+    pid: Annotated[int | None, Field(ge=1, description="attach to this running process instead")] = None,
     duration_s: Annotated[float, Field(ge=0.2, le=3600,
                                        description="max seconds to run / observe")] = 10.0,
+    workload: Annotated[str | None, Field(
+        description="or: a sandbox workload name (list_workloads); its benchmark runs here")] = None,
 ) -> profile.WorkloadProfile:
     """Run (or attach to) a workload and store a WorkloadProfile: perf counters where supported,
     process-tree metrics, run-queue latency histogram (runqlat) where it can run, a summary,
     characteristics (CPU-bound / latency-sensitive / fork-heavy / parallelism / I/O) and explicit
     optimization goals. Returns the profile with its id for later tools."""
-    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx)
+    if workload is not None:
+        if command is not None or pid is not None:
+            raise ToolError("give one of command, pid or workload")
+        return await in_thread(match.profile_sandbox_workload, workload, duration_s, ctx=ctx)
+    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx, actor="mcp")
+
+
+class MatchResult(BaseModel):
+    profile_id: str
+    matches: list[match.WorkloadMatch]
+
+
+@server.tool(annotations=MEASURES)
+@agent_errors
+async def match_workloads(
+    ctx: Context,
+    profile_id: Annotated[str, Field(description="a profile of a workload that runs on the host")],
+    limit: Annotated[int, Field(ge=1, le=20)] = 5,
+) -> MatchResult:
+    """Rank the sandbox benchmark workloads by how much they resemble a profiled host workload
+    (same similarity as the learning history), each with the features that agree or differ. The
+    sandbox judges candidates on the best matches. First use profiles each sandbox workload here."""
+    ms = await in_thread(match.match_workloads, profile_id, limit, ctx=ctx)
+    return MatchResult(profile_id=profile_id, matches=ms)
 
 
 class ProfileList(BaseModel):
@@ -181,8 +212,6 @@ async def search_policies(
 ) -> SearchResult:
     """Search the policy repository (our sched_ext policies and the scx production catalog).
     Each hit has a score and the reason it matched."""
-    from .learn import history
-
     scorer = history.scorer_for(profile_id) if profile_id else None
     hits = await in_thread(policies.search_policies, query, tags, limit, scorer)
     return SearchResult(query=query, hits=hits)
@@ -191,7 +220,7 @@ async def search_policies(
 class PolicyDetail(BaseModel):
     policy: policies.Policy
     source_code: str | None
-    history: list[dict[str, Any]] = []
+    history: list[Outcome] = Field([], description="outcomes recorded for this policy")
 
 
 @server.tool(annotations=READ_ONLY)
@@ -199,11 +228,68 @@ class PolicyDetail(BaseModel):
 async def get_policy(name: Annotated[str, Field(description="policy name, e.g. vtime_fair")]
                      ) -> PolicyDetail:
     """A policy's metadata, BPF source, parameters (type/default/range) and outcome history."""
-    from .learn import history
-
     p = await in_thread(policies.get_policy, name)
     return PolicyDetail(policy=p, source_code=p.source_text(),
-                        history=[o.model_dump() for o in history.outcomes_for_policy(name)])
+                        history=history.outcomes_for_policy(name))
+
+
+class GoalIn(BaseModel):
+    metric: str = Field(description="e.g. p99_wakeup_latency_us, throughput, wall_time_s, or a "
+                                    "workload metric such as messaging_time_s")
+    direction: Literal["lower", "higher"]
+    target_ratio: float = Field(description="candidate/baseline bound, e.g. 0.9 for 'lower'")
+
+
+class CandidateIn(BaseModel):
+    policy: str | None = Field(None, description="a repository policy name")
+    params: dict[str, str] = Field({}, description="its parameters, e.g. {'slice_ns': '2000000'}")
+    report_id: str | None = Field(None, description="or: a layer-1 report of a revised/generated source")
+    source: str | None = Field(None, description="or: BPF C source")
+    strategy: Literal["reconfigure", "revise", "generate"]
+    why: str = Field(description="why this candidate suits the profile")
+
+
+@server.tool(annotations=MEASURES)
+@agent_errors
+async def create_plan(
+    profile_id: Annotated[str, Field(description="the WorkloadProfile the plan serves")],
+    workloads: Annotated[list[str], Field(min_length=1,
+                                          description="sandbox workloads that judge the candidates")],
+    strategy: Annotated[Literal["reconfigure", "revise", "generate"], Field(
+        description="reconfigure an existing policy (preferred), revise one, or generate one")],
+    rationale: Annotated[str, Field(description="why this strategy and these candidates")],
+    candidates: Annotated[list[CandidateIn], Field(min_length=1, description="in the order to try")],
+    goals: Annotated[list[GoalIn] | None, Field(
+        description="default: the profile's goals that the workloads measure")] = None,
+    budget_s: Annotated[float | None, Field(gt=0, description="time budget for execution")] = None,
+) -> plans.OptimizationPlan:
+    """Store an OptimizationPlan (checked now: policies, parameters, reports, workloads, and goals
+    the workloads measure) and return it with its id, for the execution stage."""
+    gs = [Goal(**g.model_dump(), why="given by the planner") for g in goals] if goals else None
+    cs = [plans.PlannedCandidate(**c.model_dump()) for c in candidates]
+    return await in_thread(plans.create_plan, profile_id, workloads, gs, strategy, rationale, cs,
+                           budget_s, "mcp")
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def get_plan(plan_id: Annotated[str, Field(description="plan-…")]) -> plans.OptimizationPlan:
+    """One stored OptimizationPlan: profile, workloads, goals, strategy, rationale, candidates."""
+    return await in_thread(plans.get_plan, plan_id)
+
+
+class PlanList(BaseModel):
+    plans: list[plans.OptimizationPlan]
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def list_plans(
+    limit: Annotated[int, Field(ge=1, le=200)] = 20,
+    profile_id: Annotated[str | None, Field(description="only plans for this profile")] = None,
+) -> PlanList:
+    """Stored optimization plans, newest first."""
+    return PlanList(plans=await in_thread(plans.list_plans, limit, profile_id))
 
 
 # --- execute ---------------------------------------------------------------------------------------
@@ -211,7 +297,7 @@ async def get_policy(name: Annotated[str, Field(description="policy name, e.g. v
 class SubmitResult(BaseModel):
     report_id: str
     status: str
-    layer1: Any
+    layer1: Layer1Report
 
 
 @server.tool(annotations=SANDBOXED)
@@ -233,27 +319,9 @@ async def submit_scheduler(
     """Layer 1: untrusted-source checks, compile, ELF/BTF checks (callbacks, kfuncs present in the
     target kernel, license, hot-path size) and the real kernel BPF verifier. Stores a
     ValidationReport; a rejection explains the failing program, source line and kernel message."""
-    from . import candidates
-
     r = await in_thread(candidates.submit, source, policy, params, target, profile_id, actor="mcp",
                         ctx=ctx)
-    return SubmitResult(report_id=r.id, status=r.status, layer1=r.layer1.model_dump(mode="json"))
-
-
-class ValidateResult(BaseModel):
-    report_id: str
-    passed: bool
-    status: str
-    token: str | None = Field(None, description="single-use deployment token when the report passed")
-    layer1: Any
-    layer2: Any | None
-
-
-class GoalIn(BaseModel):
-    metric: str = Field(description="e.g. p99_wakeup_latency_us, throughput, wall_time_s, or a "
-                                    "workload metric such as messaging_time_s")
-    direction: Literal["lower", "higher"]
-    target_ratio: float = Field(description="candidate/baseline bound, e.g. 0.9 for 'lower'")
+    return SubmitResult(report_id=r.id, status=r.status, layer1=r.layer1)
 
 
 @server.tool(annotations=SANDBOXED)
@@ -273,46 +341,35 @@ async def validate_scheduler(
     budget_s: Annotated[float | None, Field(
         ge=0, le=3600, description="seconds for the sandbox run: more paired rounds while a workload's "
         "interval straddles its threshold (default 90; 0 = exactly `rounds`)")] = None,
-) -> ValidateResult:
+) -> reports.ValidationOutcome:
     """Layer 2 in a sched_ext sandbox VM: baseline under the default scheduler, load, stress and
     correctness checks (stall watchdog, error exits, starvation), interleaved A/B benchmarks, unload.
     Takes minutes; sends progress. A pass returns a deployment token."""
-    from . import candidates
-    from .observe.profile import Goal
-
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
-    r, tok = await in_thread(candidates.validate, report_id, source, policy, params, gs, workloads,
-                             profile_id, rounds, ctx=ctx, budget_s=budget_s)
-    return ValidateResult(report_id=r.id, passed=r.passed, status=r.status,
-                          token=tok.token if tok else None, layer1=r.layer1.model_dump(mode="json"),
-                          layer2=r.layer2)
+    return await in_thread(candidates.validate, report_id, source, policy, params, gs, workloads,
+                           profile_id, rounds, ctx=ctx, budget_s=budget_s)
 
 
 class WorkloadList(BaseModel):
-    workloads: list[Any]
+    workloads: list[Workload]
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
 async def list_workloads() -> WorkloadList:
     """The sandbox benchmark workloads: name, command, metric, unit, direction."""
-    from .validate.workloads import list_workloads as lw
-
-    return WorkloadList(workloads=[w.model_dump() for w in lw()])
+    return WorkloadList(workloads=all_workloads())
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def get_report(report_id: Annotated[str, Field(description="rep-…")]) -> dict[str, Any]:
-    """A stored ValidationReport (layer 1 and layer 2 results)."""
-    from .reports import get_report as gr
-
-    r = await in_thread(gr, report_id)
-    return {"status": r.status, "passed": r.passed, **r.model_dump(mode="json")}
+async def get_report(report_id: Annotated[str, Field(description="rep-…")]) -> reports.ValidationReport:
+    """A stored ValidationReport (layer 1 and layer 2 results, status, passed)."""
+    return await in_thread(reports.get_report, report_id)
 
 
 class DeployResult(BaseModel):
-    deployment: Any
+    deployment: Deployment | deployments.DryRun
 
 
 @server.tool(annotations=DESTRUCTIVE)
@@ -333,13 +390,11 @@ async def deploy(
 ) -> DeployResult:
     """Layer 3: load a validated scheduler with its single-use token, confirm it is enabled, and
     monitor it; it is rolled back automatically when the kernel disables it or the metric degrades."""
-    from .deploy.deployments import MonitorPolicy, deploy as do_deploy
-
-    mon = MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
+    mon = deployments.MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
                         max_degradation_ratio=max_degradation_ratio, consecutive=consecutive,
                         interval_s=interval_s, workload_cmd=workload_cmd)
-    d = await in_thread(do_deploy, token, target, actor="mcp", dry_run=dry_run, monitor=mon)
-    return DeployResult(deployment=d.model_dump(mode="json"))
+    d = await in_thread(deployments.deploy, token, target, actor="mcp", dry_run=dry_run, monitor=mon)
+    return DeployResult(deployment=d)
 
 
 @server.tool(annotations=DESTRUCTIVE)
@@ -350,19 +405,15 @@ async def rollback(
     reason: str = "agent requested rollback",
 ) -> DeployResult:
     """Unload a deployed scheduler and restore the previous one (or the kernel default)."""
-    from .deploy.deployments import rollback as rb
-
-    d = await in_thread(rb, deployment_id, target, reason, actor="mcp")
-    return DeployResult(deployment=d.model_dump(mode="json"))
+    d = await in_thread(deployments.rollback, deployment_id, target, reason, actor="mcp")
+    return DeployResult(deployment=d)
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def get_status() -> dict[str, Any]:
+async def get_status() -> deployments.StatusReport:
     """What is deployed where, since when, from which report/token, and the latest monitor reading."""
-    from .deploy.deployments import status
-
-    return (await in_thread(status)).model_dump(mode="json")
+    return await in_thread(deployments.status)
 
 
 # --- learn -----------------------------------------------------------------------------------------
@@ -370,13 +421,11 @@ async def get_status() -> dict[str, Any]:
 @server.tool(annotations=READ_ONLY)
 @agent_errors
 async def get_feedback(subject_id: Annotated[str, Field(
-        description="a deployment id (dep-…) or a validation report id (rep-…)")]) -> dict[str, Any]:
+        description="a deployment id (dep-…) or a validation report id (rep-…)")]) -> feedback.Feedback:
     """Before/after figures per metric, ratio, reward (mean log-improvement vs the default
     scheduler over the goal metrics, in [-1, 1]; -1 for a failed/killed scheduler), whether goals were
     met, how long it ran, rollback and why, and a summary."""
-    from .learn.feedback import get_feedback as gf
-
-    return (await in_thread(gf, subject_id)).model_dump(mode="json")
+    return await in_thread(feedback.get_feedback, subject_id)
 
 
 class MetricIn(BaseModel):
@@ -394,15 +443,13 @@ async def record_outcome(
     profile_id: Annotated[str | None, Field(description="the workload it served")] = None,
     params: dict[str, int] | None = None,
     note: str = "",
-) -> dict[str, Any]:
+) -> history.Outcome:
     """Record an outcome measured outside schedcp; it feeds the history ranking of search_policies."""
-    from .learn import history
-
-    ms = [history.MetricResult(**m.model_dump(), ratio=round(m.candidate / m.baseline, 6))
+    ms = [MetricResult(**m.model_dump(), ratio=round(m.candidate / m.baseline, 6))
           for m in metrics]
     o = history.new_outcome(source="external", policy=policy, params=params or {},
                             profile_id=profile_id, metrics=ms, note=note)
-    return history.record(o).model_dump(mode="json")
+    return history.record(o)
 
 
 @server.tool(annotations=MEASURES)
@@ -412,11 +459,9 @@ async def contribute_policy(
     name: Annotated[str, Field(description="new policy name: lowercase, digits, underscore")],
     description: str,
     tags: list[str] | None = None,
-) -> dict[str, Any]:
+) -> policies.Policy:
     """Add a validated generated/revised scheduler to the repository with provenance."""
-    from .learn.contribute import contribute_policy as cp
-
-    return (await in_thread(cp, report_id, name, description, tags, actor="mcp")).model_dump(mode="json")
+    return await in_thread(contribute.contribute_policy, report_id, name, description, tags, actor="mcp")
 
 
 @server.tool(annotations=MEASURES)
@@ -428,54 +473,56 @@ async def register_callback(
     deployment_id: str | None = None,
     profile_id: str | None = None,
     cooldown_s: Annotated[float, Field(ge=0)] = 60.0,
-) -> dict[str, Any]:
+) -> callbacks.Callback:
     """Have the server POST a JSON event to `url` when a condition becomes true (CPU PSI above a
     level, a deployment's reward below a level, the workload no longer resembling a profile)."""
-    from .learn import callbacks
-
     cond = callbacks.Condition(kind=kind, threshold=threshold, deployment_id=deployment_id,
                                profile_id=profile_id, cooldown_s=cooldown_s)
-    return (await in_thread(callbacks.register, url, cond)).model_dump(mode="json")
+    return await in_thread(callbacks.register, url, cond)
+
+
+class CallbackList(BaseModel):
+    callbacks: list[callbacks.Callback]
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def list_callbacks() -> dict[str, Any]:
+async def list_callbacks() -> CallbackList:
     """Registered callbacks with their last value and firing count."""
-    from .learn import callbacks
-
-    return {"callbacks": [c.model_dump(mode="json") for c in callbacks.list_callbacks()]}
+    return CallbackList(callbacks=await in_thread(callbacks.list_callbacks))
 
 
 @server.tool(annotations=DESTRUCTIVE)
 @agent_errors
-async def remove_callback(callback_id: str) -> dict[str, Any]:
+async def remove_callback(callback_id: str) -> callbacks.Callback:
     """Stop a callback."""
-    from .learn import callbacks
-
-    return callbacks.remove(callback_id).model_dump(mode="json")
+    return await in_thread(callbacks.remove, callback_id)
 
 
 def run_stdio() -> None:
     server.run("stdio")
 
 
-def run_http(host: str, port: int, token: str | None) -> None:
-    """Streamable HTTP. A bearer token, when given, is required on every request."""
+def run_http(host: str, port: int, token: str) -> None:
+    """Streamable HTTP. The bearer token is required on every request (compared in constant time)."""
     import uvicorn
     from starlette.responses import JSONResponse
 
-    app = server.streamable_http_app(host=host)
-    if token:
-        inner = app
+    from .access import bearer_ok
 
-        async def app(scope, receive, send):  # type: ignore[no-redef]
-            if scope["type"] == "http":
-                headers = dict(scope.get("headers") or [])
-                if headers.get(b"authorization", b"") != f"Bearer {token}".encode():
-                    await JSONResponse({"error": "missing or wrong bearer token"},
-                                       status_code=401)(scope, receive, send)
-                    return
-            await inner(scope, receive, send)
+    if not token:
+        raise ValueError("run_http needs a token")
+    inner = server.streamable_http_app(host=host)
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            auth = [v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"]
+            if len(auth) != 1 or not bearer_ok(auth[0], token):
+                await JSONResponse({"error": "missing or wrong bearer token"},
+                                   status_code=401)(scope, receive, send)
+                return
+        elif scope["type"] == "websocket":
+            return
+        await inner(scope, receive, send)
 
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -37,15 +37,15 @@ def same_home(home, monkeypatch):
 
 @pytest.fixture(scope="module")
 def fifo_report(home):
-    r, tok = candidates.validate(policy="fifo", workloads=["hackbench"], rounds=1, goals=LENIENT)
+    r = candidates.validate(policy="fifo", workloads=["hackbench"], rounds=1, goals=LENIENT).report
     assert r.passed, r.status
     return r
 
 
 @pytest.fixture(scope="module")
 def starve_report(home):
-    r, tok = candidates.validate(source=(FIXTURES / "starve_comm.bpf.c").read_text(),
-                                 workloads=["hackbench"], rounds=1, goals=LENIENT)
+    r = candidates.validate(source=(FIXTURES / "starve_comm.bpf.c").read_text(),
+                                 workloads=["hackbench"], rounds=1, goals=LENIENT).report
     assert r.passed, r.status
     return r
 
@@ -82,8 +82,8 @@ def test_token_for_changed_artifact_or_invalidated_report_is_refused(fifo_report
         refused(t1, match="differs from the validated artifact")
     finally:
         obj.write_bytes(original)
-    r2, _ = candidates.validate(policy="fifo", params={"slice_ns": "5000000"},
-                                workloads=["hackbench"], rounds=1, goals=LENIENT)
+    r2 = candidates.validate(policy="fifo", params={"slice_ns": "5000000"},
+                                workloads=["hackbench"], rounds=1, goals=LENIENT).report
     t2 = tokens.issue(r2.id).token
     invalidate(r2.id, "test: found a bug in it")
     refused(t2, match="invalidated")

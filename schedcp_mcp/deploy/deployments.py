@@ -14,69 +14,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from .. import config, store
 from ..errors import BadInput, InfrastructureError, NotFound, SchedcpError
+from ..learn.feedback import record_deployment_outcome
+from ..models import Deployment, DeploymentStatus, MonitorPolicy, Reading, ScxState
+from ..records import active, get_deployment, list_deployments, save
+from ..reports import get_report
+from ..verify.verifier import host_missing
 from . import tokens
-from .targets import HostTarget, SandboxTarget, ScxState, Target, get_target
+from .targets import HostTarget, SandboxTarget, Target, get_target
 
-KIND = "deployment"
-Status = Literal["active", "rolled_back", "failed", "superseded", "stopped"]
 DEFAULT_METRIC = "hackbench -g 2 -l 100"
-
-
-class Reading(BaseModel):
-    at: float
-    state: str
-    ops: str | None = None
-    psi_some_avg10: float | None = None
-    ctx_switches_per_s: float | None = None
-    metric: float | None = None
-    ratio: float | None = Field(None, description="metric / baseline")
-    degraded: bool = False
-    note: str = ""
-
-
-class MonitorPolicy(BaseModel):
-    metric_cmd: str | None = Field(None, description="prints a number; run in the target")
-    metric_direction: Literal["lower", "higher"] = "lower"
-    max_degradation_ratio: float | None = Field(
-        None, description="rollback when the metric is worse than baseline by this ratio "
-                          "(lower-is-better: metric/baseline > r; higher: baseline/metric > r); "
-                          "default: derived from the report's goals (threshold_from_goals)")
-    consecutive: int = Field(3, ge=1, description="... for this many consecutive samples")
-    interval_s: float = Field(5.0, ge=0.5)
-    workload_cmd: str | None = Field(None, description="background workload kept running in the target")
-
-
-class Deployment(BaseModel):
-    id: str
-    created_at: float
-    report_id: str
-    artifact_sha256: str
-    policy: str | None
-    params: dict[str, str]
-    ops_name: str | None
-    target: str
-    actor: str
-    token_jti: str
-    status: Status = "active"
-    previous: ScxState
-    baseline: float | None = None
-    monitor: MonitorPolicy
-    monitor_pid: int | None = None
-    readings: list[Reading] = []
-    consecutive_bad: int = 0
-    ended_at: float | None = None
-    end_reason: str | None = None
-    exit_info: str | None = None
-
-    @property
-    def running_s(self) -> float:
-        return (self.ended_at or time.time()) - self.created_at
 
 
 class DryRun(BaseModel):
@@ -88,31 +39,9 @@ class DryRun(BaseModel):
     current_state: ScxState | None = None
 
 
-def save(d: Deployment) -> None:
-    store.put(KIND, d, ref=d.target)
-
-
-def get_deployment(dep_id: str) -> Deployment:
-    d = store.get(KIND, dep_id, Deployment)
-    if d is None:
-        raise NotFound(f"no deployment {dep_id!r}", "see `schedcp status`")
-    return d
-
-
-def list_deployments(limit: int = 50) -> list[Deployment]:
-    return store.list_records(KIND, Deployment, limit=limit)
-
-
-def active(target: str) -> Deployment | None:
-    for d in store.list_records(KIND, Deployment, ref=target, limit=50):
-        if d.status == "active":
-            return d
-    return None
-
-
 def host_allowed(actor: str) -> str | None:
     """Why a host deploy is not allowed for this actor (None = allowed)."""
-    missing = HostTarget.readiness()
+    missing = host_missing()
     if actor != "cli" and os.environ.get("SCHEDCP_ALLOW_HOST_DEPLOY") != "1":
         missing.append("no one allowed MCP clients to deploy to the host (a human runs `schedcp deploy "
                        "--token T --target host`, or starts the server with --allow-host-deploy)")
@@ -152,6 +81,11 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
             store.audit(actor, "deploy_refused", {"why": why, "target": target})
             raise tokens.TokenRefused(f"host deploy refused: {why}",
                                       "deploy to the sandbox target, or fix what is missing")
+        from ..access import check_command
+
+        for cmd, what in ((monitor.metric_cmd, "metric command"), (monitor.workload_cmd, "workload command")):
+            if cmd:  # these run on the host itself
+                check_command(cmd, actor, what)
     # check first, spend only when the target can take it: a refusal must not burn the token
     payload, report = tokens.check(token, target, actor, spend=False)
     if monitor.max_degradation_ratio is None:
@@ -223,11 +157,8 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
 def _restore(t: Target, d: Deployment, actor: str) -> None:
     """Put the previous scheduler back: a deployment we superseded is reloaded; otherwise the
     kernel default stays (we unloaded ours)."""
-    prev = store.list_records(KIND, Deployment, ref=d.target, limit=50)
-    for p in prev:
+    for p in list_deployments(50, d.target):
         if p.status == "superseded" and p.id != d.id and p.ops_name == d.previous.ops:
-            from ..reports import get_report
-
             r = get_report(p.report_id)
             t.load(Path(r.object_path).read_bytes(), r.params)
             p.status, p.ended_at, p.end_reason = "active", None, None
@@ -237,7 +168,7 @@ def _restore(t: Target, d: Deployment, actor: str) -> None:
             return
 
 
-def _end(d: Deployment, status: Status, reason: str, actor: str, unload: bool = True) -> Deployment:
+def _end(d: Deployment, status: DeploymentStatus, reason: str, actor: str, unload: bool = True) -> Deployment:
     t = get_target(d.target, start=False)
     if not t.running():
         unload = False  # the VM is gone, and the scheduler with it
@@ -257,8 +188,6 @@ def _end(d: Deployment, status: Status, reason: str, actor: str, unload: bool = 
     save(d)
     store.audit(actor, "rollback" if status == "rolled_back" else status,
                 {"deployment_id": d.id, "reason": reason, "target": d.target}, d.artifact_sha256)
-    from ..learn.feedback import record_deployment_outcome
-
     record_deployment_outcome(d)
     return d
 
@@ -279,7 +208,7 @@ def rollback(deployment_id: str | None = None, target: str = "sandbox", reason: 
 
 def spawn_monitor(d: Deployment) -> int:
     """Start the monitor as its own process (it outlives the CLI and survives server restarts)."""
-    log = open(config.home() / f"monitor-{d.id}.log", "ab")
+    log = config.open_private(config.home() / f"monitor-{d.id}.log")
     p = subprocess.Popen([sys.executable, "-m", "schedcp_mcp.deploy.monitor", d.id],
                          stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
                          env={**os.environ, "SCHEDCP_HOME": str(config.home())})

@@ -16,7 +16,9 @@ import time
 
 from .. import store
 from ..errors import SchedcpError
-from .deployments import Deployment, Reading, _end, _restore, get_deployment, save
+from ..models import Deployment, Reading
+from ..records import get_deployment, save
+from .deployments import _end, _restore
 from .targets import SandboxTarget, get_target
 
 MAX_READINGS = 200

@@ -18,10 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from pydantic import BaseModel
-
 from .. import config
 from ..errors import InfrastructureError
+from ..models import ScxState
 from ..verify import verifier
 
 STAGING = "staging"
@@ -36,19 +35,6 @@ echo "psi=$(head -1 /proc/pressure/cpu 2>/dev/null)"
 echo "ctxt=$(grep '^ctxt ' /proc/stat | cut -d' ' -f2)"
 echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
 """
-
-
-class ScxState(BaseModel):
-    state: str = "unknown"
-    ops: str | None = None
-    enable_seq: int | None = None
-    psi_some_avg10: float | None = None
-    ctxt: int | None = None
-    uptime_s: float | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.state == "enabled"
 
 
 def parse_state(text: str) -> ScxState:
@@ -196,11 +182,6 @@ class HostTarget:
     def __init__(self) -> None:
         self.dir = config.home() / "host"
         self.dir.mkdir(exist_ok=True)
-
-    @staticmethod
-    def readiness() -> list[str]:
-        """What is missing for a host deploy (empty = ready)."""
-        return verifier.host_missing()
 
     def state(self) -> ScxState:
         r = subprocess.run(["sh", "-c", STATE_SCRIPT], capture_output=True, text=True, timeout=10)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import config, store
 from ..errors import SchedcpError
+from ..models import IssuedToken
 from ..reports import ValidationReport, artifact_hash, get_report
 
 DEFAULT_TTL_S = 3600
@@ -39,14 +40,6 @@ class TokenPayload(BaseModel):
     target: str
     exp: float
     iat: float
-
-
-class IssuedToken(BaseModel):
-    token: str
-    report_id: str
-    artifact_sha256: str
-    target: str
-    expires_at: float
 
 
 def _secret_path() -> Path:

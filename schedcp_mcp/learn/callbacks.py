@@ -16,6 +16,7 @@ probe a network.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import json
 import os
 import socket
@@ -30,6 +31,11 @@ from pydantic import BaseModel, Field
 
 from .. import store
 from ..errors import BadInput, NotFound
+from ..observe.cpu import get_cpu_stats, read_psi
+from ..observe.profile import get_profile, scale_rate
+from ..records import get_deployment
+from .feedback import deployment_feedback
+from .history import similarity_to_features
 
 KIND, DELIVERY = "callback", "delivery"
 
@@ -97,7 +103,6 @@ def register(url: str, condition: Condition) -> Callback:
     if condition.kind == "profile_changed":
         if not condition.profile_id:
             raise BadInput("profile_changed needs profile_id", "give the profile to compare with")
-        from ..observe.profile import get_profile
         get_profile(condition.profile_id)
     cb = Callback(id=store.new_id("cb"), created_at=time.time(), url=url, condition=condition)
     store.put(KIND, cb)
@@ -134,23 +139,15 @@ def deliveries(cb_id: str | None = None) -> list[Delivery]:
 def measure(cond: Condition) -> tuple[float | None, bool]:
     """(value, condition holds)."""
     if cond.kind == "psi_cpu_above":
-        from ..observe.cpu import read_psi
-
         psi = read_psi("cpu")
         v = psi.some_avg10 if psi.available else None
         return v, v is not None and v > cond.threshold
     if cond.kind == "reward_below":
-        from .feedback import deployment_feedback
-
         try:
-            v = deployment_feedback(cond.deployment_id).reward
+            v = deployment_feedback(get_deployment(cond.deployment_id)).reward
         except Exception:  # no readings yet: nothing to say
             return None, False
         return v, v < cond.threshold
-    from ..observe.cpu import get_cpu_stats
-    from ..observe.profile import get_profile, scale_rate
-    from .history import similarity_to_features
-
     prof = get_profile(cond.profile_id)
     s = get_cpu_stats(1.0, top_n=1)
     features = {  # the profile's features, measured system-wide
@@ -231,8 +228,6 @@ class Watcher:
             try:
                 evaluate_once()
             except Exception:  # one bad condition must not stop the watcher
-                import logging
-
                 logging.getLogger("schedcp.callbacks").exception("callback evaluation failed")
 
     def stop(self) -> None:

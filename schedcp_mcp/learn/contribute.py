@@ -9,12 +9,14 @@ import time
 
 from .. import config, store
 from ..errors import BadInput
+from ..reports import ValidationReport, get_report, source_for
 from ..repository.policies import Policy, get_policy, list_policies
+from .feedback import report_feedback
 
 NAME = re.compile(r"^[a-z][a-z0-9_]{1,30}$")
 
 
-def params_from_report(r) -> list[dict]:
+def params_from_report(r: ValidationReport) -> list[dict]:
     """policy.json parameters for a raw source, at the values it was validated with: map sizes
     become `sizes_map` parameters, `const volatile` overrides parameters of that name (typed
     64-bit here; the loader checks the variable's real type)."""
@@ -41,10 +43,6 @@ def params_from_report(r) -> list[dict]:
 
 def contribute_policy(report_id: str, name: str, description: str, tags: list[str] | None = None,
                       summary: str | None = None, actor: str = "agent") -> Policy:
-    from ..candidates import source_for
-    from ..reports import get_report
-    from .feedback import report_feedback
-
     if not NAME.match(name):
         raise BadInput(f"policy name {name!r} is not allowed",
                        "2-31 chars: lowercase letters, digits, underscore; start with a letter")

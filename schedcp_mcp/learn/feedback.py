@@ -11,12 +11,15 @@ from __future__ import annotations
 import statistics
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from ..errors import BadInput
-from ..observe.profile import Goal
-from .history import MetricResult, Outcome, new_outcome, record, reward
 from .. import store
+from ..errors import BadInput
+from ..models import Deployment, Goal, MetricResult, SchedulerExit
+from ..records import get_deployment
+from ..reports import get_report
+from ..validate.workloads import list_workloads
+from .history import Outcome, new_outcome, record, reward
 
 
 class Feedback(BaseModel):
@@ -30,14 +33,14 @@ class Feedback(BaseModel):
     duration_s: float | None = None
     rolled_back: bool = False
     rollback_reason: str | None = None
+    exit: SchedulerExit | None = Field(None, description="why the scheduler stopped (the kernel's exit "
+                                       "kind, the scheduler's own message, the kernel log line)")
     status: str
     summary: str
     outcome_id: str | None = None
 
 
 def _goal_metrics_of(workload_name: str) -> list[str]:
-    from ..validate.workloads import list_workloads
-
     for w in list_workloads():
         if w.name == workload_name:
             return w.goal_metrics
@@ -65,14 +68,11 @@ def apply_goals(metrics: list[MetricResult], goals: list[Goal],
 
 
 def report_feedback(report_id: str) -> Feedback:
-    from ..reports import get_report
-    from ..validate.models import Layer2Result
-
     r = get_report(report_id)
-    if r.layer2 is None:
+    l2 = r.layer2
+    if l2 is None:
         raise BadInput(f"report {r.id} has no sandbox results yet ({r.status})",
                        "validate it first: `schedcp validate --report ID` / validate_scheduler")
-    l2 = Layer2Result.model_validate(r.layer2)
     goal_map = {w.metric: _goal_metrics_of(w.name) for w in l2.workloads}
     metrics = apply_goals(l2.metric_results(), r.goals, goal_map)
     correctness_ok = all(g.passed for g in l2.correctness)
@@ -89,10 +89,7 @@ def report_feedback(report_id: str) -> Feedback:
                     duration_s=l2.durations.get("total"), status=r.status, summary=summary)
 
 
-def deployment_feedback(dep_id: str) -> Feedback:
-    from ..deploy.deployments import get_deployment
-
-    d = get_deployment(dep_id)
+def deployment_feedback(d: Deployment) -> Feedback:
     values = [x.metric for x in d.readings if x.metric is not None]
     metrics = []
     if values and d.baseline:
@@ -105,7 +102,7 @@ def deployment_feedback(dep_id: str) -> Feedback:
                                     else 1 / (d.monitor.max_degradation_ratio or 1.10)))
         m = metrics[0]
         m.met = m.ratio <= m.target_ratio if m.direction == "lower" else m.ratio >= m.target_ratio
-    killed = bool(d.end_reason and "kernel disabled" in d.end_reason)
+    killed = bool(d.exit and d.exit.is_error) or bool(d.end_reason and "kernel disabled" in d.end_reason)
     rew = -1.0 if killed else reward(metrics)
     rolled = d.status == "rolled_back"
     summary = (f"Deployment {d.id} of {d.policy or 'a custom source'} on {d.target}: {d.status}"
@@ -118,12 +115,12 @@ def deployment_feedback(dep_id: str) -> Feedback:
                     metrics=metrics, reward=round(rew, 4),
                     goals_met=not rolled and all(m.met is not False for m in metrics),
                     duration_s=round(d.running_s, 1), rolled_back=rolled, rollback_reason=d.end_reason
-                    if rolled else None, status=d.status, summary=summary)
+                    if rolled else None, exit=d.exit, status=d.status, summary=summary)
 
 
 def get_feedback(subject_id: str) -> Feedback:
     if subject_id.startswith("dep-"):
-        fb = deployment_feedback(subject_id)
+        fb = deployment_feedback(get_deployment(subject_id))
     elif subject_id.startswith("rep-"):
         fb = report_feedback(subject_id)
     else:
@@ -141,8 +138,6 @@ def _policy_key(policy: str | None) -> str:
 
 
 def record_validation_outcome(report_id: str) -> Outcome:
-    from ..reports import get_report
-
     r = get_report(report_id)
     fb = report_feedback(report_id)
     return record(new_outcome(source="sandbox", policy=_policy_key(r.policy),
@@ -152,10 +147,8 @@ def record_validation_outcome(report_id: str) -> Outcome:
                               note=fb.summary))
 
 
-def record_deployment_outcome(d) -> Outcome | None:
-    from ..reports import get_report
-
-    fb = deployment_feedback(d.id)
+def record_deployment_outcome(d: Deployment) -> Outcome:
+    fb = deployment_feedback(d)
     try:
         r = get_report(d.report_id)
         profile_id, sha = r.profile_id, r.source_sha256

@@ -17,22 +17,13 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from .. import store
+from ..models import MetricResult
 from ..observe.profile import WorkloadProfile, get_profile
 from ..repository.policies import Policy
 
 KIND = "outcome"
 MIN_SIMILARITY = 0.6
 HISTORY_WEIGHT = 4.0  # one unit of reward is worth this much text relevance
-
-
-class MetricResult(BaseModel):
-    metric: str
-    direction: Literal["lower", "higher"]
-    baseline: float
-    candidate: float
-    ratio: float = Field(description="candidate / baseline")
-    target_ratio: float | None = None
-    met: bool | None = None
 
 
 class Outcome(BaseModel):

@@ -32,9 +32,9 @@ import math
 import re
 import statistics
 
-from ..observe.profile import Goal
+from ..models import Goal, LoaderExit, MetricResult
+from ..sandbox import scheduler
 from .models import Gate, Observations, Spread, Workload, WorkloadResult
-from ..learn.history import MetricResult
 
 #: confidence level of the ratio intervals
 LEVEL = 0.95
@@ -44,16 +44,9 @@ MARGIN = 0.10
 SEVERE_REGRESSION = 1.5
 #: an interval wider than ±NOISY makes a "same" or "better" weak evidence: the result warns
 NOISY = 0.25
-#: UEI kinds (enum scx_exit_kind): >= 1024 are errors
-SCX_EXIT_ERROR = 1024
-SCX_EXIT_ERROR_STALL = 1026
-
-DISABLED_RE = re.compile(r'sched_ext: BPF scheduler "([^"]*)" disabled \(([^)]*)\)')
 #: kernel log lines that mean the kernel itself is unhappy, whichever scheduler caused it
 KERNEL_TROUBLE_RE = re.compile(r"BUG:|Oops:|WARNING: CPU|hung_task|soft lockup|rcu: INFO: rcu_\w+ self-detected stall|"
                                r"rcu: INFO: rcu_\w+ detected stalls")
-#: exit reasons that are not the scheduler's fault (kernel/ext.c scx_exit_reason())
-CLEAN_REASONS = ("unregistered from user space", "unregistered from BPF", "unregistered from the main kernel")
 
 
 # ---------------------------------------------------------------- statistics
@@ -134,24 +127,8 @@ def summarize(w: Workload, baseline: list[float], candidate: list[float], errors
 
 # ---------------------------------------------------------------- correctness
 
-def _uei_text(e: dict) -> str:
-    u = e.get("uei") or {}
-    parts = [f"exit kind {u.get('kind_name') or u.get('kind')}"]
-    if u.get("reason"):
-        parts.append(f"reason: {u['reason']}")
-    if u.get("message"):
-        parts.append(f"message: {u['message']}")
-    return ", ".join(parts)
-
-
-def _is_error_exit(e: dict) -> bool:
-    u = e.get("uei") or {}
-    return int(u.get("kind") or 0) >= SCX_EXIT_ERROR
-
-
-def _is_stall(e: dict) -> bool:
-    u = e.get("uei") or {}
-    return int(u.get("kind") or 0) == SCX_EXIT_ERROR_STALL or "runnable task stall" in (u.get("reason") or "")
+def _uei_text(e: LoaderExit) -> str:
+    return scheduler.exit_of(e).describe()
 
 
 def correctness_gates(obs: Observations) -> list[Gate]:
@@ -165,7 +142,7 @@ def correctness_gates(obs: Observations) -> list[Gate]:
 
     # stall: the kernel's own words first, then the loader's UEI
     stall_lines = [ln.strip() for ln in obs.kernel_log if "runnable task stall" in ln or "failed to run for" in ln]
-    stall_exits = [e for e in obs.loader_exits if _is_stall(e)]
+    stall_exits = [e for e in obs.loader_exits if scheduler.is_stall(e.uei)]
     if stall_lines or stall_exits:
         why = " / ".join(stall_lines[:2]) if stall_lines else _uei_text(stall_exits[0])
         detail = f" ({_uei_text(stall_exits[0])})" if stall_lines and stall_exits else ""
@@ -175,10 +152,9 @@ def correctness_gates(obs: Observations) -> list[Gate]:
     else:
         add("no_stall", True, "no runnable task stall")
 
-    err_exits = [e for e in obs.loader_exits if _is_error_exit(e) and not _is_stall(e)]
-    err_lines = [ln for ln in obs.kernel_log
-                 if (m := DISABLED_RE.search(ln)) and m.group(2) not in CLEAN_REASONS
-                 and "runnable task stall" not in m.group(2)]
+    err_exits = [e for e in obs.loader_exits if scheduler.is_error(e.uei) and not scheduler.is_stall(e.uei)]
+    err_lines = [ln for why, ln in scheduler.disabled_lines(obs.kernel_log)
+                 if why not in scheduler.CLEAN_REASONS and scheduler.STALL_REASON not in why]
     if err_exits:
         add("no_error_exit", False, f"the scheduler exited with an error: {_uei_text(err_exits[0])}"
             + (f"; kernel: {err_lines[0].strip()}" if err_lines else ""))
@@ -188,14 +164,13 @@ def correctness_gates(obs: Observations) -> list[Gate]:
         add("no_error_exit", True, "no error exit")
 
     # attached with the expected ops
-    bad = [ld for ld in obs.loads if ld.get("error") or ld.get("state") != "enabled"
-           or ld.get("ops") != obs.ops_name]
+    bad = [ld for ld in obs.loads if ld.error or ld.state != "enabled" or ld.ops != obs.ops_name]
     if not obs.loads:
         add("attached", False, "the candidate was never loaded (the run stopped before the first load)")
     elif bad:
         ld = bad[0]
         add("attached", False, f"load {obs.loads.index(ld) + 1}: "
-            + (ld.get("error") or f"sched_ext state was {ld.get('state')!r} with ops {ld.get('ops')!r}, "
+            + (ld.error or f"sched_ext state was {ld.state!r} with ops {ld.ops!r}, "
                f"expected 'enabled' with {obs.ops_name!r}"))
     else:
         add("attached", True, f"{len(obs.loads)} load(s): state enabled, root/ops = {obs.ops_name}")

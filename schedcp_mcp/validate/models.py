@@ -6,9 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from ..learn.history import MetricResult
-
-Direction = Literal["lower", "higher"]
+from ..models import Direction, LoaderExit, MetricResult
 
 
 class Workload(BaseModel):
@@ -98,7 +96,7 @@ class Layer2Result(BaseModel):
     timeline: list[StateSample] = []
     kernel_log: list[str] = Field([], description="sched_ext lines of the guest's kernel log")
     stress: StressSummary | None = None
-    loader_exits: list[dict] = Field([], description="the loader's JSON for each load (uei, stop_reason)")
+    loader_exits: list[LoaderExit] = Field([], description="how the loader ended, per load (uei, stop_reason)")
     rounds: int = 0
     budget_s: float | None = Field(None, description="time budget the adaptive rounds kept to")
     counters: dict[str, int] = Field({}, description="the policy's own counters (its `schedcp_stats` map), "
@@ -123,13 +121,21 @@ class Layer2Result(BaseModel):
         return out
 
 
+class LoadAttempt(BaseModel):
+    """One load of the candidate: the sched_ext state after it, and why it failed (None = it ran)."""
+
+    state: str | None = None
+    ops: str | None = None
+    error: str | None = None
+
+
 class Observations(BaseModel):
     """Raw facts the runner collected in the guest; `gates.correctness_gates` judges them. Kept apart
     from the verdict so the gate logic can be tested on recorded facts without a VM."""
 
     ops_name: str
-    loads: list[dict] = Field([], description="per load: {'state': ..., 'ops': ..., 'error': ... or None}")
-    loader_exits: list[dict] = Field([], description="the loader's final JSON per load")
+    loads: list[LoadAttempt] = []
+    loader_exits: list[LoaderExit] = Field([], description="how the loader ended, per load")
     kernel_log: list[str] = []
     timeline: list[StateSample] = []
     stress: StressSummary | None = None

@@ -38,10 +38,11 @@ import time
 from typing import Callable
 
 from ..errors import BadInput, InfrastructureError, SchedcpError
-from ..observe.profile import Goal
+from ..models import Goal
+from ..sandbox import scheduler
 from ..verify import verifier
 from . import gates
-from .models import Layer2Result, Observations, StateSample, StressSummary, Workload, WorkloadResult
+from .models import Layer2Result, LoadAttempt, Observations, StateSample, StressSummary, Workload, WorkloadResult
 from .workloads import PROBE_GUEST, ensure_probe, get_workloads, parse, parse_stress_ng_metrics
 
 Progress = Callable[[str, float], None]
@@ -82,14 +83,6 @@ BUDGET_S = 90.0
 COUNTERS_MAP = "schedcp_stats"
 COUNTERS_SNIPPET = ("echo '@@{tag}'; bpftool -j map dump name " + COUNTERS_MAP +
                     " 2>/dev/null; echo; echo '@@{tag}END'\n")
-LOADER_KEYS = ("ok", "stage", "error", "ops_name", "sched_ext", "params", "uei", "run_s", "stop_reason")
-
-
-def _loader_summary(d: dict) -> dict:
-    out = {k: d.get(k) for k in LOADER_KEYS if k in d}
-    if isinstance(out.get("uei"), dict) and len(out["uei"].get("dump") or "") > 4000:
-        out["uei"] = {**out["uei"], "dump": out["uei"]["dump"][:4000] + "\n[… cut]"}
-    return out
 
 
 def _json_after(marker: str, text: str) -> dict | None:
@@ -245,19 +238,20 @@ snap load-{n}
 if ! alive $pid; then echo '@@EXITED'; cat $L/loader.{n}.json; echo; echo '@@ERR'; tail -c 1500 $L/loader.{n}.err; fi
 """, timeout_s=90)
         last = self.obs.timeline[-1] if self.obs.timeline else None
-        entry = {"state": last.state if last else None, "ops": last.ops if last else None, "error": None}
+        entry = LoadAttempt(state=last.state if last else None, ops=last.ops if last else None)
         if "@@EXITED" in out:
-            d = _json_after("@@EXITED", out) or {}
-            if d:
-                self.obs.loader_exits.append(_loader_summary(d))
+            d = _json_after("@@EXITED", out)
+            ex = scheduler.loader_exit(d) if d else None
+            if ex:
+                self.obs.loader_exits.append(ex)
             err = out.split("@@ERR", 1)[-1].strip()
-            entry["error"] = (f"the loader exited at {d.get('stage', '?')}: {d.get('error') or err[-500:]}"
-                              if d else f"the loader exited without a result: {err[-500:]}")
-            if d.get("ok") and (d.get("sched_ext") or {}).get("root_ops") == self.ops_name:
+            entry.error = (f"the loader exited at {ex.stage or '?'}: {ex.error or err[-500:]}"
+                           if ex else f"the loader exited without a result: {err[-500:]}")
+            if ex and ex.ok and ex.root_ops == self.ops_name:
                 # attached, then the kernel threw it out at once (stall/error): not an attach failure
-                entry.update(state="enabled", ops=self.ops_name, error=None)
+                entry = LoadAttempt(state="enabled", ops=self.ops_name)
         self.obs.loads.append(entry)
-        return entry["error"] is None and self.enabled()
+        return entry.error is None and self.enabled()
 
     def stress(self, seconds: float) -> None:
         out = self.step("stress", f"""
@@ -315,9 +309,9 @@ snap unload-{n}
 echo '@@J'; cat $L/loader.{n}.json 2>/dev/null; echo
 """, timeout_s=60)
         d = _json_after("@@J", out)
-        if d and not any(e.get("run_s") == d.get("run_s") and e.get("uei") == _loader_summary(d).get("uei")
-                         for e in self.obs.loader_exits):
-            self.obs.loader_exits.append(_loader_summary(d))
+        ex = scheduler.loader_exit(d) if d else None
+        if ex and not any(e.run_s == ex.run_s and e.uei == ex.uei for e in self.obs.loader_exits):
+            self.obs.loader_exits.append(ex)
         last = self.obs.timeline[-1]
         self.obs.final_state, self.obs.final_ops = last.state, last.ops
 
