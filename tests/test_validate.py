@@ -360,7 +360,7 @@ def test_a_scheduler_that_never_dispatches_is_caught_as_a_stall(sandbox_vm):
     from schedcp_mcp.validate.runner import validate_layer1
 
     vm = sandbox_vm()
-    res = validate_layer1(_layer1(FIXTURES / "stall.bpf.c", vm), rounds=1, vm=vm,
+    res = validate_layer1(_layer1(FIXTURES / "stall.bpf.c", vm), rounds=1, budget_s=0, vm=vm,
                           workloads=["hackbench", "wakeup"])
     assert not res.passed
     assert res.failure_reason.startswith("no_stall:") and "runnable task stall" in res.failure_reason
@@ -373,7 +373,7 @@ def test_a_scheduler_calling_scx_bpf_error_is_reported_with_its_message(sandbox_
     from schedcp_mcp.validate.runner import validate_layer1
 
     vm = sandbox_vm()
-    res = validate_layer1(_layer1(FIXTURES / "error.bpf.c", vm), rounds=1, vm=vm,
+    res = validate_layer1(_layer1(FIXTURES / "error.bpf.c", vm), rounds=1, budget_s=0, vm=vm,
                           workloads=["hackbench", "wakeup"])
     assert not res.passed
     assert res.failure_reason.startswith("no_error_exit:")
@@ -389,7 +389,7 @@ def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm)
     vm = sandbox_vm()
     l1 = verify_policy("vtime_fair", vm=vm)
     assert l1.accepted, l1.errors
-    res = validate_layer1(l1, rounds=2, vm=vm)
+    res = validate_layer1(l1, rounds=2, budget_s=0, vm=vm)
     assert all(g.passed for g in res.correctness), [g for g in res.correctness if not g.passed]
     assert res.rounds == 2 and res.kernel_version and res.kernel_version.startswith("7.")
     for w in res.workloads:
