@@ -17,7 +17,7 @@ from .models import Goal
 from .observe.profile import get_profile
 from .reports import ValidationOutcome, ValidationReport, get_report, new_report, save, save_source
 from .repository.policies import get_policy
-from .validate.runner import validate_in_sandbox
+from .validate.runner import BUDGET_S, validate_in_sandbox
 from .validate.workloads import get_workloads, list_workloads
 from .verify import pipeline
 from .verify.source_check import MAX_SOURCE_BYTES
@@ -110,10 +110,10 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
              params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
              workloads: list[str] | None = None, profile_id: str | None = None,
              rounds: int = 3, progress: Progress | None = None, issue_token: bool = True,
-             use_cache: bool = True) -> ValidationOutcome:
+             use_cache: bool = True, budget_s: float | None = None) -> ValidationOutcome:
     """Layer 2 in the sandbox for a report (or a new submission): stress, correctness and same-boot
     A/B against the default scheduler. Records the outcome; returns the report and, when it
-    passed, a deployment token."""
+    passed, a deployment token. `budget_s`: seconds for the sandbox run (default runner.BUDGET_S)."""
     say = progress or (lambda msg, frac: None)
     r = report_or_submit(report_id, source, policy, params, profile_id=profile_id, goals=goals,
                          use_cache=use_cache,
@@ -131,7 +131,7 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
     check_goals_measurable(r.goals, chosen)
     layer2 = validate_in_sandbox(
         Path(r.object_path).read_bytes(), ops_name=r.ops_name or "", params=r.params, goals=r.goals,
-        workloads=chosen, rounds=rounds,
+        workloads=chosen, rounds=rounds, budget_s=BUDGET_S if budget_s is None else budget_s,
         progress=lambda m, f: say(f"layer 2: {m}", 0.1 + 0.9 * f))
     r.layer2 = layer2
     save(r)

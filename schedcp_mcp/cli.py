@@ -660,15 +660,13 @@ def render_layer2(out) -> None:
     l2 = r.layer2
     if l2 is None:
         return
-    t = Table("workload", "metric", "baseline", "candidate", "ratio", "noise", "verdict",
-              title="sandbox A/B (same boot, interleaved; TCG timings: compare ratios only)")
-    nan = float("nan")
-    for w in l2.workloads:
-        t.add_row(w.name, f"{w.metric} ({w.unit})",
-                  f"{w.baseline_stats.median if w.baseline_stats else nan:.4g}",
-                  f"{w.candidate_stats.median if w.candidate_stats else nan:.4g}",
-                  f"{w.ratio:.3f}" if w.ratio else "-", f"{w.noise:.1%}" if w.noise else "-", w.verdict)
-    console.print(t)
+    from .validate.bench import interval_table
+
+    console.print(interval_table(l2.workloads, f"sandbox A/B: {l2.rounds} paired rounds in one boot "
+                                 f"({l2.durations.get('total', 0):.0f} s); TCG timings, ratios only"))
+    if l2.counters:
+        console.print("  policy counters (candidate's measured runs): "
+                      + ", ".join(f"{k} {v}" for k, v in l2.counters.items()))
     for g in l2.correctness + l2.performance:
         mark = "[green]pass[/green]" if g.passed else "[red]FAIL[/red]"
         console.print(f"  {mark} {g.kind}/{g.name}: {escape(g.reason)}")
@@ -691,11 +689,14 @@ def render_layer2(out) -> None:
               help="e.g. p99_wakeup_latency_us<=0.9, throughput>=0.97 (repeatable)")
 @click.option("--workload", "workloads", multiple=True, help="run only these workloads (repeatable)")
 @click.option("--profile", "profile_id", help="the WorkloadProfile this is for (its goals apply)")
-@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds")
+@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds, at least")
+@click.option("--budget", type=float, default=None,
+              help="seconds for the whole run: more rounds while a workload is undecided [default: 90]; "
+                   "0 = exactly --rounds")
 @json_option
 def validate(file: Path | None, policy: str | None, report_id: str | None, params: tuple[str, ...],
              goals: tuple[str, ...], workloads: tuple[str, ...], profile_id: str | None, rounds: int,
-             as_json: bool) -> None:
+             budget: float | None, as_json: bool) -> None:
     """Layer 2: stress, correctness and same-boot A/B performance in the sandbox VM.
     Exit 0 pass (prints a deployment token), 1 fail (with the reason), 2 usage/infrastructure."""
     from . import candidates
@@ -707,7 +708,8 @@ def validate(file: Path | None, policy: str | None, report_id: str | None, param
                                        source=file.read_text(errors="replace") if file else None,
                                        policy=policy, params=parse_params(params),
                                        goals=parse_goals(goals), workloads=list(workloads) or None,
-                                       profile_id=profile_id, rounds=rounds, progress=bar)
+                                       profile_id=profile_id, rounds=rounds, budget_s=budget,
+                                       progress=bar)
     emit(out, as_json, render_layer2)
     sys.exit(0 if out.passed else 1)
 
@@ -1075,10 +1077,50 @@ def bench_synth(workers: int, as_json: bool) -> None:
 
 
 @bench.command("policies")
-@click.option("--rounds", default=3, show_default=True)
+@click.option("--rounds", default=3, show_default=True, help="paired rounds per policy, at least")
+@click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")
+@click.option("--policy", "names", multiple=True, help="only these (repository names or kernel:scx_simple)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
-def bench_policies(rounds: int, out: Path) -> None:
-    """A/B ratios of every repository policy on the sandbox workloads (table + PNG chart)."""
+def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], out: Path) -> None:
+    """A/B intervals of every repository policy and the kernel's example schedulers on the sandbox
+    workloads (table + PNG chart)."""
     from .validate.bench import bench_policies as run
 
-    run(rounds=rounds, out_dir=out)
+    run(rounds=rounds, budget_s=budget, out_dir=out, policies=list(names) or None)
+
+
+@bench.command("aa")
+@click.option("--rounds", default=3, show_default=True, help="paired rounds, at least")
+@click.option("--budget", type=float, default=None, help="seconds for the run [default: 90]")
+@click.option("--workload", "workloads", multiple=True, help="only these workloads (repeatable)")
+@json_option
+def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], as_json: bool) -> None:
+    """The default scheduler against itself in one boot: each workload's ratio interval, the smallest
+    difference a validation can tell. Exit 1 when an interval is wider than ±10 %."""
+    from .validate.bench import bench_aa as run
+
+    res = run(rounds=rounds, budget_s=budget, workloads=list(workloads) or None, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    sys.exit(0 if res["within_margin"] else 1)
+
+
+@bench.command("stability")
+@click.option("--policy", "policy", required=True, help="a repository policy (or kernel:scx_simple)")
+@click.option("--runs", default=3, show_default=True, help="fresh VM boots, one validation each")
+@click.option("--rounds", default=3, show_default=True, help="paired rounds per run, at least")
+@click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="also write stability-<policy>.md/json here")
+@json_option
+def bench_stability(policy: str, runs: int, rounds: int, budget: float | None, out: Path | None,
+                    as_json: bool) -> None:
+    """Validate one policy in N fresh boots: each run's verdicts and how often a verdict flipped.
+    Exit 1 when any verdict flipped."""
+    from .validate.bench import bench_stability as run
+
+    if runs < 2:
+        raise click.UsageError("--runs must be at least 2 to see a flip")
+    res = run(policy, runs=runs, rounds=rounds, budget_s=budget, out_dir=out, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    sys.exit(0 if res["flips"] == 0 else 1)

@@ -340,14 +340,17 @@ async def validate_scheduler(
                     "than baseline beyond noise'")] = None,
     workloads: Annotated[list[str] | None, Field(description="subset of list_workloads names")] = None,
     profile_id: Annotated[str | None, Field(description="the WorkloadProfile it is for")] = None,
-    rounds: Annotated[int, Field(ge=1, le=10, description="interleaved A/B rounds")] = 3,
+    rounds: Annotated[int, Field(ge=1, le=10, description="interleaved A/B rounds, at least")] = 3,
+    budget_s: Annotated[float | None, Field(
+        ge=0, le=3600, description="seconds for the sandbox run: more paired rounds while a workload's "
+        "interval straddles its threshold (default 90; 0 = exactly `rounds`)")] = None,
 ) -> reports.ValidationOutcome:
     """Layer 2 in a sched_ext sandbox VM: baseline under the default scheduler, load, stress and
     correctness checks (stall watchdog, error exits, starvation), interleaved A/B benchmarks, unload.
     Takes minutes; sends progress. A pass returns a deployment token."""
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     return await in_thread(candidates.validate, report_id, source, policy, params, gs, workloads,
-                           profile_id, rounds, ctx=ctx)
+                           profile_id, rounds, ctx=ctx, budget_s=budget_s)
 
 
 class WorkloadList(BaseModel):
