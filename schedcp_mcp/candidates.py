@@ -17,7 +17,7 @@ from .models import Goal
 from .observe.profile import get_profile
 from .reports import ValidationOutcome, ValidationReport, get_report, new_report, save, save_source
 from .repository.policies import get_policy
-from .validate.runner import validate_in_sandbox
+from .validate.runner import BUDGET_S, validate_in_sandbox
 from .validate.workloads import get_workloads, list_workloads
 from .verify import pipeline
 from .verify.source_check import MAX_SOURCE_BYTES
@@ -29,8 +29,10 @@ def submit(source: str | None = None, policy: str | None = None,
            params: dict[str, Any] | None = None, target: str = "sandbox",
            profile_id: str | None = None, goals: list[Goal] | None = None,
            trusted_include_dirs: tuple[Path, ...] = (), use_cache: bool = True,
-           progress: Progress | None = None, vm=None, actor: str = "api") -> ValidationReport:
-    """Layer 1 for a raw source or a repository policy; returns the stored report.
+           progress: Progress | None = None, vm=None, actor: str = "api",
+           provenance=None, candidate_id: str | None = None) -> ValidationReport:
+    """Layer 1 for a raw source or a repository policy; returns the stored report (with the
+    synthesis provenance and candidate id when `synth` made it).
 
     The host target puts untested BPF through this machine's own kernel verifier (loaded, never
     attached): an operator may ask for that (`actor="cli"`); an MCP client only when the server
@@ -62,7 +64,8 @@ def submit(source: str | None = None, policy: str | None = None,
                                         trusted_include_dirs=trusted_include_dirs, **kw)
     if text:
         save_source(text)
-    return new_report(layer1, policy=policy, params=layer1.params, profile_id=profile_id, goals=goals)
+    return new_report(layer1, policy=policy, params=layer1.params, profile_id=profile_id, goals=goals,
+                      provenance=provenance, candidate_id=candidate_id)
 
 
 def report_or_submit(report_id: str | None, source: str | None, policy: str | None,
@@ -107,10 +110,10 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
              params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
              workloads: list[str] | None = None, profile_id: str | None = None,
              rounds: int = 3, progress: Progress | None = None, issue_token: bool = True,
-             use_cache: bool = True) -> ValidationOutcome:
+             use_cache: bool = True, budget_s: float | None = None) -> ValidationOutcome:
     """Layer 2 in the sandbox for a report (or a new submission): stress, correctness and same-boot
     A/B against the default scheduler. Records the outcome; returns the report and, when it
-    passed, a deployment token."""
+    passed, a deployment token. `budget_s`: seconds for the sandbox run (default runner.BUDGET_S)."""
     say = progress or (lambda msg, frac: None)
     r = report_or_submit(report_id, source, policy, params, profile_id=profile_id, goals=goals,
                          use_cache=use_cache,
@@ -128,7 +131,7 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
     check_goals_measurable(r.goals, chosen)
     layer2 = validate_in_sandbox(
         Path(r.object_path).read_bytes(), ops_name=r.ops_name or "", params=r.params, goals=r.goals,
-        workloads=chosen, rounds=rounds,
+        workloads=chosen, rounds=rounds, budget_s=BUDGET_S if budget_s is None else budget_s,
         progress=lambda m, f: say(f"layer 2: {m}", 0.1 + 0.9 * f))
     r.layer2 = layer2
     save(r)
