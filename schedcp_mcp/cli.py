@@ -144,29 +144,40 @@ def is_loopback(host: str) -> bool:
               help="let MCP clients deploy to this host's kernel (still only with a valid token)")
 @click.option("--allow-host-verify", is_flag=True,
               help="let MCP clients run layer 1 against this host's kernel (load only, never attached)")
+@click.option("--allow-command", is_flag=True,
+              help="let MCP clients run any command on this host (profile_workload, host deploy "
+              "metric/workload commands) as this user; default: only the sandbox workloads' commands")
+@click.option("--allow-command-prefix", "command_prefixes", multiple=True, metavar="'PROG ARGS'",
+              help="let MCP clients run commands starting with these exact words (repeatable)")
 def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
-          allow_host_verify: bool) -> None:
-    """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`)."""
-    from . import server
+          allow_host_verify: bool, allow_command: bool, command_prefixes: tuple[str, ...]) -> None:
+    """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`).
+    Over HTTP every request needs the bearer token (loopback too): from --token-file, or generated
+    once into $SCHEDCP_HOME/http-token."""
+    from . import access, server
 
     if allow_host_deploy:
         os.environ["SCHEDCP_ALLOW_HOST_DEPLOY"] = "1"
     if allow_host_verify:
         os.environ["SCHEDCP_ALLOW_HOST_VERIFY"] = "1"
+    from .validate.workloads import host_commands
+
+    access.set_policy(allow_command, list(command_prefixes), host_commands())
 
     if http is None:
         server.run_stdio()
         return
     host, port = parse_host_port(http)
-    token = token_file.read_text().strip() if token_file else None
-    if token_file and not token:
-        raise SchedcpError(f"token file {token_file} is empty", "put a long random token in it")
-    if not is_loopback(host) and not token:
+    if not is_loopback(host) and not token_file:
         raise SchedcpError(f"refusing to serve on non-loopback address {host} without a token",
                            "pass --token-file FILE (clients send 'Authorization: Bearer <token>') "
                            "or bind 127.0.0.1")
-    err_console.print(f"schedcp MCP server on http://{host}:{port}/mcp"
-                      + (" (bearer token required)" if token else ""))
+    if token_file:
+        token, where = access.read_token_file(token_file), token_file
+    else:
+        token, where = access.generated_token()
+    err_console.print(f"schedcp MCP server on http://{host}:{port}/mcp (clients send "
+                      f"'Authorization: Bearer <token>'; the token is in {where})")
     server.run_http(host, port, token)
 
 

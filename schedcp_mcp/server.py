@@ -147,8 +147,10 @@ async def get_cpu_stats(
 async def profile_workload(
     ctx: Context,
     command: Annotated[list[str] | None, Field(
-        description="program and arguments to run, e.g. ['hackbench','-g','4']")] = None,
-    pid: Annotated[int | None, Field(description="attach to this running process instead")] = None,
+        description="program and arguments to run on this host, e.g. ['hackbench','-g','2','-l','60']; "
+        "only the sandbox workloads' commands unless the operator allowed more "
+        "(`schedcp serve --allow-command-prefix/--allow-command`)")] = None,
+    pid: Annotated[int | None, Field(ge=1, description="attach to this running process instead")] = None,
     duration_s: Annotated[float, Field(ge=0.2, le=3600,
                                        description="max seconds to run / observe")] = 10.0,
 ) -> profile.WorkloadProfile:
@@ -156,7 +158,7 @@ async def profile_workload(
     process-tree metrics, run-queue latency histogram (runqlat) where it can run, a summary,
     characteristics (CPU-bound / latency-sensitive / fork-heavy / parallelism / I/O) and explicit
     optimization goals. Returns the profile with its id for later tools."""
-    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx)
+    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx, actor="mcp")
 
 
 class ProfileList(BaseModel):
@@ -548,22 +550,26 @@ def run_stdio() -> None:
     server.run("stdio")
 
 
-def run_http(host: str, port: int, token: str | None) -> None:
-    """Streamable HTTP. A bearer token, when given, is required on every request."""
+def run_http(host: str, port: int, token: str) -> None:
+    """Streamable HTTP. The bearer token is required on every request (compared in constant time)."""
     import uvicorn
     from starlette.responses import JSONResponse
 
-    app = server.streamable_http_app(host=host)
-    if token:
-        inner = app
+    from .access import bearer_ok
 
-        async def app(scope, receive, send):  # type: ignore[no-redef]
-            if scope["type"] == "http":
-                headers = dict(scope.get("headers") or [])
-                if headers.get(b"authorization", b"") != f"Bearer {token}".encode():
-                    await JSONResponse({"error": "missing or wrong bearer token"},
-                                       status_code=401)(scope, receive, send)
-                    return
-            await inner(scope, receive, send)
+    if not token:
+        raise ValueError("run_http needs a token")
+    inner = server.streamable_http_app(host=host)
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            auth = [v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"]
+            if len(auth) != 1 or not bearer_ok(auth[0], token):
+                await JSONResponse({"error": "missing or wrong bearer token"},
+                                   status_code=401)(scope, receive, send)
+                return
+        elif scope["type"] == "websocket":
+            return
+        await inner(scope, receive, send)
 
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -8,6 +8,7 @@ the few columns that are queried, so a model can grow without a migration.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -127,6 +128,7 @@ def new_id(prefix: str) -> str:
 def connect(path: Path | None = None) -> sqlite3.Connection:
     """A connection to the database at `path` (default: $SCHEDCP_HOME/schedcp.db), migrated."""
     path = path or config.db_path()
+    _private_db(path)
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
@@ -134,6 +136,18 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     migrate(conn)
     return conn
+
+
+def _private_db(path: Path) -> None:
+    """The database holds every report, profile and the audit log: 0600 from its creation (SQLite
+    gives its -wal and -shm files the database's mode); an older, wider file is tightened."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def migrate(conn: sqlite3.Connection) -> int:
