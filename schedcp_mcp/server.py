@@ -34,7 +34,7 @@ from .learn.history import Outcome
 from .models import Deployment, Goal, MetricResult
 from .observe import cpu, profile, system
 from .repository import policies
-from .validate.models import Workload
+from .validate.models import Layer2Result, Workload
 from .validate.workloads import list_workloads as all_workloads
 from .verify.models import Layer1Report
 
@@ -224,17 +224,25 @@ async def get_policy(name: Annotated[str, Field(description="policy name, e.g. v
 
 # --- execute ---------------------------------------------------------------------------------------
 
+JOB_ID = Field(description="the supervisor's job that ran (or, with background, will run) it: get_job")
+
+
 class SubmitResult(BaseModel):
-    report_id: str
-    status: str
-    layer1: Layer1Report
+    job_id: str = JOB_ID
+    report_id: str | None = Field(None, description="None while a background job runs")
+    status: str | None = None
+    layer1: Layer1Report | None = None
 
 
-class JobQueued(BaseModel):
-    """A long tool asked with background=true: the job runs in the server's worker pool."""
-    job_id: str
-    state: str
-    hint: str = "follow it with get_job(job_id); cancel_job(job_id) stops it"
+class ValidateResult(BaseModel):
+    """reports.ValidationOutcome, with the job; only job_id is set while a background job runs."""
+    job_id: str = JOB_ID
+    report_id: str | None = None
+    passed: bool | None = None
+    status: str | None = None
+    token: str | None = Field(None, description="single-use deployment token when the report passed")
+    layer1: Layer1Report | None = None
+    layer2: Layer2Result | None = None
 
 
 BACKGROUND = Field(description="queue it and return a job id at once (follow with get_job); "
@@ -257,16 +265,16 @@ async def submit_scheduler(
     profile_id: Annotated[str | None, Field(
         description="the WorkloadProfile this candidate is for (its goals apply)")] = None,
     background: Annotated[bool, BACKGROUND] = False,
-) -> SubmitResult | JobQueued:
+) -> SubmitResult:
     """Layer 1: untrusted-source checks, compile, ELF/BTF checks (callbacks, kfuncs present in the
     target kernel, license, hot-path size) and the real kernel BPF verifier. Stores a
     ValidationReport; a rejection explains the failing program, source line and kernel message."""
     job = await in_thread(candidates.verify_job, source, policy, params, target, profile_id, actor="mcp",
                           lane="normal" if background else "high")
     if background:
-        return JobQueued(job_id=job.id, state=job.state)
+        return SubmitResult(job_id=job.id)
     r = candidates.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))
-    return SubmitResult(report_id=r.id, status=r.status, layer1=r.layer1)
+    return SubmitResult(job_id=job.id, report_id=r.id, status=r.status, layer1=r.layer1)
 
 
 class GoalIn(BaseModel):
@@ -291,7 +299,7 @@ async def validate_scheduler(
     profile_id: Annotated[str | None, Field(description="the WorkloadProfile it is for")] = None,
     rounds: Annotated[int, Field(ge=1, le=10, description="interleaved A/B rounds")] = 3,
     background: Annotated[bool, BACKGROUND] = False,
-) -> reports.ValidationOutcome | JobQueued:
+) -> ValidateResult:
     """Layer 2 in a sched_ext sandbox VM: baseline under the default scheduler, load, stress and
     correctness checks (stall watchdog, error exits, starvation), interleaved A/B benchmarks, unload.
     Takes minutes; sends progress. A pass returns a deployment token."""
@@ -299,9 +307,10 @@ async def validate_scheduler(
     job = await in_thread(candidates.validate_job, report_id, source, policy, params, gs, workloads,
                           profile_id, rounds, lane="normal" if background else "high", actor="mcp")
     if background:
-        return JobQueued(job_id=job.id, state=job.state)
+        return ValidateResult(job_id=job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
-    return await in_thread(candidates.validation_outcome, job)
+    out = await in_thread(candidates.validation_outcome, job)
+    return ValidateResult(job_id=job.id, **out.model_dump())
 
 
 class CandidateIn(BaseModel):

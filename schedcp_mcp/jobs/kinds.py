@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import BadInput, InfrastructureError
+from ..errors import BadInput, TransientError
 
 
 class JobCancelled(Exception):
@@ -131,5 +131,5 @@ def _flaky(ctx: JobContext) -> dict[str, Any]:
     if ctx.inputs.get("final"):
         raise BadInput("this job's input is wrong (a final failure: not retried)")
     if ctx.job.attempts < int(ctx.inputs.get("succeed_on", 10**9)):
-        raise InfrastructureError(f"simulated infrastructure failure on attempt {ctx.job.attempts}")
+        raise TransientError(f"simulated infrastructure failure on attempt {ctx.job.attempts}")
     return {"attempt": ctx.job.attempts}

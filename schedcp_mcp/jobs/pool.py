@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Callable
 
-from ..errors import InfrastructureError, SchedcpError
+from ..errors import SchedcpError, TransientError
 from ..sandbox import vm as vmmod
 from . import kinds, queue
 from .kinds import JobCancelled, JobContext
@@ -149,10 +149,10 @@ class Pool:
             outcome = "succeeded"
         except JobCancelled:
             pass  # cancelled or given up on: whoever did that recorded it
-        except InfrastructureError as e:
+        except TransientError as e:
             outcome, error = "transient", str(e)
-        except SchedcpError as e:
-            outcome, error = "failed", f"{type(e).__name__}: {e}"
+        except SchedcpError as e:  # bad input, a machine that cannot do it: final
+            outcome, error = "failed", f"{type(e).__name__}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else "")
         except Exception as e:  # noqa: BLE001 — a bug in a kind: final, logged
             log.exception("job %s (%s) failed", job.id, job.kind)
             outcome, error = "failed", f"internal error: {type(e).__name__}: {e}"

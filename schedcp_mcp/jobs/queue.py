@@ -6,9 +6,10 @@ written only by the attempt that currently owns the job (`state='running' AND at
 worker=?`): a worker that was given up on (it stopped heartbeating, passed its timeout, or its job
 was cancelled) may still finish, but its late result is discarded — no result is recorded twice.
 
-Failures: the handler's `InfrastructureError` (VM boot failure, guest crash, timeout), a timeout and
-a lost worker are transient: retried with exponential backoff until `max_attempts`, then `dead`
-(kept with every attempt's error for inspection). Any other error is final (`failed`). A candidate
+Failures: the handler's `TransientError` (VM boot failure, guest crash, guest timeout), an attempt's
+timeout and a lost worker are transient: retried with exponential backoff until `max_attempts`, then `dead`
+(kept with every attempt's error for inspection). Any other error is final (`failed`): bad input,
+or a machine that cannot do it at all (no sandbox image, a host without sched_ext). A candidate
 that the verifier rejected or that stalled the guest is not an error: the job `succeeded` and its
 result says so.
 """
@@ -204,9 +205,10 @@ def result_or_raise(job: Job) -> dict[str, Any]:
         raise errors.SchedcpError(f"job {job.id} has not finished ({job.state})",
                                   f"wait for it: `schedcp jobs wait {job.id}`")
     kind, sep, message = (job.error or "").partition(": ")
+    message, _, given_hint = message.partition("\nhint: ")
     cls = getattr(errors, kind, None) if sep else None
     if isinstance(cls, type) and issubclass(cls, errors.SchedcpError):
-        raise cls(message)
+        raise cls(message, given_hint or None)
     raise errors.SchedcpError(job.error or "failed", hint)
 
 
