@@ -73,8 +73,10 @@ def command_allowed(argv: list[str]) -> bool:
 
 
 def check_command(argv: list[str] | str, actor: str, what: str = "command") -> None:
-    """Refuse a command an MCP client may not run on this host (the CLI may run anything)."""
-    if actor == "cli":
+    """Refuse a command an MCP client may not run on this host (the CLI may run anything, and so
+    may schedcp itself, actor "schedcp": a command it chose, e.g. a sandbox workload's benchmark
+    picked by name)."""
+    if actor in ("cli", "schedcp"):
         return
     if isinstance(argv, str):
         try:

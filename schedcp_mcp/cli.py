@@ -977,6 +977,53 @@ def contribute(report_id: str, name: str, description: str, tags: tuple[str, ...
     emit(p, as_json, lambda p: console.print(f"added policy {p.name} at {p.path}"))
 
 
+# --- agents -----------------------------------------------------------------------------------------
+
+@main.group()
+def agents() -> None:
+    """The four Claude Code subagents, the /optimize command and the plugin."""
+
+
+@agents.command("generate")
+@click.option("--check", is_flag=True, help="write nothing; exit 1 if a generated file is stale")
+@json_option
+def agents_generate(check: bool, as_json: bool) -> None:
+    """Regenerate .claude/agents, .claude/commands and plugin/ from agents/*.md and the server's
+    actual tool list."""
+    from . import agents as ag
+
+    if check:
+        stale = ag.drift()
+        emit({"stale": sorted(stale)}, as_json,
+             lambda d: console.print("\n".join(stale.values()) + "\nstale: " + ", ".join(d["stale"])
+                                     + "\nrun `schedcp agents generate`" if d["stale"]
+                                     else "generated files are up to date"))
+        sys.exit(1 if stale else 0)
+    changed = ag.generate()
+    missing = ag.unassigned_tools()
+    emit({"changed": changed, "tools_without_a_role": missing}, as_json,
+         lambda d: console.print((("wrote " + ", ".join(changed)) if changed else "nothing changed")
+                                 + (f"\n[yellow]tools no role may use:[/yellow] {', '.join(missing)}"
+                                    " (add each to the tools of one agents/*.md)" if missing else "")))
+
+
+@agents.command("install")
+@click.option("--scope", type=click.Choice(["project", "user"]), default="project", show_default=True)
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              help="project directory (project scope, default: here) or home (user scope, default: ~)")
+@click.option("--force", is_flag=True, help="overwrite files that exist with other content")
+@json_option
+def agents_install(scope: str, directory: Path | None, force: bool, as_json: bool) -> None:
+    """Install the agents, the /optimize command and the MCP server registration into a project
+    (or your user config) without the plugin system."""
+    from . import agents as ag
+
+    r = ag.install(scope, directory, force)
+    emit(r, as_json, lambda r: console.print(
+        f"installed into {r.directory}: {len(r.written)} written, {len(r.unchanged)} unchanged\n"
+        f"MCP server: {r.mcp}"))
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print figures (not timed tests)."""
