@@ -22,7 +22,7 @@ from .models import Goal
 from .observe.profile import get_profile
 from .reports import ValidationOutcome, ValidationReport, get_report, new_report, save, save_source
 from .repository.policies import get_policy
-from .validate.runner import validate_in_sandbox
+from .validate.runner import BUDGET_S, validate_in_sandbox
 from .validate.workloads import get_workloads, list_workloads
 from .verify import pipeline
 from .verify.source_check import MAX_SOURCE_BYTES
@@ -35,8 +35,10 @@ def submit(source: str | None = None, policy: str | None = None,
            profile_id: str | None = None, goals: list[Goal] | None = None,
            trusted_include_dirs: tuple[Path, ...] = (), use_cache: bool = True,
            progress: Progress | None = None, vm=None, actor: str = "api",
+           provenance=None, candidate_id: str | None = None,
            fixed_id: str | None = None) -> ValidationReport:
-    """Layer 1 for a raw source or a repository policy; returns the stored report.
+    """Layer 1 for a raw source or a repository policy; returns the stored report (with the
+    synthesis provenance and candidate id when `synth` made it; `fixed_id`: its id, for a job).
 
     The host target puts untested BPF through this machine's own kernel verifier (loaded, never
     attached): an operator may ask for that (`actor="cli"`); an MCP client only when the server
@@ -65,7 +67,7 @@ def submit(source: str | None = None, policy: str | None = None,
     if text:
         save_source(text)
     return new_report(layer1, policy=policy, params=layer1.params, profile_id=profile_id, goals=goals,
-                      report_id=fixed_id)
+                      provenance=provenance, candidate_id=candidate_id, report_id=fixed_id)
 
 
 def _refuse_host_verify(target: str, actor: str) -> None:
@@ -118,11 +120,13 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
              params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
              workloads: list[str] | None = None, profile_id: str | None = None,
              rounds: int = 3, progress: Progress | None = None, issue_token: bool = True,
-             use_cache: bool = True, run_id: str | None = None) -> ValidationOutcome:
+             use_cache: bool = True, budget_s: float | None = None,
+             run_id: str | None = None) -> ValidationOutcome:
     """Layer 2 in the sandbox for a report (or a new submission): stress, correctness and same-boot
     A/B against the default scheduler. Records the outcome; returns the report and, when it
-    passed, a deployment token. `run_id` (a job's) fixes the new report's and the outcome's ids, so
-    a job that runs again after a crash rewrites them instead of adding twins."""
+    passed, a deployment token. `budget_s`: seconds for the sandbox run (default runner.BUDGET_S).
+    `run_id` (a job's) fixes the new report's and the outcome's ids, so a job that runs again
+    after a crash rewrites them instead of adding twins."""
     say = progress or (lambda msg, frac: None)
     r = report_or_submit(report_id, source, policy, params, profile_id=profile_id, goals=goals,
                          use_cache=use_cache, fixed_id=f"rep-{run_id}" if run_id else None,
@@ -140,7 +144,7 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
     check_goals_measurable(r.goals, chosen)
     layer2 = validate_in_sandbox(
         Path(r.object_path).read_bytes(), ops_name=r.ops_name or "", params=r.params, goals=r.goals,
-        workloads=chosen, rounds=rounds,
+        workloads=chosen, rounds=rounds, budget_s=BUDGET_S if budget_s is None else budget_s,
         progress=lambda m, f: say(f"layer 2: {m}", 0.1 + 0.9 * f))
     r.layer2 = layer2
     save(r)
@@ -170,7 +174,7 @@ def _content_key(kind: str, i: dict[str, Any]) -> str | None:
     blob = {"kind": kind, "src": hashlib.sha256((src or "").encode()).hexdigest() if src else None,
             "report": i.get("report_id"), "policy": i.get("policy"), "params": sorted((i.get("params") or {}).items()),
             "target": i.get("target", "sandbox"), "build": m.build_id, "code": pipeline._code_version(),
-            "workloads": sorted(i.get("workloads") or []), "rounds": i.get("rounds"),
+            "workloads": sorted(i.get("workloads") or []), "rounds": i.get("rounds"), "budget_s": i.get("budget_s"),
             "goals": i.get("goals"), "profile": i.get("profile_id"), "candidate": i.get("candidate")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -217,7 +221,8 @@ def _validate_job(ctx: JobContext) -> dict[str, Any]:
     goals = [Goal(**g) for g in i["goals"]] if i.get("goals") else None
     out = validate(report_id=i.get("report_id"), source=i.get("source"), policy=i.get("policy"),
                    params=i.get("params"), goals=goals, workloads=i.get("workloads"),
-                   profile_id=i.get("profile_id"), rounds=i.get("rounds", 3), progress=ctx.progress,
+                   profile_id=i.get("profile_id"), rounds=i.get("rounds", 3), budget_s=i.get("budget_s"),
+                   progress=ctx.progress,
                    issue_token=False, use_cache=i.get("use_cache", True), run_id=ctx.job.id[4:])
     return {"report_id": out.report_id, "passed": out.passed, "status": out.status}
 
@@ -239,14 +244,16 @@ def verify_job(source: str | None = None, policy: str | None = None, params: dic
 def validate_job(report_id: str | None = None, source: str | None = None, policy: str | None = None,
                  params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
                  workloads: list[str] | None = None, profile_id: str | None = None, rounds: int = 3,
-                 use_cache: bool = True, lane: str = "high", actor: str = "api", **kw) -> Job:
+                 use_cache: bool = True, lane: str = "high", actor: str = "api",
+                 budget_s: float | None = None, **kw) -> Job:
     """Queue layer 2 (after layer 1 when given a source or policy)."""
     _check_request(source, policy, report_id) if report_id else _check_request(source, policy)
     get_workloads(workloads)
     inputs = {"report_id": report_id, "source": source, "policy": policy,
               "params": {k: str(v) for k, v in (params or {}).items()},
               "goals": [g.model_dump(mode="json") for g in goals] if goals else None,
-              "workloads": workloads, "profile_id": profile_id, "rounds": rounds, "use_cache": use_cache}
+              "workloads": workloads, "profile_id": profile_id, "rounds": rounds, "budget_s": budget_s,
+              "use_cache": use_cache}
     return queue.submit("validate", inputs, lane=lane, use_cache=use_cache, actor=actor, **kw)
 
 

@@ -702,15 +702,13 @@ def render_layer2(out) -> None:
     l2 = r.layer2
     if l2 is None:
         return
-    t = Table("workload", "metric", "baseline", "candidate", "ratio", "noise", "verdict",
-              title="sandbox A/B (same boot, interleaved; TCG timings: compare ratios only)")
-    nan = float("nan")
-    for w in l2.workloads:
-        t.add_row(w.name, f"{w.metric} ({w.unit})",
-                  f"{w.baseline_stats.median if w.baseline_stats else nan:.4g}",
-                  f"{w.candidate_stats.median if w.candidate_stats else nan:.4g}",
-                  f"{w.ratio:.3f}" if w.ratio else "-", f"{w.noise:.1%}" if w.noise else "-", w.verdict)
-    console.print(t)
+    from .validate.bench import interval_table
+
+    console.print(interval_table(l2.workloads, f"sandbox A/B: {l2.rounds} paired rounds in one boot "
+                                 f"({l2.durations.get('total', 0):.0f} s); TCG timings, ratios only"))
+    if l2.counters:
+        console.print("  policy counters (candidate's measured runs): "
+                      + ", ".join(f"{k} {v}" for k, v in l2.counters.items()))
     for g in l2.correctness + l2.performance:
         mark = "[green]pass[/green]" if g.passed else "[red]FAIL[/red]"
         console.print(f"  {mark} {g.kind}/{g.name}: {escape(g.reason)}")
@@ -733,13 +731,16 @@ def render_layer2(out) -> None:
               help="e.g. p99_wakeup_latency_us<=0.9, throughput>=0.97 (repeatable)")
 @click.option("--workload", "workloads", multiple=True, help="run only these workloads (repeatable)")
 @click.option("--profile", "profile_id", help="the WorkloadProfile this is for (its goals apply)")
-@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds")
+@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds, at least")
+@click.option("--budget", type=float, default=None,
+              help="seconds for the whole run: more rounds while a workload is undecided [default: 90]; "
+                   "0 = exactly --rounds")
 @click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
 @background_option
 @json_option
 def validate(file: Path | None, policy: str | None, report_id: str | None, params: tuple[str, ...],
              goals: tuple[str, ...], workloads: tuple[str, ...], profile_id: str | None, rounds: int,
-             no_cache: bool, background: bool, as_json: bool) -> None:
+             budget: float | None, no_cache: bool, background: bool, as_json: bool) -> None:
     """Layer 2: stress, correctness and same-boot A/B performance in the sandbox VM.
     Exit 0 pass (prints a deployment token), 1 fail (with the reason), 2 usage/infrastructure."""
     from . import candidates
@@ -750,8 +751,8 @@ def validate(file: Path | None, policy: str | None, report_id: str | None, param
                                   source=file.read_text(errors="replace") if file else None,
                                   policy=policy, params=parse_params(params), goals=parse_goals(goals),
                                   workloads=list(workloads) or None, profile_id=profile_id,
-                                  rounds=rounds, use_cache=not no_cache, lane=_lane(background),
-                                  actor="cli")
+                                  rounds=rounds, budget_s=budget, use_cache=not no_cache,
+                                  lane=_lane(background), actor="cli")
     if background:
         return queued(job, as_json)
     with progress_bar("validate", not as_json) as bar:
@@ -826,6 +827,115 @@ def reports_cmd(limit: int, as_json: bool) -> None:
         console.print(t)
 
     emit(list_reports(limit), as_json, render)
+
+
+# --- synthesis: primitives, generate, reconfigure, revise, tune -------------------------------------
+
+def render_synth(res) -> None:
+    from .reports import get_report
+
+    render_layer1(get_report(res.report_id))
+    colour = "green" if res.verdict == "accepted" else "red"
+    p = res.provenance
+    origin = p.parent_policy or p.parent_candidate or (p.spec or {}).get("name", "")
+    console.print(f"candidate [bold]{res.candidate_id}[/bold] ({p.kind} from {escape(origin)}): "
+                  f"[{colour}]{res.verdict}[/{colour}]")
+    if res.params:
+        console.print("  params: " + " ".join(f"{k}={v}" for k, v in sorted(res.params.items())))
+    console.print(f"  next: {escape(res.next_step)}")
+
+
+def _synth_exit(res) -> None:
+    sys.exit(0 if res.verdict == "accepted" else 1)
+
+
+@main.command("primitives")
+@json_option
+def primitives_cmd(as_json: bool) -> None:
+    """The algorithm primitives a generated scheduler is built from (what, when, knobs, ranges)."""
+    from .synth.primitives import catalog
+
+    def render(c):
+        for axis in c.axes:
+            t = Table("primitive", "what / when / fails", "knobs (type default range)", title=axis,
+                      show_lines=True)
+            for p in c.primitives:
+                if p.axis != axis:
+                    continue
+                knobs = "\n".join(f"{k.name} ({k.type} {k.default}"
+                                   + (f" {k.min}..{k.max}" if k.min is not None else "") + ")"
+                                   for k in p.params)
+                t.add_row(p.name, f"{p.what}\n[green]when:[/green] {p.when}\n[red]fails:[/red] {p.fails}"
+                          + (f"\n[yellow]requires:[/yellow] {p.requires}" if p.requires else ""), knobs)
+            console.print(t)
+        console.print("class treatments: " + "; ".join(f"{k}: {v}" for k, v in c.class_treatments.items()))
+        console.print("example spec: " + json.dumps(c.spec_example))
+
+    emit(catalog(), as_json, render)
+
+
+@main.command()
+@click.argument("spec_file", metavar="SPEC.json|-", type=click.File("r"))
+@click.option("--no-cache", is_flag=True, help="do not answer layer 1 from the result cache")
+@click.option("--source", "show_source", is_flag=True, help="print the generated C source")
+@json_option
+def generate(spec_file, no_cache: bool, show_source: bool, as_json: bool) -> None:
+    """Generate a scheduler from a spec (see `schedcp primitives`), compile it and run the kernel
+    verifier. Exit 0 accepted, 1 rejected, 2 spec refused."""
+    from .errors import BadInput
+    from .synth.generate import generate as gen
+
+    try:
+        data = json.load(spec_file)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"the spec is not JSON: {e}", "see `schedcp primitives` for an example spec")
+    with progress_bar("generate", not as_json) as bar:
+        res = gen(data, use_cache=not no_cache, progress=bar, actor="cli")
+    if as_json:
+        click.echo(res.model_dump_json(indent=2))
+    else:
+        if show_source and res.source:
+            click.echo(res.source)
+        render_synth(res)
+    _synth_exit(res)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", required=True,
+              help="a policy.json parameter (repeatable)")
+@json_option
+def reconfigure(name: str, params: tuple[str, ...], as_json: bool) -> None:
+    """A policy with new parameter values (checked against policy.json, loaded as rodata).
+    Exit 0 accepted, 1 rejected, 2 bad parameter."""
+    from .synth.reconfigure import reconfigure as rc
+
+    with progress_bar("reconfigure", not as_json) as bar:
+        res = rc(name, parse_params(params), progress=bar, actor="cli")
+    emit(res, as_json, render_synth)
+    _synth_exit(res)
+
+
+@main.command()
+@click.argument("base", metavar="NAME|CANDIDATE")
+@click.argument("patch_file", metavar="PATCH|-", type=click.File("r"))
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="load with these values")
+@click.option("--source", "show_source", is_flag=True, help="print the revised C source")
+@json_option
+def revise(base: str, patch_file, params: tuple[str, ...], show_source: bool, as_json: bool) -> None:
+    """Apply a unified diff to a copy of a policy's (or candidate's) source and verify the result.
+    Exit 0 accepted, 1 rejected, 2 the patch does not apply."""
+    from .synth.revise import revise as rv
+
+    with progress_bar("revise", not as_json) as bar:
+        res = rv(base, patch_file.read(), parse_params(params), progress=bar, actor="cli")
+    if as_json:
+        click.echo(res.model_dump_json(indent=2))
+    else:
+        if show_source and res.source:
+            click.echo(res.source)
+        render_synth(res)
+    _synth_exit(res)
 
 
 # --- layer 3: token, deploy, status, rollback, audit ---------------------------------------------
@@ -1037,11 +1147,64 @@ def bench_verify() -> None:
     run()
 
 
+@bench.command("synth")
+@click.option("--workers", default=2, show_default=True, help="compile threads sharing the one VM")
+@json_option
+def bench_synth(workers: int, as_json: bool) -> None:
+    """The primitive matrix: render, compile and kernel-verify every spec in one VM boot."""
+    from .synth.bench import bench_synth as run
+
+    res = run(workers=workers, say=(lambda line: None) if as_json else None)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    sys.exit(0 if res["accepted"] == res["specs"] else 1)
+
+
 @bench.command("policies")
-@click.option("--rounds", default=3, show_default=True)
+@click.option("--rounds", default=3, show_default=True, help="paired rounds per policy, at least")
+@click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")
+@click.option("--policy", "names", multiple=True, help="only these (repository names or kernel:scx_simple)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
-def bench_policies(rounds: int, out: Path) -> None:
-    """A/B ratios of every repository policy on the sandbox workloads (table + PNG chart)."""
+def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], out: Path) -> None:
+    """A/B intervals of every repository policy and the kernel's example schedulers on the sandbox
+    workloads (table + PNG chart)."""
     from .validate.bench import bench_policies as run
 
-    run(rounds=rounds, out_dir=out)
+    run(rounds=rounds, budget_s=budget, out_dir=out, policies=list(names) or None)
+
+
+@bench.command("aa")
+@click.option("--rounds", default=3, show_default=True, help="paired rounds, at least")
+@click.option("--budget", type=float, default=None, help="seconds for the run [default: 90]")
+@click.option("--workload", "workloads", multiple=True, help="only these workloads (repeatable)")
+@json_option
+def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], as_json: bool) -> None:
+    """The default scheduler against itself in one boot: each workload's ratio interval, the smallest
+    difference a validation can tell. Exit 1 when an interval is wider than ±10 %."""
+    from .validate.bench import bench_aa as run
+
+    res = run(rounds=rounds, budget_s=budget, workloads=list(workloads) or None, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    sys.exit(0 if res["within_margin"] else 1)
+
+
+@bench.command("stability")
+@click.option("--policy", "policy", required=True, help="a repository policy (or kernel:scx_simple)")
+@click.option("--runs", default=3, show_default=True, help="fresh VM boots, one validation each")
+@click.option("--rounds", default=3, show_default=True, help="paired rounds per run, at least")
+@click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="also write stability-<policy>.md/json here")
+@json_option
+def bench_stability(policy: str, runs: int, rounds: int, budget: float | None, out: Path | None,
+                    as_json: bool) -> None:
+    """Validate one policy in N fresh boots: each run's verdicts and how often a verdict flipped.
+    Exit 1 when any verdict flipped."""
+    from .validate.bench import bench_stability as run
+
+    if runs < 2:
+        raise click.UsageError("--runs must be at least 2 to see a flip")
+    res = run(policy, runs=runs, rounds=rounds, budget_s=budget, out_dir=out, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    sys.exit(0 if res["flips"] == 0 else 1)

@@ -34,6 +34,9 @@ from .learn.history import Outcome
 from .models import Deployment, Goal, MetricResult
 from .observe import cpu, profile, system
 from .repository import policies
+from .synth.primitives import Catalog
+from .synth.provenance import SynthResult
+from .synth.spec import SchedulerSpec
 from .validate.models import Layer2Result, Workload
 from .validate.workloads import list_workloads as all_workloads
 from .verify.models import Layer1Report
@@ -374,7 +377,10 @@ async def validate_scheduler(
                     "than baseline beyond noise'")] = None,
     workloads: Annotated[list[str] | None, Field(description="subset of list_workloads names")] = None,
     profile_id: Annotated[str | None, Field(description="the WorkloadProfile it is for")] = None,
-    rounds: Annotated[int, Field(ge=1, le=10, description="interleaved A/B rounds")] = 3,
+    rounds: Annotated[int, Field(ge=1, le=10, description="interleaved A/B rounds, at least")] = 3,
+    budget_s: Annotated[float | None, Field(
+        ge=0, le=3600, description="seconds for the sandbox run: more paired rounds while a workload's "
+        "interval straddles its threshold (default 90; 0 = exactly `rounds`)")] = None,
     background: Annotated[bool, BACKGROUND] = False,
 ) -> ValidateResult:
     """Layer 2 in a sched_ext sandbox VM: baseline under the default scheduler, load, stress and
@@ -382,7 +388,8 @@ async def validate_scheduler(
     Takes minutes; sends progress. A pass returns a deployment token."""
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     job = await in_thread(candidates.validate_job, report_id, source, policy, params, gs, workloads,
-                          profile_id, rounds, lane="normal" if background else "high", actor="mcp")
+                          profile_id, rounds, lane="normal" if background else "high", actor="mcp",
+                          budget_s=budget_s)
     if background:
         return ValidateResult(job_id=job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
@@ -547,6 +554,66 @@ async def rollback(
 async def get_status() -> deployments.StatusReport:
     """What is deployed where, since when, from which report/token, and the latest monitor reading."""
     return await in_thread(deployments.status)
+
+
+# --- synthesis: primitives, generate, reconfigure, revise, tune --------------------------------------
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def list_primitives() -> Catalog:
+    """The algorithm primitives a generated scheduler is built from, per axis (queue, ordering,
+    cpu_select, slice, preempt, task_class): what each does, when to use it, where it fails, its
+    knobs (type, default, range) and constraints, plus an example spec for generate_scheduler."""
+    from .synth.primitives import catalog
+
+    return catalog()
+
+
+@server.tool(annotations=SANDBOXED)
+@agent_errors
+async def generate_scheduler(
+    ctx: Context,
+    spec: Annotated[SchedulerSpec, Field(description="one primitive per axis, task classes and knob "
+                                         "values — see list_primitives for the choices")],
+    profile_id: Annotated[str | None, Field(description="the WorkloadProfile it is for")] = None,
+) -> SynthResult:
+    """Generate a sched_ext scheduler from primitives: the spec is checked first (unknown primitives,
+    incompatible combinations, out-of-range knobs are refused, each saying which and why), then
+    rendered to C, compiled and loaded by the sandbox kernel's verifier at once. Returns the source,
+    a candidate id, the report id for validate_scheduler, and structured compile/verifier errors."""
+    from .synth.generate import generate
+
+    return await in_thread(generate, spec, profile_id=profile_id, actor="mcp", ctx=ctx)
+
+
+@server.tool(annotations=SANDBOXED)
+@agent_errors
+async def reconfigure_policy(
+    ctx: Context,
+    name: Annotated[str, Field(description="repository policy name")],
+    params: Annotated[dict[str, str | int | bool], Field(
+        description="new values of its policy.json parameters, e.g. {'slice_ns': 3000000}")],
+) -> SynthResult:
+    """A policy with new knob values: types and ranges checked against its policy.json, injected as
+    rodata by the loader (the source is never edited), then checked by layer 1. Returns a candidate."""
+    from .synth.reconfigure import reconfigure
+
+    return await in_thread(reconfigure, name, params, actor="mcp", ctx=ctx)
+
+
+@server.tool(annotations=SANDBOXED)
+@agent_errors
+async def revise_policy(
+    ctx: Context,
+    base: Annotated[str, Field(description="a policy name or a candidate id (cand-…) to revise")],
+    patch: Annotated[str, Field(description="unified diff of its BPF C source (diff -u / git diff)")],
+    params: Annotated[dict[str, str] | None, Field(description="knob values to load it with")] = None,
+) -> SynthResult:
+    """Apply a unified diff to a copy of a policy's or candidate's source and run layer 1 on the
+    result. A patch that does not apply is refused with the failing hunk."""
+    from .synth.revise import revise
+
+    return await in_thread(revise, base, patch, params, actor="mcp", ctx=ctx)
 
 
 # --- learn -----------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def same_home(home, monkeypatch):
 
 @pytest.fixture(scope="module")
 def fifo_report(home):
-    r = candidates.validate(policy="fifo", workloads=["hackbench"], rounds=1, goals=LENIENT).report
+    r = candidates.validate(policy="fifo", workloads=["hackbench"], rounds=3, budget_s=0, goals=LENIENT).report
     assert r.passed, r.status
     return r
 
@@ -45,7 +45,7 @@ def fifo_report(home):
 @pytest.fixture(scope="module")
 def starve_report(home):
     r = candidates.validate(source=(FIXTURES / "starve_comm.bpf.c").read_text(),
-                                 workloads=["hackbench"], rounds=1, goals=LENIENT).report
+                                 workloads=["hackbench"], rounds=3, budget_s=0, goals=LENIENT).report
     assert r.passed, r.status
     return r
 
@@ -83,7 +83,7 @@ def test_token_for_changed_artifact_or_invalidated_report_is_refused(fifo_report
     finally:
         obj.write_bytes(original)
     r2 = candidates.validate(policy="fifo", params={"slice_ns": "5000000"},
-                                workloads=["hackbench"], rounds=1, goals=LENIENT).report
+                                workloads=["hackbench"], rounds=3, budget_s=0, goals=LENIENT).report
     t2 = tokens.issue(r2.id).token
     invalidate(r2.id, "test: found a bug in it")
     refused(t2, match="invalidated")

@@ -20,6 +20,7 @@ from .. import store
 from ..models import MetricResult
 from ..observe.profile import WorkloadProfile, get_profile
 from ..repository.policies import Policy
+from ..repository.provenance import Provenance
 
 KIND = "outcome"
 MIN_SIMILARITY = 0.6
@@ -36,6 +37,8 @@ class Outcome(BaseModel):
     profile_id: str | None = None
     report_id: str | None = None
     deployment_id: str | None = None
+    candidate_id: str | None = Field(None, description="the synthesized candidate (cand-…), if any")
+    provenance: Provenance | None = Field(None, description="how that candidate was made")
     metrics: list[MetricResult] = []
     reward: float
     goals_met: bool
