@@ -1050,6 +1050,45 @@ def contribute(report_id: str, name: str, description: str, tags: tuple[str, ...
     emit(p, as_json, lambda p: console.print(f"added policy {p.name} at {p.path}"))
 
 
+# --- the main job -------------------------------------------------------------------------------------
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--workload", "workloads", multiple=True,
+              help="sandbox workload to optimize for (repeatable; default: all of them)")
+@click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO",
+              help="e.g. messaging_time_s<=0.9 (default: the profile's goals the workloads measure)")
+@click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True,
+              help="host: stop before deploying and print the human's `schedcp deploy` command")
+@click.option("--budget", "budget_s", default=900.0, show_default=True, help="seconds for the loop")
+@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds per candidate")
+@click.option("--max-candidates", default=3, show_default=True)
+@click.option("--watch", "watch_s", default=20.0, show_default=True,
+              help="seconds the deployment monitor runs before learning")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="where report.json and "
+              "chart.png go (default: $SCHEDCP_HOME/optimize/<plan id>)")
+@json_option
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
+def optimize(workloads: tuple[str, ...], goals: tuple[str, ...], target: str, budget_s: float,
+             rounds: int, max_candidates: int, watch_s: float, out_dir: str | None, as_json: bool,
+             cmd: tuple[str, ...]) -> None:
+    """The whole loop (observe -> plan -> execute -> learn) through the MCP tools, each stage with
+    only its agent's tools. `schedcp optimize --workload hackbench` or `schedcp optimize -- CMD…`.
+    Exit 0 when a candidate passed and was deployed (or, --target host, is ready for a human), 1 when
+    nothing beat the default scheduler."""
+    import anyio
+
+    from . import optimize as opt
+
+    req = opt.OptimizeRequest(workloads=list(workloads), command=list(cmd) or None,
+                              goals=parse_goals(goals), target=target, budget_s=budget_s,
+                              rounds=rounds, max_candidates=max_candidates, watch_s=watch_s,
+                              out_dir=out_dir)
+    with progress_bar("optimize", not as_json) as bar:
+        rep = anyio.run(opt.run, req, bar)
+    emit(rep, as_json, lambda r: opt.render(r, console))
+    sys.exit(rep.exit_code)
+
+
 # --- agents -----------------------------------------------------------------------------------------
 
 @main.group()
