@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +23,6 @@ from schedcp_mcp.synth.revise import revise
 from schedcp_mcp.synth.spec import EXAMPLE_SPEC
 
 pytestmark = pytest.mark.vm
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_primitive_matrix_passes_the_kernel_verifier_in_one_boot(vm):
@@ -84,14 +81,6 @@ def test_tuning_finds_parameters_at_least_as_good_as_the_defaults_and_records_tr
     recorded = {o.candidate_id for o in history.all_outcomes()}
     assert {tr.candidate_id for tr in t.trials if not tr.broken} <= recorded
     assert store.get("tune", t.id, TuneResult).best_params == t.best_params  # a later search sees it
-
-
-@pytest.fixture
-def policies_copy(tmp_path, monkeypatch):
-    dst = tmp_path / "policies"
-    shutil.copytree(ROOT / "policies", dst)
-    monkeypatch.setenv("SCHEDCP_POLICIES", str(dst))
-    return dst
 
 
 def test_a_generated_scheduler_passes_layer2_where_its_spec_should_help(policies_copy):
