@@ -223,6 +223,9 @@ def test_cli_primitives_json_and_refusals_exit_2_with_json_errors(tmp_path):
     p = schedcp("revise", "fifo", str(bad))
     assert p.returncode == 2 and "Hunk #1 FAILED" in p.stderr and "Traceback" not in p.stderr
 
+    p = schedcp("tune", "fifo", "--workload", "hackbench", "--space", "slice_len=1,2", "--json")
+    assert p.returncode == 2 and "slice_len" in json.loads(p.stdout)["error"]["message"]
+
 
 
 
