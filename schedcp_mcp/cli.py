@@ -183,6 +183,42 @@ def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
 
 # --- supervisor: worker pool and jobs ---------------------------------------------------------------
 
+background_option = click.option("--background", is_flag=True,
+                                 help="queue it, print the job id and return (see `schedcp jobs`)")
+
+
+def _lane(background: bool) -> str:
+    """Someone waiting at a terminal comes before work queued for later."""
+    return "normal" if background else "high"
+
+
+def run_to_end(job_id: str, progress):
+    from .jobs.pool import run_to_end as run
+
+    return run(job_id, progress)
+
+
+def queue_result(job) -> dict:
+    from .jobs.queue import result_or_raise
+
+    return result_or_raise(job)
+
+
+def queue_detail(job_id: str):
+    from .jobs.queue import detail
+
+    return detail(job_id)
+
+
+def queued(job, as_json: bool) -> None:
+    from .jobs.queue import list_workers
+
+    hint = None if any(w.alive for w in list_workers(0)) else \
+        "no worker is running: start one with `schedcp worker` (or `schedcp serve`)"
+    emit({"job_id": job.id, "state": job.state, "hint": hint}, as_json, lambda d: (
+        click.echo(job.id), err_console.print(f"queued: `schedcp jobs wait {job.id}` follows it"
+                                              + (f"; {hint}" if hint else ""))))
+
 @main.command()
 @click.option("--size", type=click.IntRange(1, 64), help="jobs at once (default: from the machine)")
 @json_option
@@ -594,12 +630,15 @@ def layer1_json(r) -> dict:
 @click.option("-I", "include_dirs", multiple=True, type=click.Path(exists=True, file_okay=False,
               path_type=Path), help="operator-trusted include directory")
 @click.option("--no-cache", is_flag=True, help="do not answer from the result cache")
+@background_option
 @json_option
 def verify(file: Path | None, policy: str | None, all_policies: bool, params: tuple[str, ...],
-           target: str, include_dirs: tuple[Path, ...], no_cache: bool, as_json: bool) -> None:
+           target: str, include_dirs: tuple[Path, ...], no_cache: bool, background: bool,
+           as_json: bool) -> None:
     """Layer 1: compile, static checks and the real kernel verifier.
     Exit 0 accepted, 1 rejected, 2 usage/infrastructure error."""
     from . import candidates
+    from .reports import get_report
     from .repository.policies import list_policies
 
     chosen = sum(bool(x) for x in (file, policy, all_policies))
@@ -607,15 +646,14 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
         raise click.UsageError("give exactly one of FILE, --policy NAME, --all-policies")
     kv = parse_params(params)
     if all_policies:
-        from .sandbox.vm import VM
-
         names = [p.name for p in list_policies() if p.kind == "schedcp"]
-        reports = []
-        with progress_bar("verifying policies", not as_json) as bar, VM() as vm:
-            for i, name in enumerate(names):
-                bar(name, i / len(names))
-                reports.append(candidates.submit(policy=name, target=target, use_cache=not no_cache,
-                                                 vm=vm, actor="cli"))
+        job = candidates.verify_job(policies=names, target=target, use_cache=not no_cache,
+                                    lane=_lane(background), actor="cli")
+        if background:
+            return queued(job, as_json)
+        with progress_bar("verifying policies", not as_json) as bar:
+            job = run_to_end(job.id, bar)
+        reports = [get_report(x["report_id"]) for x in queue_result(job)["reports"]]
         ok = all(r.passed_layer1 for r in reports)
         if as_json:
             click.echo(json.dumps({"passed": ok, "reports": [layer1_json(r) for r in reports]},
@@ -625,9 +663,13 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
                 render_layer1(r)
         sys.exit(0 if ok else 1)
     source = file.read_text(errors="replace") if file else None
+    job = candidates.verify_job(source=source, policy=policy, params=kv, target=target, actor="cli",
+                                include_dirs=tuple(p.resolve() for p in include_dirs),
+                                use_cache=not no_cache, lane=_lane(background))
+    if background:
+        return queued(job, as_json)
     with progress_bar("verify", not as_json) as bar:
-        r = candidates.submit(source=source, policy=policy, params=kv, target=target, actor="cli",
-                              trusted_include_dirs=include_dirs, use_cache=not no_cache, progress=bar)
+        r = candidates.verified_report(run_to_end(job.id, bar))
     if as_json:
         click.echo(json.dumps(layer1_json(r), indent=2))
     else:
@@ -693,25 +735,67 @@ def render_layer2(out) -> None:
 @click.option("--budget", type=float, default=None,
               help="seconds for the whole run: more rounds while a workload is undecided [default: 90]; "
                    "0 = exactly --rounds")
+@click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
+@background_option
 @json_option
 def validate(file: Path | None, policy: str | None, report_id: str | None, params: tuple[str, ...],
              goals: tuple[str, ...], workloads: tuple[str, ...], profile_id: str | None, rounds: int,
-             budget: float | None, as_json: bool) -> None:
+             budget: float | None, no_cache: bool, background: bool, as_json: bool) -> None:
     """Layer 2: stress, correctness and same-boot A/B performance in the sandbox VM.
     Exit 0 pass (prints a deployment token), 1 fail (with the reason), 2 usage/infrastructure."""
     from . import candidates
 
     if sum(bool(x) for x in (file, policy, report_id)) != 1:
         raise click.UsageError("give exactly one of FILE, --policy NAME, --report ID")
+    job = candidates.validate_job(report_id=report_id,
+                                  source=file.read_text(errors="replace") if file else None,
+                                  policy=policy, params=parse_params(params), goals=parse_goals(goals),
+                                  workloads=list(workloads) or None, profile_id=profile_id,
+                                  rounds=rounds, budget_s=budget, use_cache=not no_cache,
+                                  lane=_lane(background), actor="cli")
+    if background:
+        return queued(job, as_json)
     with progress_bar("validate", not as_json) as bar:
-        out = candidates.validate(report_id=report_id,
-                                       source=file.read_text(errors="replace") if file else None,
-                                       policy=policy, params=parse_params(params),
-                                       goals=parse_goals(goals), workloads=list(workloads) or None,
-                                       profile_id=profile_id, rounds=rounds, budget_s=budget,
-                                       progress=bar)
+        out = candidates.validation_outcome(run_to_end(job.id, bar))
     emit(out, as_json, render_layer2)
     sys.exit(0 if out.passed else 1)
+
+
+@main.command()
+@click.option("--policy", "policies", multiple=True, help="a repository policy (repeatable)")
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a scheduler source file (repeatable)")
+@click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO", help="for every candidate")
+@click.option("--workload", "workloads", multiple=True, help="run only these workloads (repeatable)")
+@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds")
+@click.option("--budget-runs", type=click.IntRange(0), help="at most this many sandbox runs in all")
+@click.option("--budget-seconds", type=click.FloatRange(0), help="at most this many sandbox seconds")
+@click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
+@background_option
+@json_option
+def campaign(policies: tuple[str, ...], files: tuple[Path, ...], goals: tuple[str, ...],
+             workloads: tuple[str, ...], rounds: int, budget_runs: int | None,
+             budget_seconds: float | None, no_cache: bool, background: bool, as_json: bool) -> None:
+    """Validate several candidates as one campaign: verify → validate per candidate, in parallel up to
+    the pool size, within an optional budget (earlier candidates first). Exit 0 when all passed."""
+    from . import candidates
+    from .jobs.models import Budget
+
+    cands = [{"policy": p} for p in policies] + [{"source": f.read_text(errors="replace"), "name": f.stem}
+                                                  for f in files]
+    budget = Budget(runs=budget_runs, sandbox_s=budget_seconds) \
+        if budget_runs is not None or budget_seconds is not None else None
+    job = candidates.validate_campaign(cands, goals=parse_goals(goals), workloads=list(workloads) or None,
+                                       rounds=rounds, budget=budget, use_cache=not no_cache,
+                                       lane=_lane(background), actor="cli")
+    if background:
+        return queued(job, as_json)
+    with progress_bar("campaign", not as_json) as bar:
+        job = run_to_end(job.id, lambda m, f: bar(m, f))
+    queue_result(job)
+    emit(queue_detail(job.id), as_json, render_job_detail)
+    sys.exit(0 if job.result and all(c["state"] == "succeeded" and c["passed"] is not False
+                                     for c in job.result["children"]) else 1)
 
 
 @main.command("workloads")

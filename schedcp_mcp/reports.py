@@ -105,9 +105,11 @@ def artifact_hash(object_sha256: str, params: dict[str, Any]) -> str:
 
 def new_report(layer1: Layer1Report, *, policy: str | None, params: dict[str, Any],
                profile_id: str | None = None, goals: list[Goal] | None = None,
-               provenance: Provenance | None = None, candidate_id: str | None = None) -> ValidationReport:
+               provenance: Provenance | None = None, candidate_id: str | None = None,
+               report_id: str | None = None) -> ValidationReport:
+    """`report_id`: a fixed id (a job's rerun rewrites its own report instead of adding one)."""
     r = ValidationReport(
-        id=store.new_id("rep"), policy=policy, params={k: str(v) for k, v in params.items()},
+        id=report_id or store.new_id("rep"), policy=policy, params={k: str(v) for k, v in params.items()},
         source_sha256=layer1.source_sha256, object_sha256=layer1.object_sha256,
         artifact_sha256=artifact_hash(layer1.object_sha256, params) if layer1.object_sha256 else None,
         object_path=layer1.object_path, ops_name=layer1.ops_name, target=layer1.target,

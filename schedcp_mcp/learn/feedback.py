@@ -137,10 +137,11 @@ def _policy_key(policy: str | None) -> str:
     return policy or "custom"
 
 
-def record_validation_outcome(report_id: str) -> Outcome:
+def record_validation_outcome(report_id: str, outcome_id: str | None = None) -> Outcome:
+    """`outcome_id`: a fixed id, so that a validation job run again records one outcome, not two."""
     r = get_report(report_id)
     fb = report_feedback(report_id)
-    return record(new_outcome(source="sandbox", policy=_policy_key(r.policy),
+    return record(new_outcome(id=outcome_id, source="sandbox", policy=_policy_key(r.policy),
                               params={k: int(v) for k, v in r.params.items() if v.lstrip("-").isdigit()},
                               source_sha256=r.source_sha256, profile_id=r.profile_id, report_id=r.id,
                               candidate_id=r.candidate_id, provenance=r.provenance,

@@ -70,7 +70,7 @@ def new_outcome(**kw) -> Outcome:
         kw["reward"] = reward(metrics)
     if "goals_met" not in kw:
         kw["goals_met"] = all(m.met is not False for m in metrics)
-    return Outcome(id=store.new_id("out"), created_at=time.time(), **kw)
+    return Outcome(id=kw.pop("id", None) or store.new_id("out"), created_at=time.time(), **kw)
 
 
 def outcomes_for_policy(name: str, limit: int = 50) -> list[Outcome]:
