@@ -400,8 +400,12 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
         rep.outcome = "ready_for_host"
         return
     say(f"execution: deploying {win.label} to the sandbox staging VM", 0.87)
-    d = (await st.call("deploy", {"token": rep.token, "target": "sandbox",
-                                  "interval_s": max(2.0, min(10.0, req.watch_s / 3 or 5))}))
+    try:
+        d = await st.call("deploy", {"token": rep.token, "target": "sandbox",
+                                     "interval_s": max(2.0, min(10.0, req.watch_s / 3 or 5))})
+    except ToolFailed as e:
+        rep.why += f" Deploying it to the sandbox staging VM failed: {e.message}"
+        return
     dep = d["deployment"]
     if req.watch_s:
         say(f"execution: monitor watching {dep['id']} for {req.watch_s:.0f} s", 0.9)
