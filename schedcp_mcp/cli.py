@@ -220,19 +220,29 @@ def queued(job, as_json: bool) -> None:
                                               + (f"; {hint}" if hint else ""))))
 
 @main.command()
-@click.option("--size", type=click.IntRange(1, 64), help="jobs at once (default: from the machine)")
+@click.option("--size", type=click.IntRange(1, 64), help="jobs at once (default: from the machine; "
+              "with --engine celery: jobs in flight on the fleet)")
+@click.option("--engine", type=click.Choice(["local", "celery"]), default="local", show_default=True,
+              help="local: run jobs here; celery: hand them to Celery workers ($SCHEDCP_BROKER)")
 @json_option
-def worker(size: int | None, as_json: bool) -> None:
+def worker(size: int | None, engine: str, as_json: bool) -> None:
     """Run the job worker pool in the foreground (Ctrl-C / SIGTERM stops it; its running jobs go
-    back to the queue)."""
+    back to the queue). With --engine celery it is the fleet's coordinator; the workers are
+    `celery -A schedcp_mcp.jobs.fleet worker` on the sandbox machines."""
     import signal
-
-    from .jobs.pool import Pool
 
     def on_term(*_):
         raise KeyboardInterrupt
 
-    pool = Pool(size).start()
+    if engine == "celery":
+        from .jobs.fleet import Fleet
+
+        pool = Fleet(size or 4).start()
+        pool.size = pool.capacity
+    else:
+        from .jobs.pool import Pool
+
+        pool = Pool(size).start()
     signal.signal(signal.SIGTERM, on_term)
     if as_json:
         click.echo(json.dumps({"worker": pool.id, "size": pool.size}), nl=True)

@@ -23,10 +23,9 @@ import threading
 import time
 from typing import Callable
 
-from ..errors import SchedcpError, TransientError
 from ..sandbox import vm as vmmod
 from . import kinds, queue
-from .kinds import JobCancelled, JobContext
+from .kinds import JobContext
 from .models import Job
 
 log = logging.getLogger("schedcp.jobs")
@@ -142,22 +141,7 @@ class Pool:
         t.start()
 
     def _run(self, job: Job, ctx: JobContext) -> None:
-        token = vmmod.current_job.set(job.id)
-        outcome, result, error = None, None, None
-        try:
-            result = kinds.get(job.kind).run(ctx)
-            outcome = "succeeded"
-        except JobCancelled:
-            pass  # cancelled or given up on: whoever did that recorded it
-        except TransientError as e:
-            outcome, error = "transient", str(e)
-        except SchedcpError as e:  # bad input, a machine that cannot do it: final
-            outcome, error = "failed", f"{type(e).__name__}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else "")
-        except Exception as e:  # noqa: BLE001 — a bug in a kind: final, logged
-            log.exception("job %s (%s) failed", job.id, job.kind)
-            outcome, error = "failed", f"internal error: {type(e).__name__}: {e}"
-        finally:
-            vmmod.current_job.reset(token)
+        outcome, result, error = kinds.execute(ctx)
         try:
             if outcome and not ctx.cancelled.is_set():
                 queue.finish(job.id, job.attempts, self.id, outcome, result, error)
