@@ -4,6 +4,7 @@ sandbox image is shared (it is big and slow to build) through $SCHEDCP_SANDBOX_D
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,3 +66,12 @@ def vm(manifest):
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+@pytest.fixture
+def policies_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of the policy repository as $SCHEDCP_POLICIES, for tests that add policies to it."""
+    dst = tmp_path / "policies"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "policies", dst)
+    monkeypatch.setenv("SCHEDCP_POLICIES", str(dst))
+    return dst

@@ -14,6 +14,7 @@ from conftest import home_env
 from schedcp_mcp import candidates, store
 from schedcp_mcp.deploy import deployments, tokens
 from schedcp_mcp.deploy.targets import SandboxTarget
+from schedcp_mcp.errors import BadInput
 from schedcp_mcp.observe.profile import Goal
 from schedcp_mcp.reports import invalidate
 from schedcp_mcp.sandbox.vm import VM
@@ -63,8 +64,12 @@ def test_token_refusals(fifo_report):
     refused(body + "." + sig[:-2] + ("AA" if not sig.endswith("AA") else "BB"), match="signature")
     refused(t[: len(t) // 2], match="malformed")
     refused("", match="malformed")
-    expired = tokens.issue(fifo_report.id, ttl_s=-1).token
+    expired = tokens.issue(fifo_report.id, ttl_s=1).token
+    time.sleep(1.1)
     refused(expired, match="expired")
+    for ttl in (-100, 0, 8 * 24 * 3600):  # a negative or unbounded lifetime is refused
+        with pytest.raises(BadInput, match="out of range"):
+            tokens.issue(fifo_report.id, ttl_s=ttl)
     refused(t, target="host", match="for target 'sandbox'")
     tokens.check(t, "sandbox", "test")  # spends it
     refused(t, match="already used")
@@ -107,6 +112,34 @@ def wait_for(pred, timeout_s: float, what: str):
             return v
         time.sleep(1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_loser_of_two_concurrent_deploys_of_one_token_is_told_it_was_used(fifo_report):
+    import threading
+
+    t = tokens.issue(fifo_report.id).token
+    mon = deployments.MonitorPolicy(metric_cmd="echo 1", interval_s=60)
+    results: list[object] = []
+
+    def go():
+        try:
+            results.append(deployments.deploy(t, "sandbox", monitor=mon))
+        except Exception as e:  # noqa: BLE001 (the assertion below says which)
+            results.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    won = [r for r in results if isinstance(r, deployments.Deployment)]
+    lost = [r for r in results if not isinstance(r, deployments.Deployment)]
+    try:
+        assert len(won) == 1 and len(lost) == 1, results
+        assert isinstance(lost[0], tokens.TokenRefused) and "already used" in lost[0].message, lost[0]
+    finally:
+        for d in won:
+            deployments.rollback(d.id, "sandbox", "test: done", actor="test")
 
 
 def test_deploy_then_degradation_rolls_back(fifo_report):
