@@ -3,16 +3,20 @@ status and audit. Real validations, a real staging VM, a real monitor process.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import home_env
+from conftest import CallbackReceiver, home_env
 from schedcp_mcp import candidates, store
 from schedcp_mcp.deploy import deployments, tokens
+from schedcp_mcp.learn import callbacks
 from schedcp_mcp.deploy.targets import SandboxTarget
 from schedcp_mcp.observe.profile import Goal
 from schedcp_mcp.reports import invalidate
@@ -47,6 +51,22 @@ def starve_report(home):
     r = candidates.validate(source=(FIXTURES / "starve_comm.bpf.c").read_text(),
                                  workloads=["hackbench"], rounds=1, goals=LENIENT).report
     assert r.passed, r.status
+    return r
+
+
+#: error_later.bpf.c calls scx_bpf_error() this long after its init: longer than its validation
+#: keeps it loaded, short enough for a test
+ERROR_AFTER_S = 30
+
+
+@pytest.fixture(scope="module")
+def error_later_report(home):
+    r = candidates.validate(source=(FIXTURES / "error_later.bpf.c").read_text(),
+                            params={"error_after_s": str(ERROR_AFTER_S)}, workloads=["hackbench"],
+                            rounds=1, goals=LENIENT).report
+    assert r.passed, r.status
+    loaded = [s.t for s in r.layer2.timeline if s.phase.startswith(("load", "unload"))]
+    assert loaded[-1] - loaded[0] < ERROR_AFTER_S, "the validation kept it loaded too long for this test"
     return r
 
 
@@ -180,3 +200,44 @@ def test_a_scheduler_schedcp_did_not_load_is_not_replaced_and_the_token_is_kept(
             v.run("for p in /proc/[0-9]*; do case \"$(cat $p/cmdline 2>/dev/null | tr '\\0' ' ')\" in "
                   "*foreign.bpf.o*) kill ${p#/proc/};; esac; done; sleep 1")
     assert not target.state().enabled
+
+
+def test_a_scheduler_error_after_deploy_is_rolled_back_in_the_schedulers_own_words(error_later_report,
+                                                                                   home):
+    """Issue 17: the scheduler behaves through validation, then calls scx_bpf_error() on the staging
+    target. The rollback reason, `schedcp feedback --json`, the audit log and a callback's event all
+    carry the exit kind, the scheduler's message and the kernel's log line."""
+    words = f"schedcp test: deliberate error after {ERROR_AFTER_S} s"
+    rx = CallbackReceiver()
+    try:
+        mon = deployments.MonitorPolicy(metric_cmd="echo 1", interval_s=1, consecutive=3)
+        d = deployments.deploy(tokens.issue(error_later_report.id).token, "sandbox", monitor=mon)
+        cb = callbacks.register(rx.url, callbacks.Condition(kind="reward_below", threshold=-0.5,
+                                                            deployment_id=d.id, cooldown_s=0))
+        assert callbacks.evaluate_once() == []  # running fine: reward 0
+        done = wait_for(lambda: (x := deployments.get_deployment(d.id)).status != "active" and x,
+                        ERROR_AFTER_S + 90, "the monitor to notice the scheduler's error")
+        assert done.status == "rolled_back", done.end_reason
+        for part in (words, "SCX_EXIT_ERROR_BPF", 'BPF scheduler "error_later" disabled (scx_bpf_error)'):
+            assert part in done.end_reason, (part, done.end_reason)
+        assert done.exit.kind == "error" and done.exit.message.endswith(words), done.exit
+        assert not SandboxTarget().state().enabled
+
+        out = subprocess.run([sys.executable, "-m", "schedcp_mcp", "feedback", d.id, "--json"],
+                             capture_output=True, text=True, timeout=60, env=os.environ.copy())
+        assert out.returncode == 0, out.stderr[-2000:]
+        fb = json.loads(out.stdout)
+        assert fb["rolled_back"] and fb["reward"] == -1.0
+        assert words in fb["rollback_reason"] and words in fb["exit"]["message"]
+        assert fb["exit"]["kind_name"] == "SCX_EXIT_ERROR_BPF" and "disabled (scx_bpf_error)" in fb["exit"]["kernel_line"]
+
+        rb = [a for a in store.audit_log() if a["action"] == "rollback"
+              and a["detail"]["deployment_id"] == d.id]
+        assert rb and words in rb[0]["detail"]["reason"] and words in rb[0]["detail"]["exit"]["message"]
+
+        assert callbacks.evaluate_once() == [cb.id]  # what the server's watcher does every few seconds
+        ev = rx.events[-1]
+        assert ev["callback_id"] == cb.id and words in ev["message"]
+        assert words in ev["feedback"]["rollback_reason"] and ev["feedback"]["exit"]["kind"] == "error"
+    finally:
+        rx.close()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from schedcp_mcp.deploy.deployments import threshold_from_goals
-from schedcp_mcp.deploy.monitor import disable_reason
-from schedcp_mcp.deploy.targets import parse_metric, parse_state
+from schedcp_mcp.deploy.targets import parse_metric
+from schedcp_mcp.sandbox.scheduler import parse_exit, parse_state
 from schedcp_mcp.errors import InfrastructureError
 from schedcp_mcp.observe.profile import Goal
 
@@ -29,8 +29,10 @@ def test_rollback_threshold_comes_from_goals():
 
 
 def test_kernel_disable_reason_is_quoted():
-    assert disable_reason(KERNEL_LOG) == "runnable task stall"
-    assert "no reason" in disable_reason("")
+    ex = parse_exit("@@J\n\n@@K\n" + KERNEL_LOG, "starve_comm").exit
+    assert ex.kind == "stall" and ex.reason == "runnable task stall"
+    assert ex.kernel_line.endswith('"starve_comm" disabled (runnable task stall)')
+    assert parse_exit("@@J\n\n@@K\n").exit.kind == "unknown"
 
 
 def test_state_and_metric_parsing():

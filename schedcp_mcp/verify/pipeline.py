@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .. import config, store
-from ..sandbox import image
+from ..sandbox import image, scheduler
 from ..sandbox.vm import GuestTimeout
 from ..errors import BadInput, InfrastructureError
 from . import btf as btfmod
@@ -158,7 +158,7 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
             raise BadInput(f"parameter name {k!r} is not a C identifier",
                            "parameters are `const volatile` globals of the scheduler, set by name; "
                            "map:NAME=N sizes map NAME")
-        if k.startswith(verifier.MAP_SIZE_PREFIX) and not (re.fullmatch(r"[0-9]{1,10}", v)
+        if k.startswith(scheduler.MAP_SIZE_PREFIX) and not (re.fullmatch(r"[0-9]{1,10}", v)
                                                            and 0 < int(v) < 2**32):
             raise BadInput(f"map size {k}={v!r} is not a positive 32-bit integer",
                            "map:NAME=N sets the max_entries of map NAME")
@@ -183,7 +183,7 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
         r.kernel_version = known.kernel_version if known else (platform.release() if target == "host" else None)
         return finish("source_check")
 
-    if target == "host" and (missing := verifier.host_missing()):
+    if target == "host" and (missing := scheduler.host_missing()):
         # before compiling: the host target loads into this kernel, which must have sched_ext
         raise InfrastructureError(f"the host kernel {platform.release()} cannot load sched_ext "
                                   "schedulers: " + "; ".join(missing),
@@ -215,7 +215,7 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
     booting = _BootInBackground() if target == "sandbox" and vm is None else None
 
     def done(stage: str, verdict: str = "rejected") -> Layer1Report:
-        if booting is not None and stage not in ("done", "verifier"):
+        if booting is not None and stage not in ("done", "verifier", "attach", "init"):
             booting.cancel()  # rejected before the VM was needed: do not wait for the boot
         report = finish(stage, verdict)
         if verdict != "error":
@@ -320,6 +320,7 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
                 "layer 2 (schedcp validate) runs it in the sandbox"))
         timed("verifier", t0)
         r.verifier_log = verdict.log
+        r.verifier_accepted, r.exit = verdict.verifier_accepted, verdict.exit
         for p in r.programs:
             p.verified_insns = verdict.verified_insns.get(p.name)
         if not verdict.accepted:
@@ -328,7 +329,7 @@ def verify_source(source: str, *, params: dict[str, str] | None = None, target: 
                 return finish("verifier", "rejected")  # a bad parameter: not worth caching
             if any(e.code == "no_sched_ext" for e in r.errors):
                 raise InfrastructureError(f"the {target} kernel has no sched_ext: {r.errors[0].message}")
-            return done("verifier")
+            return done(verdict.stage)
         say("accepted", 1.0)
         return done("done", "accepted")
 
