@@ -35,6 +35,11 @@ if ! command -v claude >/dev/null && command -v npm >/dev/null; then
   echo "setup: installing the Claude Code CLI (npm) for the client tests"
   npm install -g --silent @anthropic-ai/claude-code >/dev/null 2>&1 || echo "setup: claude CLI not installed (tests skip)"
 fi
+# the MCP Inspector (an independent MCP client; its CLI mode is used by tests/test_inspector.py)
+if ! command -v mcp-inspector >/dev/null && command -v npm >/dev/null; then
+  echo "setup: installing the MCP Inspector (npm) for the client tests"
+  npm install -g --silent @modelcontextprotocol/inspector >/dev/null 2>&1 || echo "setup: MCP Inspector not installed (tests skip)"
+fi
 
 if [ "${SCHEDCP_SKIP_SANDBOX:-0}" != "1" ]; then
   echo "setup: building the sched_ext sandbox image (cached; --force rebuilds)"

@@ -74,12 +74,24 @@ def report_or_submit(report_id: str | None, source: str | None, policy: str | No
     return submit(source=source, policy=policy, params=params, **kw)
 
 
+def measures(workload, metric: str) -> bool:
+    return metric == workload.metric or metric in workload.goal_metrics
+
+
+def measurable_goals(goals: list[Goal], workload_names: list[str]) -> list[Goal]:
+    """The goals (a profile's, typically) that the named sandbox workloads measure; when none is
+    left, "do no harm" on each workload's own metric, so a validation never falls back to goals
+    it cannot measure."""
+    chosen = get_workloads(workload_names)
+    kept = [g for g in goals if any(measures(w, g.metric) for w in chosen)]
+    return kept or [Goal(metric=w.metric, direction=w.direction, target_ratio=1.0,
+                         why=f"no profile goal is measured by {w.name}: do no harm on its metric")
+                    for w in chosen]
+
+
 def check_goals_measurable(goals: list[Goal], workloads) -> None:
     """Refuse, before any VM boots, a goal that no chosen workload measures (a typo, or a profile's
     goal with too few workloads), and say which workloads would measure it."""
-    def measures(w, metric: str) -> bool:
-        return metric == w.metric or metric in w.goal_metrics
-
     for g in goals:
         if any(measures(w, g.metric) for w in workloads):
             continue

@@ -144,30 +144,167 @@ def is_loopback(host: str) -> bool:
               help="let MCP clients deploy to this host's kernel (still only with a valid token)")
 @click.option("--allow-host-verify", is_flag=True,
               help="let MCP clients run layer 1 against this host's kernel (load only, never attached)")
+@click.option("--allow-command", is_flag=True,
+              help="let MCP clients run any command on this host (profile_workload, host deploy "
+              "metric/workload commands) as this user; default: only the sandbox workloads' commands")
+@click.option("--allow-command-prefix", "command_prefixes", multiple=True, metavar="'PROG ARGS'",
+              help="let MCP clients run commands starting with these exact words (repeatable)")
 def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
-          allow_host_verify: bool) -> None:
-    """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`)."""
-    from . import server
+          allow_host_verify: bool, allow_command: bool, command_prefixes: tuple[str, ...]) -> None:
+    """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`).
+    Over HTTP every request needs the bearer token (loopback too): from --token-file, or generated
+    once into $SCHEDCP_HOME/http-token."""
+    from . import access, server
 
     if allow_host_deploy:
         os.environ["SCHEDCP_ALLOW_HOST_DEPLOY"] = "1"
     if allow_host_verify:
         os.environ["SCHEDCP_ALLOW_HOST_VERIFY"] = "1"
+    from .validate.workloads import host_commands
+
+    access.set_policy(allow_command, list(command_prefixes), host_commands())
 
     if http is None:
         server.run_stdio()
         return
     host, port = parse_host_port(http)
-    token = token_file.read_text().strip() if token_file else None
-    if token_file and not token:
-        raise SchedcpError(f"token file {token_file} is empty", "put a long random token in it")
-    if not is_loopback(host) and not token:
+    if not is_loopback(host) and not token_file:
         raise SchedcpError(f"refusing to serve on non-loopback address {host} without a token",
                            "pass --token-file FILE (clients send 'Authorization: Bearer <token>') "
                            "or bind 127.0.0.1")
-    err_console.print(f"schedcp MCP server on http://{host}:{port}/mcp"
-                      + (" (bearer token required)" if token else ""))
+    if token_file:
+        token, where = access.read_token_file(token_file), token_file
+    else:
+        token, where = access.generated_token()
+    err_console.print(f"schedcp MCP server on http://{host}:{port}/mcp (clients send "
+                      f"'Authorization: Bearer <token>'; the token is in {where})")
     server.run_http(host, port, token)
+
+
+# --- supervisor: worker pool and jobs ---------------------------------------------------------------
+
+@main.command()
+@click.option("--size", type=click.IntRange(1, 64), help="jobs at once (default: from the machine)")
+@json_option
+def worker(size: int | None, as_json: bool) -> None:
+    """Run the job worker pool in the foreground (Ctrl-C / SIGTERM stops it; its running jobs go
+    back to the queue)."""
+    import signal
+
+    from .jobs.pool import Pool
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    pool = Pool(size).start()
+    signal.signal(signal.SIGTERM, on_term)
+    if as_json:
+        click.echo(json.dumps({"worker": pool.id, "size": pool.size}), nl=True)
+    else:
+        err_console.print(f"schedcp worker {pool.id}: {pool.size} slot(s); Ctrl-C stops")
+    sys.stdout.flush()
+    try:
+        pool.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+def _ago(t: float | None) -> str:
+    import time as _t
+
+    if not t:
+        return "-"
+    d = _t.time() - t
+    return f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else f"{d / 3600:.0f}h ago"
+
+
+def render_jobs(js) -> None:
+    if not js:
+        console.print("no jobs")
+        return
+    t = Table("id", "kind", "lane", "state", "try", "progress", "created", "message / error")
+    colours = {"succeeded": "green", "failed": "red", "dead": "red", "cancelled": "yellow",
+               "running": "cyan", "pending": "white"}
+    for j in js:
+        t.add_row(j.id, j.kind, j.lane, f"[{colours[j.state]}]{j.state}[/]", f"{j.attempts}/{j.max_attempts}",
+                  f"{j.progress:.0%}", _ago(j.created_at), escape((j.error or j.message or "")[:70]))
+    console.print(t)
+
+
+def render_job_detail(d) -> None:
+    j = d.job
+    console.print(f"[bold]{j.id}[/bold] {j.kind} ({j.lane}) {j.state}, attempt {j.attempts}/{j.max_attempts}"
+                  + (f", answered from {j.cached_from}" if j.cached_from else "")
+                  + (f", parent {j.parent}" if j.parent else ""))
+    console.print(f"  inputs: {escape(json.dumps(j.inputs)[:300])}")
+    if j.deps:
+        console.print(f"  depends on: {', '.join(j.deps)}")
+    if j.budget:
+        console.print(f"  budget: {j.budget.model_dump(exclude_none=True)}")
+    if j.message:
+        console.print(f"  {escape(j.message)} ({j.progress:.0%})")
+    if j.error:
+        console.print(f"  [red]error:[/red] {escape(j.error)}")
+    if j.result is not None:
+        console.print(f"  result: {escape(json.dumps(j.result)[:600])}")
+    for a in d.attempts:
+        console.print(f"  attempt {a.attempt} on {a.worker}: {a.outcome or 'running'}"
+                      + (f" — {escape(a.error)}" if a.error else ""))
+    if d.children:
+        render_jobs(d.children)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--state", type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled", "dead"]))
+@click.option("--kind", help="only jobs of this kind")
+@click.option("--all", "all_", is_flag=True, help="campaign children too (default: top-level jobs)")
+@click.option("--limit", default=30, show_default=True)
+@json_option
+@click.pass_context
+def jobs(ctx: click.Context, state: str | None, kind: str | None, all_: bool, limit: int,
+         as_json: bool) -> None:
+    """The supervisor's jobs, newest first (subcommands: show, cancel, wait)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .jobs import queue
+
+    emit(queue.list_jobs(state=state, kind=kind, top_level=not all_, limit=limit), as_json, render_jobs)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@json_option
+def jobs_show(job_id: str, as_json: bool) -> None:
+    """One job: inputs, state, attempts, result or error, children."""
+    from .jobs import queue
+
+    emit(queue.detail(job_id), as_json, render_job_detail)
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@json_option
+def jobs_cancel(job_id: str, as_json: bool) -> None:
+    """Cancel a job and its subtree (running VMs are stopped)."""
+    from .jobs import queue
+
+    ids = queue.cancel(job_id, actor="cli")
+    emit({"cancelled": ids}, as_json, lambda d: console.print(
+        f"cancelled {len(ids)} job(s): {', '.join(ids)}" if ids else f"{job_id} had already ended"))
+
+
+@jobs.command("wait")
+@click.argument("job_id")
+@click.option("--timeout", type=float, help="give up waiting after this many seconds")
+@json_option
+def jobs_wait(job_id: str, timeout: float | None, as_json: bool) -> None:
+    """Wait for a job to end, with its progress. Exit 0 succeeded, 1 otherwise."""
+    from .jobs import queue
+
+    with progress_bar(f"job {job_id}", not as_json) as bar:
+        j = queue.wait(job_id, timeout, on_progress=bar)
+    emit(queue.detail(job_id), as_json, render_job_detail)
+    sys.exit(0 if j.state == "succeeded" else 1)
 
 
 # --- observe ----------------------------------------------------------------------------------------
@@ -755,6 +892,53 @@ def contribute(report_id: str, name: str, description: str, tags: tuple[str, ...
 
     p = contribute_policy(report_id, name, description, list(tags), actor="cli")
     emit(p, as_json, lambda p: console.print(f"added policy {p.name} at {p.path}"))
+
+
+# --- agents -----------------------------------------------------------------------------------------
+
+@main.group()
+def agents() -> None:
+    """The four Claude Code subagents, the /optimize command and the plugin."""
+
+
+@agents.command("generate")
+@click.option("--check", is_flag=True, help="write nothing; exit 1 if a generated file is stale")
+@json_option
+def agents_generate(check: bool, as_json: bool) -> None:
+    """Regenerate .claude/agents, .claude/commands and plugin/ from agents/*.md and the server's
+    actual tool list."""
+    from . import agents as ag
+
+    if check:
+        stale = ag.drift()
+        emit({"stale": sorted(stale)}, as_json,
+             lambda d: console.print("\n".join(stale.values()) + "\nstale: " + ", ".join(d["stale"])
+                                     + "\nrun `schedcp agents generate`" if d["stale"]
+                                     else "generated files are up to date"))
+        sys.exit(1 if stale else 0)
+    changed = ag.generate()
+    missing = ag.unassigned_tools()
+    emit({"changed": changed, "tools_without_a_role": missing}, as_json,
+         lambda d: console.print((("wrote " + ", ".join(changed)) if changed else "nothing changed")
+                                 + (f"\n[yellow]tools no role may use:[/yellow] {', '.join(missing)}"
+                                    " (add each to the tools of one agents/*.md)" if missing else "")))
+
+
+@agents.command("install")
+@click.option("--scope", type=click.Choice(["project", "user"]), default="project", show_default=True)
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              help="project directory (project scope, default: here) or home (user scope, default: ~)")
+@click.option("--force", is_flag=True, help="overwrite files that exist with other content")
+@json_option
+def agents_install(scope: str, directory: Path | None, force: bool, as_json: bool) -> None:
+    """Install the agents, the /optimize command and the MCP server registration into a project
+    (or your user config) without the plugin system."""
+    from . import agents as ag
+
+    r = ag.install(scope, directory, force)
+    emit(r, as_json, lambda r: console.print(
+        f"installed into {r.directory}: {len(r.written)} written, {len(r.unchanged)} unchanged\n"
+        f"MCP server: {r.mcp}"))
 
 
 @main.group()

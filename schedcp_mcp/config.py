@@ -3,16 +3,61 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+
+from .errors import InfrastructureError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def home() -> Path:
-    """$SCHEDCP_HOME, default ~/.local/share/schedcp. Created on first use."""
+    """$SCHEDCP_HOME, default ~/.local/share/schedcp. Created on first use, private (0700): it holds
+    every report, profile, token key and the audit log."""
     p = Path(os.environ.get("SCHEDCP_HOME") or Path.home() / ".local/share/schedcp")
-    p.mkdir(parents=True, exist_ok=True)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(p)
     return p
+
+
+def private_dir(p: Path) -> Path:
+    """`p` as a directory only this user can enter: created 0700, an existing one of ours tightened
+    to 0700; one that is a symlink or belongs to someone else is refused."""
+    try:
+        p.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(p)
+    except OSError as e:
+        raise InfrastructureError(f"cannot create {p}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise InfrastructureError(f"{p} is not a directory owned by this user (uid {os.geteuid()})",
+                                  "remove it or point $SCHEDCP_HOME elsewhere")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(p, 0o700)
+    return p
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only this user can read (0600 from its creation, never briefly wider)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def open_private(path: Path, mode: str = "ab"):
+    """Open (create) a file 0600, e.g. a log, without following a symlink."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, mode)
+
+
+def runtime_dir() -> Path:
+    """Private scratch space for this user's short-lived files (profiles, sockets): under the home,
+    so no other user can plant or read anything there."""
+    return private_dir(home() / "run")
 
 
 def db_path() -> Path:

@@ -22,10 +22,10 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from . import __version__, candidates, reports
+from . import __version__, candidates, plans, reports
 from .deploy import deployments
 from .errors import SchedcpError
-from .learn import callbacks, contribute, feedback, history
+from .learn import callbacks, contribute, feedback, history, match
 from .learn.history import Outcome
 from .models import Deployment, Goal, MetricResult
 from .observe import cpu, profile, system
@@ -133,16 +133,43 @@ async def get_cpu_stats(
 async def profile_workload(
     ctx: Context,
     command: Annotated[list[str] | None, Field(
-        description="program and arguments to run, e.g. ['hackbench','-g','4']")] = None,
-    pid: Annotated[int | None, Field(description="attach to this running process instead")] = None,
+        description="program and arguments to run on this host, e.g. ['hackbench','-g','2','-l','60']; "
+        "only the sandbox workloads' commands unless the operator allowed more "
+        "(`schedcp serve --allow-command-prefix/--allow-command`)")] = None,
+    pid: Annotated[int | None, Field(ge=1, description="attach to this running process instead")] = None,
     duration_s: Annotated[float, Field(ge=0.2, le=3600,
                                        description="max seconds to run / observe")] = 10.0,
+    workload: Annotated[str | None, Field(
+        description="or: a sandbox workload name (list_workloads); its benchmark runs here")] = None,
 ) -> profile.WorkloadProfile:
     """Run (or attach to) a workload and store a WorkloadProfile: perf counters where supported,
     process-tree metrics, run-queue latency histogram (runqlat) where it can run, a summary,
     characteristics (CPU-bound / latency-sensitive / fork-heavy / parallelism / I/O) and explicit
     optimization goals. Returns the profile with its id for later tools."""
-    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx)
+    if workload is not None:
+        if command is not None or pid is not None:
+            raise ToolError("give one of command, pid or workload")
+        return await in_thread(match.profile_sandbox_workload, workload, duration_s, ctx=ctx)
+    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx, actor="mcp")
+
+
+class MatchResult(BaseModel):
+    profile_id: str
+    matches: list[match.WorkloadMatch]
+
+
+@server.tool(annotations=MEASURES)
+@agent_errors
+async def match_workloads(
+    ctx: Context,
+    profile_id: Annotated[str, Field(description="a profile of a workload that runs on the host")],
+    limit: Annotated[int, Field(ge=1, le=20)] = 5,
+) -> MatchResult:
+    """Rank the sandbox benchmark workloads by how much they resemble a profiled host workload
+    (same similarity as the learning history), each with the features that agree or differ. The
+    sandbox judges candidates on the best matches. First use profiles each sandbox workload here."""
+    ms = await in_thread(match.match_workloads, profile_id, limit, ctx=ctx)
+    return MatchResult(profile_id=profile_id, matches=ms)
 
 
 class ProfileList(BaseModel):
@@ -206,6 +233,65 @@ async def get_policy(name: Annotated[str, Field(description="policy name, e.g. v
                         history=history.outcomes_for_policy(name))
 
 
+class GoalIn(BaseModel):
+    metric: str = Field(description="e.g. p99_wakeup_latency_us, throughput, wall_time_s, or a "
+                                    "workload metric such as messaging_time_s")
+    direction: Literal["lower", "higher"]
+    target_ratio: float = Field(description="candidate/baseline bound, e.g. 0.9 for 'lower'")
+
+
+class CandidateIn(BaseModel):
+    policy: str | None = Field(None, description="a repository policy name")
+    params: dict[str, str] = Field({}, description="its parameters, e.g. {'slice_ns': '2000000'}")
+    report_id: str | None = Field(None, description="or: a layer-1 report of a revised/generated source")
+    source: str | None = Field(None, description="or: BPF C source")
+    strategy: Literal["reconfigure", "revise", "generate"]
+    why: str = Field(description="why this candidate suits the profile")
+
+
+@server.tool(annotations=MEASURES)
+@agent_errors
+async def create_plan(
+    profile_id: Annotated[str, Field(description="the WorkloadProfile the plan serves")],
+    workloads: Annotated[list[str], Field(min_length=1,
+                                          description="sandbox workloads that judge the candidates")],
+    strategy: Annotated[Literal["reconfigure", "revise", "generate"], Field(
+        description="reconfigure an existing policy (preferred), revise one, or generate one")],
+    rationale: Annotated[str, Field(description="why this strategy and these candidates")],
+    candidates: Annotated[list[CandidateIn], Field(min_length=1, description="in the order to try")],
+    goals: Annotated[list[GoalIn] | None, Field(
+        description="default: the profile's goals that the workloads measure")] = None,
+    budget_s: Annotated[float | None, Field(gt=0, description="time budget for execution")] = None,
+) -> plans.OptimizationPlan:
+    """Store an OptimizationPlan (checked now: policies, parameters, reports, workloads, and goals
+    the workloads measure) and return it with its id, for the execution stage."""
+    gs = [Goal(**g.model_dump(), why="given by the planner") for g in goals] if goals else None
+    cs = [plans.PlannedCandidate(**c.model_dump()) for c in candidates]
+    return await in_thread(plans.create_plan, profile_id, workloads, gs, strategy, rationale, cs,
+                           budget_s, "mcp")
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def get_plan(plan_id: Annotated[str, Field(description="plan-…")]) -> plans.OptimizationPlan:
+    """One stored OptimizationPlan: profile, workloads, goals, strategy, rationale, candidates."""
+    return await in_thread(plans.get_plan, plan_id)
+
+
+class PlanList(BaseModel):
+    plans: list[plans.OptimizationPlan]
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def list_plans(
+    limit: Annotated[int, Field(ge=1, le=200)] = 20,
+    profile_id: Annotated[str | None, Field(description="only plans for this profile")] = None,
+) -> PlanList:
+    """Stored optimization plans, newest first."""
+    return PlanList(plans=await in_thread(plans.list_plans, limit, profile_id))
+
+
 # --- execute ---------------------------------------------------------------------------------------
 
 class SubmitResult(BaseModel):
@@ -236,13 +322,6 @@ async def submit_scheduler(
     r = await in_thread(candidates.submit, source, policy, params, target, profile_id, actor="mcp",
                         ctx=ctx)
     return SubmitResult(report_id=r.id, status=r.status, layer1=r.layer1)
-
-
-class GoalIn(BaseModel):
-    metric: str = Field(description="e.g. p99_wakeup_latency_us, throughput, wall_time_s, or a "
-                                    "workload metric such as messaging_time_s")
-    direction: Literal["lower", "higher"]
-    target_ratio: float = Field(description="candidate/baseline bound, e.g. 0.9 for 'lower'")
 
 
 @server.tool(annotations=SANDBOXED)
@@ -421,22 +500,26 @@ def run_stdio() -> None:
     server.run("stdio")
 
 
-def run_http(host: str, port: int, token: str | None) -> None:
-    """Streamable HTTP. A bearer token, when given, is required on every request."""
+def run_http(host: str, port: int, token: str) -> None:
+    """Streamable HTTP. The bearer token is required on every request (compared in constant time)."""
     import uvicorn
     from starlette.responses import JSONResponse
 
-    app = server.streamable_http_app(host=host)
-    if token:
-        inner = app
+    from .access import bearer_ok
 
-        async def app(scope, receive, send):  # type: ignore[no-redef]
-            if scope["type"] == "http":
-                headers = dict(scope.get("headers") or [])
-                if headers.get(b"authorization", b"") != f"Bearer {token}".encode():
-                    await JSONResponse({"error": "missing or wrong bearer token"},
-                                       status_code=401)(scope, receive, send)
-                    return
-            await inner(scope, receive, send)
+    if not token:
+        raise ValueError("run_http needs a token")
+    inner = server.streamable_http_app(host=host)
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            auth = [v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"]
+            if len(auth) != 1 or not bearer_ok(auth[0], token):
+                await JSONResponse({"error": "missing or wrong bearer token"},
+                                   status_code=401)(scope, receive, send)
+                return
+        elif scope["type"] == "websocket":
+            return
+        await inner(scope, receive, send)
 
     uvicorn.run(app, host=host, port=port, log_level="warning")

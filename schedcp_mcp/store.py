@@ -8,12 +8,14 @@ the few columns that are queried, so a model can grow without a migration.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel
 
@@ -50,6 +52,68 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    # 2: the supervisor's jobs (schedcp_mcp/jobs): queue, DAG edges, attempts, worker pools
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        lane INTEGER NOT NULL,         -- 0 urgent, 1 high, 2 normal, 3 low
+        state TEXT NOT NULL,           -- pending running succeeded failed cancelled dead
+        created_at REAL NOT NULL,
+        not_before REAL NOT NULL,      -- retry backoff: not claimable before this time
+        deadline REAL,                 -- complete-by (absolute time)
+        timeout_s REAL NOT NULL,       -- one attempt's limit
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        started_at REAL,
+        heartbeat_at REAL,
+        finished_at REAL,
+        worker TEXT,                   -- the pool (engine:host:pid) running the current attempt
+        parent TEXT,
+        join_all INTEGER NOT NULL DEFAULT 0,  -- runs when its deps end, however they end
+        dedupe_key TEXT,
+        cached_from TEXT,
+        budget TEXT,                   -- JSON Budget of a campaign
+        elapsed_s REAL NOT NULL DEFAULT 0,
+        progress REAL NOT NULL DEFAULT 0,
+        message TEXT NOT NULL DEFAULT '',
+        actor TEXT NOT NULL DEFAULT 'api',
+        inputs TEXT NOT NULL,
+        result TEXT,
+        error TEXT
+    );
+    CREATE INDEX jobs_ready ON jobs(state, lane, created_at);
+    CREATE INDEX jobs_parent ON jobs(parent);
+    CREATE INDEX jobs_key ON jobs(dedupe_key, state);
+    CREATE INDEX jobs_worker ON jobs(worker, state);
+    CREATE TABLE job_deps (
+        job TEXT NOT NULL,
+        dep TEXT NOT NULL,
+        PRIMARY KEY (job, dep)
+    );
+    CREATE INDEX job_deps_dep ON job_deps(dep);
+    CREATE TABLE job_attempts (
+        job TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        worker TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        outcome TEXT,                  -- succeeded, failed, transient, timeout, worker_lost, cancelled
+        error TEXT,
+        PRIMARY KEY (job, attempt)
+    );
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY,           -- engine:host:pid:nonce
+        engine TEXT NOT NULL,          -- local, celery
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        pid_start REAL NOT NULL,       -- the process's start time (a reused pid is not it)
+        size INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        stopped_at REAL
+    );
+    """,
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -64,6 +128,7 @@ def new_id(prefix: str) -> str:
 def connect(path: Path | None = None) -> sqlite3.Connection:
     """A connection to the database at `path` (default: $SCHEDCP_HOME/schedcp.db), migrated."""
     path = path or config.db_path()
+    _private_db(path)
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
@@ -71,6 +136,18 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     migrate(conn)
     return conn
+
+
+def _private_db(path: Path) -> None:
+    """The database holds every report, profile and the audit log: 0600 from its creation (SQLite
+    gives its -wal and -shm files the database's mode); an older, wider file is tightened."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -91,6 +168,20 @@ def db() -> sqlite3.Connection:
         conn = connect(Path(path))
         _local.conn, _local.path = conn, path
     return conn
+
+
+@contextmanager
+def transaction() -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT on this thread's connection (rolled back on an exception): a
+    read-then-write that no other thread or process can interleave (the jobs queue's claims)."""
+    conn = db()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 # --- records -------------------------------------------------------------------------------------

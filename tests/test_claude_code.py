@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,44 @@ def test_project_mcp_json_connects_once_approved(tmp_path):
     subprocess.run(["git", "init", "-q", str(proj)], check=True)  # Claude Code's project root
     listing = claude(["mcp", "list"], tmp_path, proj)
     assert "schedcp" in listing and "Connected" in listing, listing
+
+
+# --- the plugin: this repository is a marketplace with the schedcp plugin --------------------------
+
+def test_plugin_validates():
+    for target in (ROOT / "plugin", ROOT):  # the plugin, and the repository as a marketplace
+        out = subprocess.run([CLAUDE, "plugin", "validate", str(target)], capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert out.returncode == 0 and "Validation passed" in out.stdout + out.stderr, out
+
+
+def test_plugin_installs_from_the_repository_marketplace_and_its_server_connects(tmp_path):
+    proj = tmp_path / "p"
+    proj.mkdir()
+    added = claude(["plugin", "marketplace", "add", str(ROOT)], tmp_path, proj)
+    assert "Successfully added marketplace: schedcp" in added, added
+    installed = claude(["plugin", "install", "schedcp@schedcp"], tmp_path, proj)
+    assert "Successfully installed plugin: schedcp@schedcp" in installed, installed
+    details = claude(["plugin", "details", "schedcp"], tmp_path, proj)
+    agents_line = next(line for line in details.splitlines() if "Agents (" in line)
+    assert "Agents (4)" in agents_line, details
+    for role in ("observation", "planning", "execution", "learning"):
+        assert f"schedcp-{role}" in agents_line
+    assert "MCP servers (1)" in details and "optimize" in details, details
+    listing = claude(["mcp", "list"], tmp_path, proj)
+    assert "plugin:schedcp:schedcp: schedcp serve - ✔ Connected" in listing, listing
+
+
+def test_agents_install_then_claude_code_connects_the_project_server(tmp_path):
+    proj = tmp_path / "p"
+    proj.mkdir()
+    subprocess.run(["git", "init", "-q", str(proj)], check=True)
+    env = {**os.environ, "HOME": str(tmp_path), "SCHEDCP_HOME": str(tmp_path / "schedcp")}
+    r = subprocess.run([sys.executable, "-m", "schedcp_mcp", "agents", "install", "--dir", str(proj),
+                        "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["written"]) == 6
+    (proj / ".claude" / "settings.local.json").write_text(json.dumps(
+        {"enableAllProjectMcpServers": True, "enabledMcpjsonServers": ["schedcp"]}))
+    listing = claude(["mcp", "list"], tmp_path, proj)
+    assert "schedcp: schedcp serve - ✔ Connected" in listing, listing

@@ -33,6 +33,7 @@ def test_non_loopback_without_token_refuses_to_start():
 def http_server(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token-for-tests\n")
+    token_file.chmod(0o600)  # a token file others can read is refused
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "schedcp_mcp", "serve", "--http", f"127.0.0.1:{port}",
                           "--token-file", str(token_file)], stdout=subprocess.DEVNULL,

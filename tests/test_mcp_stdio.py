@@ -20,16 +20,16 @@ CORE_TOOLS = {"get_system_info", "get_cpu_stats", "profile_workload", "list_prof
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def server_params() -> StdioServerParameters:
+def server_params(*serve_args: str) -> StdioServerParameters:
     """`schedcp serve` of this checkout (the console script may point at another one)."""
-    return StdioServerParameters(command=sys.executable, args=["-m", "schedcp_mcp", "serve"], env={
-        "SCHEDCP_HOME": os.environ["SCHEDCP_HOME"],
-        "SCHEDCP_SANDBOX_DIR": os.environ["SCHEDCP_SANDBOX_DIR"],
-        "PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]})
+    return StdioServerParameters(command=sys.executable, args=["-m", "schedcp_mcp", "serve", *serve_args],
+                                 env={"SCHEDCP_HOME": os.environ["SCHEDCP_HOME"],
+                                      "SCHEDCP_SANDBOX_DIR": os.environ["SCHEDCP_SANDBOX_DIR"],
+                                      "PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]})
 
 
-async def call(name: str, args: dict | None = None, progress=None):
-    async with stdio_client(server_params()) as (r, w), ClientSession(r, w) as s:
+async def call(name: str, args: dict | None = None, progress=None, serve_args: tuple[str, ...] = ()):
+    async with stdio_client(server_params(*serve_args)) as (r, w), ClientSession(r, w) as s:
         await s.initialize()
         return await s.call_tool(name, args or {}, progress_callback=progress)
 
@@ -75,7 +75,9 @@ async def test_profile_workload_stores_profile_then_get_profile_finds_it():
     async def on_progress(p, total, msg):
         progress.append(p)
 
-    res = await call("profile_workload", {"command": ["stress-ng", "--cpu", "1", "--timeout", "1"],
+    # a sandbox workload's command: allowed without any operator flag
+    res = await call("profile_workload", {"command": ["stress-ng", "--cpu", "4", "--cpu-method", "int64",
+                                                      "-t", "1", "--metrics-brief"],
                                           "duration_s": 5}, on_progress)
     assert not res.is_error, res.content
     pid = res.structured_content["id"]
@@ -86,7 +88,8 @@ async def test_profile_workload_stores_profile_then_get_profile_finds_it():
 
 
 async def test_profiling_a_missing_command_is_a_clear_error():
-    res = await call("profile_workload", {"command": ["no-such-program-xyz"], "duration_s": 1})
+    res = await call("profile_workload", {"command": ["no-such-program-xyz"], "duration_s": 1},
+                     serve_args=("--allow-command",))
     assert res.is_error and "command not found" in res.content[0].text
 
 
@@ -116,3 +119,20 @@ async def test_deploy_with_forged_token_is_refused_and_nothing_loads():
     assert st.structured_content["targets"]["sandbox"] == "staging VM not running"  # nothing booted
     actions = [a["action"] for a in store.audit_log()]
     assert "deploy_refused" in actions and "deploy" not in actions
+
+
+async def test_an_mcp_client_cannot_run_commands_unless_the_operator_allows_it(tmp_path):
+    marker = tmp_path / "ran"
+    args = {"command": ["sh", "-c", f"touch {marker}; cat /etc/shadow"], "duration_s": 1}
+    res = await call("profile_workload", args)
+    assert res.is_error and "off for MCP clients" in res.content[0].text
+    assert not marker.exists()
+    res = await call("profile_workload", args, serve_args=("--allow-command-prefix", "sh -c"))
+    assert marker.exists()
+    assert "root:" not in str(res.content)  # the workload's output never comes back
+
+
+async def test_a_negative_pid_is_an_input_error_not_an_internal_one():
+    res = await call("profile_workload", {"pid": -1, "duration_s": 1})
+    assert res.is_error and "internal error" not in res.content[0].text
+    assert "pid" in res.content[0].text

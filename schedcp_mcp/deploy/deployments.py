@@ -81,6 +81,11 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
             store.audit(actor, "deploy_refused", {"why": why, "target": target})
             raise tokens.TokenRefused(f"host deploy refused: {why}",
                                       "deploy to the sandbox target, or fix what is missing")
+        from ..access import check_command
+
+        for cmd, what in ((monitor.metric_cmd, "metric command"), (monitor.workload_cmd, "workload command")):
+            if cmd:  # these run on the host itself
+                check_command(cmd, actor, what)
     # check first, spend only when the target can take it: a refusal must not burn the token
     payload, report = tokens.check(token, target, actor, spend=False)
     if monitor.max_degradation_ratio is None:
@@ -203,7 +208,7 @@ def rollback(deployment_id: str | None = None, target: str = "sandbox", reason: 
 
 def spawn_monitor(d: Deployment) -> int:
     """Start the monitor as its own process (it outlives the CLI and survives server restarts)."""
-    log = open(config.home() / f"monitor-{d.id}.log", "ab")
+    log = config.open_private(config.home() / f"monitor-{d.id}.log")
     p = subprocess.Popen([sys.executable, "-m", "schedcp_mcp.deploy.monitor", d.id],
                          stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
                          env={**os.environ, "SCHEDCP_HOME": str(config.home())})

@@ -245,29 +245,97 @@ def summarize(c: Characteristics, tree: ProcessTreeMetrics, wall: float, ncpus: 
 
 def profile_workload(command: list[str] | str | None = None, pid: int | None = None,
                      duration_s: float = 10.0, *, use_perf: bool = True, use_runqlat: bool = True,
-                     progress: Callable[[str, float], None] | None = None) -> WorkloadProfile:
+                     progress: Callable[[str, float], None] | None = None,
+                     actor: str = "cli") -> WorkloadProfile:
     """Profile `command` (run to completion, at most `duration_s`) or attach to `pid` for
-    `duration_s`; store and return the WorkloadProfile."""
+    `duration_s`; store and return the WorkloadProfile. An MCP client (`actor="mcp"`) may run only
+    the commands the operator allowed (`access.check_command`). The command's whole process tree
+    is ended with the profile, and none of its output is kept: only the measured figures."""
+    from .. import access, config
+
     if (command is None) == (pid is None):
         raise BadInput("give exactly one of command or pid",
                        "e.g. `schedcp profile -- hackbench -g 4` or `--pid 1234` "
                        "(MCP: command=['hackbench','-g','4'] or pid=1234)")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
+        raise BadInput(f"pid={pid!r} is not a process id", "give a positive pid of a running process")
     duration_s = float(duration_s)
     if not 0.2 <= duration_s <= 3600:
         raise BadInput(f"duration_s={duration_s} out of range", "use 0.2 .. 3600 seconds")
     if isinstance(command, str):
-        command = shlex.split(command)
+        try:
+            command = shlex.split(command)
+        except ValueError as e:
+            raise BadInput(f"cannot parse the command: {e}") from None
     if command is not None and not command:
         raise BadInput("empty command", "give the program and its arguments")
+    if command is not None:
+        access.check_command(command, actor)
+        if shutil.which(command[0]) is None:
+            raise BadInput(f"command not found: {command[0]!r}", "give a program on PATH or a path")
+    with tempfile.TemporaryDirectory(prefix="prof-", dir=config.runtime_dir()) as tmp:
+        prof = _profile(command, pid, duration_s, Path(tmp), use_perf, use_runqlat, progress)
+    store.put(KIND, prof)
+    return prof
+
+
+def _contain_prefix() -> list[str]:
+    """Run a workload as init of its own pid namespace: when that process ends, the kernel ends
+    every process left in the namespace (daemons and setsid children included). Empty where
+    namespaces are not available; then its session and every descendant seen are killed."""
+    global _CONTAIN
+    if _CONTAIN is None:
+        prefix = ["unshare", "--pid", "--fork", "--kill-child"]
+        if os.geteuid() != 0:
+            prefix.insert(1, "--map-current-user")
+        try:
+            ok = subprocess.run([*prefix, "true"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        _CONTAIN = prefix if ok else []
+    return _CONTAIN
+
+
+_CONTAIN: list[str] | None = None
+
+
+def _end_tree(proc: subprocess.Popen, seen: dict[int, float]) -> None:
+    """SIGKILL what is left of a workload: its session, then any descendant seen while sampling
+    (matched by start time, so a recycled pid is left alone)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p_pid, created in seen.items():
+        try:
+            p = psutil.Process(p_pid)
+            if p.create_time() == created:
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _profile(command: list[str] | None, pid: int | None, duration_s: float, tmp: Path,
+             use_perf: bool, use_runqlat: bool,
+             progress: Callable[[str, float], None] | None) -> WorkloadProfile:
     avail = {t.name: t for t in tools()}
     sources: list[Source] = []
     ncpus = psutil.cpu_count() or 1
-    tmp = Path(tempfile.mkdtemp(prefix="schedcp-prof-"))
     perf_out = tmp / "perf.csv"
     perf_ok = use_perf and avail.get("perf") is not None and avail["perf"].usable
     events = "task-clock,context-switches,cpu-migrations,page-faults"
     if perf_ok and avail.get("perf-hw-counters") and avail["perf-hw-counters"].usable:
         events += ",cycles,instructions"
+
+    if pid is not None:
+        try:
+            root = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            raise NotFound(f"no process with pid {pid}", "list processes with `schedcp stats`") from None
 
     runqlat = None
     rq = avail.get("libbpf-tools/runqlat")
@@ -285,55 +353,63 @@ def profile_workload(command: list[str] | str | None = None, pid: int | None = N
     proc: subprocess.Popen | None = None
     perf_attach: subprocess.Popen | None = None
     exit_code = None
-    if command is not None:
-        exe = shutil.which(command[0])
-        if exe is None:
-            _stop(runqlat)
-            raise BadInput(f"command not found: {command[0]!r}", "give a program on PATH or a path")
-        argv = ([avail["perf"].path, "stat", "-x,", "-o", str(perf_out), "-e", events, "--", *command]
-                if perf_ok else command)
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
-        root = psutil.Process(proc.pid)
-    else:
-        try:
-            root = psutil.Process(pid)
-        except psutil.NoSuchProcess:
-            _stop(runqlat)
-            raise NotFound(f"no process with pid {pid}", "list processes with `schedcp stats`")
-        if perf_ok:
+    contain: list[str] = []
+    seen: dict[int, float] = {}
+    try:
+        if command is not None:
+            argv = ([avail["perf"].path, "stat", "-x,", "-o", str(perf_out), "-e", events, "--",
+                     *command] if perf_ok else command)
+            contain = _contain_prefix()
+            # no output of the workload is kept or returned: only what we measure
+            proc = subprocess.Popen([*contain, *argv], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            root = psutil.Process(proc.pid)
+        elif perf_ok:
             perf_attach = subprocess.Popen(
                 [avail["perf"].path, "stat", "-x,", "-o", str(perf_out), "-e", events, "-p",
                  str(pid), "--", "sleep", str(duration_s)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sampler = _TreeSampler()
-    stderr_tail = ""
-    while True:
-        elapsed = time.monotonic() - start
-        sampler.sample(_tree(root))
-        if progress:
-            progress("profiling", min(1.0, elapsed / duration_s))
-        if proc is not None and proc.poll() is not None:
-            break
-        if elapsed >= duration_s:
-            break
-        if pid is not None and not root.is_running():
-            break
-        time.sleep(0.1)
-    wall = time.monotonic() - start
-    if proc is not None:
-        if proc.poll() is None:  # ran past duration_s: stop it, the profile covers what we saw
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        exit_code = proc.returncode
-        stderr_tail = (proc.stderr.read() or b"").decode(errors="replace")[-2000:]
-        proc.stderr.close()
-    if perf_attach is not None:
-        perf_attach.wait(duration_s + 10)
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        sampler = _TreeSampler()
+        while True:
+            elapsed = time.monotonic() - start
+            procs = _tree(root)
+            if contain and procs:
+                procs = procs[1:]  # the unshare process is ours, not the workload's
+            if proc is not None:
+                for p in procs:
+                    try:
+                        seen.setdefault(p.pid, p.create_time())
+                    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                        pass
+            sampler.sample(procs)
+            if progress:
+                progress("profiling", min(1.0, elapsed / duration_s))
+            if proc is not None and proc.poll() is not None:
+                break
+            if elapsed >= duration_s:
+                break
+            if pid is not None and not root.is_running():
+                break
+            time.sleep(0.1)
+        wall = time.monotonic() - start
+        if proc is not None:
+            if proc.poll() is None:  # ran past duration_s: stop it, the profile covers what we saw
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+            exit_code = proc.returncode
+        if perf_attach is not None:
+            perf_attach.wait(duration_s + 10)
+    except BaseException:
+        _stop(runqlat)
+        _stop(perf_attach)
+        raise
+    finally:
+        if proc is not None:
+            _end_tree(proc, seen)
     s1, t1_cpu = read_proc_stat(), psutil.cpu_times()
 
     perf = {}
@@ -364,8 +440,8 @@ def profile_workload(command: list[str] | str | None = None, pid: int | None = N
     sources.append(Source(name="bcc", used=False, detail=bcc.detail if bcc else "not installed"))
 
     if command is not None and exit_code not in (0, None) and wall < duration_s:
-        raise BadInput(f"the workload failed: {shlex.join(command)} exited with {exit_code}",
-                       f"its stderr ends with: {stderr_tail.strip()[-500:] or '(empty)'}")
+        raise BadInput(f"the workload failed: {shlex.join(command)[:200]} exited with {exit_code}",
+                       "run it by hand to see why (its output is not kept)")
 
     tree = sampler.metrics(children_cpu=perf.get("task-clock", 0.0) / 1000.0)
     dcpu = {f: getattr(t1_cpu, f) - getattr(t0_cpu, f) for f in t0_cpu._fields}
@@ -380,7 +456,7 @@ def profile_workload(command: list[str] | str | None = None, pid: int | None = N
         sys_rates["psi_cpu_some_avg10"] = psi.some_avg10
     ch = characterize(tree, wall, ncpus, s1["processes"] - s0["processes"] if command else 0)
     what = shlex.join(command) if command else f"pid {pid}"
-    prof = WorkloadProfile(
+    return WorkloadProfile(
         id=store.new_id("prof"), created_at=time.time(), command=command, pid=pid,
         duration_s=round(wall, 3), exit_code=exit_code, ncpus=ncpus,
         summary=summarize(ch, tree, wall, ncpus, what), characteristics=ch, process_tree=tree,
@@ -389,9 +465,6 @@ def profile_workload(command: list[str] | str | None = None, pid: int | None = N
         resource_needs={"cpus": max(1, round(ch.parallelism + 0.49)),
                         "threads": tree.max_threads, "cpu_time_s": tree.cpu_time_s},
         sources=sources)
-    store.put(KIND, prof)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return prof
 
 
 def _stop(p: subprocess.Popen | None) -> None:

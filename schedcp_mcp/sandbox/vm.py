@@ -32,6 +32,7 @@ switching schedulers, see _cmdline) otherwise; the probe result is cached in `<s
 from __future__ import annotations
 
 import atexit
+import contextvars
 import fcntl
 import hashlib
 import json
@@ -47,6 +48,7 @@ import time
 import weakref
 from pathlib import Path, PurePosixPath
 
+import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import config
@@ -162,6 +164,73 @@ def probe_accel(refresh: bool = False) -> str:
         accel = "tcg"
     cache.write_text(json.dumps({"key": key, "accel": accel, "probed_at": time.time()}))
     return accel
+
+
+# ---------------------------------------------------------------- who owns a running qemu
+
+#: the job the VMs booted in this context belong to (set by the supervisor's workers): cancelling
+#: the job kills them, from any process on this host
+current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("schedcp_job", default=None)
+
+
+def _run_dir() -> Path:
+    p = config.home() / "vms" / "run"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _proc_start(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def _register(vm: "VM") -> Path:
+    """A pidfile per ephemeral VM under the home: qemu's pid and socket, its owner and job."""
+    path = _run_dir() / f"{vm.pid}.json"
+    path.write_text(json.dumps({"pid": vm.pid, "sock": str(vm.sock_path), "owner_pid": os.getpid(),
+                                "owner_start": _proc_start(os.getpid()), "job": current_job.get()}))
+    return path
+
+
+def _registered() -> list[tuple[Path, dict]]:
+    out = []
+    for p in _run_dir().glob("*.json"):
+        try:
+            out.append((p, json.loads(p.read_text())))
+        except (OSError, ValueError):
+            p.unlink(missing_ok=True)
+    return out
+
+
+def _stop_registered(path: Path, e: dict) -> bool:
+    alive = _pid_alive(e["pid"], e["sock"])
+    if alive:
+        _kill_group(e["pid"])
+    path.unlink(missing_ok=True)
+    return alive
+
+
+def kill_job_vms(job_ids) -> int:
+    """Kill the running VMs that belong to these jobs (a cancelled or abandoned job's). How many."""
+    ids = set(job_ids)
+    return sum(_stop_registered(p, e) for p, e in _registered() if e.get("job") in ids)
+
+
+def reap_orphans() -> int:
+    """Kill the VMs whose owner process is gone (it was SIGKILLed: no finalizer ran). How many."""
+    n = 0
+    for p, e in _registered():
+        owner_alive = abs(_proc_start(e["owner_pid"]) - e["owner_start"]) < 1.0 and e["owner_start"]
+        if not owner_alive or not _pid_alive(e["pid"], e["sock"]):
+            n += _stop_registered(p, e)
+    return n
+
+
+def running_vms() -> list[dict]:
+    """The ephemeral VMs this home knows to be running (pid, owner, job)."""
+    return [e for _, e in _registered() if _pid_alive(e["pid"], e["sock"])]
 
 
 # ---------------------------------------------------------------- VM
@@ -337,6 +406,7 @@ class VM:
         log.close()
         self.pid = self.proc.pid
         if not self._detached:
+            self._reg_path = _register(self)
             self._finalizer = weakref.finalize(self, _finalize, self.proc, self._tmpdir)
             _LIVE.add(self)
         deadline = t0 + self.boot_timeout_s
@@ -406,6 +476,8 @@ class VM:
                     break
                 time.sleep(0.05)
         _LIVE.discard(self)
+        if getattr(self, "_reg_path", None) is not None:
+            self._reg_path.unlink(missing_ok=True)
 
     def close(self, graceful: bool = True, timeout_s: float = 10.0) -> None:
         """Power the VM off (killing it when it does not stop in time). A named VM is only detached."""

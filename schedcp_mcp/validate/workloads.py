@@ -61,6 +61,14 @@ def list_workloads() -> list[Workload]:
     return [w.model_copy() for w in WORKLOADS]
 
 
+def host_commands() -> list[list[str]]:
+    """The workloads' commands that also run on a host as they are (no guest-only $PROBE): an MCP
+    client may profile these without the operator allowing commands."""
+    import shlex
+
+    return [shlex.split(w.command) for w in WORKLOADS if "$" not in w.command]
+
+
 def get_workloads(names: list[str] | None) -> list[Workload]:
     """The named workloads (all when None/empty); an unknown name is a BadInput listing the known ones."""
     if not names:

@@ -10,6 +10,7 @@ candidate's fault and are never cached.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import json
@@ -108,7 +109,9 @@ class _BootInBackground:
             if self.cancelled and self.vm is not None:
                 self.vm.close(graceful=False)
 
-        self.thread = threading.Thread(target=boot, name="schedcp-vm-boot", daemon=True)
+        # in the caller's context: the VM belongs to the caller's job (see vm.current_job)
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(boot,),
+                                       name="schedcp-vm-boot", daemon=True)
         self.thread.start()
 
     def get(self):
