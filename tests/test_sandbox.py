@@ -20,7 +20,7 @@ import pytest
 
 from schedcp_mcp import config
 from schedcp_mcp.errors import InfrastructureError
-from schedcp_mcp.sandbox import image, toolchain
+from schedcp_mcp.sandbox import cpio, image, toolchain
 from schedcp_mcp.sandbox.vm import VM, GuestTimeout
 
 BAD_SCHED = textwrap.dedent("""\
@@ -110,7 +110,7 @@ def test_a_second_build_with_nothing_changed_does_nothing(manifest):
 
 
 def test_cpio_is_deterministic_and_well_formed():
-    c = image.Cpio()
+    c = cpio.Cpio()
     c.file("usr/bin/x", b"abc", 0o755)
     c.symlink("lib", "usr/lib")
     c.chardev("dev/console", 5, 1)

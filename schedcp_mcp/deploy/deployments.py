@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from .. import config, store
 from ..errors import BadInput, InfrastructureError, NotFound, SchedcpError
 from ..learn.feedback import record_deployment_outcome
-from ..models import Deployment, DeploymentStatus, MonitorPolicy, Reading, ScxState
+from ..models import Deployment, DeploymentStatus, MonitorPolicy, ScxState
 from ..records import active, get_deployment, list_deployments, save
 from ..reports import get_report
 from ..verify.verifier import host_missing

@@ -233,33 +233,25 @@ def parse_state(text: str) -> ScxState:
                     ctxt=num("ctxt"), uptime_s=num("uptime", float))
 
 
-def json_after(marker: str, text: str) -> dict | None:
-    """The first JSON object line after `marker`."""
-    i = text.find(marker)
-    if i < 0:
+def _json_object(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
         return None
-    for line in text[i + len(marker):].splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-        if line.startswith("@@"):
-            return None
-    return None
+
+
+def json_after(marker: str, text: str) -> dict | None:
+    """The first JSON object line after `marker` (before the next `@@` marker)."""
+    i = text.find(marker)
+    lines = [ln.strip() for ln in text[i + len(marker):].splitlines()] if i >= 0 else []
+    first = next((ln for ln in lines if ln.startswith(("{", "@@"))), "")
+    return _json_object(first) if first.startswith("{") else None
 
 
 def last_json(text: str) -> dict | None:
     """The last JSON object line of a loader's output (it prints exactly one, last)."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-    return None
+    objs = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("{")]
+    return _json_object(objs[-1]) if objs else None
 
 
 def parse_start(out: str) -> Started:
