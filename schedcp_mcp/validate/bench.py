@@ -22,6 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import SchedcpError
+from ..repository.policies import list_policies
+from ..sandbox.vm import VM
+from ..verify.pipeline import verify_policy
+from .runner import validate_layer1
 from .models import Layer2Result, WorkloadResult
 from .workloads import list_workloads
 
@@ -51,10 +55,6 @@ def _machine() -> str:
 
 def bench_policies(rounds: int = 3, out_dir: Path = Path("results"), policies: list[str] | None = None,
                    console: Console | None = None) -> list[dict]:
-    from ..repository.policies import list_policies
-    from ..sandbox.vm import VM
-    from ..verify.pipeline import verify_policy
-    from .runner import validate_layer1
 
     con = console or Console()
     names = policies or [p.name for p in list_policies() if p.kind == "schedcp" and p.source_text()]

@@ -36,6 +36,7 @@ from typing import Callable
 from ..errors import BadInput, InfrastructureError, SchedcpError
 from ..models import Goal
 from ..sandbox import scheduler
+from ..sandbox.vm import VM, GuestTimeout
 from . import gates
 from .models import Layer2Result, LoadAttempt, Observations, StateSample, StressSummary, Workload
 from .workloads import PROBE_GUEST, ensure_probe, get_workloads, parse, parse_stress_ng_metrics
@@ -317,8 +318,6 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
     t_start = time.monotonic()
     own_vm = vm is None
     if own_vm:
-        from ..sandbox.vm import VM
-
         say("booting the sandbox VM", 0.0)
         t0 = time.monotonic()
         vm = VM(full=True).start()
@@ -337,8 +336,6 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         nonlocal done
         done += 1
         say(msg, min(0.99, done / total_steps))
-
-    from ..sandbox.vm import GuestTimeout
 
     try:
         tick("setting up the guest")

@@ -24,7 +24,8 @@ from typing import Callable, Iterator
 
 from .. import config, store
 from ..sandbox import image, scheduler
-from ..sandbox.vm import GuestTimeout
+from ..repository.policies import get_policy
+from ..sandbox.vm import VM, GuestTimeout
 from ..errors import BadInput, InfrastructureError
 from . import btf as btfmod
 from . import verifier
@@ -90,8 +91,6 @@ class _BootInBackground:
     candidate, so a compile error is never slowed down by a boot."""
 
     def __init__(self):
-        from ..sandbox.vm import VM
-
         self.vm = None
         self.error: BaseException | None = None
         self.cancelled = False
@@ -399,8 +398,6 @@ def _kernel_last_words(console: str, lines: int = 60) -> str:
 def verify_policy(name: str, params: dict[str, str] | None = None, **kw) -> Layer1Report:
     """Layer 1 for a repository policy: parameters are type- and range-checked against its
     policy.json (defaults fill the rest) before the source is verified."""
-    from ..repository.policies import get_policy
-
     p = get_policy(name)
     source = p.source_text()
     if source is None:
