@@ -183,6 +183,42 @@ def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
 
 # --- supervisor: worker pool and jobs ---------------------------------------------------------------
 
+background_option = click.option("--background", is_flag=True,
+                                 help="queue it, print the job id and return (see `schedcp jobs`)")
+
+
+def _lane(background: bool) -> str:
+    """Someone waiting at a terminal comes before work queued for later."""
+    return "normal" if background else "high"
+
+
+def run_to_end(job_id: str, progress):
+    from .jobs.pool import run_to_end as run
+
+    return run(job_id, progress)
+
+
+def queue_result(job) -> dict:
+    from .jobs.queue import result_or_raise
+
+    return result_or_raise(job)
+
+
+def queue_detail(job_id: str):
+    from .jobs.queue import detail
+
+    return detail(job_id)
+
+
+def queued(job, as_json: bool) -> None:
+    from .jobs.queue import list_workers
+
+    hint = None if any(w.alive for w in list_workers(0)) else \
+        "no worker is running: start one with `schedcp worker` (or `schedcp serve`)"
+    emit({"job_id": job.id, "state": job.state, "hint": hint}, as_json, lambda d: (
+        click.echo(job.id), err_console.print(f"queued: `schedcp jobs wait {job.id}` follows it"
+                                              + (f"; {hint}" if hint else ""))))
+
 @main.command()
 @click.option("--size", type=click.IntRange(1, 64), help="jobs at once (default: from the machine)")
 @json_option
@@ -594,12 +630,15 @@ def layer1_json(r) -> dict:
 @click.option("-I", "include_dirs", multiple=True, type=click.Path(exists=True, file_okay=False,
               path_type=Path), help="operator-trusted include directory")
 @click.option("--no-cache", is_flag=True, help="do not answer from the result cache")
+@background_option
 @json_option
 def verify(file: Path | None, policy: str | None, all_policies: bool, params: tuple[str, ...],
-           target: str, include_dirs: tuple[Path, ...], no_cache: bool, as_json: bool) -> None:
+           target: str, include_dirs: tuple[Path, ...], no_cache: bool, background: bool,
+           as_json: bool) -> None:
     """Layer 1: compile, static checks and the real kernel verifier.
     Exit 0 accepted, 1 rejected, 2 usage/infrastructure error."""
     from . import candidates
+    from .reports import get_report
     from .repository.policies import list_policies
 
     chosen = sum(bool(x) for x in (file, policy, all_policies))
@@ -607,15 +646,14 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
         raise click.UsageError("give exactly one of FILE, --policy NAME, --all-policies")
     kv = parse_params(params)
     if all_policies:
-        from .sandbox.vm import VM
-
         names = [p.name for p in list_policies() if p.kind == "schedcp"]
-        reports = []
-        with progress_bar("verifying policies", not as_json) as bar, VM() as vm:
-            for i, name in enumerate(names):
-                bar(name, i / len(names))
-                reports.append(candidates.submit(policy=name, target=target, use_cache=not no_cache,
-                                                 vm=vm, actor="cli"))
+        job = candidates.verify_job(policies=names, target=target, use_cache=not no_cache,
+                                    lane=_lane(background), actor="cli")
+        if background:
+            return queued(job, as_json)
+        with progress_bar("verifying policies", not as_json) as bar:
+            job = run_to_end(job.id, bar)
+        reports = [get_report(x["report_id"]) for x in queue_result(job)["reports"]]
         ok = all(r.passed_layer1 for r in reports)
         if as_json:
             click.echo(json.dumps({"passed": ok, "reports": [layer1_json(r) for r in reports]},
@@ -625,9 +663,13 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
                 render_layer1(r)
         sys.exit(0 if ok else 1)
     source = file.read_text(errors="replace") if file else None
+    job = candidates.verify_job(source=source, policy=policy, params=kv, target=target, actor="cli",
+                                include_dirs=tuple(p.resolve() for p in include_dirs),
+                                use_cache=not no_cache, lane=_lane(background))
+    if background:
+        return queued(job, as_json)
     with progress_bar("verify", not as_json) as bar:
-        r = candidates.submit(source=source, policy=policy, params=kv, target=target, actor="cli",
-                              trusted_include_dirs=include_dirs, use_cache=not no_cache, progress=bar)
+        r = candidates.verified_report(run_to_end(job.id, bar))
     if as_json:
         click.echo(json.dumps(layer1_json(r), indent=2))
     else:
@@ -660,15 +702,13 @@ def render_layer2(out) -> None:
     l2 = r.layer2
     if l2 is None:
         return
-    t = Table("workload", "metric", "baseline", "candidate", "ratio", "noise", "verdict",
-              title="sandbox A/B (same boot, interleaved; TCG timings: compare ratios only)")
-    nan = float("nan")
-    for w in l2.workloads:
-        t.add_row(w.name, f"{w.metric} ({w.unit})",
-                  f"{w.baseline_stats.median if w.baseline_stats else nan:.4g}",
-                  f"{w.candidate_stats.median if w.candidate_stats else nan:.4g}",
-                  f"{w.ratio:.3f}" if w.ratio else "-", f"{w.noise:.1%}" if w.noise else "-", w.verdict)
-    console.print(t)
+    from .validate.bench import interval_table
+
+    console.print(interval_table(l2.workloads, f"sandbox A/B: {l2.rounds} paired rounds in one boot "
+                                 f"({l2.durations.get('total', 0):.0f} s); TCG timings, ratios only"))
+    if l2.counters:
+        console.print("  policy counters (candidate's measured runs): "
+                      + ", ".join(f"{k} {v}" for k, v in l2.counters.items()))
     for g in l2.correctness + l2.performance:
         mark = "[green]pass[/green]" if g.passed else "[red]FAIL[/red]"
         console.print(f"  {mark} {g.kind}/{g.name}: {escape(g.reason)}")
@@ -691,25 +731,71 @@ def render_layer2(out) -> None:
               help="e.g. p99_wakeup_latency_us<=0.9, throughput>=0.97 (repeatable)")
 @click.option("--workload", "workloads", multiple=True, help="run only these workloads (repeatable)")
 @click.option("--profile", "profile_id", help="the WorkloadProfile this is for (its goals apply)")
-@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds")
+@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds, at least")
+@click.option("--budget", type=float, default=None,
+              help="seconds for the whole run: more rounds while a workload is undecided [default: 90]; "
+                   "0 = exactly --rounds")
+@click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
+@background_option
 @json_option
 def validate(file: Path | None, policy: str | None, report_id: str | None, params: tuple[str, ...],
              goals: tuple[str, ...], workloads: tuple[str, ...], profile_id: str | None, rounds: int,
-             as_json: bool) -> None:
+             budget: float | None, no_cache: bool, background: bool, as_json: bool) -> None:
     """Layer 2: stress, correctness and same-boot A/B performance in the sandbox VM.
     Exit 0 pass (prints a deployment token), 1 fail (with the reason), 2 usage/infrastructure."""
     from . import candidates
 
     if sum(bool(x) for x in (file, policy, report_id)) != 1:
         raise click.UsageError("give exactly one of FILE, --policy NAME, --report ID")
+    job = candidates.validate_job(report_id=report_id,
+                                  source=file.read_text(errors="replace") if file else None,
+                                  policy=policy, params=parse_params(params), goals=parse_goals(goals),
+                                  workloads=list(workloads) or None, profile_id=profile_id,
+                                  rounds=rounds, budget_s=budget, use_cache=not no_cache,
+                                  lane=_lane(background), actor="cli")
+    if background:
+        return queued(job, as_json)
     with progress_bar("validate", not as_json) as bar:
-        out = candidates.validate(report_id=report_id,
-                                       source=file.read_text(errors="replace") if file else None,
-                                       policy=policy, params=parse_params(params),
-                                       goals=parse_goals(goals), workloads=list(workloads) or None,
-                                       profile_id=profile_id, rounds=rounds, progress=bar)
+        out = candidates.validation_outcome(run_to_end(job.id, bar))
     emit(out, as_json, render_layer2)
     sys.exit(0 if out.passed else 1)
+
+
+@main.command()
+@click.option("--policy", "policies", multiple=True, help="a repository policy (repeatable)")
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a scheduler source file (repeatable)")
+@click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO", help="for every candidate")
+@click.option("--workload", "workloads", multiple=True, help="run only these workloads (repeatable)")
+@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds")
+@click.option("--budget-runs", type=click.IntRange(0), help="at most this many sandbox runs in all")
+@click.option("--budget-seconds", type=click.FloatRange(0), help="at most this many sandbox seconds")
+@click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
+@background_option
+@json_option
+def campaign(policies: tuple[str, ...], files: tuple[Path, ...], goals: tuple[str, ...],
+             workloads: tuple[str, ...], rounds: int, budget_runs: int | None,
+             budget_seconds: float | None, no_cache: bool, background: bool, as_json: bool) -> None:
+    """Validate several candidates as one campaign: verify → validate per candidate, in parallel up to
+    the pool size, within an optional budget (earlier candidates first). Exit 0 when all passed."""
+    from . import candidates
+    from .jobs.models import Budget
+
+    cands = [{"policy": p} for p in policies] + [{"source": f.read_text(errors="replace"), "name": f.stem}
+                                                  for f in files]
+    budget = Budget(runs=budget_runs, sandbox_s=budget_seconds) \
+        if budget_runs is not None or budget_seconds is not None else None
+    job = candidates.validate_campaign(cands, goals=parse_goals(goals), workloads=list(workloads) or None,
+                                       rounds=rounds, budget=budget, use_cache=not no_cache,
+                                       lane=_lane(background), actor="cli")
+    if background:
+        return queued(job, as_json)
+    with progress_bar("campaign", not as_json) as bar:
+        job = run_to_end(job.id, lambda m, f: bar(m, f))
+    queue_result(job)
+    emit(queue_detail(job.id), as_json, render_job_detail)
+    sys.exit(0 if job.result and all(c["state"] == "succeeded" and c["passed"] is not False
+                                     for c in job.result["children"]) else 1)
 
 
 @main.command("workloads")
@@ -741,6 +827,115 @@ def reports_cmd(limit: int, as_json: bool) -> None:
         console.print(t)
 
     emit(list_reports(limit), as_json, render)
+
+
+# --- synthesis: primitives, generate, reconfigure, revise, tune -------------------------------------
+
+def render_synth(res) -> None:
+    from .reports import get_report
+
+    render_layer1(get_report(res.report_id))
+    colour = "green" if res.verdict == "accepted" else "red"
+    p = res.provenance
+    origin = p.parent_policy or p.parent_candidate or (p.spec or {}).get("name", "")
+    console.print(f"candidate [bold]{res.candidate_id}[/bold] ({p.kind} from {escape(origin)}): "
+                  f"[{colour}]{res.verdict}[/{colour}]")
+    if res.params:
+        console.print("  params: " + " ".join(f"{k}={v}" for k, v in sorted(res.params.items())))
+    console.print(f"  next: {escape(res.next_step)}")
+
+
+def _synth_exit(res) -> None:
+    sys.exit(0 if res.verdict == "accepted" else 1)
+
+
+@main.command("primitives")
+@json_option
+def primitives_cmd(as_json: bool) -> None:
+    """The algorithm primitives a generated scheduler is built from (what, when, knobs, ranges)."""
+    from .synth.primitives import catalog
+
+    def render(c):
+        for axis in c.axes:
+            t = Table("primitive", "what / when / fails", "knobs (type default range)", title=axis,
+                      show_lines=True)
+            for p in c.primitives:
+                if p.axis != axis:
+                    continue
+                knobs = "\n".join(f"{k.name} ({k.type} {k.default}"
+                                   + (f" {k.min}..{k.max}" if k.min is not None else "") + ")"
+                                   for k in p.params)
+                t.add_row(p.name, f"{p.what}\n[green]when:[/green] {p.when}\n[red]fails:[/red] {p.fails}"
+                          + (f"\n[yellow]requires:[/yellow] {p.requires}" if p.requires else ""), knobs)
+            console.print(t)
+        console.print("class treatments: " + "; ".join(f"{k}: {v}" for k, v in c.class_treatments.items()))
+        console.print("example spec: " + json.dumps(c.spec_example))
+
+    emit(catalog(), as_json, render)
+
+
+@main.command()
+@click.argument("spec_file", metavar="SPEC.json|-", type=click.File("r"))
+@click.option("--no-cache", is_flag=True, help="do not answer layer 1 from the result cache")
+@click.option("--source", "show_source", is_flag=True, help="print the generated C source")
+@json_option
+def generate(spec_file, no_cache: bool, show_source: bool, as_json: bool) -> None:
+    """Generate a scheduler from a spec (see `schedcp primitives`), compile it and run the kernel
+    verifier. Exit 0 accepted, 1 rejected, 2 spec refused."""
+    from .errors import BadInput
+    from .synth.generate import generate as gen
+
+    try:
+        data = json.load(spec_file)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"the spec is not JSON: {e}", "see `schedcp primitives` for an example spec")
+    with progress_bar("generate", not as_json) as bar:
+        res = gen(data, use_cache=not no_cache, progress=bar, actor="cli")
+    if as_json:
+        click.echo(res.model_dump_json(indent=2))
+    else:
+        if show_source and res.source:
+            click.echo(res.source)
+        render_synth(res)
+    _synth_exit(res)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", required=True,
+              help="a policy.json parameter (repeatable)")
+@json_option
+def reconfigure(name: str, params: tuple[str, ...], as_json: bool) -> None:
+    """A policy with new parameter values (checked against policy.json, loaded as rodata).
+    Exit 0 accepted, 1 rejected, 2 bad parameter."""
+    from .synth.reconfigure import reconfigure as rc
+
+    with progress_bar("reconfigure", not as_json) as bar:
+        res = rc(name, parse_params(params), progress=bar, actor="cli")
+    emit(res, as_json, render_synth)
+    _synth_exit(res)
+
+
+@main.command()
+@click.argument("base", metavar="NAME|CANDIDATE")
+@click.argument("patch_file", metavar="PATCH|-", type=click.File("r"))
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="load with these values")
+@click.option("--source", "show_source", is_flag=True, help="print the revised C source")
+@json_option
+def revise(base: str, patch_file, params: tuple[str, ...], show_source: bool, as_json: bool) -> None:
+    """Apply a unified diff to a copy of a policy's (or candidate's) source and verify the result.
+    Exit 0 accepted, 1 rejected, 2 the patch does not apply."""
+    from .synth.revise import revise as rv
+
+    with progress_bar("revise", not as_json) as bar:
+        res = rv(base, patch_file.read(), parse_params(params), progress=bar, actor="cli")
+    if as_json:
+        click.echo(res.model_dump_json(indent=2))
+    else:
+        if show_source and res.source:
+            click.echo(res.source)
+        render_synth(res)
+    _synth_exit(res)
 
 
 # --- layer 3: token, deploy, status, rollback, audit ---------------------------------------------
@@ -894,6 +1089,45 @@ def contribute(report_id: str, name: str, description: str, tags: tuple[str, ...
     emit(p, as_json, lambda p: console.print(f"added policy {p.name} at {p.path}"))
 
 
+# --- the main job -------------------------------------------------------------------------------------
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--workload", "workloads", multiple=True,
+              help="sandbox workload to optimize for (repeatable; default: all of them)")
+@click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO",
+              help="e.g. messaging_time_s<=0.9 (default: the profile's goals the workloads measure)")
+@click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True,
+              help="host: stop before deploying and print the human's `schedcp deploy` command")
+@click.option("--budget", "budget_s", default=900.0, show_default=True, help="seconds for the loop")
+@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds per candidate")
+@click.option("--max-candidates", default=3, show_default=True)
+@click.option("--watch", "watch_s", default=20.0, show_default=True,
+              help="seconds the deployment monitor runs before learning")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="where report.json and "
+              "chart.png go (default: $SCHEDCP_HOME/optimize/<plan id>)")
+@json_option
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
+def optimize(workloads: tuple[str, ...], goals: tuple[str, ...], target: str, budget_s: float,
+             rounds: int, max_candidates: int, watch_s: float, out_dir: str | None, as_json: bool,
+             cmd: tuple[str, ...]) -> None:
+    """The whole loop (observe -> plan -> execute -> learn) through the MCP tools, each stage with
+    only its agent's tools. `schedcp optimize --workload hackbench` or `schedcp optimize -- CMD…`.
+    Exit 0 when a candidate passed and was deployed (or, --target host, is ready for a human), 1 when
+    nothing beat the default scheduler."""
+    import anyio
+
+    from . import optimize as opt
+
+    req = opt.OptimizeRequest(workloads=list(workloads), command=list(cmd) or None,
+                              goals=parse_goals(goals), target=target, budget_s=budget_s,
+                              rounds=rounds, max_candidates=max_candidates, watch_s=watch_s,
+                              out_dir=out_dir)
+    with progress_bar("optimize", not as_json) as bar:
+        rep = anyio.run(opt.run, req, bar)
+    emit(rep, as_json, lambda r: opt.render(r, console))
+    sys.exit(rep.exit_code)
+
+
 # --- agents -----------------------------------------------------------------------------------------
 
 @main.group()
@@ -954,11 +1188,64 @@ def bench_verify() -> None:
     run()
 
 
+@bench.command("synth")
+@click.option("--workers", default=2, show_default=True, help="compile threads sharing the one VM")
+@json_option
+def bench_synth(workers: int, as_json: bool) -> None:
+    """The primitive matrix: render, compile and kernel-verify every spec in one VM boot."""
+    from .synth.bench import bench_synth as run
+
+    res = run(workers=workers, say=(lambda line: None) if as_json else None)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    sys.exit(0 if res["accepted"] == res["specs"] else 1)
+
+
 @bench.command("policies")
-@click.option("--rounds", default=3, show_default=True)
+@click.option("--rounds", default=3, show_default=True, help="paired rounds per policy, at least")
+@click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")
+@click.option("--policy", "names", multiple=True, help="only these (repository names or kernel:scx_simple)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
-def bench_policies(rounds: int, out: Path) -> None:
-    """A/B ratios of every repository policy on the sandbox workloads (table + PNG chart)."""
+def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], out: Path) -> None:
+    """A/B intervals of every repository policy and the kernel's example schedulers on the sandbox
+    workloads (table + PNG chart)."""
     from .validate.bench import bench_policies as run
 
-    run(rounds=rounds, out_dir=out)
+    run(rounds=rounds, budget_s=budget, out_dir=out, policies=list(names) or None)
+
+
+@bench.command("aa")
+@click.option("--rounds", default=3, show_default=True, help="paired rounds, at least")
+@click.option("--budget", type=float, default=None, help="seconds for the run [default: 90]")
+@click.option("--workload", "workloads", multiple=True, help="only these workloads (repeatable)")
+@json_option
+def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], as_json: bool) -> None:
+    """The default scheduler against itself in one boot: each workload's ratio interval, the smallest
+    difference a validation can tell. Exit 1 when an interval is wider than ±10 %."""
+    from .validate.bench import bench_aa as run
+
+    res = run(rounds=rounds, budget_s=budget, workloads=list(workloads) or None, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    sys.exit(0 if res["within_margin"] else 1)
+
+
+@bench.command("stability")
+@click.option("--policy", "policy", required=True, help="a repository policy (or kernel:scx_simple)")
+@click.option("--runs", default=3, show_default=True, help="fresh VM boots, one validation each")
+@click.option("--rounds", default=3, show_default=True, help="paired rounds per run, at least")
+@click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="also write stability-<policy>.md/json here")
+@json_option
+def bench_stability(policy: str, runs: int, rounds: int, budget: float | None, out: Path | None,
+                    as_json: bool) -> None:
+    """Validate one policy in N fresh boots: each run's verdicts and how often a verdict flipped.
+    Exit 1 when any verdict flipped."""
+    from .validate.bench import bench_stability as run
+
+    if runs < 2:
+        raise click.UsageError("--runs must be at least 2 to see a flip")
+    res = run(policy, runs=runs, rounds=rounds, budget_s=budget, out_dir=out, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    sys.exit(0 if res["flips"] == 0 else 1)

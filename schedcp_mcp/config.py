@@ -75,3 +75,8 @@ def sandbox_dir() -> Path:
 def policies_dir() -> Path:
     """The policy repository: `policies/` of the checkout, or $SCHEDCP_POLICIES."""
     return Path(os.environ.get("SCHEDCP_POLICIES") or PROJECT_ROOT / "policies")
+
+
+def templates_dir() -> Path:
+    """jinja2 templates of generated schedulers (`templates/` of the checkout)."""
+    return PROJECT_ROOT / "templates"

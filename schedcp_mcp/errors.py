@@ -25,3 +25,8 @@ class BadInput(SchedcpError):
 
 class InfrastructureError(SchedcpError):
     """The machine cannot do it (missing sandbox, qemu, permissions) — not the candidate's fault."""
+
+
+class TransientError(InfrastructureError):
+    """The machine failed this time — a VM that did not boot, a guest that crashed, a timeout — and
+    may not next time: the supervisor retries the job (with backoff) before giving up on it."""

@@ -19,6 +19,7 @@ from . import config, store
 from .errors import BadInput, NotFound
 from .models import Goal, IssuedToken
 from .repository.policies import get_policy
+from .repository.provenance import Provenance
 from .validate.models import Layer2Result
 from .verify.models import Layer1Report
 
@@ -41,6 +42,8 @@ class ValidationReport(BaseModel):
     goals: list[Goal] = []
     layer1: Layer1Report
     layer2: Layer2Result | None = Field(None, description="the sandbox run, once validated")
+    candidate_id: str | None = Field(None, description="the synthesized candidate (cand-…) it checks")
+    provenance: Provenance | None = Field(None, description="how the candidate was made (synth)")
     invalidated: bool = False
     invalidated_reason: str | None = None
 
@@ -101,13 +104,17 @@ def artifact_hash(object_sha256: str, params: dict[str, Any]) -> str:
 
 
 def new_report(layer1: Layer1Report, *, policy: str | None, params: dict[str, Any],
-               profile_id: str | None = None, goals: list[Goal] | None = None) -> ValidationReport:
+               profile_id: str | None = None, goals: list[Goal] | None = None,
+               provenance: Provenance | None = None, candidate_id: str | None = None,
+               report_id: str | None = None) -> ValidationReport:
+    """`report_id`: a fixed id (a job's rerun rewrites its own report instead of adding one)."""
     r = ValidationReport(
-        id=store.new_id("rep"), policy=policy, params={k: str(v) for k, v in params.items()},
+        id=report_id or store.new_id("rep"), policy=policy, params={k: str(v) for k, v in params.items()},
         source_sha256=layer1.source_sha256, object_sha256=layer1.object_sha256,
         artifact_sha256=artifact_hash(layer1.object_sha256, params) if layer1.object_sha256 else None,
         object_path=layer1.object_path, ops_name=layer1.ops_name, target=layer1.target,
-        profile_id=profile_id, goals=goals or [], layer1=layer1)
+        profile_id=profile_id, goals=goals or [], layer1=layer1, provenance=provenance,
+        candidate_id=candidate_id)
     save(r)
     return r
 

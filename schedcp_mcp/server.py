@@ -25,12 +25,19 @@ from pydantic import BaseModel, Field, ValidationError
 from . import __version__, candidates, plans, reports
 from .deploy import deployments
 from .errors import SchedcpError
+from .jobs import queue as jobq
+from .jobs.campaigns import CampaignResult
+from .jobs.models import Budget, JobDetailView, JobView, LaneName
+from .jobs.pool import Pool, run_to_end
 from .learn import callbacks, contribute, feedback, history, match
 from .learn.history import Outcome
 from .models import Deployment, Goal, MetricResult
 from .observe import cpu, profile, system
 from .repository import policies
-from .validate.models import Workload
+from .synth.primitives import Catalog
+from .synth.provenance import SynthResult
+from .synth.spec import SchedulerSpec
+from .validate.models import Layer2Result, Workload
 from .validate.workloads import list_workloads as all_workloads
 from .verify.models import Layer1Report
 
@@ -55,7 +62,15 @@ record_outcome). Nothing reaches the host kernel without a deployment token."""
 @asynccontextmanager
 async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
     """Background duties of a running server: resume deployment monitors that died with a previous
-    server, and evaluate registered callbacks."""
+    server, evaluate registered callbacks, and run a job worker pool ($SCHEDCP_SERVER_WORKERS slots,
+    default from the machine; 0: none, jobs wait for `schedcp worker`)."""
+    size = os.environ.get("SCHEDCP_SERVER_WORKERS")
+    pool = None
+    if size != "0":
+        try:
+            pool = await anyio.to_thread.run_sync(lambda: Pool(int(size) if size else None).start())
+        except Exception:
+            log.exception("could not start the job worker pool")
     try:
         await anyio.to_thread.run_sync(deployments.resume_monitors)
     except Exception:  # the server must start even if the store or a target is unwell
@@ -65,6 +80,8 @@ async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
         yield
     finally:
         watcher.stop()
+        if pool is not None:
+            await anyio.to_thread.run_sync(pool.stop)
 
 
 server = MCPServer(name="schedcp", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
@@ -294,10 +311,29 @@ async def list_plans(
 
 # --- execute ---------------------------------------------------------------------------------------
 
+JOB_ID = Field(description="the supervisor's job that ran (or, with background, will run) it: get_job")
+
+
 class SubmitResult(BaseModel):
-    report_id: str
-    status: str
-    layer1: Layer1Report
+    job_id: str = JOB_ID
+    report_id: str | None = Field(None, description="None while a background job runs")
+    status: str | None = None
+    layer1: Layer1Report | None = None
+
+
+class ValidateResult(BaseModel):
+    """reports.ValidationOutcome, with the job; only job_id is set while a background job runs."""
+    job_id: str = JOB_ID
+    report_id: str | None = None
+    passed: bool | None = None
+    status: str | None = None
+    token: str | None = Field(None, description="single-use deployment token when the report passed")
+    layer1: Layer1Report | None = None
+    layer2: Layer2Result | None = None
+
+
+BACKGROUND = Field(description="queue it and return a job id at once (follow with get_job); "
+                               "otherwise wait, with progress notifications")
 
 
 @server.tool(annotations=SANDBOXED)
@@ -315,13 +351,17 @@ async def submit_scheduler(
         "attached; needs a sched_ext host and `schedcp serve --allow-host-verify`)")] = "sandbox",
     profile_id: Annotated[str | None, Field(
         description="the WorkloadProfile this candidate is for (its goals apply)")] = None,
+    background: Annotated[bool, BACKGROUND] = False,
 ) -> SubmitResult:
     """Layer 1: untrusted-source checks, compile, ELF/BTF checks (callbacks, kfuncs present in the
     target kernel, license, hot-path size) and the real kernel BPF verifier. Stores a
     ValidationReport; a rejection explains the failing program, source line and kernel message."""
-    r = await in_thread(candidates.submit, source, policy, params, target, profile_id, actor="mcp",
-                        ctx=ctx)
-    return SubmitResult(report_id=r.id, status=r.status, layer1=r.layer1)
+    job = await in_thread(candidates.verify_job, source, policy, params, target, profile_id, actor="mcp",
+                          lane="normal" if background else "high")
+    if background:
+        return SubmitResult(job_id=job.id)
+    r = candidates.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))
+    return SubmitResult(job_id=job.id, report_id=r.id, status=r.status, layer1=r.layer1)
 
 
 @server.tool(annotations=SANDBOXED)
@@ -337,14 +377,117 @@ async def validate_scheduler(
                     "than baseline beyond noise'")] = None,
     workloads: Annotated[list[str] | None, Field(description="subset of list_workloads names")] = None,
     profile_id: Annotated[str | None, Field(description="the WorkloadProfile it is for")] = None,
-    rounds: Annotated[int, Field(ge=1, le=10, description="interleaved A/B rounds")] = 3,
-) -> reports.ValidationOutcome:
+    rounds: Annotated[int, Field(ge=1, le=10, description="interleaved A/B rounds, at least")] = 3,
+    budget_s: Annotated[float | None, Field(
+        ge=0, le=3600, description="seconds for the sandbox run: more paired rounds while a workload's "
+        "interval straddles its threshold (default 90; 0 = exactly `rounds`)")] = None,
+    background: Annotated[bool, BACKGROUND] = False,
+) -> ValidateResult:
     """Layer 2 in a sched_ext sandbox VM: baseline under the default scheduler, load, stress and
     correctness checks (stall watchdog, error exits, starvation), interleaved A/B benchmarks, unload.
     Takes minutes; sends progress. A pass returns a deployment token."""
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
-    return await in_thread(candidates.validate, report_id, source, policy, params, gs, workloads,
-                           profile_id, rounds, ctx=ctx)
+    job = await in_thread(candidates.validate_job, report_id, source, policy, params, gs, workloads,
+                          profile_id, rounds, lane="normal" if background else "high", actor="mcp",
+                          budget_s=budget_s)
+    if background:
+        return ValidateResult(job_id=job.id)
+    job = await in_thread(run_to_end, job.id, ctx=ctx)
+    out = await in_thread(candidates.validation_outcome, job)
+    return ValidateResult(job_id=job.id, **out.model_dump())
+
+
+class CampaignCandidate(BaseModel):
+    policy: str | None = Field(None, description="a repository policy name")
+    source: str | None = Field(None, description="or: BPF C source")
+    params: dict[str, str] | None = None
+    name: str | None = Field(None, description="how the campaign's result names it")
+    lane: LaneName = Field("normal", description="priority: a tight budget starts higher lanes first")
+
+
+class CampaignOut(BaseModel):
+    job_id: str
+    state: str
+    result: CampaignResult | None = None
+
+
+@server.tool(annotations=SANDBOXED)
+@agent_errors
+async def validate_campaign(
+    ctx: Context,
+    candidates_: Annotated[list[CampaignCandidate], Field(alias="candidates", min_length=1, max_length=50,
+                                                     description="the candidates to validate")],
+    goals: Annotated[list[GoalIn] | None, Field(description="performance goals for all")] = None,
+    workloads: Annotated[list[str] | None, Field(description="subset of list_workloads names")] = None,
+    rounds: Annotated[int, Field(ge=1, le=10)] = 3,
+    budget_runs: Annotated[int | None, Field(ge=0, description="at most this many sandbox runs")] = None,
+    budget_sandbox_s: Annotated[float | None, Field(ge=0, description="at most this many sandbox seconds")] = None,
+    background: Annotated[bool, BACKGROUND] = False,
+) -> CampaignOut:
+    """Validate several candidates as one DAG campaign (verify -> validate each, in parallel up to
+    the worker pool's size, within an optional budget). The result lists every candidate's report
+    and what the budget left out; get_report / get_job give the details."""
+    gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
+    budget = Budget(runs=budget_runs, sandbox_s=budget_sandbox_s) \
+        if budget_runs is not None or budget_sandbox_s is not None else None
+    job = await in_thread(candidates.validate_campaign, [c.model_dump() for c in candidates_], goals=gs,
+                          workloads=workloads, rounds=rounds, budget=budget, actor="mcp",
+                          lane="normal" if background else "high")
+    if not background:
+        job = await in_thread(run_to_end, job.id, ctx=ctx)
+        jobq.result_or_raise(job)
+    return CampaignOut(job_id=job.id, state=job.state,
+                       result=CampaignResult.model_validate(job.result) if job.result else None)
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    queue_depth: dict[str, int] = Field(description="pending jobs per priority lane")
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def list_jobs(
+    state: Annotated[Literal["pending", "running", "succeeded", "failed", "cancelled", "dead"] | None,
+                     Field(description="only jobs in this state")] = None,
+    kind: Annotated[str | None, Field(description="verify, validate, campaign, ...")] = None,
+    lane: Annotated[LaneName | None, Field(description="priority lane")] = None,
+    parent: Annotated[str | None, Field(description="the children of this campaign")] = None,
+    limit: Annotated[int, Field(ge=1, le=500)] = 50,
+) -> JobList:
+    """The supervisor's jobs (sandbox runs), newest first; campaign children only with `parent`."""
+    js = await in_thread(jobq.list_jobs, state, kind, lane, parent, parent is None, limit)
+    return JobList(jobs=[JobView.of(j) for j in js], queue_depth=await in_thread(jobq.queue_depth))
+
+
+class JobOut(BaseModel):
+    detail: JobDetailView
+    validation: reports.ValidationOutcome | None = Field(
+        None, description="a finished validate job's outcome (a pass carries a fresh deployment token)")
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def get_job(job_id: Annotated[str, Field(description="job-…")]) -> JobOut:
+    """A job: state, progress, attempts (with each failure), result or error, children."""
+    d = await in_thread(jobq.detail, job_id)
+    out = None
+    if d.job.kind == "validate" and d.job.state == "succeeded":
+        out = await in_thread(candidates.validation_outcome, d.job)
+    return JobOut(detail=JobDetailView.of(d), validation=out)
+
+
+class Cancelled(BaseModel):
+    cancelled: list[str] = Field(description="the job and the part of its subtree that had not ended")
+
+
+@server.tool(annotations=DESTRUCTIVE)
+@agent_errors
+async def cancel_job(job_id: Annotated[str, Field(description="job-…")]) -> Cancelled:
+    """Cancel a job and its subtree; their running sandbox VMs are stopped."""
+    return Cancelled(cancelled=await in_thread(jobq.cancel, job_id, actor="mcp"))
 
 
 class WorkloadList(BaseModel):
@@ -411,6 +554,66 @@ async def rollback(
 async def get_status() -> deployments.StatusReport:
     """What is deployed where, since when, from which report/token, and the latest monitor reading."""
     return await in_thread(deployments.status)
+
+
+# --- synthesis: primitives, generate, reconfigure, revise, tune --------------------------------------
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def list_primitives() -> Catalog:
+    """The algorithm primitives a generated scheduler is built from, per axis (queue, ordering,
+    cpu_select, slice, preempt, task_class): what each does, when to use it, where it fails, its
+    knobs (type, default, range) and constraints, plus an example spec for generate_scheduler."""
+    from .synth.primitives import catalog
+
+    return catalog()
+
+
+@server.tool(annotations=SANDBOXED)
+@agent_errors
+async def generate_scheduler(
+    ctx: Context,
+    spec: Annotated[SchedulerSpec, Field(description="one primitive per axis, task classes and knob "
+                                         "values — see list_primitives for the choices")],
+    profile_id: Annotated[str | None, Field(description="the WorkloadProfile it is for")] = None,
+) -> SynthResult:
+    """Generate a sched_ext scheduler from primitives: the spec is checked first (unknown primitives,
+    incompatible combinations, out-of-range knobs are refused, each saying which and why), then
+    rendered to C, compiled and loaded by the sandbox kernel's verifier at once. Returns the source,
+    a candidate id, the report id for validate_scheduler, and structured compile/verifier errors."""
+    from .synth.generate import generate
+
+    return await in_thread(generate, spec, profile_id=profile_id, actor="mcp", ctx=ctx)
+
+
+@server.tool(annotations=SANDBOXED)
+@agent_errors
+async def reconfigure_policy(
+    ctx: Context,
+    name: Annotated[str, Field(description="repository policy name")],
+    params: Annotated[dict[str, str | int | bool], Field(
+        description="new values of its policy.json parameters, e.g. {'slice_ns': 3000000}")],
+) -> SynthResult:
+    """A policy with new knob values: types and ranges checked against its policy.json, injected as
+    rodata by the loader (the source is never edited), then checked by layer 1. Returns a candidate."""
+    from .synth.reconfigure import reconfigure
+
+    return await in_thread(reconfigure, name, params, actor="mcp", ctx=ctx)
+
+
+@server.tool(annotations=SANDBOXED)
+@agent_errors
+async def revise_policy(
+    ctx: Context,
+    base: Annotated[str, Field(description="a policy name or a candidate id (cand-…) to revise")],
+    patch: Annotated[str, Field(description="unified diff of its BPF C source (diff -u / git diff)")],
+    params: Annotated[dict[str, str] | None, Field(description="knob values to load it with")] = None,
+) -> SynthResult:
+    """Apply a unified diff to a copy of a policy's or candidate's source and run layer 1 on the
+    result. A patch that does not apply is refused with the failing hunk."""
+    from .synth.revise import revise
+
+    return await in_thread(revise, base, patch, params, actor="mcp", ctx=ctx)
 
 
 # --- learn -----------------------------------------------------------------------------------------

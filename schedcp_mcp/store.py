@@ -140,8 +140,15 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
 
 def _private_db(path: Path) -> None:
     """The database holds every report, profile and the audit log: 0600 from its creation (SQLite
-    gives its -wal and -shm files the database's mode); an older, wider file is tightened."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    gives its -wal and -shm files the database's mode); an older, wider file is tightened.
+    An existing file is never opened here: closing any descriptor of a database file drops every
+    POSIX lock this process holds on it, so another connection of ours would lose its WAL read
+    lock, and another process closing its last connection would then delete the -wal and -shm
+    files under us ("disk I/O error")."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         try:
             if p.stat().st_mode & 0o077:

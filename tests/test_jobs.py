@@ -158,3 +158,67 @@ def test_bad_requests_say_what_to_do():
         queue.get("job-x")
     with pytest.raises(Exception, match="unknown priority lane"):
         queue.submit("noop", lane="asap")
+
+
+def test_campaign_runs_independent_nodes_in_parallel_and_passes_results():
+    from schedcp_mcp.jobs.campaigns import Node, submit_campaign
+
+    camp = submit_campaign("dag", [
+        Node(name="a", kind="sleep", inputs={"seconds": 0.5}),
+        Node(name="b", kind="sleep", inputs={"seconds": 0.5}),
+        Node(name="join", kind="noop", inputs={"echo": "c"}, after=["a", "b"]),
+    ])
+    with Pool(2):
+        camp = wait_done(camp.id)
+    kids = {j.inputs["node"]: j for j in queue.detail(camp.id).children}
+    a, b, join = (queue.get(kids[n].id) for n in ("a", "b", "join"))
+    assert camp.state == "succeeded" and camp.result["counts"] == {"succeeded": 3}
+    assert a.started_at < b.finished_at and b.started_at < a.finished_at  # ran side by side
+    assert join.started_at >= max(a.finished_at, b.finished_at)
+    assert set(join.result["deps"]) == {a.id, b.id} and join.result["deps"][a.id]["slept_s"] == 0.5
+
+
+def test_failed_node_cancels_its_dependents_not_the_campaign():
+    from schedcp_mcp.jobs.campaigns import Node, submit_campaign
+
+    camp = submit_campaign("dag", [Node(name="bad", kind="flaky", inputs={"final": True}),
+                                   Node(name="after", kind="noop", after=["bad"]),
+                                   Node(name="other", kind="noop")])
+    with Pool(2):
+        camp = wait_done(camp.id)
+    states = {c["name"]: c["state"] for c in camp.result["children"]}
+    assert states == {"bad": "failed", "after": "cancelled", "other": "succeeded"}
+
+
+def test_budget_exhaustion_stops_lower_priority_children():
+    from schedcp_mcp.jobs.campaigns import Node, submit_campaign
+
+    camp = submit_campaign("budgeted", [Node(name=lane, kind="sleep", inputs={"seconds": 0.05}, lane=lane)
+                                        for lane in ("low", "normal", "high", "urgent")],
+                           budget=Budget(runs=2))
+    with Pool(1):
+        camp = wait_done(camp.id)
+    r = camp.result
+    assert {c["name"]: c["state"] for c in r["children"]} == {
+        "urgent": "succeeded", "high": "succeeded", "normal": "cancelled", "low": "cancelled"}
+    assert sorted(r["not_started_for_budget"]) == ["low", "normal"] and r["used"]["runs"] == 2
+    assert "budget exhausted: 2 of 2 runs used" in queue.get(
+        next(c["id"] for c in r["children"] if c["name"] == "low")).error
+
+
+def test_cancelling_a_campaign_cancels_its_subtree():
+    from schedcp_mcp.jobs.campaigns import Node, submit_campaign
+
+    camp = submit_campaign("long", [Node(name=f"s{i}", kind="sleep", inputs={"seconds": 30}) for i in range(3)])
+    with Pool(2, heartbeat_s=0.05) as pool:
+        deadline = time.monotonic() + 10
+        while pool.active < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cancelled = queue.cancel(camp.id)
+        deadline = time.monotonic() + 5
+        while pool.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pool.active == 0
+    assert len(cancelled) == 4
+    assert {j.state for j in queue.list_jobs(parent=camp.id)} == {"cancelled"}
+    assert queue.get(camp.id).state == "cancelled"

@@ -7,10 +7,20 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from schedcp_mcp.errors import BadInput, NotFound
 from schedcp_mcp.observe import cpu, profile, system
+
+
+@pytest.fixture
+def quiet_cpus():
+    """Tests that judge how busy a workload keeps the CPUs need the CPUs to themselves: on a shared
+    machine (other VMs, other test runs) the figures say nothing about our code, so skip there."""
+    busy = 100.0 - psutil.cpu_times_percent(interval=0.5).idle
+    if busy > 40:
+        pytest.skip(f"the machine is busy ({busy:.0f}% CPU used by others); this test needs quiet CPUs")
 
 
 def proc_stat_ctxt() -> int:
@@ -35,7 +45,7 @@ def test_cpu_stats_match_proc_stat_rates():
     assert s.load_avg == pytest.approx(os.getloadavg(), abs=0.5)
 
 
-def test_busy_cpu_shows_as_busy():
+def test_busy_cpu_shows_as_busy(quiet_cpus):
     hog = subprocess.Popen(["stress-ng", "--cpu", str(os.cpu_count()), "--timeout", "3"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -82,7 +92,7 @@ def test_parse_cpulist():
     assert system.parse_cpulist("0-3,8,10-11") == [0, 1, 2, 3, 8, 10, 11]
 
 
-def test_profile_of_cpu_hog_is_cpu_bound_and_stored():
+def test_profile_of_cpu_hog_is_cpu_bound_and_stored(quiet_cpus):
     p = profile.profile_workload(["stress-ng", "--cpu", "2", "--timeout", "2"], duration_s=6)
     assert p.characteristics.cpu_bound
     assert not p.characteristics.latency_sensitive

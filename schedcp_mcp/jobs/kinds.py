@@ -1,8 +1,9 @@
 """Job kinds: what a job of each kind does, its content key (dedupe) and its limits.
 
 A kind's `run(ctx)` gets a `JobContext` (inputs, the results of the jobs it depends on, progress
-that also notices cancellation) and returns a JSON-able dict. The sandbox kinds live in `work.py`;
-the trivial ones here (`noop`, `sleep`, `flaky`) are real jobs for the supervisor's own tests and
+that also notices cancellation) and returns a JSON-able dict. The modules that own the work register
+their kinds (`candidates`: verify, validate; `campaigns`: campaign), and the registry loads them by
+name like plugins (`KIND_MODULES`), since they sit above this layer; the trivial ones here (`noop`, `sleep`, `flaky`) are real jobs for the supervisor's own tests and
 `schedcp bench jobs`: they go through the same store, pools and engines as a validation.
 """
 
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import BadInput, InfrastructureError
+from ..errors import BadInput, TransientError
 
 
 class JobCancelled(Exception):
@@ -62,6 +63,7 @@ class Kind:
 
 _KINDS: dict[str, Kind] = {}
 _loaded = False
+KIND_MODULES = ("schedcp_mcp.candidates", "schedcp_mcp.jobs.campaigns")
 
 
 def register(name: str, **kw) -> Callable[[Callable], Callable]:
@@ -75,7 +77,10 @@ def _load() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import work  # noqa: F401 — registers the sandbox kinds
+        import importlib
+
+        for m in KIND_MODULES:
+            importlib.import_module(m)
 
 
 def get(name: str) -> Kind:
@@ -126,5 +131,5 @@ def _flaky(ctx: JobContext) -> dict[str, Any]:
     if ctx.inputs.get("final"):
         raise BadInput("this job's input is wrong (a final failure: not retried)")
     if ctx.job.attempts < int(ctx.inputs.get("succeed_on", 10**9)):
-        raise InfrastructureError(f"simulated infrastructure failure on attempt {ctx.job.attempts}")
+        raise TransientError(f"simulated infrastructure failure on attempt {ctx.job.attempts}")
     return {"attempt": ctx.job.attempts}

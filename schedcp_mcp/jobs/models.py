@@ -79,6 +79,51 @@ class JobDetail(BaseModel):
     attempts: list[Attempt] = []
 
 
+class JobView(BaseModel):
+    """A job as an agent or the status page reads it: every field typed, the kind-dependent inputs
+    and result as JSON text."""
+    id: str
+    kind: str
+    lane: LaneName
+    state: State
+    attempts: int
+    max_attempts: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    deadline: float | None
+    worker: str | None
+    parent: str | None
+    deps: list[str]
+    cached_from: str | None
+    budget: Budget | None
+    elapsed_s: float
+    progress: float
+    message: str
+    error: str | None
+    report_id: str | None = Field(None, description="the validation report the job made, if any")
+    passed: bool | None = Field(None, description="a validate job's verdict")
+    inputs_json: str
+    result_json: str | None
+
+    @classmethod
+    def of(cls, j: Job) -> "JobView":
+        r = j.result or {}
+        return cls(**{k: getattr(j, k) for k in cls.model_fields if hasattr(j, k)},
+                   report_id=r.get("report_id"), passed=r.get("passed"),
+                   inputs_json=json.dumps(j.inputs), result_json=json.dumps(j.result) if j.result else None)
+
+
+class JobDetailView(BaseModel):
+    job: JobView
+    children: list[JobView] = []
+    attempts: list[Attempt] = []
+
+    @classmethod
+    def of(cls, d: JobDetail) -> "JobDetailView":
+        return cls(job=JobView.of(d.job), children=[JobView.of(c) for c in d.children], attempts=d.attempts)
+
+
 class WorkerInfo(BaseModel):
     id: str
     engine: str

@@ -21,8 +21,9 @@ import logging
 import os
 import threading
 import time
+from typing import Callable
 
-from ..errors import InfrastructureError, SchedcpError
+from ..errors import SchedcpError, TransientError
 from ..sandbox import vm as vmmod
 from . import kinds, queue
 from .kinds import JobCancelled, JobContext
@@ -148,10 +149,10 @@ class Pool:
             outcome = "succeeded"
         except JobCancelled:
             pass  # cancelled or given up on: whoever did that recorded it
-        except InfrastructureError as e:
+        except TransientError as e:
             outcome, error = "transient", str(e)
-        except SchedcpError as e:
-            outcome, error = "failed", str(e)
+        except SchedcpError as e:  # bad input, a machine that cannot do it: final
+            outcome, error = "failed", f"{type(e).__name__}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else "")
         except Exception as e:  # noqa: BLE001 — a bug in a kind: final, logged
             log.exception("job %s (%s) failed", job.id, job.kind)
             outcome, error = "failed", f"internal error: {type(e).__name__}: {e}"
@@ -188,3 +189,17 @@ class Pool:
         if lost:
             vmmod.kill_job_vms(lost)
         vmmod.reap_orphans()
+
+
+def run_to_end(job_id: str, progress: Callable[[str, float], None] | None = None,
+               timeout_s: float | None = None) -> Job:
+    """Wait for a job as a synchronous command does. When no pool is alive to run it (no `schedcp
+    worker`, no server), run one here for this job and its children only. Ctrl-C cancels the job."""
+    try:
+        if any(w.alive for w in queue.list_workers(0)):
+            return queue.wait(job_id, timeout_s, progress)
+        with Pool(scope=job_id):
+            return queue.wait(job_id, timeout_s, progress)
+    except KeyboardInterrupt:
+        queue.cancel(job_id, actor="interrupted caller")
+        raise

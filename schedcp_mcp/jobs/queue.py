@@ -6,9 +6,10 @@ written only by the attempt that currently owns the job (`state='running' AND at
 worker=?`): a worker that was given up on (it stopped heartbeating, passed its timeout, or its job
 was cancelled) may still finish, but its late result is discarded — no result is recorded twice.
 
-Failures: the handler's `InfrastructureError` (VM boot failure, guest crash, timeout), a timeout and
-a lost worker are transient: retried with exponential backoff until `max_attempts`, then `dead`
-(kept with every attempt's error for inspection). Any other error is final (`failed`). A candidate
+Failures: the handler's `TransientError` (VM boot failure, guest crash, guest timeout), an attempt's
+timeout and a lost worker are transient: retried with exponential backoff until `max_attempts`, then `dead`
+(kept with every attempt's error for inspection). Any other error is final (`failed`): bad input,
+or a machine that cannot do it at all (no sandbox image, a host without sched_ext). A candidate
 that the verifier rejected or that stalled the guest is not an error: the job `succeeded` and its
 result says so.
 """
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterable
 import psutil
 
 from .. import store
+from .. import errors
 from ..errors import BadInput, NotFound
 from . import kinds
 from .models import LANES, TERMINAL, Attempt, Budget, Job, JobDetail, LaneName, WorkerInfo
@@ -51,7 +53,7 @@ def submit(kind: str, inputs: dict[str, Any] | None = None, *, lane: LaneName = 
            timeout_s: float | None = None, max_attempts: int | None = None,
            complete_by_s: float | None = None, deps: Iterable[str] = (), parent: str | None = None,
            join_all: bool = False, budget: Budget | None = None, use_cache: bool = True,
-           actor: str = "api") -> Job:
+           actor: str = "api", not_before: float | None = None) -> Job:
     """Queue a job (or answer it at once: see below). `complete_by_s` is a deadline from now.
 
     Identical work (the kind's content key: source, parameters, kernel build, workloads, rounds)
@@ -66,7 +68,7 @@ def submit(kind: str, inputs: dict[str, Any] | None = None, *, lane: LaneName = 
     now = time.time()
     deps = list(dict.fromkeys(deps))
     row = dict(id=store.new_id("job"), kind=kind, lane=LANES.index(lane), state="pending",
-               created_at=now, not_before=now,
+               created_at=now, not_before=not_before or now,
                deadline=now + complete_by_s if complete_by_s else None,
                timeout_s=float(timeout_s or k.timeout_s),
                max_attempts=int(max_attempts or k.max_attempts), parent=parent,
@@ -94,6 +96,16 @@ def submit(kind: str, inputs: dict[str, Any] | None = None, *, lane: LaneName = 
         conn.executemany("INSERT INTO job_deps(job, dep) VALUES (?,?)", [(row["id"], d) for d in deps])
     _wake_local()
     return get(row["id"])
+
+
+def add_deps(job_id: str, deps: list[str]) -> None:
+    store.db().executemany("INSERT OR IGNORE INTO job_deps(job, dep) VALUES (?,?)", [(job_id, d) for d in deps])
+
+
+def release(job_id: str) -> None:
+    """Make a held job (not_before far ahead) claimable now."""
+    store.db().execute("UPDATE jobs SET not_before=? WHERE id=? AND state='pending'", (time.time(), job_id))
+    _wake_local()
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -166,12 +178,38 @@ def wait(job_id: str, timeout_s: float | None = None,
     seen = None
     while True:
         job = get(job_id)
+        if job.kind == "campaign" and job.state == "pending":
+            n, ended = store.db().execute(f"SELECT COUNT(*), SUM(state IN {_TERMINAL_SQL}) FROM jobs "
+                                          "WHERE parent=?", (job_id,)).fetchone()
+            job.message, job.progress = f"{ended or 0} of {n} nodes done", (ended or 0) / max(n, 1)
         if on_progress and (job.message, job.progress) != seen:
             seen = (job.message, job.progress)
             on_progress(job.message or job.state, job.progress)
         if job.done or (deadline is not None and time.monotonic() > deadline):
             return job
         time.sleep(poll_s)
+
+
+def result_or_raise(job: Job) -> dict[str, Any]:
+    """A finished job's result, or the error it ended with, raised as what it was (a bad input stays
+    a BadInput; a dead-lettered job is an InfrastructureError)."""
+    if job.state == "succeeded":
+        return job.result or {}
+    hint = f"`schedcp jobs show {job.id}` (MCP get_job) lists every attempt"
+    if job.state == "dead":
+        raise errors.InfrastructureError(f"job {job.id} failed {job.attempts} time(s) for reasons outside "
+                                         f"the candidate and was dead-lettered: {job.error}", hint)
+    if job.state == "cancelled":
+        raise errors.SchedcpError(f"job {job.id} was cancelled: {job.error}", hint)
+    if job.state != "failed":
+        raise errors.SchedcpError(f"job {job.id} has not finished ({job.state})",
+                                  f"wait for it: `schedcp jobs wait {job.id}`")
+    kind, sep, message = (job.error or "").partition(": ")
+    message, _, given_hint = message.partition("\nhint: ")
+    cls = getattr(errors, kind, None) if sep else None
+    if isinstance(cls, type) and issubclass(cls, errors.SchedcpError):
+        raise cls(message, given_hint or None)
+    raise errors.SchedcpError(job.error or "failed", hint)
 
 
 # --- workers -----------------------------------------------------------------------------------
@@ -213,7 +251,7 @@ def list_workers(include_stopped_s: float = 600) -> list[WorkerInfo]:
         running = [r["id"] for r in conn.execute(
             "SELECT id FROM jobs WHERE worker=? AND state='running'", (w["id"],))]
         out.append(WorkerInfo(**{k: w[k] for k in WorkerInfo.model_fields if k in w.keys()},
-                              alive=_worker_alive(w), running=running))
+                              alive=_worker_alive(w) and now - w["heartbeat_at"] < 30, running=running))
     return out
 
 

@@ -41,6 +41,33 @@ def params_from_report(r: ValidationReport) -> list[dict]:
     return out
 
 
+def _candidate_knobs(candidate_id: str | None) -> list:
+    """A generated candidate's knobs (typed, with ranges) for its policy.json."""
+    if not candidate_id:
+        return []
+    from ..repository.provenance import get_candidate
+
+    return get_candidate(candidate_id).knobs
+
+
+def _synth_provenance(r) -> dict[str, str]:
+    """policy.json provenance entries of a synthesized candidate (flat strings, like the rest)."""
+    p = r.provenance
+    if p is None:
+        return {}
+    out = {"origin": p.kind, "candidate_id": r.candidate_id or ""}
+    if p.parent_candidate:
+        out["parent_candidate"] = p.parent_candidate
+    if p.spec:
+        out["spec"] = "spec.json"
+    if p.patch:
+        out["patch"] = "origin.patch"
+        out["patch_sha256"] = p.patch_sha256 or ""
+    if p.tune_id:
+        out["tune_id"] = p.tune_id
+    return out
+
+
 def contribute_policy(report_id: str, name: str, description: str, tags: list[str] | None = None,
                       summary: str | None = None, actor: str = "agent") -> Policy:
     if not NAME.match(name):
@@ -59,10 +86,13 @@ def contribute_policy(report_id: str, name: str, description: str, tags: list[st
         raise BadInput(f"report {r.id} passed but did not meet its goals: {fb.summary}",
                        "revise the scheduler until it meets the goals")
     source = source_for(r)
-    parent = get_policy(r.policy) if r.policy else None
+    prov = r.provenance
+    parent_name = r.policy or (prov.parent_policy if prov else None)
+    parent = get_policy(parent_name) if parent_name else None
+    knobs = parent.parameters if parent is not None else _candidate_knobs(r.candidate_id)
     params = []
-    if parent is not None:
-        for p in parent.parameters:
+    if knobs:
+        for p in knobs:
             d = p.model_dump()
             if p.loader_key in r.params:
                 d["default"] = p.check(r.params[p.loader_key])
@@ -86,14 +116,22 @@ def contribute_policy(report_id: str, name: str, description: str, tags: list[st
         "limitations": parent.limitations if parent else ["validated only on the sandbox workloads"],
         "parameters": params,
         "goals": [g.metric for g in r.goals],
-        "provenance": {"parent_policy": r.policy or "", "report_id": r.id,
+        "provenance": {"parent_policy": parent_name or "", "report_id": r.id,
                        "source_sha256": r.source_sha256, "artifact_sha256": r.artifact_sha256 or "",
-                       "date": date, "contributed_by": actor, "reward": f"{fb.reward:+.4f}"},
+                       "date": date, "contributed_by": actor, "reward": f"{fb.reward:+.4f}",
+                       **_synth_provenance(r)},
     }
     (d / "policy.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if prov and prov.spec:
+        (d / "spec.json").write_text(prov.spec.model_dump_json(indent=2) + "\n")
+    if prov and prov.patch:
+        (d / "origin.patch").write_text(prov.patch)
     (d / "README.md").write_text(
         f"# {name}\n\n{description.strip()}\n\nContributed {date} from validation report `{r.id}`"
-        + (f", revised from `{r.policy}`" if r.policy else "") + f".\n\n{fb.summary}\n")
+        + (f", {prov.kind} from `{parent_name or prov.parent_candidate or 'a spec'}` (candidate "
+           f"`{r.candidate_id}`{'; spec.json' if prov.spec else ''}{'; origin.patch' if prov.patch else ''})"
+           if prov else f", derived from `{r.policy}`" if r.policy else "")
+        + f".\n\n{fb.summary}\n")
     store.audit(actor, "contribute_policy", {"name": name, "report_id": r.id, "path": str(d)},
                 r.artifact_sha256)
     return get_policy(name)

@@ -137,12 +137,14 @@ def _policy_key(policy: str | None) -> str:
     return policy or "custom"
 
 
-def record_validation_outcome(report_id: str) -> Outcome:
+def record_validation_outcome(report_id: str, outcome_id: str | None = None) -> Outcome:
+    """`outcome_id`: a fixed id, so that a validation job run again records one outcome, not two."""
     r = get_report(report_id)
     fb = report_feedback(report_id)
-    return record(new_outcome(source="sandbox", policy=_policy_key(r.policy),
+    return record(new_outcome(id=outcome_id, source="sandbox", policy=_policy_key(r.policy),
                               params={k: int(v) for k, v in r.params.items() if v.lstrip("-").isdigit()},
                               source_sha256=r.source_sha256, profile_id=r.profile_id, report_id=r.id,
+                              candidate_id=r.candidate_id, provenance=r.provenance,
                               metrics=fb.metrics, reward=fb.reward, goals_met=fb.goals_met,
                               note=fb.summary))
 
@@ -151,11 +153,12 @@ def record_deployment_outcome(d: Deployment) -> Outcome:
     fb = deployment_feedback(d)
     try:
         r = get_report(d.report_id)
-        profile_id, sha = r.profile_id, r.source_sha256
+        profile_id, sha, cid, prov = r.profile_id, r.source_sha256, r.candidate_id, r.provenance
     except Exception:  # noqa: BLE001 - the report may have been removed; the outcome still counts
-        profile_id, sha = None, None
+        profile_id, sha, cid, prov = None, None, None, None
     return record(new_outcome(source="deployment", policy=_policy_key(d.policy),
                               params={k: int(v) for k, v in d.params.items() if v.lstrip("-").isdigit()},
                               source_sha256=sha, profile_id=profile_id, report_id=d.report_id,
-                              deployment_id=d.id, metrics=fb.metrics, reward=fb.reward,
+                              deployment_id=d.id, candidate_id=cid, provenance=prov,
+                              metrics=fb.metrics, reward=fb.reward,
                               goals_met=fb.goals_met, rolled_back=fb.rolled_back, note=fb.summary))

@@ -20,6 +20,7 @@ from .. import store
 from ..models import MetricResult
 from ..observe.profile import WorkloadProfile, get_profile
 from ..repository.policies import Policy
+from ..repository.provenance import Provenance
 
 KIND = "outcome"
 MIN_SIMILARITY = 0.6
@@ -36,6 +37,8 @@ class Outcome(BaseModel):
     profile_id: str | None = None
     report_id: str | None = None
     deployment_id: str | None = None
+    candidate_id: str | None = Field(None, description="the synthesized candidate (cand-…), if any")
+    provenance: Provenance | None = Field(None, description="how that candidate was made")
     metrics: list[MetricResult] = []
     reward: float
     goals_met: bool
@@ -67,7 +70,7 @@ def new_outcome(**kw) -> Outcome:
         kw["reward"] = reward(metrics)
     if "goals_met" not in kw:
         kw["goals_met"] = all(m.met is not False for m in metrics)
-    return Outcome(id=store.new_id("out"), created_at=time.time(), **kw)
+    return Outcome(id=kw.pop("id", None) or store.new_id("out"), created_at=time.time(), **kw)
 
 
 def outcomes_for_policy(name: str, limit: int = 50) -> list[Outcome]:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -300,6 +301,26 @@ def _contain_prefix() -> list[str]:
 _CONTAIN: list[str] | None = None
 
 
+def _is_unshare(p: psutil.Process) -> bool:
+    try:
+        return p.name() == "unshare"
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def _children(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return p.children()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
+def _drain(f) -> None:
+    with f:
+        while f.read(65536):
+            pass
+
+
 def _end_tree(proc: subprocess.Popen, seen: dict[int, float]) -> None:
     """SIGKILL what is left of a workload: its session, then any descendant seen while sampling
     (matched by start time, so a recycled pid is left alone)."""
@@ -427,14 +448,21 @@ def _run_and_sample(command: list[str] | None, pid: int | None, duration_s: floa
     exit_code = None
     contain: list[str] = []
     seen: dict[int, float] = {}
+    wrappers: set[int] = set()
     try:
         if command is not None:
-            argv = [*perf_cmd, "--", *command] if perf_cmd else command
             contain = _contain_prefix()
-            # no output of the workload is kept or returned: only what we measure
-            proc = subprocess.Popen([*contain, *argv], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            # perf stays outside the namespace (inside it, it sometimes reports exit 0 for a failed
+            # workload); a shell is the namespace's init, so the workload still gets our SIGINT
+            contained = [*contain, "sh", "-c", '"$@"; exit $?', "sh", *command] if contain else command
+            argv = [*perf_cmd, "--", *contained] if perf_cmd else contained
+            # no output of the workload is kept or returned: only what we measure. (stdout is a
+            # drained pipe, not /dev/null: `perf stat` exits 0 whatever the workload did when its
+            # stdout is /dev/null.)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                     start_new_session=True)
+            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
             root = psutil.Process(proc.pid)
         else:
             root = psutil.Process(pid)
@@ -446,8 +474,12 @@ def _run_and_sample(command: list[str] | None, pid: int | None, duration_s: floa
         while True:
             elapsed = time.monotonic() - start
             procs = _tree(root)
-            if contain and procs:
-                procs = procs[1:]  # the unshare process is ours, not the workload's
+            if contain:  # unshare and the namespace's init shell are ours, not the workload's
+                for p in procs:
+                    if p.pid not in wrappers and _is_unshare(p):
+                        wrappers.add(p.pid)
+                        wrappers.update(c.pid for c in _children(p))
+                procs = [p for p in procs if p.pid not in wrappers]
             if proc is not None:
                 for p in procs:
                     try:

@@ -52,7 +52,7 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import config
-from ..errors import BadInput, InfrastructureError
+from ..errors import BadInput, InfrastructureError, TransientError
 from . import image
 
 AGENT_PORT = "org.schedcp.agent"
@@ -61,7 +61,7 @@ QEMU = os.environ.get("SCHEDCP_QEMU", "qemu-system-x86_64")
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 
 
-class GuestTimeout(InfrastructureError):
+class GuestTimeout(TransientError):
     """A guest command (or the boot) did not finish in time; the VM was killed."""
 
 
@@ -420,7 +420,7 @@ class VM:
         except (TimeoutError, ConnectionError, OSError) as e:
             why = "did not boot" if not isinstance(e, TimeoutError) else \
                 f"did not boot within {self.boot_timeout_s:.0f} s"
-            err = (GuestTimeout if isinstance(e, TimeoutError) else InfrastructureError)(
+            err = (GuestTimeout if isinstance(e, TimeoutError) else TransientError)(
                 f"the sandbox VM {why} ({self.accel}): {e or ''}".rstrip(": "),
                 hint="console tail: " + self.console()[-800:].strip().replace("\n", " | ") + self._qemu_log())
             self.kill()
@@ -544,7 +544,7 @@ class VM:
                                hint="a scheduler that stalls the guest, or a workload too long for the timeout")
         except (ConnectionError, OSError) as e:
             self._die()
-            raise InfrastructureError(f"the sandbox VM died during a command: {e}",
+            raise TransientError(f"the sandbox VM died during a command: {e}",
                                       hint="console tail: " + self.console()[-600:].strip().replace("\n", " | "))
         res = _unpack_result(body)
         return GuestResult(rc=rc, duration_s=time.monotonic() - t0, **res)

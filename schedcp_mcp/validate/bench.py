@@ -1,12 +1,14 @@
-"""`schedcp bench policies`: every repository policy through layer 1 and layer 2, as a table and a chart.
+"""Benchmarks of layer 2 itself and of the policies, as tables that carry their intervals.
 
-Each policy's figures are its own A/B inside one VM boot (baseline and candidate interleaved), so a
-ratio is meaningful; absolute times are not (a qemu TCG guest on a shared host). Ratios of different
-policies come from different validations and are only roughly comparable: same boot, but not the
-same rounds.
+`schedcp bench policies`: every repository policy, and the kernel's own example schedulers
+(`kernel:scx_simple`, compiled from the sandbox's linux-source tools/sched_ext on this machine, never
+copied into the project), through layer 1 and layer 2. Each row is its own paired A/B inside one VM
+boot, so its speedups and intervals are meaningful; absolute times are not (a qemu TCG guest on a
+shared host). Writes <out_dir>/policies-ab.png, policies-ab.md and policies-ab.json.
 
-Writes <out_dir>/policies-ab.png (speedup per workload and policy), policies-ab.md (the table, the
-machine, the date, the wall times) and policies-ab.json (every Layer2Result).
+`schedcp bench aa`: the default scheduler against itself (the interval a validation gets when nothing
+differs). `schedcp bench stability`: one policy validated in N fresh boots, and how often a verdict
+flipped between them.
 """
 
 from __future__ import annotations
@@ -21,13 +23,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import SchedcpError
+from .. import config
+from ..errors import BadInput, SchedcpError
 from ..repository.policies import list_policies
 from ..sandbox.vm import VM
-from ..verify.pipeline import verify_policy
-from .runner import validate_layer1
+from ..verify.pipeline import verify_policy, verify_source
+from . import gates
+from .runner import BUDGET_S, validate_layer1
 from .models import Layer2Result, WorkloadResult
 from .workloads import list_workloads
+
+#: kernel example schedulers that verify and run under our loader (see DESIGN: scx_pair needs a sized
+#: map, scx_userland its userspace half, scx_central is a bad fit for 2 vCPUs)
+KERNEL_PEERS = ["kernel:scx_simple"]
+KERNEL_PREFIX = "kernel:"
 
 TCG_NOTE = ("Timings come from a qemu VM (TCG: no KVM here) on a shared 2-core host: absolute figures "
             "are distorted and only the ratios within one validation (same boot, interleaved rounds) "
@@ -53,11 +62,23 @@ def _machine() -> str:
     return f"{platform.node() or 'host'}: {os.cpu_count()} CPUs ({cpu or 'unknown CPU'}), Linux {platform.release()}"
 
 
+def _verify(name: str, vm):
+    """Layer 1 for a repository policy or a kernel example (`kernel:scx_simple`)."""
+    if not name.startswith(KERNEL_PREFIX):
+        return verify_policy(name, vm=vm)
+    src = config.sandbox_dir() / "sched_ext" / f"{name[len(KERNEL_PREFIX):]}.bpf.c"
+    if not src.exists():
+        raise BadInput(f"no kernel example {src.name} in {src.parent}",
+                       hint="`schedcp sandbox build` extracts tools/sched_ext from linux-source")
+    return verify_source(src.read_text(), vm=vm)
+
+
 def bench_policies(rounds: int = 3, out_dir: Path = Path("results"), policies: list[str] | None = None,
-                   console: Console | None = None) -> list[dict]:
+                   console: Console | None = None, budget_s: float | None = None) -> list[dict]:
 
     con = console or Console()
-    names = policies or [p.name for p in list_policies() if p.kind == "schedcp" and p.source_text()]
+    budget = BUDGET_S if budget_s is None else budget_s
+    names = policies or [p.name for p in list_policies() if p.kind == "schedcp" and p.source_text()] + KERNEL_PEERS
     wl = [w.name for w in list_workloads()]
     rows: list[dict] = []
     cold_s: float | None = None
@@ -75,17 +96,19 @@ def bench_policies(rounds: int = 3, out_dir: Path = Path("results"), policies: l
                         vm.close(graceful=False)
                     vm = VM(full=True).start()
                 t0 = time.monotonic()
-                l1 = verify_policy(name, vm=vm)  # the first one boots its own small VM
+                l1 = _verify(name, vm)  # the first one boots its own small VM
                 row["layer1"] = l1.verdict
                 if not l1.accepted:
                     row["error"] = f"layer 1 {l1.verdict} at {l1.stage}: " + "; ".join(e.message for e in l1.errors[:2])
                     continue
-                res = validate_layer1(l1, rounds=rounds, vm=vm,
-                                      progress=lambda m, f: con.print(f"  [dim]{f:4.0%} {m}[/dim]"))
+                res = validate_layer1(l1, rounds=rounds, budget_s=budget, vm=vm,
+                                      progress=lambda m, f: con.print(f"  [dim]{m}[/dim]"))
                 wall = time.monotonic() - t0
                 if i == 0:
                     cold_s = wall  # verify (own boot) + validate (own boot): what one `schedcp validate` costs
                 row.update(result=res, wall_s=wall)
+                con.print(interval_table(res.workloads, f"{name}: {res.rounds} paired rounds, "
+                                         f"{'pass' if res.passed else 'fail'}"))
             except SchedcpError as e:
                 row["error"] = str(e)
             if i == 0 and vm is None:
@@ -97,7 +120,7 @@ def bench_policies(rounds: int = 3, out_dir: Path = Path("results"), policies: l
 
     _print_table(con, rows, wl)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = _markdown(rows, wl, rounds, cold_s, total_s)
+    md = _markdown(rows, wl, rounds, budget, cold_s, total_s)
     (out_dir / "policies-ab.md").write_text(md)
     (out_dir / "policies-ab.json").write_text(json.dumps(
         [{k: (v.model_dump(mode="json") if isinstance(v, Layer2Result) else v) for k, v in r.items()} for r in rows],
@@ -105,20 +128,134 @@ def bench_policies(rounds: int = 3, out_dir: Path = Path("results"), policies: l
     png = out_dir / "policies-ab.png"
     _chart(rows, wl, png)
     if cold_s is not None:
-        con.print(f"one full validation (verify + validate, {rounds} rounds, own VM boots): {cold_s:.0f} s")
+        con.print(f"one full validation (verify + validate, own VM boots): {cold_s:.0f} s")
     con.print(f"all {len(rows)} policies: {total_s:.0f} s; wrote {png}, {out_dir / 'policies-ab.md'}")
     con.print(f"[dim]{TCG_NOTE}[/dim]")
     return rows
+
+
+def _w(w) -> dict:
+    return w.model_dump() if isinstance(w, WorkloadResult) else w
+
+
+def fmt_interval(w) -> str:
+    """`1.32x [1.21, 1.44] +`: speedup (> 1 = candidate better), its interval, the verdict's mark."""
+    d = _w(w)
+    if d.get("speedup") is None:
+        return "n/a"
+    mark = {"better": "+", "worse": "−", "same": "=", "undecided": "?"}.get(d["verdict"], "!")
+    hi = d["speedup_high"]
+    return f"{d['speedup']:.2f}x [{d['speedup_low']:.2f}, {hi:.2f}] {mark}" if hi != float("inf") else \
+        f"{d['speedup']:.2f}x [{d['speedup_low']:.2f}, inf] {mark}"
+
+
+def interval_table(workloads: list, title: str) -> Table:
+    """One row per workload: medians, speedup with its interval, rounds, verdict."""
+    t = Table("workload", "metric", "baseline", "candidate", f"speedup [{gates.LEVEL:.0%} interval]",
+              "rounds", "verdict", title=title)
+    for w in workloads:
+        d = _w(w)
+        b, c = d.get("baseline_stats") or {}, d.get("candidate_stats") or {}
+        t.add_row(d["name"], f"{d['metric']} ({d['unit']})", f"{b.get('median', float('nan')):.4g}",
+                  f"{c.get('median', float('nan')):.4g}", fmt_interval(d), str(d.get("pairs", 0)), d["verdict"])
+    return t
+
+
+def bench_aa(rounds: int = 3, budget_s: float | None = None, workloads: list[str] | None = None,
+             quiet: bool = False) -> dict:
+    """Default vs default in one boot; every workload's interval should lie within ±MARGIN."""
+    from .runner import BUDGET_S, aa_in_sandbox
+
+    con = Console(quiet=quiet)
+    budget = BUDGET_S if budget_s is None else budget_s
+    results, n, secs = aa_in_sandbox(workloads, rounds=rounds, budget_s=budget,
+                                     progress=lambda m, f: con.print(f"  [dim]{m}[/dim]"))
+    lo_ok, hi_ok = 1 / (1 + gates.MARGIN), 1 + gates.MARGIN
+    rows = []
+    for r in results:
+        within = r.speedup is not None and r.speedup_low >= lo_ok and r.speedup_high <= hi_ok
+        rows.append({"workload": r.name, "metric": r.metric, "pairs": r.pairs, "ratio": r.ratio,
+                     "ratio_low": r.ratio_low, "ratio_high": r.ratio_high, "half_width": r.noise,
+                     "within_margin": within, "errors": r.errors})
+    t = Table("workload", "metric", "A'/A ratio", f"{gates.LEVEL:.0%} interval", "± half-width", "rounds",
+              f"within ±{gates.MARGIN:.0%}",
+              title=f"A/A: default scheduler vs itself, one boot, {n} paired rounds, {secs:.0f} s")
+    for r, row in zip(results, rows):
+        if r.ratio is None:
+            t.add_row(r.name, r.metric, "n/a", "n/a", "n/a", str(r.pairs), "no: " + "; ".join(r.errors)[:60])
+            continue
+        t.add_row(r.name, r.metric, f"{r.ratio:.3f}", f"[{r.ratio_low:.3f}, {r.ratio_high:.3f}]",
+                  f"±{r.noise:.1%}", str(r.pairs), "yes" if row["within_margin"] else "NO")
+    con.print(t)
+    return {"rounds": n, "seconds": round(secs, 1), "budget_s": budget, "margin": gates.MARGIN,
+            "level": gates.LEVEL, "workloads": rows, "within_margin": all(x["within_margin"] for x in rows)}
+
+
+def bench_stability(policy: str, runs: int = 3, rounds: int = 3, budget_s: float | None = None,
+                    out_dir: Path | None = None, quiet: bool = False) -> dict:
+    """One policy validated in `runs` fresh VM boots: per run the pass/fail and every workload's verdict;
+    a flip is a workload whose verdict is not the same in every run (or a pass/fail that differs)."""
+    from .runner import BUDGET_S, validate_layer1
+
+    con = Console(quiet=quiet)
+    budget = BUDGET_S if budget_s is None else budget_s
+    l1 = _verify(policy, None)
+    if not l1.accepted:
+        raise BadInput(f"{policy} did not pass layer 1 ({l1.verdict} at {l1.stage})")
+    results: list[Layer2Result] = []
+    for i in range(runs):
+        con.print(f"[bold]run {i + 1}/{runs}[/bold]: {policy} in a fresh boot")
+        res = validate_layer1(l1, rounds=rounds, budget_s=budget,
+                              progress=lambda m, f: con.print(f"  [dim]{m}[/dim]"))
+        results.append(res)
+        con.print(interval_table(res.workloads, f"run {i + 1}: {res.rounds} paired rounds, "
+                                 f"{'pass' if res.passed else 'fail: ' + (res.failure_reason or '')[:80]}"))
+    names = [w.name for w in results[0].workloads]
+    verdicts = {n: [next((w.verdict for w in r.workloads if w.name == n), "missing") for r in results]
+                for n in names}
+    flipped = [n for n, v in verdicts.items() if len(set(v)) > 1]
+    passes = [r.passed for r in results]
+    flips = len(flipped) + (len(set(passes)) > 1)
+    t = Table("workload", *[f"run {i + 1}" for i in range(runs)], "flipped",
+              title=f"stability of {policy}: {runs} fresh boots")
+    for n in names:
+        t.add_row(n, *[fmt_interval(next(w for w in r.workloads if w.name == n)) for r in results],
+                  "YES" if n in flipped else "no")
+    t.add_row("verdict", *["pass" if p else "fail" for p in passes], "YES" if len(set(passes)) > 1 else "no")
+    con.print(t)
+    rate = flips / (len(names) + 1)
+    con.print(f"flips: {flips} of {len(names) + 1} verdicts (flip rate {rate:.0%})")
+    out = {"policy": policy, "runs": runs, "passes": passes, "verdicts": verdicts, "flipped": flipped,
+           "flips": flips, "flip_rate": rate,
+           "results": [{"passed": r.passed, "rounds": r.rounds, "failure_reason": r.failure_reason,
+                        "workloads": [{k: w.model_dump()[k] for k in ("name", "speedup", "speedup_low",
+                                                                      "speedup_high", "pairs", "verdict")}
+                                      for w in r.workloads], "counters": r.counters,
+                        "total_s": r.durations.get("total")} for r in results]}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = out_dir / f"stability-{policy.replace(':', '_')}"
+        stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
+        lines = [f"# Stability of {policy}: {runs} fresh boots", "",
+                 f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='minutes')}",
+                 f"- machine: {_machine()}", f"- budget {budget:g} s per validation, at least {rounds} rounds", "",
+                 "| workload | " + " | ".join(f"run {i + 1}" for i in range(runs)) + " | flipped |",
+                 "|---|" + "---|" * runs + "---|"]
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(fmt_interval(next(w for w in r.workloads if w.name == n))
+                                                  for r in results) + f" | {'YES' if n in flipped else 'no'} |")
+        lines.append("| verdict | " + " | ".join("pass" if p else "fail" for p in passes)
+                     + f" | {'YES' if len(set(passes)) > 1 else 'no'} |")
+        lines += ["", f"flips: {flips} of {len(names) + 1} verdicts (flip rate {rate:.0%})", ""]
+        stem.with_suffix(".md").write_text("\n".join(lines))
+    return out
 
 
 def _cell(res: Layer2Result | None, name: str) -> str:
     if res is None:
         return "–"
     w = next((x for x in res.workloads if x.name == name), None)
-    if w is None or w.ratio is None:
-        return "n/a"
-    mark = {"better": "+", "worse": "−", "same": "="}.get(w.verdict, "?")
-    return f"{w.ratio:.2f} {mark}"
+    return "n/a" if w is None else fmt_interval(w)
 
 
 def _status(row: dict) -> str:
@@ -131,40 +268,53 @@ def _status(row: dict) -> str:
 
 
 def _print_table(con: Console, rows: list[dict], wl: list[str]) -> None:
-    t = Table(title="candidate / baseline median (+ better, − worse, = within noise)")
+    t = Table(title=f"speedup vs the default scheduler [{gates.LEVEL:.0%} interval] "
+                    "(+ better, = same, − worse, ? undecided)")
     t.add_column("policy")
     for n in wl:
         t.add_column(n, justify="right")
+    t.add_column("rounds", justify="right")
     t.add_column("verdict")
     for r in rows:
-        t.add_row(r["policy"], *[_cell(r.get("result"), n) for n in wl], _status(r)[:70])
+        res = r.get("result")
+        t.add_row(r["policy"], *[_cell(res, n) for n in wl], str(res.rounds) if res else "-", _status(r)[:60])
     con.print(t)
 
 
-def _markdown(rows: list[dict], wl: list[str], rounds: int, cold_s: float | None, total_s: float) -> str:
+def _markdown(rows: list[dict], wl: list[str], rounds: int, budget_s: float, cold_s: float | None,
+              total_s: float) -> str:
     metrics = {w.name: w for w in list_workloads()}
     res0 = next((r["result"] for r in rows if r.get("result")), None)
     lines = [
-        "# Repository policies: sandbox A/B",
+        "# Repository policies and kernel examples: sandbox A/B",
         "",
         f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='minutes')}",
         f"- machine: {_machine()}",
-        f"- sandbox kernel: {res0.kernel_version if res0 else '?'}; {rounds} interleaved rounds per policy",
+        f"- sandbox kernel: {res0.kernel_version if res0 else '?'}; at least {rounds} paired rounds per "
+        f"policy, more while a workload is undecided, within {budget_s:g} s per validation",
         f"- one full validation (layer 1 + layer 2, own VM boots): {cold_s:.0f} s" if cold_s else
         "- one full validation: not measured",
         f"- all policies: {total_s:.0f} s",
         "",
         f"> {TCG_NOTE}",
         "",
-        "Cells are candidate/baseline medians (+ better, − worse, = within the run's noise). Metrics: "
+        f"Cells: speedup vs the default scheduler (> 1 = better), its {gates.LEVEL:.0%} t-interval over "
+        "paired rounds, and the verdict (+ better, = same: no harm beyond "
+        f"{gates.MARGIN:.0%}, − worse, ? undecided). Metrics: "
         + "; ".join(f"{n} = {metrics[n].metric} ({metrics[n].direction} is better)" for n in wl) + ".",
         "",
-        "| policy | " + " | ".join(wl) + " | verdict |",
-        "|---|" + "---:|" * len(wl) + "---|",
+        "| policy | " + " | ".join(wl) + " | rounds | verdict |",
+        "|---|" + "---:|" * len(wl) + "---:|---|",
     ]
     for r in rows:
         status = _status(r).replace("|", "\\|")
-        lines.append(f"| {r['policy']} | " + " | ".join(_cell(r.get("result"), n) for n in wl) + f" | {status} |")
+        res = r.get("result")
+        lines.append(f"| {r['policy']} | " + " | ".join(_cell(res, n) for n in wl)
+                     + f" | {res.rounds if res else '-'} | {status} |")
+    counted = [(r["policy"], r["result"].counters) for r in rows if r.get("result") and r["result"].counters]
+    if counted:
+        lines += ["", "Policy counters over the candidate's measured runs:", ""]
+        lines += [f"- {p}: " + ", ".join(f"{k} {v}" for k, v in c.items()) for p, c in counted]
     lines.append("")
     return "\n".join(lines)
 
@@ -189,14 +339,14 @@ def _chart(rows: list[dict], wl: list[str], path: Path) -> None:
                 continue
             xs.append(j + (i - (len(ok) - 1) / 2) * width)
             ys.append(s)
-            k = 1 + (w.noise or 0)  # ×/÷ the run's relative noise: symmetric on the log axis
-            errs.append((s - s / k, s * k - s))
+            hi = w.speedup_high if w.speedup_high != float("inf") else s * 10
+            errs.append((s - w.speedup_low, hi - s))
         yerr = [[e[0] for e in errs], [e[1] for e in errs]]
         ax.bar(xs, ys, width, yerr=yerr, capsize=2, label=r["policy"] + ("" if res.passed else " (failed)"))
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(wl)), wl)
     ax.set_yscale("log")
-    ax.set_ylabel("speedup vs default scheduler (>1 = better)\nbars: ×/÷ (1 + noise)")
+    ax.set_ylabel("speedup vs default scheduler (>1 = better)\nbars: 95% interval")
     ax.set_title("sched_ext policies in the sandbox VM (same-boot A/B; TCG: ratios only)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

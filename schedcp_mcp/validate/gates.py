@@ -5,20 +5,30 @@ no runnable-task stall, no scheduler error exit, the scheduler stayed enabled wh
 nr_rejected stayed 0, every stressor made progress, every workload ran, and the default scheduler came
 back after unloading.
 
-A workload's verdict (better/same/worse) compares the medians against the run's noise, and also calls
-it when the baseline's and candidate's ranges do not overlap at all (3+ runs a side).
+A workload's verdict comes from paired rounds: round i ran the workload under the default scheduler
+and then under the candidate, back to back in the same boot. The per-round log ratios
+log(candidate/baseline) get a Student t-interval (LEVEL) on their mean; exp() of it is the interval on
+the candidate/baseline ratio (the geometric mean of the per-round ratios). Why t on paired log ratios:
+pairing cancels the drift a shared host adds to both halves of a round, logs make "2x better" and "2x
+worse" symmetric and turn the ratio into a mean, and with the 3-15 pairs a ~90 s budget allows the
+t-interval keeps its coverage where a bootstrap over pairs comes out too narrow (it cannot see beyond
+the few pairs it resamples). Expressed as a speedup (> 1 = candidate better, whatever the metric's
+direction), the interval [low, high] gives the verdict (`classify`): better (low > 1), worse (high <
+1/(1+MARGIN)), same (low >= 1/(1+MARGIN): no harm beyond the margin) or undecided.
 
-Performance: each goal (e.g. `p99_wakeup_latency_us lower 0.9`) is checked on every workload that
-stands for its metric (`Workload.goal_metrics`), in the goal's direction: a `throughput` goal (higher)
-on a time-based workload compares baseline/candidate. A "do no harm" goal (target 1.0, or None) allows
-the run's measured noise, otherwise equal schedulers would fail half the time; an improvement goal
-(e.g. 0.9) must be met by the medians. Without goals, no workload may be worse than the baseline
-beyond its noise. With goals, a workload the goals do not cover may still not regress by more than
-SEVERE_REGRESSION (a scheduler that halves throughput elsewhere is not a success).
+Performance gates compare the interval with a threshold on the speedup: pass when the whole interval
+is at or above it, fail when it is all below, **undecided otherwise, which fails** (the candidate was
+not shown to do no harm) and is what the runner's adaptive rounds try to settle within its budget.
+Without goals, no workload may be worse than 1/(1+MARGIN) (equal schedulers pass once the interval is
+narrower than the margin). Each goal (e.g. `p99_wakeup_latency_us lower 0.9`) is checked on every
+workload that stands for its metric (`Workload.goal_metrics`): an improvement goal (0.9 = speedup
+1.11) must be met by the interval's low end; a "do no harm" goal (target 1.0 or None) gets the margin.
+With goals, a workload the goals do not cover may still not regress by more than SEVERE_REGRESSION.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 
@@ -26,13 +36,14 @@ from ..models import Goal, LoaderExit, MetricResult
 from ..sandbox import scheduler
 from .models import Gate, Observations, Spread, Workload, WorkloadResult
 
-#: minimum relative noise assumed even when the samples agree closely (3 samples understate spread)
-NOISE_FLOOR = 0.03
+#: confidence level of the ratio intervals
+LEVEL = 0.95
+#: equivalence margin: within 1/(1+MARGIN) of the baseline is "no harm" (the A/A target is ±MARGIN)
+MARGIN = 0.10
 #: with goals, any workload worse than this factor (beyond noise) fails anyway
 SEVERE_REGRESSION = 1.5
-#: above this relative noise a "same" verdict says little: the result warns (it does not fail,
-#: since on a 2-core TCG host ±30-100% is common and every run would fail)
-NOISY = 0.5
+#: an interval wider than ±NOISY makes a "same" or "better" weak evidence: the result warns
+NOISY = 0.25
 #: kernel log lines that mean the kernel itself is unhappy, whichever scheduler caused it
 KERNEL_TROUBLE_RE = re.compile(r"BUG:|Oops:|WARNING: CPU|hung_task|soft lockup|rcu: INFO: rcu_\w+ self-detected stall|"
                                r"rcu: INFO: rcu_\w+ detected stalls")
@@ -48,9 +59,46 @@ def spread(samples: list[float]) -> Spread | None:
     return Spread(median=med, min=lo, max=hi, rel_spread=(hi - lo) / med if med else 0.0)
 
 
+def ratio_interval(baseline: list[float], candidate: list[float],
+                   level: float = LEVEL) -> tuple[float, float, float] | None:
+    """(ratio, low, high): candidate/baseline as the geometric mean of the per-round ratios, and its
+    `level` t-interval. Round i's baseline and candidate ran back to back in the same boot, so each
+    pair's log ratio cancels the drift both sides shared; the t-interval on their mean is honest with
+    the few pairs a budget allows (a bootstrap needs more pairs than that to cover its nominal level).
+    None without a positive pair; the interval is infinite with one pair."""
+    d = [math.log(c / b) for b, c in zip(baseline, candidate) if b > 0 and c > 0]
+    if not d:
+        return None
+    m = statistics.fmean(d)
+    if len(d) < 2:
+        return math.exp(m), 0.0, math.inf
+    half = _t_quantile((1 + level) / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return math.exp(m), math.exp(m - half), math.exp(m + half)
+
+
+def _t_quantile(p: float, df: int) -> float:
+    from scipy.stats import t  # imported late: scipy is slow to import and only layer 2 needs it
+
+    return float(t.ppf(p, df))
+
+
+def classify(low: float, high: float, margin: float = MARGIN) -> str:
+    """better / same / worse / undecided from a speedup interval (> 1 = candidate better): better when
+    the whole interval is above 1, worse when it is all below 1/(1+margin) (harm beyond the margin),
+    same when its low end is within the margin (no harm beyond it, no proven gain), else undecided."""
+    if low > 1.0:
+        return "better"
+    if high < 1.0 / (1.0 + margin):
+        return "worse"
+    if low >= 1.0 / (1.0 + margin):
+        return "same"
+    return "undecided"
+
+
 def summarize(w: Workload, baseline: list[float], candidate: list[float], errors: list[str] | None = None,
               secondary: dict[str, tuple[list[float], list[float]]] | None = None) -> WorkloadResult:
-    """Medians, ratio, noise and a better/same/worse verdict for one workload."""
+    """Paired rounds → ratio, confidence interval and verdict for one workload. `baseline[i]` and
+    `candidate[i]` are round i's figures (pairs); medians and spreads are for reading only."""
     r = WorkloadResult(name=w.name, metric=w.metric, unit=w.unit, direction=w.direction,
                        baseline=baseline, candidate=candidate, errors=list(errors or []))
     r.baseline_stats, r.candidate_stats = spread(baseline), spread(candidate)
@@ -60,24 +108,20 @@ def summarize(w: Workload, baseline: list[float], candidate: list[float], errors
             direction = "higher" if name.endswith(("_per_s", "loops")) else "lower"
             r.secondary.append(MetricResult(metric=name, direction=direction, baseline=mb, candidate=mc,
                                             ratio=mc / mb))
-    if r.errors or r.baseline_stats is None or r.candidate_stats is None or r.baseline_stats.median <= 0:
+    iv = ratio_interval(baseline, candidate)
+    if r.errors or iv is None:
         r.verdict = "failed"
         return r
-    r.ratio = r.candidate_stats.median / r.baseline_stats.median
-    r.improvement = (1 - r.ratio) if w.direction == "lower" else (r.ratio - 1)
-    r.noise = max(r.baseline_stats.rel_spread, r.candidate_stats.rel_spread, NOISE_FLOOR)
-    # better/worse: the medians differ by more than the noise, or (with at least 3 runs a side) every
-    # candidate run beat every baseline run or lost to it — a disjoint-ranges test, robust to the one
-    # wild sample a shared TCG host produces, where the spread-based noise is too pessimistic
-    disjoint = len(baseline) >= 3 and len(candidate) >= 3 and (max(candidate) < min(baseline)
-                                                                  or min(candidate) > max(baseline))
-    cand_lower = r.candidate_stats.median < r.baseline_stats.median
-    if r.improvement > r.noise or (disjoint and cand_lower == (w.direction == "lower")):
-        r.verdict = "better"
-    elif r.improvement < -r.noise or (disjoint and cand_lower != (w.direction == "lower")):
-        r.verdict = "worse"
-    else:
-        r.verdict = "same"
+    r.pairs = min(len(baseline), len(candidate))
+    r.ratio, r.ratio_low, r.ratio_high = iv
+    lower = w.direction == "lower"
+    r.speedup = 1 / r.ratio if lower else r.ratio
+    r.speedup_low = (1 / r.ratio_high if r.ratio_high > 0 else math.inf) if lower else r.ratio_low
+    r.speedup_high = (1 / r.ratio_low if r.ratio_low > 0 else math.inf) if lower else r.ratio_high
+    r.improvement = r.speedup - 1
+    r.noise = math.sqrt(r.ratio_high / r.ratio_low) - 1 if r.ratio_low > 0 and math.isfinite(r.ratio_high) \
+        else math.inf
+    r.verdict = classify(r.speedup_low, r.speedup_high)
     return r
 
 
@@ -182,77 +226,79 @@ def correctness_gates(obs: Observations) -> list[Gate]:
 
 # ---------------------------------------------------------------- performance
 
-def _goal_ratio(goal: Goal, w: WorkloadResult) -> float:
-    """candidate/baseline expressed in the goal's direction (a higher-is-better goal on a time metric
-    compares baseline/candidate: half the time = twice the throughput)."""
-    assert w.ratio is not None
-    return w.ratio if goal.direction == w.direction else 1.0 / w.ratio
-
-
 def _fmt(w: WorkloadResult) -> str:
-    b, c = w.baseline_stats, w.candidate_stats
-    return (f"{w.name}: {w.metric} candidate {c.median:.4g} vs baseline {b.median:.4g} {w.unit} "
-            f"(ratio {w.ratio:.3f}, noise ±{w.noise:.1%})")
+    return (f"{w.name}: {w.metric} {w.speedup:.3f}x as good as baseline, {LEVEL:.0%} interval "
+            f"[{w.speedup_low:.3f}, {w.speedup_high:.3f}] over {w.pairs} paired rounds "
+            f"(candidate/baseline {w.ratio:.3f}; medians {w.candidate_stats.median:.4g} vs "
+            f"{w.baseline_stats.median:.4g} {w.unit})")
+
+
+def _gate(name: str, r: WorkloadResult, threshold: float, what: str) -> Gate:
+    """Pass when the whole speedup interval is at or above `threshold`; fail when it is all below;
+    otherwise undecided, which fails too (not shown to do no harm), and says how to decide it."""
+    if r.speedup is None:
+        return Gate(name=name, passed=False, kind="performance", decided=True,
+                    reason=f"{r.name}: not measured ({'; '.join(r.errors) or 'no samples'})")
+    lo, hi = r.speedup_low, r.speedup_high
+    if lo >= threshold:
+        return Gate(name=name, passed=True, kind="performance", threshold=threshold,
+                    reason=f"{what}: interval low end {lo:.3f} >= {threshold:.3f}; {_fmt(r)}")
+    if hi < threshold:
+        return Gate(name=name, passed=False, kind="performance", threshold=threshold,
+                    reason=f"{what}: interval high end {hi:.3f} < {threshold:.3f}; {_fmt(r)}")
+    return Gate(name=name, passed=False, kind="performance", threshold=threshold, decided=False,
+                reason=f"{what}: undecided, the interval [{lo:.3f}, {hi:.3f}] straddles {threshold:.3f}; "
+                f"{_fmt(r)} — give the validation more time (--budget) or a quieter machine")
 
 
 def performance_gates(results: list[WorkloadResult], workloads: list[Workload],
                       goals: list[Goal] | None) -> list[Gate]:
+    """Thresholds are on the speedup (> 1 = candidate better, whatever the metric's direction)."""
     by_name = {w.name: w for w in workloads}
-    gates: list[Gate] = []
-    add = lambda name, ok, reason: gates.append(Gate(name=name, passed=ok, reason=reason, kind="performance"))  # noqa: E731
+    no_harm = 1.0 / (1.0 + MARGIN)
+    if not goals:
+        return [_gate(f"no_regression:{r.name}", r, no_harm, f"no worse than baseline by more than {MARGIN:.0%}")
+                for r in results]
 
     def covers(goal: Goal, r: WorkloadResult) -> bool:
         w = by_name.get(r.name)
         return goal.metric == r.metric or (w is not None and goal.metric in w.goal_metrics)
 
-    if not goals:
-        for r in results:
-            if r.ratio is None:
-                add(f"no_regression:{r.name}", False, f"{r.name}: not measured ({'; '.join(r.errors) or 'no samples'})")
-            else:
-                add(f"no_regression:{r.name}", r.verdict != "worse",
-                    _fmt(r) + (" — worse than baseline beyond its noise" if r.verdict == "worse" else ""))
-        return gates
-
+    out: list[Gate] = []
     covered: set[str] = set()
     for goal in goals:
         matched = [r for r in results if covers(goal, r)]
-        target = goal.target_ratio
         if not matched:
-            add(f"goal:{goal.metric}", False, f"goal {goal.metric} is not measured by any workload in this run; "
-                f"include a workload for it (`schedcp workloads` / list_workloads)")
+            out.append(Gate(name=f"goal:{goal.metric}", passed=False, kind="performance",
+                            reason=f"goal {goal.metric} is not measured by any workload in this run; include "
+                            "a workload for it (`schedcp workloads` / list_workloads)"))
             continue
+        t = 1.0 if goal.target_ratio is None else goal.target_ratio
+        # candidate/baseline bound in the goal's direction → a bound on the speedup
+        need = t if goal.direction == "higher" else (1.0 / t if t > 0 else math.inf)
+        if need <= 1.0:
+            need = min(need, no_harm)  # "do no harm": equal schedulers must pass, so allow the margin
         for r in matched:
             covered.add(r.name)
-            name = f"goal:{goal.metric}@{r.name}"
-            if r.ratio is None:
-                add(name, False, f"{r.name}: not measured ({'; '.join(r.errors) or 'no samples'})")
-                continue
-            gr = _goal_ratio(goal, r)
-            op = "<=" if goal.direction == "lower" else ">="
-            no_harm = target is None or (target >= 1.0 if goal.direction == "lower" else target <= 1.0)
-            t = 1.0 if target is None else target
-            bound = t * (1 + r.noise) if goal.direction == "lower" and no_harm else \
-                t * (1 - r.noise) if no_harm else t
-            ok = gr <= bound if goal.direction == "lower" else gr >= bound
-            tol = f" (target {t:g} with noise tolerance → {bound:.3f})" if no_harm else f" (target {t:g})"
-            add(name, ok, f"{goal.metric} ratio {gr:.3f} {op if ok else ('>' if op == '<=' else '<')} "
-                f"{bound:.3f}{tol}; {_fmt(r)}")
+            out.append(_gate(f"goal:{goal.metric}@{r.name}", r, need,
+                             f"goal {goal.metric} {'<=' if goal.direction == 'lower' else '>='} {t:g}"))
     for r in results:
-        if r.name in covered or r.ratio is None or r.improvement is None:
-            continue
-        worse_by = r.ratio if r.direction == "lower" else (1.0 / r.ratio if r.ratio > 0 else float("inf"))
-        ok = worse_by <= SEVERE_REGRESSION * (1 + r.noise)
-        add(f"no_severe_regression:{r.name}", ok,
-            _fmt(r) + ("" if ok else f" — more than {SEVERE_REGRESSION}x worse on a workload the goals do not cover"))
-    return gates
+        if r.name not in covered and r.speedup is not None:
+            out.append(_gate(f"no_severe_regression:{r.name}", r, 1.0 / SEVERE_REGRESSION,
+                             f"not more than {SEVERE_REGRESSION}x worse on a workload the goals do not cover"))
+    return out
+
+
+def undecided(gates_: list[Gate]) -> list[str]:
+    """Names of the performance gates more rounds could still decide."""
+    return [g.name for g in gates_ if not g.decided]
 
 
 def noise_warnings(results: list[WorkloadResult]) -> list[str]:
-    """Workloads whose noise hides regressions of the size the gates tolerate: a pass there is weak
-    evidence, and whoever holds the token should know it."""
-    return [f"{r.name}: noise ±{r.noise:.0%}, so a regression up to that size would not show here; "
-            f"repeat with more --rounds or on a quieter machine before trusting this {r.verdict!r}"
+    """Workloads whose interval is so wide that a pass there is weak evidence."""
+    return [f"{r.name}: interval ±{r.noise:.0%} after {r.pairs} rounds, so a regression up to that size "
+            f"would not show here; give it more --budget or a quieter machine before trusting this "
+            f"{r.verdict!r}"
             for r in results if r.noise is not None and r.noise > NOISY and r.verdict in ("same", "better")]
 
 

@@ -24,6 +24,7 @@ class Workload(BaseModel):
         [], description="goal metrics (from a WorkloadProfile/plan) this workload stands for, e.g. throughput")
     requires: list[str] = Field([], description="guest binaries it needs besides busybox")
     timeout_s: float = Field(30.0, description="a run taking longer is killed and counts as a crash")
+    reps: int = Field(1, description="runs per side per round; the round's figure is their geometric mean")
 
 
 class Spread(BaseModel):
@@ -42,12 +43,17 @@ class WorkloadResult(BaseModel):
     candidate: list[float] = Field(description="samples under the candidate, in run order")
     baseline_stats: Spread | None = None
     candidate_stats: Spread | None = None
-    ratio: float | None = Field(None, description="candidate median / baseline median")
+    pairs: int = Field(0, description="paired rounds the interval is from")
+    ratio: float | None = Field(None, description="candidate/baseline: geometric mean of the per-round ratios")
+    ratio_low: float | None = Field(None, description="low end of the ratio's confidence interval")
+    ratio_high: float | None = Field(None, description="high end of the ratio's confidence interval")
+    speedup: float | None = Field(None, description="> 1 = candidate better, whatever the direction")
+    speedup_low: float | None = None
+    speedup_high: float | None = None
     improvement: float | None = Field(
-        None, description="signed: > 0 better than baseline (fraction), < 0 worse, whatever the direction")
-    noise: float | None = Field(None, description="relative noise: the larger rel_spread of the two sides, "
-                                "at least NOISE_FLOOR")
-    verdict: Literal["better", "same", "worse", "failed", "skipped"] = "same"
+        None, description="speedup - 1: > 0 better than baseline (fraction), < 0 worse, whatever the direction")
+    noise: float | None = Field(None, description="the interval's relative half-width: sqrt(high/low) - 1")
+    verdict: Literal["better", "same", "worse", "undecided", "failed", "skipped"] = "same"
     secondary: list[MetricResult] = Field([], description="other metrics the workload reported (medians)")
     errors: list[str] = Field([], description="the workload's own errors (non-zero exit, unparsable output)")
 
@@ -57,6 +63,8 @@ class Gate(BaseModel):
     passed: bool
     reason: str = Field(description="why it passed or, when it failed, what happened and what to do")
     kind: Literal["correctness", "performance"] = "correctness"
+    threshold: float | None = Field(None, description="performance: the speedup the interval is held to")
+    decided: bool = Field(True, description="performance: False when the interval straddles the threshold")
 
 
 class StateSample(BaseModel):
@@ -90,6 +98,9 @@ class Layer2Result(BaseModel):
     stress: StressSummary | None = None
     loader_exits: list[LoaderExit] = Field([], description="how the loader ended, per load (uei, stop_reason)")
     rounds: int = 0
+    budget_s: float | None = Field(None, description="time budget the adaptive rounds kept to")
+    counters: dict[str, int] = Field({}, description="the policy's own counters (its `schedcp_stats` map), "
+                                     "summed over the candidate's measured runs")
     durations: dict[str, float] = Field({}, description="seconds per phase, and total")
     kernel_version: str | None = None
     retried_after: list[str] = Field([], description="guest kernel crashes after which the whole run was "

@@ -41,7 +41,8 @@ static uint64_t now_ns(void)
 
 static atomic_int stop;
 static atomic_ullong hog_loops;
-static uint64_t period_ns, end_ns;
+static uint64_t period_ns, start_ns, end_ns;
+static int nsleepers;
 
 /* per-sleeper sample buffers; merged after the run */
 static struct sleeper {
@@ -55,7 +56,13 @@ static void *sleeper_main(void *arg)
 	struct sleeper *s = arg;
 	/* the default 50 us timer slack would be measured as latency */
 	prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
-	uint64_t next = now_ns();
+	/*
+	 * Phases spread evenly over the period from one common start: sleepers that happened to start
+	 * together would wake together and queue behind each other, and how much depends on thread
+	 * start-up jitter — a different convoy every run, which made p99 vary 2x between runs of the
+	 * same scheduler.
+	 */
+	uint64_t next = start_ns + period_ns * (uint64_t)(s - sleepers) / (uint64_t)nsleepers;
 	for (;;) {
 		next += period_ns;
 		if (next >= end_ns)
@@ -123,7 +130,9 @@ static int do_wakeup(int argc, char **argv)
 		return 2;
 	}
 	period_ns = (uint64_t)period_us * 1000;
-	end_ns = now_ns() + (uint64_t)duration_ms * 1000000ull;
+	nsleepers = nsleep;
+	start_ns = now_ns() + 20 * period_ns;	/* after every thread has started */
+	end_ns = start_ns + (uint64_t)duration_ms * 1000000ull;
 	size_t cap = (size_t)(duration_ms * 1000 / period_us) + 2;
 	if (cap > MAX_SAMPLES)
 		cap = MAX_SAMPLES;

@@ -28,8 +28,11 @@ and stops a loader an interrupted run left behind.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import secrets
+import statistics
 import time
 from typing import Callable
 
@@ -38,7 +41,7 @@ from ..models import Goal
 from ..sandbox import scheduler
 from ..sandbox.vm import VM, GuestTimeout
 from . import gates
-from .models import Layer2Result, LoadAttempt, Observations, StateSample, StressSummary, Workload
+from .models import Layer2Result, LoadAttempt, Observations, StateSample, StressSummary, Workload, WorkloadResult
 from .workloads import PROBE_GUEST, ensure_probe, get_workloads, parse, parse_stress_ng_metrics
 
 Progress = Callable[[str, float], None]
@@ -63,6 +66,17 @@ SAMPLE_PERIOD_S = 1.0  # the target; the loop sleeps half of it, and scanning /p
 #: a stress worker not switched in at all for this long (guest seconds) is starving
 STALL_S = 2.0
 KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_TROUBLE_RE.pattern)
+#: adaptive rounds stop here whatever the budget says
+MAX_ROUNDS = 30
+#: default time budget of one validation (boot to power-off), seconds: ~90 s on a 2-core TCG host
+BUDGET_S = 90.0
+#: a policy's own counters: an ARRAY map named schedcp_stats whose one value is a struct of u64 fields
+#: (bpftool prints it with field names from BTF); read before and after the candidate's measured runs
+COUNTERS_MAP = "schedcp_stats"
+COUNTERS_SNIPPET = ("echo '@@{tag}'; bpftool -j map dump name " + COUNTERS_MAP +
+                    " 2>/dev/null; echo; echo '@@{tag}END'\n")
+
+
 class _Run:
     """One validation's state: the VM, the facts collected so far, the timeline."""
 
@@ -71,8 +85,11 @@ class _Run:
         self.vm, self.obj, self.ops_name, self.params = vm, obj, ops_name, params
         self.workloads, self.timeout_ms, self.say = workloads, timeout_ms, progress
         self.obs = Observations(ops_name=ops_name)
-        self.samples: dict[str, tuple[list[float], list[float]]] = {w.name: ([], []) for w in workloads}
+        # per workload, per side (0 baseline, 1 candidate): round -> that round's figures (reps)
+        self.samples: dict[str, tuple[dict[int, list[float]], dict[int, list[float]]]] = {
+            w.name: ({}, {}) for w in workloads}
         self.extra: dict[str, dict[str, tuple[list[float], list[float]]]] = {w.name: {} for w in workloads}
+        self.counters: dict[str, int] = {}
         self.durations: dict[str, float] = {}
         self.nload = 0
         self.marker: str | None = None
@@ -122,37 +139,59 @@ class _Run:
 
     def measure(self, side: str, rnd: int) -> None:
         phase = f"{side}-{rnd}"
-        body = []
+        body = [COUNTERS_SNIPPET.format(tag="C0")] if side == "candidate" else []
         for w in self.workloads:
-            body.append(f"snap {phase}\necho '@@B {w.name}'\n"
-                        f"timeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\necho \"@@E {w.name} $?\"\n")
+            body.append(f"snap {phase}\n")
+            for _ in range(max(1, w.reps)):
+                body.append(f"echo '@@B {w.name}'\ntimeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\n"
+                            f"echo \"@@E {w.name} $?\"\n")
         body.append(f"snap {phase}\n")
+        if side == "candidate":
+            body.append(COUNTERS_SNIPPET.format(tag="C1"))
         n0 = len(self.obs.timeline)
-        out = self.step(phase, "".join(body), timeout_s=sum(w.timeout_s for w in self.workloads) + 60)
+        out = self.step(phase, "".join(body),
+                        timeout_s=sum(w.timeout_s * max(1, w.reps) for w in self.workloads) + 60)
         snaps = self.obs.timeline[n0:]
-        idx = 0 if side == "baseline" else 1
+        idx = 0 if side == "baseline" else 1  # "again": the A/A run's second baseline
+        if side == "candidate":
+            for k, v in _counter_delta(out).items():
+                self.counters[k] = self.counters.get(k, 0) + v
         for i, w in enumerate(self.workloads):
             if side == "candidate" and not all(s.state == "enabled" and s.ops == self.ops_name
                                                for s in snaps[i:i + 2]):
                 continue  # the candidate was not running for this whole run: not a candidate figure
-            m = re.search(rf"^@@B {re.escape(w.name)}\n(.*?)^@@E {re.escape(w.name)} (\d+)$", out, re.M | re.S)
-            if not m:
+            runs = re.findall(rf"^@@B {re.escape(w.name)}\n(.*?)^@@E {re.escape(w.name)} (\d+)$", out, re.M | re.S)
+            if len(runs) < max(1, w.reps):
                 self._werr(w, f"{phase}: no output (the run was cut short)")
                 continue
-            text, rc = m.group(1), int(m.group(2))
-            if rc != 0:
-                why = "killed by the guest timeout ({:.0f} s)".format(w.timeout_s) if rc in (137, 124) else f"exit {rc}"
-                self._werr(w, f"{phase}: {why}: {text.strip()[-300:]}")
-                continue
-            try:
-                values = parse(w, text)
-            except ValueError as e:
-                self._werr(w, f"{phase}: {e}")
-                continue
-            self.samples[w.name][idx].append(values[w.metric])
-            for k, v in values.items():
-                if k != w.metric:
-                    self.extra[w.name].setdefault(k, ([], []))[idx].append(v)
+            for text, rc in runs:
+                rc = int(rc)
+                if rc != 0:
+                    why = "killed by the guest timeout ({:.0f} s)".format(w.timeout_s) if rc in (137, 124) else f"exit {rc}"
+                    self._werr(w, f"{phase}: {why}: {text.strip()[-300:]}")
+                    break
+                try:
+                    values = parse(w, text)
+                except ValueError as e:
+                    self._werr(w, f"{phase}: {e}")
+                    break
+                self.samples[w.name][idx].setdefault(rnd, []).append(values[w.metric])
+                for k, v in values.items():
+                    if k != w.metric:
+                        self.extra[w.name].setdefault(k, ([], []))[idx].append(v)
+
+    def pairs(self, w: Workload) -> tuple[list[float], list[float]]:
+        """(baseline, candidate) figures of the rounds that have both sides, a round's reps reduced to
+        their geometric mean."""
+        b, c = self.samples[w.name]
+        rounds = sorted(set(b) & set(c))
+        gm = lambda xs: math.exp(statistics.fmean(math.log(x) for x in xs)) if all(x > 0 for x in xs) \
+            else statistics.fmean(xs)  # noqa: E731
+        return [gm(b[r]) for r in rounds], [gm(c[r]) for r in rounds]
+
+    def results(self) -> list[WorkloadResult]:
+        return [gates.summarize(w, *self.pairs(w), errors=self.obs.workload_errors.get(w.name),
+                                secondary=self.extra[w.name]) for w in self.workloads]
 
     def _werr(self, w: Workload, msg: str) -> None:
         self.obs.workload_errors.setdefault(w.name, []).append(msg)
@@ -239,6 +278,27 @@ cat $L/stress.out
         self.obs.kernel_log = _kernel_lines(out, self.marker)
 
 
+def _counters(text: str, tag: str) -> dict[str, int]:
+    """Integer fields of the schedcp_stats map as bpftool -j printed them (formatted from BTF)."""
+    m = re.search(rf"^@@{tag}$(.*?)^@@{tag}END$", text, re.M | re.S)
+    try:
+        rows = json.loads(m.group(1)) if m and m.group(1).strip() else []
+    except json.JSONDecodeError:
+        return {}
+    out: dict[str, int] = {}
+    for row in rows if isinstance(rows, list) else []:
+        value = (row.get("formatted") or row).get("value") if isinstance(row, dict) else None
+        for k, v in (value.items() if isinstance(value, dict) else ()):
+            if isinstance(v, int):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def _counter_delta(text: str) -> dict[str, int]:
+    before, after = _counters(text, "C0"), _counters(text, "C1")
+    return {k: v - before.get(k, 0) for k, v in after.items()}
+
+
 def _longest_standstill(samples: list[tuple[float, int]]) -> float:
     """Longest time between two samples of a switch-in counter that did not move."""
     best = 0.0
@@ -270,14 +330,19 @@ def _kernel_lines(text: str, marker: str | None = None, limit: int = 80) -> list
 
 def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str, str] | None = None,
                         goals: list[Goal] | None = None, workloads: list[str] | list[Workload] | None = None,
-                        rounds: int = 3, stress_s: float = 6.0, timeout_ms: int = 3000, vm=None,
-                        progress: Progress | None = None, crash_retries: int = 1) -> Layer2Result:
+                        rounds: int = 3, budget_s: float | None = BUDGET_S, stress_s: float = 6.0,
+                        timeout_ms: int = 3000, vm=None, progress: Progress | None = None,
+                        crash_retries: int = 1) -> Layer2Result:
     """Stress, check and A/B-benchmark a compiled scheduler in one sandbox VM boot.
 
     `object_bytes` is a layer-1-accepted BPF object whose struct_ops name is `ops_name`; `params` are
     loader `--param` values; `goals` become performance gates (without goals: no workload worse than
     baseline beyond its noise); `workloads` are names from `list_workloads()` (default: all);
     `vm` is a running full sandbox VM to use (default: boot one and power it off afterwards).
+
+    Rounds are adaptive: at least `rounds`, then more while some performance gate is undecided (its
+    interval straddles its threshold) and another round fits in `budget_s` (counted from the start,
+    boot included; at most MAX_ROUNDS). `budget_s` None or 0 runs exactly `rounds` rounds.
     Infrastructure failures (no image, VM does not boot) raise InfrastructureError; everything the
     candidate did wrong, including hanging or crashing the VM, comes back as a failed Layer2Result.
 
@@ -288,8 +353,10 @@ def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str,
     listed in `Layer2Result.retried_after`.
     """
     say = progress or (lambda msg, frac: None)
-    if rounds < 1 or rounds > 20:
-        raise BadInput(f"rounds must be 1..20, not {rounds}")
+    if rounds < 1 or rounds > MAX_ROUNDS:
+        raise BadInput(f"rounds must be 1..{MAX_ROUNDS}, not {rounds}")
+    if budget_s is not None and not 0 <= budget_s <= 3600:
+        raise BadInput(f"budget must be 0..3600 s, not {budget_s}", hint="0 runs exactly --rounds rounds")
     if not object_bytes:
         raise BadInput("empty BPF object")
     wl = [w if isinstance(w, Workload) else None for w in (workloads or [])]
@@ -300,7 +367,8 @@ def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str,
         ensure_probe()  # compile before booting: a toolchain problem should not cost a boot
     crashes: list[str] = []
     while True:
-        res = _validate_once(object_bytes, ops_name, params, goals, wls, rounds, stress_s, timeout_ms, vm, say)
+        res = _validate_once(object_bytes, ops_name, params, goals, wls, rounds, budget_s or 0.0, stress_s,
+                             timeout_ms, vm, say)
         crashed = res.failure_reason is not None and "the guest kernel crashed" in res.failure_reason
         if not crashed or len(crashes) >= crash_retries:
             break
@@ -313,8 +381,8 @@ def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str,
 
 
 def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], goals: list[Goal] | None,
-                   wls: list[Workload], rounds: int, stress_s: float, timeout_ms: int, vm,
-                   say: Progress) -> Layer2Result:
+                   wls: list[Workload], rounds: int, budget_s: float, stress_s: float, timeout_ms: int,
+                   vm, say: Progress) -> Layer2Result:
     t_start = time.monotonic()
     own_vm = vm is None
     if own_vm:
@@ -329,18 +397,20 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
     run = _Run(vm, object_bytes, ops_name, params, wls, timeout_ms, say)
     if boot_s:
         run.durations["boot"] = round(boot_s, 3)
-    total_steps = 3 + 3 * rounds + 1
-    done = 0
+    expected_s = budget_s or 0.0
 
     def tick(msg: str) -> None:
-        nonlocal done
-        done += 1
-        say(msg, min(0.99, done / total_steps))
+        elapsed = time.monotonic() - t_start
+        say(msg, min(0.99, elapsed / max(expected_s, elapsed + 10.0)))
 
     try:
         tick("setting up the guest")
         run.setup()
-        for r in range(1, rounds + 1):
+        round_s = 0.0  # the longest round so far (stress excluded): what one more round costs
+        r = 0
+        while r < MAX_ROUNDS:
+            r += 1
+            t_round = time.monotonic()
             if r > 1:
                 tick(f"round {r}: unloading")
                 run.unload()
@@ -351,13 +421,16 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
                 break
             if r == 1:
                 tick(f"stress + correctness ({stress_s:g} s)")
+                t_stress = time.monotonic()
                 run.stress(stress_s)
+                t_round += time.monotonic() - t_stress
                 if not run.enabled():
                     break
             tick(f"round {r}: candidate {ops_name}")
             run.measure("candidate", r)
             run.rounds_done = r
-            if not run.enabled():
+            round_s = max(round_s, time.monotonic() - t_round)
+            if not run.enabled() or r >= rounds and not _more_rounds(run, goals, budget_s, t_start, round_s, r):
                 break
         tick("unloading, checking the default scheduler is back")
         run.unload()
@@ -372,8 +445,7 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
             vm.close()
     run.durations["total"] = round(time.monotonic() - t_start, 3)
 
-    results = [gates.summarize(w, *run.samples[w.name], errors=run.obs.workload_errors.get(w.name),
-                               secondary=run.extra[w.name]) for w in wls]
+    results = run.results()
     cg = gates.correctness_gates(run.obs)
     pg = gates.performance_gates(results, wls, goals) if all(g.passed for g in cg) else []
     passed, why = gates.verdict(cg, pg)
@@ -381,8 +453,26 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
     return Layer2Result(passed=passed, failure_reason=why, ops_name=ops_name, params=params, correctness=cg,
                         performance=pg, workloads=results, timeline=run.obs.timeline,
                         kernel_log=run.obs.kernel_log, stress=run.obs.stress, loader_exits=run.obs.loader_exits,
-                        rounds=run.rounds_done, warnings=gates.noise_warnings(results),
+                        rounds=run.rounds_done, budget_s=budget_s or None, counters=run.counters,
+                        warnings=gates.noise_warnings(results),
                         durations=run.durations, kernel_version=getattr(vm, "kernel_version", None) or None)
+
+
+#: what the end of a validation (unload, kernel log, power-off) costs after the last round, seconds
+TAIL_S = 6.0
+
+
+def _more_rounds(run: _Run, goals: list[Goal] | None, budget_s: float, t_start: float, round_s: float,
+                 r: int) -> bool:
+    """Another round when a performance gate is still undecided and the round fits in the budget."""
+    if not budget_s:
+        return False
+    open_ = gates.undecided(gates.performance_gates(run.results(), run.workloads, goals))
+    fits = time.monotonic() - t_start + round_s + TAIL_S <= budget_s
+    if open_ and fits:
+        run.say(f"after {r} rounds undecided: {', '.join(open_)}; one more round",
+                min(0.99, (time.monotonic() - t_start) / budget_s))
+    return bool(open_) and fits
 
 
 def _current_phase(run: _Run) -> str:
@@ -396,6 +486,42 @@ def _hang_reason(e: InfrastructureError, run: _Run) -> str:
     if crash:
         return f"the guest kernel crashed ({where}): " + " / ".join(dict.fromkeys(crash[:4]))
     return f"{e.message} ({where})"
+
+
+def aa_in_sandbox(workloads: list[str] | None = None, *, rounds: int = 3, budget_s: float | None = BUDGET_S,
+                  vm=None, progress: Progress | None = None) -> tuple[list[WorkloadResult], int, float]:
+    """The default scheduler against itself in one boot, in paired rounds as a validation runs them:
+    the interval each workload gets when nothing differs is the smallest difference a validation can
+    see. Same stopping rule as a validation (no goals). Returns (results, rounds, seconds)."""
+    say = progress or (lambda msg, frac: None)
+    wls = get_workloads(workloads)
+    if any("$PROBE" in w.command for w in wls):
+        ensure_probe()
+    t_start = time.monotonic()
+    own_vm = vm is None
+    if own_vm:
+        from ..sandbox.vm import VM
+
+        say("booting the sandbox VM", 0.0)
+        vm = VM(full=True).start()
+    run = _Run(vm, b"\0", "", {}, wls, 3000, say)
+    try:
+        run.setup()
+        r, round_s = 0, 0.0
+        while r < MAX_ROUNDS:
+            r += 1
+            t_round = time.monotonic()
+            say(f"round {r}: default scheduler (A), then again (A')", min(0.99, (t_round - t_start) / (budget_s or 60)))
+            run.measure("baseline", r)
+            run.measure("again", r)
+            run.rounds_done = r
+            round_s = max(round_s, time.monotonic() - t_round)
+            if r >= rounds and not _more_rounds(run, None, budget_s or 0.0, t_start, round_s, r):
+                break
+    finally:
+        if own_vm:
+            vm.close()
+    return run.results(), run.rounds_done, time.monotonic() - t_start
 
 
 def validate_layer1(report, **kw) -> Layer2Result:

@@ -1,12 +1,15 @@
 """Compile BPF C into an object with clang in the sandbox toolchain, and read clang's diagnostics.
 
-The compiler runs through `sandbox.toolchain.run`: inside the trixie rootfs chroot, without network,
-with time and memory limits. Only the allowlisted include directories are searched (`-nostdinc`,
-the image's `/opt/schedcp/include` holding vmlinux.h, bpf/, scx/, asm-generic/errno*.h), plus the
-operator's trusted directories, copied into the work directory. Defense in depth behind
-`source_check`: clang writes the list of every file it opened (`-MD`), and anything outside those
-directories fails the compile; the preprocessed output (`-E`, where every macro trick is expanded)
-is checked for inline assembly that reads files and for pragmas outside the allowlist.
+The compiler runs through `sandbox.toolchain.run`: in a jail holding nothing but the toolchain, the
+allowlisted include directories and the work directory (no host file, no /etc, no /proc), without
+network, with time and memory limits. Only the allowlisted include directories are searched
+(`-nostdinc`, the image's `/opt/schedcp/include` holding vmlinux.h, bpf/, scx/, asm-generic/errno*.h),
+plus the operator's trusted directories, copied into the work directory (a symlink in them that
+leads outside is refused). Two steps: the preprocessor runs first and its output — where every
+macro, `_Pragma` and string trick is expanded — is checked (`source_check.check_preprocessed`: inline
+assembly with escapes decoded, only allowlisted directives and pragmas; every file opened, from
+`-MD`, inside the allowed directories); only then is it compiled (same inputs, same jail: the
+compiler sees the checked text).
 
 For the host target the object is compiled against a vmlinux.h generated from the host's own BTF
 (`host_vmlinux_h`), put first on the include path as `target/vmlinux.h`.
@@ -23,13 +26,12 @@ import os
 import posixpath
 import re
 import secrets
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config
-from ..errors import InfrastructureError
+from ..errors import BadInput, InfrastructureError
 from ..sandbox import toolchain
 from .models import VerifyError
 from .source_check import check_preprocessed
@@ -93,13 +95,18 @@ def _trusted_files(dirs: tuple[Path, ...]) -> tuple[dict[str, bytes], list[str]]
             raise InfrastructureError(f"trusted include directory {d} does not exist")
         flags.append(f"-Itrusted/{i}")
         for p in sorted(d.rglob("*.h")):
-            if not p.is_file():
+            real = p.resolve()
+            if not real.is_relative_to(d):  # a symlink out of the directory: never follow it
+                raise BadInput(f"{p} in trusted include directory {d} is a symlink to {real}, "
+                               "outside that directory; refused",
+                               "copy the header into the directory instead of linking it")
+            if not real.is_file():
                 continue
             total += p.stat().st_size
             if len(files) >= MAX_TRUSTED_FILES or total > MAX_TRUSTED_BYTES:
                 raise InfrastructureError(f"trusted include directory {d} is too big "
                                           f"(> {MAX_TRUSTED_FILES} headers or {MAX_TRUSTED_BYTES >> 20} MiB)")
-            files[f"trusted/{i}/{p.relative_to(d)}"] = p.read_bytes()
+            files[f"trusted/{i}/{p.relative_to(d)}"] = real.read_bytes()
     return files, flags
 
 
@@ -158,14 +165,6 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
         first = [TARGET_HEADER_DIR]  # searched before the image's include dirs
     include_dirs = list(manifest.toolchain.include_dirs)
     flags = [*_base_argv(manifest, first), *trusted_flags]
-    # One jail run: preprocess (for the checks every macro trick expands into), then compile.
-    script = (shlex.join([*flags, "-E", SOURCE_NAME, "-o", PREPROCESSED_NAME]) + " && exec "
-              + shlex.join([*flags, "-MD", "-MF", DEPS_NAME, "-c", SOURCE_NAME, "-o", OBJECT_NAME]))
-    t0 = time.monotonic()
-    res = toolchain.run(["sh", "-c", script], workdir_files=files, timeout_s=timeout_s,
-                        mem_mb=mem_mb, outputs=[OBJECT_NAME, DEPS_NAME, PREPROCESSED_NAME])
-    seconds = time.monotonic() - t0
-    stderr = res.stderr
     allowed = tuple(d.rstrip("/") + "/" for d in include_dirs)
 
     def outside(path: str) -> bool:
@@ -173,39 +172,65 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
         return not (norm == SOURCE_NAME or norm.startswith(("trusted/", f"{TARGET_HEADER_DIR}/"))
                     or norm.startswith(allowed))
 
-    diags = []
-    for d in parse_diagnostics(stderr, re.split(r"\r\n|\r|\n", source)):  # clang's line ends
-        if d.file and outside(d.file):
-            # never echo a file we should not have read (its first line would be the snippet)
-            d = VerifyError(stage="compile", code="include_not_allowed",
-                            message=f"the compiler read {d.file}, outside the allowed include "
-                            "directories; refused")
-        diags.append(d)
-    result = CompileResult(ok=False, stderr=stderr, seconds=seconds,
-                           errors=[d for d in diags if d.severity == "error"],
-                           warnings=[d for d in diags if d.severity == "warning"])
-    if res.timed_out:
-        result.errors.append(VerifyError(stage="compile", code="timeout",
-                                         message=f"the compiler did not finish in {timeout_s:.0f} s"))
-        return result
-    obj = res.outputs.get(OBJECT_NAME)
-    if res.rc != 0 or not obj:
-        if not result.errors:
-            tail = stderr.strip().splitlines()[-3:]
+    def diagnostics(stderr: str) -> list[VerifyError]:
+        out = []
+        for d in parse_diagnostics(stderr, re.split(r"\r\n|\r|\n", source)):  # clang's line ends
+            if d.file and outside(d.file):
+                # never echo a file we should not have read (its first line would be the snippet)
+                d = VerifyError(stage="compile", code="include_not_allowed",
+                                message=f"the compiler read {d.file}, outside the allowed include "
+                                "directories; refused")
+            out.append(d)
+        return out
+
+    def failed(res, result: CompileResult) -> CompileResult:
+        if res.timed_out:
+            result.errors.append(VerifyError(stage="compile", code="timeout",
+                                             message=f"the compiler did not finish in {timeout_s:.0f} s"))
+        elif not result.errors:
+            tail = [ln for ln in res.stderr.strip().splitlines()[-3:]]
             why = " / ".join(tail) or f"clang exited with {res.rc}"
             if res.rc in (137, -9):
                 why = f"the compiler was killed (memory limit {mem_mb} MiB or time limit): {why}"
             result.errors.append(VerifyError(stage="compile", code="compiler_failed", message=why))
         return result
 
-    # Every file clang opened must be the source, a trusted header, or in the allowlisted dirs.
-    result.errors += check_preprocessed(res.outputs.get(PREPROCESSED_NAME, b"").decode("utf-8", "replace"))
-    result.opened = _deps(res.outputs.get(DEPS_NAME, b"").decode("utf-8", "replace"))
+    # 1. Preprocess (in the jail, like everything else) and check what the compiler will really see:
+    # every macro, _Pragma and string-literal trick is expanded in this text.
+    t0 = time.monotonic()
+    pre = toolchain.run([*flags, "-MD", "-MF", DEPS_NAME, "-E", SOURCE_NAME, "-o", PREPROCESSED_NAME],
+                        workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
+                        outputs=[DEPS_NAME, PREPROCESSED_NAME])
+    diags = diagnostics(pre.stderr)
+    result = CompileResult(ok=False, stderr=pre.stderr, errors=[d for d in diags if d.severity == "error"],
+                           warnings=[d for d in diags if d.severity == "warning"])
+    text = pre.outputs.get(PREPROCESSED_NAME)
+    if pre.timed_out or pre.rc != 0 or text is None:
+        result.seconds = time.monotonic() - t0
+        return failed(pre, result)
+    result.opened = _deps(pre.outputs.get(DEPS_NAME, b"").decode("utf-8", "replace"))
     for p in result.opened:
         if outside(p):
             result.errors.append(VerifyError(stage="compile", code="include_not_allowed",
                                              message=f"the compiler opened {p}, outside the allowed "
                                              "include directories; refused"))
+    result.errors += check_preprocessed(text.decode("utf-8", "replace"))
+    if result.errors:
+        result.seconds = time.monotonic() - t0
+        return result
+
+    # 2. Compile. The same inputs in the same jail preprocess to the same text, so the compiler sees
+    # the checked tokens; compiling the source rather than source.i keeps clang's columns exact.
+    res = toolchain.run([*flags, "-c", SOURCE_NAME, "-o", OBJECT_NAME], workdir_files=files,
+                        timeout_s=timeout_s, mem_mb=mem_mb, outputs=[OBJECT_NAME])
+    result.seconds = time.monotonic() - t0
+    result.stderr = res.stderr
+    diags = diagnostics(res.stderr)
+    result.errors = [d for d in diags if d.severity == "error"]
+    result.warnings += [d for d in diags if d.severity == "warning"]
+    obj = res.outputs.get(OBJECT_NAME)
+    if res.timed_out or res.rc != 0 or not obj:
+        return failed(res, result)
     if result.errors:
         return result
     result.ok, result.object = True, obj

@@ -1,1 +1,0 @@
-"""The sandbox job kinds (verify, validate, campaign join): filled in by stage 2."""

@@ -1,0 +1,605 @@
+"""`schedcp optimize`: the four-stage loop without an LLM, through the MCP tools.
+
+It spawns `python -m schedcp_mcp serve` and talks to it with the MCP SDK's stdio client, like Claude
+Code would, and runs each stage with **only the tools its subagent definition allows**
+(`.claude/agents/schedcp-<role>.md`, read at run time): a call outside a stage's allowlist is an
+error. So the loop proves that the agents have what they need, and no more.
+
+observe -> plan -> execute -> learn, with a deterministic planner in place of the planning agent's
+judgement: search with the profile; strategy reconfigure > revise > generate by rule, with the
+reason; policies that already won on similar workloads first. The winner is the passed candidate
+with the best A/B ratios on the goal metrics. Nothing reaches the host: with `target="host"` the
+human gets the `schedcp deploy --token …` command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import anyio
+from mcp import ClientSession, StdioServerParameters, stdio_client
+from pydantic import BaseModel, Field, PrivateAttr
+
+from . import agents, config
+from .errors import BadInput, InfrastructureError, SchedcpError
+from .models import Goal
+
+Progress = Callable[[str, float], None]
+
+#: seconds a validation costs besides its rounds (boot, layer 1, stress) and per workload round,
+#: measured on the 2-vCPU TCG development machine (README "Results"); used only to fit the budget
+VALIDATION_FIXED_S = 30.0
+VALIDATION_PER_ROUND_S = 6.0
+#: deploy (baseline x3 + load) plus the learning stage
+DEPLOY_RESERVE_S = 45.0
+#: words a search gets for each sandbox workload and each profile characteristic
+WORKLOAD_WORDS = {"hackbench": "message passing", "pipe": "pipe wakeup latency",
+                  "wakeup": "latency wakeup interactive", "build": "build many-processes fork",
+                  "cpu": "throughput cpu-bound batch"}
+TRAIT_WORDS = {"latency_sensitive": "latency interactive", "cpu_bound": "throughput cpu-bound",
+               "many_short_lived_processes": "build many-processes", "io_heavy": "io"}
+
+
+class StageRefused(SchedcpError):
+    """A stage called a tool its agent definition does not allow (a bug, or stale definitions)."""
+
+
+class ToolFailed(SchedcpError):
+    """An MCP tool answered with an error."""
+
+
+class Stage:
+    """One stage's view of the MCP session: only the tools of its role's allowlist."""
+
+    def __init__(self, session: ClientSession, role: str, allowed: set[str]):
+        self.session, self.role, self.allowed = session, role, allowed
+        self.calls: list[str] = []
+
+    def may(self, tool: str) -> bool:
+        return tool in self.allowed
+
+    async def call(self, tool: str, args: dict[str, Any] | None = None,
+                   progress: Progress | None = None) -> dict[str, Any]:
+        if tool not in self.allowed:
+            raise StageRefused(
+                f"the {self.role} stage may not call {tool!r}: its agent definition "
+                f"({agents.agent_path(self.role).relative_to(config.PROJECT_ROOT)}) does not list it",
+                "allowed: " + ", ".join(sorted(self.allowed)))
+        self.calls.append(tool)
+
+        async def on_progress(p: float, total: float | None, message: str | None) -> None:
+            if progress:
+                progress(message or tool, (p / total) if total else 0.0)
+
+        res = await self.session.call_tool(tool, args or {}, progress_callback=on_progress)
+        if res.is_error:
+            text = " ".join(getattr(c, "text", "") for c in res.content).strip()
+            raise ToolFailed(f"{tool}: {text}")
+        return res.structured_content or {}
+
+
+# --- the report --------------------------------------------------------------------------------------
+
+class OptimizeRequest(BaseModel):
+    workloads: list[str] = Field([], description="sandbox workloads to optimize for")
+    command: list[str] | None = Field(None, description="or: a host command, matched to workloads")
+    goals: list[Goal] = []
+    target: Literal["sandbox", "host"] = "sandbox"
+    budget_s: float = Field(900.0, gt=0)
+    rounds: int = Field(3, ge=1, le=10)
+    max_candidates: int = Field(3, ge=1, le=10)
+    watch_s: float = Field(20.0, ge=0, description="how long the monitor runs before learning")
+    out_dir: str | None = None
+
+
+class WorkloadFigure(BaseModel):
+    workload: str
+    metric: str
+    unit: str
+    direction: str
+    baseline: float | None
+    candidate: float | None
+    ratio: float | None = Field(None, description="candidate / baseline medians")
+    noise: float | None
+    verdict: str
+
+
+class CandidateResult(BaseModel):
+    label: str
+    policy: str | None
+    params: dict[str, str] = {}
+    strategy: str
+    why: str
+    report_id: str | None = None
+    passed: bool = False
+    status: str = ""
+    figures: list[WorkloadFigure] = []
+    score: float | None = Field(None, description="mean log-ratio on the goal metrics, lower = "
+                                                   "better (negative beats the default scheduler)")
+    warnings: list[str] = []
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class OptimizeReport(BaseModel):
+    started_at: float
+    seconds: float = 0.0
+    request: OptimizeRequest
+    host_sched_ext: bool | None = None
+    host_note: str = ""
+    profile_id: str | None = None
+    profile_summary: str = ""
+    goals: list[Goal] = []
+    workloads: list[str] = []
+    workload_reasons: list[str] = []
+    plan_id: str | None = None
+    strategy: str | None = None
+    rationale: str = ""
+    candidates: list[CandidateResult] = []
+    winner: str | None = Field(None, description="the winning candidate's report id")
+    winner_label: str | None = None
+    why: str = ""
+    token: str | None = None
+    deployment: dict[str, Any] | None = None
+    host_command: str | None = None
+    feedback: list[str] = []
+    outcome_ids: list[str] = []
+    contributed: str | None = None
+    ranking_after: list[str] = []
+    calls: dict[str, list[str]] = {}
+    outcome: Literal["deployed", "ready_for_host", "kept_default"] = "kept_default"
+    query: str = ""
+    json_path: str | None = None
+    chart_path: str | None = None
+    #: workload name -> the metrics it measures (its own and its goal metrics), from list_workloads
+    _measures: dict[str, set[str]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.outcome in ("deployed", "ready_for_host") else 1
+
+
+# --- the stages ----------------------------------------------------------------------------------------
+
+async def observe(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
+    info = await st.call("get_system_info")
+    sx = (info.get("kernel") or {}).get("sched_ext") or {}
+    rep.host_sched_ext = bool(sx.get("present"))
+    rep.host_note = ("this host has sched_ext: a human can deploy the winner here with its token"
+                     if rep.host_sched_ext else
+                     "this host has no sched_ext: candidates are judged in the sandbox VM; only a "
+                     "host deployment needs a sched_ext kernel")
+    listed = (await st.call("list_workloads"))["workloads"]
+    rep._measures = {w["name"]: {w["metric"], *w.get("goal_metrics", [])} for w in listed}
+    known = list(rep._measures)
+    unknown = [w for w in req.workloads if w not in known]
+    if unknown:
+        raise BadInput(f"unknown sandbox workload(s): {', '.join(unknown)}", "known: " + ", ".join(known))
+    if req.command:
+        say("observation: profiling the command on this host", 0.02)
+        prof = await st.call("profile_workload", {"command": req.command, "duration_s": 30})
+        rep.profile_id, rep.profile_summary = prof["id"], prof["summary"]
+        say("observation: matching it to the sandbox workloads", 0.05)
+        matches = (await st.call("match_workloads", {"profile_id": prof["id"]}))["matches"]
+        good = [m for m in matches if m["good"]][:2] or matches[:1]
+        rep.workloads = [m["workload"] for m in good]
+        rep.workload_reasons = [
+            f"{m['workload']}: similarity {m['similarity']:.2f}"
+            + ("" if m["good"] else " (the best there is, below the 0.75 of a good match)")
+            + f" — {m['reason']}" for m in good]
+    else:
+        rep.workloads = req.workloads or known
+        for i, name in enumerate(rep.workloads):
+            say(f"observation: profiling sandbox workload {name} on this host", 0.02 + 0.03 * i)
+            prof = await st.call("profile_workload", {"workload": name, "duration_s": 30})
+            if rep.profile_id is None:  # the plan serves the first; each is stored for history
+                rep.profile_id, rep.profile_summary = prof["id"], prof["summary"]
+            rep.workload_reasons.append(f"{name}: chosen ({prof['id']}: {prof['summary']})")
+
+
+def search_query(profile: dict, workloads: list[str]) -> str:
+    ch = profile.get("characteristics") or {}
+    words = [WORKLOAD_WORDS.get(w, w) for w in workloads]
+    words += [w for trait, w in TRAIT_WORDS.items() if ch.get(trait)]
+    return " ".join(dict.fromkeys(" ".join(words).split()))
+
+
+def candidate_budget(req: OptimizeRequest, n_workloads: int) -> tuple[int, float]:
+    """How many candidates fit the budget, and the estimated seconds of one validation."""
+    per = VALIDATION_FIXED_S + VALIDATION_PER_ROUND_S * n_workloads * req.rounds * 2
+    fit = int((req.budget_s - DEPLOY_RESERVE_S - req.watch_s) // per)
+    return max(1, min(req.max_candidates, fit)), per
+
+
+def reconfigured(policy: dict, profile: dict) -> dict[str, str] | None:
+    """Parameters chosen for the profile, within the policy's ranges: shorter slices for a
+    latency-sensitive workload, longer for a CPU-bound one. None when the defaults stand."""
+    ch = profile.get("characteristics") or {}
+    slice_p = next((p for p in policy.get("parameters", []) if p["name"] == "slice_ns"), None)
+    if slice_p is None:
+        return None
+    d = int(slice_p["default"])
+    lo, hi = slice_p.get("min") or 1, slice_p.get("max") or d * 8
+    if ch.get("latency_sensitive"):
+        v = max(lo, d // 4)
+    elif ch.get("cpu_bound"):
+        v = min(hi, d * 2)
+    else:
+        return None
+    return {"slice_ns": str(v)} if v != d else None
+
+
+async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
+    say("planning: searching the repository", 0.1)
+    prof = await st.call("get_profile", {"profile_id": rep.profile_id})
+    query = rep.query = search_query(prof, rep.workloads)
+    hits = (await st.call("search_policies", {"query": query, "profile_id": rep.profile_id,
+                                              "limit": 20}))["hits"]
+    ours = [h for h in hits if h["kind"] == "schedcp" and h["runnable"]]
+    # what already won on similar workloads comes first, then text relevance
+    ours.sort(key=lambda h: (h["history_score"] <= 0, -h["score"]))
+    fits = [h for h in ours if h["text_score"] > 0 or h["history_score"] > 0]
+    failed_before = fits and all(h["history_score"] < 0 for h in fits)
+    synth = {"revise": "revise_policy", "generate": "generate_scheduler"}
+    if fits and not failed_before:
+        strategy = "reconfigure"
+        rationale = (f"reconfigure: {len(fits)} repository policies match {query!r}; the cheapest "
+                     "and best-known way is to run them with parameters fitted to the profile. ")
+    else:
+        wanted = "revise" if failed_before else "generate"
+        if st.may(synth[wanted]):
+            strategy = wanted
+        else:
+            strategy = "reconfigure"
+        why = ("every matching policy did worse than the default on similar workloads before"
+               if failed_before else f"no repository policy matches {query!r}")
+        rationale = (f"{wanted} would be next ({why}), but this server has no {synth[wanted]} "
+                     "tool, so the plan reconfigures the closest repository policies. "
+                     if strategy == "reconfigure" else f"{wanted}: {why}. ")
+        fits = fits or ours
+    n, per = candidate_budget(req, len(rep.workloads))
+    chosen, candidates = fits[:n], []
+    for h in chosen:
+        reason = f"score {h['score']:.2f}: {h['reason']}"
+        candidates.append({"policy": h["name"], "params": {}, "strategy": "reconfigure",
+                           "why": reason})
+    if chosen and n > 1:  # second: the top policy with parameters fitted to the profile
+        top = await st.call("get_policy", {"name": chosen[0]["name"]})
+        params = reconfigured(top["policy"], prof)
+        if params:
+            candidates.insert(1, {"policy": chosen[0]["name"], "params": params,
+                                  "strategy": "reconfigure",
+                                  "why": f"{chosen[0]['name']} with {params} for a "
+                                         + ("latency-sensitive" if (prof["characteristics"] or {})
+                                            .get("latency_sensitive") else "CPU-bound") + " profile"})
+    if not candidates:
+        raise InfrastructureError("the repository has no runnable schedcp policy",
+                                  "check `schedcp policies list`")
+    candidates = candidates[:n]
+    rationale += (f"{len(candidates)} candidate(s) fit the {req.budget_s:.0f} s budget "
+                  f"(~{per:.0f} s per validation on {len(rep.workloads)} workload(s) x "
+                  f"{req.rounds} rounds); policies with a winning history on similar workloads first.")
+    args: dict[str, Any] = {"profile_id": rep.profile_id, "workloads": rep.workloads,
+                            "strategy": strategy, "rationale": rationale, "candidates": candidates,
+                            "budget_s": req.budget_s}
+    if req.goals:
+        args["goals"] = [{"metric": g.metric, "direction": g.direction,
+                          "target_ratio": g.target_ratio if g.target_ratio is not None else 1.0}
+                         for g in req.goals]
+    p = await st.call("create_plan", args)
+    rep.plan_id, rep.strategy, rep.rationale = p["id"], p["strategy"], p["rationale"]
+    rep.goals = [Goal(**g) for g in p["goals"]]
+
+
+def figures(layer2: dict | None) -> list[WorkloadFigure]:
+    out = []
+    for w in (layer2 or {}).get("workloads", []):
+        b, c = w.get("baseline_stats") or {}, w.get("candidate_stats") or {}
+        out.append(WorkloadFigure(workload=w["name"], metric=w["metric"], unit=w["unit"],
+                                  direction=w["direction"], baseline=b.get("median"),
+                                  candidate=c.get("median"), ratio=w.get("ratio"),
+                                  noise=w.get("noise"), verdict=w["verdict"]))
+    return out
+
+
+def goal_score(figs: list[WorkloadFigure], goals: list[Goal],
+               measures: dict[str, set[str]]) -> float | None:
+    """Mean log-ratio over the workloads a goal covers (all when none does), oriented so that lower
+    is better: ln(candidate/baseline) for lower-is-better metrics, ln(baseline/candidate) else."""
+    usable = [f for f in figs if f.ratio and f.ratio > 0]
+    chosen = [f for f in usable if any(g.metric in measures.get(f.workload, ()) for g in goals)] \
+        or usable
+    if not chosen:
+        return None
+    logs = [math.log(f.ratio) if f.direction == "lower" else -math.log(f.ratio) for f in chosen]
+    return round(sum(logs) / len(logs), 4)
+
+
+async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress,
+                  t0: float) -> None:
+    p = await st.call("get_plan", {"plan_id": rep.plan_id})
+    n = len(p["candidates"])
+    _, per = candidate_budget(req, len(p["workloads"]))
+    for i, c in enumerate(p["candidates"]):
+        label = c["policy"] + (f"[{','.join(f'{k}={v}' for k, v in sorted(c['params'].items()))}]"
+                               if c["params"] else "") if c.get("policy") else (c.get("report_id") or "source")
+        res = CandidateResult(label=label, policy=c.get("policy"), params=c.get("params") or {},
+                              strategy=c["strategy"], why=c["why"])
+        rep.candidates.append(res)
+        spent = time.monotonic() - t0
+        if i and spent + per + DEPLOY_RESERVE_S + req.watch_s > req.budget_s:
+            res.error = f"skipped: the budget ({req.budget_s:.0f} s) is spent ({spent:.0f} s used)"
+            continue
+        args: dict[str, Any] = {"workloads": p["workloads"], "profile_id": p["profile_id"],
+                                "rounds": req.rounds,
+                                "goals": [{"metric": g["metric"], "direction": g["direction"],
+                                           "target_ratio": g["target_ratio"] if g["target_ratio"]
+                                           is not None else 1.0} for g in p["goals"]]}
+        for key in ("policy", "report_id", "source"):
+            if c.get(key):
+                args[key] = c[key]
+        if c.get("params") and not c.get("report_id"):
+            args["params"] = c["params"]
+        start = time.monotonic()
+        lo, hi = 0.15 + 0.7 * i / n, 0.15 + 0.7 * (i + 1) / n
+
+        def prog(msg: str, frac: float, label=label, lo=lo, hi=hi) -> None:
+            say(f"execution: {label}: {msg}", lo + (hi - lo) * frac)
+
+        try:
+            v = await st.call("validate_scheduler", args, progress=prog)
+        except ToolFailed as e:
+            res.error, res.seconds = e.message, round(time.monotonic() - start, 1)
+            continue
+        res.seconds = round(time.monotonic() - start, 1)
+        res.report_id, res.passed, res.status = v["report_id"], v["passed"], v["status"]
+        res.figures = figures(v.get("layer2"))
+        res.warnings = (v.get("layer2") or {}).get("warnings", [])
+        res.score = goal_score(res.figures, rep.goals, rep._measures)
+        if res.passed and v.get("token") and (rep.winner is None or _better(res, rep)):
+            rep.token, rep.winner, rep.winner_label = v["token"], res.report_id, res.label
+    if all(c.error and not c.report_id for c in rep.candidates):
+        raise InfrastructureError("no candidate could be validated: " + rep.candidates[0].error,
+                                  "check the sandbox with `schedcp sandbox info`")
+    passed = [c for c in rep.candidates if c.passed]
+    if not passed:
+        rep.why = ("no candidate passed the sandbox's gates, so the default scheduler stays "
+                   "(a valid outcome): " + "; ".join(f"{c.label}: {c.error or c.status}"
+                                                       for c in rep.candidates))
+        return
+    win = next(c for c in passed if c.report_id == rep.winner)
+    others = [c for c in passed if c is not win]
+    figs = ", ".join(f"{f.metric} {f.ratio:.2f}x baseline ({f.verdict}, noise ±{(f.noise or 0):.0%})"
+                     for f in win.figures if f.ratio)
+    rep.why = (f"{win.label} passed every gate with the best goal score {win.score:+.3f} "
+               f"(mean log-ratio, negative = better than the default): {figs}"
+               + (f"; beat {', '.join(f'{o.label} ({o.score:+.3f})' for o in others)}" if others else "")
+               + ".")
+    if req.target == "host":
+        rep.host_command = (f'schedcp deploy --token "$(schedcp token {win.report_id} --target host)"'
+                            " --target host")
+        rep.outcome = "ready_for_host"
+        return
+    say(f"execution: deploying {win.label} to the sandbox staging VM", 0.87)
+    d = (await st.call("deploy", {"token": rep.token, "target": "sandbox",
+                                  "interval_s": max(2.0, min(10.0, req.watch_s / 3 or 5))}))
+    dep = d["deployment"]
+    if req.watch_s:
+        say(f"execution: monitor watching {dep['id']} for {req.watch_s:.0f} s", 0.9)
+        await anyio.sleep(req.watch_s)
+    status = await st.call("get_status")
+    dep = next((x for x in status.get("deployments", []) if x["id"] == dep["id"]), dep)
+    rep.deployment = {k: dep.get(k) for k in ("id", "status", "target", "policy", "params",
+                                              "baseline", "end_reason")}
+    rep.deployment["readings"] = len(dep.get("readings") or [])
+    rep.outcome = "deployed" if dep.get("status") == "active" else "kept_default"
+    if rep.outcome != "deployed":
+        rep.why += f" The staging deployment did not stay active: {dep.get('end_reason')}."
+    rep.host_command = (f'schedcp deploy --token "$(schedcp token {win.report_id} --target host)"'
+                        " --target host")
+
+
+def _better(res: CandidateResult, rep: OptimizeReport) -> bool:
+    cur = next((c for c in rep.candidates if c.report_id == rep.winner), None)
+    if cur is None or cur.score is None:
+        return True
+    return res.score is not None and res.score < cur.score
+
+
+async def learn(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
+    say("learning: feedback and repository update", 0.95)
+    subjects = ([rep.deployment["id"]] if rep.deployment else []) + \
+        [c.report_id for c in rep.candidates if c.report_id]
+    for sid in subjects:
+        try:
+            fb = await st.call("get_feedback", {"subject_id": sid})
+        except ToolFailed as e:
+            rep.feedback.append(f"{sid}: {e.message}")
+            continue
+        rep.feedback.append(fb["summary"])
+        if fb.get("outcome_id"):
+            rep.outcome_ids.append(fb["outcome_id"])
+    win = next((c for c in rep.candidates if c.report_id and c.report_id == rep.winner), None)
+    if win is not None and (win.params or not win.policy):
+        fb = await st.call("get_feedback", {"subject_id": win.report_id})
+        if fb["goals_met"]:
+            base = win.policy or "custom"
+            name = f"{base}_{rep.workloads[0]}_{win.report_id.split('-')[-1][:6]}"[:31]
+            desc = (f"{win.label}, found by schedcp optimize for {', '.join(rep.workloads)} "
+                    f"(profile {rep.profile_id}): {rep.why}")
+            try:
+                p = await st.call("contribute_policy", {"report_id": win.report_id, "name": name,
+                                                        "description": desc})
+                rep.contributed = p.get("name", name)
+            except ToolFailed as e:
+                rep.feedback.append(f"not contributed: {e.message}")
+    hits = (await st.call("search_policies", {"query": rep.query, "profile_id": rep.profile_id,
+                                              "limit": 3}))["hits"]
+    rep.ranking_after = [f"{h['name']} ({h['score']:.2f}: {h['reason']})" for h in hits]
+
+
+# --- running it ------------------------------------------------------------------------------------
+
+def server_params(req: OptimizeRequest) -> StdioServerParameters:
+    args = ["-m", "schedcp_mcp", "serve"]
+    if req.command:  # the human asked for exactly this command: let the server run it
+        args += ["--allow-command-prefix", shlex.join(req.command)]
+    return StdioServerParameters(command=sys.executable, args=args, env=dict(os.environ),
+                                 cwd=str(Path.cwd()))
+
+
+async def run(req: OptimizeRequest, progress: Progress | None = None) -> OptimizeReport:
+    say = progress or (lambda m, f=0.0: None)
+    if req.command is not None and req.workloads:
+        raise BadInput("give sandbox workloads or a host command, not both",
+                       "schedcp optimize --workload hackbench, or schedcp optimize -- CMD …")
+    allowed = {role: agents.allowlist(role) for role in agents.ROLES}
+    rep = OptimizeReport(started_at=time.time(), request=req)
+    t0 = time.monotonic()
+    try:
+        await _stages(req, rep, allowed, say, t0)
+    except BaseExceptionGroup as eg:  # the client's task group wraps what a stage raised
+        raise _first(eg) from None
+    rep.seconds = round(time.monotonic() - t0, 1)
+    write_outputs(rep)
+    say("done", 1.0)
+    return rep
+
+
+def _first(eg: BaseExceptionGroup) -> BaseException:
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            return _first(e)
+        return e
+    return eg
+
+
+async def _stages(req: OptimizeRequest, rep: OptimizeReport, allowed: dict[str, set[str]],
+                  say: Progress, t0: float) -> None:
+    async with AsyncExitStack() as stack:
+        say("starting the schedcp MCP server", 0.0)
+        r, w = await stack.enter_async_context(stdio_client(server_params(req)))
+        session = await stack.enter_async_context(ClientSession(r, w))
+        await session.initialize()
+        have = {t.name for t in (await session.list_tools()).tools}
+        for role, tools in allowed.items():
+            if tools - have:
+                raise InfrastructureError(
+                    f"the {role} agent definition names tools this server lacks: "
+                    f"{', '.join(sorted(tools - have))}", "run `schedcp agents generate`")
+        stages = {role: Stage(session, role, allowed[role]) for role in agents.ROLES}
+        try:
+            await observe(stages["observation"], req, rep, say)
+            await plan(stages["planning"], req, rep, say)
+            await execute(stages["execution"], req, rep, say, t0)
+            await learn(stages["learning"], req, rep, say)
+        finally:
+            rep.calls = {role: s.calls for role, s in stages.items()}
+
+
+def write_outputs(rep: OptimizeReport) -> None:
+    out = Path(rep.request.out_dir) if rep.request.out_dir else \
+        config.home() / "optimize" / (rep.plan_id or time.strftime("run-%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    rep.json_path = str(out / "report.json")
+    rep.chart_path = str(out / "chart.png") if any(c.figures for c in rep.candidates) else None
+    if rep.chart_path:
+        chart(rep, Path(rep.chart_path))
+    Path(rep.json_path).write_text(rep.model_dump_json(indent=2) + "\n")
+
+
+def chart(rep: OptimizeReport, path: Path) -> None:
+    """Each candidate's cost relative to the default scheduler per workload (<1 = better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cands = [c for c in rep.candidates if c.figures]
+    wls = list(dict.fromkeys(f.workload for c in cands for f in c.figures))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cands) * len(wls)), 4.2))
+    width = 0.8 / max(1, len(wls))
+    for j, wl in enumerate(wls):
+        xs, ys, colors = [], [], []
+        for i, c in enumerate(cands):
+            f = next((f for f in c.figures if f.workload == wl), None)
+            if f is None or not f.ratio:
+                continue
+            xs.append(i + j * width)
+            ys.append(f.ratio if f.direction == "lower" else 1 / f.ratio)
+            colors.append("tab:green" if c.report_id == rep.winner else
+                          ("tab:blue" if c.passed else "tab:gray"))
+        bars = ax.bar(xs, ys, width, color=colors, label=wl)
+        for b, y in zip(bars, ys):
+            ax.annotate(f"{wl}\n{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center",
+                        va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    ax.set_xticks([i + width * (len(wls) - 1) / 2 for i in range(len(cands))])
+    ax.set_xticklabels([c.label + ("\n(winner)" if c.report_id == rep.winner else
+                                   "\n(passed)" if c.passed else "\n(failed)") for c in cands],
+                       fontsize=8)
+    ax.set_ylabel("cost vs default scheduler\n(candidate/baseline; < 1 is better)")
+    ax.set_title(f"schedcp optimize {', '.join(rep.workloads)} — same-boot A/B medians", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(rep: OptimizeReport, console) -> None:
+    """The human-readable report."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.print(f"[bold]schedcp optimize[/bold] — {rep.seconds:.0f} s, target {rep.request.target}")
+    console.print(f"[bold]host[/bold]: {escape(rep.host_note)}")
+    console.print(f"[bold]observation[/bold]: profile {rep.profile_id}: {escape(rep.profile_summary)}")
+    for r in rep.workload_reasons:
+        console.print(f"  workload {escape(r)}")
+    console.print("  goals: " + ", ".join(f"{g.metric} {'<=' if g.direction == 'lower' else '>='} "
+                                          f"{g.target_ratio}x" for g in rep.goals))
+    console.print(f"[bold]planning[/bold]: plan {rep.plan_id}, strategy {rep.strategy}: "
+                  f"{escape(rep.rationale)}")
+    t = Table("candidate", "report", "workload", "baseline", "candidate", "ratio", "noise", "verdict",
+              "result", title="execution: sandbox A/B against the default scheduler (same boot)")
+    for c in rep.candidates:
+        result = ("[green]WINNER[/green]" if c.report_id and c.report_id == rep.winner else
+                  "passed" if c.passed else f"[red]{escape(c.error or c.status)}[/red]")
+        if not c.figures:
+            t.add_row(escape(c.label), c.report_id or "-", "-", "-", "-", "-", "-", "-", result)
+        for k, f in enumerate(c.figures):
+            t.add_row(escape(c.label) if k == 0 else "", (c.report_id or "-") if k == 0 else "",
+                      f.workload, f"{f.baseline:.4g} {f.unit}" if f.baseline is not None else "-",
+                      f"{f.candidate:.4g}" if f.candidate is not None else "-",
+                      f"{f.ratio:.3f}" if f.ratio else "-", f"±{f.noise:.0%}" if f.noise else "-",
+                      f.verdict, result if k == 0 else "")
+    console.print(t)
+    colour = "green" if rep.exit_code == 0 else "yellow"
+    console.print(f"[{colour}]{'winner' if rep.winner else 'no winner'}[/{colour}]: {escape(rep.why)}")
+    if rep.deployment:
+        d = rep.deployment
+        console.print(f"[bold]deployment[/bold]: {d['id']} of {d['policy']} on {d['target']}: "
+                      f"{d['status']}, baseline {d['baseline']}, {d['readings']} monitor reading(s)"
+                      + (f" ({escape(str(d['end_reason']))})" if d.get("end_reason") else ""))
+    if rep.token and rep.request.target == "sandbox" and rep.deployment:
+        console.print("  (its single-use sandbox token was spent by that deploy)")
+    if rep.host_command:
+        console.print("[bold]host[/bold] (a human decides; needs a sched_ext kernel and root):")
+        console.print(f"  {escape(rep.host_command)}")
+    for f in rep.feedback:
+        console.print(f"[bold]feedback[/bold]: {escape(f)}")
+    if rep.contributed:
+        console.print(f"[bold]repository[/bold]: contributed policy {rep.contributed}")
+    if rep.ranking_after:
+        console.print("[bold]ranking now[/bold]: " + escape(" > ".join(rep.ranking_after[:3])))
+    if rep.deployment and rep.outcome == "deployed":
+        console.print("The staging VM keeps running it under the monitor (`schedcp status`); end it "
+                      "with `schedcp rollback` and `schedcp sandbox stop`.")
+    console.print(f"report {rep.json_path}" + (f", chart {rep.chart_path}" if rep.chart_path else ""))

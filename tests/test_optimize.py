@@ -1,0 +1,136 @@
+"""`schedcp optimize`: the four stages through a real MCP client over stdio, each stage held to the
+tools of its agent definition."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import ClientSession, stdio_client
+
+from schedcp_mcp import agents, optimize
+from schedcp_mcp.models import Goal
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- fast: the rules, the allowlist, the CLI's refusals ----------------------------------------------
+
+def test_a_stage_cannot_call_a_tool_outside_its_agent_definition():
+    async def go():
+        req = optimize.OptimizeRequest(workloads=["hackbench"])
+        async with stdio_client(optimize.server_params(req)) as (r, w), ClientSession(r, w) as s:
+            await s.initialize()
+            planning = optimize.Stage(s, "planning", agents.allowlist("planning"))
+            with pytest.raises(optimize.StageRefused, match="planning stage may not call 'deploy'"):
+                await planning.call("deploy", {"token": "x"})
+            assert planning.calls == []  # refused before anything reached the server
+            info = await planning.call("list_workloads")
+            assert "hackbench" in {w["name"] for w in info["workloads"]}
+
+    anyio.run(go)
+
+
+def test_goal_score_prefers_lower_cost_on_goal_workloads():
+    fig = lambda wl, ratio, d="lower": optimize.WorkloadFigure(  # noqa: E731
+        workload=wl, metric="m", unit="s", direction=d, baseline=1, candidate=ratio, ratio=ratio,
+        noise=0.05, verdict="same")
+    measures = {"hackbench": {"messaging_time_s", "wall_time_s"}, "cpu": {"cpu_bogo_ops_per_s"}}
+    goals = [Goal(metric="wall_time_s", direction="lower", target_ratio=1.0)]
+    better = optimize.goal_score([fig("hackbench", 0.7), fig("cpu", 0.5, "higher")], goals, measures)
+    worse = optimize.goal_score([fig("hackbench", 0.9), fig("cpu", 2.0, "higher")], goals, measures)
+    assert better < worse < 0  # only the goal's workload counts; both beat the default
+    assert optimize.goal_score([fig("cpu", 2.0, "higher")], [], measures) < 0  # higher is better
+
+
+def test_budget_decides_how_many_candidates():
+    small = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=60)
+    big = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=3600, max_candidates=4)
+    assert optimize.candidate_budget(small, 1)[0] == 1  # always at least one
+    assert optimize.candidate_budget(big, 1)[0] == 4
+
+
+def test_reconfigure_fits_slices_to_the_profile_within_range():
+    pol = {"parameters": [{"name": "slice_ns", "default": 20_000_000, "min": 100_000,
+                           "max": 1_000_000_000}]}
+    assert optimize.reconfigured(pol, {"characteristics": {"latency_sensitive": True}}) == \
+        {"slice_ns": "5000000"}
+    assert optimize.reconfigured(pol, {"characteristics": {"cpu_bound": True}}) == \
+        {"slice_ns": "40000000"}
+    assert optimize.reconfigured(pol, {"characteristics": {}}) is None
+
+
+def test_cli_refuses_an_unknown_workload_with_json(tmp_path):
+    env = {**os.environ, "SCHEDCP_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "schedcp_mcp", "optimize", "--workload", "nope",
+                        "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = json.loads(r.stdout)["error"]
+    assert "nope" in err["message"] and "hackbench" in err["hint"]
+
+
+# --- the whole loop in the sandbox VM -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory, manifest):
+    """Learning may add policies: give it a copy of the repository, and a home of its own."""
+    from conftest import home_env
+
+    base = tmp_path_factory.mktemp("optimize")
+    shutil.copytree(ROOT / "policies", base / "policies")
+    old = os.environ.get("SCHEDCP_POLICIES")
+    os.environ["SCHEDCP_POLICIES"] = str(base / "policies")
+    with home_env(base / "home"):
+        yield base
+        from schedcp_mcp.deploy.deployments import active, rollback
+        from schedcp_mcp.deploy.targets import STAGING
+        from schedcp_mcp.sandbox.vm import VM
+
+        if active("sandbox"):
+            rollback(None, "sandbox", "test over", actor="cli")
+        VM.stop_named(STAGING)
+    if old is None:
+        os.environ.pop("SCHEDCP_POLICIES", None)
+    else:
+        os.environ["SCHEDCP_POLICIES"] = old
+
+
+@pytest.mark.vm
+def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy):
+    req = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=420, max_candidates=2,
+                                   watch_s=8, out_dir=str(repo_copy / "run1"))
+    rep = anyio.run(optimize.run, req)
+
+    # every stage stayed inside its agent definition; only execution touched a kernel
+    for role, calls in rep.calls.items():
+        assert calls and set(calls) <= agents.allowlist(role), role
+    assert [r for r, c in rep.calls.items() if {"deploy", "rollback"} & set(c)] == ["execution"]
+    # the stored objects were handed over by id
+    assert rep.profile_id.startswith("prof-") and rep.plan_id.startswith("plan-")
+    assert rep.strategy == "reconfigure" and "reconfigure" in rep.rationale
+    tried = [c for c in rep.candidates if c.report_id]
+    assert tried and all(c.figures and c.figures[0].workload == "hackbench" for c in tried)
+    # a winner, deployed to the staging VM with its token, and the human's host command
+    assert rep.exit_code == 0, rep.why
+    win = next(c for c in rep.candidates if c.report_id == rep.winner)
+    assert win.passed and win.score is not None and rep.token
+    assert rep.deployment["status"] == "active" and rep.deployment["readings"] >= 1
+    assert f"schedcp token {rep.winner} --target host" in rep.host_command
+    assert rep.feedback and rep.outcome_ids
+    data = json.loads(Path(rep.json_path).read_text())
+    assert data["winner"] == rep.winner
+    assert Path(rep.chart_path).read_bytes()[:4] == b"\x89PNG"
+
+    # learning is visible: the next plan for the same workload tries the winner first
+    req2 = optimize.OptimizeRequest(workloads=["hackbench"], target="host", budget_s=200,
+                                    max_candidates=1, watch_s=0, out_dir=str(repo_copy / "run2"))
+    rep2 = anyio.run(optimize.run, req2)
+    assert rep2.candidates[0].policy == win.policy, (rep2.candidates[0].label, win.label)
+    assert "history" in rep2.candidates[0].why
+    assert "deploy" not in rep2.calls["execution"]  # host target: the human deploys
