@@ -393,7 +393,7 @@ def test_a_scheduler_the_verifier_accepts_but_that_cannot_start_fails_at_init(vm
     pair = verify_source(src("scx_pair"), params={"map:pair_ctx": "1"}, trusted_include_dirs=[examples],
                          vm=vm)
     for r in (user, pair):
-        assert (r.verdict, r.stage) == ("rejected", "init"), r.errors
+        assert (r.verdict, r.stage) == ("rejected", "init"), (r.ops_name, r.errors, r.cached, r.durations)
         assert r.verifier_accepted and all(p.verified_insns for p in r.programs)
         e = r.errors[0]
         assert (e.stage, e.code) == ("init", "init_failed")

@@ -123,7 +123,7 @@ def verdict_from_loader(result: dict, kernel_log: list[str] | None = None) -> Ve
         v.exit = ex
         started = stage != "attach" or ex.kind != "unknown"
         v.stage = "init" if started else "attach"
-        what = ("the scheduler started and exited before it was enabled" if started else
+        what = ("the scheduler exited as it started" if started else
                 "the kernel refused to attach the scheduler")
         v.errors.append(VerifyError(
             stage=v.stage, code="init_failed" if started else "attach_failed",

@@ -13,8 +13,9 @@
  *     program, with source lines when the object carries BTF line info),
  *   - attaches the struct_ops link and checks /sys/kernel/sched_ext,
  *   - reports per-program verified and translated instruction counts,
- *   - then detaches at once (--verify) or stays attached (--run) until a signal, the duration, or the
- *     kernel disabling the scheduler, and reports the user exit info (kind, reason, message).
+ *   - then detaches after a moment of scheduling (--verify: an error exit then fails it) or stays
+ *     attached (--run) until a signal, the duration, or the kernel disabling the scheduler, and
+ *     reports the user exit info (kind, reason, message) once the kernel finished disabling it.
  *
  * --verify --load-only stops after the load: the kernel verifier has run on every program, and
  * nothing is attached, so no scheduler ever takes over the CPUs. This is the only mode used on a
@@ -41,6 +42,8 @@
 
 #define MAX_PARAMS 64
 #define SCX_SYSFS "/sys/kernel/sched_ext"
+#define SCX_EXIT_ERROR 1024   /* enum scx_exit_kind: this and above are errors */
+#define VERIFY_SETTLE_MS 200  /* --verify keeps the scheduler attached this long */
 
 /* ---------- a growable text buffer and JSON output ---------- */
 
@@ -995,6 +998,12 @@ int main(int argc, char **argv)
 		goto out;
 	}
 	fprintf(stderr, "loader: %s enabled (root/ops=%s)\n", R.ops_name, R.root_ops);
+	if (o.verify) {
+		/* a moment of real scheduling: an error a scheduler raises on its first events (a map its
+		 * loader should have sized, a userspace half that is missing) shows here, not after a deploy */
+		for (int i = 0; i < VERIFY_SETTLE_MS / 20 && !uei_kind_now(&uei); i++)
+			usleep(20000);
+	}
 
 	bool exited = o.run && run_attached(&uei, o.duration);
 	R.stage = "detach";
@@ -1006,6 +1015,11 @@ int main(int argc, char **argv)
 	if (exited) {
 		fail("run", "the scheduler was disabled while running: %s%s%s",
 		     R.uei_reason[0] ? R.uei_reason : R.stop_reason, R.uei_msg[0] ? " — " : "", R.uei_msg);
+		goto out;
+	}
+	if (R.uei_kind >= SCX_EXIT_ERROR) {
+		fail("enabled", "the scheduler exited with an error right after it was enabled: %s%s%s",
+		     R.uei_reason, R.uei_msg[0] ? " — " : "", R.uei_msg);
 		goto out;
 	}
 done:
