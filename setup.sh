@@ -12,6 +12,8 @@ SUDO=""
 HOST_PACKAGES=(
   qemu-system-x86 mmdebstrap zstd cpio xz-utils util-linux debian-archive-keyring  # sandbox VM, image
   stress-ng rt-tests linux-perf libbpf-tools bpftool procps       # workloads and observation
+  chromium fonts-dejavu-core                                      # the status page's browser test
+  redis-server                                                    # the Celery broker (fleet engine, its test)
 )
 missing=()
 for p in "${HOST_PACKAGES[@]}"; do

@@ -1201,6 +1201,29 @@ def bench_synth(workers: int, as_json: bool) -> None:
     sys.exit(0 if res["accepted"] == res["specs"] else 1)
 
 
+@bench.command("jobs")
+@click.option("--workers", "sizes", multiple=True, type=int, default=(2, 8), show_default=True,
+              help="pool sizes to measure (repeatable)")
+@click.option("--jobs", "n", default=2000, show_default=True, help="trivial jobs per pool size")
+@json_option
+def bench_jobs(sizes: tuple[int, ...], n: int, as_json: bool) -> None:
+    """The supervisor's throughput (jobs/s) and submit→start latency with trivial jobs."""
+    from .jobs.bench import TARGET_JOBS_S, TARGET_P99_MS, bench_jobs as run
+
+    def render(rs):
+        t = Table("workers", "burst", "jobs/s", "paced at", "p50 submit→start", "p99 submit→start", "max",
+                  "targets",
+                  title=f"schedcp bench jobs (targets: ≥ {TARGET_JOBS_S:g} jobs/s, p99 ≤ {TARGET_P99_MS:g} ms)")
+        for r in rs:
+            t.add_row(str(r.workers), str(r.jobs), f"{r.jobs_per_s:.0f}", f"{r.paced_rate:.0f}/s",
+                      f"{r.p50_submit_to_start_ms:.1f} ms",
+                      f"{r.p99_submit_to_start_ms:.1f} ms", f"{r.max_submit_to_start_ms:.1f} ms",
+                      "[green]met[/green]" if r.meets_targets else "[red]missed[/red]")
+        console.print(t)
+
+    emit(run(sizes, n), as_json, render)
+
+
 @bench.command("policies")
 @click.option("--rounds", default=3, show_default=True, help="paired rounds per policy, at least")
 @click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Literal, TypeVar
 
@@ -64,13 +65,7 @@ async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
     """Background duties of a running server: resume deployment monitors that died with a previous
     server, evaluate registered callbacks, and run a job worker pool ($SCHEDCP_SERVER_WORKERS slots,
     default from the machine; 0: none, jobs wait for `schedcp worker`)."""
-    size = os.environ.get("SCHEDCP_SERVER_WORKERS")
-    pool = None
-    if size != "0":
-        try:
-            pool = await anyio.to_thread.run_sync(lambda: Pool(int(size) if size else None).start())
-        except Exception:
-            log.exception("could not start the job worker pool")
+    pool = await anyio.to_thread.run_sync(_pool_enter)
     try:
         await anyio.to_thread.run_sync(deployments.resume_monitors)
     except Exception:  # the server must start even if the store or a target is unwell
@@ -80,8 +75,40 @@ async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
         yield
     finally:
         watcher.stop()
-        if pool is not None:
-            await anyio.to_thread.run_sync(pool.stop)
+        if pool:
+            await anyio.to_thread.run_sync(_pool_leave)
+
+
+_pool: Pool | None = None
+_pool_users = 0
+_pool_lock = threading.Lock()
+
+
+def _pool_enter() -> bool:
+    """The server process's one worker pool, shared by its sessions (a lifespan runs per session
+    over HTTP); started by the first."""
+    global _pool, _pool_users
+    size = os.environ.get("SCHEDCP_SERVER_WORKERS")
+    if size == "0":
+        return False
+    with _pool_lock:
+        if _pool is None:
+            try:
+                _pool = Pool(int(size) if size else None).start()
+            except Exception:
+                log.exception("could not start the job worker pool")
+                return False
+        _pool_users += 1
+    return True
+
+
+def _pool_leave() -> None:
+    global _pool, _pool_users
+    with _pool_lock:
+        _pool_users -= 1
+        if _pool_users == 0 and _pool is not None:
+            _pool.stop()
+            _pool = None
 
 
 server = MCPServer(name="schedcp", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
@@ -703,8 +730,55 @@ def run_stdio() -> None:
     server.run("stdio")
 
 
+STATUS_COOKIE = "schedcp_status"
+
+
+def status_app(token: str):
+    """The status page (/status, HTML), its state (/status/state, JSON) and /status/login?token=…,
+    which a browser opens once: it sets the token as an HttpOnly cookie (a browser cannot send a
+    bearer header) and redirects to /status. Every other request needs the bearer header or that
+    cookie."""
+    import hmac
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+    from starlette.routing import Route
+
+    from .access import bearer_ok
+    from .jobs import status
+
+    def allowed(request: Request) -> bool:
+        cookie = request.cookies.get(STATUS_COOKIE, "")
+        return bearer_ok(request.headers.get("authorization", "").encode(), token) or \
+            hmac.compare_digest(cookie.encode(), token.encode())
+
+    async def page(request: Request) -> Response:
+        if not allowed(request):
+            return HTMLResponse("<p>schedcp status: open /status/login?token=&lt;the server's HTTP "
+                                "token&gt; once</p>", status_code=401)
+        return HTMLResponse(status.render_html(await anyio.to_thread.run_sync(status.state)))
+
+    async def state(request: Request) -> Response:
+        if not allowed(request):
+            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        return JSONResponse((await anyio.to_thread.run_sync(status.state)).model_dump(mode="json"))
+
+    async def login(request: Request) -> Response:
+        given = request.query_params.get("token", "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return JSONResponse({"error": "wrong token"}, status_code=401)
+        r = RedirectResponse("/status", status_code=303)
+        r.set_cookie(STATUS_COOKIE, token, httponly=True, samesite="strict", path="/status")
+        return r
+
+    return Starlette(routes=[Route("/status", page), Route("/status/state", state),
+                             Route("/status/login", login)])
+
+
 def run_http(host: str, port: int, token: str) -> None:
-    """Streamable HTTP. The bearer token is required on every request (compared in constant time)."""
+    """Streamable HTTP. The bearer token is required on every request (compared in constant time);
+    /status is the status page (see status_app)."""
     import uvicorn
     from starlette.responses import JSONResponse
 
@@ -713,8 +787,13 @@ def run_http(host: str, port: int, token: str) -> None:
     if not token:
         raise ValueError("run_http needs a token")
     inner = server.streamable_http_app(host=host)
+    status_pages = status_app(token)
+    _pool_enter()  # for the life of the process: background jobs outlive the sessions that asked
 
     async def app(scope, receive, send):
+        if scope["type"] == "http" and (scope.get("path") or "").startswith("/status"):
+            await status_pages(scope, receive, send)
+            return
         if scope["type"] == "http":
             auth = [v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"]
             if len(auth) != 1 or not bearer_ok(auth[0], token):

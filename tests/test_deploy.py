@@ -81,6 +81,34 @@ def wait_for(pred, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def test_the_loser_of_two_concurrent_deploys_of_one_token_is_told_it_was_used(fifo_report):
+    import threading
+
+    t = tokens.issue(fifo_report.id).token
+    mon = deployments.MonitorPolicy(metric_cmd="echo 1", interval_s=60)
+    results: list[object] = []
+
+    def go():
+        try:
+            results.append(deployments.deploy(t, "sandbox", monitor=mon))
+        except Exception as e:  # noqa: BLE001 (the assertion below says which)
+            results.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    won = [r for r in results if isinstance(r, deployments.Deployment)]
+    lost = [r for r in results if not isinstance(r, deployments.Deployment)]
+    try:
+        assert len(won) == 1 and len(lost) == 1, results
+        assert isinstance(lost[0], tokens.TokenRefused) and "already used" in lost[0].message, lost[0]
+    finally:
+        for d in won:
+            deployments.rollback(d.id, "sandbox", "test: done", actor="test")
+
+
 def test_deploy_then_degradation_rolls_back(fifo_report):
     target = SandboxTarget()
     with target.vm() as v:

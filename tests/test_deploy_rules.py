@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import hashlib
+import time
 from pathlib import Path
 
 from schedcp_mcp import config, store
@@ -12,7 +13,7 @@ from schedcp_mcp.deploy import tokens
 from schedcp_mcp.deploy.deployments import threshold_from_goals
 from schedcp_mcp.deploy.targets import parse_metric
 from schedcp_mcp.sandbox.scheduler import parse_exit, parse_state
-from schedcp_mcp.errors import InfrastructureError
+from schedcp_mcp.errors import BadInput, InfrastructureError
 from schedcp_mcp.observe.profile import Goal
 from schedcp_mcp.reports import invalidate, new_report, save
 from schedcp_mcp.validate.models import Layer2Result
@@ -82,7 +83,12 @@ def test_token_refusals():
     refused(body + "." + sig[:-2] + ("AA" if not sig.endswith("AA") else "BB"), match="signature")
     refused(t[: len(t) // 2], match="malformed")
     refused("", match="malformed")
-    refused(tokens.issue(r.id, ttl_s=-1).token, match="expired")
+    expired = tokens.issue(r.id, ttl_s=1).token
+    time.sleep(1.1)
+    refused(expired, match="expired")
+    for ttl in (-100, 0, 8 * 24 * 3600):  # a negative or unbounded lifetime is refused
+        with pytest.raises(BadInput, match="out of range"):
+            tokens.issue(r.id, ttl_s=ttl)
     refused(t, target="host", match="for target 'sandbox'")
     payload, report = tokens.check(t, "sandbox", "test")  # spends it
     assert payload.report_id == report.id == r.id

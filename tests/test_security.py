@@ -196,3 +196,143 @@ def test_a_home_owned_by_someone_else_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("SCHEDCP_HOME", str(other))
     with pytest.raises(SchedcpError, match="not a directory owned by this user"):
         config.home()
+
+
+# --- callbacks -------------------------------------------------------------------------------------
+
+class _Hook:
+    """A real loopback HTTP server answering every POST with `status` (and a Location)."""
+
+    def __init__(self, status: int = 200, location: str = ""):
+        import threading
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        self.hits: list[str] = []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.hits.append(self.headers.get("Host", ""))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(status)
+                if location:
+                    self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), H)
+        self.port = self.httpd.server_port
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_a_callback_never_follows_a_redirect():
+    from schedcp_mcp.learn import callbacks
+
+    elsewhere = _Hook()
+    redirector = _Hook(status=307, location=elsewhere.url)
+    try:
+        assert callbacks.post(redirector.url, {"x": 1}) == 307
+        assert len(redirector.hits) == 1 and elsewhere.hits == []
+    finally:
+        redirector.close()
+        elsewhere.close()
+
+
+def test_a_callback_connects_to_the_address_it_checked(monkeypatch):
+    """DNS rebinding cannot be staged for real here, so the resolver is a fake (named so): the
+    first answer is loopback, any later one a remote address. One lookup, loopback used, Host kept."""
+    from schedcp_mcp.learn import callbacks
+
+    hook = _Hook()
+    answers = iter(["127.0.0.1"] + ["192.0.2.1"] * 10)
+    real = socket.getaddrinfo
+
+    def fake(host, port, *a, **kw):
+        if host != "hooks.example":
+            return real(host, port, *a, **kw)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    try:
+        assert callbacks.post(f"http://hooks.example:{hook.port}/x", {"x": 1}, timeout=3) == 200
+        assert hook.hits == [f"hooks.example:{hook.port}"]
+    finally:
+        hook.close()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/x", "http://127.0.0.1:abc/x",
+                                 "http://127.0.0.1:0/x"])
+def test_a_callback_url_with_a_bad_port_is_an_input_error(url):
+    from schedcp_mcp.learn import callbacks
+
+    with pytest.raises(BadInput, match="port"):
+        callbacks.register(url, callbacks.Condition(kind="psi_cpu_above", threshold=1))
+
+
+# --- names -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["good_name\n", "../../etc/passwd", "a/b", "x\0y", "Upper", "a",
+                                  "na me", "name\r\n"])
+def test_a_policy_name_that_could_become_a_path_is_refused_everywhere(name):
+    from schedcp_mcp.learn import contribute, history
+    from schedcp_mcp.models import MetricResult
+
+    with pytest.raises(BadInput, match="not allowed"):
+        contribute.contribute_policy("rep-none", name, "d")
+    with pytest.raises(BadInput, match="not allowed"):
+        history.new_outcome(source="external", policy=name, params={}, profile_id=None, note="",
+                            metrics=[MetricResult(metric="m", direction="lower", baseline=1,
+                                                  candidate=1, ratio=1)])
+
+
+def test_no_name_regex_in_the_package_ends_with_a_dollar():
+    """`^…$` accepts a trailing newline; names are matched with fullmatch or `\\Z`."""
+    import re as _re
+
+    root = Path(__file__).resolve().parent.parent / "schedcp_mcp"
+    offenders = []
+    for f in root.rglob("*.py"):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if _re.search(r"NAME\w*\s*=\s*re\.compile\(r?\"\^.*\$\"\)", line):
+                offenders.append(f"{f.name}:{i}")
+    assert offenders == []
+
+
+# --- tokens ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ttl", ["-100", "0", "99999999999"])
+def test_schedcp_token_refuses_a_negative_or_unbounded_ttl(ttl):
+    r = subprocess.run([sys.executable, "-m", "schedcp_mcp", "token", "rep-any", "--ttl", ttl],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout
+    assert "out of range" in r.stderr + r.stdout and "." not in r.stdout.strip()[:0]
+
+
+# --- runtime directories -----------------------------------------------------------------------------
+
+def test_a_planted_socket_directory_is_refused_and_the_sweep_spares_other_users(tmp_path, monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make directories owned by another user")
+    from schedcp_mcp.sandbox import vm
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"schedcp-{os.getuid()}"
+    planted.mkdir(mode=0o777)
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(SchedcpError, match="not a directory owned by this user"):
+        vm._sock_path(tmp_path / ("x" * 120))
+    theirs = tmp_path / "schedcp-vm-theirs"
+    ours = tmp_path / "schedcp-vm-ours"
+    for d in (theirs, ours):
+        d.mkdir()
+        os.utime(d, (0, 0))
+    os.chown(theirs, 65534, 65534)
+    vm._sweep_stale_tmpdirs()
+    assert theirs.exists() and not ours.exists()

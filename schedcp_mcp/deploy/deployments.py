@@ -113,6 +113,9 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
     prev_dep = active(target)
     current = t.state()
     if current.enabled and (prev_dep is None or current.ops != prev_dep.ops_name):
+        # the loser of two concurrent deploys of one token sees the winner's scheduler: say what
+        # really happened (this raises "token was already used" when it was)
+        tokens.check(token, target, actor, spend=False)
         store.audit(actor, "deploy_refused", {"why": f"foreign scheduler {current.ops} running",
                                               "target": target}, report.artifact_sha256)
         raise InfrastructureError(

@@ -20,11 +20,12 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from .. import config, store
-from ..errors import SchedcpError
+from ..errors import BadInput, SchedcpError
 from ..models import IssuedToken
 from ..reports import ValidationReport, artifact_hash, get_report
 
 DEFAULT_TTL_S = 3600
+MAX_TTL_S = 7 * 24 * 3600  # a token is a short-lived key, not a standing permission
 TARGETS = ("sandbox", "host")
 
 
@@ -72,6 +73,9 @@ def issue(report_id: str, target: str = "sandbox", ttl_s: float = DEFAULT_TTL_S,
           actor: str = "server") -> IssuedToken:
     if target not in TARGETS:
         raise TokenRefused(f"unknown target {target!r}", f"use one of {', '.join(TARGETS)}")
+    if not 1 <= ttl_s <= MAX_TTL_S:
+        raise BadInput(f"token lifetime {ttl_s:g} s is out of range",
+                       f"give 1 .. {MAX_TTL_S} seconds (7 days); the default is {DEFAULT_TTL_S}")
     r = get_report(report_id)
     if not r.passed:
         store.audit(actor, "token_refused", {"report_id": report_id, "why": r.status},

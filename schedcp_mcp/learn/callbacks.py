@@ -10,21 +10,22 @@ A condition fires on the rising edge (false -> true) and at most once per `coold
 
 Only http(s) URLs. Loopback hosts are allowed by default; any other host only when the operator
 lists it in $SCHEDCP_CALLBACK_ALLOW_HOSTS (comma-separated), so a tool call cannot make the server
-probe a network.
+probe a network. A delivery resolves the host once, checks that address and connects to it (no
+second lookup to rebind), and never follows a redirect.
 """
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, Field
 
@@ -87,24 +88,54 @@ def allowed_hosts() -> set[str]:
             if h.strip()}
 
 
-def check_url(url: str) -> None:
-    """Refuse non-http(s) URLs and non-loopback hosts the operator did not allow."""
+def check_url(url: str) -> tuple[SplitResult, str]:
+    """Refuse non-http(s) URLs, bad ports and non-loopback hosts the operator did not allow.
+    Returns the URL's parts and the one address checked — the address a delivery connects to,
+    so a name that resolves differently later (DNS rebinding) cannot move it."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise BadInput(f"callback URL scheme {parts.scheme!r} is not allowed", "use http:// or https://")
+    try:
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise BadInput(f"callback URL {url!r} has a bad port: {e}", "a port is 1 .. 65535") from None
+    if port < 1:
+        raise BadInput(f"callback URL {url!r} has port 0", "a port is 1 .. 65535")
     host = (parts.hostname or "").lower()
     if not host:
         raise BadInput("callback URL has no host", "e.g. http://127.0.0.1:9000/hook")
-    if host in allowed_hosts():
-        return
     try:
-        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, parts.port or 80, proto=socket.IPPROTO_TCP)}
-    except socket.gaierror as e:
-        raise BadInput(f"cannot resolve callback host {host!r}: {e}", "use a loopback address")
+        addrs = [ai[4][0] for ai in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)]
+    except (socket.gaierror, UnicodeError) as e:
+        raise BadInput(f"cannot resolve callback host {host!r}: {e}", "use a loopback address") from None
+    if host in allowed_hosts() and addrs:
+        return parts, addrs[0]
     if not addrs or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs):
         raise BadInput(f"callback host {host!r} is not loopback",
                        "only loopback is allowed by default; the operator can allow a host with "
                        "SCHEDCP_CALLBACK_ALLOW_HOSTS")
+    return parts, addrs[0]
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Connects to the checked address; the Host header still names the URL's host."""
+
+    def __init__(self, host: str, port: int, address: str, **kw):
+        super().__init__(host, port, **kw)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, address: str, **kw):
+        super().__init__(host, port, context=ssl.create_default_context(), **kw)
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 def register(url: str, condition: Condition) -> Callback:
@@ -171,12 +202,23 @@ def measure(cond: Condition) -> tuple[float | None, bool, Feedback | None]:
 
 
 def post(url: str, event: CallbackEvent, timeout: float = 5.0) -> int:
-    check_url(url)
-    req = urllib.request.Request(url, data=event.model_dump_json().encode(), method="POST",
-                                 headers={"Content-Type": "application/json",
-                                          "User-Agent": "schedcp-callback/1"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (checked above)
+    """POST `event` to `url` (checked again now) and return the HTTP status. Redirects are never
+    followed: a 3xx is just a status, not a way to send the server somewhere else."""
+    parts, address = check_url(url)
+    cls = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
+    conn = cls(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), address,
+               timeout=timeout)  # (port 0 was refused by check_url)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    try:
+        conn.request("POST", path, body=event.model_dump_json().encode(),
+                     headers={"Content-Type": "application/json", "User-Agent": "schedcp-callback/1"})
+        resp = conn.getresponse()
+        resp.read(65536)
         return resp.status
+    finally:
+        conn.close()
 
 
 def deliver(cb: Callback, event: CallbackEvent, retries: int = 4, backoff_s: float = 0.5) -> bool:
@@ -185,10 +227,10 @@ def deliver(cb: Callback, event: CallbackEvent, retries: int = 4, backoff_s: flo
         status, error = None, None
         try:
             status = post(cb.url, event)
-        except urllib.error.HTTPError as e:
-            status, error = e.code, f"HTTP {e.code}"
-        except Exception as e:  # URLError, timeout, refused, BadInput
-            error = str(e)
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+        except Exception as e:  # timeout, refused, TLS, BadInput
+            error = str(e) or type(e).__name__
         ok = status is not None and 200 <= status < 300
         store.put(DELIVERY, Delivery(id=store.new_id("dlv"), created_at=time.time(),
                                      callback_id=cb.id, attempt=attempt, ok=ok, status=status,

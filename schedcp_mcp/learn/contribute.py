@@ -4,16 +4,15 @@ provenance (parent policy, report id, source hash, date), so later searches can 
 from __future__ import annotations
 
 import json
-import re
 import time
 
 from .. import config, store
 from ..errors import BadInput
+from ..names import check_policy_name
 from ..reports import ValidationReport, get_report, source_for
 from ..repository.policies import Policy, get_policy, list_policies
 from .feedback import report_feedback
 
-NAME = re.compile(r"^[a-z][a-z0-9_]{1,30}$")
 
 
 def params_from_report(r: ValidationReport) -> list[dict]:
@@ -70,9 +69,7 @@ def _synth_provenance(r) -> dict[str, str]:
 
 def contribute_policy(report_id: str, name: str, description: str, tags: list[str] | None = None,
                       summary: str | None = None, actor: str = "agent") -> Policy:
-    if not NAME.match(name):
-        raise BadInput(f"policy name {name!r} is not allowed",
-                       "2-31 chars: lowercase letters, digits, underscore; start with a letter")
+    check_policy_name(name)
     if any(p.name == name for p in list_policies()):
         raise BadInput(f"a policy named {name!r} already exists", "choose another name")
     if not description.strip():

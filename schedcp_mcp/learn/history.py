@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from .. import store
 from ..models import MetricResult
+from ..names import check_policy_name
 from ..observe.profile import WorkloadProfile, get_profile
 from ..repository.policies import Policy
 from ..repository.provenance import Provenance
@@ -65,6 +66,8 @@ def record(outcome: Outcome) -> Outcome:
 
 
 def new_outcome(**kw) -> Outcome:
+    if kw.get("policy") != "custom":
+        check_policy_name(kw.get("policy"))  # it becomes the outcome's key
     metrics = kw.get("metrics") or []
     if "reward" not in kw:
         kw["reward"] = reward(metrics)

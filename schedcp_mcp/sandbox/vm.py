@@ -39,6 +39,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import signal
 import socket
 import subprocess
@@ -284,8 +285,10 @@ def _sock_path(vmdir: Path) -> Path:
     p = vmdir / "agent.sock"
     if len(str(p)) < 100:
         return p
-    short = Path(tempfile.gettempdir()) / f"schedcp-{os.getuid()}"
-    short.mkdir(mode=0o700, exist_ok=True)
+    # a socket path must stay under ~108 bytes; a shared /tmp name is only used when it is ours:
+    # a directory (not a link) owned by this user and closed to others (else another user could
+    # plant it, or listen on our socket's name)
+    short = config.private_dir(Path(tempfile.gettempdir()) / f"schedcp-{os.getuid()}")
     return short / (hashlib.sha256(str(vmdir).encode()).hexdigest()[:16] + ".sock")
 
 
@@ -317,7 +320,10 @@ def _sweep_stale_tmpdirs(min_age_s: float = 120) -> None:
     """Remove the temporary dirs of ephemeral VMs whose owner died without cleaning up."""
     for d in Path(tempfile.gettempdir()).glob("schedcp-vm-*"):
         try:
-            if time.time() - d.stat().st_mtime < min_age_s:
+            st = d.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue  # only our own: never another user's VM, never through a link
+            if time.time() - st.st_mtime < min_age_s:
                 continue
             pid = int((d / "qemu.pid").read_text().strip() or 0)
         except (OSError, ValueError):

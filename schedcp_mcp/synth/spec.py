@@ -18,9 +18,9 @@ from ..repository.policies import Parameter
 from ..repository.provenance import SchedulerSpec, TaskClass
 from . import primitives as prims
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,23}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,23}\Z")
 #: comm / cgroup patterns are rendered into C: only these characters, so nothing can escape the string
-PATTERN_RE = re.compile(r"^[A-Za-z0-9_.:/+-]{1,15}\*?$")
+PATTERN_RE = re.compile(r"^[A-Za-z0-9_.:/+-]{1,15}\*?\Z")
 
 EXAMPLE_SPEC: dict[str, Any] = {
     "name": "gen_latency",

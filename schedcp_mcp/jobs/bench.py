@@ -1,0 +1,105 @@
+"""`schedcp bench jobs`: the supervisor's own throughput and latency with trivial jobs.
+
+For each pool size, in a throwaway home: a `schedcp worker --size N` process runs the pool (as a
+server or a worker would) and this process submits `noop` jobs. Two phases:
+- capacity: a burst of jobs, submitted as fast as possible; jobs/s from the first submit to the last
+  finish (a burst queues, so its latencies measure the queue, not the supervisor);
+- latency: jobs submitted at the target rate (200/s); submit→start p50/p99 (claim polling, lane
+  ordering, the SQLite transactions, the wake-up of another process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from pydantic import BaseModel
+
+from .. import config, store
+
+TARGET_JOBS_S = 200.0
+TARGET_P99_MS = 50.0
+
+
+class JobsBench(BaseModel):
+    workers: int
+    jobs: int
+    jobs_per_s: float
+    paced_rate: float
+    p50_submit_to_start_ms: float
+    p99_submit_to_start_ms: float
+    max_submit_to_start_ms: float
+    meets_targets: bool
+
+
+@contextmanager
+def _home() -> Iterator[str]:
+    old = os.environ.get("SCHEDCP_HOME")
+    with tempfile.TemporaryDirectory(prefix="schedcp-bench-jobs-") as d:
+        os.environ["SCHEDCP_HOME"] = d
+        try:
+            yield d
+        finally:
+            if old is None:
+                os.environ.pop("SCHEDCP_HOME", None)
+            else:
+                os.environ["SCHEDCP_HOME"] = old
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def bench_pool(workers: int, jobs: int = 2000) -> JobsBench:
+    from . import queue
+
+    with _home() as home:
+        store.db()  # migrate before the worker starts
+        env = {**os.environ, "SCHEDCP_HOME": home, "PYTHONPATH": str(config.PROJECT_ROOT)}
+        w = subprocess.Popen([sys.executable, "-m", "schedcp_mcp", "worker", "--size", str(workers), "--json"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            json.loads(w.stdout.readline())
+            ids = [queue.submit("noop", {"echo": i}).id for i in range(jobs)]
+            _drain(ids)
+            burst = store.db().execute("SELECT MIN(created_at) t0, MAX(finished_at) t1, COUNT(*) n "
+                                       "FROM jobs").fetchone()
+            t_paced = time.time()
+            t0 = time.monotonic()
+            paced = []
+            for i in range(jobs // 2):
+                time.sleep(max(0.0, t0 + i / TARGET_JOBS_S - time.monotonic()))
+                paced.append(queue.submit("noop", {"echo": -i}).id)
+            _drain(paced)
+            rows = store.db().execute("SELECT created_at, started_at FROM jobs WHERE created_at>=?",
+                                      (t_paced,)).fetchall()
+        finally:
+            w.terminate()
+            w.wait(10)
+    lat = [(r["started_at"] - r["created_at"]) * 1000 for r in rows]
+    rate = burst["n"] / (burst["t1"] - burst["t0"])
+    p99 = _percentile(lat, 0.99)
+    return JobsBench(workers=workers, jobs=burst["n"], jobs_per_s=round(rate, 1), paced_rate=TARGET_JOBS_S,
+                     p50_submit_to_start_ms=round(statistics.median(lat), 2),
+                     p99_submit_to_start_ms=round(p99, 2), max_submit_to_start_ms=round(max(lat), 2),
+                     meets_targets=rate >= TARGET_JOBS_S and p99 <= TARGET_P99_MS)
+
+
+def _drain(ids: list[str]) -> None:
+    from . import queue
+
+    for i in reversed(ids):
+        while not queue.get(i).done:
+            time.sleep(0.01)
+
+
+def bench_jobs(sizes: tuple[int, ...] = (2, 8), jobs: int = 2000) -> list[JobsBench]:
+    return [bench_pool(n, jobs) for n in sizes]
