@@ -938,6 +938,53 @@ def revise(base: str, patch_file, params: tuple[str, ...], show_source: bool, as
     _synth_exit(res)
 
 
+def render_tune(t) -> None:
+    tab = Table("trial", "changed", "rounds", "speedup [95%]", "layer 2", "out",
+                title=f"{t.id}: {t.target} on {', '.join(t.workloads)}")
+    for x in t.trials:
+        sp = (f"{x.speedup:.3f} [{x.speedup_low:.2f}, {x.speedup_high:.2f}]" if x.speedup else "-")
+        gate = "pass" if x.passed else "FAIL " + escape((x.failure_reason or "").split(":")[0])
+        tab.add_row(x.candidate_id, x.label, str(x.rounds), sp, gate,
+                    "" if x.eliminated_at_rung is None else f"rung {x.eliminated_at_rung}")
+    console.print(tab)
+    vs = (f"; best/defaults {t.vs_defaults:.3f} [{t.vs_defaults_low:.3f}, {t.vs_defaults_high:.3f}]"
+          if t.vs_defaults is not None else "")
+    console.print(f"best: {' '.join(f'{k}={v}' for k, v in sorted(t.best_params.items())) or '-'} "
+                  f"({t.verdict}{vs}); {t.rounds_used}/{t.budget_rounds} rounds in {t.rungs} rungs, "
+                  f"{t.seconds:.0f} s; report {t.best_report_id}")
+    console.print(f"method: {t.method}")
+
+
+def parse_space(items: tuple[str, ...]) -> dict[str, list[str]] | None:
+    if not items:
+        return None
+    return {k: [v for v in vals.split(",") if v] for k, vals in parse_params(items).items()}
+
+
+@main.command()
+@click.argument("name", metavar="NAME|CANDIDATE")
+@click.option("--workload", "workloads", multiple=True, help="sandbox workloads to tune on (default hackbench)")
+@click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO", help="gates each trial is judged by")
+@click.option("--budget", "budget_rounds", default=12, show_default=True,
+              help="paired baseline/candidate rounds, all trials together")
+@click.option("--seconds", "budget_s", type=float, default=None, help="stop starting rungs after this long")
+@click.option("--configs", default=4, show_default=True, help="configurations in the first rung")
+@click.option("--space", multiple=True, metavar="NAME=V1,V2…", help="only try these values of a knob")
+@click.option("--seed", default=0, show_default=True)
+@json_option
+def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_rounds: int,
+         budget_s: float | None, configs: int, space: tuple[str, ...], seed: int, as_json: bool) -> None:
+    """Search a policy's parameters in the sandbox (successive halving, one VM boot).
+    Exit 0 when the best is at least as good as the defaults, 1 when nothing ran, 2 usage."""
+    from .synth.tune import tune as run
+
+    with progress_bar("tune", not as_json) as bar:
+        t = run(name, list(workloads) or None, parse_goals(goals), budget_rounds, budget_s, configs,
+                parse_space(space), seed, progress=bar, actor="cli")
+    emit(t, as_json, render_tune)
+    sys.exit(0 if t.best_params else 1)
+
+
 # --- layer 3: token, deploy, status, rollback, audit ---------------------------------------------
 
 @main.command()

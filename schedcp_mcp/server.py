@@ -38,6 +38,7 @@ from .repository import policies
 from .synth.primitives import Catalog
 from .synth.provenance import SynthResult
 from .synth.spec import SchedulerSpec
+from .synth.tune import TuneResult
 from .validate.models import Layer2Result, Workload
 from .validate.workloads import list_workloads as all_workloads
 from .verify.models import Layer1Report
@@ -641,6 +642,32 @@ async def revise_policy(
     from .synth.revise import revise
 
     return await in_thread(revise, base, patch, params, actor="mcp", ctx=ctx)
+
+
+@server.tool(annotations=SANDBOXED)
+@agent_errors
+async def tune_policy(
+    ctx: Context,
+    name: Annotated[str, Field(description="a policy name, or a generated candidate id (cand-…)")],
+    workloads: Annotated[list[str] | None, Field(
+        description="sandbox workloads to tune on (list_workloads; default hackbench)")] = None,
+    goals: Annotated[list[GoalIn] | None, Field(description="gates every trial is judged by")] = None,
+    budget_rounds: Annotated[int, Field(ge=2, le=200, description="paired baseline/candidate rounds "
+                                        "for all trials together (~3-10 s each under TCG)")] = 12,
+    budget_s: Annotated[float | None, Field(gt=0, le=7200, description="wall-clock limit, s")] = None,
+    configs: Annotated[int, Field(ge=2, le=16, description="configurations in the first rung")] = 4,
+    space: Annotated[dict[str, list[int]] | None, Field(
+        description="only these values per knob, e.g. {'slice_ns': [2000000, 5000000]}")] = None,
+) -> TuneResult:
+    """Search a policy's knobs in the sandbox by successive halving (defaults, earlier best, one- and
+    two-knob moves; the better half gets twice the rounds each rung; one VM boot). Returns the best
+    parameters, their speedup interval against the defaults, and every trial (each a candidate with a
+    report and a learning-history outcome)."""
+    from .synth.tune import tune
+
+    gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
+    return await in_thread(tune, name, workloads, gs, budget_rounds, budget_s, configs, space,
+                           actor="mcp", ctx=ctx)
 
 
 # --- learn -----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from contextlib import contextmanager
@@ -68,6 +69,15 @@ def vm(manifest):
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+@pytest.fixture
+def policies_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of the policy repository as $SCHEDCP_POLICIES, for tests that add policies to it."""
+    dst = tmp_path / "policies"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "policies", dst)
+    monkeypatch.setenv("SCHEDCP_POLICIES", str(dst))
+    return dst
 
 
 class CallbackReceiver:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,16 +16,7 @@ from schedcp_mcp.learn.contribute import contribute_policy
 from schedcp_mcp.observe.profile import Goal
 from schedcp_mcp.repository.policies import get_policy
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture
-def policies_copy(tmp_path, monkeypatch):
-    dst = tmp_path / "policies"
-    shutil.copytree(ROOT / "policies", dst)
-    monkeypatch.setenv("SCHEDCP_POLICIES", str(dst))
-    return dst
 
 
 def test_contributed_policy_is_a_valid_policy_the_verifier_accepts(policies_copy):

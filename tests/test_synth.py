@@ -14,6 +14,7 @@ import pytest
 
 from schedcp_mcp import store
 from schedcp_mcp.errors import BadInput
+from schedcp_mcp.models import Goal
 from schedcp_mcp.synth import primitives as prims
 from schedcp_mcp.synth.generate import generate
 from schedcp_mcp.synth.matrix import matrix
@@ -222,6 +223,9 @@ def test_cli_primitives_json_and_refusals_exit_2_with_json_errors(tmp_path):
     p = schedcp("revise", "fifo", str(bad))
     assert p.returncode == 2 and "Hunk #1 FAILED" in p.stderr and "Traceback" not in p.stderr
 
+    p = schedcp("tune", "fifo", "--workload", "hackbench", "--space", "slice_len=1,2", "--json")
+    assert p.returncode == 2 and "slice_len" in json.loads(p.stdout)["error"]["message"]
+
 
 
 
@@ -248,3 +252,53 @@ async def test_mcp_lists_primitives_and_refuses_a_bad_spec_as_a_tool_error():
     assert res.is_error
     text = res.content[0].text
     assert "preempt" in text and "fifo ordering has none" in text and "Traceback" not in text
+
+
+# ---------------------------------------------------------------- tuning (no VM: the search's parts)
+
+def test_candidate_set_starts_from_defaults_stays_in_range_and_takes_warm_starts():
+    from schedcp_mcp.repository.policies import get_policy
+    from schedcp_mcp.synth.tune import candidate_set
+
+    knobs = get_policy("latency_boost").parameters
+    cs = candidate_set(knobs, 6, warm=[{"slice_ns": "3000000"}])
+    assert cs[0] == {k.name: int(k.default) for k in knobs}
+    assert cs[1]["slice_ns"] == 3_000_000  # the earlier best comes right after the defaults
+    assert len({json.dumps(c, sort_keys=True) for c in cs}) == 6
+    for c in cs:
+        for k in knobs:
+            k.check(c[k.name])  # every value within its policy.json range
+    # moves cover different knobs before repeating one
+    changed = [next(n for n in c if c[n] != cs[0][n]) for c in cs[2:5]]
+    assert len(set(changed)) == 3
+    only = candidate_set(knobs, 5, space={"slice_ns": [2_000_000, 4_000_000]})
+    assert {c["slice_ns"] for c in only} == {5_000_000, 2_000_000, 4_000_000}
+
+
+def test_compare_gives_an_interval_on_the_winner_over_the_defaults():
+    import math
+
+    from schedcp_mcp.synth.tune import compare
+
+    same = [math.log(1.2), math.log(1.25), math.log(1.18)]
+    better = [math.log(1.5), math.log(1.55), math.log(1.45)]
+    ratio, low, high = compare(better, same)
+    assert 1.2 < ratio < 1.3 and 1.0 < low < ratio < high
+    ratio, low, high = compare(same, same)
+    assert low < 1.0 < high and abs(ratio - 1) < 1e-9
+    assert compare(better[:1], same) is None
+
+
+def test_tune_refuses_bad_input_before_booting_anything():
+    from schedcp_mcp.synth.tune import tune
+
+    with pytest.raises(BadInput, match="unknown workload"):
+        tune("fifo", ["hackbnech"])
+    with pytest.raises(BadInput, match="not measured by the chosen workloads"):
+        tune("fifo", ["hackbench"], goals=[Goal(metric="p99_wakeup_latency_us", direction="lower",
+                                               target_ratio=0.9)])
+    with pytest.raises(BadInput, match="unknown or untunable"):
+        tune("fifo", ["hackbench"], space={"slice": [1]})
+    with pytest.raises(BadInput, match="no parameters to tune|scx scheduler"):
+        tune("scx_rusty")
+    assert nothing_stored()

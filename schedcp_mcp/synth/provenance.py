@@ -32,8 +32,7 @@ class SynthResult(BaseModel):
 
 
 def candidate_source(c: Candidate) -> str:
-    from ..candidates import source_for
-    from ..reports import get_report
+    from ..reports import get_report, source_for
 
     return source_for(get_report(c.report_id))
 

@@ -19,6 +19,7 @@ def reconfigure(name: str, params: dict[str, Any], **kw) -> SynthResult:
     if not params:
         raise BadInput("no parameters given", "parameters of " + name + ": "
                        + (", ".join(f"{q.name} ({q.type})" for q in p.parameters) or "none"))
-    resolved = p.loader_params(params)  # BadInput names the parameter, the value and the range
-    prov = Provenance(kind="reconfigured", parent_policy=name, params=resolved)
+    resolved = p.resolve_params(params)  # BadInput names the parameter, the value and the range
+    prov = Provenance(kind="reconfigured", parent_policy=name,
+                      params={k: str(v) for k, v in resolved.items()})
     return submit(prov, policy=name, knobs=p.parameters, include_source=False, **kw)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import BadInput
 from ..repository.policies import Parameter
-from ..repository.provenance import SchedulerSpec, TaskClass
+from ..repository.provenance import SchedulerSpec, TaskClass  # noqa: F401 (the spec types, re-exported)
 from . import primitives as prims
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,23}\Z")
