@@ -344,11 +344,14 @@ def jobs_cancel(job_id: str, as_json: bool) -> None:
 @click.option("--timeout", type=float, help="give up waiting after this many seconds")
 @json_option
 def jobs_wait(job_id: str, timeout: float | None, as_json: bool) -> None:
-    """Wait for a job to end, with its progress. Exit 0 succeeded, 1 otherwise."""
+    """Wait for a job to end, with its progress (running it here when no worker is). Exit 0
+    succeeded, 1 otherwise. Ctrl-C stops waiting, not the job."""
     from .jobs import queue
+    from .jobs.pool import run_to_end as run
 
+    queue.get(job_id)
     with progress_bar(f"job {job_id}", not as_json) as bar:
-        j = queue.wait(job_id, timeout, on_progress=bar)
+        j = run(job_id, bar, timeout, cancel_on_interrupt=False)
     emit(queue.detail(job_id), as_json, render_job_detail)
     sys.exit(0 if j.state == "succeeded" else 1)
 
