@@ -984,16 +984,21 @@ def parse_space(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @click.option("--configs", default=4, show_default=True, help="configurations in the first rung")
 @click.option("--space", multiple=True, metavar="NAME=V1,V2…", help="only try these values of a knob")
 @click.option("--seed", default=0, show_default=True)
+@background_option
 @json_option
 def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_rounds: int,
-         budget_s: float | None, configs: int, space: tuple[str, ...], seed: int, as_json: bool) -> None:
+         budget_s: float | None, configs: int, space: tuple[str, ...], seed: int, background: bool,
+         as_json: bool) -> None:
     """Search a policy's parameters in the sandbox (successive halving, one VM boot).
     Exit 0 when the best is at least as good as the defaults, 1 when nothing ran, 2 usage."""
-    from .synth.tune import tune as run
+    from .synth.tune import tune_job, tune_result
 
+    job = tune_job(name, list(workloads) or None, parse_goals(goals), budget_rounds, budget_s, configs,
+                   parse_space(space), seed, lane=_lane(background), actor="cli")
+    if background:
+        return queued(job, as_json)
     with progress_bar("tune", not as_json) as bar:
-        t = run(name, list(workloads) or None, parse_goals(goals), budget_rounds, budget_s, configs,
-                parse_space(space), seed, progress=bar, actor="cli")
+        t = tune_result(run_to_end(job.id, bar))
     emit(t, as_json, render_tune)
     sys.exit(0 if t.best_params else 1)
 
