@@ -1128,7 +1128,9 @@ def feedback(subject_id: str, as_json: bool) -> None:
     from .learn.feedback import get_feedback
 
     def render(f):
-        console.print(f.summary)
+        console.print(escape(f.summary))
+        if f.exit:
+            console.print(f"scheduler exit: {escape(f.exit.describe())}")
         t = Table("metric", "baseline", "candidate", "ratio", "target", "met")
         for m in f.metrics:
             t.add_row(m.metric, f"{m.baseline:.4g}", f"{m.candidate:.4g}", f"{m.ratio:.3f}",
