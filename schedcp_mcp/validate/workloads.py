@@ -1,9 +1,10 @@
 """The sandbox's benchmark workloads: what runs in the guest, the metric it reports, and its parser.
 
-Each run is sized to take roughly 0.3-2 s in a 2-vCPU qemu TCG guest; the short ones run `reps`
-times per side per round (the round's figure is their geometric mean), so that one paired round
-costs ~15 s and the default scheduler against itself (`schedcp bench aa`) gets an interval within
-±10 % in a ~90 s validation budget. Parsers take the combined stdout+stderr of one run and return
+Each run is sized to take roughly 0.3-2 s in a 2-vCPU qemu TCG guest, so that one paired round
+costs ~15 s on a quiet host and a ~90 s validation gets several rounds. `reps` (default 1) runs a
+workload several times per side per round; with the host noise seen here, more rounds beat more reps
+per round (round-to-round drift dominates, and the interval's degrees of freedom are the rounds).
+Parsers take the combined stdout+stderr of one run and return
 {metric: value}; they raise ValueError with the offending text when the output is not what the tool
 prints, which the runner reports as the workload's own error.
 """
@@ -33,12 +34,12 @@ WORKLOADS: list[Workload] = [
         name="hackbench", description="hackbench: 2 groups x 40 tasks passing messages over sockets "
         "(wakeup-heavy, many more tasks than CPUs)",
         command="hackbench -g 2 -l 60", metric="messaging_time_s", unit="s", direction="lower",
-        parser="hackbench", goal_metrics=["wall_time_s"], requires=["hackbench"], reps=2),
+        parser="hackbench", goal_metrics=["wall_time_s"], requires=["hackbench"]),
     Workload(
         name="pipe", description="perf bench sched pipe: two tasks ping-pong over a pipe "
         "(pure wakeup/context-switch cost)",
         command="perf bench sched pipe -l 10000", metric="pipe_time_s", unit="s", direction="lower",
-        parser="perf_pipe", goal_metrics=["wall_time_s"], requires=["perf"], reps=2),
+        parser="perf_pipe", goal_metrics=["wall_time_s"], requires=["perf"]),
     Workload(
         name="wakeup", description="schedcp-probe: 4 threads wake every 2 ms (phases spread over the "
         "period) while 2 threads hog the CPUs, 2 s; wakeup delay percentiles",
@@ -50,7 +51,7 @@ WORKLOADS: list[Workload] = [
         "exec'ing (make -j4 without a compiler)",
         command=f"$PROBE time sh -c 'seq 1 48 | xargs -P 4 -n 1 sh -c \"{_BUILD_JOB}\"'",
         metric="build_time_s", unit="s", direction="lower", parser="probe_time",
-        goal_metrics=["wall_time_s", "throughput"], reps=2),
+        goal_metrics=["wall_time_s", "throughput"]),
     Workload(
         name="cpu", description="stress-ng --cpu: 4 CPU-bound workers on 2 vCPUs for 1 s; bogo ops/s",
         command="stress-ng --cpu 4 --cpu-method int64 -t 1 --metrics-brief", metric="cpu_bogo_ops_per_s",
