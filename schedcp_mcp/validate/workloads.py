@@ -31,15 +31,15 @@ _BUILD_JOB = 'x=0; for i in 1 2 3 4 5 6 7 8; do x=$((x+i*$0)); done; echo $0 $x 
 
 WORKLOADS: list[Workload] = [
     Workload(
-        name="hackbench", description="hackbench: 2 groups x 40 tasks passing messages over sockets "
+        name="hackbench", description="hackbench: 2 groups x 40 tasks passing messages over sockets, 120 loops "
         "(wakeup-heavy, many more tasks than CPUs)",
-        command="hackbench -g 2 -l 60", metric="messaging_time_s", unit="s", direction="lower",
+        command="hackbench -g 2 -l 120", metric="messaging_time_s", unit="s", direction="lower",
         parser="hackbench", goal_metrics=["wall_time_s"], requires=["hackbench"]),
     Workload(
         name="pipe", description="perf bench sched pipe: two tasks ping-pong over a pipe "
         "(pure wakeup/context-switch cost)",
         command="perf bench sched pipe -l 10000", metric="pipe_time_s", unit="s", direction="lower",
-        parser="perf_pipe", goal_metrics=["wall_time_s"], requires=["perf"]),
+        parser="perf_pipe", goal_metrics=["wall_time_s"], requires=["perf"], reps=2),
     Workload(
         name="wakeup", description="schedcp-probe: 4 threads wake every 2 ms (phases spread over the "
         "period) while 2 threads hog the CPUs, 2 s; wakeup delay percentiles",
@@ -51,7 +51,7 @@ WORKLOADS: list[Workload] = [
         "exec'ing (make -j4 without a compiler)",
         command=f"$PROBE time sh -c 'seq 1 48 | xargs -P 4 -n 1 sh -c \"{_BUILD_JOB}\"'",
         metric="build_time_s", unit="s", direction="lower", parser="probe_time",
-        goal_metrics=["wall_time_s", "throughput"]),
+        goal_metrics=["wall_time_s", "throughput"], reps=2),
     Workload(
         name="cpu", description="stress-ng --cpu: 4 CPU-bound workers on 2 vCPUs for 1 s; bogo ops/s",
         command="stress-ng --cpu 4 --cpu-method int64 -t 1 --metrics-brief", metric="cpu_bogo_ops_per_s",
