@@ -275,12 +275,11 @@ def _register_user_server() -> str:
     exe = shutil.which("claude")
     if exe is None:
         return "Claude Code CLI not found: run `" + " ".join(cmd) + "` once it is installed"
-    listed = subprocess.run([exe, "mcp", "get", SERVER], capture_output=True, text=True, timeout=60,
-                            stdin=subprocess.DEVNULL)
-    if listed.returncode == 0:
-        return f"'{SERVER}' already registered with Claude Code (user config)"
     r = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL)
+                       stdin=subprocess.DEVNULL, cwd=Path.home())
+    said = (r.stderr or r.stdout).strip()
+    if r.returncode != 0 and "already exists" in said:
+        return f"'{SERVER}' already registered with Claude Code (user config)"
     if r.returncode != 0:
-        return f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()[-300:]}"
+        return f"`{' '.join(cmd)}` failed: {said[-300:]}"
     return "registered with `" + " ".join(cmd) + "`"

@@ -220,19 +220,29 @@ def queued(job, as_json: bool) -> None:
                                               + (f"; {hint}" if hint else ""))))
 
 @main.command()
-@click.option("--size", type=click.IntRange(1, 64), help="jobs at once (default: from the machine)")
+@click.option("--size", type=click.IntRange(1, 64), help="jobs at once (default: from the machine; "
+              "with --engine celery: jobs in flight on the fleet)")
+@click.option("--engine", type=click.Choice(["local", "celery"]), default="local", show_default=True,
+              help="local: run jobs here; celery: hand them to Celery workers ($SCHEDCP_BROKER)")
 @json_option
-def worker(size: int | None, as_json: bool) -> None:
+def worker(size: int | None, engine: str, as_json: bool) -> None:
     """Run the job worker pool in the foreground (Ctrl-C / SIGTERM stops it; its running jobs go
-    back to the queue)."""
+    back to the queue). With --engine celery it is the fleet's coordinator; the workers are
+    `celery -A schedcp_mcp.jobs.fleet worker` on the sandbox machines."""
     import signal
-
-    from .jobs.pool import Pool
 
     def on_term(*_):
         raise KeyboardInterrupt
 
-    pool = Pool(size).start()
+    if engine == "celery":
+        from .jobs.fleet import Fleet
+
+        pool = Fleet(size or 4).start()
+        pool.size = pool.capacity
+    else:
+        from .jobs.pool import Pool
+
+        pool = Pool(size).start()
     signal.signal(signal.SIGTERM, on_term)
     if as_json:
         click.echo(json.dumps({"worker": pool.id, "size": pool.size}), nl=True)
@@ -1110,7 +1120,9 @@ def feedback(subject_id: str, as_json: bool) -> None:
     from .learn.feedback import get_feedback
 
     def render(f):
-        console.print(f.summary)
+        console.print(escape(f.summary))
+        if f.exit:
+            console.print(f"scheduler exit: {escape(f.exit.describe())}")
         t = Table("metric", "baseline", "candidate", "ratio", "target", "met")
         for m in f.metrics:
             t.add_row(m.metric, f"{m.baseline:.4g}", f"{m.candidate:.4g}", f"{m.ratio:.3f}",
@@ -1250,10 +1262,26 @@ def bench_synth(workers: int, as_json: bool) -> None:
 @click.option("--workers", "sizes", multiple=True, type=int, default=(2, 8), show_default=True,
               help="pool sizes to measure (repeatable)")
 @click.option("--jobs", "n", default=2000, show_default=True, help="trivial jobs per pool size")
+@click.option("--vm-noise", is_flag=True, help="instead: A/A noise in a sandbox VM alone vs beside a busy "
+              "second VM (what decides the default pool size; needs a quiet machine, ~2 min)")
 @json_option
-def bench_jobs(sizes: tuple[int, ...], n: int, as_json: bool) -> None:
+def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, as_json: bool) -> None:
     """The supervisor's throughput (jobs/s) and submit→start latency with trivial jobs."""
-    from .jobs.bench import TARGET_JOBS_S, TARGET_P99_MS, bench_jobs as run
+    from .jobs.bench import TARGET_JOBS_S, TARGET_P99_MS, bench_jobs as run, bench_vm_noise
+
+    if vm_noise:
+        def show(rs):
+            t = Table("setting", "runs", "median hackbench", "spread (max-min)/median", "cv",
+                      title="A/A noise in one sandbox VM (default scheduler against itself)")
+            for r in rs:
+                t.add_row(r.setting, str(r.runs), f"{r.median_s:.3f} s", f"{r.spread:.1%}", f"{r.cv:.1%}")
+            console.print(t)
+
+        with progress_bar("measuring A/A noise", not as_json) as bar:
+            bar("two VMs, one after the other", 0.1)
+            rs = bench_vm_noise()
+        emit(rs, as_json, show)
+        return
 
     def render(rs):
         t = Table("workers", "burst", "jobs/s", "paced at", "p50 submit→start", "p99 submit→start", "max",

@@ -212,6 +212,29 @@ def search_query(profile: dict, workloads: list[str]) -> str:
     return " ".join(dict.fromkeys(" ".join(words).split()))
 
 
+def choose_strategy(hits: list[dict], query: str, can_generate: bool) -> tuple[str, str, list[dict]]:
+    """Reconfigure > revise > generate, by rule: reconfigure while repository policies match and
+    have not all done worse than the default on similar workloads. Revising needs a patch only an
+    agent can write, so this planner moves on to generate (when the server can) and otherwise
+    reconfigures the closest policies, saying so. Returns (strategy, rationale, policies to try
+    in order: a winning history on similar workloads first, then relevance)."""
+    ours = [h for h in hits if h["kind"] == "schedcp" and h["runnable"]]
+    ours.sort(key=lambda h: (h["history_score"] <= 0, -h["score"]))
+    fits = [h for h in ours if h["text_score"] > 0 or h["history_score"] > 0]
+    if fits and not all(h["history_score"] < 0 for h in fits):
+        return "reconfigure", (f"reconfigure: {len(fits)} repository policies match {query!r}; "
+                               "running them with parameters fitted to the profile is the cheapest "
+                               "and best-known way. "), fits
+    why = ("every matching policy did worse than the default on similar workloads before (revise "
+           "would be next, but a patch needs an agent's judgement)" if fits else
+           f"no repository policy matches {query!r}")
+    if can_generate:
+        return "generate", f"generate: {why}; a scheduler built from primitives is tried first. ", \
+            fits or ours
+    return "reconfigure", (f"reconfigure, for want of better: {why}, and this server has no "
+                           "generate_scheduler tool. "), fits or ours
+
+
 def candidate_budget(req: OptimizeRequest, n_workloads: int) -> tuple[int, float]:
     """How many candidates fit the budget, and the estimated seconds of one validation."""
     per = VALIDATION_FIXED_S + VALIDATION_PER_ROUND_S * n_workloads * req.rounds * 2
@@ -243,28 +266,7 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
     query = rep.query = search_query(prof, rep.workloads)
     hits = (await st.call("search_policies", {"query": query, "profile_id": rep.profile_id,
                                               "limit": 20}))["hits"]
-    ours = [h for h in hits if h["kind"] == "schedcp" and h["runnable"]]
-    # what already won on similar workloads comes first, then text relevance
-    ours.sort(key=lambda h: (h["history_score"] <= 0, -h["score"]))
-    fits = [h for h in ours if h["text_score"] > 0 or h["history_score"] > 0]
-    failed_before = fits and all(h["history_score"] < 0 for h in fits)
-    synth = {"revise": "revise_policy", "generate": "generate_scheduler"}
-    if fits and not failed_before:
-        strategy = "reconfigure"
-        rationale = (f"reconfigure: {len(fits)} repository policies match {query!r}; the cheapest "
-                     "and best-known way is to run them with parameters fitted to the profile. ")
-    else:
-        wanted = "revise" if failed_before else "generate"
-        if st.may(synth[wanted]):
-            strategy = wanted
-        else:
-            strategy = "reconfigure"
-        why = ("every matching policy did worse than the default on similar workloads before"
-               if failed_before else f"no repository policy matches {query!r}")
-        rationale = (f"{wanted} would be next ({why}), but this server has no {synth[wanted]} "
-                     "tool, so the plan reconfigures the closest repository policies. "
-                     if strategy == "reconfigure" else f"{wanted}: {why}. ")
-        fits = fits or ours
+    strategy, rationale, fits = choose_strategy(hits, query, st.may("generate_scheduler"))
     n, per = candidate_budget(req, len(rep.workloads))
     chosen, candidates = fits[:n], []
     for h in chosen:
@@ -280,6 +282,15 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
                                   "why": f"{chosen[0]['name']} with {params} for a "
                                          + ("latency-sensitive" if (prof["characteristics"] or {})
                                             .get("latency_sensitive") else "CPU-bound") + " profile"})
+    if strategy == "generate":
+        spec = (await st.call("list_primitives"))["spec_example"]
+        spec = {**spec, "name": f"gen_{rep.workloads[0]}"[:31]}
+        g = await st.call("generate_scheduler", {"spec": spec, "profile_id": rep.profile_id})
+        if g["verdict"] == "accepted":
+            candidates.insert(0, {"report_id": g["report_id"], "strategy": "generate",
+                                  "why": f"generated from primitives: {spec['description']}"})
+        else:
+            rationale += f"The generated scheduler was refused by layer 1 ({g['status']}). "
     if not candidates:
         raise InfrastructureError("the repository has no runnable schedcp policy",
                                   "check `schedcp policies list`")
@@ -389,8 +400,12 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
         rep.outcome = "ready_for_host"
         return
     say(f"execution: deploying {win.label} to the sandbox staging VM", 0.87)
-    d = (await st.call("deploy", {"token": rep.token, "target": "sandbox",
-                                  "interval_s": max(2.0, min(10.0, req.watch_s / 3 or 5))}))
+    try:
+        d = await st.call("deploy", {"token": rep.token, "target": "sandbox",
+                                     "interval_s": max(2.0, min(10.0, req.watch_s / 3 or 5))})
+    except ToolFailed as e:
+        rep.why += f" Deploying it to the sandbox staging VM failed: {e.message}"
+        return
     dep = d["deployment"]
     if req.watch_s:
         say(f"execution: monitor watching {dep['id']} for {req.watch_s:.0f} s", 0.9)

@@ -118,6 +118,9 @@ MIGRATIONS: list[str] = [
 
 M = TypeVar("M", bound=BaseModel)
 _local = threading.local()
+#: one writer transaction at a time per process: threads queue here instead of in SQLite's busy
+#: handler, whose growing sleeps (up to 100 ms) made the supervisor's tail latency
+_write_lock = threading.RLock()
 
 
 def new_id(prefix: str) -> str:
@@ -182,13 +185,14 @@ def transaction() -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE … COMMIT on this thread's connection (rolled back on an exception): a
     read-then-write that no other thread or process can interleave (the jobs queue's claims)."""
     conn = db()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    with _write_lock:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
 
 # --- records -------------------------------------------------------------------------------------

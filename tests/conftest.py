@@ -3,8 +3,11 @@ sandbox image is shared (it is big and slow to build) through $SCHEDCP_SANDBOX_D
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,3 +78,32 @@ def policies_copy(tmp_path, monkeypatch) -> Path:
     shutil.copytree(Path(__file__).resolve().parent.parent / "policies", dst)
     monkeypatch.setenv("SCHEDCP_POLICIES", str(dst))
     return dst
+
+
+class CallbackReceiver:
+    """A callback URL: a real HTTP server on loopback that fails the first `fail_first` requests with 500."""
+
+    def __init__(self, fail_first: int = 0):
+        self.events, self.hits, self.fail_first = [], 0, fail_first
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.hits += 1
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.hits <= outer.fail_first:
+                    self.send_response(500)
+                else:
+                    outer.events.append(json.loads(body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()

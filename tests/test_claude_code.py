@@ -83,3 +83,16 @@ def test_agents_install_then_claude_code_connects_the_project_server(tmp_path):
         {"enableAllProjectMcpServers": True, "enabledMcpjsonServers": ["schedcp"]}))
     listing = claude(["mcp", "list"], tmp_path, proj)
     assert "schedcp: schedcp serve - ✔ Connected" in listing, listing
+
+
+def test_agents_install_user_scope_registers_the_server_with_claude_code(tmp_path):
+    proj = tmp_path / "p"
+    proj.mkdir()
+    env = {**os.environ, "HOME": str(tmp_path), "SCHEDCP_HOME": str(tmp_path / "schedcp")}
+    r = subprocess.run([sys.executable, "-m", "schedcp_mcp", "agents", "install", "--scope", "user",
+                        "--json"], capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "claude mcp add --scope user" in json.loads(r.stdout)["mcp"]
+    assert len(list((tmp_path / ".claude" / "agents").glob("schedcp-*.md"))) == 4
+    listing = claude(["mcp", "list"], tmp_path, proj)
+    assert "schedcp: schedcp serve - ✔ Connected" in listing, listing

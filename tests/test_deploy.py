@@ -3,20 +3,22 @@ status and audit. Real validations, a real staging VM, a real monitor process.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import home_env
+from conftest import CallbackReceiver, home_env
 from schedcp_mcp import candidates, store
 from schedcp_mcp.deploy import deployments, tokens
+from schedcp_mcp.learn import callbacks
 from schedcp_mcp.deploy.targets import SandboxTarget
-from schedcp_mcp.errors import BadInput
 from schedcp_mcp.observe.profile import Goal
-from schedcp_mcp.reports import invalidate
 from schedcp_mcp.sandbox.vm import VM
 
 pytestmark = pytest.mark.vm
@@ -51,57 +53,22 @@ def starve_report(home):
     return r
 
 
-def refused(token: str, target: str = "sandbox", match: str = "") -> str:
-    with pytest.raises(tokens.TokenRefused) as e:
-        tokens.check(token, target, "test")
-    assert match in e.value.message
-    return e.value.message
+#: error_later.bpf.c calls scx_bpf_error() this long after its init: longer than its validation
+#: keeps it loaded, short enough for a test
+ERROR_AFTER_S = 30
 
 
-def test_token_refusals(fifo_report):
-    t = tokens.issue(fifo_report.id).token
-    body, sig = t.split(".")
-    refused(body + "." + sig[:-2] + ("AA" if not sig.endswith("AA") else "BB"), match="signature")
-    refused(t[: len(t) // 2], match="malformed")
-    refused("", match="malformed")
-    expired = tokens.issue(fifo_report.id, ttl_s=1).token
-    time.sleep(1.1)
-    refused(expired, match="expired")
-    for ttl in (-100, 0, 8 * 24 * 3600):  # a negative or unbounded lifetime is refused
-        with pytest.raises(BadInput, match="out of range"):
-            tokens.issue(fifo_report.id, ttl_s=ttl)
-    refused(t, target="host", match="for target 'sandbox'")
-    tokens.check(t, "sandbox", "test")  # spends it
-    refused(t, match="already used")
-    # nothing was loaded by any of these, and each refusal is in the audit log
-    actions = [a["action"] for a in store.audit_log()]
-    assert actions.count("deploy_refused") >= 6
-
-
-def test_token_for_changed_artifact_or_invalidated_report_is_refused(fifo_report, home):
-    t1 = tokens.issue(fifo_report.id).token
-    obj = Path(fifo_report.object_path)
-    original = obj.read_bytes()
-    try:
-        obj.write_bytes(original + b"\0")
-        refused(t1, match="differs from the validated artifact")
-    finally:
-        obj.write_bytes(original)
-    r2 = candidates.validate(policy="fifo", params={"slice_ns": "5000000"},
-                                workloads=["hackbench"], rounds=3, budget_s=0, goals=LENIENT).report
-    t2 = tokens.issue(r2.id).token
-    invalidate(r2.id, "test: found a bug in it")
-    refused(t2, match="invalidated")
-    with pytest.raises(tokens.TokenRefused, match="did not pass"):
-        tokens.issue(r2.id)
-
-
-def test_host_deploy_refused_without_sched_ext_and_says_what_is_missing(fifo_report):
-    t = tokens.issue(fifo_report.id, target="host").token
-    if Path("/sys/kernel/sched_ext").exists():
-        pytest.skip("this host has sched_ext")
-    with pytest.raises(tokens.TokenRefused, match="no sched_ext"):
-        deployments.deploy(t, "host", actor="mcp")
+@pytest.fixture(scope="module")
+def error_later_report(home):
+    r = candidates.validate(source=(FIXTURES / "error_later.bpf.c").read_text(),
+                            params={"error_after_s": str(ERROR_AFTER_S)}, workloads=["hackbench"],
+                            rounds=3, budget_s=0, goals=LENIENT).report
+    assert r.passed, r.status
+    # each load is a fresh init: none may have lasted as long as the error's delay
+    t = {s.phase: s.t for s in r.layer2.timeline if s.phase.startswith(("load-", "unload-"))}
+    spans = [t[f"unload-{n}"] - t[f"load-{n}"] for n in range(1, 4) if f"load-{n}" in t and f"unload-{n}" in t]
+    assert spans and max(spans) < ERROR_AFTER_S, ("the validation kept it loaded too long", spans)
+    return r
 
 
 def wait_for(pred, timeout_s: float, what: str):
@@ -213,3 +180,44 @@ def test_a_scheduler_schedcp_did_not_load_is_not_replaced_and_the_token_is_kept(
             v.run("for p in /proc/[0-9]*; do case \"$(cat $p/cmdline 2>/dev/null | tr '\\0' ' ')\" in "
                   "*foreign.bpf.o*) kill ${p#/proc/};; esac; done; sleep 1")
     assert not target.state().enabled
+
+
+def test_a_scheduler_error_after_deploy_is_rolled_back_in_the_schedulers_own_words(error_later_report,
+                                                                                   home):
+    """Issue 17: the scheduler behaves through validation, then calls scx_bpf_error() on the staging
+    target. The rollback reason, `schedcp feedback --json`, the audit log and a callback's event all
+    carry the exit kind, the scheduler's message and the kernel's log line."""
+    words = f"schedcp test: deliberate error after {ERROR_AFTER_S} s"
+    rx = CallbackReceiver()
+    try:
+        mon = deployments.MonitorPolicy(metric_cmd="echo 1", interval_s=1, consecutive=3)
+        d = deployments.deploy(tokens.issue(error_later_report.id).token, "sandbox", monitor=mon)
+        cb = callbacks.register(rx.url, callbacks.Condition(kind="reward_below", threshold=-0.5,
+                                                            deployment_id=d.id, cooldown_s=0))
+        assert callbacks.evaluate_once() == []  # running fine: reward 0
+        done = wait_for(lambda: (x := deployments.get_deployment(d.id)).status != "active" and x,
+                        ERROR_AFTER_S + 90, "the monitor to notice the scheduler's error")
+        assert done.status == "rolled_back", done.end_reason
+        for part in (words, "SCX_EXIT_ERROR_BPF", 'BPF scheduler "error_later" disabled (scx_bpf_error)'):
+            assert part in done.end_reason, (part, done.end_reason)
+        assert done.exit.kind == "error" and done.exit.message.endswith(words), done.exit
+        assert not SandboxTarget().state().enabled
+
+        out = subprocess.run([sys.executable, "-m", "schedcp_mcp", "feedback", d.id, "--json"],
+                             capture_output=True, text=True, timeout=60, env=os.environ.copy())
+        assert out.returncode == 0, out.stderr[-2000:]
+        fb = json.loads(out.stdout)
+        assert fb["rolled_back"] and fb["reward"] == -1.0
+        assert words in fb["rollback_reason"] and words in fb["exit"]["message"]
+        assert fb["exit"]["kind_name"] == "SCX_EXIT_ERROR_BPF" and "disabled (scx_bpf_error)" in fb["exit"]["kernel_line"]
+
+        rb = [a for a in store.audit_log() if a["action"] == "rollback"
+              and a["detail"]["deployment_id"] == d.id]
+        assert rb and words in rb[0]["detail"]["reason"] and words in rb[0]["detail"]["exit"]["message"]
+
+        assert callbacks.evaluate_once() == [cb.id]  # what the server's watcher does every few seconds
+        ev = rx.events[-1]
+        assert ev["callback_id"] == cb.id and words in ev["message"]
+        assert words in ev["feedback"]["rollback_reason"] and ev["feedback"]["exit"]["kind"] == "error"
+    finally:
+        rx.close()

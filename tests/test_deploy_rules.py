@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import pytest
 
+import hashlib
+import time
+from pathlib import Path
+
+from schedcp_mcp import config, store
+from schedcp_mcp.deploy import tokens
 from schedcp_mcp.deploy.deployments import threshold_from_goals
-from schedcp_mcp.deploy.monitor import disable_reason
-from schedcp_mcp.deploy.targets import parse_metric, parse_state
-from schedcp_mcp.errors import InfrastructureError
+from schedcp_mcp.deploy.targets import parse_metric
+from schedcp_mcp.sandbox.scheduler import parse_exit, parse_state
+from schedcp_mcp.errors import BadInput, InfrastructureError
 from schedcp_mcp.observe.profile import Goal
+from schedcp_mcp.reports import invalidate, new_report, save
+from schedcp_mcp.validate.models import Layer2Result
+from schedcp_mcp.verify.models import Layer1Report
 
 # printed by the sandbox kernel when the watchdog removed a scheduler during a test run
 KERNEL_LOG = """[    9.625694] sched_ext: BPF scheduler "starve_comm" disabled (runnable task stall)
@@ -29,8 +38,10 @@ def test_rollback_threshold_comes_from_goals():
 
 
 def test_kernel_disable_reason_is_quoted():
-    assert disable_reason(KERNEL_LOG) == "runnable task stall"
-    assert "no reason" in disable_reason("")
+    ex = parse_exit("@@J\n\n@@K\n" + KERNEL_LOG, "starve_comm").exit
+    assert ex.kind == "stall" and ex.reason == "runnable task stall"
+    assert ex.kernel_line.endswith('"starve_comm" disabled (runnable task stall)')
+    assert parse_exit("@@J\n\n@@K\n").exit.kind == "unknown"
 
 
 def test_state_and_metric_parsing():
@@ -40,3 +51,82 @@ def test_state_and_metric_parsing():
     assert parse_metric("Running in process mode with 2 groups\nTime: 1.234\n") == 1.234
     with pytest.raises(InfrastructureError, match="printed no number"):
         parse_metric("nothing here")
+
+
+# --- deployment tokens: pure HMAC rules over a stored report, no VM needed ---------------------------
+
+def validated_report(params: dict[str, str] | None = None):
+    """A stored report that passed both layers, over a real object file on disk (what a token is
+    bound to); the layers' own verdicts are tested with the real kernel elsewhere."""
+    obj = config.home() / f"obj-{len(params or {})}.bpf.o"
+    obj.write_bytes(b"\x7fELF a validated sched_ext object " + repr(params).encode())
+    l1 = Layer1Report(verdict="accepted", stage="done", source_sha256="0" * 64, ops_name="fifo",
+                      object_sha256=hashlib.sha256(obj.read_bytes()).hexdigest(), object_path=str(obj))
+    r = new_report(l1, policy="fifo", params=params or {})
+    r.layer2 = Layer2Result(passed=True, ops_name="fifo")
+    save(r)
+    assert r.passed
+    return r
+
+
+def refused(token: str, target: str = "sandbox", match: str = "") -> str:
+    with pytest.raises(tokens.TokenRefused) as e:
+        tokens.check(token, target, "test")
+    assert match in e.value.message
+    return e.value.message
+
+
+def test_token_refusals():
+    r = validated_report()
+    t = tokens.issue(r.id).token
+    body, sig = t.split(".")
+    refused(body + "." + sig[:-2] + ("AA" if not sig.endswith("AA") else "BB"), match="signature")
+    refused(t[: len(t) // 2], match="malformed")
+    refused("", match="malformed")
+    expired = tokens.issue(r.id, ttl_s=1).token
+    time.sleep(1.1)
+    refused(expired, match="expired")
+    for ttl in (-100, 0, 8 * 24 * 3600):  # a negative or unbounded lifetime is refused
+        with pytest.raises(BadInput, match="out of range"):
+            tokens.issue(r.id, ttl_s=ttl)
+    refused(t, target="host", match="for target 'sandbox'")
+    payload, report = tokens.check(t, "sandbox", "test")  # spends it
+    assert payload.report_id == report.id == r.id
+    refused(t, match="already used")
+    actions = [a["action"] for a in store.audit_log()]
+    assert actions.count("deploy_refused") >= 6  # every refusal is audited
+
+
+def test_a_dry_run_check_does_not_spend_the_token():
+    t = tokens.issue(validated_report().id).token
+    tokens.check(t, "sandbox", "test", spend=False)
+    tokens.check(t, "sandbox", "test")
+    refused(t, match="already used")
+
+
+def test_token_for_changed_artifact_or_invalidated_report_is_refused():
+    r = validated_report()
+    t1 = tokens.issue(r.id).token
+    obj = Path(r.object_path)
+    original = obj.read_bytes()
+    obj.write_bytes(original + b"\0")
+    refused(t1, match="differs from the validated artifact")
+    obj.write_bytes(original)
+    tokens.check(t1, "sandbox", "test", spend=False)  # the same bytes again: accepted
+    r2 = validated_report({"slice_ns": "5000000"})
+    t2 = tokens.issue(r2.id).token
+    invalidate(r2.id, "test: found a bug in it")
+    refused(t2, match="invalidated")
+    with pytest.raises(tokens.TokenRefused, match="did not pass"):
+        tokens.issue(r2.id)
+
+
+def test_host_deploy_refused_without_sched_ext_and_says_what_is_missing():
+    if Path("/sys/kernel/sched_ext").exists():
+        pytest.skip("this host has sched_ext")
+    from schedcp_mcp.deploy import deployments
+
+    t = tokens.issue(validated_report().id, target="host").token
+    with pytest.raises(tokens.TokenRefused, match="no sched_ext"):
+        deployments.deploy(t, "host", actor="mcp")
+    tokens.check(t, "host", "test", spend=False)  # the refusal did not spend it

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from conftest import home_env
+from conftest import CallbackReceiver, home_env
 from schedcp_mcp.errors import BadInput
 from schedcp_mcp.learn import callbacks, history
 from schedcp_mcp.learn.history import MetricResult
@@ -66,37 +63,8 @@ def test_good_outcome_raises_policy_for_similar_profile_only(profiles, monkeypat
     assert hb_hit.history_score == 0
 
 
-class Receiver:
-    """A real HTTP server on loopback that fails the first `fail_first` requests with 500."""
-
-    def __init__(self, fail_first: int = 0):
-        self.events, self.hits, self.fail_first = [], 0, fail_first
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.hits += 1
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if outer.hits <= outer.fail_first:
-                    self.send_response(500)
-                else:
-                    outer.events.append(json.loads(body))
-                    self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = HTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/hook"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-
-
 def test_callback_fires_on_real_psi_condition_and_retries_failed_receiver():
-    rx = Receiver(fail_first=2)
+    rx = CallbackReceiver(fail_first=2)
     try:
         # threshold -1: CPU PSI some avg10 is always >= 0, so the condition really holds
         cb = callbacks.register(rx.url, callbacks.Condition(kind="psi_cpu_above", threshold=-1))
@@ -113,7 +81,7 @@ def test_callback_fires_on_real_psi_condition_and_retries_failed_receiver():
 
 
 def test_callback_does_not_fire_when_condition_is_false():
-    rx = Receiver()
+    rx = CallbackReceiver()
     try:
         callbacks.register(rx.url, callbacks.Condition(kind="psi_cpu_above", threshold=101))
         assert callbacks.evaluate_once() == []

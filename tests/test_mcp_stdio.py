@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
+
+from schedcp_mcp import store
 
 pytestmark = pytest.mark.anyio
 
@@ -15,15 +17,15 @@ CORE_TOOLS = {"get_system_info", "get_cpu_stats", "profile_workload", "list_prof
               "get_profile", "search_policies", "get_policy"}
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def server_params(*serve_args: str) -> StdioServerParameters:
-    exe = shutil.which("schedcp")
-    cmd, args = (exe, ["serve"]) if exe else (sys.executable, ["-m", "schedcp_mcp", "serve"])
-    args += list(serve_args)
-    return StdioServerParameters(command=cmd, args=args, env={
-        "SCHEDCP_HOME": os.environ["SCHEDCP_HOME"],
-        "SCHEDCP_SANDBOX_DIR": os.environ["SCHEDCP_SANDBOX_DIR"],
-        "PATH": os.environ["PATH"],
-        **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {})})
+    """`schedcp serve` of this checkout (the console script may point at another one)."""
+    return StdioServerParameters(command=sys.executable, args=["-m", "schedcp_mcp", "serve", *serve_args],
+                                 env={"SCHEDCP_HOME": os.environ["SCHEDCP_HOME"],
+                                      "SCHEDCP_SANDBOX_DIR": os.environ["SCHEDCP_SANDBOX_DIR"],
+                                      "PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]})
 
 
 async def call(name: str, args: dict | None = None, progress=None, serve_args: tuple[str, ...] = ()):
@@ -111,8 +113,12 @@ async def test_host_verify_from_an_mcp_client_needs_the_operators_permission():
 async def test_deploy_with_forged_token_is_refused_and_nothing_loads():
     res = await call("deploy", {"token": "eyJ2IjoxfQ.AAAA", "target": "sandbox"})
     assert res.is_error and "signature" in res.content[0].text
-    audit = await call("get_status")
-    assert not audit.is_error
+    st = await call("get_status")
+    assert not st.is_error
+    assert st.structured_content["deployments"] == []
+    assert st.structured_content["targets"]["sandbox"] == "staging VM not running"  # nothing booted
+    actions = [a["action"] for a in store.audit_log()]
+    assert "deploy_refused" in actions and "deploy" not in actions
 
 
 async def test_an_mcp_client_cannot_run_commands_unless_the_operator_allows_it(tmp_path):

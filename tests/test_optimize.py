@@ -66,6 +66,26 @@ def test_reconfigure_fits_slices_to_the_profile_within_range():
     assert optimize.reconfigured(pol, {"characteristics": {}}) is None
 
 
+def hit(name, text, history=0.0, kind="schedcp"):
+    return {"name": name, "kind": kind, "runnable": kind == "schedcp", "text_score": text,
+            "history_score": history, "score": text + history, "reason": "r"}
+
+
+def test_planner_prefers_reconfigure_and_what_won_before():
+    hits = [hit("a", 5.0), hit("b", 2.0, history=0.5), hit("scx_x", 9.0, kind="scx")]
+    strategy, why, order = optimize.choose_strategy(hits, "q", can_generate=True)
+    assert strategy == "reconfigure" and "cheapest" in why
+    assert [h["name"] for h in order] == ["b", "a"]  # won before on a similar workload: first
+
+
+def test_planner_generates_when_nothing_fits_or_everything_failed_before():
+    for hits in ([hit("a", 0.0)], [hit("a", 3.0, history=-0.4)]):
+        strategy, why, order = optimize.choose_strategy(hits, "q", can_generate=True)
+        assert strategy == "generate" and order
+        strategy, why, _ = optimize.choose_strategy(hits, "q", can_generate=False)
+        assert strategy == "reconfigure" and "no generate_scheduler" in why
+
+
 def test_cli_refuses_an_unknown_workload_with_json(tmp_path):
     env = {**os.environ, "SCHEDCP_HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "schedcp_mcp", "optimize", "--workload", "nope",

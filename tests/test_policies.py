@@ -9,17 +9,14 @@ import re
 import pytest
 
 from schedcp_mcp.repository.policies import list_policies
+from schedcp_mcp.sandbox import scheduler
 
 OURS = [p.name for p in list_policies() if p.kind == "schedcp"]
 
 # A lone CPU hog for 4 s (nothing else waits, so the kernel refills its slice and no
 # stopping/running pair marks the time), then 6 more hogs for 6 s on the 2 vCPUs.
-SCENARIO = r"""
-SX=/sys/kernel/sched_ext
-schedcp-loader obj.bpf.o --run --timeout-ms 3000 >loader.json 2>loader.err </dev/null &
-loader=$!
-i=0
-while [ "$(cat $SX/state)" != enabled ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+LOADER = scheduler.Files("/run/scenario")
+SCENARIO = scheduler.PRELUDE + scheduler.start_script("obj.bpf.o", {}, LOADER, timeout_ms=3000) + r"""
 sh -c 'while :; do :; done' &
 solo=$!
 sleep 4
@@ -30,8 +27,7 @@ sleep 6
 set -- $(cat /proc/$solo/stat); t1=${14}
 echo "state=$(cat $SX/state) ops=$(cat $SX/root/ops 2>/dev/null) solo_ticks=$((t1 - t0))"
 kill $solo $others
-kill -INT $loader
-wait $loader
+""" + scheduler.stop_script(LOADER) + """
 dmesg | grep -i 'sched_ext' | tail -3
 """
 

@@ -232,13 +232,20 @@ class _Hook:
         self.httpd.shutdown()
 
 
+def _event():
+    from schedcp_mcp.learn import callbacks
+
+    return callbacks.CallbackEvent(callback_id="cb-test", value=1.0, at=0.0, message="test",
+                                   condition=callbacks.Condition(kind="psi_cpu_above", threshold=0))
+
+
 def test_a_callback_never_follows_a_redirect():
     from schedcp_mcp.learn import callbacks
 
     elsewhere = _Hook()
     redirector = _Hook(status=307, location=elsewhere.url)
     try:
-        assert callbacks.post(redirector.url, {"x": 1}) == 307
+        assert callbacks.post(redirector.url, _event()) == 307
         assert len(redirector.hits) == 1 and elsewhere.hits == []
     finally:
         redirector.close()
@@ -261,7 +268,7 @@ def test_a_callback_connects_to_the_address_it_checked(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", fake)
     try:
-        assert callbacks.post(f"http://hooks.example:{hook.port}/x", {"x": 1}, timeout=3) == 200
+        assert callbacks.post(f"http://hooks.example:{hook.port}/x", _event(), timeout=3) == 200
         assert hook.hits == [f"hooks.example:{hook.port}"]
     finally:
         hook.close()

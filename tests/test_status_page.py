@@ -104,7 +104,13 @@ def test_state_endpoint_needs_the_token_and_reports_everything(server):
     assert [j["id"] for j in s["running"]] == [jobs["running"]] and s["running"][0]["progress"] > 0
     assert {jobs["done"], jobs["bad"]} <= {j["id"] for j in s["recent"]}
     assert s["queue_depth"] == {"urgent": 0, "high": 0, "normal": 0, "low": 0}
-    # (the server found no staging VM behind the "active" deployment and recorded that it stopped)
+    # (the server found no staging VM behind the "active" deployment and recorded that it stopped:
+    # the monitor process it resumed does that, a moment after the server started)
+    deadline = time.monotonic() + 30
+    while {d["id"]: d for d in s["deployments"]}["dep-active01"]["status"] == "active" \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+        s = json.loads(get(base + "/status/state", token)[1])
     dep = {d["id"]: d for d in s["deployments"]}["dep-active01"]
     assert dep["status"] == "stopped" and dep["last_reading"]["ratio"] == 1.02
     assert [d["id"] for d in s["rollbacks"]] == ["dep-rolled01"]

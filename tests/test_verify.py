@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from schedcp_mcp.sandbox import scheduler
 from schedcp_mcp.verify import btf, verifier
 from schedcp_mcp.verify.compile import compile_source, parse_diagnostics
 from schedcp_mcp.verify.elfcheck import inspect_object
@@ -143,7 +144,10 @@ def test_loader_results_become_structured_errors():
         "error": "sched_ext state is 'disabled' after attach, not 'enabled': scx_bpf_error",
         "uei": {"kind": 1025, "reason": "scx_bpf_error", "dump": "CPU states ...",
                 "message": "scx_userland.bpf.c:322: User scheduler pid uninitialized (0)"}})
-    assert user.errors[0].code == "attach_failed" and "pid uninitialized" in user.errors[0].message
+    assert (user.stage, user.errors[0].stage, user.errors[0].code) == ("init", "init", "init_failed")
+    assert "the kernel verifier accepted every program" in user.errors[0].message
+    assert "pid uninitialized" in user.errors[0].message and user.verifier_accepted
+    assert user.exit.kind == "error" and user.exit.message.endswith("pid uninitialized (0)")
     assert user.verified_insns == {"userland_init": 19} and "CPU states" in user.log
 
 
@@ -346,14 +350,14 @@ def test_every_repository_policy_passes_the_verifier(vm):
 # Examples that cannot pass on their own, and the kernel's (or libbpf's) stated reason.
 EXAMPLES_THAT_NEED_MORE = {
     # its C loader pid-stamps the BPF side and runs the scheduling loop in userspace
-    "scx_userland": ("attach_failed", "User scheduler pid uninitialized"),
+    "scx_userland": ("init", "init_failed", "User scheduler pid uninitialized"),
     # its C loader sizes pair_ctx to nr_cpus/2; left at 0 the kernel refuses to create the map
-    "scx_pair": ("load_failed", "map 'pair_ctx': failed to create: Invalid argument"),
+    "scx_pair": ("verifier", "load_failed", "map 'pair_ctx': failed to create: Invalid argument"),
     # 7.2's qmap keeps its queues in a BPF arena; clang emits one arena pointer store without an
     # addr_space_cast and the verifier refuses it (measured with trixie's clang 19 and sid's
     # clang 21.1.8 alike, at scx_qmap.bpf.c:324). Not a layer-1 bug: if a toolchain or kernel
     # update fixes it, this entry must go (the test then demands acceptance).
-    "scx_qmap": ("verifier_rejected", "invalid mem access 'scalar'"),
+    "scx_qmap": ("verifier", "verifier_rejected", "invalid mem access 'scalar'"),
 }
 
 
@@ -370,12 +374,34 @@ def test_kernel_example_schedulers_pass_or_fail_with_the_kernels_reason(vm, mani
         if name not in EXAMPLES_THAT_NEED_MORE:
             assert r.verdict == "accepted", (name, [e.message for e in r.errors], r.verifier_log[-2000:])
             assert all(p.verified_insns for p in r.programs), name
-    for name, (code, words) in EXAMPLES_THAT_NEED_MORE.items():
+    for name, (stage, code, words) in EXAMPLES_THAT_NEED_MORE.items():
         r = outcomes[name]
         if name == "scx_qmap" and r.verdict == "accepted":
             pytest.fail("scx_qmap now passes: remove it from EXAMPLES_THAT_NEED_MORE")
-        assert (r.verdict, r.stage) == ("rejected", "verifier"), name
+        assert (r.verdict, r.stage) == ("rejected", stage), (name, r.errors)
         assert r.errors[0].code == code and words in r.errors[0].message, (name, r.errors)
+
+
+@pytest.mark.vm
+def test_a_scheduler_the_verifier_accepts_but_that_cannot_start_fails_at_init(vm, manifest):
+    """The kernel's own examples without their C loaders: scx_userland's init exits (no user
+    scheduler pid), scx_pair with a one-entry pair_ctx is disabled as it is enabled. Every program
+    passed the verifier; the report says so, and gives the scheduler's own exit reason."""
+    examples = Path(manifest.paths.scx_examples_dir)
+    src = lambda n: (examples / f"{n}.bpf.c").read_text()  # noqa: E731
+    user = verify_source(src("scx_userland"), trusted_include_dirs=[examples], vm=vm)
+    pair = verify_source(src("scx_pair"), params={"map:pair_ctx": "1"}, trusted_include_dirs=[examples],
+                         vm=vm)
+    for r in (user, pair):
+        assert (r.verdict, r.stage) == ("rejected", "init"), (r.ops_name, r.errors, r.cached, r.durations)
+        assert r.verifier_accepted and all(p.verified_insns for p in r.programs)
+        e = r.errors[0]
+        assert (e.stage, e.code) == ("init", "init_failed")
+        assert e.message.startswith("the kernel verifier accepted every program, but the scheduler")
+        assert r.exit is not None and r.exit.kind == "error" and r.exit.message, r.exit
+        assert r.exit.message in e.message and r.exit.kernel_line, r.exit
+    assert "User scheduler pid uninitialized" in user.exit.message
+    print("scx_pair map:pair_ctx=1:", pair.exit.describe())
 
 
 @pytest.mark.vm
@@ -479,7 +505,7 @@ def test_the_loader_itself_refuses_a_kernel_without_sched_ext(manifest):
     c = compile_source(fixture("minimal"), manifest)
     obj = Path(os.environ["SCHEDCP_HOME"]) / "minimal.bpf.o"
     obj.write_bytes(c.object)
-    argv = [manifest.paths.loader, *verifier.loader_argv(str(obj), {}, load_only=True)]
+    argv = [manifest.paths.loader, *scheduler.verify_argv(str(obj), {}, load_only=True)]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     out = json.loads(p.stdout)
     assert (p.returncode, out["ok"], out["stage"]) == (1, False, "kernel")

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from .. import config, store
 from ..errors import BadInput, InfrastructureError, NotFound, SchedcpError
 from ..learn.feedback import record_deployment_outcome
-from ..models import Deployment, DeploymentStatus, MonitorPolicy, Reading, ScxState
+from ..models import Deployment, DeploymentStatus, MonitorPolicy, ScxState
 from ..records import active, get_deployment, list_deployments, save
 from ..reports import get_report
 from ..verify.verifier import host_missing
@@ -123,7 +123,7 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
             "this schedcp", "stop it first; the token was not spent")
     payload, report = tokens.check(token, target, actor, spend=True)
     if prev_dep is not None:
-        _end(prev_dep, "superseded", f"superseded by a deploy of report {report.id}", actor, unload=True)
+        end_deployment(prev_dep, "superseded", f"superseded by a deploy of report {report.id}", actor)
     previous = current
     if monitor.workload_cmd:
         t.start_workload(monitor.workload_cmd)
@@ -134,20 +134,13 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
                    artifact_sha256=report.artifact_sha256, policy=report.policy, params=report.params,
                    ops_name=report.ops_name, target=target, actor=actor, token_jti=payload.jti,
                    previous=previous, baseline=baseline, monitor=monitor)
-    try:
-        t.load(obj, report.params)
-        now = t.state()
-        if not now.enabled or (report.ops_name and now.ops != report.ops_name):
-            raise InfrastructureError(
-                f"after loading, sched_ext state is {now.state!r} with ops {now.ops!r} "
-                f"(expected enabled / {report.ops_name}): {t.exit_info()[-400:]}")
-    except SchedcpError as e:
-        t.unload()
-        _restore(t, d, actor)
-        d.status, d.ended_at, d.end_reason = "failed", time.time(), str(e)
-        save(d)
-        store.audit(actor, "deploy_failed", {"deployment_id": d.id, "why": str(e)}, d.artifact_sha256)
-        raise
+    started = t.load(obj, report.params)
+    now = t.state()
+    if not started.running or not now.enabled or (report.ops_name and now.ops != report.ops_name):
+        why = started.error or (f"after loading, sched_ext state is {now.state!r} with ops {now.ops!r} "
+                                f"(expected enabled / {report.ops_name})")
+        end_deployment(d, "failed", f"the scheduler did not start: {why}", actor)
+        raise InfrastructureError(d.end_reason, f"`schedcp feedback {d.id} --json` has the scheduler's exit")
     save(d)
     store.audit(actor, "deploy", {"deployment_id": d.id, "report_id": report.id, "target": target,
                                   "ops": report.ops_name, "baseline": baseline,
@@ -157,9 +150,42 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
     return d
 
 
-def _restore(t: Target, d: Deployment, actor: str) -> None:
-    """Put the previous scheduler back: a deployment we superseded is reloaded; otherwise the
-    kernel default stays (we unloaded ours)."""
+def end_deployment(d: Deployment, status: DeploymentStatus, reason: str, actor: str) -> Deployment:
+    """End a deployment, the one way: unload its scheduler (when its target is still up), read why
+    the scheduler stopped in its own and the kernel's words, stop the background workload, put the
+    previous scheduler back (after a rollback or a failed start), and record it all: the deployment,
+    the audit log and the learning outcome. A reason gets the scheduler's exit appended when the
+    scheduler ended with an error."""
+    t = get_target(d.target, start=False)
+    if t.running():  # a staging VM that is gone took the scheduler with it
+        try:
+            t.unload()
+            ex = t.read_exit(d.ops_name)
+            d.exit_info = ex.raw[-2000:] or d.exit_info
+            if ex.exit.kind != "unknown":
+                d.exit = ex.exit
+        except SchedcpError:
+            pass
+        if d.monitor.workload_cmd and status != "superseded":
+            try:
+                t.stop_workload()
+            except SchedcpError:
+                pass
+        if status in ("rolled_back", "failed"):
+            _restore_previous(t, d, actor)
+    if d.exit and d.exit.is_error and d.exit.describe() not in reason:
+        reason = f"{reason}: {d.exit.describe()}"
+    d.status, d.ended_at, d.end_reason = status, time.time(), reason
+    save(d)
+    store.audit(actor, {"rolled_back": "rollback", "failed": "deploy_failed"}.get(status, status),
+                {"deployment_id": d.id, "reason": reason, "target": d.target,
+                 "exit": d.exit.model_dump() if d.exit else None}, d.artifact_sha256)
+    record_deployment_outcome(d)
+    return d
+
+
+def _restore_previous(t: Target, d: Deployment, actor: str) -> None:
+    """A deployment `d` superseded is loaded again; otherwise the kernel default stays."""
     for p in list_deployments(50, d.target):
         if p.status == "superseded" and p.id != d.id and p.ops_name == d.previous.ops:
             r = get_report(p.report_id)
@@ -171,30 +197,6 @@ def _restore(t: Target, d: Deployment, actor: str) -> None:
             return
 
 
-def _end(d: Deployment, status: DeploymentStatus, reason: str, actor: str, unload: bool = True) -> Deployment:
-    t = get_target(d.target, start=False)
-    if not t.running():
-        unload = False  # the VM is gone, and the scheduler with it
-    else:
-        try:
-            d.exit_info = d.exit_info or t.exit_info()[-2000:]
-        except SchedcpError:
-            pass
-    if unload:
-        t.unload()
-    if d.monitor.workload_cmd and status != "superseded" and unload:
-        try:
-            t.stop_workload()
-        except SchedcpError:
-            pass
-    d.status, d.ended_at, d.end_reason = status, time.time(), reason
-    save(d)
-    store.audit(actor, "rollback" if status == "rolled_back" else status,
-                {"deployment_id": d.id, "reason": reason, "target": d.target}, d.artifact_sha256)
-    record_deployment_outcome(d)
-    return d
-
-
 def rollback(deployment_id: str | None = None, target: str = "sandbox", reason: str = "requested",
              actor: str = "cli") -> Deployment:
     d = get_deployment(deployment_id) if deployment_id else active(target)
@@ -202,9 +204,7 @@ def rollback(deployment_id: str | None = None, target: str = "sandbox", reason: 
         raise NotFound(f"nothing is deployed on {target}", "see `schedcp status`")
     if d.status != "active":
         raise BadInput(f"deployment {d.id} is not active ({d.status}: {d.end_reason})", "")
-    d = _end(d, "rolled_back", reason, actor, unload=True)
-    _restore(get_target(d.target), d, actor)
-    return d
+    return end_deployment(d, "rolled_back", reason, actor)
 
 
 # --- the monitor process -----------------------------------------------------------------------

@@ -10,7 +10,6 @@ or when the metric is worse than `max_degradation_ratio` x baseline for `consecu
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 
@@ -18,20 +17,10 @@ from .. import store
 from ..errors import SchedcpError
 from ..models import Deployment, Reading
 from ..records import get_deployment, save
-from .deployments import _end, _restore
+from .deployments import end_deployment
 from .targets import SandboxTarget, get_target
 
 MAX_READINGS = 200
-
-
-def disable_reason(exit_info: str) -> str:
-    """The kernel's words for why the scheduler stopped, from the loader's UEI and dmesg."""
-    m = re.search(r'sched_ext: BPF scheduler "[^"]*" disabled \(([^)]*)\)', exit_info)
-    reason = m[1] if m else None
-    msg = re.search(r'"(?:msg|message)"\s*:\s*"([^"]+)"', exit_info)
-    reason_json = re.search(r'"reason"\s*:\s*"([^"]+)"', exit_info)
-    parts = [p for p in (reason, reason_json[1] if reason_json else None, msg[1] if msg else None) if p]
-    return "; ".join(dict.fromkeys(parts)) or "the kernel disabled the scheduler (no reason logged)"
 
 
 def degraded(d: Deployment, value: float) -> tuple[bool, float | None]:
@@ -70,7 +59,7 @@ def monitor_loop(dep_id: str, max_samples: int | None = None) -> Deployment:
         if d.status != "active":
             return d
         if d.target == "sandbox" and not SandboxTarget(start=False).running():
-            return _end(d, "stopped", "the staging VM was stopped", "monitor", unload=False)
+            return end_deployment(d, "stopped", "the staging VM was stopped", "monitor")
         try:
             reading, prev = sample_once(d, prev)
         except SchedcpError as e:  # the VM is busy or gone: note it and try again
@@ -83,19 +72,12 @@ def monitor_loop(dep_id: str, max_samples: int | None = None) -> Deployment:
         save(d)
         if reading.state not in ("enabled", "unknown") or (
                 reading.state == "enabled" and d.ops_name and reading.ops != d.ops_name):
-            info = get_target(d.target).exit_info()
-            why = f"kernel disabled the scheduler: {disable_reason(info)}"
-            d.exit_info = info[-2000:]
-            d = _end(d, "rolled_back", why, "monitor", unload=True)
-            _restore(get_target(d.target), d, "monitor")
-            return d
+            return end_deployment(d, "rolled_back", "the kernel disabled the scheduler", "monitor")
         if d.consecutive_bad >= d.monitor.consecutive:
             why = (f"degradation: {d.monitor.metric_cmd!r} was worse than "
                    f"{d.monitor.max_degradation_ratio}x the baseline {d.baseline} for "
                    f"{d.consecutive_bad} consecutive samples (last {reading.metric}, ratio {reading.ratio})")
-            d = _end(d, "rolled_back", why, "monitor", unload=True)
-            _restore(get_target(d.target), d, "monitor")
-            return d
+            return end_deployment(d, "rolled_back", why, "monitor")
         n += 1
         if max_samples is not None and n >= max_samples:
             return d

@@ -103,3 +103,46 @@ def _drain(ids: list[str]) -> None:
 
 def bench_jobs(sizes: tuple[int, ...] = (2, 8), jobs: int = 2000) -> list[JobsBench]:
     return [bench_pool(n, jobs) for n in sizes]
+
+
+# --- what a second VM does to A/B noise (chooses the default pool size) ------------------------------
+
+class NoiseBench(BaseModel):
+    setting: str
+    runs: int
+    median_s: float
+    spread: float  # (max - min) / median of the A/A runs
+    cv: float  # stdev / mean
+
+
+def _aa(vm, runs: int, cmd: str) -> list[float]:
+    from ..validate.workloads import parse_hackbench
+
+    out = []
+    for _ in range(runs):
+        r = vm.run(cmd, timeout_s=120)
+        out.append(parse_hackbench(r.stdout + r.stderr)["messaging_time_s"])
+    return out
+
+
+def bench_vm_noise(runs: int = 8, cmd: str = "hackbench -g 2 -l 60") -> list[NoiseBench]:
+    """A/A noise of a hackbench inside one sandbox VM (the default scheduler against itself), alone
+    and with a second VM beside it running the same kind of load — what a pool of 2 would do on this
+    machine. One candidate's A/B always stays in one VM; this measures the neighbour's effect."""
+    from ..sandbox.vm import VM
+
+    def stats(name: str, xs: list[float]) -> NoiseBench:
+        med = statistics.median(xs)
+        return NoiseBench(setting=name, runs=len(xs), median_s=round(med, 4),
+                          spread=round((max(xs) - min(xs)) / med, 4),
+                          cv=round(statistics.stdev(xs) / statistics.mean(xs), 4))
+
+    out = []
+    with VM(full=True) as a:
+        a.run("true", timeout_s=30)
+        out.append(stats("one VM", _aa(a, runs, cmd)))
+        with VM(full=True) as b:
+            b.run(f"(setsid sh -c 'while true; do {cmd}; done' </dev/null >/dev/null 2>&1 &)", timeout_s=30)
+            time.sleep(1)
+            out.append(stats("two VMs (the other busy)", _aa(a, runs, cmd)))
+    return out

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import BadInput, TransientError
+from ..errors import BadInput, SchedcpError, TransientError
 
 
 class JobCancelled(Exception):
@@ -88,6 +88,30 @@ def get(name: str) -> Kind:
     if name not in _KINDS:
         raise BadInput(f"unknown job kind {name!r}", f"known kinds: {', '.join(sorted(_KINDS))}")
     return _KINDS[name]
+
+
+def execute(ctx: JobContext) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """Run a job's kind: (outcome, result, error), the outcome being succeeded, transient (worth a
+    retry), failed (final), or None when the job was cancelled. One place classifies failures, for
+    the local pool and the fleet's workers alike."""
+    from ..sandbox import vm
+
+    token = vm.current_job.set(ctx.job.id)
+    try:
+        return "succeeded", get(ctx.job.kind).run(ctx), None
+    except JobCancelled:
+        return None, None, None
+    except TransientError as e:
+        return "transient", None, str(e)
+    except SchedcpError as e:  # bad input, a machine that cannot do it: final
+        return "failed", None, f"{type(e).__name__}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else "")
+    except Exception as e:  # noqa: BLE001 — a bug in a kind: final, logged
+        import logging
+
+        logging.getLogger("schedcp.jobs").exception("job %s (%s) failed", ctx.job.id, ctx.job.kind)
+        return "failed", None, f"internal error: {type(e).__name__}: {e}"
+    finally:
+        vm.current_job.reset(token)
 
 
 def names() -> list[str]:

@@ -23,10 +23,9 @@ import threading
 import time
 from typing import Callable
 
-from ..errors import SchedcpError, TransientError
 from ..sandbox import vm as vmmod
 from . import kinds, queue
-from .kinds import JobCancelled, JobContext
+from .kinds import JobContext
 from .models import Job
 
 log = logging.getLogger("schedcp.jobs")
@@ -47,7 +46,7 @@ def default_size() -> int:
 
 
 class Pool:
-    def __init__(self, size: int | None = None, *, poll_s: float = 0.02, heartbeat_s: float = 1.0,
+    def __init__(self, size: int | None = None, *, poll_s: float = 0.01, heartbeat_s: float = 1.0,
                  stale_s: float = 30.0, kind_names: list[str] | None = None, engine: str = "local",
                  scope: str | None = None):
         """`scope`: run only this job and its children (a CLI command that waits for its own job
@@ -121,16 +120,21 @@ class Pool:
     # ------------------------------------------------------------ loops
 
     def _dispatch(self) -> None:
+        """Claims whenever a slot is free: at once on a local submit or a finished job, else by
+        polling the store (every `poll_s` while jobs come, every 0.1 s after 10 s without any)."""
+        last_claim = time.monotonic()
         while not self._stop.is_set():
             try:
                 while self.active < self.size and not self._stop.is_set():
                     job = queue.claim(self.id, self.kind_names, scope=self.scope)
                     if job is None:
                         break
+                    last_claim = time.monotonic()
                     self._launch(job)
             except Exception:  # noqa: BLE001 — a busy or broken store must not end the pool
                 log.exception("claiming jobs failed")
-            self._wake.wait(self.poll_s)
+            idle = time.monotonic() - last_claim > 10
+            self._wake.wait(max(self.poll_s, 0.1) if idle else self.poll_s)
             self._wake.clear()
 
     def _launch(self, job: Job) -> None:
@@ -142,22 +146,7 @@ class Pool:
         t.start()
 
     def _run(self, job: Job, ctx: JobContext) -> None:
-        token = vmmod.current_job.set(job.id)
-        outcome, result, error = None, None, None
-        try:
-            result = kinds.get(job.kind).run(ctx)
-            outcome = "succeeded"
-        except JobCancelled:
-            pass  # cancelled or given up on: whoever did that recorded it
-        except TransientError as e:
-            outcome, error = "transient", str(e)
-        except SchedcpError as e:  # bad input, a machine that cannot do it: final
-            outcome, error = "failed", f"{type(e).__name__}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else "")
-        except Exception as e:  # noqa: BLE001 — a bug in a kind: final, logged
-            log.exception("job %s (%s) failed", job.id, job.kind)
-            outcome, error = "failed", f"internal error: {type(e).__name__}: {e}"
-        finally:
-            vmmod.current_job.reset(token)
+        outcome, result, error = kinds.execute(ctx)
         try:
             if outcome and not ctx.cancelled.is_set():
                 queue.finish(job.id, job.attempts, self.id, outcome, result, error)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import logging
-import json
 import os
 import socket
 import ssl
@@ -35,7 +34,7 @@ from ..errors import BadInput, NotFound
 from ..observe.cpu import get_cpu_stats, read_psi
 from ..observe.profile import get_profile, scale_rate
 from ..records import get_deployment
-from .feedback import deployment_feedback
+from .feedback import Feedback, deployment_feedback
 from .history import similarity_to_features
 
 KIND, DELIVERY = "callback", "delivery"
@@ -61,6 +60,18 @@ class Callback(BaseModel):
     fired: int = 0
 
 
+class CallbackEvent(BaseModel):
+    """What a callback URL receives (JSON POST)."""
+
+    callback_id: str
+    condition: Condition
+    value: float | None
+    at: float
+    message: str
+    feedback: Feedback | None = Field(None, description="reward_below: the deployment's feedback, with "
+                                      "its rollback reason and the scheduler's exit")
+
+
 class Delivery(BaseModel):
     id: str
     created_at: float
@@ -69,7 +80,7 @@ class Delivery(BaseModel):
     ok: bool
     status: int | None = None
     error: str | None = None
-    event: dict
+    event: CallbackEvent
 
 
 def allowed_hosts() -> set[str]:
@@ -167,18 +178,18 @@ def deliveries(cb_id: str | None = None) -> list[Delivery]:
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-def measure(cond: Condition) -> tuple[float | None, bool]:
-    """(value, condition holds)."""
+def measure(cond: Condition) -> tuple[float | None, bool, Feedback | None]:
+    """(value, condition holds, the deployment's feedback for reward_below)."""
     if cond.kind == "psi_cpu_above":
         psi = read_psi("cpu")
         v = psi.some_avg10 if psi.available else None
-        return v, v is not None and v > cond.threshold
+        return v, v is not None and v > cond.threshold, None
     if cond.kind == "reward_below":
         try:
-            v = deployment_feedback(get_deployment(cond.deployment_id)).reward
+            fb = deployment_feedback(get_deployment(cond.deployment_id))
         except Exception:  # no readings yet: nothing to say
-            return None, False
-        return v, v < cond.threshold
+            return None, False, None
+        return fb.reward, fb.reward < cond.threshold, fb
     prof = get_profile(cond.profile_id)
     s = get_cpu_stats(1.0, top_n=1)
     features = {  # the profile's features, measured system-wide
@@ -187,10 +198,10 @@ def measure(cond: Condition) -> tuple[float | None, bool]:
         "fork_intensity": scale_rate("fork_intensity", s.forks_per_s),
     }
     v = similarity_to_features(prof, features)
-    return v, v < cond.threshold
+    return v, v < cond.threshold, None
 
 
-def post(url: str, event: dict, timeout: float = 5.0) -> int:
+def post(url: str, event: CallbackEvent, timeout: float = 5.0) -> int:
     """POST `event` to `url` (checked again now) and return the HTTP status. Redirects are never
     followed: a 3xx is just a status, not a way to send the server somewhere else."""
     parts, address = check_url(url)
@@ -201,7 +212,7 @@ def post(url: str, event: dict, timeout: float = 5.0) -> int:
     if parts.query:
         path += "?" + parts.query
     try:
-        conn.request("POST", path, body=json.dumps(event).encode(),
+        conn.request("POST", path, body=event.model_dump_json().encode(),
                      headers={"Content-Type": "application/json", "User-Agent": "schedcp-callback/1"})
         resp = conn.getresponse()
         resp.read(65536)
@@ -210,7 +221,7 @@ def post(url: str, event: dict, timeout: float = 5.0) -> int:
         conn.close()
 
 
-def deliver(cb: Callback, event: dict, retries: int = 4, backoff_s: float = 0.5) -> bool:
+def deliver(cb: Callback, event: CallbackEvent, retries: int = 4, backoff_s: float = 0.5) -> bool:
     """POST with exponential backoff; every attempt is recorded. True when one succeeded."""
     for attempt in range(1, retries + 1):
         status, error = None, None
@@ -235,16 +246,18 @@ def evaluate_once(now: float | None = None) -> list[str]:
     now = now or time.time()
     fired = []
     for cb in list_callbacks():
-        value, holds = measure(cb.condition)
+        value, holds, fb = measure(cb.condition)
         rising = holds and not cb.last_state
         cool = cb.last_fired_at is None or now - cb.last_fired_at >= cb.condition.cooldown_s
         cb.last_value, cb.last_state = value, holds
         if rising and cool:
             cb.last_fired_at, cb.fired = now, cb.fired + 1
             store.put(KIND, cb)
-            event = {"callback_id": cb.id, "condition": cb.condition.model_dump(), "value": value,
-                     "at": now, "message": f"{cb.condition.kind}: value {value} crossed threshold "
-                                           f"{cb.condition.threshold}"}
+            message = f"{cb.condition.kind}: value {value} crossed threshold {cb.condition.threshold}"
+            if fb is not None:
+                message += f"; {fb.summary}"
+            event = CallbackEvent(callback_id=cb.id, condition=cb.condition, value=value, at=now,
+                                  message=message, feedback=fb)
             deliver(cb, event)
             fired.append(cb.id)
         else:

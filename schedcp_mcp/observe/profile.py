@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import psutil
 from pydantic import BaseModel, Field
@@ -343,6 +343,8 @@ def _end_tree(proc: subprocess.Popen, seen: dict[int, float]) -> None:
 def _profile(command: list[str] | None, pid: int | None, duration_s: float, tmp: Path,
              use_perf: bool, use_runqlat: bool,
              progress: Callable[[str, float], None] | None) -> WorkloadProfile:
+    """Start the system-wide probes, run (or watch) the workload while sampling its process tree,
+    then read the probes and characterize what was seen."""
     avail = {t.name: t for t in tools()}
     sources: list[Source] = []
     ncpus = psutil.cpu_count() or 1
@@ -351,25 +353,95 @@ def _profile(command: list[str] | None, pid: int | None, duration_s: float, tmp:
     events = "task-clock,context-switches,cpu-migrations,page-faults"
     if perf_ok and avail.get("perf-hw-counters") and avail["perf-hw-counters"].usable:
         events += ",cycles,instructions"
-
     if pid is not None:
         try:
-            root = psutil.Process(pid)
+            psutil.Process(pid)
         except psutil.NoSuchProcess:
             raise NotFound(f"no process with pid {pid}", "list processes with `schedcp stats`") from None
 
-    runqlat = None
+    runqlat = _start_runqlat(avail, use_runqlat, duration_s, sources)
+    s0, t0_cpu = read_proc_stat(), psutil.cpu_times()
+    try:
+        perf_cmd = [avail["perf"].path, "stat", "-x,", "-o", str(perf_out), "-e", events] if perf_ok else None
+        wall, exit_code, sampler = _run_and_sample(command, pid, duration_s, perf_cmd, progress)
+    except BaseException:
+        _stop(runqlat)
+        raise
+    s1, t1_cpu = read_proc_stat(), psutil.cpu_times()
+
+    perf = {}
+    if perf_ok:
+        perf = _parse_perf_csv(perf_out.read_text() if perf_out.exists() else "")
+        sources.append(Source(name="perf stat", used=bool(perf), detail=f"events: {events}; "
+                              + avail["perf"].detail))
+    else:
+        sources.append(Source(name="perf stat", used=False,
+                              detail=(avail["perf"].detail if "perf" in avail else "not installed")
+                              if use_perf else "disabled"))
+    hist = _read_runqlat(runqlat, max(3.0, duration_s - wall + 5), sources)
+    sources.append(Source(name="psutil process tree", used=True,
+                          detail=f"{len(sampler.thread_samples)} samples at 10 Hz"))
+    sources.append(Source(name="/proc/stat", used=True))
+    bcc = avail.get("bcc")
+    sources.append(Source(name="bcc", used=False, detail=bcc.detail if bcc else "not installed"))
+
+    if command is not None and exit_code not in (0, None) and wall < duration_s:
+        raise BadInput(f"the workload failed: {shlex.join(command)[:200]} exited with {exit_code}",
+                       "run it by hand to see why (its output is not kept)")
+
+    tree = sampler.metrics(children_cpu=perf.get("task-clock", 0.0) / 1000.0)
+    ch = characterize(tree, wall, ncpus, s1["processes"] - s0["processes"] if command else 0)
+    what = shlex.join(command) if command else f"pid {pid}"
+    return WorkloadProfile(
+        id=store.new_id("prof"), created_at=time.time(), command=command, pid=pid,
+        duration_s=round(wall, 3), exit_code=exit_code, ncpus=ncpus,
+        summary=summarize(ch, tree, wall, ncpus, what), characteristics=ch, process_tree=tree,
+        system=_system_rates(s0, s1, t0_cpu, t1_cpu, wall), perf_counters=perf, runqlat=hist,
+        goals=derive_goals(ch, command is not None),
+        resource_needs={"cpus": max(1, round(ch.parallelism + 0.49)),
+                        "threads": tree.max_threads, "cpu_time_s": tree.cpu_time_s},
+        sources=sources)
+
+
+def _start_runqlat(avail: dict, use_runqlat: bool, duration_s: float,
+                   sources: list[Source]) -> subprocess.Popen | None:
+    """libbpf-tools runqlat, system-wide, for the run (when it works here)."""
     rq = avail.get("libbpf-tools/runqlat")
     if use_runqlat and rq and rq.usable:
-        secs = max(1, int(duration_s))
-        runqlat = subprocess.Popen([rq.path, str(secs), "1"], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        p = subprocess.Popen([rq.path, str(max(1, int(duration_s))), "1"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
         time.sleep(0.3)  # let it attach before the workload starts
-    elif use_runqlat:
+        return p
+    if use_runqlat:
         sources.append(Source(name="runqlat", used=False,
                               detail=rq.detail if rq else "libbpf-tools not installed"))
+    return None
 
-    s0, t0_cpu = read_proc_stat(), psutil.cpu_times()
+
+def _read_runqlat(runqlat: subprocess.Popen | None, timeout_s: float,
+                  sources: list[Source]) -> RunqlatHistogram | None:
+    if runqlat is None:
+        return None
+    if runqlat.poll() is None:  # SIGINT makes runqlat print what it has so far and exit
+        os.killpg(runqlat.pid, signal.SIGINT)
+    try:
+        out, err = runqlat.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _stop(runqlat)
+        sources.append(Source(name="runqlat", used=False, detail="runqlat did not finish"))
+        return None
+    hist = parse_runqlat(out)
+    sources.append(Source(name="runqlat", used=hist is not None,
+                          detail="libbpf-tools runqlat, system-wide" if hist else err[-300:]))
+    return hist
+
+
+def _run_and_sample(command: list[str] | None, pid: int | None, duration_s: float,
+                    perf_cmd: list[str] | None, progress: Callable[[str, float], None] | None
+                    ) -> tuple[float, int | None, "_TreeSampler"]:
+    """Run `command` contained (or watch `pid`) for at most `duration_s`, sampling its process tree
+    at 10 Hz; perf stat counts it when `perf_cmd` is given. Returns (wall seconds, exit code,
+    sampler). Whatever the command left running is killed."""
     start = time.monotonic()
     proc: subprocess.Popen | None = None
     perf_attach: subprocess.Popen | None = None
@@ -383,8 +455,7 @@ def _profile(command: list[str] | None, pid: int | None, duration_s: float, tmp:
             # perf stays outside the namespace (inside it, it sometimes reports exit 0 for a failed
             # workload); a shell is the namespace's init, so the workload still gets our SIGINT
             contained = [*contain, "sh", "-c", '"$@"; exit $?', "sh", *command] if contain else command
-            argv = ([avail["perf"].path, "stat", "-x,", "-o", str(perf_out), "-e", events, "--",
-                     *contained] if perf_ok else contained)
+            argv = [*perf_cmd, "--", *contained] if perf_cmd else contained
             # no output of the workload is kept or returned: only what we measure. (stdout is a
             # drained pipe, not /dev/null: `perf stat` exits 0 whatever the workload did when its
             # stdout is /dev/null.)
@@ -393,11 +464,12 @@ def _profile(command: list[str] | None, pid: int | None, duration_s: float, tmp:
                                     start_new_session=True)
             threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
             root = psutil.Process(proc.pid)
-        elif perf_ok:
-            perf_attach = subprocess.Popen(
-                [avail["perf"].path, "stat", "-x,", "-o", str(perf_out), "-e", events, "-p",
-                 str(pid), "--", "sleep", str(duration_s)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        else:
+            root = psutil.Process(pid)
+            if perf_cmd:
+                perf_attach = subprocess.Popen([*perf_cmd, "-p", str(pid), "--", "sleep", str(duration_s)],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                               start_new_session=True)
         sampler = _TreeSampler()
         while True:
             elapsed = time.monotonic() - start
@@ -436,67 +508,26 @@ def _profile(command: list[str] | None, pid: int | None, duration_s: float, tmp:
         if perf_attach is not None:
             perf_attach.wait(duration_s + 10)
     except BaseException:
-        _stop(runqlat)
         _stop(perf_attach)
         raise
     finally:
         if proc is not None:
             _end_tree(proc, seen)
-    s1, t1_cpu = read_proc_stat(), psutil.cpu_times()
+    return wall, exit_code, sampler
 
-    perf = {}
-    if perf_ok:
-        perf = _parse_perf_csv(perf_out.read_text() if perf_out.exists() else "")
-        sources.append(Source(name="perf stat", used=bool(perf), detail=f"events: {events}; "
-                              + avail["perf"].detail))
-    else:
-        sources.append(Source(name="perf stat", used=False,
-                              detail=(avail["perf"].detail if "perf" in avail else "not installed")
-                              if use_perf else "disabled"))
-    hist = None
-    if runqlat is not None:
-        if runqlat.poll() is None:  # SIGINT makes runqlat print what it has so far and exit
-            os.killpg(runqlat.pid, signal.SIGINT)
-        try:
-            out, err = runqlat.communicate(timeout=max(3.0, duration_s - wall + 5))
-            hist = parse_runqlat(out)
-            sources.append(Source(name="runqlat", used=hist is not None,
-                                  detail="libbpf-tools runqlat, system-wide" if hist else err[-300:]))
-        except subprocess.TimeoutExpired:
-            _stop(runqlat)
-            sources.append(Source(name="runqlat", used=False, detail="runqlat did not finish"))
-    sources.append(Source(name="psutil process tree", used=True,
-                          detail=f"{len(sampler.thread_samples)} samples at 10 Hz"))
-    sources.append(Source(name="/proc/stat", used=True))
-    bcc = avail.get("bcc")
-    sources.append(Source(name="bcc", used=False, detail=bcc.detail if bcc else "not installed"))
 
-    if command is not None and exit_code not in (0, None) and wall < duration_s:
-        raise BadInput(f"the workload failed: {shlex.join(command)[:200]} exited with {exit_code}",
-                       "run it by hand to see why (its output is not kept)")
-
-    tree = sampler.metrics(children_cpu=perf.get("task-clock", 0.0) / 1000.0)
+def _system_rates(s0: dict, s1: dict, t0_cpu, t1_cpu, wall: float) -> dict[str, float]:
+    """System-wide rates over the run: context switches, forks, iowait, CPU pressure."""
     dcpu = {f: getattr(t1_cpu, f) - getattr(t0_cpu, f) for f in t0_cpu._fields}
-    iowait_pct = 100.0 * dcpu.get("iowait", 0.0) / max(sum(dcpu.values()), 1e-9)
-    sys_rates = {
+    rates = {
         "ctx_switches_per_s": round((s1["ctxt"] - s0["ctxt"]) / wall, 1),
         "forks_per_s": round((s1["processes"] - s0["processes"]) / wall, 1),
-        "iowait_percent": round(iowait_pct, 2),
+        "iowait_percent": round(100.0 * dcpu.get("iowait", 0.0) / max(sum(dcpu.values()), 1e-9), 2),
     }
     psi = read_psi("cpu")
     if psi.available and psi.some_avg10 is not None:
-        sys_rates["psi_cpu_some_avg10"] = psi.some_avg10
-    ch = characterize(tree, wall, ncpus, s1["processes"] - s0["processes"] if command else 0)
-    what = shlex.join(command) if command else f"pid {pid}"
-    return WorkloadProfile(
-        id=store.new_id("prof"), created_at=time.time(), command=command, pid=pid,
-        duration_s=round(wall, 3), exit_code=exit_code, ncpus=ncpus,
-        summary=summarize(ch, tree, wall, ncpus, what), characteristics=ch, process_tree=tree,
-        system=sys_rates, perf_counters=perf, runqlat=hist,
-        goals=derive_goals(ch, command is not None),
-        resource_needs={"cpus": max(1, round(ch.parallelism + 0.49)),
-                        "threads": tree.max_threads, "cpu_time_s": tree.cpu_time_s},
-        sources=sources)
+        rates["psi_cpu_some_avg10"] = psi.some_avg10
+    return rates
 
 
 def _stop(p: subprocess.Popen | None) -> None:

@@ -29,7 +29,6 @@ kernel), `build(force=True)` redoes every step.
 from __future__ import annotations
 
 import datetime as _dt
-import gzip
 import hashlib
 import json
 import os
@@ -45,11 +44,13 @@ from pydantic import BaseModel, Field
 
 from .. import config
 from ..errors import InfrastructureError
+from .apt import Apt, debian_mirror, resolve_kernel
+from .cpio import Cpio
+from .hosttools import run_tool
+from .kernel import extract_btf, extract_vmlinux, has_pvh_entry, kernel_config_has
 
 Progress = Callable[[str, float], None]
 
-KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
-KERNEL_FLAVOUR = "cloud-amd64"
 ROOTFS_SUITE = "trixie"
 ROOTFS_PACKAGES = [
     "clang", "llvm", "libbpf-dev", "bpftool", "libelf-dev", "zlib1g-dev", "libzstd-dev", "gcc",
@@ -68,29 +69,6 @@ LOADER_GUEST_PATH = "/usr/bin/schedcp-loader"
 GUEST_SRC = Path(__file__).parent / "guest"
 
 
-def debian_mirror() -> str:
-    """$SCHEDCP_DEBIAN_MIRROR, else the Debian archive this machine's apt already uses (read only)."""
-    env = os.environ.get("SCHEDCP_DEBIAN_MIRROR")
-    if env:
-        return env.rstrip("/")
-    uris: list[str] = []
-    sources = Path("/etc/apt/sources.list.d")
-    for f in sorted(sources.glob("*.sources")) if sources.is_dir() else []:
-        for line in f.read_text(errors="replace").splitlines():
-            if line.strip().lower().startswith("uris:"):
-                uris += line.split(":", 1)[1].split()
-    legacy = Path("/etc/apt/sources.list")
-    if legacy.exists():
-        for line in legacy.read_text(errors="replace").splitlines():
-            m = re.match(r"\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)", line)
-            if m:
-                uris.append(m.group(1))
-    for u in uris:
-        u = u.rstrip("/")
-        if u.endswith("/debian") and "security" not in u:
-            return u
-    raise InfrastructureError("no Debian archive found in this machine's apt sources",
-                              hint="set SCHEDCP_DEBIAN_MIRROR to a Debian mirror URL (…/debian)")
 
 
 class Paths(BaseModel):
@@ -142,25 +120,6 @@ BPF_CFLAGS = [
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _run(argv: list[str], what: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
-    try:
-        p = subprocess.run(argv, capture_output=True, timeout=timeout, **kw)
-    except FileNotFoundError as e:
-        raise InfrastructureError(f"{what}: {argv[0]} is not installed", hint=_install_hint(argv[0])) from e
-    except subprocess.TimeoutExpired as e:
-        raise InfrastructureError(f"{what}: timed out after {timeout:.0f} s") from e
-    if p.returncode != 0:
-        err = (p.stderr or b"").decode(errors="replace").strip()[-2000:]
-        raise InfrastructureError(f"{what} failed (exit {p.returncode}): {err}")
-    return p
-
-
-def _install_hint(tool: str) -> str:
-    pkg = {"mmdebstrap": "mmdebstrap", "apt-get": "apt", "dpkg-deb": "dpkg", "zstd": "zstd",
-           "qemu-system-x86_64": "qemu-system-x86", "unshare": "util-linux"}.get(tool, tool)
-    return f"install it, e.g. `apt-get install {pkg}`"
 
 
 def _swap_dir(new: Path, final: Path) -> None:
@@ -232,215 +191,9 @@ def _chroot_prefix(rootfs: Path) -> list[str]:
 
 def chroot_run(rootfs: Path, argv: list[str], what: str, timeout: float = 600) -> str:
     """Run a trusted build command in the rootfs (image building only; untrusted code uses toolchain.run)."""
-    p = _run(_chroot_prefix(rootfs) + ["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+    p = run_tool(_chroot_prefix(rootfs) + ["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
                                        "LC_ALL=C"] + argv, what, timeout=timeout)
     return p.stdout.decode(errors="replace")
-
-
-# ---------------------------------------------------------------- apt (Debian sid, private state)
-
-
-class _Apt:
-    def __init__(self, sd: Path):
-        self.dir = sd / "apt"
-        for d in ("lists/partial", "cache/archives/partial", "etc"):
-            (self.dir / d).mkdir(parents=True, exist_ok=True)
-        if not KEYRING.exists():
-            raise InfrastructureError(f"Debian archive keyring {KEYRING} is missing",
-                                      hint="apt-get install debian-archive-keyring")
-        self.sources = self.dir / "etc/sources.list"
-        want = f"deb [signed-by={KEYRING}] {debian_mirror()} sid main\n"
-        if not self.sources.exists() or self.sources.read_text() != want:
-            self.sources.write_text(want)
-        self.opts = [
-            "-o", f"Dir::Etc::sourcelist={self.sources}", "-o", "Dir::Etc::sourceparts=-",
-            "-o", f"Dir::State::Lists={self.dir / 'lists'}", "-o", f"Dir::Cache={self.dir / 'cache'}",
-            "-o", "Dir::State::status=/dev/null", "-o", "APT::Architecture=amd64",
-            "-o", "APT::Architectures=amd64", "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root",
-            "-o", "Acquire::Retries=3", "-o", "Dir::Etc::preferences=/dev/null",
-            "-o", "Dir::Etc::preferencesparts=-",
-        ]
-
-    def lists_fingerprint(self) -> list:
-        return sorted([p.name, p.stat().st_size, int(p.stat().st_mtime)]
-                      for p in (self.dir / "lists").iterdir() if p.is_file())
-
-    def has_lists(self) -> bool:
-        return any("_Packages" in p.name for p in (self.dir / "lists").iterdir())
-
-    def update(self) -> None:
-        _run(["apt-get", *self.opts, "update"], "apt-get update (Debian sid lists)", timeout=600)
-
-    def show(self, pkg: str) -> dict[str, str]:
-        p = _run(["apt-cache", *self.opts, "show", "--no-all-versions", pkg], f"apt-cache show {pkg}")
-        fields: dict[str, str] = {}
-        for line in p.stdout.decode().splitlines():
-            if line and not line[0].isspace() and ":" in line:
-                k, v = line.split(":", 1)
-                fields.setdefault(k, v.strip())
-        return fields
-
-    def search(self, regex: str) -> list[str]:
-        p = _run(["apt-cache", *self.opts, "search", "--names-only", regex], f"apt-cache search {regex}")
-        return [line.split(" - ", 1)[0] for line in p.stdout.decode().splitlines() if line]
-
-    def download(self, pkgs: list[str], dest: Path) -> None:
-        _run(["apt-get", *self.opts, "download", *pkgs], f"apt-get download {' '.join(pkgs)}",
-             timeout=1200, cwd=dest)
-
-
-def _version_key(v: str) -> list:
-    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", v)]
-
-
-def _resolve_kernel(apt: _Apt) -> dict[str, str]:
-    """The newest sid linux-image-*-cloud-amd64 and its split packages (binary: vmlinuz, base: config)."""
-    images = [n for n in apt.search(rf"^linux-image-[0-9].*-{KERNEL_FLAVOUR}$") if not n.endswith("-dbg")]
-    if not images:
-        raise InfrastructureError(f"no linux-image-*-{KERNEL_FLAVOUR} package in Debian sid's lists")
-    image = max(images, key=lambda n: _version_key(n))
-    abi = image[len("linux-image-"):]                      # e.g. 7.2.13+deb14-cloud-amd64
-    info = apt.show(image)
-    deps = info.get("Depends", "")
-    binary = f"linux-binary-{abi}"
-    base = f"linux-base-{abi}"
-    if binary not in deps:  # older layout: the image package holds everything
-        binary = base = image
-    upstream = re.match(r"(\d+\.\d+)", abi).group(1)
-    return {"image": image, "abi": abi, "version": info.get("Version", ""), "binary": binary,
-            "base": base, "source": f"linux-source-{upstream}", "upstream": upstream}
-
-
-# ---------------------------------------------------------------- kernel
-
-
-def _extract_vmlinux(vmlinuz: Path, out: Path) -> None:
-    """extract-vmlinux for a zstd (or gzip/xz) compressed bzImage: find the payload, decompress it."""
-    data = vmlinuz.read_bytes()
-    for magic, cmd in ((b"\x28\xb5\x2f\xfd", ["zstd", "-dc"]), (b"\x1f\x8b\x08", ["gzip", "-dc"]),
-                       (b"\xfd7zXZ\x00", ["xz", "-dc"])):
-        pos = data.find(magic)
-        while pos >= 0:
-            try:
-                p = subprocess.run(cmd, input=data[pos:], capture_output=True, timeout=120)
-            except FileNotFoundError as e:
-                raise InfrastructureError(f"{cmd[0]} is needed to decompress the kernel",
-                                          hint=_install_hint(cmd[0])) from e
-            if p.stdout[:4] == b"\x7fELF":  # trailing data makes the tools exit non-zero: ignore
-                out.write_bytes(p.stdout)
-                return
-            pos = data.find(magic, pos + 1)
-    raise InfrastructureError(f"could not find a compressed ELF kernel inside {vmlinuz}")
-
-
-def _extract_btf(vmlinux: Path, out: Path) -> None:
-    from elftools.elf.elffile import ELFFile
-
-    with open(vmlinux, "rb") as f:
-        sec = ELFFile(f).get_section_by_name(".BTF")
-        if sec is None:
-            raise InfrastructureError(f"{vmlinux} has no .BTF section (kernel without CONFIG_DEBUG_INFO_BTF)")
-        out.write_bytes(sec.data())
-
-
-def has_pvh_entry(vmlinux: Path) -> bool:
-    """Does the ELF kernel carry XEN_ELFNOTE_PHYS32_ENTRY (18), so qemu can boot it directly (PVH)?"""
-    from elftools.elf.elffile import ELFFile
-
-    with open(vmlinux, "rb") as f:
-        for sec in ELFFile(f).iter_sections():
-            if sec.header.sh_type == "SHT_NOTE":
-                for note in sec.iter_notes():
-                    if note["n_name"] == "Xen" and note["n_type"] == 18:
-                        return True
-    return False
-
-
-def kernel_config_has(config_path: Path, option: str) -> bool:
-    return f"{option}=y" in config_path.read_text().splitlines()
-
-
-# ---------------------------------------------------------------- cpio (newc), deterministic
-
-
-class Cpio:
-    """A newc cpio archive built in memory with fixed owners and mtimes, so that its hash is stable."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, tuple[int, bytes, int]] = {}  # path -> (mode, data, rdev)
-
-    def dir(self, path: str, mode: int = 0o755) -> None:
-        path = path.strip("/")
-        parts = path.split("/")
-        for i in range(1, len(parts) + 1):
-            p = "/".join(parts[:i])
-            if p and p not in self.entries:
-                self.entries[p] = (0o040000 | mode, b"", 0)
-
-    def _parent(self, path: str) -> None:
-        parent = path.rsplit("/", 1)[0] if "/" in path else ""
-        if parent:
-            self.dir(parent)
-
-    def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        path = path.strip("/")
-        self._parent(path)
-        self.entries[path] = (0o100000 | mode, data, 0)
-
-    def symlink(self, path: str, target: str) -> None:
-        path = path.strip("/")
-        self._parent(path)
-        self.entries[path] = (0o120777, target.encode(), 0)
-
-    def chardev(self, path: str, major: int, minor: int, mode: int = 0o600) -> None:
-        path = path.strip("/")
-        self._parent(path)
-        self.entries[path] = (0o020000 | mode, b"", (major << 8) | minor)
-
-    def from_rootfs(self, rootfs: Path, path: str, _depth: int = 0) -> None:
-        """Add `path` of the rootfs, following symlinks in it and its parents (merged /usr)."""
-        if _depth > 40:
-            raise InfrastructureError(f"symlink loop at {path} in the rootfs")
-        parts = path.strip("/").split("/")
-        for i in range(1, len(parts) + 1):
-            sub = "/".join(parts[:i])
-            host = rootfs / sub
-            if host.is_symlink():
-                target = os.readlink(host)
-                if self.entries.get(sub, (0,))[0] != 0o120777:
-                    self.symlink(sub, target)
-                resolved = os.path.normpath(os.path.join("/" + "/".join(parts[: i - 1]), target))
-                rest = "/".join(parts[i:])
-                return self.from_rootfs(rootfs, resolved + ("/" + rest if rest else ""), _depth + 1)
-        host = rootfs / path.strip("/")
-        if host.is_dir():
-            self.dir(path)
-        else:
-            self.file(path, host.read_bytes(), host.stat().st_mode & 0o777)
-
-    def bytes(self) -> bytes:
-        out = bytearray()
-        ino = 1000
-
-        def emit(name: str, mode: int, data: bytes, rdev: int, nlink: int) -> None:
-            nonlocal ino
-            ino += 1
-            nb = name.encode() + b"\0"
-            hdr = "070701" + "".join(f"{x:08x}" for x in (
-                ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(nb), 0))
-            out.extend(hdr.encode() + nb)
-            out.extend(b"\0" * (-len(out) % 4))
-            out.extend(data)
-            out.extend(b"\0" * (-len(out) % 4))
-
-        for name in sorted(self.entries):
-            mode, data, rdev = self.entries[name]
-            emit(name, mode, data, rdev, 2 if mode & 0o040000 and not mode & 0o100000 else 1)
-        emit("TRAILER!!!", 0, b"", 0, 1)
-        return bytes(out)
-
-    def gz(self, level: int = 6) -> bytes:
-        return gzip.compress(self.bytes(), compresslevel=level, mtime=0)
 
 
 def _ldd(rootfs: Path, binaries: list[str]) -> list[str]:
@@ -487,175 +240,48 @@ def ensure(progress: Progress | None = None) -> Manifest:
     return build(progress=progress)
 
 
+class _Build:
+    """One run of `build()`: where it builds, which steps are done, progress."""
+
+    TOTAL = 11
+
+    def __init__(self, force: bool, progress: Progress | None):
+        self.t_start = time.monotonic()
+        self.sd = config.sandbox_dir()
+        self.force = force
+        self.steps = _Steps(self.sd, force)
+        self.say = progress or (lambda msg, frac: None)
+        self.n = 0
+        self.fp: dict[str, str] = {}  # each step's fingerprint; the manifest's is over all of them
+
+    def step(self, msg: str) -> None:
+        self.say(msg, self.n / self.TOTAL)
+        self.n += 1
+
+
 def build(force: bool = False, progress: Progress | None = None, refresh: bool = False) -> Manifest:
     """Build (or bring up to date) the sandbox image and return its manifest."""
-    t_start = time.monotonic()
-    sd = config.sandbox_dir()
-    say = progress or (lambda msg, frac: None)
-    steps = _Steps(sd, force)
-    total = 11
-    n = 0
-
-    def step(msg: str) -> None:
-        nonlocal n
-        say(msg, n / total)
-        n += 1
-
-    lock = _BuildLock(sd)
-    with lock:
-        # 1. apt lists for sid
-        step("Debian sid package lists")
-        apt = _Apt(sd)
-        if force or refresh or not apt.has_lists():
-            apt.update()
-
-        # 2. resolve + download the kernel and its source
-        step("resolving the newest sid cloud kernel")
-        lists_fp = apt.lists_fingerprint()
-        cached = steps.done.get("resolved")
-        if not force and isinstance(cached, dict) and cached.get("lists") == lists_fp:
-            k = cached["kernel"]
-        else:
-            k = _resolve_kernel(apt)
-            try:
-                k["source_version"] = apt.show(k["source"]).get("Version", "")
-            except InfrastructureError:
-                k["source_version"] = ""
-            steps.mark("resolved", {"lists": lists_fp, "kernel": k})
-        debs = sd / "debs"
-        debs.mkdir(exist_ok=True)
-        kdir = sd / "kernel"
-        kfp = _fp(k["image"], k["version"], k["binary"], k["base"])
-        vmlinuz, kconfig = kdir / "vmlinuz", kdir / "config"
-        if not steps.fresh("kernel", kfp, vmlinuz, kconfig):
-            step_msg = f"downloading {k['binary']} {k['version']}"
-            say(step_msg, n / total)
-            for f in debs.glob("*.deb"):
-                f.unlink()
-            apt.download(sorted({k["binary"], k["base"]}), debs)
-            shutil.rmtree(kdir, ignore_errors=True)
-            tmp = sd / "kernel.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            for deb in debs.glob("*.deb"):
-                _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"dpkg-deb -x {deb.name}")
-            mod = tmp / "usr/lib/modules" / k["abi"]
-            if not (mod / "vmlinuz").exists():
-                cand = list((tmp / "boot").glob("vmlinuz-*")) if (tmp / "boot").exists() else []
-                if not cand:
-                    raise InfrastructureError(f"no vmlinuz in {k['binary']}")
-                mod.mkdir(parents=True, exist_ok=True)
-                shutil.copy(cand[0], mod / "vmlinuz")
-                shutil.copy(next((tmp / "boot").glob("config-*")), mod / "config")
-            kdir.mkdir()
-            shutil.copy(mod / "vmlinuz", vmlinuz)
-            shutil.copy(mod / "config", kconfig)
-            shutil.rmtree(tmp)
-            for f in debs.glob("*.deb"):
-                f.unlink()
-            steps.mark("kernel", kfp)
-        if not kernel_config_has(kconfig, "CONFIG_SCHED_CLASS_EXT"):
-            raise InfrastructureError(
-                f"{k['image']} {k['version']} has no CONFIG_SCHED_CLASS_EXT=y",
-                hint="Debian sid's kernel config changed; try again later or pin an older kernel")
-
-        # 3. rootfs (toolchain + guest tools)
-        step(f"Debian {ROOTFS_SUITE} rootfs with clang, libbpf, bpftool, stress-ng, perf (mmdebstrap)")
-        rootfs = sd / "rootfs"
-        mirror = debian_mirror()
-        rfp = _fp(ROOTFS_SUITE, ROOTFS_PACKAGES)
-        if not steps.fresh("rootfs", rfp, rootfs / "usr/bin/clang", rootfs / "usr/sbin/bpftool"):
-            tmp = sd / "rootfs.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            mode = "root" if os.geteuid() == 0 else "unshare"
-            _run(["mmdebstrap", "--variant=minbase", f"--mode={mode}", "--include=" + ",".join(ROOTFS_PACKAGES),
-                  "--aptopt=Acquire::Retries \"3\"",
-                  "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
-                  "--dpkgopt=path-exclude=/usr/share/doc/*",
-                  ROOTFS_SUITE, str(tmp), mirror], "mmdebstrap (the trixie rootfs)", timeout=1800)
-            _swap_dir(tmp, rootfs)
-            steps.mark("rootfs", rfp)
-        rootfs_status_hash = _sha256_file(rootfs / "var/lib/dpkg/status")
-
-        # 4. vmlinux, raw BTF, vmlinux.h (with the rootfs's bpftool 7.5)
-        step("vmlinux, BTF and vmlinux.h")
-        vmlinux, vbtf, vh = kdir / "vmlinux", kdir / "vmlinux.btf", kdir / "vmlinux.h"
-        hfp = _fp(_sha256_file(vmlinuz), rootfs_status_hash)
-        if not steps.fresh("vmlinux_h", hfp, vmlinux, vbtf, vh):
-            _extract_vmlinux(vmlinuz, vmlinux)
-            _extract_btf(vmlinux, vbtf)
-            stage = rootfs / "tmp/schedcp-btf"
-            stage.mkdir(parents=True, exist_ok=True)
-            shutil.copy(vbtf, stage / "vmlinux.btf")
-            out = chroot_run(rootfs, ["bpftool", "btf", "dump", "file", "/tmp/schedcp-btf/vmlinux.btf",
-                                      "format", "c"], "bpftool btf dump (vmlinux.h)")
-            shutil.rmtree(stage)
-            if "struct sched_ext_ops {" not in out:
-                raise InfrastructureError("the kernel's BTF has no struct sched_ext_ops")
-            vh.write_text(out)
-            steps.mark("vmlinux_h", hfp)
-
-        # 5. tools/sched_ext from linux-source-<ver>
-        step(f"tools/sched_ext from {k['source']}")
-        scx = sd / "sched_ext"
-        sfp = _fp(k["source"], k["version"])
-        if not steps.fresh("sched_ext", sfp, scx / "include/scx/common.bpf.h", scx / "scx_simple.bpf.c"):
-            _extract_sched_ext(apt, k, sd, scx)
-            steps.mark("sched_ext", sfp)
-        source_version = k.get("source_version", "")
-
-        # 6. the allowlisted include dir inside the rootfs
-        step("allowlisted BPF include directory")
-        inc = rootfs / INCLUDE_ROOT.lstrip("/")
-        ifp = _fp(sfp, rootfs_status_hash, hfp)
-        if not steps.fresh("include", ifp, inc / "vmlinux.h", inc / "scx/common.bpf.h"):
-            _make_include_dir(rootfs, scx, vh, inc)
-            steps.mark("include", ifp)
-
-        # 7. the loader, statically linked in the toolchain
-        step("schedcp-loader (static libbpf loader)")
-        gdir = sd / "guest"
-        gdir.mkdir(exist_ok=True)
-        loader, agent = gdir / "schedcp-loader", gdir / "schedcp-agent"
-        lsrc = [GUEST_SRC / "loader.c", GUEST_SRC / "eu_search_shim.c"]
-        lfp = _fp([_sha256_file(p) for p in lsrc], rootfs_status_hash)
-        if not steps.fresh("loader", lfp, loader):
-            _build_static(rootfs, lsrc, loader, ["-lbpf", "-lelf", "-lz", "-lzstd"])
-            steps.mark("loader", lfp)
-        asrc = [GUEST_SRC / "agent.c"]
-        afp = _fp([_sha256_file(p) for p in asrc], rootfs_status_hash)
-        if not steps.fresh("agent", afp, agent):
-            _build_static(rootfs, asrc, agent, [])
-            steps.mark("agent", afp)
-
-        # 8. initramfs images
-        step("guest initramfs images")
-        small, full = gdir / "initramfs.cpio.gz", gdir / "initramfs-full.img"
-        init = GUEST_SRC / "init.sh"
-        gfp = _fp(_sha256_file(init), _sha256_file(loader), _sha256_file(agent), rootfs_status_hash, GUEST_TOOLS)
-        if not steps.fresh("initramfs", gfp, small, full):
-            small_gz = _small_initramfs(rootfs, init, loader, agent)
-            _atomic_write(small, small_gz)
-            _atomic_write(full, small_gz + _tools_archive(rootfs))
-            steps.mark("initramfs", gfp)
-
-        # 9. manifest
-        step("toolchain versions")
-        mfp = _fp(kfp, rfp, hfp, sfp, ifp, lfp, afp, gfp, Manifest.model_fields["schema_version"].default)
-        old = load_manifest()
-        if old is not None and steps.fresh("manifest", mfp, manifest_path()) and old.paths.rootfs == str(rootfs):
-            if old.sources_sha != sources_sha():  # a source change that changed no artifact
-                old.sources_sha = sources_sha()
-                _write_manifest(old)
-            say("sandbox image is up to date", 1.0)
+    b = _Build(force, progress)
+    with _BuildLock(b.sd):
+        apt, k = _resolve(b, refresh)
+        vmlinuz, kconfig = _kernel(b, apt, k)
+        rootfs = _rootfs(b)
+        status = _sha256_file(rootfs / "var/lib/dpkg/status")
+        vmlinux, vbtf, vh = _vmlinux_h(b, rootfs, status, vmlinuz)
+        scx = _sched_ext_dir(b, apt, k)
+        inc = _include(b, rootfs, status, scx, vh)
+        loader, agent = _guest_binaries(b, rootfs, status)
+        small, full = _initramfs(b, rootfs, status, loader, agent)
+        old = _up_to_date(b, rootfs)
+        if old is not None:
             return old
         toolchain = _toolchain_versions(rootfs)
-        step("manifest")
+        b.step("manifest")
         hashes = {
             "vmlinuz": _sha256_file(vmlinuz),
             "vmlinux_btf": _sha256_file(vbtf),
             "vmlinux_h": _sha256_file(vh),
-            "rootfs_dpkg_status": rootfs_status_hash,
+            "rootfs_dpkg_status": status,
             "include_dir": _sha256_tree(inc),
             "loader": _sha256_file(loader),
             "agent": _sha256_file(agent),
@@ -666,11 +292,11 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
                        hashes["initramfs_full"], hashes["rootfs_dpkg_status"], toolchain)[:16]
         pkgs = _rootfs_packages(rootfs)
         pkgs.update({k["binary"]: k["version"], k["base"]: k["version"], k["image"]: k["version"]})
-        if source_version:
-            pkgs[k["source"]] = source_version
+        if k.get("source_version"):
+            pkgs[k["source"]] = k["source_version"]
         m = Manifest(
             built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            sandbox_dir=str(sd),
+            sandbox_dir=str(b.sd),
             kernel_version=k["abi"],
             kernel_package=k["image"],
             sched_ext=True,
@@ -686,12 +312,189 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
             hashes=hashes,
             build_id=build_id,
             sources_sha=sources_sha(),
-            build_seconds=round(time.monotonic() - t_start, 1),
+            build_seconds=round(time.monotonic() - b.t_start, 1),
         )
         _write_manifest(m)
-        steps.mark("manifest", mfp)
-        say("sandbox image built", 1.0)
+        b.steps.mark("manifest", _manifest_fp(b))
+        b.say("sandbox image built", 1.0)
         return m
+
+
+def _resolve(b: _Build, refresh: bool) -> tuple[Apt, dict[str, str]]:
+    """1. apt lists for sid; 2. the newest sid cloud kernel (re-resolved when the lists changed)."""
+    b.step("Debian sid package lists")
+    apt = Apt(b.sd)
+    if b.force or refresh or not apt.has_lists():
+        apt.update()
+    b.step("resolving the newest sid cloud kernel")
+    lists_fp = apt.lists_fingerprint()
+    cached = b.steps.done.get("resolved")
+    if not b.force and isinstance(cached, dict) and cached.get("lists") == lists_fp:
+        return apt, cached["kernel"]
+    k = resolve_kernel(apt)
+    try:
+        k["source_version"] = apt.show(k["source"]).get("Version", "")
+    except InfrastructureError:
+        k["source_version"] = ""
+    b.steps.mark("resolved", {"lists": lists_fp, "kernel": k})
+    return apt, k
+
+
+def _kernel(b: _Build, apt: Apt, k: dict[str, str]) -> tuple[Path, Path]:
+    """Download the kernel packages and keep vmlinuz and config; refuse one without sched_ext."""
+    debs = b.sd / "debs"
+    debs.mkdir(exist_ok=True)
+    kdir = b.sd / "kernel"
+    kfp = b.fp["kernel"] = _fp(k["image"], k["version"], k["binary"], k["base"])
+    vmlinuz, kconfig = kdir / "vmlinuz", kdir / "config"
+    if not b.steps.fresh("kernel", kfp, vmlinuz, kconfig):
+        b.say(f"downloading {k['binary']} {k['version']}", b.n / b.TOTAL)
+        for f in debs.glob("*.deb"):
+            f.unlink()
+        apt.download(sorted({k["binary"], k["base"]}), debs)
+        shutil.rmtree(kdir, ignore_errors=True)
+        tmp = b.sd / "kernel.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for deb in debs.glob("*.deb"):
+            run_tool(["dpkg-deb", "-x", str(deb), str(tmp)], f"dpkg-deb -x {deb.name}")
+        mod = tmp / "usr/lib/modules" / k["abi"]
+        if not (mod / "vmlinuz").exists():
+            cand = list((tmp / "boot").glob("vmlinuz-*")) if (tmp / "boot").exists() else []
+            if not cand:
+                raise InfrastructureError(f"no vmlinuz in {k['binary']}")
+            mod.mkdir(parents=True, exist_ok=True)
+            shutil.copy(cand[0], mod / "vmlinuz")
+            shutil.copy(next((tmp / "boot").glob("config-*")), mod / "config")
+        kdir.mkdir()
+        shutil.copy(mod / "vmlinuz", vmlinuz)
+        shutil.copy(mod / "config", kconfig)
+        shutil.rmtree(tmp)
+        for f in debs.glob("*.deb"):
+            f.unlink()
+        b.steps.mark("kernel", kfp)
+    if not kernel_config_has(kconfig, "CONFIG_SCHED_CLASS_EXT"):
+        raise InfrastructureError(
+            f"{k['image']} {k['version']} has no CONFIG_SCHED_CLASS_EXT=y",
+            hint="Debian sid's kernel config changed; try again later or pin an older kernel")
+    return vmlinuz, kconfig
+
+
+def _rootfs(b: _Build) -> Path:
+    """3. The trixie rootfs: the toolchain and the guest's tools."""
+    b.step(f"Debian {ROOTFS_SUITE} rootfs with clang, libbpf, bpftool, stress-ng, perf (mmdebstrap)")
+    rootfs = b.sd / "rootfs"
+    mirror = debian_mirror()
+    rfp = b.fp["rootfs"] = _fp(ROOTFS_SUITE, ROOTFS_PACKAGES)
+    if not b.steps.fresh("rootfs", rfp, rootfs / "usr/bin/clang", rootfs / "usr/sbin/bpftool"):
+        tmp = b.sd / "rootfs.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        mode = "root" if os.geteuid() == 0 else "unshare"
+        run_tool(["mmdebstrap", "--variant=minbase", f"--mode={mode}", "--include=" + ",".join(ROOTFS_PACKAGES),
+                  "--aptopt=Acquire::Retries \"3\"",
+                  "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
+                  "--dpkgopt=path-exclude=/usr/share/doc/*",
+                  ROOTFS_SUITE, str(tmp), mirror], "mmdebstrap (the trixie rootfs)", timeout=1800)
+        _swap_dir(tmp, rootfs)
+        b.steps.mark("rootfs", rfp)
+    return rootfs
+
+
+def _vmlinux_h(b: _Build, rootfs: Path, status: str, vmlinuz: Path) -> tuple[Path, Path, Path]:
+    """4. vmlinux, raw BTF, vmlinux.h (with the rootfs's bpftool 7.5)."""
+    b.step("vmlinux, BTF and vmlinux.h")
+    kdir = vmlinuz.parent
+    vmlinux, vbtf, vh = kdir / "vmlinux", kdir / "vmlinux.btf", kdir / "vmlinux.h"
+    hfp = b.fp["vmlinux_h"] = _fp(_sha256_file(vmlinuz), status)
+    if not b.steps.fresh("vmlinux_h", hfp, vmlinux, vbtf, vh):
+        extract_vmlinux(vmlinuz, vmlinux)
+        extract_btf(vmlinux, vbtf)
+        stage = rootfs / "tmp/schedcp-btf"
+        stage.mkdir(parents=True, exist_ok=True)
+        shutil.copy(vbtf, stage / "vmlinux.btf")
+        out = chroot_run(rootfs, ["bpftool", "btf", "dump", "file", "/tmp/schedcp-btf/vmlinux.btf",
+                                  "format", "c"], "bpftool btf dump (vmlinux.h)")
+        shutil.rmtree(stage)
+        if "struct sched_ext_ops {" not in out:
+            raise InfrastructureError("the kernel's BTF has no struct sched_ext_ops")
+        vh.write_text(out)
+        b.steps.mark("vmlinux_h", hfp)
+    return vmlinux, vbtf, vh
+
+
+def _sched_ext_dir(b: _Build, apt: Apt, k: dict[str, str]) -> Path:
+    """5. tools/sched_ext from linux-source-<ver>."""
+    b.step(f"tools/sched_ext from {k['source']}")
+    scx = b.sd / "sched_ext"
+    sfp = b.fp["sched_ext"] = _fp(k["source"], k["version"])
+    if not b.steps.fresh("sched_ext", sfp, scx / "include/scx/common.bpf.h", scx / "scx_simple.bpf.c"):
+        _extract_sched_ext(apt, k, b.sd, scx)
+        b.steps.mark("sched_ext", sfp)
+    return scx
+
+
+def _include(b: _Build, rootfs: Path, status: str, scx: Path, vh: Path) -> Path:
+    """6. The allowlisted include directory inside the rootfs."""
+    b.step("allowlisted BPF include directory")
+    inc = rootfs / INCLUDE_ROOT.lstrip("/")
+    ifp = b.fp["include"] = _fp(b.fp["sched_ext"], status, b.fp["vmlinux_h"])
+    if not b.steps.fresh("include", ifp, inc / "vmlinux.h", inc / "scx/common.bpf.h"):
+        _make_include_dir(rootfs, scx, vh, inc)
+        b.steps.mark("include", ifp)
+    return inc
+
+
+def _guest_binaries(b: _Build, rootfs: Path, status: str) -> tuple[Path, Path]:
+    """7. schedcp-loader and schedcp-agent, statically linked in the toolchain; rebuilt when their
+    sources change."""
+    b.step("schedcp-loader (static libbpf loader)")
+    gdir = b.sd / "guest"
+    gdir.mkdir(exist_ok=True)
+    out = []
+    for name, srcs, libs in (("loader", ["loader.c", "eu_search_shim.c"], ["-lbpf", "-lelf", "-lz", "-lzstd"]),
+                             ("agent", ["agent.c"], [])):
+        binary, src = gdir / f"schedcp-{name}", [GUEST_SRC / f for f in srcs]
+        fp = b.fp[name] = _fp([_sha256_file(p) for p in src], status)
+        if not b.steps.fresh(name, fp, binary):
+            _build_static(rootfs, src, binary, libs)
+            b.steps.mark(name, fp)
+        out.append(binary)
+    return out[0], out[1]
+
+
+def _initramfs(b: _Build, rootfs: Path, status: str, loader: Path, agent: Path) -> tuple[Path, Path]:
+    """8. The small (verify) and full (workloads) initramfs images."""
+    b.step("guest initramfs images")
+    gdir = loader.parent
+    small, full = gdir / "initramfs.cpio.gz", gdir / "initramfs-full.img"
+    init = GUEST_SRC / "init.sh"
+    gfp = b.fp["initramfs"] = _fp(_sha256_file(init), _sha256_file(loader), _sha256_file(agent), status,
+                                  GUEST_TOOLS)
+    if not b.steps.fresh("initramfs", gfp, small, full):
+        small_gz = _small_initramfs(rootfs, init, loader, agent)
+        _atomic_write(small, small_gz)
+        _atomic_write(full, small_gz + _tools_archive(rootfs))
+        b.steps.mark("initramfs", gfp)
+    return small, full
+
+
+def _manifest_fp(b: _Build) -> str:
+    return _fp(*(b.fp[s] for s in ("kernel", "rootfs", "vmlinux_h", "sched_ext", "include", "loader", "agent",
+                                   "initramfs")), Manifest.model_fields["schema_version"].default)
+
+
+def _up_to_date(b: _Build, rootfs: Path) -> Manifest | None:
+    """9. The existing manifest when no step changed anything."""
+    b.step("toolchain versions")
+    old = load_manifest()
+    if old is None or not b.steps.fresh("manifest", _manifest_fp(b), manifest_path()) \
+            or old.paths.rootfs != str(rootfs):
+        return None
+    if old.sources_sha != sources_sha():  # a source change that changed no artifact
+        old.sources_sha = sources_sha()
+        _write_manifest(old)
+    b.say("sandbox image is up to date", 1.0)
+    return old
 
 
 def _write_manifest(m: Manifest) -> None:
@@ -720,7 +523,7 @@ class _BuildLock:
         self.f.close()
 
 
-def _extract_sched_ext(apt: _Apt, k: dict[str, str], sd: Path, scx: Path) -> None:
+def _extract_sched_ext(apt: Apt, k: dict[str, str], sd: Path, scx: Path) -> None:
     tmp = sd / "src.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -739,7 +542,7 @@ def _extract_sched_ext(apt: _Apt, k: dict[str, str], sd: Path, scx: Path) -> Non
         deb.unlink()
         if not (tmp / "src.tar.xz").exists():
             raise InfrastructureError(f"{k['source']} holds no source tarball")
-        _run(["tar", "-xJf", str(tmp / "src.tar.xz"), "-C", str(tmp), "--wildcards", "*/tools/sched_ext/*"],
+        run_tool(["tar", "-xJf", str(tmp / "src.tar.xz"), "-C", str(tmp), "--wildcards", "*/tools/sched_ext/*"],
              "extracting tools/sched_ext", timeout=600)
         found = next(tmp.glob("*/tools/sched_ext"), None)
         if found is None:

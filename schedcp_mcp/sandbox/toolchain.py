@@ -54,27 +54,9 @@ def include_dirs() -> list[str]:
     return list(image.INCLUDE_DIRS)
 
 
-def include_dirs_host() -> list[Path]:
-    """The same directories as host paths (for reading, e.g. to resolve an include for a report)."""
-    r = rootfs()
-    return [r / d.lstrip("/") for d in image.INCLUDE_DIRS]
-
-
 def bpf_cflags() -> list[str]:
     """clang flags for a sched_ext BPF object (tools/sched_ext/Makefile's), with the allowlisted -Is."""
     return [*image.BPF_CFLAGS, *[f"-I{d}" for d in include_dirs()]]
-
-
-def clang_version() -> str:
-    return image.ensure().toolchain.clang
-
-
-def bpftool_version() -> str:
-    return image.ensure().toolchain.bpftool
-
-
-def libbpf_version() -> str:
-    return image.ensure().toolchain.libbpf
 
 
 def _check_rel(name: str) -> None:

@@ -338,8 +338,8 @@ class VM:
 
     def __init__(self, *, full: bool = False, accel: str | None = None, mem_mb: int = 1536, cpus: int = 2,
                  boot_timeout_s: float | None = None, idle_timeout_s: int = 0, extra_cmdline: str = "",
-                 _vmdir: Path | None = None, _detached: bool = False):
-        self.manifest = image.ensure()
+                 _vmdir: Path | None = None, _detached: bool = False, _manifest: image.Manifest | None = None):
+        self.manifest = _manifest or image.ensure()
         self.full = full
         self.accel = accel or probe_accel()
         self.mem_mb = mem_mb
@@ -618,13 +618,11 @@ class VM:
 
     @classmethod
     def _attach(cls, name: str, st: dict, lock) -> "VM":
-        vm = cls.__new__(cls)
-        vm.__dict__.update(manifest=image.load_manifest(), full=st["full"], accel=st["accel"], name=name,
-                           kernel_version=st["kernel_version"], boot_s=st.get("boot_s", 0.0), proc=None,
-                           pid=st["pid"], _chan=None, _lock_f=lock, _detached=True, _tmpdir=None,
-                           dir=_named_dir(name), sock_path=Path(st["sock"]), console_path=Path(st["console"]),
-                           _finalizer=None, boot_timeout_s=30.0, idle_timeout_s=st["idle_timeout_s"], mem_mb=0,
-                           cpus=0, extra_cmdline="")
+        """A VM object for a named VM another process started (from its state.json), connected."""
+        vm = cls(full=st["full"], accel=st["accel"], idle_timeout_s=st["idle_timeout_s"],
+                 _vmdir=_named_dir(name), _detached=True, _manifest=image.load_manifest())
+        vm.name, vm.kernel_version, vm.boot_s, vm.pid = name, st["kernel_version"], st.get("boot_s", 0.0), st["pid"]
+        vm.sock_path, vm.console_path, vm._lock_f = Path(st["sock"]), Path(st["console"]), lock
         deadline = time.monotonic() + 10
         try:
             vm._connect(deadline)

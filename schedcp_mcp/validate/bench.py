@@ -25,7 +25,11 @@ from rich.table import Table
 
 from .. import config
 from ..errors import BadInput, SchedcpError
+from ..repository.policies import list_policies
+from ..sandbox.vm import VM
+from ..verify.pipeline import verify_policy, verify_source
 from . import gates
+from .runner import BUDGET_S, validate_layer1
 from .models import Layer2Result, WorkloadResult
 from .workloads import list_workloads
 
@@ -60,8 +64,6 @@ def _machine() -> str:
 
 def _verify(name: str, vm):
     """Layer 1 for a repository policy or a kernel example (`kernel:scx_simple`)."""
-    from ..verify.pipeline import verify_policy, verify_source
-
     if not name.startswith(KERNEL_PREFIX):
         return verify_policy(name, vm=vm)
     src = config.sandbox_dir() / "sched_ext" / f"{name[len(KERNEL_PREFIX):]}.bpf.c"
@@ -73,9 +75,6 @@ def _verify(name: str, vm):
 
 def bench_policies(rounds: int = 3, out_dir: Path = Path("results"), policies: list[str] | None = None,
                    console: Console | None = None, budget_s: float | None = None) -> list[dict]:
-    from ..repository.policies import list_policies
-    from ..sandbox.vm import VM
-    from .runner import BUDGET_S, validate_layer1
 
     con = console or Console()
     budget = BUDGET_S if budget_s is None else budget_s

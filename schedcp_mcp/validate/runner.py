@@ -33,14 +33,13 @@ import math
 import re
 import secrets
 import statistics
-import shlex
 import time
 from typing import Callable
 
 from ..errors import BadInput, InfrastructureError, SchedcpError
 from ..models import Goal
 from ..sandbox import scheduler
-from ..verify import verifier
+from ..sandbox.vm import VM, GuestTimeout
 from . import gates
 from .models import Layer2Result, LoadAttempt, Observations, StateSample, StressSummary, Workload, WorkloadResult
 from .workloads import PROBE_GUEST, ensure_probe, get_workloads, parse, parse_stress_ng_metrics
@@ -48,9 +47,8 @@ from .workloads import PROBE_GUEST, ensure_probe, get_workloads, parse, parse_st
 Progress = Callable[[str, float], None]
 
 G = "/run/l2"
-LIB = r"""
+LIB = scheduler.PRELUDE + r"""
 L=/run/l2
-SX=/sys/kernel/sched_ext
 # builtins only (read, not cat): a fork costs tens of ms under TCG and would perturb what we measure
 snap() {
 	st=absent ops= rej=
@@ -59,12 +57,6 @@ snap() {
 	read -r rej 2>/dev/null <$SX/nr_rejected
 	read up _ </proc/uptime
 	echo "@@S $up $1 $st ${ops:--} ${rej:--1}"
-}
-alive() {
-	local l
-	read -r l 2>/dev/null </proc/$1/stat || return 1
-	set -- $l
-	[ "$3" != Z ]
 }
 """
 
@@ -83,20 +75,6 @@ BUDGET_S = 90.0
 COUNTERS_MAP = "schedcp_stats"
 COUNTERS_SNIPPET = ("echo '@@{tag}'; bpftool -j map dump name " + COUNTERS_MAP +
                     " 2>/dev/null; echo; echo '@@{tag}END'\n")
-
-
-def _json_after(marker: str, text: str) -> dict | None:
-    i = text.find(marker)
-    if i < 0:
-        return None
-    for line in text[i + len(marker):].splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-    return None
 
 
 class _Run:
@@ -155,8 +133,7 @@ class _Run:
         # the kernel log is shared by every validation in this boot: mark where ours starts (at error
         # level, so that it reaches the console too, for when the guest dies)
         # a scheduler left attached by an earlier, interrupted run in this VM would make our load fail
-        self.step("setup", "for p in $(pidof schedcp-loader); do kill -TERM $p; done\n"
-                  "i=0; while [ $i -lt 50 ] && [ \"$(cat $SX/state)\" != disabled ]; do sleep 0.1; i=$((i + 1)); done\n"
+        self.step("setup", scheduler.stop_any_script() +
                   f"rm -rf {G}; mkdir -p {G} && cp * {G}/ && chmod +x {G}/* && "
                   f"echo '<3>{self.marker}' >/dev/kmsg; snap setup\n", timeout_s=60, files=files)
 
@@ -219,35 +196,24 @@ class _Run:
     def _werr(self, w: Workload, msg: str) -> None:
         self.obs.workload_errors.setdefault(w.name, []).append(msg)
 
+    def _files(self) -> scheduler.Files:
+        return scheduler.Files(G, f"loader.{self.nload}")
+
     def load(self) -> bool:
         self.nload += 1
         n = self.nload
-        args = shlex.join(verifier.loader_args(self.params))
-        out = self.step(f"load-{n}", f"""
-setsid schedcp-loader $L/obj.bpf.o --run --timeout-ms {int(self.timeout_ms)} {args} \
-	>$L/loader.{n}.json 2>$L/loader.{n}.err </dev/null &
-pid=$!
-echo $pid >$L/loader.pid
-i=0
-while [ $i -lt 300 ]; do
-	[ "$(cat $SX/state)" = enabled ] && [ -n "$(cat $SX/root/ops 2>/dev/null)" ] && break
-	alive $pid || break
-	sleep 0.1; i=$((i + 1))
-done
-snap load-{n}
-if ! alive $pid; then echo '@@EXITED'; cat $L/loader.{n}.json; echo; echo '@@ERR'; tail -c 1500 $L/loader.{n}.err; fi
-""", timeout_s=90)
+        out = self.step(f"load-{n}", scheduler.start_script(f"{G}/obj.bpf.o", self.params, self._files(),
+                                                            self.timeout_ms) + f"snap load-{n}\n",
+                        timeout_s=scheduler.START_WAIT_S + 60)
+        started = scheduler.parse_start(out)
         last = self.obs.timeline[-1] if self.obs.timeline else None
         entry = LoadAttempt(state=last.state if last else None, ops=last.ops if last else None)
-        if "@@EXITED" in out:
-            d = _json_after("@@EXITED", out)
-            ex = scheduler.loader_exit(d) if d else None
+        if started.error:
+            ex = started.exit
             if ex:
                 self.obs.loader_exits.append(ex)
-            err = out.split("@@ERR", 1)[-1].strip()
-            entry.error = (f"the loader exited at {ex.stage or '?'}: {ex.error or err[-500:]}"
-                           if ex else f"the loader exited without a result: {err[-500:]}")
-            if ex and ex.ok and ex.root_ops == self.ops_name:
+            entry.error = started.error
+            if ex and ex.stage in ("run", "done") and ex.root_ops == self.ops_name:
                 # attached, then the kernel threw it out at once (stall/error): not an attach failure
                 entry = LoadAttempt(state="enabled", ops=self.ops_name)
         self.obs.loads.append(entry)
@@ -259,7 +225,7 @@ snap stress
 echo '@@EV0'; cat $SX/root/events 2>/dev/null; echo '@@EV0END'
 stress-ng {STRESSORS} --timeout {int(seconds)} --metrics-brief >$L/stress.out 2>&1 &
 spid=$!
-while alive $spid; do
+while scx_alive $spid; do
 	sleep {SAMPLE_PERIOD_S / 2}
 	snap stress
 	# shell builtins only (no fork per process): under TCG a fork costs tens of ms
@@ -299,17 +265,9 @@ cat $L/stress.out
 
     def unload(self) -> None:
         n = self.nload
-        out = self.step(f"unload-{n}", f"""
-pid=$(cat $L/loader.pid 2>/dev/null)
-if [ -n "$pid" ] && alive $pid; then kill -TERM $pid; fi
-i=0; while [ -n "$pid" ] && [ $i -lt 100 ] && alive $pid; do sleep 0.1; i=$((i + 1)); done
-if [ -n "$pid" ] && alive $pid; then echo '@@KILLED'; kill -KILL $pid; sleep 0.5; fi
-i=0; while [ $i -lt 50 ] && [ "$(cat $SX/state)" != disabled ]; do sleep 0.1; i=$((i + 1)); done
-snap unload-{n}
-echo '@@J'; cat $L/loader.{n}.json 2>/dev/null; echo
-""", timeout_s=60)
-        d = _json_after("@@J", out)
-        ex = scheduler.loader_exit(d) if d else None
+        out = self.step(f"unload-{n}", scheduler.stop_script(self._files()) + f"snap unload-{n}\n",
+                        timeout_s=60)
+        ex = scheduler.parse_stop(out).exit
         if ex and not any(e.run_s == ex.run_s and e.uei == ex.uei for e in self.obs.loader_exits):
             self.obs.loader_exits.append(ex)
         last = self.obs.timeline[-1]
@@ -428,8 +386,6 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
     t_start = time.monotonic()
     own_vm = vm is None
     if own_vm:
-        from ..sandbox.vm import VM
-
         say("booting the sandbox VM", 0.0)
         t0 = time.monotonic()
         vm = VM(full=True).start()
@@ -446,8 +402,6 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
     def tick(msg: str) -> None:
         elapsed = time.monotonic() - t_start
         say(msg, min(0.99, elapsed / max(expected_s, elapsed + 10.0)))
-
-    from ..sandbox.vm import GuestTimeout
 
     try:
         tick("setting up the guest")

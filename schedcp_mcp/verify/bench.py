@@ -18,6 +18,7 @@ from typing import Callable
 
 from .. import config
 from ..errors import InfrastructureError
+from ..sandbox.vm import VM
 from .pipeline import verify_source
 
 BENCH_POLICY = "fifo"
@@ -32,8 +33,6 @@ def _source() -> str:
 
 def bench_verify(warm_runs: int = 3, say: Callable[[str], None] | None = None) -> dict:
     """Measure layer 1, print a line per measurement (or hand it to `say`), return the figures."""
-    from ..sandbox.vm import VM
-
     say = say or (lambda line: print(line, flush=True))
     base = _source()
 

@@ -119,21 +119,6 @@ class Btf:
                 return type_id, ty
         return 0, None
 
-    def func_names(self) -> set[str]:
-        return {ty.name for ty in self.types if ty is not None and ty.kind == FUNC}
-
-    def struct_members(self, name: str) -> list[str]:
-        hit = self.find(STRUCT, name)
-        return [m[0] for m in hit[1].members] if hit else []
-
-    def enum_values(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for ty in self.types:
-            if ty is not None and ty.kind in (ENUM, ENUM64):
-                for name, val in ty.members:
-                    out[name] = val
-        return out
-
 
 # --- the target kernel ------------------------------------------------------------------------------
 

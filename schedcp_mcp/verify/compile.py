@@ -30,7 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import config
 from ..errors import BadInput, InfrastructureError
+from ..sandbox import toolchain
 from .models import VerifyError
 from .source_check import check_preprocessed
 
@@ -127,8 +129,6 @@ def _base_argv(manifest, first_includes: list[str] = ()) -> list[str]:
 def host_vmlinux_h(btf_path: Path) -> bytes:
     """vmlinux.h for the host kernel, from its BTF (`/sys/kernel/btf/vmlinux`), made with the
     toolchain's bpftool and kept under $SCHEDCP_HOME/host/ by the BTF's hash."""
-    from .. import config
-    from ..sandbox import toolchain
 
     try:
         btf = btf_path.read_bytes()
@@ -156,7 +156,6 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
                    vmlinux_h: bytes | None = None) -> CompileResult:
     """Compile `source` (already through `source_check`) with the image's clang and flags.
     `vmlinux_h` replaces the sandbox kernel's (the host target gives the host's)."""
-    from ..sandbox import toolchain
 
     files, trusted_flags = _trusted_files(tuple(trusted_include_dirs))
     files[SOURCE_NAME] = source.encode()

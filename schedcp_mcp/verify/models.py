@@ -7,8 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from ..models import SchedulerExit
+
 Verdict = Literal["accepted", "rejected", "error"]
-Stage = Literal["source_check", "compile", "elf", "btf", "verifier", "done"]
+#: attach: the verifier accepted every program but the kernel refused the ops; init: the scheduler
+#: started and exited (its init failed, or the kernel disabled it at once)
+Stage = Literal["source_check", "compile", "elf", "btf", "verifier", "attach", "init", "done"]
 Target = Literal["sandbox", "host"]
 
 
@@ -44,6 +48,10 @@ class Layer1Report(BaseModel):
     errors: list[VerifyError] = []
     warnings: list[VerifyError] = []
     verifier_log: str = Field("", description="Raw kernel verifier log (of the failing program)")
+    verifier_accepted: bool = Field(False, description="Every program passed the kernel verifier "
+                                    "(true also when the scheduler then failed to attach or start)")
+    exit: SchedulerExit | None = Field(None, description="Why the scheduler stopped when it was "
+                                       "attached and could not start (stage attach/init)")
     programs: list[ProgramInfo] = []
     ops_name: str | None = None
     callbacks: list[str] = []

@@ -322,6 +322,9 @@ _SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "v": "\v", "f": "\f", "a": "
 # `may_goto`), so none are allowed: no `.incbin`/`.include` however spelled, and no `.macro`, `.irp`
 # or `.rept` to spell them with.
 ALLOWED_ASM_DIRECTIVES: frozenset[str] = frozenset()
+_SYMBOL_ATTR = re.compile(r'\b(weakref|alias|__weakref__|__alias__)\s*\(\s*"((?:[^"\\\n]|\\.)*)"')
+_C_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ASM_DOT = re.compile(r"(?<![0-9])\.|\.(?![0-9])")
 
 
 def decode_c_string(body: str) -> str:
@@ -428,6 +431,9 @@ def check_preprocessed(text: str) -> list[VerifyError]:
         template = got[0]
         bad = _ASM_FILE_READ.search(template)
         directives = [d for d in asm_directives(template) if d not in ALLOWED_ASM_DIRECTIVES]
+        if not directives and not ALLOWED_ASM_DIRECTIVES and _ASM_DOT.search(template):
+            directives = ["."]  # a dot anywhere but inside a number: a directive behind a quoted
+            # label, a macro-built one, a local label — BPF instructions have no use for it
         if bad or directives:
             f, line = _origin(text, start)
             what = f".{bad.group(1).lower()}" if bad else directives[0]
@@ -436,10 +442,34 @@ def check_preprocessed(text: str) -> list[VerifyError]:
                                       message=f"inline assembly with '{what}' is refused ("
                                       + ("an assembler directive that reads a file)" if bad else
                                          "assembler directives are not allowed in inline assembly)")))
+    # A symbol name is printed into the assembly unquoted where it looks like one: a weakref or
+    # alias target must be a plain C identifier, not text for the assembler.
+    for m in _SYMBOL_ATTR.finditer(text):
+        name = decode_c_string(m.group(2))
+        if not _C_IDENT.fullmatch(name):
+            f, line = _origin(text, m.start())
+            errors.append(VerifyError(stage="compile", code="asm_directive", file=f, line=line,
+                                      message=f"{m.group(1)}({name[:60]!r}) is refused: the symbol "
+                                      "must be a C identifier"))
+    # and no string anywhere spells a file-reading directive, however escaped
+    if "incbin" in text.lower() or "include" in text.lower() or "\\" in text:
+        for m in _STRING.finditer(text):
+            if "\\" in m.group(1) or "inc" in m.group(1).lower():
+                bad = _ASM_FILE_READ.search(decode_c_string(m.group(1)))
+                if bad:
+                    f, line = _origin(text, m.start())
+                    errors.append(VerifyError(stage="compile", code="asm_file_read", file=f, line=line,
+                                              message=f"a string spelling '.{bad.group(1).lower()}' "
+                                              "is refused (an assembler directive that reads a file)"))
     for m in _PRAGMA_LINE.finditer(text):
         body = m.group(1).strip()
         if not ALLOWED_PRAGMAS.match(body):
             f, line = _origin(text, m.start())
             errors.append(VerifyError(stage="compile", code="pragma", file=f, line=line,
                                       message=f'"#pragma {body}" is refused'))
-    return errors
+    seen, unique = set(), []
+    for e in errors:  # one finding per (what, where): a template is also a string
+        if (e.code, e.file, e.line) not in seen:
+            seen.add((e.code, e.file, e.line))
+            unique.append(e)
+    return unique

@@ -12,17 +12,16 @@ annotations when the object was built with `-g`.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InfrastructureError
-from .models import VerifyError
-
-SCX_SYSFS = "/sys/kernel/sched_ext"
+from ..models import SchedulerExit
+from ..sandbox import scheduler
+from ..sandbox.scheduler import host_missing
+from .models import Stage, VerifyError
 _BEGIN = re.compile(r"prog '([^']+)': -- BEGIN PROG LOAD LOG --")
 _END = "-- END PROG LOAD LOG --"
 _INSN = re.compile(r"^(\d+): \(")
@@ -41,6 +40,13 @@ class VerifierVerdict:
     ops_name: str | None = None
     uei: dict | None = None
     raw: dict = field(default_factory=dict)  # the loader's JSON
+    stage: Stage = "verifier"     # where it failed: verifier, or attach/init after the verifier passed
+    exit: SchedulerExit | None = None  # why the scheduler stopped, when it was attached and stopped
+
+    @property
+    def verifier_accepted(self) -> bool:
+        """Every program passed the kernel verifier (also when attaching or init failed later)."""
+        return self.accepted or self.stage in ("attach", "init")
 
 
 def parse_verifier_log(text: str) -> tuple[str | None, str, VerifyError | None]:
@@ -82,8 +88,11 @@ def parse_verifier_log(text: str) -> tuple[str | None, str, VerifyError | None]:
     return prog, log, err
 
 
-def verdict_from_loader(result: dict) -> VerifierVerdict:
-    """Turn the loader's JSON into a verdict with structured errors."""
+def verdict_from_loader(result: dict, kernel_log: list[str] | None = None) -> VerifierVerdict:
+    """Turn the loader's JSON (and the kernel's sched_ext lines of that load) into a verdict with
+    structured errors. A scheduler whose programs all passed the verifier but that could not start
+    fails at stage `attach` (the kernel refused the ops) or `init` (the scheduler started and
+    exited), with the scheduler's own exit reason."""
     log = result.get("log") or ""
     progs = {p["name"]: p["verified_insns"] for p in result.get("programs") or []
              if p.get("loaded") and "verified_insns" in p}
@@ -110,12 +119,19 @@ def verdict_from_loader(result: dict) -> VerifierVerdict:
             v.errors.append(VerifyError(stage="verifier", code="load_failed",
                                         message=(specific or lines or [error])[0]))
     elif stage in ("attach", "enabled", "run"):
-        uei = result.get("uei") or {}
-        why = " — ".join(x for x in (uei.get("reason"), uei.get("message")) if x)
-        v.errors.append(VerifyError(stage="verifier", code="attach_failed",
-                                    message=f"{error}" + (f" (scheduler exit: {why})" if why and why not in error else "")))
-        if uei.get("dump"):  # the kernel's dump of the scheduler's state when it exited
-            v.log = (log + "\n" if log else "") + "--- scheduler exit dump ---\n" + uei["dump"]
+        ex = scheduler.exit_of(scheduler.loader_exit(result), kernel_log or [], v.ops_name)
+        v.exit = ex
+        started = stage != "attach" or ex.kind != "unknown"
+        v.stage = "init" if started else "attach"
+        what = ("the scheduler exited as it started" if started else
+                "the kernel refused to attach the scheduler")
+        v.errors.append(VerifyError(
+            stage=v.stage, code="init_failed" if started else "attach_failed",
+            message=f"the kernel verifier accepted every program, but {what}: {error}"
+                    + (f" (scheduler exit: {ex.describe()})" if ex.kind != "unknown" else
+                       " (the scheduler left no exit reason)")))
+        if (result.get("uei") or {}).get("dump"):  # the kernel's dump of the scheduler at exit
+            v.log = (log + "\n" if log else "") + "--- scheduler exit dump ---\n" + result["uei"]["dump"]
     else:
         code = {"params": "bad_param", "usage": "loader_usage", "kernel": "no_sched_ext"}.get(stage, "loader_failed")
         v.errors.append(VerifyError(stage="verifier", code=code, message=error))
@@ -124,56 +140,22 @@ def verdict_from_loader(result: dict) -> VerifierVerdict:
 
 # --- running the loader ---------------------------------------------------------------------------
 
-MAP_SIZE_PREFIX = "map:"  # params["map:NAME"] = N sizes map NAME (max_entries) instead of a rodata
-
-
-def loader_args(params: dict[str, str]) -> list[str]:
-    """The loader's `--param NAME=V` (a `const volatile`) and `--map-size MAP=N` (a map's
-    max_entries, for maps a scheduler leaves to its loader) for a candidate's params."""
-    args: list[str] = []
-    for k, val in sorted(params.items()):
-        if k.startswith(MAP_SIZE_PREFIX):
-            args += ["--map-size", f"{k.removeprefix(MAP_SIZE_PREFIX)}={val}"]
-        else:
-            args += ["--param", f"{k}={val}"]
-    return args
-
-
-def loader_argv(obj: str, params: dict[str, str], load_only: bool = False) -> list[str]:
-    return [obj, "--verify", *(["--load-only"] if load_only else []), *loader_args(params)]
-
-
-def _parse_stdout(stdout: str, stderr: str, rc: int) -> dict:
-    for line in reversed(stdout.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                break
-    raise InfrastructureError(f"the loader printed no result (exit {rc}): {(stderr or stdout)[-500:]}",
-                              "see the sandbox log; `schedcp sandbox build --force` rebuilds the loader")
-
-
-def host_missing() -> list[str]:
-    """What this host lacks to load a sched_ext scheduler (empty = it can): layer 1's host target
-    and a host deploy both need it."""
-    missing = []
-    if not Path(SCX_SYSFS).exists():
-        missing.append("this kernel has no sched_ext (/sys/kernel/sched_ext missing; needs "
-                       "CONFIG_SCHED_CLASS_EXT=y, Linux >= 6.12)")
-    if os.geteuid() != 0:
-        missing.append("no permission to load BPF (run as root: CAP_BPF + CAP_SYS_ADMIN)")
-    return missing
+def _loader_result(stdout: str, stderr: str, rc: int) -> dict:
+    d = scheduler.last_json(stdout)
+    if d is None:
+        raise InfrastructureError(f"the loader printed no result (exit {rc}): {(stderr or stdout)[-500:]}",
+                                  "see the sandbox log; `schedcp sandbox build --force` rebuilds the loader")
+    return d
 
 
 def run_in_vm(vm, obj: bytes, params: dict[str, str], *, timeout_s: float = 60,
               load_only: bool = False) -> VerifierVerdict:
     """Load `obj` with the loader inside a running sandbox VM (and attach it for a moment, unless
     `load_only`: then exactly what the host target does)."""
-    argv = loader_argv("obj.bpf.o", params, load_only)
-    script = "exec schedcp-loader " + " ".join(_sh(a) for a in argv) + "\n"
-    res = vm.run(script, files={"obj.bpf.o": obj}, timeout_s=timeout_s)
-    return verdict_from_loader(_parse_stdout(res.stdout, res.stderr, res.rc))
+    res = vm.run(scheduler.verify_script("obj.bpf.o", params, load_only), files={"obj.bpf.o": obj},
+                 timeout_s=timeout_s)
+    out, kernel_log = scheduler.parse_verify(res.stdout)
+    return verdict_from_loader(_loader_result(out, res.stderr, res.rc), kernel_log)
 
 
 def run_on_host(obj_path: Path, params: dict[str, str], *, loader: Path,
@@ -187,7 +169,7 @@ def run_on_host(obj_path: Path, params: dict[str, str], *, loader: Path,
     if missing := host_missing():
         raise InfrastructureError("the host cannot load the scheduler: " + "; ".join(missing),
                                   "use --target sandbox")
-    argv = [str(loader)] + loader_argv(str(obj_path), params, load_only=True)
+    argv = [str(loader)] + scheduler.verify_argv(str(obj_path), params, load_only=True)
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
@@ -195,9 +177,4 @@ def run_on_host(obj_path: Path, params: dict[str, str], *, loader: Path,
     except OSError as e:
         raise InfrastructureError(f"cannot run the loader {loader}: {e}",
                                   "`schedcp sandbox build --force` rebuilds it") from e
-    return verdict_from_loader(_parse_stdout(p.stdout, p.stderr, p.returncode))
-
-
-def _sh(s: str) -> str:
-    return "'" + s.replace("'", "'\\''") + "'"
-
+    return verdict_from_loader(_loader_result(p.stdout, p.stderr, p.returncode))

@@ -13,8 +13,9 @@
  *     program, with source lines when the object carries BTF line info),
  *   - attaches the struct_ops link and checks /sys/kernel/sched_ext,
  *   - reports per-program verified and translated instruction counts,
- *   - then detaches at once (--verify) or stays attached (--run) until a signal, the duration, or the
- *     kernel disabling the scheduler, and reports the user exit info (kind, reason, message).
+ *   - then detaches after a moment of scheduling (--verify: an error exit then fails it) or stays
+ *     attached (--run) until a signal, the duration, or the kernel disabling the scheduler, and
+ *     reports the user exit info (kind, reason, message) once the kernel finished disabling it.
  *
  * --verify --load-only stops after the load: the kernel verifier has run on every program, and
  * nothing is attached, so no scheduler ever takes over the CPUs. This is the only mode used on a
@@ -41,6 +42,8 @@
 
 #define MAX_PARAMS 64
 #define SCX_SYSFS "/sys/kernel/sched_ext"
+#define SCX_EXIT_ERROR 1024   /* enum scx_exit_kind: this and above are errors */
+#define VERIFY_SETTLE_MS 200  /* --verify keeps the scheduler attached this long */
 
 /* ---------- a growable text buffer and JSON output ---------- */
 
@@ -316,8 +319,14 @@ static int collect_enum_var(const char *name, struct var_loc *loc, void *vctx)
 	if (strncmp(name, "__SCX_", 6) != 0 || loc->size != 8 || !loc->data)
 		return 0;
 	if (c->n == c->cap) {
-		c->cap = c->cap ? c->cap * 2 : 64;
-		c->w = realloc(c->w, sizeof(*c->w) * c->cap);
+		int cap = c->cap ? c->cap * 2 : 64;
+		struct enum_want *w = realloc(c->w, sizeof(*c->w) * cap);
+		if (!w) {
+			fail("open", "out of memory collecting __SCX_ enum variables");
+			return 1;
+		}
+		c->w = w;
+		c->cap = cap;
 	}
 	struct enum_want *w = &c->w[c->n++];
 	memset(w, 0, sizeof(*w));
@@ -696,115 +705,111 @@ static void report_programs(struct bpf_object *obj)
 	}
 }
 
-int main(int argc, char **argv)
-{
-	const char *path = NULL;
-	bool verify = false, run = false, load_only = false;
-	double duration = 0;
-	long timeout_ms = -1;
-	struct { const char *map; long n; } sizes[MAX_PARAMS];
-	int nsizes = 0;
+/* ---------- main: options, then open -> set -> load -> attach -> run -> detach ---------- */
 
+struct opts {
+	const char *path;
+	bool verify, run, load_only;
+	double duration;
+	long timeout_ms;
+	struct { const char *map; long n; } sizes[MAX_PARAMS];
+	int nsizes;
+};
+
+/* a whole-string decimal/hex/octal integer in [lo, hi] */
+static bool parse_long(const char *s, long lo, long hi, long *out)
+{
+	char *end;
+	errno = 0;
+	long v = strtol(s, &end, 0);
+	if (errno || end == s || *end || v < lo || v > hi)
+		return false;
+	*out = v;
+	return true;
+}
+
+static bool parse_seconds(const char *s, double *out)
+{
+	char *end;
+	errno = 0;
+	double v = strtod(s, &end);
+	if (errno || end == s || *end || !(v >= 0 && v < 1e9))
+		return false;
+	*out = v;
+	return true;
+}
+
+/* 0, or 2 with R.error saying which argument is wrong */
+static int parse_args(int argc, char **argv, struct opts *o)
+{
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i];
-		const char *next = i + 1 < argc ? argv[i + 1] : NULL;
+		char *next = i + 1 < argc ? argv[i + 1] : NULL;
+		char *eq = next ? strchr(next, '=') : NULL;
 		if (!strcmp(a, "--verify")) {
-			verify = true;
+			o->verify = true;
 		} else if (!strcmp(a, "--load-only")) {
-			load_only = true;
+			o->load_only = true;
 		} else if (!strcmp(a, "--run")) {
-			run = true;
+			o->run = true;
 		} else if (!strcmp(a, "--duration") && next) {
-			duration = atof(next);
+			if (!parse_seconds(next, &o->duration)) {
+				fail("usage", "--duration wants seconds (a number >= 0), not %s", next);
+				return 2;
+			}
 			i++;
 		} else if (!strcmp(a, "--timeout-ms") && next) {
-			timeout_ms = atol(next);
+			if (!parse_long(next, 1, 3600000, &o->timeout_ms)) {
+				fail("usage", "--timeout-ms wants milliseconds 1..3600000, not %s", next);
+				return 2;
+			}
 			i++;
-		} else if (!strcmp(a, "--param") && next && strchr(next, '=') && nparams < MAX_PARAMS) {
-			char *eq = strchr(argv[i + 1], '=');
+		} else if (!strcmp(a, "--param") && eq) {
+			if (nparams == MAX_PARAMS) {
+				fail("usage", "more than %d --param", MAX_PARAMS);
+				return 2;
+			}
 			*eq = 0;
-			params[nparams].name = argv[i + 1];
+			params[nparams].name = next;
 			params[nparams++].value = eq + 1;
 			i++;
-		} else if (!strcmp(a, "--map-size") && next && strchr(next, '=') && nsizes < MAX_PARAMS) {
-			char *eq = strchr(argv[i + 1], '=');
+		} else if (!strcmp(a, "--map-size") && eq) {
+			if (o->nsizes == MAX_PARAMS) {
+				fail("usage", "more than %d --map-size", MAX_PARAMS);
+				return 2;
+			}
 			*eq = 0;
-			sizes[nsizes].map = argv[i + 1];
-			sizes[nsizes++].n = atol(eq + 1);
+			if (!parse_long(eq + 1, 1, UINT32_MAX, &o->sizes[o->nsizes].n)) {
+				fail("params", "cannot size map %s to %s (wants an integer 1..%u)", next, eq + 1, UINT32_MAX);
+				return 2;
+			}
+			o->sizes[o->nsizes++].map = next;
 			i++;
-		} else if (a[0] != '-' && !path) {
-			path = a;
+		} else if (a[0] != '-' && !o->path) {
+			o->path = a;
 		} else {
-			usage();
 			fail("usage", "unknown or incomplete argument: %s", a);
-			emit_result();
 			return 2;
 		}
 	}
-	if (!path || verify == run) {
-		usage();
+	if (!o->path || o->verify == o->run) {
 		fail("usage", "need one object and exactly one of --verify / --run");
-		emit_result();
 		return 2;
 	}
-	if (load_only && !verify) {
-		usage();
+	if (o->load_only && !o->verify) {
 		fail("usage", "--load-only goes with --verify");
-		emit_result();
 		return 2;
 	}
+	return 0;
+}
 
-	t_mark = now_s();
-	libbpf_set_print(libbpf_print);
-	signal(SIGINT, on_signal);
-	signal(SIGTERM, on_signal);
-
-	if (access(SCX_SYSFS "/state", R_OK)) {
-		fail("kernel", "this kernel has no sched_ext (%s/state missing)", SCX_SYSFS);
-		emit_result();
-		return 1;
-	}
-
-	R.stage = "open";
-	struct bpf_object *obj = bpf_object__open_file(path, NULL);
-	g_obj = obj;
-	if (!obj) {
-		fail("open", "cannot open %s as a BPF object: %s", path, strerror(errno));
-		emit_result();
-		return 1;
-	}
-	mark("open");
-	struct btf *kbtf = btf__load_vmlinux_btf();
-	mark("kernel_btf");
-	if (!kbtf) {
-		fail("open", "cannot read the kernel's BTF: %s", strerror(errno));
-		emit_result();
-		return 1;
-	}
-
-	struct bpf_map *ops = NULL, *map;
-	bpf_object__for_each_map(map, obj)
-		if (bpf_map__type(map) == BPF_MAP_TYPE_STRUCT_OPS)
-			ops = map;
-	if (!ops) {
-		fail("open", "no struct_ops map: not a sched_ext scheduler (needs SEC(\".struct_ops.link\") struct sched_ext_ops)");
-		emit_result();
-		return 1;
-	}
-	{
-		size_t sz = 0;
-		char *n = ops_member(ops, "name", &sz);
-		if (n)
-			snprintf(R.ops_name, sizeof(R.ops_name), "%.*s", (int)sz, n);
-	}
-
-	/* SCX_OPS_OPEN: hotplug_seq, enum rodata */
-	{
-		char seq[32];
-		read_line(SCX_SYSFS "/hotplug_seq", seq, sizeof(seq));
-		if (seq[0])
-			set_ops_u32(ops, "hotplug_seq", strtoull(seq, NULL, 10));
-	}
+/* everything set before the load: hotplug_seq, __SCX_ enums, parameters, map sizes, watchdog */
+static int set_up(struct bpf_object *obj, struct bpf_map *ops, const struct btf *kbtf, const struct opts *o)
+{
+	char seq[32];
+	read_line(SCX_SYSFS "/hotplug_seq", seq, sizeof(seq));
+	if (seq[0])
+		set_ops_u32(ops, "hotplug_seq", strtoull(seq, NULL, 10));
 	fill_scx_enums(obj, kbtf);
 	mark("enums");
 
@@ -812,75 +817,167 @@ int main(int argc, char **argv)
 	struct param_ctx pc = { bpf_object__btf(obj), 0 };
 	if (nparams) {
 		for_each_var(obj, ".rodata", set_param_var, &pc);
-		if (pc.err) {
-			emit_result();
+		if (pc.err)
 			return 2;
-		}
 		for (int i = 0; i < nparams; i++) {
 			if (!params[i].done) {
 				fail("params", "unknown parameter %s: no const volatile variable of that name in .rodata",
 				     params[i].name);
-				emit_result();
 				return 2;
 			}
 		}
 	}
-	for (int i = 0; i < nsizes; i++) {
-		struct bpf_map *m = bpf_object__find_map_by_name(obj, sizes[i].map);
-		if (!m || sizes[i].n <= 0 || bpf_map__set_max_entries(m, (__u32)sizes[i].n)) {
-			fail("params", "cannot size map %s to %ld (no such map, or bad size)", sizes[i].map, sizes[i].n);
-			emit_result();
+	for (int i = 0; i < o->nsizes; i++) {
+		struct bpf_map *m = bpf_object__find_map_by_name(obj, o->sizes[i].map);
+		if (!m || bpf_map__set_max_entries(m, (__u32)o->sizes[i].n)) {
+			fail("params", "cannot size map %s to %ld (no such map)", o->sizes[i].map, o->sizes[i].n);
 			return 2;
 		}
 	}
-	if (timeout_ms >= 0 && !set_ops_u32(ops, "timeout_ms", (__u64)timeout_ms)) {
+	if (o->timeout_ms > 0 && !set_ops_u32(ops, "timeout_ms", (__u64)o->timeout_ms)) {
 		fail("params", "cannot set sched_ext_ops.timeout_ms");
-		emit_result();
 		return 2;
 	}
-	struct uei_loc uei = { .btf = bpf_object__btf(obj) };
-	for_each_var(obj, ".data", find_uei_var, &uei);
-	size_uei_dump(obj, ops, &uei);
 	/* no pinning: a map marked LIBBPF_PIN_BY_NAME would outlive us in /sys/fs/bpf (a verify must
 	 * leave nothing behind) or be reused from someone else's pin; this loader is the scheduler's
 	 * only userspace, so its maps stay private to this load */
+	struct bpf_map *map;
 	bpf_object__for_each_map(map, obj)
 		bpf_map__set_pin_path(map, NULL);
+	return 0;
+}
+
+/* wait (up to ~2 s) for the kernel to finish disabling: only then has the scheduler's exit
+ * callback recorded its UEI, so reading it earlier loses the scheduler's own reason */
+static void wait_disabled(char *state, size_t len)
+{
+	for (int i = 0; i < 100; i++) {
+		read_line(SCX_SYSFS "/state", state, len);
+		if (!strcmp(state, "disabled"))
+			return;
+		usleep(20000);
+	}
+}
+
+/* stays attached until a signal, the duration, or the scheduler's/kernel's exit; true = it exited */
+static bool run_attached(struct uei_loc *uei, double duration)
+{
+	double t0 = now_s();
+	bool exited = false;
+	R.stage = "run";
+	for (;;) {
+		char st[32];
+		if (stop_signal) {
+			R.stop_reason = "signal";
+			break;
+		}
+		if (duration > 0 && now_s() - t0 >= duration) {
+			R.stop_reason = "duration";
+			break;
+		}
+		if (uei_kind_now(uei)) {
+			R.stop_reason = "scheduler_exited";
+			exited = true;
+			break;
+		}
+		read_line(SCX_SYSFS "/state", st, sizeof(st));
+		if (strcmp(st, "enabled")) {
+			R.stop_reason = "kernel_disabled";
+			exited = true;
+			break;
+		}
+		usleep(100000);
+	}
+	R.run_s = now_s() - t0;
+	mark("run");
+	return exited;
+}
+
+int main(int argc, char **argv)
+{
+	struct opts o = { .timeout_ms = -1 };
+	struct bpf_object *obj = NULL;
+	struct btf *kbtf = NULL;
+	struct bpf_link *link = NULL;
+	struct bpf_map *ops = NULL, *map;
+	struct uei_loc uei = { 0 };
+	int rc = parse_args(argc, argv, &o);
+
+	if (rc) {
+		usage();
+		goto out;
+	}
+	t_mark = now_s();
+	libbpf_set_print(libbpf_print);
+	struct sigaction sa = { .sa_handler = on_signal };
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+
+	rc = 1;
+	if (access(SCX_SYSFS "/state", R_OK)) {
+		fail("kernel", "this kernel has no sched_ext (%s/state missing)", SCX_SYSFS);
+		goto out;
+	}
+	R.stage = "open";
+	obj = g_obj = bpf_object__open_file(o.path, NULL);
+	if (!obj) {
+		fail("open", "cannot open %s as a BPF object: %s", o.path, strerror(errno));
+		goto out;
+	}
+	mark("open");
+	kbtf = btf__load_vmlinux_btf();
+	mark("kernel_btf");
+	if (!kbtf) {
+		fail("open", "cannot read the kernel's BTF: %s", strerror(errno));
+		goto out;
+	}
+	bpf_object__for_each_map(map, obj)
+		if (bpf_map__type(map) == BPF_MAP_TYPE_STRUCT_OPS)
+			ops = map;
+	if (!ops) {
+		fail("open", "no struct_ops map: not a sched_ext scheduler (needs SEC(\".struct_ops.link\") struct sched_ext_ops)");
+		goto out;
+	}
+	size_t nsz = 0;
+	char *n = ops_member(ops, "name", &nsz);
+	if (n)
+		snprintf(R.ops_name, sizeof(R.ops_name), "%.*s", (int)nsz, n);
+
+	if ((rc = set_up(obj, ops, kbtf, &o)))
+		goto out;
+	rc = 1;
+	uei.btf = bpf_object__btf(obj);
+	for_each_var(obj, ".data", find_uei_var, &uei);
+	size_uei_dump(obj, ops, &uei);
 
 	R.stage = "load";
 	mark("params");
 	int err = bpf_object__load(obj);
 	mark("load");
+	report_programs(obj);
 	if (err) {
 		fail("load", "the kernel rejected the object: %s", strerror(-err));
-		report_programs(obj);
-		emit_result();
-		return 1;
+		goto out;
 	}
-	report_programs(obj);
-	if (load_only) {
+	if (o.load_only) {
 		/* every program passed the verifier; closing the object unloads them, unattached */
 		read_line(SCX_SYSFS "/state", R.state_final, sizeof(R.state_final));
-		bpf_object__close(obj);
-		btf__free(kbtf);
-		R.stage = "done";
-		R.ok = true;
-		emit_result();
-		return 0;
+		goto done;
 	}
 	/* after load, the data sections are mmaped onto the live maps: re-locate the uei */
 	uei.found = false;
 	for_each_var(obj, ".data", find_uei_var, &uei);
 
 	R.stage = "attach";
-	struct bpf_link *link = bpf_map__attach_struct_ops(ops);
+	link = bpf_map__attach_struct_ops(ops);
 	if (!link) {
 		int e = errno;
+		wait_disabled(R.state_final, sizeof(R.state_final));
 		read_uei(&uei, obj, kbtf);
 		fail("attach", "attaching the sched_ext ops failed: %s%s%s", strerror(e),
 		     R.uei_reason[0] ? " — " : "", R.uei_reason[0] ? R.uei_reason : "");
-		emit_result();
-		return 1;
+		goto out;
 	}
 	mark("attach");
 	R.stage = "enabled";
@@ -892,67 +989,50 @@ int main(int argc, char **argv)
 	}
 	read_line(SCX_SYSFS "/root/ops", R.root_ops, sizeof(R.root_ops));
 	if (strcmp(R.state_attached, "enabled")) {
+		bpf_link__destroy(link);
+		link = NULL;
+		wait_disabled(R.state_final, sizeof(R.state_final));
 		read_uei(&uei, obj, kbtf);
 		fail("enabled", "sched_ext state is '%s' after attach, not 'enabled'%s%s", R.state_attached,
 		     R.uei_reason[0] ? ": " : "", R.uei_reason[0] ? R.uei_reason : "");
-		bpf_link__destroy(link);
-		read_line(SCX_SYSFS "/state", R.state_final, sizeof(R.state_final));
-		emit_result();
-		return 1;
+		goto out;
 	}
 	fprintf(stderr, "loader: %s enabled (root/ops=%s)\n", R.ops_name, R.root_ops);
-
-	bool failed = false;
-	if (run) {
-		R.stage = "run";
-		double t0 = now_s();
-		for (;;) {
-			if (stop_signal) {
-				R.stop_reason = "signal";
-				break;
-			}
-			if (duration > 0 && now_s() - t0 >= duration) {
-				R.stop_reason = "duration";
-				break;
-			}
-			if (uei_kind_now(&uei)) {
-				R.stop_reason = "scheduler_exited";
-				failed = true;
-				break;
-			}
-			char st[32];
-			read_line(SCX_SYSFS "/state", st, sizeof(st));
-			if (strcmp(st, "enabled")) {
-				R.stop_reason = "kernel_disabled";
-				failed = true;
-				break;
-			}
-			usleep(100000);
-		}
-		R.run_s = now_s() - t0;
+	if (o.verify) {
+		/* a moment of real scheduling: an error a scheduler raises on its first events (a map its
+		 * loader should have sized, a userspace half that is missing) shows here, not after a deploy */
+		for (int i = 0; i < VERIFY_SETTLE_MS / 20 && !uei_kind_now(&uei); i++)
+			usleep(20000);
 	}
-	if (run)
-		mark("run");
+
+	bool exited = o.run && run_attached(&uei, o.duration);
 	R.stage = "detach";
 	bpf_link__destroy(link);
-	for (int i = 0; i < 100; i++) {
-		read_line(SCX_SYSFS "/state", R.state_final, sizeof(R.state_final));
-		if (!strcmp(R.state_final, "disabled"))
-			break;
-		usleep(20000);
-	}
+	link = NULL;
+	wait_disabled(R.state_final, sizeof(R.state_final));
 	mark("detach");
 	read_uei(&uei, obj, kbtf);
-	if (failed) {
-		fail("run", "the scheduler was disabled while running: %s%s%s", R.uei_reason[0] ? R.uei_reason : R.stop_reason,
-		     R.uei_msg[0] ? " — " : "", R.uei_msg);
-		R.stage = "run";
-	} else {
-		R.stage = "done";
-		R.ok = true;
+	if (exited) {
+		fail("run", "the scheduler was disabled while running: %s%s%s",
+		     R.uei_reason[0] ? R.uei_reason : R.stop_reason, R.uei_msg[0] ? " — " : "", R.uei_msg);
+		goto out;
 	}
+	if (R.uei_kind >= SCX_EXIT_ERROR) {
+		fail("enabled", "the scheduler exited with an error right after it was enabled: %s%s%s",
+		     R.uei_reason, R.uei_msg[0] ? " — " : "", R.uei_msg);
+		goto out;
+	}
+done:
+	R.stage = "done";
+	R.ok = true;
+	rc = 0;
+out:
 	emit_result();
-	bpf_object__close(obj);
+	if (link)
+		bpf_link__destroy(link);
+	if (obj)
+		bpf_object__close(obj);
 	btf__free(kbtf);
-	return failed ? 1 : 0;
+	free(R.uei_dump);
+	return rc;
 }
