@@ -333,6 +333,20 @@ def _sweep_stale_tmpdirs(min_age_s: float = 120) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _realtime_if_asked(pid: int | None) -> None:
+    """SCHEDCP_VM_RT=1: run every qemu thread SCHED_FIFO (priority 1), for A/B figures on a host other
+    work shares: a TCG guest's clock keeps running while the host preempts its vCPU thread, and on a
+    loaded 2-core host that made the same scheduler's timings vary ±100 % between rounds (A/A:
+    ±12-42 % with it). Needs CAP_SYS_NICE; silently skipped without it."""
+    if not pid or os.environ.get("SCHEDCP_VM_RT") != "1":
+        return
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setscheduler(int(tid), os.SCHED_FIFO, os.sched_param(1))
+        except OSError:
+            return
+
+
 class VM:
     """A sched_ext sandbox VM. See the module docstring."""
 
@@ -434,6 +448,7 @@ class VM:
                 self._finalizer()  # an ephemeral VM's temporary dir goes too
             raise err from e
         self.boot_s = time.monotonic() - t0
+        _realtime_if_asked(self.pid)
         return self
 
     def _qemu_log(self) -> str:
