@@ -1289,12 +1289,13 @@ def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, 
                                                 rounds=2, budget_s=0, use_cache=False)
 
         def show_c(rs):
-            t = Table("pool", "candidates", "wall time", "validations done",
-                      "median noise (A/B interval half-width)",
-                      title="6-candidate validation campaign (hackbench, 2 paired rounds each)")
+            t = Table("pool", "candidates", "wall time", "validations done", "A/A noise", "baseline hackbench",
+                      title="6-candidate validation campaign (hackbench, 2 paired rounds each; A/A noise: "
+                      "median (max-min)/median of each validation's baseline runs)")
             for r in rs:
                 t.add_row(str(r.pool), str(r.candidates), f"{r.wall_s:.0f} s", str(r.validations_ok),
-                          f"{r.median_noise:.1%}" if r.median_noise is not None else "-")
+                          f"{r.aa_noise:.1%}" if r.aa_noise is not None else "-",
+                          f"{r.baseline_s:.3f} s" if r.baseline_s is not None else "-")
             console.print(t)
 
         with progress_bar("campaign: pool 1, then pool 2", not as_json) as bar:

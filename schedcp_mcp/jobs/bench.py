@@ -157,7 +157,8 @@ class CampaignBench(BaseModel):
     candidates: int
     wall_s: float
     validations_ok: int
-    median_noise: float | None  # the validations' own A/A noise: spread of the baseline rounds
+    aa_noise: float | None  # median over the validations of (max-min)/median of their baseline runs
+    baseline_s: float | None  # median hackbench time under the default scheduler (VM speed)
 
 
 def bench_campaign(submit, sizes: tuple[int, ...] = (1, 2)) -> list[CampaignBench]:
@@ -176,13 +177,17 @@ def bench_campaign(submit, sizes: tuple[int, ...] = (1, 2)) -> list[CampaignBenc
             with Pool(n):
                 camp = queue.wait(submit().id)
             wall = time.monotonic() - t0
-            noise, ok = [], 0
+            noise, base, ok = [], [], 0
             for c in (camp.result or {}).get("children", []):
                 if c["kind"] == "validate" and c["state"] == "succeeded" and c["report_id"]:
                     ok += 1
                     l2 = get_report(c["report_id"]).layer2
-                    noise += [w.noise for w in (l2.workloads if l2 else []) if w.noise is not None]
+                    for w in (l2.workloads if l2 else []):
+                        if w.baseline_stats:  # the default scheduler against itself, same boot
+                            noise.append(w.baseline_stats.rel_spread)
+                            base.append(w.baseline_stats.median)
             out.append(CampaignBench(pool=n, candidates=len((camp.result or {}).get("children", [])) // 2,
                                      wall_s=round(wall, 1), validations_ok=ok,
-                                     median_noise=round(statistics.median(noise), 4) if noise else None))
+                                     aa_noise=round(statistics.median(noise), 4) if noise else None,
+                                     baseline_s=round(statistics.median(base), 3) if base else None))
     return out
