@@ -1163,7 +1163,9 @@ def contribute(report_id: str, name: str, description: str, tags: tuple[str, ...
               help="e.g. messaging_time_s<=0.9 (default: the profile's goals the workloads measure)")
 @click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True,
               help="host: stop before deploying and print the human's `schedcp deploy` command")
-@click.option("--budget", "budget_s", default=900.0, show_default=True, help="seconds for the loop")
+@click.option("--budget", "budget_s", default=600.0, show_default=True,
+              help="seconds for the loop; each validation gets its share (more A/B rounds while "
+                   "undecided)")
 @click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds per candidate")
 @click.option("--max-candidates", default=3, show_default=True)
 @click.option("--watch", "watch_s", default=20.0, show_default=True,

@@ -17,7 +17,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import store
-from ..errors import NotFound
 from .policies import Parameter
 
 KIND = "candidate"
@@ -47,6 +46,9 @@ class SchedulerSpec(BaseModel):
     slice: str = Field("fixed", description="fixed, scaled or interactive")
     preempt: str = Field("none", description="none, kick_idle or wakeup")
     classes: list[TaskClass] = Field([], description="task classes, first match wins (at most 4)")
+    queued_wakeup: bool = Field(False, description="SCX_OPS_ALLOW_QUEUED_WAKEUP: a wakeup of a task on "
+                                "another CPU is queued to that CPU (an IPI) as the default scheduler "
+                                "does (cpu_select builtin only)")
     params: dict[str, int | bool] = Field({}, description="knob values by name (see list_primitives); "
                                           "unset knobs take the primitive's default")
 
@@ -83,13 +85,8 @@ def save_candidate(c: Candidate) -> None:
 
 
 def get_candidate(candidate_id: str) -> Candidate:
-    c = store.get(KIND, candidate_id, Candidate)
-    if c is None:
-        recent = store.ids(KIND, 5)
-        raise NotFound(f"no candidate {candidate_id!r}",
-                       "recent: " + ", ".join(recent) if recent else
-                       "make one with generate_scheduler / revise_policy / reconfigure_policy")
-    return c
+    return store.require(KIND, candidate_id, Candidate, "candidate",
+                         "make one with generate_scheduler / revise_policy / reconfigure_policy")
 
 
 def list_candidates(limit: int = 50, parent: str | None = None) -> list[Candidate]:
