@@ -344,11 +344,14 @@ def jobs_cancel(job_id: str, as_json: bool) -> None:
 @click.option("--timeout", type=float, help="give up waiting after this many seconds")
 @json_option
 def jobs_wait(job_id: str, timeout: float | None, as_json: bool) -> None:
-    """Wait for a job to end, with its progress. Exit 0 succeeded, 1 otherwise."""
+    """Wait for a job to end, with its progress (running it here when no worker is). Exit 0
+    succeeded, 1 otherwise. Ctrl-C stops waiting, not the job."""
     from .jobs import queue
+    from .jobs.pool import run_to_end as run
 
+    queue.get(job_id)
     with progress_bar(f"job {job_id}", not as_json) as bar:
-        j = queue.wait(job_id, timeout, on_progress=bar)
+        j = run(job_id, bar, timeout, cancel_on_interrupt=False)
     emit(queue.detail(job_id), as_json, render_job_detail)
     sys.exit(0 if j.state == "succeeded" else 1)
 
@@ -981,16 +984,21 @@ def parse_space(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @click.option("--configs", default=4, show_default=True, help="configurations in the first rung")
 @click.option("--space", multiple=True, metavar="NAME=V1,V2…", help="only try these values of a knob")
 @click.option("--seed", default=0, show_default=True)
+@background_option
 @json_option
 def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_rounds: int,
-         budget_s: float | None, configs: int, space: tuple[str, ...], seed: int, as_json: bool) -> None:
+         budget_s: float | None, configs: int, space: tuple[str, ...], seed: int, background: bool,
+         as_json: bool) -> None:
     """Search a policy's parameters in the sandbox (successive halving, one VM boot).
     Exit 0 when the best is at least as good as the defaults, 1 when nothing ran, 2 usage."""
-    from .synth.tune import tune as run
+    from .synth.tune import tune_job, tune_result
 
+    job = tune_job(name, list(workloads) or None, parse_goals(goals), budget_rounds, budget_s, configs,
+                   parse_space(space), seed, lane=_lane(background), actor="cli")
+    if background:
+        return queued(job, as_json)
     with progress_bar("tune", not as_json) as bar:
-        t = run(name, list(workloads) or None, parse_goals(goals), budget_rounds, budget_s, configs,
-                parse_space(space), seed, progress=bar, actor="cli")
+        t = tune_result(run_to_end(job.id, bar))
     emit(t, as_json, render_tune)
     sys.exit(0 if t.best_params else 1)
 
@@ -1155,7 +1163,9 @@ def contribute(report_id: str, name: str, description: str, tags: tuple[str, ...
               help="e.g. messaging_time_s<=0.9 (default: the profile's goals the workloads measure)")
 @click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True,
               help="host: stop before deploying and print the human's `schedcp deploy` command")
-@click.option("--budget", "budget_s", default=900.0, show_default=True, help="seconds for the loop")
+@click.option("--budget", "budget_s", default=600.0, show_default=True,
+              help="seconds for the loop; each validation gets its share (more A/B rounds while "
+                   "undecided)")
 @click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds per candidate")
 @click.option("--max-candidates", default=3, show_default=True)
 @click.option("--watch", "watch_s", default=20.0, show_default=True,

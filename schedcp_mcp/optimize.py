@@ -93,7 +93,7 @@ class OptimizeRequest(BaseModel):
     command: list[str] | None = Field(None, description="or: a host command, matched to workloads")
     goals: list[Goal] = []
     target: Literal["sandbox", "host"] = "sandbox"
-    budget_s: float = Field(900.0, gt=0)
+    budget_s: float = Field(600.0, gt=0)
     rounds: int = Field(3, ge=1, le=10)
     max_candidates: int = Field(3, ge=1, le=10)
     watch_s: float = Field(20.0, ge=0, description="how long the monitor runs before learning")
@@ -107,9 +107,17 @@ class WorkloadFigure(BaseModel):
     direction: str
     baseline: float | None
     candidate: float | None
-    ratio: float | None = Field(None, description="candidate / baseline medians")
+    ratio: float | None = Field(None, description="candidate / baseline")
+    ratio_low: float | None = Field(None, description="the ratio's confidence interval, low end")
+    ratio_high: float | None = None
     noise: float | None
     verdict: str
+
+    @property
+    def interval(self) -> str:
+        if self.ratio_low is None or self.ratio_high is None:
+            return f"±{self.noise:.0%}" if self.noise else "-"
+        return f"[{self.ratio_low:.2f}, {self.ratio_high:.2f}]"
 
 
 class CandidateResult(BaseModel):
@@ -202,7 +210,7 @@ async def observe(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
             prof = await st.call("profile_workload", {"workload": name, "duration_s": 30})
             if rep.profile_id is None:  # the plan serves the first; each is stored for history
                 rep.profile_id, rep.profile_summary = prof["id"], prof["summary"]
-            rep.workload_reasons.append(f"{name}: chosen ({prof['id']}: {prof['summary']})")
+            rep.workload_reasons.append(f"{name}: given (profile {prof['id']})")
 
 
 def search_query(profile: dict, workloads: list[str]) -> str:
@@ -217,9 +225,13 @@ def choose_strategy(hits: list[dict], query: str, can_generate: bool) -> tuple[s
     have not all done worse than the default on similar workloads. Revising needs a patch only an
     agent can write, so this planner moves on to generate (when the server can) and otherwise
     reconfigures the closest policies, saying so. Returns (strategy, rationale, policies to try
-    in order: a winning history on similar workloads first, then relevance)."""
+    in order: policies that passed and met their goals before (`won_before`), then the best
+    history on similar workloads, then relevance)."""
     ours = [h for h in hits if h["kind"] == "schedcp" and h["runnable"]]
-    ours.sort(key=lambda h: (h["history_score"] <= 0, -h["score"]))
+    # what did best on similar workloads before comes first (by that history alone), then the rest
+    # by relevance
+    ours.sort(key=lambda h: (not h.get("won_before"), h["history_score"] <= 0,
+                             -h["history_score"] if h["history_score"] > 0 else -h["score"]))
     fits = [h for h in ours if h["text_score"] > 0 or h["history_score"] > 0]
     if fits and not all(h["history_score"] < 0 for h in fits):
         return "reconfigure", (f"reconfigure: {len(fits)} repository policies match {query!r}; "
@@ -266,6 +278,11 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
     query = rep.query = search_query(prof, rep.workloads)
     hits = (await st.call("search_policies", {"query": query, "profile_id": rep.profile_id,
                                               "limit": 20}))["hits"]
+    for h in hits:  # a history that includes a validated win, not just good figures
+        if h["kind"] == "schedcp" and h["history_score"] > 0:
+            hist = (await st.call("get_policy", {"name": h["name"]})).get("history", [])
+            h["won_before"] = any(o["goals_met"] and o["reward"] > 0 and o["source"] != "external"
+                                  for o in hist)
     strategy, rationale, fits = choose_strategy(hits, query, st.may("generate_scheduler"))
     n, per = candidate_budget(req, len(rep.workloads))
     chosen, candidates = fits[:n], []
@@ -317,6 +334,7 @@ def figures(layer2: dict | None) -> list[WorkloadFigure]:
         out.append(WorkloadFigure(workload=w["name"], metric=w["metric"], unit=w["unit"],
                                   direction=w["direction"], baseline=b.get("median"),
                                   candidate=c.get("median"), ratio=w.get("ratio"),
+                                  ratio_low=w.get("ratio_low"), ratio_high=w.get("ratio_high"),
                                   noise=w.get("noise"), verdict=w["verdict"]))
     return out
 
@@ -349,8 +367,12 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
         if i and spent + per + DEPLOY_RESERVE_S + req.watch_s > req.budget_s:
             res.error = f"skipped: the budget ({req.budget_s:.0f} s) is spent ({spent:.0f} s used)"
             continue
+        # this candidate's share of what is left: the sandbox adds paired rounds within it while
+        # a workload's interval still straddles its threshold
+        left = req.budget_s - spent - DEPLOY_RESERVE_S - req.watch_s
+        sandbox_s = max(per - VALIDATION_FIXED_S, min(600.0, left / (n - i) - VALIDATION_FIXED_S))
         args: dict[str, Any] = {"workloads": p["workloads"], "profile_id": p["profile_id"],
-                                "rounds": req.rounds,
+                                "rounds": req.rounds, "budget_s": round(sandbox_s),
                                 "goals": [{"metric": g["metric"], "direction": g["direction"],
                                            "target_ratio": g["target_ratio"] if g["target_ratio"]
                                            is not None else 1.0} for g in p["goals"]]}
@@ -388,7 +410,7 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
         return
     win = next(c for c in passed if c.report_id == rep.winner)
     others = [c for c in passed if c is not win]
-    figs = ", ".join(f"{f.metric} {f.ratio:.2f}x baseline ({f.verdict}, noise ±{(f.noise or 0):.0%})"
+    figs = ", ".join(f"{f.metric} {f.ratio:.2f}x baseline ({f.verdict}, interval {f.interval})"
                      for f in win.figures if f.ratio)
     rep.why = (f"{win.label} passed every gate with the best goal score {win.score:+.3f} "
                f"(mean log-ratio, negative = better than the default): {figs}"
@@ -582,20 +604,25 @@ def render(rep: OptimizeReport, console) -> None:
                                           f"{g.target_ratio}x" for g in rep.goals))
     console.print(f"[bold]planning[/bold]: plan {rep.plan_id}, strategy {rep.strategy}: "
                   f"{escape(rep.rationale)}")
-    t = Table("candidate", "report", "workload", "baseline", "candidate", "ratio", "noise", "verdict",
-              "result", title="execution: sandbox A/B against the default scheduler (same boot)")
+    t = Table("candidate", "report", "workload", "baseline", "candidate", "ratio", "95% interval",
+              "verdict", "result", title="execution: sandbox A/B against the default scheduler "
+                                           "(same boot; ratio = candidate/baseline)")
     for c in rep.candidates:
         result = ("[green]WINNER[/green]" if c.report_id and c.report_id == rep.winner else
-                  "passed" if c.passed else f"[red]{escape(c.error or c.status)}[/red]")
+                  "passed" if c.passed else "[red]skipped[/red]" if c.error and not c.report_id
+                  else "[red]failed[/red]")
         if not c.figures:
             t.add_row(escape(c.label), c.report_id or "-", "-", "-", "-", "-", "-", "-", result)
         for k, f in enumerate(c.figures):
             t.add_row(escape(c.label) if k == 0 else "", (c.report_id or "-") if k == 0 else "",
                       f.workload, f"{f.baseline:.4g} {f.unit}" if f.baseline is not None else "-",
                       f"{f.candidate:.4g}" if f.candidate is not None else "-",
-                      f"{f.ratio:.3f}" if f.ratio else "-", f"±{f.noise:.0%}" if f.noise else "-",
+                      f"{f.ratio:.3f}" if f.ratio else "-", f.interval,
                       f.verdict, result if k == 0 else "")
     console.print(t)
+    for c in rep.candidates:
+        if not c.passed:
+            console.print(f"  [red]{escape(c.label)}[/red]: {escape(c.error or c.status)}")
     colour = "green" if rep.exit_code == 0 else "yellow"
     console.print(f"[{colour}]{'winner' if rep.winner else 'no winner'}[/{colour}]: {escape(rep.why)}")
     if rep.deployment:

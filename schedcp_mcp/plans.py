@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from . import store
 from .candidates import check_goals_measurable, measurable_goals
-from .errors import BadInput, NotFound
+from .errors import BadInput
 from .models import Goal
 from .observe.profile import get_profile
 from .reports import get_report
@@ -104,13 +104,8 @@ def create_plan(profile_id: str, workloads: list[str], goals: list[Goal] | None,
 
 
 def get_plan(plan_id: str) -> OptimizationPlan:
-    p = store.get(KIND, plan_id, OptimizationPlan)
-    if p is None:
-        recent = store.ids(KIND, 5)
-        raise NotFound(f"no optimization plan {plan_id!r}",
-                       "recent plans: " + ", ".join(recent) if recent else
-                       "the planning stage creates one with create_plan")
-    return p
+    return store.require(KIND, plan_id, OptimizationPlan, "optimization plan",
+                         "the planning stage creates one with create_plan")
 
 
 def list_plans(limit: int = 20, profile_id: str | None = None) -> list[OptimizationPlan]:

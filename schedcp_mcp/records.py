@@ -7,7 +7,6 @@ code that loads schedulers (and deploy can record an outcome without a cycle).
 from __future__ import annotations
 
 from . import store
-from .errors import NotFound
 from .models import Deployment
 
 KIND = "deployment"
@@ -18,10 +17,7 @@ def save(d: Deployment) -> None:
 
 
 def get_deployment(dep_id: str) -> Deployment:
-    d = store.get(KIND, dep_id, Deployment)
-    if d is None:
-        raise NotFound(f"no deployment {dep_id!r}", "see `schedcp status`")
-    return d
+    return store.require(KIND, dep_id, Deployment, "deployment", "see `schedcp status`")
 
 
 def list_deployments(limit: int = 50, target: str | None = None) -> list[Deployment]:

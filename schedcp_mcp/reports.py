@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, Field, PrivateAttr, computed_field
 
 from . import config, store
-from .errors import BadInput, NotFound
+from .errors import BadInput
 from .models import Goal, IssuedToken
 from .repository.policies import get_policy
 from .repository.provenance import Provenance
@@ -124,13 +124,8 @@ def save(r: ValidationReport) -> None:
 
 
 def get_report(report_id: str) -> ValidationReport:
-    r = store.get(KIND, report_id, ValidationReport)
-    if r is None:
-        recent = store.ids(KIND, 5)
-        raise NotFound(f"no validation report {report_id!r}",
-                       "recent reports: " + ", ".join(recent) if recent else
-                       "submit a scheduler first (submit_scheduler / schedcp verify)")
-    return r
+    return store.require(KIND, report_id, ValidationReport, "validation report",
+                         "submit a scheduler first (submit_scheduler / schedcp verify)")
 
 
 def list_reports(limit: int = 20) -> list[ValidationReport]:

@@ -644,6 +644,11 @@ async def revise_policy(
     return await in_thread(revise, base, patch, params, actor="mcp", ctx=ctx)
 
 
+class TuneOut(BaseModel):
+    job_id: str = JOB_ID
+    result: TuneResult | None = Field(None, description="None while a background job runs")
+
+
 @server.tool(annotations=SANDBOXED)
 @agent_errors
 async def tune_policy(
@@ -658,16 +663,21 @@ async def tune_policy(
     configs: Annotated[int, Field(ge=2, le=16, description="configurations in the first rung")] = 4,
     space: Annotated[dict[str, list[int]] | None, Field(
         description="only these values per knob, e.g. {'slice_ns': [2000000, 5000000]}")] = None,
-) -> TuneResult:
+    background: Annotated[bool, BACKGROUND] = False,
+) -> TuneOut:
     """Search a policy's knobs in the sandbox by successive halving (defaults, earlier best, one- and
     two-knob moves; the better half gets twice the rounds each rung; one VM boot). Returns the best
     parameters, their speedup interval against the defaults, and every trial (each a candidate with a
     report and a learning-history outcome)."""
-    from .synth.tune import tune
+    from .synth.tune import tune_job, tune_result
 
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
-    return await in_thread(tune, name, workloads, gs, budget_rounds, budget_s, configs, space,
-                           actor="mcp", ctx=ctx)
+    job = await in_thread(tune_job, name, workloads, gs, budget_rounds, budget_s, configs, space,
+                          lane="normal" if background else "high", actor="mcp")
+    if background:
+        return TuneOut(job_id=job.id)
+    job = await in_thread(run_to_end, job.id, ctx=ctx)
+    return TuneOut(job_id=job.id, result=tune_result(job))
 
 
 # --- learn -----------------------------------------------------------------------------------------

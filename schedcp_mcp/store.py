@@ -20,6 +20,7 @@ from typing import Any, Iterator, TypeVar
 from pydantic import BaseModel
 
 from . import config
+from .errors import NotFound
 
 MIGRATIONS: list[str] = [
     # 1: the base schema
@@ -210,6 +211,16 @@ def put(kind: str, model: BaseModel, *, ref: str | None = None) -> None:
 def get(kind: str, id: str, cls: type[M]) -> M | None:
     row = db().execute("SELECT data FROM records WHERE kind=? AND id=?", (kind, id)).fetchone()
     return cls.model_validate_json(row["data"]) if row else None
+
+
+def require(kind: str, id: str, cls: type[M], what: str, first: str) -> M:
+    """The record, or NotFound naming the newest ids of that kind (or, when there is none yet,
+    `first`: how to make one)."""
+    r = get(kind, id, cls)
+    if r is None:
+        recent = ids(kind, 5)
+        raise NotFound(f"no {what} {id!r}", f"newest: {', '.join(recent)}" if recent else first)
+    return r
 
 
 def list_records(kind: str, cls: type[M], *, ref: str | None = None, limit: int = 100) -> list[M]:

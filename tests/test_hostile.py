@@ -21,9 +21,13 @@ CANARY = Path("/tmp/schedcp-hostile-canary")  # the fixtures name it; planted he
 @pytest.fixture(scope="module")
 def planted() -> list[bytes]:
     """What must never come back: the canary's random contents and any /etc/passwd's first bytes."""
+    import os
+
     token = f"CANARY-{secrets.token_hex(12)}"
-    CANARY.write_text(token + "\n")
-    CANARY.chmod(0o644)  # readable by anyone, the jailed compiler included, if it could see it
+    CANARY.unlink(missing_ok=True)  # never write through a link someone planted in /tmp
+    fd = os.open(CANARY, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:  # readable by anyone: the jailed compiler too, if it could see it
+        f.write(token + "\n")
     try:
         yield [token.encode(), b"root:x:0:0"]
     finally:

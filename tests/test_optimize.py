@@ -72,10 +72,15 @@ def hit(name, text, history=0.0, kind="schedcp"):
 
 
 def test_planner_prefers_reconfigure_and_what_won_before():
-    hits = [hit("a", 5.0), hit("b", 2.0, history=0.5), hit("scx_x", 9.0, kind="scx")]
+    hits = [hit("a", 5.0), hit("b", 2.0, history=0.5), hit("c", 9.0, history=0.2),
+            hit("scx_x", 9.0, kind="scx")]
     strategy, why, order = optimize.choose_strategy(hits, "q", can_generate=True)
     assert strategy == "reconfigure" and "cheapest" in why
-    assert [h["name"] for h in order] == ["b", "a"]  # won before on a similar workload: first
+    # did best on similar workloads before: first, whatever the text relevance
+    assert [h["name"] for h in order] == ["b", "c", "a"]
+    # ...unless another one passed its gates and met its goals there
+    hits[2]["won_before"] = True
+    assert [h["name"] for h in optimize.choose_strategy(hits, "q", True)[2]] == ["c", "b", "a"]
 
 
 def test_planner_generates_when_nothing_fits_or_everything_failed_before():
@@ -103,6 +108,10 @@ def repo_copy(tmp_path_factory, manifest):
     from conftest import home_env
 
     base = tmp_path_factory.mktemp("optimize")
+    # qemu threads SCHED_FIFO: on a host shared with other work, a TCG guest's A/B intervals are
+    # otherwise too wide (±100 %) to decide anything within a test's budget (sandbox/vm.py)
+    old_rt = os.environ.get("SCHEDCP_VM_RT")
+    os.environ["SCHEDCP_VM_RT"] = "1"
     shutil.copytree(ROOT / "policies", base / "policies")
     old = os.environ.get("SCHEDCP_POLICIES")
     os.environ["SCHEDCP_POLICIES"] = str(base / "policies")
@@ -115,17 +124,19 @@ def repo_copy(tmp_path_factory, manifest):
         if active("sandbox"):
             rollback(None, "sandbox", "test over", actor="cli")
         VM.stop_named(STAGING)
-    if old is None:
-        os.environ.pop("SCHEDCP_POLICIES", None)
-    else:
-        os.environ["SCHEDCP_POLICIES"] = old
+    for key, value in (("SCHEDCP_POLICIES", old), ("SCHEDCP_VM_RT", old_rt)):
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.mark.vm
 def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy):
-    req = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=420, max_candidates=2,
+    req = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=300, max_candidates=2,
                                    watch_s=8, out_dir=str(repo_copy / "run1"))
     rep = anyio.run(optimize.run, req)
+    assert rep.exit_code == 0, rep.why  # fifo and lean_preempt win message passing (README results)
 
     # every stage stayed inside its agent definition; only execution touched a kernel
     for role, calls in rep.calls.items():
@@ -137,7 +148,6 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy)
     tried = [c for c in rep.candidates if c.report_id]
     assert tried and all(c.figures and c.figures[0].workload == "hackbench" for c in tried)
     # a winner, deployed to the staging VM with its token, and the human's host command
-    assert rep.exit_code == 0, rep.why
     win = next(c for c in rep.candidates if c.report_id == rep.winner)
     assert win.passed and win.score is not None and rep.token
     assert rep.deployment["status"] == "active" and rep.deployment["readings"] >= 1
@@ -148,7 +158,7 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy)
     assert Path(rep.chart_path).read_bytes()[:4] == b"\x89PNG"
 
     # learning is visible: the next plan for the same workload tries the winner first
-    req2 = optimize.OptimizeRequest(workloads=["hackbench"], target="host", budget_s=200,
+    req2 = optimize.OptimizeRequest(workloads=["hackbench"], target="host", budget_s=150,
                                     max_candidates=1, watch_s=0, out_dir=str(repo_copy / "run2"))
     rep2 = anyio.run(optimize.run, req2)
     assert rep2.candidates[0].policy == win.policy, (rep2.candidates[0].label, win.label)

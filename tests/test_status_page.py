@@ -64,7 +64,7 @@ def server(schedcp_home, tmp_path):
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     token_file = schedcp_home / "http-token"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(base + "/status/state", timeout=1)
@@ -74,9 +74,9 @@ def server(schedcp_home, tmp_path):
             time.sleep(0.2)
     assert p.poll() is None, p.stderr.read().decode()
     token = token_file.read_text().strip()
-    queue.wait(bad.id, 20)
+    assert queue.wait(done.id, 60).done and queue.wait(bad.id, 60).done
     running = queue.submit("sleep", {"seconds": 120})
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while queue.get(running.id).progress == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     yield base, token, {"done": done.id, "bad": bad.id, "running": running.id}

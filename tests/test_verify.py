@@ -243,9 +243,8 @@ def test_missing_kfunc_is_named_with_the_kernel_version(manifest):
 def test_repeat_verify_is_served_from_the_cache(manifest):
     first = verify_source(fixture("compile_error"))
     assert not first.cached
-    t0 = time.monotonic()
     again = verify_source(fixture("compile_error"))
-    assert again.cached and time.monotonic() - t0 < 0.5
+    assert again.cached  # how fast a cache hit is: `schedcp bench verify`, not a timed test
     assert again.errors == first.errors
     assert not verify_source(fixture("compile_error"), use_cache=False).cached
 

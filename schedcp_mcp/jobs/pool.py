@@ -181,14 +181,16 @@ class Pool:
 
 
 def run_to_end(job_id: str, progress: Callable[[str, float], None] | None = None,
-               timeout_s: float | None = None) -> Job:
+               timeout_s: float | None = None, cancel_on_interrupt: bool = True) -> Job:
     """Wait for a job as a synchronous command does. When no pool is alive to run it (no `schedcp
-    worker`, no server), run one here for this job and its children only. Ctrl-C cancels the job."""
+    worker`, no server), run one here for this job and its children only. Ctrl-C cancels the job
+    (unless the caller only follows a job it did not start)."""
     try:
         if any(w.alive for w in queue.list_workers(0)):
             return queue.wait(job_id, timeout_s, progress)
         with Pool(scope=job_id):
             return queue.wait(job_id, timeout_s, progress)
     except KeyboardInterrupt:
-        queue.cancel(job_id, actor="interrupted caller")
+        if cancel_on_interrupt:
+            queue.cancel(job_id, actor="interrupted caller")
         raise

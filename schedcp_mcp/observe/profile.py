@@ -541,10 +541,5 @@ def list_profiles(limit: int = 20) -> list[WorkloadProfile]:
 
 
 def get_profile(profile_id: str) -> WorkloadProfile:
-    p = store.get(KIND, profile_id, WorkloadProfile)
-    if p is None:
-        known = store.ids(KIND, 5)
-        raise NotFound(f"no workload profile {profile_id!r}",
-                       f"newest ids: {', '.join(known)}" if known else
-                       "no profiles yet: run profile_workload first")
-    return p
+    return store.require(KIND, profile_id, WorkloadProfile, "workload profile",
+                         "no profiles yet: run profile_workload first")

@@ -17,7 +17,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import store
-from ..errors import NotFound
 from .policies import Parameter
 
 KIND = "candidate"
@@ -83,13 +82,8 @@ def save_candidate(c: Candidate) -> None:
 
 
 def get_candidate(candidate_id: str) -> Candidate:
-    c = store.get(KIND, candidate_id, Candidate)
-    if c is None:
-        recent = store.ids(KIND, 5)
-        raise NotFound(f"no candidate {candidate_id!r}",
-                       "recent: " + ", ".join(recent) if recent else
-                       "make one with generate_scheduler / revise_policy / reconfigure_policy")
-    return c
+    return store.require(KIND, candidate_id, Candidate, "candidate",
+                         "make one with generate_scheduler / revise_policy / reconfigure_policy")
 
 
 def list_candidates(limit: int = 50, parent: str | None = None) -> list[Candidate]:

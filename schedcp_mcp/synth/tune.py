@@ -3,11 +3,11 @@
 Method: **successive halving** over a small candidate set. The set is the defaults, the best
 parameters of earlier tunings of the same policy (warm start), and one- and two-knob moves around the
 defaults (numeric knobs x1/4, x1/2, x2, x4 clipped to their range; booleans flipped), or the values
-the caller lists in `space`. Rung 0 gives every configuration one paired round (the default scheduler,
-then the configuration, back to back in the same boot); each later rung keeps the better half — by
-the mean log speedup over the chosen workloads — and doubles its rounds, pooling them with the earlier
-ones. The defaults are never dropped, so the last rung measures the winner and the defaults side by
-side.
+the caller lists in `space`. Rung 0 gives every configuration one or two paired rounds (the
+default scheduler, then the configuration, back to back in the same boot); each later rung keeps the
+better half — by the mean log speedup over the chosen workloads — and doubles its rounds, pooling
+them with the earlier ones. The defaults are never dropped, so the last rungs measure the winner and
+the defaults side by side until the budget is spent.
 
 Why this and not Bayesian optimisation or a bandit: a trial costs ~10 s under TCG and its noise is
 ±10-30 %, so a budget buys tens of rounds, not hundreds; a surrogate model cannot be fitted on that
@@ -303,7 +303,9 @@ def tune(name: str, workloads: list[str] | None = None, goals: list[Goal] | None
                 t.failure_reason = f"layer 1: {res.status}"
             trials.append(t)
         alive = [i for i, t in enumerate(trials) if not t.broken]
-        rounds, rung = 1, 0
+        # two rounds a configuration in rung 0 when the budget allows a second rung at four: one
+        # round under TCG (+-50 % alone) eliminates on noise
+        rounds, rung = (2 if budget_rounds >= 4 * len(alive) else 1), 0
         while alive and not out_of_time():
             left = budget_rounds - result.rounds_used
             r = min(rounds, left // len(alive))
@@ -329,8 +331,9 @@ def tune(name: str, workloads: list[str] | None = None, goals: list[Goal] | None
                     t.failure_reason = l2.failure_reason
             result.rungs = rung + 1
             alive = [i for i in alive if not trials[i].broken]
-            if len(alive) <= 1 or (len(alive) == 2 and 0 in alive and rung > 0):
-                break  # the winner and the defaults have met in a rung of their own
+            if len(alive) <= 1:
+                break
+            # winner and defaults left: the rest of the budget goes to their comparison
             ranked = sorted(alive, key=lambda i: -statistics.fmean(trials[i].log_speedups or [-9.0]))
             keep = ranked[:max(1, math.ceil(len(ranked) / 2))]
             if 0 in alive and 0 not in keep:
@@ -338,6 +341,8 @@ def tune(name: str, workloads: list[str] | None = None, goals: list[Goal] | None
             for i in alive:
                 if i not in keep:
                     trials[i].eliminated_at_rung = rung
+            if len(keep) <= 1:
+                break  # the defaults beat every challenger: nothing left to compare
             alive, rounds, rung = keep, rounds * 2, rung + 1
     finally:
         if own_vm and vm is not None:
@@ -381,3 +386,39 @@ def tune(name: str, workloads: list[str] | None = None, goals: list[Goal] | None
     say(f"best: {_label({k: int(v) for k, v in result.best_params.items()}, defaults)} "
         f"({result.verdict})", 1.0)
     return result
+
+
+# --- as a supervised job (schedcp_mcp.jobs): the CLI and MCP tool submit it and wait ----------------
+
+from ..jobs import queue as _jobs  # noqa: E402
+from ..jobs.kinds import JobContext as _Ctx, register as _register  # noqa: E402
+
+
+@_register("tune", timeout_s=7200, max_attempts=2, sandbox=True)
+def _tune_job(ctx: _Ctx) -> dict[str, Any]:
+    i = ctx.inputs
+    goals = [Goal(**g) for g in i["goals"]] if i.get("goals") else None
+    return tune(i["name"], i.get("workloads"), goals, i["budget_rounds"], i.get("budget_s"), i["configs"],
+                i.get("space"), i.get("seed", 0), progress=ctx.progress,
+                actor=i.get("actor", "api")).model_dump(mode="json")
+
+
+def tune_job(name: str, workloads: list[str] | None = None, goals: list[Goal] | None = None,
+             budget_rounds: int = 12, budget_s: float | None = None, configs: int = 4,
+             space: dict[str, list[Any]] | None = None, seed: int = 0, lane: str = "high",
+             actor: str = "api"):
+    """Queue a tuning run (checked first: a bad request is refused before it waits in the queue)."""
+    from ..validate.workloads import get_workloads
+
+    if not 2 <= configs <= 16 or not 2 <= budget_rounds <= 200:
+        raise BadInput(f"configs={configs}, budget_rounds={budget_rounds}: give 2..16 and 2..200")
+    get_workloads(workloads or ["hackbench"])
+    _target(name)
+    return _jobs.submit("tune", {"name": name, "workloads": workloads,
+                                 "goals": [g.model_dump(mode="json") for g in goals] if goals else None,
+                                 "budget_rounds": budget_rounds, "budget_s": budget_s, "configs": configs,
+                                 "space": space, "seed": seed, "actor": actor}, lane=lane, actor=actor)
+
+
+def tune_result(job) -> TuneResult:
+    return TuneResult.model_validate(_jobs.result_or_raise(job))
