@@ -53,14 +53,12 @@ const volatile u64 slice_ns = 5000000ULL;	/* 5 ms */
 const volatile u64 hog_burst_ns = 4000000ULL;	/* 4 ms per sleep */
 const volatile u64 burst_ratio = 8;
 const volatile bool preempt = true;
-const volatile bool short_next = true;
 
 UEI_DEFINE(uei);
 
 /* What the policy did, for layer 2's report (one entry, named fields via BTF). */
 struct schedcp_stats {
 	u64 wakeup_preempts;
-	u64 next_wakeups;
 	u64 fifo_wakeups;
 	u64 idle_placements;
 };
@@ -110,18 +108,6 @@ void BPF_STRUCT_OPS(lean_preempt_enqueue, struct task_struct *p, u64 enq_flags)
 		if (st)
 			__sync_fetch_and_add(&st->wakeup_preempts, 1);
 		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL_ON | cpu, slice_ns, enq_flags | SCX_ENQ_PREEMPT);
-		return;
-	}
-	/*
-	 * A short runner woken while another short runner has the CPU (two
-	 * timer sleepers): it runs next there, not behind the hog that the
-	 * running one preempted, which is back in the FIFO and would keep the
-	 * CPU until a tick ends its slice.
-	 */
-	if (short_next && cb * burst_ratio < hog_burst_ns && burst(p) * burst_ratio < hog_burst_ns) {
-		if (st)
-			__sync_fetch_and_add(&st->next_wakeups, 1);
-		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL_ON | cpu, slice_ns, enq_flags);
 		return;
 	}
 	if (st)
