@@ -55,11 +55,12 @@ def test_every_primitive_is_documented_with_typed_ranged_knobs():
             if k.type != "bool":
                 assert k.min is not None and k.max is not None and k.min <= k.default <= k.max
     # the issue's primitives, by name
-    assert set(prims.names("queue")) == {"global", "per_cpu", "per_llc", "per_numa"}
+    assert set(prims.names("queue")) == {"global", "builtin_global", "per_cpu", "per_llc", "per_numa"}
     assert set(prims.names("ordering")) == {"fifo", "vtime", "deadline"}
-    assert set(prims.names("cpu_select")) == {"default", "prev_sticky", "llc_first", "idle_core", "sync_waker"}
+    assert set(prims.names("cpu_select")) == {"default", "builtin", "prev_sticky", "llc_first", "idle_core",
+                                              "sync_waker"}
     assert set(prims.names("slice")) == {"fixed", "scaled", "interactive"}
-    assert set(prims.names("preempt")) == {"none", "kick_idle", "wakeup"}
+    assert set(prims.names("preempt")) == {"none", "kick_idle", "wakeup", "hog"}
     assert set(prims.names("task_class")) == {"kthread", "short_lived", "comm", "cgroup"}
     validate_spec(c.spec_example)  # the example an agent copies is itself valid
 
@@ -69,7 +70,7 @@ def test_every_primitive_is_documented_with_typed_ranged_knobs():
 def test_unknown_primitive_is_refused_with_the_choices_and_a_suggestion():
     why = refused({"name": "x1", "queue": "per_cpus"})
     assert "per_cpus" in why["queue"] and "did you mean 'per_cpu'" in why["queue"]
-    assert "global, per_cpu, per_llc, per_numa" in why["queue"]
+    assert "global, builtin_global, per_cpu, per_llc, per_numa" in why["queue"]
 
 
 def test_incompatible_combinations_are_refused_saying_why():
@@ -82,6 +83,8 @@ def test_incompatible_combinations_are_refused_saying_why():
     assert "only for kthread" in why["classes[0].treat"]
     why = refused({"name": "x1", "queue": "per_cpu", "preempt": "kick_idle", "params": {"steal": False}})
     assert "steal" in why["preempt"]
+    why = refused({"name": "x1", "queue": "builtin_global", "ordering": "vtime", "queued_wakeup": True})
+    assert "FIFO only" in why["ordering"] and "cpu_select builtin" in why["queued_wakeup"]
     why = refused({"name": "x1", "ordering": "deadline", "preempt": "wakeup",
                    "params": {"slice_ns": 1_000_000, "preempt_min_ns": 2_000_000}})
     assert "ever have run long enough" in why["params.preempt_min_ns"]
@@ -132,6 +135,20 @@ def test_rendered_source_reads_like_a_policy():
     assert r.params["slice_ns"] == "3000000" and render(EXAMPLE_SPEC).source == src  # deterministic
 
 
+def test_lean_preempts_mechanisms_render_to_a_one_callback_scheduler():
+    """The repository's winner (lean_preempt) as a spec: only enqueue and exit, the kernel's global
+    FIFO, hog preemption, queued wakeups — generation can reach it."""
+    from schedcp_mcp.synth.spec import LEAN_SPEC
+
+    src = render(LEAN_SPEC).source
+    table = src[src.index("SCX_OPS_DEFINE("):]
+    assert ".enqueue" in table and ".exit" in table and "SCX_OPS_ALLOW_QUEUED_WAKEUP" in table
+    for cb in (".select_cpu", ".dispatch", ".init", ".running"):
+        assert cb not in table
+    assert "SCX_DSQ_GLOBAL" in src and "sum_exec_runtime / (1 + t->nvcsw)" in src
+    assert "SCX_ENQ_PREEMPT" in src and check_source(src) == []
+
+
 def test_the_matrix_covers_every_choice_and_every_pair_of_axes():
     specs = matrix()
     assert len(specs) >= 24
@@ -139,7 +156,9 @@ def test_the_matrix_covers_every_choice_and_every_pair_of_axes():
         validate_spec(s)
     for axis in ("queue", "ordering", "cpu_select", "slice", "preempt"):
         assert {getattr(s, axis) for s in specs} == set(prims.names(axis)), axis
-    assert {(s.queue, s.preempt) for s in specs} >= {("per_numa", "wakeup"), ("per_cpu", "kick_idle")}
+    assert {(s.queue, s.preempt) for s in specs} >= {("per_numa", "wakeup"), ("per_cpu", "kick_idle"),
+                                                     ("builtin_global", "hog")}
+    assert any(s.queued_wakeup for s in specs)
     assert {c.match for s in specs for c in s.classes} == set(prims.names("task_class"))
     assert len({s.name for s in specs}) == len(specs)
 
@@ -147,11 +166,14 @@ def test_the_matrix_covers_every_choice_and_every_pair_of_axes():
 def test_generated_sources_compile(manifest):
     from schedcp_mcp.verify.compile import compile_source
 
-    by = {s.name: s for s in matrix()}
-    # one of each queue, with the heaviest feature mixes
-    for name in ("m02_global_deadl", "m04_per_cp_vtime", "m05_per_ll_deadl", "m14_per_nu_vtime"):
-        c = compile_source(render(by[name]).source, manifest)
-        assert c.ok, [e.message for e in c.errors]
+    # one of each queue, with the most classes (the heaviest feature mixes)
+    picked = {}
+    for s in sorted(matrix(), key=lambda s: -len(s.classes)):
+        picked.setdefault(s.queue, s)
+    assert len(picked) == 5
+    for s in picked.values():
+        c = compile_source(render(s).source, manifest)
+        assert c.ok, (s.name, [e.message for e in c.errors])
 
 
 # ---------------------------------------------------------------- revise and reconfigure

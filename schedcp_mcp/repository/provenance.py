@@ -46,6 +46,9 @@ class SchedulerSpec(BaseModel):
     slice: str = Field("fixed", description="fixed, scaled or interactive")
     preempt: str = Field("none", description="none, kick_idle or wakeup")
     classes: list[TaskClass] = Field([], description="task classes, first match wins (at most 4)")
+    queued_wakeup: bool = Field(False, description="SCX_OPS_ALLOW_QUEUED_WAKEUP: a wakeup of a task on "
+                                "another CPU is queued to that CPU (an IPI) as the default scheduler "
+                                "does (cpu_select builtin only)")
     params: dict[str, int | bool] = Field({}, description="knob values by name (see list_primitives); "
                                           "unset knobs take the primitive's default")
 

@@ -1,6 +1,7 @@
 """A representative matrix of primitive combinations: every pair of choices on any two axes appears
 in at least one spec (greedy pairwise covering over all valid combinations), so a template change
-that breaks any two primitives together shows up in `schedcp bench synth` and its VM test."""
+that breaks any two primitives together shows up in `schedcp bench synth` and its VM test; plus the
+two documented specs (the catalog's example and lean_preempt's mechanisms)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import itertools
 from functools import lru_cache
 
 from . import primitives as prims
-from .spec import SchedulerSpec, TaskClass, check_spec
+from .spec import EXAMPLE_SPEC, LEAN_SPEC, SchedulerSpec, TaskClass, check_spec
 
 #: task-class sets the matrix draws from (a class axis with a few representative mixes)
 CLASS_SETS: dict[str, list[TaskClass]] = {
@@ -38,6 +39,7 @@ def _spec(combo: dict[str, str], i: int) -> SchedulerSpec:
                          queue=combo["queue"], ordering=combo["ordering"], cpu_select=combo["cpu_select"],
                          slice=combo["slice"], preempt=combo["preempt"],
                          classes=CLASS_SETS[combo["classes"]], params=params,
+                         queued_wakeup=combo["cpu_select"] == "builtin" and i % 2 == 0,
                          description="matrix: " + ", ".join(f"{a}={combo[a]}" for a in AXES))
 
 
@@ -57,4 +59,5 @@ def matrix() -> tuple[SchedulerSpec, ...]:
         best = max(valid, key=lambda c: len(pairs(c) & uncovered))
         picked.append(best)
         uncovered -= pairs(best)
-    return tuple(_spec(c, i) for i, c in enumerate(picked))
+    refs = [SchedulerSpec.model_validate(x) for x in (EXAMPLE_SPEC, LEAN_SPEC)]  # the documented ones
+    return tuple([_spec(c, i) for i, c in enumerate(picked)] + refs)

@@ -54,6 +54,15 @@ PRIMITIVES: list[Primitive] = [
              "and message-passing workloads.",
         fails="A contention point on many CPUs; tasks migrate freely and lose cache locality."),
     Primitive(
+        axis="queue", name="builtin_global",
+        what="The kernel's own global FIFO (SCX_DSQ_GLOBAL): no dispatch callback and no queue to "
+             "create — the cheapest queue (lean_preempt, this repository's winner on hackbench and "
+             "builds: under TCG every sched_ext callback is paid on every context switch).",
+        when="Few CPUs, message passing and fork/exec churn, where per-switch overhead dominates.",
+        fails="FIFO only (no vtime, no weights); the kernel's queue cannot be counted from BPF, so no "
+              "scaled slices; no locality.",
+        requires="ordering fifo; slice not scaled"),
+    Primitive(
         axis="queue", name="per_cpu",
         what="One DSQ per CPU; a task queues on the CPU it last ran on; an idle CPU steals from "
              "another CPU's queue that holds at least steal_min tasks.",
@@ -122,6 +131,13 @@ PRIMITIVES: list[Primitive] = [
              "core, the LLC, then any); a task that finds an idle CPU is dispatched to it directly.",
         when="Almost always a good start: topology-aware and well tested.",
         fails="Ignores sync wakeups' cache affinity to the waker; no policy of its own."),
+    Primitive(
+        axis="cpu_select", name="builtin",
+        what="No select_cpu callback at all: the kernel's built-in idle selection places a waking "
+             "task and dispatches it to an idle CPU itself (with the kernel's default 20 ms slice).",
+        when="With builtin_global and hog preemption: the fewest callbacks (lean_preempt).",
+        fails="Tasks placed on idle CPUs get a 20 ms slice whatever slice_ns says; no policy of its "
+              "own."),
     Primitive(
         axis="cpu_select", name="prev_sticky",
         what="The previous CPU if it is idle; otherwise any idle CPU when migrate_on_wakeup is set; "
@@ -205,6 +221,23 @@ PRIMITIVES: list[Primitive] = [
                    desc="Insert the wakee into the CPU's local queue with SCX_ENQ_PREEMPT "
                         "(else queue it and kick the CPU).")],
         requires="ordering vtime or deadline; preempt_min_ns < slice_ns"),
+    Primitive(
+        axis="preempt", name="hog",
+        what="Guarded wakeup preemption from what the kernel already tracks (lean_preempt): a waking "
+             "task takes the CPU it woke on (SCX_DSQ_LOCAL_ON with SCX_ENQ_PREEMPT) when the task "
+             "running there is a CPU hog next to it — its lifetime CPU time per voluntary sleep "
+             "(sum_exec_runtime / (1 + nvcsw)) is at least hog_burst_ns and burst_ratio times the "
+             "waker's — and an idle CPU it woke on is used at once. No per-task state; kthreads are "
+             "never preempted.",
+        when="Short sleepers woken beside CPU hogs, with any ordering (fifo included); message "
+             "passing peers have similar bursts and do not preempt each other.",
+        fails="The burst is a lifetime average: a task that turns from interactive to CPU-bound is "
+              "judged by its past for a while.",
+        params=[_p("hog_burst_ns", "u64", 4 * MS, 0, 1000 * MS,
+                   "The running task is preempted only if its CPU time per voluntary sleep is at "
+                   "least this."),
+                _p("burst_ratio", "u64", 8, 1, 1000,
+                   "...and more than this many times the waking task's.")]),
     # ---------------------------------------------------------------- task classes
     Primitive(
         axis="task_class", name="kthread",

@@ -66,7 +66,7 @@ def features(spec: SchedulerSpec) -> dict:
     return {
         "vtime": vtime, "burst": burst, "wake_freq": spec.ordering == "deadline", "young": young,
         "tctx": vtime or burst or young,
-        "nr_cpus": spec.queue != "global" or spec.cpu_select == "llc_first",
+        "nr_cpus": spec.queue in ("per_cpu", "per_llc", "per_numa") or spec.cpu_select == "llc_first",
         "topo": domains or spec.cpu_select == "llc_first", "domains": domains,
         "llc_masks": spec.cpu_select == "llc_first",
         "classes": classes,
@@ -75,6 +75,7 @@ def features(spec: SchedulerSpec) -> dict:
         "local_classes": [c for c in classes if c["treat"] == "local"],
         "boost_classes": [c for c in classes if c["treat"] == "boost"],
         "kick": spec.preempt == "kick_idle" or spec.queue == "per_cpu",
+        "init": spec.queue != "builtin_global" or domains or spec.cpu_select == "llc_first",
     }
 
 

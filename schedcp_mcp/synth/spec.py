@@ -22,6 +22,14 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,23}\Z")
 #: comm / cgroup patterns are rendered into C: only these characters, so nothing can escape the string
 PATTERN_RE = re.compile(r"^[A-Za-z0-9_.:/+-]{1,15}\*?\Z")
 
+#: what lean_preempt (this repository's hackbench/build winner) is made of, as a spec
+LEAN_SPEC: dict[str, Any] = {
+    "name": "gen_lean", "description": "lean_preempt's mechanisms: builtin global FIFO, no "
+    "select_cpu, hog wakeup preemption, queued wakeups",
+    "queue": "builtin_global", "ordering": "fifo", "cpu_select": "builtin", "slice": "fixed",
+    "preempt": "hog", "queued_wakeup": True, "params": {"slice_ns": 5000000},
+}
+
 EXAMPLE_SPEC: dict[str, Any] = {
     "name": "gen_latency",
     "description": "deadline EDF with guarded wakeup preemption for wakeup latency under CPU hogs",
@@ -126,6 +134,16 @@ def check_spec(spec: SchedulerSpec) -> list[SpecProblem]:
         bad("preempt", "wakeup preemption compares the woken task's deadline/vtime with the running "
                        "task's, and fifo ordering has none; choose ordering vtime or deadline, or "
                        "preempt kick_idle")
+    if spec.queue == "builtin_global" and spec.ordering != "fifo":
+        bad("ordering", "the kernel's global queue (builtin_global) is FIFO only; choose ordering fifo "
+                        "or queue global")
+    if spec.queue == "builtin_global" and spec.slice == "scaled":
+        bad("slice", "scaled slices count the queue, and the kernel's global queue cannot be counted "
+                     "from BPF; choose queue global or slice fixed/interactive")
+    if spec.queued_wakeup and spec.cpu_select != "builtin":
+        bad("queued_wakeup", "queued wakeups are only offered with cpu_select builtin (no select_cpu "
+                             "callback), the combination lean_preempt measured; with a select_cpu of "
+                             "our own they were not measured")
     if problems:
         return problems  # the parameter checks below need known primitives
 
