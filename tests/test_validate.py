@@ -66,6 +66,7 @@ stress-ng: info:  [885] failed: 0
 stress-ng: info:  [885] successful run completed in 3.49 secs
 """
 PROBE_WAKEUP = ('{"samples": 1306, "p50_us": 306.8, "p90_us": 4662.1, "p99_us": 8175.4, "max_us": 19953.8, '
+                '"rq_p50_us": 41.0, "rq_p90_us": 102.3, "rq_p99_us": 391.5, "rq_max_us": 12858.0, '
                 '"hog_loops": 34417, "sleepers": 4, "hogs": 2, "period_us": 2000}\n')
 
 
@@ -79,7 +80,11 @@ def test_parsers_read_real_tool_output():
     assert set(rows) == {"cpu", "fork", "affinity", "switch", "sleep"}
     assert rows["affinity"] == {"bogo_ops": 1886.0, "real_time_s": 3.05, "bogo_ops_per_s": 617.58}
     w = parse_probe_wakeup(PROBE_WAKEUP)
-    assert w["p99_wakeup_latency_us"] == 8175.4 and w["p50_wakeup_latency_us"] == 306.8
+    # the primary figure is the run-queue wait; deadline → running stays as the timer figure
+    assert w["p99_wakeup_latency_us"] == 391.5 and w["p50_wakeup_latency_us"] == 41.0
+    assert w["p99_timer_wakeup_us"] == 8175.4
+    with pytest.raises(ValueError, match="run-queue"):
+        parse_probe_wakeup('{"samples": 3, "p50_us": 1, "p90_us": 1, "p99_us": 1, "max_us": 1, "hog_loops": 1}')
     assert parse_probe_time('{"elapsed_s": 0.607890, "rc": 0}\n') == {"build_time_s": 0.60789}
 
 

@@ -7,7 +7,12 @@
  *       they woke up (now - deadline); HOGS threads spin on the CPU meanwhile, so a woken sleeper
  *       has to be scheduled in front of a CPU hog. That delay is what a scheduler decides: under a
  *       FIFO with long slices a sleeper waits behind the hogs, under a latency-aware one it does
- *       not. Prints one JSON object: samples, p50_us, p90_us, p99_us, max_us, hog_loops.
+ *       not. After each wakeup a sleeper also reads its own run_delay (/proc/thread-self/schedstat):
+ *       the time it spent runnable but not running since the last wakeup, i.e. the run-queue wait
+ *       alone, without the timer's own lateness (in a TCG guest the timer interrupt is often late
+ *       by most of a tick, whichever scheduler runs, and that swamped the scheduler's share).
+ *       Prints one JSON object: samples, p50_us .. max_us (deadline -> running), rq_p50_us ..
+ *       rq_max_us (run-queue wait per wakeup), hog_loops.
  *
  *   schedcp-probe time CMD [ARG]...
  *       Runs CMD, waits, and prints one JSON object {"elapsed_s": ..., "rc": ...} (the guest's
@@ -18,6 +23,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -47,9 +53,23 @@ static int nsleepers;
 /* per-sleeper sample buffers; merged after the run */
 static struct sleeper {
 	pthread_t tid;
-	uint64_t *lat_ns;
+	uint64_t *lat_ns;	/* deadline -> running: timer delivery + run-queue wait */
+	uint64_t *rq_ns;	/* runnable -> running: the run-queue wait alone (schedstat) */
 	size_t n, cap;
 } sleepers[MAX_THREADS];
+
+/* This thread's run_delay (ns spent runnable, not running; 2nd field of schedstat), or 0. */
+static uint64_t run_delay(int fd)
+{
+	char buf[96];
+	ssize_t k = pread(fd, buf, sizeof(buf) - 1, 0);
+	unsigned long long a = 0, b = 0;
+
+	if (k <= 0)
+		return 0;
+	buf[k] = 0;
+	return sscanf(buf, "%llu %llu", &a, &b) == 2 ? b : 0;
+}
 
 static void *sleeper_main(void *arg)
 {
@@ -63,6 +83,8 @@ static void *sleeper_main(void *arg)
 	 * same scheduler.
 	 */
 	uint64_t next = start_ns + period_ns * (uint64_t)(s - sleepers) / (uint64_t)nsleepers;
+	int fd = open("/proc/thread-self/schedstat", O_RDONLY);
+	uint64_t rd = fd >= 0 ? run_delay(fd) : 0;
 	for (;;) {
 		next += period_ns;
 		if (next >= end_ns)
@@ -71,12 +93,18 @@ static void *sleeper_main(void *arg)
 		while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
 			;
 		uint64_t t = now_ns();
-		if (s->n < s->cap)
+		uint64_t rd1 = fd >= 0 ? run_delay(fd) : 0;
+		if (s->n < s->cap) {
+			s->rq_ns[s->n] = rd1 - rd;
 			s->lat_ns[s->n++] = t > next ? t - next : 0;
+		}
+		rd = rd1;
 		/* a very late wakeup skips the deadlines it missed rather than bursting to catch up */
 		if (t > next + period_ns)
 			next = t - (t - next) % period_ns;
 	}
+	if (fd >= 0)
+		close(fd);
 	return NULL;
 }
 
@@ -145,8 +173,9 @@ static int do_wakeup(int argc, char **argv)
 		}
 	for (int i = 0; i < nsleep; i++) {
 		sleepers[i].lat_ns = calloc(cap, sizeof(uint64_t));
+		sleepers[i].rq_ns = calloc(cap, sizeof(uint64_t));
 		sleepers[i].cap = cap;
-		if (!sleepers[i].lat_ns || pthread_create(&sleepers[i].tid, NULL, sleeper_main, &sleepers[i])) {
+		if (!sleepers[i].lat_ns || !sleepers[i].rq_ns || pthread_create(&sleepers[i].tid, NULL, sleeper_main, &sleepers[i])) {
 			perror("schedcp-probe: sleeper");
 			return 1;
 		}
@@ -160,20 +189,24 @@ static int do_wakeup(int argc, char **argv)
 	size_t n = 0;
 	for (int i = 0; i < nsleep; i++)
 		n += sleepers[i].n;
-	uint64_t *all = malloc((n ? n : 1) * sizeof(uint64_t));
-	if (!all) {
+	uint64_t *all = malloc((n ? n : 1) * sizeof(uint64_t)), *rq = malloc((n ? n : 1) * sizeof(uint64_t));
+	if (!all || !rq) {
 		perror("malloc");
 		return 1;
 	}
 	size_t k = 0;
 	for (int i = 0; i < nsleep; i++) {
 		memcpy(all + k, sleepers[i].lat_ns, sleepers[i].n * sizeof(uint64_t));
+		memcpy(rq + k, sleepers[i].rq_ns, sleepers[i].n * sizeof(uint64_t));
 		k += sleepers[i].n;
 	}
 	qsort(all, n, sizeof(uint64_t), cmp_u64);
+	qsort(rq, n, sizeof(uint64_t), cmp_u64);
 	printf("{\"samples\": %zu, \"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"max_us\": %.1f, "
+	       "\"rq_p50_us\": %.1f, \"rq_p90_us\": %.1f, \"rq_p99_us\": %.1f, \"rq_max_us\": %.1f, "
 	       "\"hog_loops\": %llu, \"sleepers\": %d, \"hogs\": %d, \"period_us\": %ld}\n",
 	       n, pct_us(all, n, 50), pct_us(all, n, 90), pct_us(all, n, 99), n ? (double)all[n - 1] / 1000.0 : 0.0,
+	       pct_us(rq, n, 50), pct_us(rq, n, 90), pct_us(rq, n, 99), n ? (double)rq[n - 1] / 1000.0 : 0.0,
 	       (unsigned long long)atomic_load(&hog_loops), nsleep, nhog, period_us);
 	return n ? 0 : 1;
 }
