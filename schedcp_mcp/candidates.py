@@ -271,10 +271,12 @@ def validation_outcome(job: Job, issue_token: bool = True) -> ValidationOutcome:
 
 def validate_campaign(cands: list[dict[str, Any]], *, goals: list[Goal] | None = None,
                       workloads: list[str] | None = None, rounds: int = 3, budget=None,
-                      use_cache: bool = True, lane: str = "normal", actor: str = "api") -> Job:
+                      use_cache: bool = True, lane: str = "normal", actor: str = "api",
+                      budget_s: float | None = None) -> Job:
     """Validate several candidates ({policy | source, params?, name?, lane?}) as one DAG campaign:
     verify → validate for each (the validate node takes its report from the verify node), the
-    candidates in parallel up to the pool size, within `budget` (earlier lanes first)."""
+    candidates in parallel up to the pool size, within `budget` (earlier lanes first); `budget_s` is
+    each validation's own time budget (validate's)."""
     from .jobs.campaigns import Node, submit_campaign
 
     if not cands:
@@ -295,6 +297,7 @@ def validate_campaign(cands: list[dict[str, Any]], *, goals: list[Goal] | None =
         nodes.append(Node(name=f"validate:{name}", kind="validate", lane=c.get("lane", lane),
                           after=[f"verify:{name}"], inputs={
                               "candidate": who, "goals": [g.model_dump(mode="json") for g in goals] if goals else None,
-                              "workloads": workloads, "rounds": rounds, "use_cache": use_cache}))
+                              "workloads": workloads, "rounds": rounds, "budget_s": budget_s,
+                              "use_cache": use_cache}))
     return submit_campaign(f"validate {len(cands)} candidates", nodes, budget=budget, lane=lane,
                            use_cache=use_cache, actor=actor)

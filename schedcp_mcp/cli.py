@@ -1274,10 +1274,37 @@ def bench_synth(workers: int, as_json: bool) -> None:
 @click.option("--jobs", "n", default=2000, show_default=True, help="trivial jobs per pool size")
 @click.option("--vm-noise", is_flag=True, help="instead: A/A noise in a sandbox VM alone vs beside a busy "
               "second VM (what decides the default pool size; needs a quiet machine, ~2 min)")
+@click.option("--campaign", "campaign_", is_flag=True, help="instead: wall time of a 6-candidate validation "
+              "campaign with pool 1 vs 2, and its validations' A/A noise (needs a quiet machine, ~10 min)")
 @json_option
-def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, as_json: bool) -> None:
+def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, as_json: bool) -> None:
     """The supervisor's throughput (jobs/s) and submit→start latency with trivial jobs."""
-    from .jobs.bench import TARGET_JOBS_S, TARGET_P99_MS, bench_jobs as run, bench_vm_noise
+    from .jobs.bench import TARGET_JOBS_S, TARGET_P99_MS, bench_campaign, bench_jobs as run, bench_vm_noise
+
+    if campaign_:
+        from . import candidates
+
+        names = ["fifo", "vtime_fair", "latency_boost", "batch", "local_sticky", "llc_aware"]
+
+        def submit():
+            return candidates.validate_campaign([{"policy": p} for p in names], workloads=["hackbench"],
+                                                rounds=2, budget_s=0, use_cache=False)
+
+        def show_c(rs):
+            t = Table("pool", "candidates", "wall time", "validations done", "A/A noise", "baseline hackbench",
+                      title="6-candidate validation campaign (hackbench, 2 paired rounds each; A/A noise: "
+                      "median (max-min)/median of each validation's baseline runs)")
+            for r in rs:
+                t.add_row(str(r.pool), str(r.candidates), f"{r.wall_s:.0f} s", str(r.validations_ok),
+                          f"{r.aa_noise:.1%}" if r.aa_noise is not None else "-",
+                          f"{r.baseline_s:.3f} s" if r.baseline_s is not None else "-")
+            console.print(t)
+
+        with progress_bar("campaign: pool 1, then pool 2", not as_json) as bar:
+            bar("running", 0.05)
+            rs = bench_campaign(submit, tuple(sorted(set(sizes))) if sizes != (2, 8) else (1, 2))
+        emit(rs, as_json, show_c)
+        return
 
     if vm_noise:
         def show(rs):

@@ -132,6 +132,8 @@ class CandidateResult(BaseModel):
     figures: list[WorkloadFigure] = []
     score: float | None = Field(None, description="mean log-ratio on the goal metrics, lower = "
                                                    "better (negative beats the default scheduler)")
+    worst: float | None = Field(None, description="the same at the least favourable end of each "
+                                                   "ratio's confidence interval: what decides the winner")
     warnings: list[str] = []
     error: str | None = None
     seconds: float = 0.0
@@ -339,17 +341,25 @@ def figures(layer2: dict | None) -> list[WorkloadFigure]:
     return out
 
 
-def goal_score(figs: list[WorkloadFigure], goals: list[Goal],
-               measures: dict[str, set[str]]) -> float | None:
+def goal_score(figs: list[WorkloadFigure], goals: list[Goal], measures: dict[str, set[str]],
+               worst: bool = False) -> float | None:
     """Mean log-ratio over the workloads a goal covers (all when none does), oriented so that lower
-    is better: ln(candidate/baseline) for lower-is-better metrics, ln(baseline/candidate) else."""
+    is better: ln(candidate/baseline) for lower-is-better metrics, ln(baseline/candidate) else.
+    `worst`: at the least favourable end of each ratio's confidence interval (the median ratio
+    where there is no interval) — what the candidate achieves at worst, as far as the A/B rounds
+    can tell."""
     usable = [f for f in figs if f.ratio and f.ratio > 0]
     chosen = [f for f in usable if any(g.metric in measures.get(f.workload, ()) for g in goals)] \
         or usable
     if not chosen:
         return None
-    logs = [math.log(f.ratio) if f.direction == "lower" else -math.log(f.ratio) for f in chosen]
-    return round(sum(logs) / len(logs), 4)
+
+    def log(f: WorkloadFigure) -> float:
+        if f.direction == "lower":
+            return math.log((f.ratio_high if worst and f.ratio_high else f.ratio))
+        return -math.log((f.ratio_low if worst and f.ratio_low else f.ratio))
+
+    return round(sum(log(f) for f in chosen) / len(chosen), 4)
 
 
 async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress,
@@ -397,6 +407,7 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
         res.figures = figures(v.get("layer2"))
         res.warnings = (v.get("layer2") or {}).get("warnings", [])
         res.score = goal_score(res.figures, rep.goals, rep._measures)
+        res.worst = goal_score(res.figures, rep.goals, rep._measures, worst=True)
         if res.passed and v.get("token") and (rep.winner is None or _better(res, rep)):
             rep.token, rep.winner, rep.winner_label = v["token"], res.report_id, res.label
     if all(c.error and not c.report_id for c in rep.candidates):
@@ -412,9 +423,10 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
     others = [c for c in passed if c is not win]
     figs = ", ".join(f"{f.metric} {f.ratio:.2f}x baseline ({f.verdict}, interval {f.interval})"
                      for f in win.figures if f.ratio)
-    rep.why = (f"{win.label} passed every gate with the best goal score {win.score:+.3f} "
-               f"(mean log-ratio, negative = better than the default): {figs}"
-               + (f"; beat {', '.join(f'{o.label} ({o.score:+.3f})' for o in others)}" if others else "")
+    rep.why = (f"{win.label} passed every gate and has the best worst case: mean log-ratio "
+               f"{win.worst:+.3f} at the unfavourable end of its intervals ({win.score:+.3f} at the "
+               f"median; negative = better than the default): {figs}"
+               + (f"; beat {', '.join(f'{o.label} ({o.worst:+.3f})' for o in others)}" if others else "")
                + ".")
     if req.target == "host":
         rep.host_command = (f'schedcp deploy --token "$(schedcp token {win.report_id} --target host)"'
@@ -445,10 +457,13 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
 
 
 def _better(res: CandidateResult, rep: OptimizeReport) -> bool:
+    """By the A/B intervals: the better worst case wins; the median ratios break a tie."""
     cur = next((c for c in rep.candidates if c.report_id == rep.winner), None)
-    if cur is None or cur.score is None:
+    if cur is None or cur.worst is None:
         return True
-    return res.score is not None and res.score < cur.score
+    key = lambda c: (c.worst if c.worst is not None else math.inf,  # noqa: E731
+                     c.score if c.score is not None else math.inf)
+    return key(res) < key(cur)
 
 
 async def learn(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:

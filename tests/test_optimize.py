@@ -49,6 +49,23 @@ def test_goal_score_prefers_lower_cost_on_goal_workloads():
     assert optimize.goal_score([fig("cpu", 2.0, "higher")], [], measures) < 0  # higher is better
 
 
+def test_the_winner_is_chosen_by_its_worst_case_interval_end():
+    def cand(label, ratio, low, high):
+        f = optimize.WorkloadFigure(workload="hackbench", metric="m", unit="s", direction="lower",
+                                    baseline=1, candidate=ratio, ratio=ratio, ratio_low=low,
+                                    ratio_high=high, noise=None, verdict="same")
+        c = optimize.CandidateResult(label=label, policy=label, strategy="reconfigure", why="",
+                                     report_id=f"rep-{label}", passed=True, figures=[f])
+        c.score = optimize.goal_score([f], [], {})
+        c.worst = optimize.goal_score([f], [], {}, worst=True)
+        return c
+
+    steady, lucky = cand("steady", 0.64, 0.41, 0.99), cand("lucky", 0.52, 0.26, 1.04)
+    rep = optimize.OptimizeReport(started_at=0, request=optimize.OptimizeRequest(),
+                                  candidates=[lucky, steady], winner=lucky.report_id)
+    assert lucky.score < steady.score and optimize._better(steady, rep)
+
+
 def test_budget_decides_how_many_candidates():
     small = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=60)
     big = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=3600, max_candidates=4)
@@ -164,3 +181,18 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy)
     assert rep2.candidates[0].policy == win.policy, (rep2.candidates[0].label, win.label)
     assert "history" in rep2.candidates[0].why
     assert "deploy" not in rep2.calls["execution"]  # host target: the human deploys
+
+
+def test_a_host_command_is_matched_to_the_sandbox_workloads_like_it(manifest):
+    """A host workload is judged on the sandbox workloads whose profiles resemble it, and the
+    report says why (each sandbox workload's benchmark is profiled here once)."""
+    from schedcp_mcp.learn.match import match_workloads
+    from schedcp_mcp.observe.profile import profile_workload
+
+    prof = profile_workload(["hackbench", "-g", "2", "-l", "40"], None, 20, use_runqlat=False)
+    matches = match_workloads(prof.id, limit=5)
+    assert len(matches) == 5 and matches == sorted(matches, key=lambda m: -m.similarity)
+    assert "hackbench" in [m.workload for m in matches[:2]], matches
+    assert all(m.reason and 0 <= m.similarity <= 1 for m in matches)
+    again = match_workloads(prof.id, limit=1)  # references are reused, not profiled again
+    assert again[0].reference_profile_id == matches[0].reference_profile_id

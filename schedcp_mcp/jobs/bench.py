@@ -42,6 +42,8 @@ class JobsBench(BaseModel):
 @contextmanager
 def _home() -> Iterator[str]:
     old = os.environ.get("SCHEDCP_HOME")
+    # the sandbox image stays the one of the real home (a throwaway home must not build its own)
+    os.environ.setdefault("SCHEDCP_SANDBOX_DIR", str(config.sandbox_dir()))
     with tempfile.TemporaryDirectory(prefix="schedcp-bench-jobs-") as d:
         os.environ["SCHEDCP_HOME"] = d
         try:
@@ -145,4 +147,47 @@ def bench_vm_noise(runs: int = 8, cmd: str = "hackbench -g 2 -l 60") -> list[Noi
             b.run(f"(setsid sh -c 'while true; do {cmd}; done' </dev/null >/dev/null 2>&1 &)", timeout_s=30)
             time.sleep(1)
             out.append(stats("two VMs (the other busy)", _aa(a, runs, cmd)))
+    return out
+
+
+# --- a validation campaign with pool 1 vs 2 ------------------------------------------------------
+
+class CampaignBench(BaseModel):
+    pool: int
+    candidates: int
+    wall_s: float
+    validations_ok: int
+    aa_noise: float | None  # median over the validations of (max-min)/median of their baseline runs
+    baseline_s: float | None  # median hackbench time under the default scheduler (VM speed)
+
+
+def bench_campaign(submit, sizes: tuple[int, ...] = (1, 2)) -> list[CampaignBench]:
+    """Wall time of the same validation campaign run by a pool of each size, in a fresh home each
+    (nothing from a cache), and the A/A noise the validations measured. `submit()` queues the
+    campaign (the caller builds it: campaigns of candidates live above this layer)."""
+    from ..reports import get_report
+    from .pool import Pool
+    from . import queue
+
+    out = []
+    for n in sizes:
+        with _home():
+            store.db()
+            t0 = time.monotonic()
+            with Pool(n):
+                camp = queue.wait(submit().id)
+            wall = time.monotonic() - t0
+            noise, base, ok = [], [], 0
+            for c in (camp.result or {}).get("children", []):
+                if c["kind"] == "validate" and c["state"] == "succeeded" and c["report_id"]:
+                    ok += 1
+                    l2 = get_report(c["report_id"]).layer2
+                    for w in (l2.workloads if l2 else []):
+                        if w.baseline_stats:  # the default scheduler against itself, same boot
+                            noise.append(w.baseline_stats.rel_spread)
+                            base.append(w.baseline_stats.median)
+            out.append(CampaignBench(pool=n, candidates=len((camp.result or {}).get("children", [])) // 2,
+                                     wall_s=round(wall, 1), validations_ok=ok,
+                                     aa_noise=round(statistics.median(noise), 4) if noise else None,
+                                     baseline_s=round(statistics.median(base), 3) if base else None))
     return out
