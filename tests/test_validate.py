@@ -231,6 +231,15 @@ def test_goals_do_not_excuse_a_severe_regression_elsewhere():
                                              "no_severe_regression:pipe": False}
 
 
+def test_stability_counts_a_flip_per_workload_whose_verdict_changed_and_one_for_pass_fail():
+    from schedcp_mcp.validate.bench import count_flips
+
+    steady = {"hackbench": ["better"] * 3, "pipe": ["undecided"] * 3}
+    assert count_flips(steady, [False] * 3) == ([], 0)
+    shaky = {"hackbench": ["better", "better", "same"], "pipe": ["undecided"] * 3}
+    assert count_flips(shaky, [True, False, True]) == (["hackbench"], 2)
+
+
 def test_policy_counters_are_read_from_bpftool_json():
     from schedcp_mcp.validate.runner import _counter_delta
 
