@@ -189,7 +189,8 @@ def test_a_host_command_is_matched_to_the_sandbox_workloads_like_it(manifest):
     from schedcp_mcp.learn.match import match_workloads
     from schedcp_mcp.observe.profile import profile_workload
 
-    prof = profile_workload(["hackbench", "-g", "2", "-l", "40"], None, 20, use_runqlat=False)
+    prof = profile_workload(["sh", "-c", "for i in 1 2 3 4 5 6; do hackbench -g 2 -l 80; done"],
+                            None, 30, use_runqlat=False)
     matches = match_workloads(prof.id, limit=5)
     assert len(matches) == 5 and matches == sorted(matches, key=lambda m: -m.similarity)
     assert "hackbench" in [m.workload for m in matches[:2]], matches

@@ -35,12 +35,18 @@ class WorkloadMatch(BaseModel):
     reason: str
 
 
+#: a benchmark run is repeated for at least this long when profiled: one run of a sandbox workload
+#: takes well under a second on a host, too short for steady process-tree rates at 10 Hz sampling
+MIN_PROFILE_S = 3
+
+
 def host_command(workload: str) -> list[str]:
-    """A sandbox workload's benchmark command as it runs on the host (`$PROBE` is our probe binary)."""
+    """A sandbox workload's benchmark as it runs on the host (`$PROBE` is our probe binary),
+    repeated for MIN_PROFILE_S seconds."""
     w = get_workloads([workload])[0]
-    if "$PROBE" in w.command:
-        return ["sh", "-c", f"PROBE={ensure_probe()}; {w.command}"]
-    return ["sh", "-c", w.command]
+    probe = f"PROBE={ensure_probe()}; " if "$PROBE" in w.command else ""
+    return ["sh", "-c", f"{probe}end=$(($(date +%s) + {MIN_PROFILE_S})); "
+                        f"while [ $(date +%s) -lt $end ]; do {w.command} >/dev/null; done"]
 
 
 def profile_sandbox_workload(workload: str, duration_s: float = 30.0,
