@@ -231,6 +231,15 @@ def test_goals_do_not_excuse_a_severe_regression_elsewhere():
                                              "no_severe_regression:pipe": False}
 
 
+def test_stability_counts_a_flip_per_workload_whose_verdict_changed_and_one_for_pass_fail():
+    from schedcp_mcp.validate.bench import count_flips
+
+    steady = {"hackbench": ["better"] * 3, "pipe": ["undecided"] * 3}
+    assert count_flips(steady, [False] * 3) == ([], 0)
+    shaky = {"hackbench": ["better", "better", "same"], "pipe": ["undecided"] * 3}
+    assert count_flips(shaky, [True, False, True]) == (["hackbench"], 2)
+
+
 def test_policy_counters_are_read_from_bpftool_json():
     from schedcp_mcp.validate.runner import _counter_delta
 
@@ -370,7 +379,8 @@ def test_a_scheduler_that_never_dispatches_is_caught_as_a_stall(sandbox_vm):
     assert not res.passed
     assert res.failure_reason.startswith("no_stall:") and "runnable task stall" in res.failure_reason
     assert any("runnable task stall" in ln for ln in res.kernel_log)
-    assert res.workloads[0].baseline and not res.workloads[0].candidate
+    # a result holds paired rounds only: the candidate never ran a workload, so there is no pair
+    assert not res.workloads[0].candidate and res.workloads[0].verdict == "failed"
 
 
 @pytest.mark.vm

@@ -191,6 +191,13 @@ def bench_aa(rounds: int = 3, budget_s: float | None = None, workloads: list[str
             "level": gates.LEVEL, "workloads": rows, "within_margin": all(x["within_margin"] for x in rows)}
 
 
+def count_flips(verdicts: dict[str, list[str]], passes: list[bool]) -> tuple[list[str], int]:
+    """(workloads whose verdict differed between runs, flips): one flip per such workload, plus one
+    when pass/fail differed."""
+    flipped = [n for n, v in verdicts.items() if len(set(v)) > 1]
+    return flipped, len(flipped) + (len(set(passes)) > 1)
+
+
 def bench_stability(policy: str, runs: int = 3, rounds: int = 3, budget_s: float | None = None,
                     out_dir: Path | None = None, quiet: bool = False) -> dict:
     """One policy validated in `runs` fresh VM boots: per run the pass/fail and every workload's verdict;
@@ -213,9 +220,8 @@ def bench_stability(policy: str, runs: int = 3, rounds: int = 3, budget_s: float
     names = [w.name for w in results[0].workloads]
     verdicts = {n: [next((w.verdict for w in r.workloads if w.name == n), "missing") for r in results]
                 for n in names}
-    flipped = [n for n, v in verdicts.items() if len(set(v)) > 1]
     passes = [r.passed for r in results]
-    flips = len(flipped) + (len(set(passes)) > 1)
+    flipped, flips = count_flips(verdicts, passes)
     t = Table("workload", *[f"run {i + 1}" for i in range(runs)], "flipped",
               title=f"stability of {policy}: {runs} fresh boots")
     for n in names:
