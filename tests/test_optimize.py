@@ -134,13 +134,6 @@ def repo_copy(tmp_path_factory, manifest):
     os.environ["SCHEDCP_POLICIES"] = str(base / "policies")
     with home_env(base / "home"):
         yield base
-        from schedcp_mcp.deploy.deployments import active, rollback
-        from schedcp_mcp.deploy.targets import STAGING
-        from schedcp_mcp.sandbox.vm import VM
-
-        if active("sandbox"):
-            rollback(None, "sandbox", "test over", actor="cli")
-        VM.stop_named(STAGING)
     for key, value in (("SCHEDCP_POLICIES", old), ("SCHEDCP_VM_RT", old_rt)):
         if value is None:
             os.environ.pop(key, None)
@@ -148,8 +141,23 @@ def repo_copy(tmp_path_factory, manifest):
             os.environ[key] = value
 
 
+@pytest.fixture
+def no_staging_left():
+    """optimize leaves its winner deployed on the staging VM (that is its job); the test must not
+    leave that VM and its monitor running for the rest of the suite. Runs in the test's own home
+    (the per-test SCHEDCP_HOME is still set when this tears down)."""
+    yield
+    from schedcp_mcp.deploy.deployments import active, rollback
+    from schedcp_mcp.deploy.targets import STAGING
+    from schedcp_mcp.sandbox.vm import VM
+
+    if active("sandbox"):
+        rollback(None, "sandbox", "test over", actor="cli")
+    VM.stop_named(STAGING)
+
+
 @pytest.mark.vm
-def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy):
+def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy, no_staging_left):
     req = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=300, max_candidates=2,
                                    watch_s=8, out_dir=str(repo_copy / "run1"))
     rep = anyio.run(optimize.run, req)
