@@ -47,4 +47,4 @@ if [ "${SCHEDCP_SKIP_SANDBOX:-0}" != "1" ]; then
   echo "setup: building the sched_ext sandbox image (cached; --force rebuilds)"
   $PY -m schedcp_mcp sandbox build
 fi
-echo "setup: done. Try: schedcp info; schedcp policies list; schedcp validate --policy latency_boost"
+echo "setup: done. Try: schedcp info; schedcp policies list; schedcp optimize --workload hackbench"
