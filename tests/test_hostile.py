@@ -84,17 +84,24 @@ def test_the_compile_jail_holds_only_the_toolchain_headers_and_work_dir(manifest
 
 
 def test_compiler_output_is_capped_while_it_is_read(manifest):
-    """A warning flood must not take the server's memory: 256 MiB of stderr against a 1 MiB cap."""
+    """A warning flood must not take the server's memory: 256 MiB of stderr against a 1 MiB cap.
+    Compared with the same run printing 1 KiB, so that what the interpreter and its imports cost in
+    this environment does not count (in the full suite that baseline was ~200 MiB, alone ~32)."""
     import os
     import subprocess
     import sys
 
-    code = ("import resource; from schedcp_mcp.sandbox import toolchain; "
-            "r = toolchain.run(['sh', '-c', 'yes xxxxxxxxxxxxxxx | head -c 268435456 >&2'], "
-            "max_output_mb=1, timeout_s=120); "
-            "print(len(r.stderr), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env=os.environ.copy())
-    kept, peak_mb = map(int, out.stdout.split())
+    def peak(nbytes: int) -> tuple[int, int]:
+        code = ("import resource; from schedcp_mcp.sandbox import toolchain; "
+                f"r = toolchain.run(['sh', '-c', 'yes xxxxxxxxxxxxxxx | head -c {nbytes} >&2'], "
+                "max_output_mb=1, timeout_s=120); "
+                "print(len(r.stderr), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env=os.environ.copy())
+        kept, peak_mb = map(int, out.stdout.split())
+        return kept, peak_mb
+
+    kept, flood_mb = peak(256 << 20)
     assert kept == 1 << 20
-    assert peak_mb < 150, f"peak RSS {peak_mb} MiB: the output was held in memory"
+    _, quiet_mb = peak(1024)
+    assert flood_mb - quiet_mb < 64, f"peak RSS {flood_mb} MiB vs {quiet_mb} MiB: the output was held in memory"
