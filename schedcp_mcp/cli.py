@@ -862,6 +862,17 @@ def _synth_exit(res) -> None:
     sys.exit(0 if res.verdict == "accepted" else 1)
 
 
+def _show_synth(res, as_json: bool, show_source: bool) -> None:
+    """generate/revise: JSON, or the source when asked and the verdict table; exit by the verdict."""
+    if as_json:
+        click.echo(res.model_dump_json(indent=2))
+    else:
+        if show_source and res.source:
+            click.echo(res.source)
+        render_synth(res)
+    _synth_exit(res)
+
+
 @main.command("primitives")
 @json_option
 def primitives_cmd(as_json: bool) -> None:
@@ -904,13 +915,7 @@ def generate(spec_file, no_cache: bool, show_source: bool, as_json: bool) -> Non
         raise BadInput(f"the spec is not JSON: {e}", "see `schedcp primitives` for an example spec")
     with progress_bar("generate", not as_json) as bar:
         res = gen(data, use_cache=not no_cache, progress=bar, actor="cli")
-    if as_json:
-        click.echo(res.model_dump_json(indent=2))
-    else:
-        if show_source and res.source:
-            click.echo(res.source)
-        render_synth(res)
-    _synth_exit(res)
+    _show_synth(res, as_json, show_source)
 
 
 @main.command()
@@ -942,13 +947,7 @@ def revise(base: str, patch_file, params: tuple[str, ...], show_source: bool, as
 
     with progress_bar("revise", not as_json) as bar:
         res = rv(base, patch_file.read(), parse_params(params), progress=bar, actor="cli")
-    if as_json:
-        click.echo(res.model_dump_json(indent=2))
-    else:
-        if show_source and res.source:
-            click.echo(res.source)
-        render_synth(res)
-    _synth_exit(res)
+    _show_synth(res, as_json, show_source)
 
 
 def render_tune(t) -> None:

@@ -32,6 +32,7 @@ from celery.result import AsyncResult
 from . import kinds, queue
 from .kinds import JobContext
 from .models import LANES, Job
+from .pool import Service
 
 log = logging.getLogger("schedcp.jobs.fleet")
 
@@ -75,7 +76,7 @@ def run_job(self, job: dict[str, Any], dep_results: dict[str, Any]) -> dict[str,
             "pid": os.getpid(), "redelivered": bool((self.request.delivery_info or {}).get("redelivered"))}
 
 
-class Fleet:
+class Fleet(Service):
     """The coordinator: a pool whose slots are Celery workers' (`capacity` jobs in flight)."""
 
     def __init__(self, capacity: int = 4, *, poll_s: float = 0.05, heartbeat_s: float = 1.0,
@@ -100,25 +101,13 @@ class Fleet:
         queue.stop_worker(self.id)
         queue.reclaim(self.stale_s)  # what was in flight goes back to the queue
 
-    def __enter__(self) -> "Fleet":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def serve_forever(self) -> None:
-        try:
-            while not self._stop.wait(1.0):
-                pass
-        finally:
-            self.stop()
-
     def _loop(self) -> None:
         last_beat = 0.0
         while not self._stop.is_set():
             try:
-                self._step(time.monotonic() - last_beat >= self.heartbeat_s)
-                if time.monotonic() - last_beat >= self.heartbeat_s:
+                beat = time.monotonic() - last_beat >= self.heartbeat_s
+                self._step(beat)
+                if beat:
                     last_beat = time.monotonic()
             except Exception:  # noqa: BLE001 — a broker or store hiccup must not end the coordinator
                 log.exception("fleet coordinator step failed")

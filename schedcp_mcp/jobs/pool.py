@@ -45,7 +45,33 @@ def default_size() -> int:
     return max(1, min((os.cpu_count() or 1) // 2, by_mem))
 
 
-class Pool:
+class Service:
+    """What a pool and the fleet coordinator share: `with` starts and stops it, and
+    `serve_forever` blocks until stopped (subclasses set `_stop` and define start/stop)."""
+
+    _stop: threading.Event
+
+    def start(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def stop(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+
+class Pool(Service):
     def __init__(self, size: int | None = None, *, poll_s: float = 0.01, heartbeat_s: float = 1.0,
                  stale_s: float = 30.0, kind_names: list[str] | None = None, engine: str = "local",
                  scope: str | None = None):
@@ -99,23 +125,10 @@ class Pool:
         if left:
             queue.reclaim(self.stale_s)  # our jobs: their worker is stopped now
 
-    def __enter__(self) -> "Pool":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     @property
     def active(self) -> int:
         with self._lock:
             return len(self._running)
-
-    def serve_forever(self) -> None:
-        try:
-            while not self._stop.wait(1.0):
-                pass
-        finally:
-            self.stop()
 
     # ------------------------------------------------------------ loops
 
