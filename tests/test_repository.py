@@ -18,8 +18,11 @@ def test_no_policy_directory_fails_to_load():
 
 
 def test_at_least_six_own_policies_with_distinct_algorithms():
-    assert len(OURS) >= 6
-    assert len({p.algorithm for p in OURS}) == len(OURS)
+    # the shipped ones: a policy contributed by a run (`schedcp optimize`'s learning stage, e.g. fifo
+    # with fitted parameters) carries its provenance and may share its parent's algorithm
+    shipped = [p for p in OURS if not p.provenance]
+    assert len(shipped) >= 6
+    assert len({p.algorithm for p in shipped}) == len(shipped)
 
 
 @pytest.mark.parametrize("p", OURS, ids=lambda p: p.name)
