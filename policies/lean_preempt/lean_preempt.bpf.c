@@ -56,12 +56,15 @@ const volatile u64 slice_ns = 5000000ULL;	/* 5 ms */
 const volatile u64 hog_burst_ns = 4000000ULL;	/* 4 ms per sleep */
 const volatile u64 burst_ratio = 8;
 const volatile bool preempt = true;
+const volatile bool wake_local = true;
+const volatile u64 local_max = 2;
 
 UEI_DEFINE(uei);
 
 /* What the policy did, for layer 2's report (one entry, named fields via BTF). */
 struct schedcp_stats {
 	u64 wakeup_preempts;
+	u64 local_wakeups;
 	u64 fifo_wakeups;
 	u64 idle_placements;
 };
@@ -111,6 +114,19 @@ void BPF_STRUCT_OPS(lean_preempt_enqueue, struct task_struct *p, u64 enq_flags)
 		if (st)
 			__sync_fetch_and_add(&st->wakeup_preempts, 1);
 		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL_ON | cpu, slice_ns, enq_flags | SCX_ENQ_PREEMPT);
+		return;
+	}
+	/*
+	 * May not preempt (the running task is short too): a short waking task still goes ahead of
+	 * the FIFO, on its CPU's own queue, which the CPU runs before it pulls from the FIFO. In the
+	 * FIFO it could land behind the hog it had just preempted a moment earlier and wait that hog's
+	 * whole slice. Bounded by local_max, since no other CPU takes from this queue.
+	 */
+	if (wake_local && burst(p) < hog_burst_ns &&
+	    scx_bpf_dsq_nr_queued(SCX_DSQ_LOCAL_ON | cpu) < local_max) {
+		if (st)
+			__sync_fetch_and_add(&st->local_wakeups, 1);
+		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL_ON | cpu, slice_ns, enq_flags);
 		return;
 	}
 	if (st)

@@ -176,7 +176,7 @@ def bench_aa(rounds: int = 3, budget_s: float | None = None, workloads: list[str
         within = r.speedup is not None and r.speedup_low >= lo_ok and r.speedup_high <= hi_ok
         rows.append({"workload": r.name, "metric": r.metric, "pairs": r.pairs, "ratio": r.ratio,
                      "ratio_low": r.ratio_low, "ratio_high": r.ratio_high, "half_width": r.noise,
-                     "within_margin": within, "errors": r.errors})
+                     "within_margin": within, "errors": r.errors, "a": r.baseline, "a_again": r.candidate})
     t = Table("workload", "metric", "A'/A ratio", f"{gates.LEVEL:.0%} interval", "± half-width", "rounds",
               f"within ±{gates.MARGIN:.0%}",
               title=f"A/A: default scheduler vs itself, one boot, {n} paired rounds, {secs:.0f} s")
