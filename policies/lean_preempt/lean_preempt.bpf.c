@@ -58,6 +58,7 @@ const volatile u64 burst_ratio = 8;
 const volatile bool preempt = true;
 const volatile bool wake_local = true;
 const volatile u64 local_max = 2;
+const volatile bool sync_apart = true;
 
 UEI_DEFINE(uei);
 
@@ -67,6 +68,7 @@ struct schedcp_stats {
 	u64 local_wakeups;
 	u64 fifo_wakeups;
 	u64 idle_placements;
+	u64 sync_wakeups;
 };
 
 struct {
@@ -87,6 +89,31 @@ static struct schedcp_stats *stats(void)
 static u64 burst(struct task_struct *t)
 {
 	return t->se.sum_exec_runtime / (1 + t->nvcsw);
+}
+
+/*
+ * The built-in CPU selection, except that a synchronous wakeup (a pipe or socket hand-off: the
+ * waker is about to sleep) is not pulled onto the waker's CPU while another CPU idles. Pulled
+ * together, a ping-pong pair took 0.62 s for perf bench sched pipe where the default scheduler takes
+ * 0.27 s (sandbox, 4 paired rounds); kept apart (an idle CPU each) it runs at the default's speed.
+ * An idle CPU found is dispatched to at once.
+ */
+s32 BPF_STRUCT_OPS(lean_preempt_select_cpu, struct task_struct *p, s32 prev_cpu, u64 wake_flags)
+{
+	struct schedcp_stats *st;
+	bool is_idle = false;
+	s32 cpu;
+
+	if (sync_apart && (wake_flags & SCX_WAKE_SYNC)) {
+		wake_flags &= ~SCX_WAKE_SYNC;
+		st = stats();
+		if (st)
+			__sync_fetch_and_add(&st->sync_wakeups, 1);
+	}
+	cpu = scx_bpf_select_cpu_dfl(p, prev_cpu, wake_flags, &is_idle);
+	if (is_idle)
+		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL, slice_ns, 0);
+	return cpu;
 }
 
 void BPF_STRUCT_OPS(lean_preempt_enqueue, struct task_struct *p, u64 enq_flags)
@@ -141,6 +168,7 @@ void BPF_STRUCT_OPS(lean_preempt_exit, struct scx_exit_info *ei)
 }
 
 SCX_OPS_DEFINE(lean_preempt_ops,
+	       .select_cpu		= (void *)lean_preempt_select_cpu,
 	       .enqueue			= (void *)lean_preempt_enqueue,
 	       .exit			= (void *)lean_preempt_exit,
 	       .flags			= SCX_OPS_ALLOW_QUEUED_WAKEUP,

@@ -142,7 +142,7 @@ class _Run:
         body = [COUNTERS_SNIPPET.format(tag="C0")] if side == "candidate" else []
         for w in self.workloads:
             body.append(f"snap {phase}\n")
-            for _ in range(max(1, w.reps)):
+            for _ in range(1 if side == "warmup" else max(1, w.reps)):
                 body.append(f"echo '@@B {w.name}'\ntimeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\n"
                             f"echo \"@@E {w.name} $?\"\n")
         body.append(f"snap {phase}\n")
@@ -183,7 +183,7 @@ class _Run:
                         self.extra[w.name].setdefault(k, ([], []))[idx].append(v)
 
     def warm_up(self) -> None:
-        """Each workload once under the default scheduler, figures discarded. The first run of a
+        """Each workload once (one rep) under the default scheduler, figures discarded. The first run of a
         workload in a fresh boot is cold (page cache, qemu's translation cache: stress-ng --cpu gave
         half its usual bogo ops/s), and as round 1's baseline it made one pair lie in the candidate's
         favour — in an A/A run that one pair was most of the ±25 % cpu interval."""

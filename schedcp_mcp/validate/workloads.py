@@ -32,9 +32,9 @@ _BUILD_JOB = 'x=0; for i in 1 2 3 4 5 6 7 8; do x=$((x+i*$0)); done; echo $0 $x 
 
 WORKLOADS: list[Workload] = [
     Workload(
-        name="hackbench", description="hackbench: 2 groups x 40 tasks passing messages over sockets, 120 loops "
+        name="hackbench", description="hackbench: 2 groups x 40 tasks passing messages over sockets, 60 loops "
         "(wakeup-heavy, many more tasks than CPUs)",
-        command="hackbench -g 2 -l 120", metric="messaging_time_s", unit="s", direction="lower",
+        command="hackbench -g 2 -l 60", metric="messaging_time_s", unit="s", direction="lower",
         parser="hackbench", goal_metrics=["wall_time_s"], requires=["hackbench"]),
     Workload(
         name="pipe", description="perf bench sched pipe: two tasks ping-pong over a pipe "
