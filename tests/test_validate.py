@@ -418,3 +418,15 @@ def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm)
     assert res.stress and set(res.stress.stressors) == {"cpu", "fork", "affinity", "switch", "sleep"}
     assert any('"vtime_fair" enabled' in ln for ln in res.kernel_log)
     assert res.durations["total"] > 0 and res.performance  # perf gates judged (pass or fail by the numbers)
+
+
+def test_rounds_for_margin_is_the_fewest_rounds_whose_interval_fits():
+    from scipy.stats import t
+
+    from schedcp_mcp.validate.bench import rounds_for
+
+    quiet, noisy = rounds_for(0.03), rounds_for(0.12)
+    assert quiet is not None and noisy is not None and 2 <= quiet < noisy
+    half = lambda n, sd: t.ppf(0.975, n - 1) * sd / math.sqrt(n)  # noqa: E731
+    assert half(noisy, 0.12) <= math.log(1.1) < half(noisy - 1, 0.12)
+    assert rounds_for(5.0) is None
