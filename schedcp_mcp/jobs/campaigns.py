@@ -87,7 +87,7 @@ def submit_campaign(label: str, nodes: list[Node], *, budget: Budget | None = No
     return queue.get(camp.id)
 
 
-@register("campaign", timeout_s=300, max_attempts=3)
+@register("campaign", timeout_s=300, max_attempts=3, local=True)
 def _campaign(ctx: JobContext) -> dict[str, Any]:
     """The join: what each child did, and what the budget left out."""
     kids = queue.list_jobs(parent=ctx.job.id, limit=10_000)

@@ -325,8 +325,8 @@ def claim(worker_id: str, kind_names: Iterable[str] | None = None, scope: str | 
         kinds_sql += " AND (j.id=? OR j.parent=?)"
         args += [scope, scope]
     while True:
-        now = time.time()
         with store.transaction() as conn:
+            now = time.time()  # inside: a job that ended while we waited for the lock ended before this
             row = conn.execute(_READY.format(kinds=kinds_sql), (now, *args)).fetchone()
             if row is None:
                 return None
@@ -399,8 +399,8 @@ def finish(job_id: str, attempt: int, worker_id: str, outcome: str, result: Any 
            error: str | None = None) -> bool:
     """Record the end of an attempt: outcome succeeded | failed | transient. False (and nothing
     written) when this attempt no longer owns the job."""
-    now = time.time()
     with store.transaction() as conn:
+        now = time.time()
         row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None or row["state"] != "running" or row["attempts"] != attempt or row["worker"] != worker_id:
             _close_attempt(conn, job_id, attempt, "superseded", error, now)
