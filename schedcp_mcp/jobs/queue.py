@@ -185,6 +185,10 @@ def wait(job_id: str, timeout_s: float | None = None,
             n, ended = store.db().execute(f"SELECT COUNT(*), SUM(state IN {_TERMINAL_SQL}) FROM jobs "
                                           "WHERE parent=?", (job_id,)).fetchone()
             job.message, job.progress = f"{ended or 0} of {n} nodes done", (ended or 0) / max(n, 1)
+            running = store.db().execute("SELECT inputs, message FROM jobs WHERE parent=? AND "
+                                         "state='running' ORDER BY started_at LIMIT 1", (job_id,)).fetchone()
+            if running:
+                job.message += f"; {json.loads(running['inputs']).get('node', '')}: {running['message']}"
         if on_progress and (job.message, job.progress) != seen:
             seen = (job.message, job.progress)
             on_progress(job.message or job.state, job.progress)
