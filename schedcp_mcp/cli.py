@@ -1263,6 +1263,23 @@ def bench_verify() -> None:
     run()
 
 
+def bench_job(job, label: str, background: bool, as_json: bool, answer=None) -> dict:
+    """A benchmark job from the command line: its id (--background), or wait with a progress bar and
+    print what it printed (under --json: its result). `answer`: what to read from the ended job."""
+    from .benches import show, without_printed
+
+    if background:
+        queued(job, as_json)
+        sys.exit(0)
+    with progress_bar(label, not as_json) as bar:
+        res = (answer or queue_result)(run_to_end(job.id, bar))
+    if as_json:
+        click.echo(json.dumps(without_printed(res), indent=2))
+    else:
+        show(res, console)
+    return res
+
+
 @bench.command("synth")
 @click.option("--workers", default=2, show_default=True, help="compile threads sharing the one VM")
 @background_option
@@ -1270,17 +1287,10 @@ def bench_verify() -> None:
 @json_option
 def bench_synth(workers: int, background: bool, deadline: float | None, as_json: bool) -> None:
     """The primitive matrix: render, compile and kernel-verify every spec in one VM boot."""
-    from .benches import synth_job, without_printed
+    from .benches import synth_job
 
-    job = synth_job(workers, lane=_lane(background), actor="cli", complete_by_s=deadline)
-    if background:
-        return queued(job, as_json)
-    with progress_bar("bench synth", not as_json) as bar:
-        res = queue_result(run_to_end(job.id, bar))
-    if as_json:
-        click.echo(json.dumps(without_printed(res), indent=2))
-    else:
-        click.echo(res["printed"], nl=False)
+    res = bench_job(synth_job(workers, lane=_lane(background), actor="cli", complete_by_s=deadline),
+                    "bench synth", background, as_json)
     sys.exit(0 if res["accepted"] == res["specs"] else 1)
 
 
@@ -1363,18 +1373,11 @@ def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], ou
                    background: bool, deadline: float | None, as_json: bool) -> None:
     """A/B intervals of every repository policy and the kernel's example schedulers on the sandbox
     workloads (table + PNG chart): a campaign of one validation per policy, then the report."""
-    from .benches import policies_campaign, report_of, show, without_printed
+    from .benches import policies_campaign, report_of
 
     job = policies_campaign(list(names) or None, rounds, budget, out, use_cache=not no_cache,
                             width=console.width, lane=_lane(background), actor="cli", complete_by_s=deadline)
-    if background:
-        return queued(job, as_json)
-    with progress_bar("bench policies", not as_json) as bar:
-        res = report_of(run_to_end(job.id, bar))
-    if as_json:
-        click.echo(json.dumps(without_printed(res), indent=2))
-    else:
-        show(res, console)
+    bench_job(job, "bench policies", background, as_json, report_of)
 
 
 @bench.command("aa")
@@ -1388,18 +1391,10 @@ def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], back
              deadline: float | None, as_json: bool) -> None:
     """The default scheduler against itself in one boot: each workload's ratio interval, the smallest
     difference a validation can tell. Exit 1 when an interval is wider than ±10 %."""
-    from .benches import aa_job, show, without_printed
+    from .benches import aa_job
 
-    job = aa_job(rounds, budget, list(workloads) or None, width=console.width, lane=_lane(background),
-                 actor="cli", complete_by_s=deadline)
-    if background:
-        return queued(job, as_json)
-    with progress_bar("bench aa", not as_json) as bar:
-        res = queue_result(run_to_end(job.id, bar))
-    if as_json:
-        click.echo(json.dumps(without_printed(res), indent=2))
-    else:
-        show(res, console)
+    res = bench_job(aa_job(rounds, budget, list(workloads) or None, width=console.width, lane=_lane(background),
+                           actor="cli", complete_by_s=deadline), "bench aa", background, as_json)
     sys.exit(0 if res["within_margin"] else 1)
 
 
@@ -1416,18 +1411,11 @@ def bench_stability(policy: str, runs: int, rounds: int, budget: float | None, o
                     background: bool, deadline: float | None, as_json: bool) -> None:
     """Validate one policy in N fresh boots (N validation jobs, never from the cache): each run's
     verdicts and how often a verdict flipped. Exit 1 when any verdict flipped."""
-    from .benches import report_of, show, stability_campaign, without_printed
+    from .benches import report_of, stability_campaign
 
     if runs < 2:
         raise click.UsageError("--runs must be at least 2 to see a flip")
     job = stability_campaign(policy, runs, rounds, budget, out, width=console.width, lane=_lane(background),
                              actor="cli", complete_by_s=deadline)
-    if background:
-        return queued(job, as_json)
-    with progress_bar("bench stability", not as_json) as bar:
-        res = report_of(run_to_end(job.id, bar))
-    if as_json:
-        click.echo(json.dumps(without_printed(res), indent=2))
-    else:
-        show(res, console)
+    res = bench_job(job, "bench stability", background, as_json, report_of)
     sys.exit(0 if res["flips"] == 0 else 1)
