@@ -7,9 +7,9 @@ have a deadline, and with `--background` is just a job id — like a validation:
   --policy P` runs, so an identical validation is answered from the cache (`--no-cache` runs it
   again) — and a report node that runs once they have all ended, however they ended, and writes the
   table, markdown, JSON and chart;
-- `bench stability`: a campaign of one `verify` node, N `validate` nodes after it and the report
-  node; the N validations are never answered from the cache (or shared with one another): the point
-  is N fresh boots.
+- `bench stability`: a campaign of N `validate` nodes of the policy, each with its own report, and
+  the report node; the N validations are never answered from the cache (or shared with one
+  another): the point is N fresh boots.
 The measuring and the tables are validate/bench.py's and synth/bench.py's. A job renders its
 output into text (`printed`), which the command prints as it did when it ran the benchmark itself;
 report nodes read the store and write files, so they run beside the store (`local`).
@@ -174,16 +174,16 @@ def _policies_report(ctx: JobContext) -> dict[str, Any]:
 def stability_campaign(policy: str, runs: int = 3, rounds: int = 3, budget_s: float | None = None,
                        out_dir: Path | None = None, *, width: int = 100, lane: str = "high",
                        actor: str = "api", complete_by_s: float | None = None) -> Job:
-    """Queue `bench stability`: layer 1 once, then `runs` validations of its report, each its own
-    job and VM boot (none from the cache), then the report that counts flips."""
+    """Queue `bench stability`: `runs` validations of the policy, each its own job, report and VM
+    boot (none answered from the cache, none shared; layer 1 comes from the verifier's cache after
+    the first), then the report that counts flips."""
     if runs < 2:
         raise BadInput(f"runs={runs}: at least 2 validations are needed to see a flip")
-    nodes = [Node(name="verify", kind="verify", lane=lane, inputs={
-        **_candidate(policy), "params": {}, "target": "sandbox", "use_cache": True, "actor": actor})]
-    nodes += [Node(name=f"run{k}", kind="validate", lane=lane, after=["verify"], inputs={
-        "run": k, "rounds": rounds, "budget_s": budget_s, "use_cache": False}) for k in range(1, runs + 1)]
+    nodes = [Node(name=f"run{k}", kind="validate", lane=lane, inputs={
+        **_candidate(policy), "params": {}, "run": k, "rounds": rounds, "budget_s": budget_s,
+        "use_cache": True}) for k in range(1, runs + 1)]
     nodes.append(Node(name="report", kind="bench_stability_report", lane=lane, join=True,
-                      after=[f"run{k}" for k in range(1, runs + 1)], inputs={
+                      after=[n.name for n in nodes], inputs={
                           "policy": policy, "runs": runs, "rounds": rounds, "budget_s": budget_s,
                           "out_dir": str(Path(out_dir).resolve()) if out_dir else None, "width": width}))
     return submit_campaign(f"bench stability {policy} ({runs} boots)", nodes, lane=lane, use_cache=False,
@@ -194,19 +194,16 @@ def stability_campaign(policy: str, runs: int = 3, rounds: int = 3, budget_s: fl
 def _stability_report(ctx: JobContext) -> dict[str, Any]:
     i = ctx.inputs
     kids = _siblings(ctx)
-    verify = kids["verify"]
-    if verify.state != "succeeded":
-        raise InfrastructureError(f"layer 1 of {i['policy']} did not finish ({verify.state}): {verify.error}")
-    l1 = get_report(verify.result["report_id"]).layer1
-    if l1.verdict != "accepted":
-        raise BadInput(f"{i['policy']} did not pass layer 1 ({l1.verdict} at {l1.stage})")
     measured = []
     for k in range(1, i["runs"] + 1):
         j = kids[f"run{k}"]
         if j.state != "succeeded":
             raise InfrastructureError(f"run {k} of {i['policy']} did not finish ({j.state}): {j.error}",
                                       f"`schedcp jobs show {j.id}` lists its attempts")
-        measured.append(get_report(j.result["report_id"]).layer2)
+        r = get_report(j.result["report_id"])
+        if not r.passed_layer1:
+            raise BadInput(f"{i['policy']} did not pass layer 1 ({r.layer1.verdict} at {r.layer1.stage})")
+        measured.append(r.layer2)
     con = _recorder(i.get("width", 100))
     out = bench.bench_stability(i["policy"], measured, rounds=i["rounds"], budget_s=i.get("budget_s"),
                                 out_dir=Path(i["out_dir"]) if i.get("out_dir") else None, console=con)

@@ -43,3 +43,16 @@ def test_bench_aa_is_one_job_and_prints_its_table(manifest):
     job = queue.list_jobs(kind="bench_aa")[0]
     assert job.state == "succeeded" and job.result["rounds"] == 2
     assert (p.returncode == 0) == job.result["within_margin"]
+
+
+def test_bench_stability_is_n_validations_each_its_own_boot_and_report(manifest, tmp_path):
+    p = schedcp("bench", "stability", "--policy", "fifo", "--runs", "2", "--rounds", "1", "--budget", "0",
+                "--out", str(tmp_path), timeout=1200)
+    assert p.returncode in (0, 1), p.stderr
+    assert "stability of fifo: 2 fresh boots" in p.stdout and "run 2/2: fifo in a fresh boot" in p.stdout
+    camp = queue.list_jobs(kind="campaign", top_level=True)[0]
+    runs = [j for j in queue.list_jobs(parent=camp.id) if j.kind == "validate"]
+    assert len(runs) == 2 and all(j.state == "succeeded" and j.cached_from is None for j in runs)
+    assert len({j.result["report_id"] for j in runs}) == 2  # two reports: two measurements
+    out = json.loads((tmp_path / "stability-fifo.json").read_text())
+    assert out["runs"] == 2 and (p.returncode == 0) == (out["flips"] == 0)
