@@ -95,3 +95,18 @@ async def test_mcp_deadline_s_on_the_long_tools():
             queue.wait(jid, 10)
         got = (await s.call_tool("get_job", {"job_id": jid})).structured_content["detail"]["job"]
         assert got["state"] == "dead" and "complete-by deadline" in got["error"]
+
+
+@pytest.mark.vm
+def test_cli_validation_running_past_its_deadline_is_stopped_with_its_vm(manifest, schedcp_home):
+    t0 = time.monotonic()
+    p = schedcp("validate", "--policy", "fifo", "--no-cache", "--deadline", "15", "--json", timeout=300)
+    took = time.monotonic() - t0
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "did not complete by its deadline" in p.stdout  # (--json: the error as JSON on stdout)
+    j = queue.list_jobs(kind="validate")[0]
+    assert j.state == "dead" and j.attempts == 1 and "while running" in j.error
+    assert took < 60  # stopped at the deadline, not at the end of the validation
+    from schedcp_mcp.sandbox.vm import running_vms
+
+    assert running_vms() == []  # its VMs were stopped
