@@ -295,12 +295,19 @@ def render_job_detail(d) -> None:
     if j.error:
         console.print(f"  [red]error:[/red] {escape(j.error)}")
     if j.result is not None:
-        console.print(f"  result: {escape(json.dumps(j.result)[:600])}")
+        from .benches import without_printed
+
+        console.print(f"  result: {escape(json.dumps(without_printed(j.result))[:600])}")
     for a in d.attempts:
         console.print(f"  attempt {a.attempt} on {a.worker}: {a.outcome or 'running'}"
                       + (f" — {escape(a.error)}" if a.error else ""))
     if d.children:
         render_jobs(d.children)
+    printed = next((x.result for x in [j, *d.children] if (x.result or {}).get("printed")), None)
+    if printed:  # a benchmark's tables, as the command printed them
+        from .benches import show
+
+        show(printed, console)
 
 
 @main.group(invoke_without_command=True)

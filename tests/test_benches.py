@@ -73,6 +73,9 @@ def test_policies_report_runs_after_validations_that_did_not_run(manifest, tmp_p
     assert "| fifo |" in md and "cancelled by test" in md
     assert (tmp_path / "out" / "policies-ab.png").stat().st_size > 1000
     assert json.loads((tmp_path / "out" / "policies-ab.json").read_text())[0]["policy"] == "fifo"
+    shown = schedcp("jobs", "show", camp.id)  # a background run's tables: where to read them
+    assert shown.returncode == 0 and "speedup vs the default scheduler" in shown.stdout
+    assert "\x1b[" not in shown.stdout  # (styles only on a terminal)
 
 
 def test_stability_report_says_which_run_did_not_finish(manifest):
