@@ -382,9 +382,9 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
     p = await st.call("get_plan", {"plan_id": rep.plan_id})
     n = len(p["candidates"])
     _, per = candidate_budget(req, len(p["workloads"]))
-    # what is left for the sandbox; each validation gets its share (the sandbox adds paired rounds
+    # what is left for the sandbox: each validation gets its share (the sandbox adds paired rounds
     # within it while a workload's interval still straddles its threshold), and the campaign starts
-    # no node once fewer than one validation's seconds are left
+    # no node once its children have used it all (validations slower than estimated)
     left = req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s
     sandbox_s = max(per - VALIDATION_FIXED_S, min(600.0, left / n - VALIDATION_FIXED_S))
     specs = []
@@ -400,7 +400,7 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
         specs.append(spec)
     args: dict[str, Any] = {
         "candidates": specs, "workloads": p["workloads"], "profile_id": p["profile_id"],
-        "rounds": req.rounds, "budget_s": round(sandbox_s), "budget_sandbox_s": round(max(per, left - per)),
+        "rounds": req.rounds, "budget_s": round(sandbox_s), "budget_sandbox_s": round(max(per, left)),
         "goals": [{"metric": g["metric"], "direction": g["direction"],
                    "target_ratio": g["target_ratio"] if g["target_ratio"] is not None else 1.0}
                   for g in p["goals"]]}

@@ -237,6 +237,14 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy,
     assert rep.strategy == "reconfigure" and "reconfigure" in rep.rationale
     tried = [c for c in rep.candidates if c.report_id]
     assert tried and all(c.figures and c.figures[0].workload == "hackbench" for c in tried)
+    # validated as ONE campaign of supervised jobs, every report linked to the plan's profile
+    from schedcp_mcp.jobs import queue
+    from schedcp_mcp.reports import get_report
+
+    assert rep.calls["execution"].count("validate_campaign") == 1
+    assert "validate_scheduler" not in rep.calls["execution"]
+    assert {j.inputs.get("profile_id") for j in queue.list_jobs(parent=rep.campaign_id)} == {rep.profile_id}
+    assert all(get_report(c.report_id).profile_id == rep.profile_id for c in tried)
     # a winner, deployed to the staging VM with its token, and the human's host command
     win = next(c for c in rep.candidates if c.report_id == rep.winner)
     assert win.passed and win.score is not None and rep.token
@@ -270,3 +278,27 @@ def test_a_host_command_is_matched_to_the_sandbox_workloads_like_it(manifest):
     assert all(m.reason and 0 <= m.similarity <= 1 for m in matches)
     again = match_workloads(prof.id, limit=1)  # references are reused, not profiled again
     assert again[0].reference_profile_id == matches[0].reference_profile_id
+
+
+@pytest.mark.vm
+def test_optimize_a_host_command_through_the_cli_matches_it_and_says_why(policies_copy, tmp_path):
+    """`schedcp optimize --json -- CMD…`: the command is profiled here (the server optimize starts
+    allows exactly it), matched to the sandbox workloads like it, and the candidates are judged on
+    those; the report names the match and the features behind it."""
+    cmd = ["hackbench", "-g", "2", "-l", "50"]
+    r = subprocess.run([sys.executable, "-m", "schedcp_mcp", "optimize", "--json", "--target", "host",
+                        "--budget", "150", "--rounds", "2", "--max-candidates", "1", "--watch", "0",
+                        "--out", str(tmp_path / "out"), "--", *cmd],
+                       capture_output=True, text=True, timeout=900, env={**os.environ})
+    assert r.returncode in (0, 1), r.stderr[-3000:]  # 1: the default stayed (a valid outcome)
+    rep = json.loads(r.stdout)
+    assert rep["request"]["command"] == cmd and rep["profile_id"].startswith("prof-")
+    # one hackbench run takes ~0.1 s: profiled repeated, like the sandbox workloads' references
+    assert "hackbench -g 2 -l 50" in rep["profile_summary"] and "while" in rep["profile_summary"]
+    assert rep["workloads"][0] == "hackbench", rep["workload_reasons"]
+    why = rep["workload_reasons"][0]
+    assert why.startswith("hackbench: similarity 0.") and "fork-heavy" in why, why
+    assert rep["calls"]["observation"].count("match_workloads") == 1
+    tried = [c for c in rep["candidates"] if c["report_id"]]
+    assert tried and {f["workload"] for f in tried[0]["figures"]} == set(rep["workloads"])
+    assert rep["campaign_id"].startswith("job-") and "deploy" not in rep["calls"]["execution"]
