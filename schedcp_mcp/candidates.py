@@ -230,15 +230,18 @@ def _validate_job(ctx: JobContext) -> dict[str, Any]:
 def verify_job(source: str | None = None, policy: str | None = None, params: dict[str, Any] | None = None,
                target: str = "sandbox", profile_id: str | None = None,
                include_dirs: tuple[Path, ...] = (), policies: list[str] | None = None,
-               use_cache: bool = True, lane: str = "high", actor: str = "api") -> Job:
-    """Queue layer 1 (one source or policy, or several `policies` in one VM)."""
+               use_cache: bool = True, lane: str = "high", actor: str = "api",
+               complete_by_s: float | None = None) -> Job:
+    """Queue layer 1 (one source or policy, or several `policies` in one VM); `complete_by_s`: a
+    deadline from now (a job past it is dead-lettered)."""
     if not policies:
         _check_request(source, policy)
     _refuse_host_verify(target, actor)
     inputs = {"source": source, "policy": policy, "params": {k: str(v) for k, v in (params or {}).items()},
               "target": target, "profile_id": profile_id, "include_dirs": [str(d) for d in include_dirs],
               "policies": policies, "use_cache": use_cache, "actor": actor}
-    return queue.submit("verify", inputs, lane=lane, use_cache=use_cache, actor=actor)
+    return queue.submit("verify", inputs, lane=lane, use_cache=use_cache, actor=actor,
+                        complete_by_s=complete_by_s)
 
 
 def validate_job(report_id: str | None = None, source: str | None = None, policy: str | None = None,
@@ -272,7 +275,8 @@ def validation_outcome(job: Job, issue_token: bool = True) -> ValidationOutcome:
 def validate_campaign(cands: list[dict[str, Any]], *, goals: list[Goal] | None = None,
                       workloads: list[str] | None = None, rounds: int = 3, budget=None,
                       use_cache: bool = True, lane: str = "normal", actor: str = "api",
-                      budget_s: float | None = None, profile_id: str | None = None) -> Job:
+                      budget_s: float | None = None, profile_id: str | None = None,
+                      complete_by_s: float | None = None) -> Job:
     """Validate several candidates ({policy | source | report_id, params?, name?, lane?}) as one DAG
     campaign: verify → validate for each (the validate node takes its report from the verify node;
     a report_id is validated as it is), the candidates in parallel up to the pool size, within
@@ -308,4 +312,4 @@ def validate_campaign(cands: list[dict[str, Any]], *, goals: list[Goal] | None =
         nodes.append(Node(name=f"validate:{name}", kind="validate", lane=c.get("lane", lane),
                           after=[f"verify:{name}"], inputs={"candidate": who, **check}))
     return submit_campaign(f"validate {len(cands)} candidates", nodes, budget=budget, lane=lane,
-                           use_cache=use_cache, actor=actor)
+                           use_cache=use_cache, actor=actor, complete_by_s=complete_by_s)

@@ -189,6 +189,9 @@ def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
 
 background_option = click.option("--background", is_flag=True,
                                  help="queue it, print the job id and return (see `schedcp jobs`)")
+deadline_option = click.option("--deadline", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+                               help="complete by this many seconds from now; a job past it is "
+                                    "dead-lettered and its VMs are stopped")
 
 
 def _lane(background: bool) -> str:
@@ -648,10 +651,11 @@ def layer1_json(r) -> dict:
               path_type=Path), help="operator-trusted include directory")
 @click.option("--no-cache", is_flag=True, help="do not answer from the result cache")
 @background_option
+@deadline_option
 @json_option
 def verify(file: Path | None, policy: str | None, all_policies: bool, params: tuple[str, ...],
            target: str, include_dirs: tuple[Path, ...], no_cache: bool, background: bool,
-           as_json: bool) -> None:
+           deadline: float | None, as_json: bool) -> None:
     """Layer 1: compile, static checks and the real kernel verifier.
     Exit 0 accepted, 1 rejected, 2 usage/infrastructure error."""
     from . import candidates
@@ -665,7 +669,7 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
     if all_policies:
         names = [p.name for p in list_policies() if p.kind == "schedcp"]
         job = candidates.verify_job(policies=names, target=target, use_cache=not no_cache,
-                                    lane=_lane(background), actor="cli")
+                                    lane=_lane(background), actor="cli", complete_by_s=deadline)
         if background:
             return queued(job, as_json)
         with progress_bar("verifying policies", not as_json) as bar:
@@ -682,7 +686,7 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
     source = file.read_text(errors="replace") if file else None
     job = candidates.verify_job(source=source, policy=policy, params=kv, target=target, actor="cli",
                                 include_dirs=tuple(p.resolve() for p in include_dirs),
-                                use_cache=not no_cache, lane=_lane(background))
+                                use_cache=not no_cache, lane=_lane(background), complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("verify", not as_json) as bar:
@@ -754,10 +758,12 @@ def render_layer2(out) -> None:
                    "0 = exactly --rounds")
 @click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
 @background_option
+@deadline_option
 @json_option
 def validate(file: Path | None, policy: str | None, report_id: str | None, params: tuple[str, ...],
              goals: tuple[str, ...], workloads: tuple[str, ...], profile_id: str | None, rounds: int,
-             budget: float | None, no_cache: bool, background: bool, as_json: bool) -> None:
+             budget: float | None, no_cache: bool, background: bool, deadline: float | None,
+             as_json: bool) -> None:
     """Layer 2: stress, correctness and same-boot A/B performance in the sandbox VM.
     Exit 0 pass (prints a deployment token), 1 fail (with the reason), 2 usage/infrastructure."""
     from . import candidates
@@ -769,7 +775,7 @@ def validate(file: Path | None, policy: str | None, report_id: str | None, param
                                   policy=policy, params=parse_params(params), goals=parse_goals(goals),
                                   workloads=list(workloads) or None, profile_id=profile_id,
                                   rounds=rounds, budget_s=budget, use_cache=not no_cache,
-                                  lane=_lane(background), actor="cli")
+                                  lane=_lane(background), actor="cli", complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("validate", not as_json) as bar:
@@ -789,10 +795,12 @@ def validate(file: Path | None, policy: str | None, report_id: str | None, param
 @click.option("--budget-seconds", type=click.FloatRange(0), help="at most this many sandbox seconds")
 @click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
 @background_option
+@deadline_option
 @json_option
 def campaign(policies: tuple[str, ...], files: tuple[Path, ...], goals: tuple[str, ...],
              workloads: tuple[str, ...], rounds: int, budget_runs: int | None,
-             budget_seconds: float | None, no_cache: bool, background: bool, as_json: bool) -> None:
+             budget_seconds: float | None, no_cache: bool, background: bool, deadline: float | None,
+             as_json: bool) -> None:
     """Validate several candidates as one campaign: verify → validate per candidate, in parallel up to
     the pool size, within an optional budget (earlier candidates first). Exit 0 when all passed."""
     from . import candidates
@@ -804,7 +812,7 @@ def campaign(policies: tuple[str, ...], files: tuple[Path, ...], goals: tuple[st
         if budget_runs is not None or budget_seconds is not None else None
     job = candidates.validate_campaign(cands, goals=parse_goals(goals), workloads=list(workloads) or None,
                                        rounds=rounds, budget=budget, use_cache=not no_cache,
-                                       lane=_lane(background), actor="cli")
+                                       lane=_lane(background), actor="cli", complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("campaign", not as_json) as bar:
@@ -988,16 +996,17 @@ def parse_space(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @click.option("--space", multiple=True, metavar="NAME=V1,V2…", help="only try these values of a knob")
 @click.option("--seed", default=0, show_default=True)
 @background_option
+@deadline_option
 @json_option
 def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_rounds: int,
          budget_s: float | None, configs: int, space: tuple[str, ...], seed: int, background: bool,
-         as_json: bool) -> None:
+         deadline: float | None, as_json: bool) -> None:
     """Search a policy's parameters in the sandbox (successive halving, one VM boot).
     Exit 0 when the best is at least as good as the defaults, 1 when nothing ran, 2 usage."""
     from .synth.tune import tune_job, tune_result
 
     job = tune_job(name, list(workloads) or None, parse_goals(goals), budget_rounds, budget_s, configs,
-                   parse_space(space), seed, lane=_lane(background), actor="cli")
+                   parse_space(space), seed, lane=_lane(background), actor="cli", complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("tune", not as_json) as bar:

@@ -367,6 +367,8 @@ class ValidateResult(BaseModel):
 
 BACKGROUND = Field(description="queue it and return a job id at once (follow with get_job); "
                                "otherwise wait, with progress notifications")
+DEADLINE = Field(gt=0, le=7 * 86400, description="complete-by deadline, seconds from now: a job "
+                 "not finished by then is dead-lettered (its sandbox VMs stopped); default none")
 
 
 @server.tool(annotations=SANDBOXED)
@@ -385,12 +387,13 @@ async def submit_scheduler(
     profile_id: Annotated[str | None, Field(
         description="the WorkloadProfile this candidate is for (its goals apply)")] = None,
     background: Annotated[bool, BACKGROUND] = False,
+    deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> SubmitResult:
     """Layer 1: untrusted-source checks, compile, ELF/BTF checks (callbacks, kfuncs present in the
     target kernel, license, hot-path size) and the real kernel BPF verifier. Stores a
     ValidationReport; a rejection explains the failing program, source line and kernel message."""
     job = await in_thread(candidates.verify_job, source, policy, params, target, profile_id, actor="mcp",
-                          lane="normal" if background else "high")
+                          lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:
         return SubmitResult(job_id=job.id)
     r = candidates.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))
@@ -415,6 +418,7 @@ async def validate_scheduler(
         ge=0, le=3600, description="seconds for the sandbox run: more paired rounds while a workload's "
         "interval straddles its threshold (default 90; 0 = exactly `rounds`)")] = None,
     background: Annotated[bool, BACKGROUND] = False,
+    deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> ValidateResult:
     """Layer 2 in a sched_ext sandbox VM: baseline under the default scheduler, load, stress and
     correctness checks (stall watchdog, error exits, starvation), interleaved A/B benchmarks, unload.
@@ -422,7 +426,7 @@ async def validate_scheduler(
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     job = await in_thread(candidates.validate_job, report_id, source, policy, params, gs, workloads,
                           profile_id, rounds, lane="normal" if background else "high", actor="mcp",
-                          budget_s=budget_s)
+                          budget_s=budget_s, complete_by_s=deadline_s)
     if background:
         return ValidateResult(job_id=job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
@@ -462,6 +466,7 @@ async def validate_campaign(
     budget_runs: Annotated[int | None, Field(ge=0, description="at most this many sandbox runs")] = None,
     budget_sandbox_s: Annotated[float | None, Field(ge=0, description="at most this many sandbox seconds")] = None,
     background: Annotated[bool, BACKGROUND] = False,
+    deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> CampaignOut:
     """Validate several candidates as one DAG campaign (verify -> validate each, in parallel up to
     the worker pool's size, within an optional budget). The result lists every candidate's report
@@ -472,7 +477,7 @@ async def validate_campaign(
     job = await in_thread(candidates.validate_campaign, [c.model_dump() for c in candidates_], goals=gs,
                           workloads=workloads, rounds=rounds, budget=budget, actor="mcp",
                           lane="normal" if background else "high", budget_s=budget_s,
-                          profile_id=profile_id)
+                          profile_id=profile_id, complete_by_s=deadline_s)
     if not background:
         job = await in_thread(run_to_end, job.id, ctx=ctx)
         jobq.result_or_raise(job)
@@ -676,6 +681,7 @@ async def tune_policy(
     space: Annotated[dict[str, list[int]] | None, Field(
         description="only these values per knob, e.g. {'slice_ns': [2000000, 5000000]}")] = None,
     background: Annotated[bool, BACKGROUND] = False,
+    deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> TuneOut:
     """Search a policy's knobs in the sandbox by successive halving (defaults, earlier best, one- and
     two-knob moves; the better half gets twice the rounds each rung; one VM boot). Returns the best
@@ -685,7 +691,7 @@ async def tune_policy(
 
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     job = await in_thread(tune_job, name, workloads, gs, budget_rounds, budget_s, configs, space,
-                          lane="normal" if background else "high", actor="mcp")
+                          lane="normal" if background else "high", actor="mcp", complete_by_s=deadline_s)
     if background:
         return TuneOut(job_id=job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)

@@ -59,6 +59,7 @@ class Kind:
     timeout_s: float = 1800.0
     max_attempts: int = 3
     sandbox: bool = False  # boots VMs (counts against a pool's VM slots)
+    local: bool = False  # reads the store itself (a campaign's join): a fleet's coordinator runs it
 
 
 _KINDS: dict[str, Kind] = {}
@@ -114,9 +115,10 @@ def execute(ctx: JobContext) -> tuple[str | None, dict[str, Any] | None, str | N
         vm.current_job.reset(token)
 
 
-def names() -> list[str]:
+def names(local: bool | None = None) -> list[str]:
+    """The kinds' names (`local`: only those that must run beside the store, or only the others)."""
     _load()
-    return sorted(_KINDS)
+    return sorted(n for n, k in _KINDS.items() if local is None or k.local == local)
 
 
 # --- trivial kinds: the supervisor's own tests and benchmark ----------------------------------------
