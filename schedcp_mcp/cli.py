@@ -1267,16 +1267,34 @@ def bench_verify() -> None:
     run()
 
 
+def bench_job(job, label: str, background: bool, as_json: bool, answer=None) -> dict:
+    """A benchmark job from the command line: its id (--background), or wait with a progress bar and
+    print what it printed (under --json: its result). `answer`: what to read from the ended job."""
+    from .benches import show, without_printed
+
+    if background:
+        queued(job, as_json)
+        sys.exit(0)
+    with progress_bar(label, not as_json) as bar:
+        res = (answer or queue_result)(run_to_end(job.id, bar))
+    if as_json:
+        click.echo(json.dumps(without_printed(res), indent=2))
+    else:
+        show(res, console)
+    return res
+
+
 @bench.command("synth")
 @click.option("--workers", default=2, show_default=True, help="compile threads sharing the one VM")
+@background_option
+@deadline_option
 @json_option
-def bench_synth(workers: int, as_json: bool) -> None:
+def bench_synth(workers: int, background: bool, deadline: float | None, as_json: bool) -> None:
     """The primitive matrix: render, compile and kernel-verify every spec in one VM boot."""
-    from .synth.bench import bench_synth as run
+    from .benches import synth_job
 
-    res = run(workers=workers, say=(lambda line: None) if as_json else None)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
+    res = bench_job(synth_job(workers, lane=_lane(background), actor="cli", complete_by_s=deadline),
+                    "bench synth", background, as_json)
     sys.exit(0 if res["accepted"] == res["specs"] else 1)
 
 
@@ -1351,27 +1369,36 @@ def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, 
 @click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")
 @click.option("--policy", "names", multiple=True, help="only these (repository names or kernel:scx_simple)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
-def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], out: Path) -> None:
+@click.option("--no-cache", is_flag=True, help="validate again even if an identical validation has a result")
+@background_option
+@deadline_option
+@json_option
+def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], out: Path, no_cache: bool,
+                   background: bool, deadline: float | None, as_json: bool) -> None:
     """A/B intervals of every repository policy and the kernel's example schedulers on the sandbox
-    workloads (table + PNG chart)."""
-    from .validate.bench import bench_policies as run
+    workloads (table + PNG chart): a campaign of one validation per policy, then the report."""
+    from .benches import policies_campaign, report_of
 
-    run(rounds=rounds, budget_s=budget, out_dir=out, policies=list(names) or None)
+    job = policies_campaign(list(names) or None, rounds, budget, out, use_cache=not no_cache,
+                            width=console.width, lane=_lane(background), actor="cli", complete_by_s=deadline)
+    bench_job(job, "bench policies", background, as_json, report_of)
 
 
 @bench.command("aa")
 @click.option("--rounds", default=3, show_default=True, help="paired rounds, at least")
 @click.option("--budget", type=float, default=None, help="seconds for the run [default: 90]")
 @click.option("--workload", "workloads", multiple=True, help="only these workloads (repeatable)")
+@background_option
+@deadline_option
 @json_option
-def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], as_json: bool) -> None:
+def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], background: bool,
+             deadline: float | None, as_json: bool) -> None:
     """The default scheduler against itself in one boot: each workload's ratio interval, the smallest
     difference a validation can tell. Exit 1 when an interval is wider than ±10 %."""
-    from .validate.bench import bench_aa as run
+    from .benches import aa_job
 
-    res = run(rounds=rounds, budget_s=budget, workloads=list(workloads) or None, quiet=as_json)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
+    res = bench_job(aa_job(rounds, budget, list(workloads) or None, width=console.width, lane=_lane(background),
+                           actor="cli", complete_by_s=deadline), "bench aa", background, as_json)
     sys.exit(0 if res["within_margin"] else 1)
 
 
@@ -1381,16 +1408,18 @@ def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], as_j
 @click.option("--rounds", default=3, show_default=True, help="paired rounds per run, at least")
 @click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write stability-<policy>.md/json here")
+@background_option
+@deadline_option
 @json_option
 def bench_stability(policy: str, runs: int, rounds: int, budget: float | None, out: Path | None,
-                    as_json: bool) -> None:
-    """Validate one policy in N fresh boots: each run's verdicts and how often a verdict flipped.
-    Exit 1 when any verdict flipped."""
-    from .validate.bench import bench_stability as run
+                    background: bool, deadline: float | None, as_json: bool) -> None:
+    """Validate one policy in N fresh boots (N validation jobs, never from the cache): each run's
+    verdicts and how often a verdict flipped. Exit 1 when any verdict flipped."""
+    from .benches import report_of, stability_campaign
 
     if runs < 2:
         raise click.UsageError("--runs must be at least 2 to see a flip")
-    res = run(policy, runs=runs, rounds=rounds, budget_s=budget, out_dir=out, quiet=as_json)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
+    job = stability_campaign(policy, runs, rounds, budget, out, width=console.width, lane=_lane(background),
+                             actor="cli", complete_by_s=deadline)
+    res = bench_job(job, "bench stability", background, as_json, report_of)
     sys.exit(0 if res["flips"] == 0 else 1)

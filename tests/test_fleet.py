@@ -180,3 +180,44 @@ def test_workers_with_their_own_homes_carry_records_both_ways(cluster_of, tmp_pa
     tok = subprocess.run([sys.executable, "-m", "schedcp_mcp", "token", kids[0]["report_id"]], env=env,
                          capture_output=True, text=True, timeout=60)
     assert tok.returncode == 2 and "did not pass layers 1 and 2" in tok.stderr  # found, and refused
+
+
+@pytest.mark.vm
+def test_a_validation_on_a_remote_worker_is_a_report_on_the_coordinator(cluster_of, tmp_path, manifest,
+                                                                         schedcp_home):
+    """Layer 1 here (the coordinator's home), layer 2 on a fleet worker with its own home: the
+    worker gets the report and its compiled object with the job; the coordinator gets the validated
+    report and its outcome back, so `feedback` and `token` work on the coordinator."""
+    from schedcp_mcp import candidates
+    from schedcp_mcp.jobs import queue
+    from schedcp_mcp.jobs.pool import Pool
+    from schedcp_mcp.reports import get_report
+
+    homes = [tmp_path / "w0", tmp_path / "w1"]
+    for h in homes:
+        h.mkdir()
+    v = candidates.verify_job(policy="fifo", use_cache=False)
+    with Pool(1, scope=v.id):
+        rep = candidates.verified_report(queue.wait(v.id, 300)).id
+    fleet, _ = cluster_of(homes)
+    with fleet.Fleet(capacity=2):
+        j = candidates.validate_job(report_id=rep, workloads=["hackbench"], rounds=3, budget_s=0, use_cache=False)
+        j = queue.wait(j.id, 600)
+    assert j.state == "succeeded", (j.state, j.error)
+    assert j.result["report_id"] == rep
+    r = get_report(rep)
+    assert r.layer2 is not None and [w.name for w in r.layer2.workloads] == ["hackbench"]
+    ran_in = [h for h in homes if rep in records_in(h)]
+    assert len(ran_in) == 1 and any(k.startswith("out-") for k in records_in(ran_in[0]))
+    assert any(k.startswith("out-") for k in records_in(schedcp_home))  # the outcome came back
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    fb = subprocess.run([sys.executable, "-m", "schedcp_mcp", "feedback", rep, "--json"], env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert fb.returncode == 0, fb.stderr
+    assert json.loads(fb.stdout)["subject_id"] == rep
+    tok = subprocess.run([sys.executable, "-m", "schedcp_mcp", "token", rep], env=env,
+                         capture_output=True, text=True, timeout=60)
+    if r.passed:
+        assert tok.returncode == 0 and tok.stdout.strip()
+    else:
+        assert tok.returncode == 2 and "did not pass layers 1 and 2" in tok.stderr

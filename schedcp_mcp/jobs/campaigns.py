@@ -35,6 +35,7 @@ class Node(BaseModel):
     inputs: dict[str, Any] = {}
     lane: LaneName = "normal"
     after: list[str] = Field(default_factory=list, description="names of the nodes it needs first")
+    join: bool = Field(False, description="runs once those have ended, however they ended (a report)")
 
 
 class ChildSummary(BaseModel):
@@ -79,7 +80,8 @@ def submit_campaign(label: str, nodes: list[Node], *, budget: Budget | None = No
         ids: dict[str, str] = {}
         for n in nodes:
             ids[n.name] = queue.submit(n.kind, {**n.inputs, "node": n.name}, lane=n.lane, parent=camp.id,
-                                       deps=[ids[a] for a in n.after], use_cache=use_cache, actor=actor,
+                                       deps=[ids[a] for a in n.after], join_all=n.join,
+                                       use_cache=use_cache, actor=actor,
                                        deadline=camp.deadline).id
         queue.add_deps(camp.id, list(ids.values()))
     finally:

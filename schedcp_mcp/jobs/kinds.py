@@ -2,7 +2,8 @@
 
 A kind's `run(ctx)` gets a `JobContext` (inputs, the results of the jobs it depends on, progress
 that also notices cancellation) and returns a JSON-able dict. The modules that own the work register
-their kinds (`candidates`: verify, validate; `campaigns`: campaign; `synth.tune`: tune), and the registry loads them by
+their kinds (`candidates`: verify, validate; `campaigns`: campaign; `synth.tune`: tune; `benches`:
+the sandbox benchmarks), and the registry loads them by
 name like plugins (`KIND_MODULES`), since they sit above this layer; the trivial ones here (`noop`, `sleep`, `flaky`) are real jobs for the supervisor's own tests and
 `schedcp bench jobs`: they go through the same store, pools and engines as a validation.
 """
@@ -64,7 +65,8 @@ class Kind:
 
 _KINDS: dict[str, Kind] = {}
 _loaded = False
-KIND_MODULES = ("schedcp_mcp.candidates", "schedcp_mcp.jobs.campaigns", "schedcp_mcp.synth.tune")
+KIND_MODULES = ("schedcp_mcp.candidates", "schedcp_mcp.jobs.campaigns", "schedcp_mcp.synth.tune",
+                "schedcp_mcp.benches")
 
 
 def register(name: str, **kw) -> Callable[[Callable], Callable]:

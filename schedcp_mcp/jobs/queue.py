@@ -29,7 +29,7 @@ from .. import store
 from .. import errors
 from ..errors import BadInput, NotFound
 from . import kinds
-from .models import LANES, TERMINAL, Attempt, Budget, Job, JobDetail, LaneName, WorkerInfo
+from .models import LANES, Attempt, Budget, Job, JobDetail, LaneName, WorkerInfo
 
 HOST = socket.gethostname()
 _TERMINAL_SQL = "('succeeded','failed','cancelled','dead')"
