@@ -149,8 +149,11 @@ def is_loopback(host: str) -> bool:
               "metric/workload commands) as this user; default: only the sandbox workloads' commands")
 @click.option("--allow-command-prefix", "command_prefixes", multiple=True, metavar="'PROG ARGS'",
               help="let MCP clients run commands starting with these exact words (repeatable)")
+@click.option("--allow-exact-command", "exact_commands", multiple=True, metavar="'PROG ARGS'",
+              help="let MCP clients run exactly this command, no other arguments (repeatable)")
 def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
-          allow_host_verify: bool, allow_command: bool, command_prefixes: tuple[str, ...]) -> None:
+          allow_host_verify: bool, allow_command: bool, command_prefixes: tuple[str, ...],
+          exact_commands: tuple[str, ...]) -> None:
     """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`).
     Over HTTP every request needs the bearer token (loopback too): from --token-file, or generated
     once into $SCHEDCP_HOME/http-token."""
@@ -162,7 +165,8 @@ def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
         os.environ["SCHEDCP_ALLOW_HOST_VERIFY"] = "1"
     from .validate.workloads import host_commands
 
-    access.set_policy(allow_command, list(command_prefixes), host_commands())
+    access.set_policy(allow_command, list(command_prefixes),
+                      host_commands() + [access.argv(c, "--allow-exact-command") for c in exact_commands])
 
     if http is None:
         server.run_stdio()

@@ -186,6 +186,10 @@ async def profile_workload(
                                        description="max seconds to run / observe")] = 10.0,
     workload: Annotated[str | None, Field(
         description="or: a sandbox workload name (list_workloads); its benchmark runs here")] = None,
+    repeat_s: Annotated[float, Field(
+        ge=0, le=3600, description="run the command again and again until this many seconds have "
+        "passed: a sub-second benchmark is too short for steady rates (match_workloads' references "
+        "use 3)")] = 0.0,
 ) -> profile.WorkloadProfile:
     """Run (or attach to) a workload and store a WorkloadProfile: perf counters where supported,
     process-tree metrics, run-queue latency histogram (runqlat) where it can run, a summary,
@@ -195,7 +199,8 @@ async def profile_workload(
         if command is not None or pid is not None:
             raise ToolError("give one of command, pid or workload")
         return await in_thread(match.profile_sandbox_workload, workload, duration_s, ctx=ctx)
-    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx, actor="mcp")
+    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx, actor="mcp",
+                           repeat_s=repeat_s)
 
 
 class MatchResult(BaseModel):
@@ -432,6 +437,8 @@ async def validate_scheduler(
 class CampaignCandidate(BaseModel):
     policy: str | None = Field(None, description="a repository policy name")
     source: str | None = Field(None, description="or: BPF C source")
+    report_id: str | None = Field(None, description="or: a report that passed layer 1 (submit_scheduler, "
+                                  "generate_scheduler)")
     params: dict[str, str] | None = None
     name: str | None = Field(None, description="how the campaign's result names it")
     lane: LaneName = Field("normal", description="priority: a tight budget starts higher lanes first")
@@ -451,7 +458,11 @@ async def validate_campaign(
                                                      description="the candidates to validate")],
     goals: Annotated[list[GoalIn] | None, Field(description="performance goals for all")] = None,
     workloads: Annotated[list[str] | None, Field(description="subset of list_workloads names")] = None,
+    profile_id: Annotated[str | None, Field(
+        description="the WorkloadProfile they are all for (its goals apply; outcomes link to it)")] = None,
     rounds: Annotated[int, Field(ge=1, le=10)] = 3,
+    budget_s: Annotated[float | None, Field(
+        ge=0, le=3600, description="each validation's sandbox seconds, as validate_scheduler's")] = None,
     budget_runs: Annotated[int | None, Field(ge=0, description="at most this many sandbox runs")] = None,
     budget_sandbox_s: Annotated[float | None, Field(ge=0, description="at most this many sandbox seconds")] = None,
     background: Annotated[bool, BACKGROUND] = False,
@@ -465,7 +476,8 @@ async def validate_campaign(
         if budget_runs is not None or budget_sandbox_s is not None else None
     job = await in_thread(candidates.validate_campaign, [c.model_dump() for c in candidates_], goals=gs,
                           workloads=workloads, rounds=rounds, budget=budget, actor="mcp",
-                          lane="normal" if background else "high", complete_by_s=deadline_s)
+                          lane="normal" if background else "high", budget_s=budget_s,
+                          profile_id=profile_id, complete_by_s=deadline_s)
     if not background:
         job = await in_thread(run_to_end, job.id, ctx=ctx)
         jobq.result_or_raise(job)

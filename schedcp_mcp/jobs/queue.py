@@ -184,11 +184,11 @@ def wait(job_id: str, timeout_s: float | None = None,
         if job.kind == "campaign" and job.state == "pending":
             n, ended = store.db().execute(f"SELECT COUNT(*), SUM(state IN {_TERMINAL_SQL}) FROM jobs "
                                           "WHERE parent=?", (job_id,)).fetchone()
-            job.message, job.progress = f"{ended or 0} of {n} nodes done", (ended or 0) / max(n, 1)
-            running = store.db().execute("SELECT inputs, message FROM jobs WHERE parent=? AND "
-                                         "state='running' ORDER BY started_at LIMIT 1", (job_id,)).fetchone()
-            if running:
-                job.message += f"; {json.loads(running['inputs']).get('node', '')}: {running['message']}"
+            run = store.db().execute("SELECT inputs, progress, message FROM jobs WHERE parent=? AND "
+                                     "state='running' ORDER BY started_at LIMIT 1", (job_id,)).fetchone()
+            job.message = f"{ended or 0} of {n} nodes done" + (  # and what the running one says
+                f"; {json.loads(run['inputs']).get('node', '?')}: {run['message']}" if run else "")
+            job.progress = ((ended or 0) + (run["progress"] if run else 0)) / max(n, 1)
         if on_progress and (job.message, job.progress) != seen:
             seen = (job.message, job.progress)
             on_progress(job.message or job.state, job.progress)
