@@ -7,6 +7,7 @@ shell and is never limited here.
 Commands on this host (profile_workload's `command`, a host deploy's `metric_cmd`/`workload_cmd`):
   - off for MCP clients by default, except the sandbox's own benchmark workloads, argument for argument;
   - `--allow-command-prefix "PROG ARGS…"` (repeatable): argv that starts with those exact words;
+  - `--allow-exact-command "PROG ARGS…"` (repeatable): exactly that argv (`schedcp optimize -- CMD`);
   - `--allow-command`: any command (the client then runs programs as the server's user).
 
 HTTP: every request carries `Authorization: Bearer <token>`, loopback included (any local user can
@@ -47,17 +48,23 @@ def _argv_list(env: str) -> list[list[str]]:
     return [list(map(str, p)) for p in value if isinstance(p, list) and p]
 
 
+def argv(words: str, flag: str) -> list[str]:
+    """An operator's command given as shell words, e.g. 'hackbench -g 2'."""
+    try:
+        out = shlex.split(words)
+    except ValueError as e:
+        raise BadInput(f"cannot parse {flag} {words!r}: {e}", "quote it as shell words") from None
+    if not out:
+        raise BadInput(f"empty {flag} {words!r}", "give a program, e.g. 'hackbench'")
+    return out
+
+
 def set_policy(allow_any: bool, prefixes: list[str], exact: list[list[str]] = ()) -> None:
     """Record the operator's choice for this server process (and the monitors it starts):
     any command, argv prefixes (shell words, e.g. 'hackbench -g'), and whole argvs."""
     if allow_any:
         os.environ[ALLOW_ANY_ENV] = "1"
-    argvs = []
-    for p in prefixes:
-        argv = shlex.split(p)
-        if not argv:
-            raise BadInput(f"empty --allow-command-prefix {p!r}", "give a program, e.g. 'hackbench'")
-        argvs.append(argv)
+    argvs = [argv(p, "--allow-command-prefix") for p in prefixes]
     if argvs:
         os.environ[ALLOW_PREFIXES_ENV] = json.dumps(argvs)
     if exact:

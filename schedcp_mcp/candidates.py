@@ -230,15 +230,18 @@ def _validate_job(ctx: JobContext) -> dict[str, Any]:
 def verify_job(source: str | None = None, policy: str | None = None, params: dict[str, Any] | None = None,
                target: str = "sandbox", profile_id: str | None = None,
                include_dirs: tuple[Path, ...] = (), policies: list[str] | None = None,
-               use_cache: bool = True, lane: str = "high", actor: str = "api") -> Job:
-    """Queue layer 1 (one source or policy, or several `policies` in one VM)."""
+               use_cache: bool = True, lane: str = "high", actor: str = "api",
+               complete_by_s: float | None = None) -> Job:
+    """Queue layer 1 (one source or policy, or several `policies` in one VM); `complete_by_s`: a
+    deadline from now (a job past it is dead-lettered)."""
     if not policies:
         _check_request(source, policy)
     _refuse_host_verify(target, actor)
     inputs = {"source": source, "policy": policy, "params": {k: str(v) for k, v in (params or {}).items()},
               "target": target, "profile_id": profile_id, "include_dirs": [str(d) for d in include_dirs],
               "policies": policies, "use_cache": use_cache, "actor": actor}
-    return queue.submit("verify", inputs, lane=lane, use_cache=use_cache, actor=actor)
+    return queue.submit("verify", inputs, lane=lane, use_cache=use_cache, actor=actor,
+                        complete_by_s=complete_by_s)
 
 
 def validate_job(report_id: str | None = None, source: str | None = None, policy: str | None = None,
@@ -272,32 +275,41 @@ def validation_outcome(job: Job, issue_token: bool = True) -> ValidationOutcome:
 def validate_campaign(cands: list[dict[str, Any]], *, goals: list[Goal] | None = None,
                       workloads: list[str] | None = None, rounds: int = 3, budget=None,
                       use_cache: bool = True, lane: str = "normal", actor: str = "api",
-                      budget_s: float | None = None) -> Job:
-    """Validate several candidates ({policy | source, params?, name?, lane?}) as one DAG campaign:
-    verify → validate for each (the validate node takes its report from the verify node), the
-    candidates in parallel up to the pool size, within `budget` (earlier lanes first); `budget_s` is
-    each validation's own time budget (validate's)."""
+                      budget_s: float | None = None, profile_id: str | None = None,
+                      complete_by_s: float | None = None) -> Job:
+    """Validate several candidates ({policy | source | report_id, params?, name?, lane?}) as one DAG
+    campaign: verify → validate for each (the validate node takes its report from the verify node;
+    a report_id is validated as it is), the candidates in parallel up to the pool size, within
+    `budget` (earlier lanes first); `budget_s` is each validation's own time budget (validate's).
+    `profile_id`: the WorkloadProfile they are all for: every report links to it (so the learning
+    stage sees their outcomes) and its goals apply unless `goals` are given."""
     from .jobs.campaigns import Node, submit_campaign
 
     if not cands:
         raise BadInput("a campaign needs at least one candidate", "give --policy NAME or --file FILE")
     get_workloads(workloads)
+    if profile_id:
+        get_profile(profile_id)  # an unknown profile is refused before anything is queued
+    goal_dicts = [g.model_dump(mode="json") for g in goals] if goals else None
     nodes, seen = [], set()
     for n, c in enumerate(cands):
-        _check_request(c.get("source"), c.get("policy"))
-        name = c.get("name") or c.get("policy") or f"source{n}"
+        _check_request(c.get("source"), c.get("policy"), c.get("report_id"))
+        name = c.get("name") or c.get("policy") or c.get("report_id") or f"source{n}"
         name = name if name not in seen else f"{name}#{n}"
         seen.add(name)
         params = {k: str(v) for k, v in (c.get("params") or {}).items()}
-        who = {"policy": c.get("policy"), "params": params,
+        who = {"policy": c.get("policy"), "params": params, "report_id": c.get("report_id"),
                "source_sha256": hashlib.sha256(c["source"].encode()).hexdigest() if c.get("source") else None}
+        check = {"goals": goal_dicts, "workloads": workloads, "rounds": rounds, "budget_s": budget_s,
+                 "profile_id": profile_id, "use_cache": use_cache}
+        if c.get("report_id"):  # already through layer 1 (e.g. generate_scheduler's)
+            nodes.append(Node(name=f"validate:{name}", kind="validate", lane=c.get("lane", lane),
+                              inputs={"report_id": c["report_id"], **check}))
+            continue
         nodes.append(Node(name=f"verify:{name}", kind="verify", lane=c.get("lane", lane), inputs={
             "source": c.get("source"), "policy": c.get("policy"), "params": params, "target": "sandbox",
-            "use_cache": use_cache, "actor": actor}))
+            "profile_id": profile_id, "use_cache": use_cache, "actor": actor}))
         nodes.append(Node(name=f"validate:{name}", kind="validate", lane=c.get("lane", lane),
-                          after=[f"verify:{name}"], inputs={
-                              "candidate": who, "goals": [g.model_dump(mode="json") for g in goals] if goals else None,
-                              "workloads": workloads, "rounds": rounds, "budget_s": budget_s,
-                              "use_cache": use_cache}))
+                          after=[f"verify:{name}"], inputs={"candidate": who, **check}))
     return submit_campaign(f"validate {len(cands)} candidates", nodes, budget=budget, lane=lane,
-                           use_cache=use_cache, actor=actor)
+                           use_cache=use_cache, actor=actor, complete_by_s=complete_by_s)

@@ -149,8 +149,11 @@ def is_loopback(host: str) -> bool:
               "metric/workload commands) as this user; default: only the sandbox workloads' commands")
 @click.option("--allow-command-prefix", "command_prefixes", multiple=True, metavar="'PROG ARGS'",
               help="let MCP clients run commands starting with these exact words (repeatable)")
+@click.option("--allow-exact-command", "exact_commands", multiple=True, metavar="'PROG ARGS'",
+              help="let MCP clients run exactly this command, no other arguments (repeatable)")
 def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
-          allow_host_verify: bool, allow_command: bool, command_prefixes: tuple[str, ...]) -> None:
+          allow_host_verify: bool, allow_command: bool, command_prefixes: tuple[str, ...],
+          exact_commands: tuple[str, ...]) -> None:
     """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`).
     Over HTTP every request needs the bearer token (loopback too): from --token-file, or generated
     once into $SCHEDCP_HOME/http-token."""
@@ -162,7 +165,8 @@ def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
         os.environ["SCHEDCP_ALLOW_HOST_VERIFY"] = "1"
     from .validate.workloads import host_commands
 
-    access.set_policy(allow_command, list(command_prefixes), host_commands())
+    access.set_policy(allow_command, list(command_prefixes),
+                      host_commands() + [access.argv(c, "--allow-exact-command") for c in exact_commands])
 
     if http is None:
         server.run_stdio()
@@ -185,6 +189,9 @@ def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
 
 background_option = click.option("--background", is_flag=True,
                                  help="queue it, print the job id and return (see `schedcp jobs`)")
+deadline_option = click.option("--deadline", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+                               help="complete by this many seconds from now; a job past it is "
+                                    "dead-lettered and its VMs are stopped")
 
 
 def _lane(background: bool) -> str:
@@ -292,12 +299,19 @@ def render_job_detail(d) -> None:
     if j.error:
         console.print(f"  [red]error:[/red] {escape(j.error)}")
     if j.result is not None:
-        console.print(f"  result: {escape(json.dumps(j.result)[:600])}")
+        from .benches import without_printed
+
+        console.print(f"  result: {escape(json.dumps(without_printed(j.result))[:600])}")
     for a in d.attempts:
         console.print(f"  attempt {a.attempt} on {a.worker}: {a.outcome or 'running'}"
                       + (f" — {escape(a.error)}" if a.error else ""))
     if d.children:
         render_jobs(d.children)
+    printed = next((x.result for x in [j, *d.children] if (x.result or {}).get("printed")), None)
+    if printed:  # a benchmark's tables, as the command printed them
+        from .benches import show
+
+        show(printed, console)
 
 
 @main.group(invoke_without_command=True)
@@ -644,10 +658,11 @@ def layer1_json(r) -> dict:
               path_type=Path), help="operator-trusted include directory")
 @click.option("--no-cache", is_flag=True, help="do not answer from the result cache")
 @background_option
+@deadline_option
 @json_option
 def verify(file: Path | None, policy: str | None, all_policies: bool, params: tuple[str, ...],
            target: str, include_dirs: tuple[Path, ...], no_cache: bool, background: bool,
-           as_json: bool) -> None:
+           deadline: float | None, as_json: bool) -> None:
     """Layer 1: compile, static checks and the real kernel verifier.
     Exit 0 accepted, 1 rejected, 2 usage/infrastructure error."""
     from . import candidates
@@ -661,7 +676,7 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
     if all_policies:
         names = [p.name for p in list_policies() if p.kind == "schedcp"]
         job = candidates.verify_job(policies=names, target=target, use_cache=not no_cache,
-                                    lane=_lane(background), actor="cli")
+                                    lane=_lane(background), actor="cli", complete_by_s=deadline)
         if background:
             return queued(job, as_json)
         with progress_bar("verifying policies", not as_json) as bar:
@@ -678,7 +693,7 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
     source = file.read_text(errors="replace") if file else None
     job = candidates.verify_job(source=source, policy=policy, params=kv, target=target, actor="cli",
                                 include_dirs=tuple(p.resolve() for p in include_dirs),
-                                use_cache=not no_cache, lane=_lane(background))
+                                use_cache=not no_cache, lane=_lane(background), complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("verify", not as_json) as bar:
@@ -750,10 +765,12 @@ def render_layer2(out) -> None:
                    "0 = exactly --rounds")
 @click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
 @background_option
+@deadline_option
 @json_option
 def validate(file: Path | None, policy: str | None, report_id: str | None, params: tuple[str, ...],
              goals: tuple[str, ...], workloads: tuple[str, ...], profile_id: str | None, rounds: int,
-             budget: float | None, no_cache: bool, background: bool, as_json: bool) -> None:
+             budget: float | None, no_cache: bool, background: bool, deadline: float | None,
+             as_json: bool) -> None:
     """Layer 2: stress, correctness and same-boot A/B performance in the sandbox VM.
     Exit 0 pass (prints a deployment token), 1 fail (with the reason), 2 usage/infrastructure."""
     from . import candidates
@@ -765,7 +782,7 @@ def validate(file: Path | None, policy: str | None, report_id: str | None, param
                                   policy=policy, params=parse_params(params), goals=parse_goals(goals),
                                   workloads=list(workloads) or None, profile_id=profile_id,
                                   rounds=rounds, budget_s=budget, use_cache=not no_cache,
-                                  lane=_lane(background), actor="cli")
+                                  lane=_lane(background), actor="cli", complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("validate", not as_json) as bar:
@@ -785,10 +802,12 @@ def validate(file: Path | None, policy: str | None, report_id: str | None, param
 @click.option("--budget-seconds", type=click.FloatRange(0), help="at most this many sandbox seconds")
 @click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
 @background_option
+@deadline_option
 @json_option
 def campaign(policies: tuple[str, ...], files: tuple[Path, ...], goals: tuple[str, ...],
              workloads: tuple[str, ...], rounds: int, budget_runs: int | None,
-             budget_seconds: float | None, no_cache: bool, background: bool, as_json: bool) -> None:
+             budget_seconds: float | None, no_cache: bool, background: bool, deadline: float | None,
+             as_json: bool) -> None:
     """Validate several candidates as one campaign: verify → validate per candidate, in parallel up to
     the pool size, within an optional budget (earlier candidates first). Exit 0 when all passed."""
     from . import candidates
@@ -800,7 +819,7 @@ def campaign(policies: tuple[str, ...], files: tuple[Path, ...], goals: tuple[st
         if budget_runs is not None or budget_seconds is not None else None
     job = candidates.validate_campaign(cands, goals=parse_goals(goals), workloads=list(workloads) or None,
                                        rounds=rounds, budget=budget, use_cache=not no_cache,
-                                       lane=_lane(background), actor="cli")
+                                       lane=_lane(background), actor="cli", complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("campaign", not as_json) as bar:
@@ -984,16 +1003,17 @@ def parse_space(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @click.option("--space", multiple=True, metavar="NAME=V1,V2…", help="only try these values of a knob")
 @click.option("--seed", default=0, show_default=True)
 @background_option
+@deadline_option
 @json_option
 def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_rounds: int,
          budget_s: float | None, configs: int, space: tuple[str, ...], seed: int, background: bool,
-         as_json: bool) -> None:
+         deadline: float | None, as_json: bool) -> None:
     """Search a policy's parameters in the sandbox (successive halving, one VM boot).
     Exit 0 when the best is at least as good as the defaults, 1 when nothing ran, 2 usage."""
     from .synth.tune import tune_job, tune_result
 
     job = tune_job(name, list(workloads) or None, parse_goals(goals), budget_rounds, budget_s, configs,
-                   parse_space(space), seed, lane=_lane(background), actor="cli")
+                   parse_space(space), seed, lane=_lane(background), actor="cli", complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("tune", not as_json) as bar:
@@ -1254,16 +1274,34 @@ def bench_verify() -> None:
     run()
 
 
+def bench_job(job, label: str, background: bool, as_json: bool, answer=None) -> dict:
+    """A benchmark job from the command line: its id (--background), or wait with a progress bar and
+    print what it printed (under --json: its result). `answer`: what to read from the ended job."""
+    from .benches import show, without_printed
+
+    if background:
+        queued(job, as_json)
+        sys.exit(0)
+    with progress_bar(label, not as_json) as bar:
+        res = (answer or queue_result)(run_to_end(job.id, bar))
+    if as_json:
+        click.echo(json.dumps(without_printed(res), indent=2))
+    else:
+        show(res, console)
+    return res
+
+
 @bench.command("synth")
 @click.option("--workers", default=2, show_default=True, help="compile threads sharing the one VM")
+@background_option
+@deadline_option
 @json_option
-def bench_synth(workers: int, as_json: bool) -> None:
+def bench_synth(workers: int, background: bool, deadline: float | None, as_json: bool) -> None:
     """The primitive matrix: render, compile and kernel-verify every spec in one VM boot."""
-    from .synth.bench import bench_synth as run
+    from .benches import synth_job
 
-    res = run(workers=workers, say=(lambda line: None) if as_json else None)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
+    res = bench_job(synth_job(workers, lane=_lane(background), actor="cli", complete_by_s=deadline),
+                    "bench synth", background, as_json)
     sys.exit(0 if res["accepted"] == res["specs"] else 1)
 
 
@@ -1338,12 +1376,19 @@ def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, 
 @click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")
 @click.option("--policy", "names", multiple=True, help="only these (repository names or kernel:scx_simple)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
-def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], out: Path) -> None:
+@click.option("--no-cache", is_flag=True, help="validate again even if an identical validation has a result")
+@background_option
+@deadline_option
+@json_option
+def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], out: Path, no_cache: bool,
+                   background: bool, deadline: float | None, as_json: bool) -> None:
     """A/B intervals of every repository policy and the kernel's example schedulers on the sandbox
-    workloads (table + PNG chart)."""
-    from .validate.bench import bench_policies as run
+    workloads (table + PNG chart): a campaign of one validation per policy, then the report."""
+    from .benches import policies_campaign, report_of
 
-    run(rounds=rounds, budget_s=budget, out_dir=out, policies=list(names) or None)
+    job = policies_campaign(list(names) or None, rounds, budget, out, use_cache=not no_cache,
+                            width=console.width, lane=_lane(background), actor="cli", complete_by_s=deadline)
+    bench_job(job, "bench policies", background, as_json, report_of)
 
 
 @bench.command("aa")
@@ -1351,15 +1396,17 @@ def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], ou
 @click.option("--budget", type=float, default=0.0, show_default=True,
               help="seconds: more rounds while a workload is undecided; 0 = exactly --rounds")
 @click.option("--workload", "workloads", multiple=True, help="only these workloads (repeatable)")
+@background_option
+@deadline_option
 @json_option
-def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], as_json: bool) -> None:
+def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], background: bool,
+             deadline: float | None, as_json: bool) -> None:
     """The default scheduler against itself in one boot: each workload's ratio interval, the smallest
     difference a validation can tell. Exit 1 when an interval is wider than ±10 %."""
-    from .validate.bench import bench_aa as run
+    from .benches import aa_job
 
-    res = run(rounds=rounds, budget_s=budget, workloads=list(workloads) or None, quiet=as_json)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
+    res = bench_job(aa_job(rounds, budget, list(workloads) or None, width=console.width, lane=_lane(background),
+                           actor="cli", complete_by_s=deadline), "bench aa", background, as_json)
     sys.exit(0 if res["within_margin"] else 1)
 
 
@@ -1369,16 +1416,18 @@ def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], as_j
 @click.option("--rounds", default=3, show_default=True, help="paired rounds per run, at least")
 @click.option("--budget", type=float, default=None, help="seconds per validation [default: 90]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write stability-<policy>.md/json here")
+@background_option
+@deadline_option
 @json_option
 def bench_stability(policy: str, runs: int, rounds: int, budget: float | None, out: Path | None,
-                    as_json: bool) -> None:
-    """Validate one policy in N fresh boots: each run's verdicts and how often a verdict flipped.
-    Exit 1 when any verdict flipped."""
-    from .validate.bench import bench_stability as run
+                    background: bool, deadline: float | None, as_json: bool) -> None:
+    """Validate one policy in N fresh boots (N validation jobs, never from the cache): each run's
+    verdicts and how often a verdict flipped. Exit 1 when any verdict flipped."""
+    from .benches import report_of, stability_campaign
 
     if runs < 2:
         raise click.UsageError("--runs must be at least 2 to see a flip")
-    res = run(policy, runs=runs, rounds=rounds, budget_s=budget, out_dir=out, quiet=as_json)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
+    job = stability_campaign(policy, runs, rounds, budget, out, width=console.width, lane=_lane(background),
+                             actor="cli", complete_by_s=deadline)
+    res = bench_job(job, "bench stability", background, as_json, report_of)
     sys.exit(0 if res["flips"] == 0 else 1)

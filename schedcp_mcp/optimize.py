@@ -40,6 +40,8 @@ VALIDATION_FIXED_S = 30.0
 VALIDATION_PER_ROUND_S = 6.0
 #: deploy (baseline x3 + load) plus the learning stage
 DEPLOY_RESERVE_S = 45.0
+#: a host command is profiled repeated for this long, as match_workloads' references are
+MATCH_PROFILE_S = 3
 #: words a search gets for each sandbox workload and each profile characteristic
 WORKLOAD_WORDS = {"hackbench": "message passing", "pipe": "pipe wakeup latency",
                   "wakeup": "latency wakeup interactive", "build": "build many-processes fork",
@@ -136,7 +138,7 @@ class CandidateResult(BaseModel):
                                                    "ratio's confidence interval: what decides the winner")
     warnings: list[str] = []
     error: str | None = None
-    seconds: float = 0.0
+    job_id: str | None = Field(None, description="its validate job in the campaign")
 
 
 class OptimizeReport(BaseModel):
@@ -154,6 +156,8 @@ class OptimizeReport(BaseModel):
     strategy: str | None = None
     rationale: str = ""
     candidates: list[CandidateResult] = []
+    campaign_id: str | None = Field(None, description="the campaign job that validated them")
+    campaign_seconds: float = 0.0
     winner: str | None = Field(None, description="the winning candidate's report id")
     winner_label: str | None = None
     why: str = ""
@@ -195,7 +199,9 @@ async def observe(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
         raise BadInput(f"unknown sandbox workload(s): {', '.join(unknown)}", "known: " + ", ".join(known))
     if req.command:
         say("observation: profiling the command on this host", 0.02)
-        prof = await st.call("profile_workload", {"command": req.command, "duration_s": 30})
+        # repeated for as long as the sandbox workloads' reference profiles, so the rates compare
+        prof = await st.call("profile_workload", {"command": req.command, "duration_s": 30,
+                                                  "repeat_s": MATCH_PROFILE_S})
         rep.profile_id, rep.profile_summary = prof["id"], prof["summary"]
         say("observation: matching it to the sandbox workloads", 0.05)
         matches = (await st.call("match_workloads", {"profile_id": prof["id"]}))["matches"]
@@ -362,54 +368,68 @@ def goal_score(figs: list[WorkloadFigure], goals: list[Goal], measures: dict[str
     return round(sum(log(f) for f in chosen) / len(chosen), 4)
 
 
+def _label(c: dict) -> str:
+    if not c.get("policy"):
+        return c.get("report_id") or "source"
+    params = ",".join(f"{k}={v}" for k, v in sorted((c.get("params") or {}).items()))
+    return c["policy"] + (f"[{params}]" if params else "")
+
+
 async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress,
                   t0: float) -> None:
+    """The plan's candidates as ONE campaign of supervised jobs (verify -> validate each, for the
+    plan's profile and goals), then each report's A/B figures, and the winner's token."""
     p = await st.call("get_plan", {"plan_id": rep.plan_id})
     n = len(p["candidates"])
     _, per = candidate_budget(req, len(p["workloads"]))
+    # what is left for the sandbox: each validation gets its share (the sandbox adds paired rounds
+    # within it while a workload's interval still straddles its threshold), and the campaign starts
+    # no node once its children have used it all (validations slower than estimated)
+    left = req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s
+    sandbox_s = max(per - VALIDATION_FIXED_S, min(600.0, left / n - VALIDATION_FIXED_S))
+    specs = []
     for i, c in enumerate(p["candidates"]):
-        label = c["policy"] + (f"[{','.join(f'{k}={v}' for k, v in sorted(c['params'].items()))}]"
-                               if c["params"] else "") if c.get("policy") else (c.get("report_id") or "source")
-        res = CandidateResult(label=label, policy=c.get("policy"), params=c.get("params") or {},
-                              strategy=c["strategy"], why=c["why"])
-        rep.candidates.append(res)
-        spent = time.monotonic() - t0
-        if i and spent + per + DEPLOY_RESERVE_S + req.watch_s > req.budget_s:
-            res.error = f"skipped: the budget ({req.budget_s:.0f} s) is spent ({spent:.0f} s used)"
-            continue
-        # this candidate's share of what is left: the sandbox adds paired rounds within it while
-        # a workload's interval still straddles its threshold
-        left = req.budget_s - spent - DEPLOY_RESERVE_S - req.watch_s
-        sandbox_s = max(per - VALIDATION_FIXED_S, min(600.0, left / (n - i) - VALIDATION_FIXED_S))
-        args: dict[str, Any] = {"workloads": p["workloads"], "profile_id": p["profile_id"],
-                                "rounds": req.rounds, "budget_s": round(sandbox_s),
-                                "goals": [{"metric": g["metric"], "direction": g["direction"],
-                                           "target_ratio": g["target_ratio"] if g["target_ratio"]
-                                           is not None else 1.0} for g in p["goals"]]}
-        for key in ("policy", "report_id", "source"):
-            if c.get(key):
-                args[key] = c[key]
+        label = _label(c)
+        label = f"{label}#{i}" if any(r.label == label for r in rep.candidates) else label
+        rep.candidates.append(CandidateResult(label=label, policy=c.get("policy"),
+                                              params=c.get("params") or {}, strategy=c["strategy"],
+                                              why=c["why"]))
+        spec = {"name": label, **{k: c[k] for k in ("policy", "report_id", "source") if c.get(k)}}
         if c.get("params") and not c.get("report_id"):
-            args["params"] = c["params"]
-        start = time.monotonic()
-        lo, hi = 0.15 + 0.7 * i / n, 0.15 + 0.7 * (i + 1) / n
-
-        def prog(msg: str, frac: float, label=label, lo=lo, hi=hi) -> None:
-            say(f"execution: {label}: {msg}", lo + (hi - lo) * frac)
-
-        try:
-            v = await st.call("validate_scheduler", args, progress=prog)
-        except ToolFailed as e:
-            res.error, res.seconds = e.message, round(time.monotonic() - start, 1)
+            spec["params"] = c["params"]
+        specs.append(spec)
+    args: dict[str, Any] = {
+        "candidates": specs, "workloads": p["workloads"], "profile_id": p["profile_id"],
+        "rounds": req.rounds, "budget_s": round(sandbox_s), "budget_sandbox_s": round(max(per, left)),
+        "goals": [{"metric": g["metric"], "direction": g["direction"],
+                   "target_ratio": g["target_ratio"] if g["target_ratio"] is not None else 1.0}
+                  for g in p["goals"]]}
+    start = time.monotonic()
+    camp = await st.call("validate_campaign", args,
+                         progress=lambda m, f: say(f"execution: {m}", 0.15 + 0.7 * f))
+    rep.campaign_id = camp["job_id"]
+    kids = {k["name"]: k for k in (camp.get("result") or {}).get("children", [])}
+    for res in rep.candidates:
+        v, check = kids.get(f"validate:{res.label}"), kids.get(f"verify:{res.label}")
+        if v is None or v["state"] != "succeeded":
+            first = check if check and check["state"] != "succeeded" else v or {}  # what ended it
+            why = first.get("error") or first.get("state")
+            res.error = (f"skipped: the budget ({req.budget_s:.0f} s) is spent" if
+                         (why or "").startswith("budget exhausted") else why or "not run")
+            res.report_id = (check or {}).get("report_id")
             continue
-        res.seconds = round(time.monotonic() - start, 1)
-        res.report_id, res.passed, res.status = v["report_id"], v["passed"], v["status"]
-        res.figures = figures(v.get("layer2"))
-        res.warnings = (v.get("layer2") or {}).get("warnings", [])
+        r = await st.call("get_report", {"report_id": v["report_id"]})
+        res.job_id, res.report_id, res.passed, res.status = v["id"], r["id"], r["passed"], r["status"]
+        res.figures = figures(r.get("layer2"))
+        res.warnings = (r.get("layer2") or {}).get("warnings", [])
         res.score = goal_score(res.figures, rep.goals, rep._measures)
         res.worst = goal_score(res.figures, rep.goals, rep._measures, worst=True)
-        if res.passed and v.get("token") and (rep.winner is None or _better(res, rep)):
-            rep.token, rep.winner, rep.winner_label = v["token"], res.report_id, res.label
+        if res.passed and (rep.winner is None or _better(res, rep)):
+            rep.winner, rep.winner_label = res.report_id, res.label
+    rep.campaign_seconds = round(time.monotonic() - start, 1)
+    if rep.winner:  # only the winner gets a (single-use) deployment token
+        win = next(c for c in rep.candidates if c.report_id == rep.winner)
+        rep.token = ((await st.call("get_job", {"job_id": win.job_id})).get("validation") or {}).get("token")
     if all(c.error and not c.report_id for c in rep.candidates):
         raise InfrastructureError("no candidate could be validated: " + rep.candidates[0].error,
                                   "check the sandbox with `schedcp sandbox info`")
@@ -502,8 +522,8 @@ async def learn(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progr
 
 def server_params(req: OptimizeRequest) -> StdioServerParameters:
     args = ["-m", "schedcp_mcp", "serve"]
-    if req.command:  # the human asked for exactly this command: let the server run it
-        args += ["--allow-command-prefix", shlex.join(req.command)]
+    if req.command:  # the human asked for exactly this command: the server may run it, no other
+        args += ["--allow-exact-command", shlex.join(req.command)]
     return StdioServerParameters(command=sys.executable, args=args, env=dict(os.environ),
                                  cwd=str(Path.cwd()))
 
@@ -635,6 +655,9 @@ def render(rep: OptimizeReport, console) -> None:
                       f"{f.ratio:.3f}" if f.ratio else "-", f.interval,
                       f.verdict, result if k == 0 else "")
     console.print(t)
+    if rep.campaign_id:
+        console.print(f"  validated as one campaign of supervised jobs: {rep.campaign_id} "
+                      f"({rep.campaign_seconds:.0f} s; `schedcp jobs show {rep.campaign_id}`)")
     for c in rep.candidates:
         if not c.passed:
             console.print(f"  [red]{escape(c.label)}[/red]: {escape(c.error or c.status)}")

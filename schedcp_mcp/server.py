@@ -186,6 +186,10 @@ async def profile_workload(
                                        description="max seconds to run / observe")] = 10.0,
     workload: Annotated[str | None, Field(
         description="or: a sandbox workload name (list_workloads); its benchmark runs here")] = None,
+    repeat_s: Annotated[float, Field(
+        ge=0, le=3600, description="run the command again and again until this many seconds have "
+        "passed: a sub-second benchmark is too short for steady rates (match_workloads' references "
+        "use 3)")] = 0.0,
 ) -> profile.WorkloadProfile:
     """Run (or attach to) a workload and store a WorkloadProfile: perf counters where supported,
     process-tree metrics, run-queue latency histogram (runqlat) where it can run, a summary,
@@ -195,7 +199,8 @@ async def profile_workload(
         if command is not None or pid is not None:
             raise ToolError("give one of command, pid or workload")
         return await in_thread(match.profile_sandbox_workload, workload, duration_s, ctx=ctx)
-    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx, actor="mcp")
+    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx, actor="mcp",
+                           repeat_s=repeat_s)
 
 
 class MatchResult(BaseModel):
@@ -362,6 +367,8 @@ class ValidateResult(BaseModel):
 
 BACKGROUND = Field(description="queue it and return a job id at once (follow with get_job); "
                                "otherwise wait, with progress notifications")
+DEADLINE = Field(gt=0, le=7 * 86400, description="complete-by deadline, seconds from now: a job "
+                 "not finished by then is dead-lettered (its sandbox VMs stopped); default none")
 
 
 @server.tool(annotations=SANDBOXED)
@@ -380,12 +387,13 @@ async def submit_scheduler(
     profile_id: Annotated[str | None, Field(
         description="the WorkloadProfile this candidate is for (its goals apply)")] = None,
     background: Annotated[bool, BACKGROUND] = False,
+    deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> SubmitResult:
     """Layer 1: untrusted-source checks, compile, ELF/BTF checks (callbacks, kfuncs present in the
     target kernel, license, hot-path size) and the real kernel BPF verifier. Stores a
     ValidationReport; a rejection explains the failing program, source line and kernel message."""
     job = await in_thread(candidates.verify_job, source, policy, params, target, profile_id, actor="mcp",
-                          lane="normal" if background else "high")
+                          lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:
         return SubmitResult(job_id=job.id)
     r = candidates.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))
@@ -410,6 +418,7 @@ async def validate_scheduler(
         ge=0, le=3600, description="seconds for the sandbox run: more paired rounds while a workload's "
         "interval straddles its threshold (default 90; 0 = exactly `rounds`)")] = None,
     background: Annotated[bool, BACKGROUND] = False,
+    deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> ValidateResult:
     """Layer 2 in a sched_ext sandbox VM: baseline under the default scheduler, load, stress and
     correctness checks (stall watchdog, error exits, starvation), interleaved A/B benchmarks, unload.
@@ -417,7 +426,7 @@ async def validate_scheduler(
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     job = await in_thread(candidates.validate_job, report_id, source, policy, params, gs, workloads,
                           profile_id, rounds, lane="normal" if background else "high", actor="mcp",
-                          budget_s=budget_s)
+                          budget_s=budget_s, complete_by_s=deadline_s)
     if background:
         return ValidateResult(job_id=job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
@@ -428,6 +437,8 @@ async def validate_scheduler(
 class CampaignCandidate(BaseModel):
     policy: str | None = Field(None, description="a repository policy name")
     source: str | None = Field(None, description="or: BPF C source")
+    report_id: str | None = Field(None, description="or: a report that passed layer 1 (submit_scheduler, "
+                                  "generate_scheduler)")
     params: dict[str, str] | None = None
     name: str | None = Field(None, description="how the campaign's result names it")
     lane: LaneName = Field("normal", description="priority: a tight budget starts higher lanes first")
@@ -447,10 +458,15 @@ async def validate_campaign(
                                                      description="the candidates to validate")],
     goals: Annotated[list[GoalIn] | None, Field(description="performance goals for all")] = None,
     workloads: Annotated[list[str] | None, Field(description="subset of list_workloads names")] = None,
+    profile_id: Annotated[str | None, Field(
+        description="the WorkloadProfile they are all for (its goals apply; outcomes link to it)")] = None,
     rounds: Annotated[int, Field(ge=1, le=10)] = 3,
+    budget_s: Annotated[float | None, Field(
+        ge=0, le=3600, description="each validation's sandbox seconds, as validate_scheduler's")] = None,
     budget_runs: Annotated[int | None, Field(ge=0, description="at most this many sandbox runs")] = None,
     budget_sandbox_s: Annotated[float | None, Field(ge=0, description="at most this many sandbox seconds")] = None,
     background: Annotated[bool, BACKGROUND] = False,
+    deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> CampaignOut:
     """Validate several candidates as one DAG campaign (verify -> validate each, in parallel up to
     the worker pool's size, within an optional budget). The result lists every candidate's report
@@ -460,7 +476,8 @@ async def validate_campaign(
         if budget_runs is not None or budget_sandbox_s is not None else None
     job = await in_thread(candidates.validate_campaign, [c.model_dump() for c in candidates_], goals=gs,
                           workloads=workloads, rounds=rounds, budget=budget, actor="mcp",
-                          lane="normal" if background else "high")
+                          lane="normal" if background else "high", budget_s=budget_s,
+                          profile_id=profile_id, complete_by_s=deadline_s)
     if not background:
         job = await in_thread(run_to_end, job.id, ctx=ctx)
         jobq.result_or_raise(job)
@@ -664,6 +681,7 @@ async def tune_policy(
     space: Annotated[dict[str, list[int]] | None, Field(
         description="only these values per knob, e.g. {'slice_ns': [2000000, 5000000]}")] = None,
     background: Annotated[bool, BACKGROUND] = False,
+    deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> TuneOut:
     """Search a policy's knobs in the sandbox by successive halving (defaults, earlier best, one- and
     two-knob moves; the better half gets twice the rounds each rung; one VM boot). Returns the best
@@ -673,7 +691,7 @@ async def tune_policy(
 
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     job = await in_thread(tune_job, name, workloads, gs, budget_rounds, budget_s, configs, space,
-                          lane="normal" if background else "high", actor="mcp")
+                          lane="normal" if background else "high", actor="mcp", complete_by_s=deadline_s)
     if background:
         return TuneOut(job_id=job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)

@@ -198,14 +198,42 @@ def transaction() -> Iterator[sqlite3.Connection]:
 
 # --- records -------------------------------------------------------------------------------------
 
+#: while a fleet worker runs a job: the records written meanwhile, by id (see `capture`)
+_captured: dict[str, dict[str, Any]] | None = None
+
+
+@contextmanager
+def capture() -> Iterator[dict[str, dict[str, Any]]]:
+    """Collect every record this process writes meanwhile (the last version of each), to carry them
+    to another store (`put_raw` there). Process-wide: a fleet worker process runs one job at a time."""
+    global _captured
+    _captured = {}
+    try:
+        yield _captured
+    finally:
+        _captured = None
+
+
 def put(kind: str, model: BaseModel, *, ref: str | None = None) -> None:
     """Insert or replace a record. The model must have `id` and `created_at` fields."""
-    data = model.model_dump_json()
+    put_raw(kind, model.id, model.created_at, ref, model.model_dump_json())  # type: ignore[attr-defined]
+
+
+def put_raw(kind: str, id: str, created_at: float, ref: str | None, data: str) -> None:
+    """Insert or replace a record given as its columns (`data`: the model's JSON)."""
     db().execute(
         "INSERT INTO records(id, kind, created_at, ref, data) VALUES (?,?,?,?,?) "
         "ON CONFLICT(id) DO UPDATE SET data=excluded.data, ref=excluded.ref",
-        (model.id, kind, model.created_at, ref, data),  # type: ignore[attr-defined]
+        (id, kind, created_at, ref, data),
     )
+    if _captured is not None:
+        _captured[id] = {"kind": kind, "id": id, "created_at": created_at, "ref": ref, "data": data}
+
+
+def get_raw(id: str) -> dict[str, Any] | None:
+    """A record's columns, whatever its kind."""
+    row = db().execute("SELECT kind, id, created_at, ref, data FROM records WHERE id=?", (id,)).fetchone()
+    return dict(row) if row else None
 
 
 def get(kind: str, id: str, cls: type[M]) -> M | None:

@@ -4,12 +4,14 @@ its job is finished by the other one."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,43 +30,61 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def cluster(tmp_path, schedcp_home, monkeypatch):
-    port = free_port()
-    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", str(tmp_path)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    broker = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    env = {**os.environ, "SCHEDCP_HOME": str(schedcp_home), "PYTHONPATH": str(ROOT),
-           "SCHEDCP_BROKER": broker, "SCHEDCP_FLEET_VISIBILITY_S": "4", "SCHEDCP_FLEET_RESTORE_S": "1"}
-    monkeypatch.setenv("SCHEDCP_BROKER", broker)
-    workers = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "schedcp_mcp.jobs.fleet", "worker",
-                                 "--pool=prefork", "--concurrency=1", "-n", f"w{i}@%h", "-Q", "schedcp",
-                                 "--without-gossip", "--without-mingle", "--loglevel=WARNING"],
-                                env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=open(tmp_path / f"w{i}.log", "w"))
-               for i in range(2)]
-    # the coordinator talks to this broker (the app module read SCHEDCP_BROKER at import)
-    from schedcp_mcp.jobs import fleet
+def cluster_of(tmp_path, schedcp_home, monkeypatch):
+    """cluster_of(homes): a redis-server and one Celery worker process per home (each worker's
+    $SCHEDCP_HOME), on loopback; the coordinator in this process uses the test's home."""
+    started = []
 
-    fleet.app.conf.broker_url = fleet.app.conf.result_backend = broker
-    fleet.app.conf.broker_transport_options = {**fleet.app.conf.broker_transport_options,
-                                               "visibility_timeout": 4.0}
-    yield fleet, workers
-    for w in workers:
+    def start(homes: list[Path]):
+        port = free_port()
+        redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", str(tmp_path)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(redis)
+        broker = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDCP_BROKER": broker,
+               "SCHEDCP_FLEET_VISIBILITY_S": "4", "SCHEDCP_FLEET_RESTORE_S": "1"}
+        monkeypatch.setenv("SCHEDCP_BROKER", broker)
+        workers = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "schedcp_mcp.jobs.fleet", "worker",
+                                     "--pool=prefork", "--concurrency=1", "-n", f"w{i}@%h", "-Q", "schedcp",
+                                     "--without-gossip", "--without-mingle", "--loglevel=WARNING"],
+                                    env={**env, "SCHEDCP_HOME": str(home)}, start_new_session=True,
+                                    stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"w{i}.log", "w"))
+                   for i, home in enumerate(homes)]
+        started.extend(workers)
+        # the coordinator talks to this broker (the app module read SCHEDCP_BROKER at import)
+        from schedcp_mcp.jobs import fleet
+
+        app = fleet.app
+        app.conf.broker_url = app.conf.result_backend = broker
+        app.conf.broker_transport_options = {**app.conf.broker_transport_options, "visibility_timeout": 4.0}
+        # forget the connections to an earlier test's broker (Celery caches them per app)
+        if app._pool is not None:
+            app._pool.force_close_all()
+        app._pool, app._backend_cache, app._local = None, None, threading.local()
+        app.amqp._producer_pool = None
+        return fleet, workers
+
+    yield start
+    for p in reversed(started):
         try:
-            os.killpg(w.pid, signal.SIGKILL)
+            os.killpg(p.pid, signal.SIGKILL) if p.args[0] != "redis-server" else p.kill()
         except ProcessLookupError:
             pass
-        w.wait()
-    redis.kill()
-    redis.wait()
+        p.wait()
+
+
+@pytest.fixture
+def cluster(cluster_of, schedcp_home):
+    """Two workers sharing the coordinator's home (one machine)."""
+    return cluster_of([schedcp_home, schedcp_home])
 
 
 def group_of(pid: int) -> int | None:
@@ -80,7 +100,7 @@ def test_worker_killed_mid_job_its_job_is_finished_by_the_other(cluster, tmp_pat
     fleet, workers = cluster
     marks = tmp_path / "marks"
     marks.mkdir()
-    with fleet.Fleet(capacity=2):
+    with fleet.Fleet(capacity=2) as coordinator:
         warm = [queue.submit("noop", {"echo": i}) for i in range(4)]  # both workers are up and serving
         for j in warm:
             assert queue.wait(j.id, 60).state == "succeeded"
@@ -97,9 +117,107 @@ def test_worker_killed_mid_job_its_job_is_finished_by_the_other(cluster, tmp_pat
         victim.wait()
         j = queue.wait(j.id, 90)
         pools = [w.engine for w in queue.list_workers() if w.alive]
-    assert pools == ["celery"]  # no local pool ran it
+    assert pools == ["celery", "celery"]  # the coordinator and its pool for the store's own kinds
+    assert j.worker == coordinator.id  # the coordinator handed it to Celery
     assert j.state == "succeeded", (j.state, j.error)
     assert j.result["slept_s"] == 3 and group_of(j.result["pid"]) == other.pid
     assert j.result["executed_by"]["redelivered"] is True
     assert j.attempts == 1  # one attempt in the store: the redelivery was the engine's
     assert len(list(marks.iterdir())) == 2  # it ran twice: once on each worker
+
+
+HOSTILE = '#include "/etc/passwd"\nchar _license[] __attribute__((section("license"))) = "GPL";\n'
+
+
+def records_in(home: Path) -> dict[str, str]:
+    import sqlite3
+
+    with sqlite3.connect(home / "schedcp.db") as c:
+        return dict(c.execute("SELECT id, kind FROM records"))
+
+
+def test_workers_with_their_own_homes_carry_records_both_ways(cluster_of, tmp_path, schedcp_home):
+    """Each worker has its own $SCHEDCP_HOME (another machine): the profile a job refers to goes
+    with it; the report it makes (and its source) comes back into the coordinator's store, where
+    the campaign's join (run by the coordinator) and `schedcp reports` / `token` find it. Layer 1
+    stops at the source check here (no VM); a validation does the same with its object (VM test)."""
+    from schedcp_mcp.jobs import queue
+    from schedcp_mcp.jobs.campaigns import Node, submit_campaign
+    from schedcp_mcp.observe.profile import profile_workload
+    from schedcp_mcp.reports import get_report, source_for
+
+    homes = [tmp_path / "w0", tmp_path / "w1"]
+    for h in homes:
+        h.mkdir()
+    fleet, workers = cluster_of(homes)
+    prof = profile_workload(["sleep", "0.5"], duration_s=1)
+    srcs = [HOSTILE + f"// candidate {i}\n" for i in range(4)]
+    with fleet.Fleet(capacity=2):
+        camp = submit_campaign("hostile", [Node(name=f"c{i}", kind="verify", inputs={
+            "source": s, "profile_id": prof.id, "use_cache": False}) for i, s in enumerate(srcs)])
+        camp = queue.wait(camp.id, 120)
+    assert camp.state == "succeeded", (camp.state, camp.error)
+    kids = camp.result["children"]
+    assert [k["state"] for k in kids] == ["succeeded"] * 4
+    ran_on = {json.loads(k["result_json"])["executed_by"]["pid"] for k in kids}
+    worker_homes = {}
+    for k in kids:
+        r = get_report(k["report_id"])  # in the coordinator's store
+        assert r.layer1.verdict == "rejected" and r.profile_id == prof.id
+        assert r.goals == prof.goals  # the worker read the profile the coordinator sent
+        assert source_for(r) in srcs
+        worker_homes[k["report_id"]] = [h for h in homes if k["report_id"] in records_in(h)]
+    assert all(len(hs) == 1 for hs in worker_homes.values())  # each was made on one worker
+    assert len({hs[0] for hs in worker_homes.values()}) == 2 and len(ran_on) == 2  # both worked
+    assert prof.id in records_in(homes[0]) and prof.id in records_in(homes[1])
+    assert not any(k.startswith("job-") for h in homes for k in records_in(h))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    listed = subprocess.run([sys.executable, "-m", "schedcp_mcp", "reports", "--json"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert {k["report_id"] for k in kids} <= {r["id"] for r in json.loads(listed.stdout)}
+    tok = subprocess.run([sys.executable, "-m", "schedcp_mcp", "token", kids[0]["report_id"]], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert tok.returncode == 2 and "did not pass layers 1 and 2" in tok.stderr  # found, and refused
+
+
+@pytest.mark.vm
+def test_a_validation_on_a_remote_worker_is_a_report_on_the_coordinator(cluster_of, tmp_path, manifest,
+                                                                         schedcp_home):
+    """Layer 1 here (the coordinator's home), layer 2 on a fleet worker with its own home: the
+    worker gets the report and its compiled object with the job; the coordinator gets the validated
+    report and its outcome back, so `feedback` and `token` work on the coordinator."""
+    from schedcp_mcp import candidates
+    from schedcp_mcp.jobs import queue
+    from schedcp_mcp.jobs.pool import Pool
+    from schedcp_mcp.reports import get_report
+
+    homes = [tmp_path / "w0", tmp_path / "w1"]
+    for h in homes:
+        h.mkdir()
+    v = candidates.verify_job(policy="fifo", use_cache=False)
+    with Pool(1, scope=v.id):
+        rep = candidates.verified_report(queue.wait(v.id, 300)).id
+    fleet, _ = cluster_of(homes)
+    with fleet.Fleet(capacity=2):
+        j = candidates.validate_job(report_id=rep, workloads=["hackbench"], rounds=3, budget_s=0, use_cache=False)
+        j = queue.wait(j.id, 600)
+    assert j.state == "succeeded", (j.state, j.error)
+    assert j.result["report_id"] == rep
+    r = get_report(rep)
+    assert r.layer2 is not None and [w.name for w in r.layer2.workloads] == ["hackbench"]
+    ran_in = [h for h in homes if rep in records_in(h)]
+    assert len(ran_in) == 1 and any(k.startswith("out-") for k in records_in(ran_in[0]))
+    assert any(k.startswith("out-") for k in records_in(schedcp_home))  # the outcome came back
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    fb = subprocess.run([sys.executable, "-m", "schedcp_mcp", "feedback", rep, "--json"], env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert fb.returncode == 0, fb.stderr
+    assert json.loads(fb.stdout)["subject_id"] == rep
+    tok = subprocess.run([sys.executable, "-m", "schedcp_mcp", "token", rep], env=env,
+                         capture_output=True, text=True, timeout=60)
+    if r.passed:
+        assert tok.returncode == 0 and tok.stdout.strip()
+    else:
+        assert tok.returncode == 2 and "did not pass layers 1 and 2" in tok.stderr

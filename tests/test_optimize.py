@@ -37,6 +37,30 @@ def test_a_stage_cannot_call_a_tool_outside_its_agent_definition():
     anyio.run(go)
 
 
+def test_the_server_optimize_starts_runs_exactly_the_given_command_and_no_other():
+    """`schedcp optimize -- CMD…`: the server it starts allows that argv, not one word more, and
+    the observation stage profiles it repeated for as long as the sandbox workloads' references."""
+    cmd = ["sh", "-c", "sleep 0.1"]
+
+    async def go():
+        req = optimize.OptimizeRequest(command=cmd)
+        async with stdio_client(optimize.server_params(req)) as (r, w), ClientSession(r, w) as s:
+            await s.initialize()
+            obs = optimize.Stage(s, "observation", agents.allowlist("observation"))
+            prof = await obs.call("profile_workload", {"command": cmd, "duration_s": 10,
+                                                       "repeat_s": 2})
+            with pytest.raises(optimize.ToolFailed, match="not allowlisted"):
+                await obs.call("profile_workload", {"command": [*cmd, "extra"], "duration_s": 2})
+            with pytest.raises(optimize.ToolFailed, match="not allowlisted"):
+                await obs.call("profile_workload", {"command": ["sh"], "duration_s": 2})
+            return prof
+
+    prof = anyio.run(go)
+    assert prof["command"][:2] == ["sh", "-c"] and "while" in prof["command"][2]
+    # again and again for 1-2 s (whole seconds of `date +%s`), not the one 0.1 s run
+    assert "sleep 0.1" in prof["command"][2] and prof["duration_s"] >= 0.9, prof["summary"]
+
+
 def test_goal_score_prefers_lower_cost_on_goal_workloads():
     fig = lambda wl, ratio, d="lower": optimize.WorkloadFigure(  # noqa: E731
         workload=wl, metric="m", unit="s", direction=d, baseline=1, candidate=ratio, ratio=ratio,
@@ -117,6 +141,47 @@ def test_cli_refuses_an_unknown_workload_with_json(tmp_path):
     assert "nope" in err["message"] and "hackbench" in err["hint"]
 
 
+def test_a_campaign_carries_its_profile_to_every_candidate(tmp_path):
+    """The execute stage validates the plan's candidates as one campaign: each verify and validate
+    node gets the plan's profile (so every report, and the outcome learning reads, links to it), a
+    report id is validated as it is, and an unknown profile is refused before anything is queued."""
+    from schedcp_mcp import candidates
+    from schedcp_mcp.errors import NotFound
+    from schedcp_mcp.jobs import queue
+    from schedcp_mcp.observe.profile import profile_workload
+
+    prof = profile_workload(["sh", "-c", "sleep 0.2"], None, 2, use_runqlat=False)
+    goal = Goal(metric="wall_time_s", direction="lower", target_ratio=1.0)
+    camp = candidates.validate_campaign(
+        [{"policy": "fifo", "name": "fifo"}, {"policy": "fifo", "params": {"slice_ns": "5000000"},
+                                             "name": "fifo[slice_ns=5000000]"}],
+        goals=[goal], workloads=["hackbench"], profile_id=prof.id, budget_s=40)
+    kids = {j.inputs["node"]: j for j in queue.list_jobs(parent=camp.id)}
+    assert set(kids) == {"verify:fifo", "validate:fifo", "verify:fifo[slice_ns=5000000]",
+                         "validate:fifo[slice_ns=5000000]"}
+    assert {j.inputs["profile_id"] for j in kids.values()} == {prof.id}
+    v = kids["validate:fifo[slice_ns=5000000]"].inputs
+    assert v["goals"][0]["metric"] == "wall_time_s" and v["budget_s"] == 40
+    queue.cancel(camp.id)
+    with pytest.raises(NotFound):
+        candidates.validate_campaign([{"policy": "fifo"}], profile_id="prof-nope")
+    assert not queue.list_jobs(kind="campaign", top_level=True, state="pending")
+
+
+def test_a_campaign_reports_progress_from_its_running_child():
+    from schedcp_mcp.jobs import queue
+    from schedcp_mcp.jobs.campaigns import Node, submit_campaign
+    from schedcp_mcp.jobs.pool import Pool
+
+    camp = submit_campaign("progress", [Node(name="nap", kind="sleep", inputs={"seconds": 1.0})])
+    seen: list[tuple[str, float]] = []
+    with Pool(1):
+        assert queue.wait(camp.id, 20, lambda m, f: seen.append((m, f)), poll_s=0.02).done
+    mid = [(m, f) for m, f in seen if "nap: slept" in m]
+    assert mid and all(0 <= f <= 1 for _, f in seen), seen
+    assert any(0 < f < 1 for _, f in mid)  # moves while the child runs, not only when it ends
+
+
 # --- the whole loop in the sandbox VM -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -172,6 +237,14 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy,
     assert rep.strategy == "reconfigure" and "reconfigure" in rep.rationale
     tried = [c for c in rep.candidates if c.report_id]
     assert tried and all(c.figures and c.figures[0].workload == "hackbench" for c in tried)
+    # validated as ONE campaign of supervised jobs, every report linked to the plan's profile
+    from schedcp_mcp.jobs import queue
+    from schedcp_mcp.reports import get_report
+
+    assert rep.calls["execution"].count("validate_campaign") == 1
+    assert "validate_scheduler" not in rep.calls["execution"]
+    assert {j.inputs.get("profile_id") for j in queue.list_jobs(parent=rep.campaign_id)} == {rep.profile_id}
+    assert all(get_report(c.report_id).profile_id == rep.profile_id for c in tried)
     # a winner, deployed to the staging VM with its token, and the human's host command
     win = next(c for c in rep.candidates if c.report_id == rep.winner)
     assert win.passed and win.score is not None and rep.token
@@ -205,3 +278,27 @@ def test_a_host_command_is_matched_to_the_sandbox_workloads_like_it(manifest):
     assert all(m.reason and 0 <= m.similarity <= 1 for m in matches)
     again = match_workloads(prof.id, limit=1)  # references are reused, not profiled again
     assert again[0].reference_profile_id == matches[0].reference_profile_id
+
+
+@pytest.mark.vm
+def test_optimize_a_host_command_through_the_cli_matches_it_and_says_why(policies_copy, tmp_path):
+    """`schedcp optimize --json -- CMD…`: the command is profiled here (the server optimize starts
+    allows exactly it), matched to the sandbox workloads like it, and the candidates are judged on
+    those; the report names the match and the features behind it."""
+    cmd = ["hackbench", "-g", "2", "-l", "50"]
+    r = subprocess.run([sys.executable, "-m", "schedcp_mcp", "optimize", "--json", "--target", "host",
+                        "--budget", "150", "--rounds", "2", "--max-candidates", "1", "--watch", "0",
+                        "--out", str(tmp_path / "out"), "--", *cmd],
+                       capture_output=True, text=True, timeout=900, env={**os.environ})
+    assert r.returncode in (0, 1), r.stderr[-3000:]  # 1: the default stayed (a valid outcome)
+    rep = json.loads(r.stdout)
+    assert rep["request"]["command"] == cmd and rep["profile_id"].startswith("prof-")
+    # one hackbench run takes ~0.1 s: profiled repeated, like the sandbox workloads' references
+    assert "hackbench -g 2 -l 50" in rep["profile_summary"] and "while" in rep["profile_summary"]
+    assert rep["workloads"][0] == "hackbench", rep["workload_reasons"]
+    why = rep["workload_reasons"][0]
+    assert why.startswith("hackbench: similarity 0.") and "fork-heavy" in why, why
+    assert rep["calls"]["observation"].count("match_workloads") == 1
+    tried = [c for c in rep["candidates"] if c["report_id"]]
+    assert tried and {f["workload"] for f in tried[0]["figures"]} == set(rep["workloads"])
+    assert rep["campaign_id"].startswith("job-") and "deploy" not in rep["calls"]["execution"]

@@ -35,6 +35,7 @@ class Node(BaseModel):
     inputs: dict[str, Any] = {}
     lane: LaneName = "normal"
     after: list[str] = Field(default_factory=list, description="names of the nodes it needs first")
+    join: bool = Field(False, description="runs once those have ended, however they ended (a report)")
 
 
 class ChildSummary(BaseModel):
@@ -61,8 +62,10 @@ class CampaignResult(BaseModel):
 
 
 def submit_campaign(label: str, nodes: list[Node], *, budget: Budget | None = None,
-                    lane: LaneName = "normal", use_cache: bool = True, actor: str = "api") -> Job:
-    """Queue a campaign: its nodes, their edges, and the join job over them."""
+                    lane: LaneName = "normal", use_cache: bool = True, actor: str = "api",
+                    complete_by_s: float | None = None) -> Job:
+    """Queue a campaign: its nodes, their edges, and the join job over them. `complete_by_s`: the
+    whole campaign's deadline from now, which every node shares."""
     names = [n.name for n in nodes]
     if not nodes or len(set(names)) != len(names):
         raise BadInput("a campaign needs nodes with unique names", f"got {names}")
@@ -72,19 +75,21 @@ def submit_campaign(label: str, nodes: list[Node], *, budget: Budget | None = No
             raise BadInput(f"node {n.name} depends on {sorted(unknown)}, which are not earlier nodes",
                            "list a node after the nodes it needs (the graph must be acyclic)")
     camp = queue.submit("campaign", {"label": label, "nodes": names}, lane=lane, budget=budget,
-                        join_all=True, actor=actor, not_before=_HOLD)
+                        join_all=True, actor=actor, not_before=_HOLD, complete_by_s=complete_by_s)
     try:
         ids: dict[str, str] = {}
         for n in nodes:
             ids[n.name] = queue.submit(n.kind, {**n.inputs, "node": n.name}, lane=n.lane, parent=camp.id,
-                                       deps=[ids[a] for a in n.after], use_cache=use_cache, actor=actor).id
+                                       deps=[ids[a] for a in n.after], join_all=n.join,
+                                       use_cache=use_cache, actor=actor,
+                                       deadline=camp.deadline).id
         queue.add_deps(camp.id, list(ids.values()))
     finally:
         queue.release(camp.id)  # (a child that failed to queue leaves a campaign that says so)
     return queue.get(camp.id)
 
 
-@register("campaign", timeout_s=300, max_attempts=3)
+@register("campaign", timeout_s=300, max_attempts=3, local=True)
 def _campaign(ctx: JobContext) -> dict[str, Any]:
     """The join: what each child did, and what the budget left out."""
     kids = queue.list_jobs(parent=ctx.job.id, limit=10_000)

@@ -6,9 +6,12 @@ Roles:
   which stays the record of what ran), sends each to Celery with the job and its dependencies'
   results, heartbeats it while Celery has it, and writes the outcome back — only if its attempt
   still owns the job, as a pool does. Cancelling a job revokes its task.
-- **workers** (`celery -A schedcp_mcp.jobs.fleet worker`, on any machine with a sandbox) run the
-  job's kind (`kinds.execute`, the same code a local pool runs) and return the outcome; they report
-  progress through the task state.
+- **workers** (`celery -A schedcp_mcp.jobs.fleet worker`, on any machine with a sandbox, each with
+  its own $SCHEDCP_HOME) run the job's kind (`kinds.execute`, the same code a local pool runs) and
+  return the outcome; they report progress through the task state. The records a job refers to go
+  with it, and the records it wrote come back with its outcome (`carry`), so the coordinator's
+  store has every report. Kinds that read the store themselves (`Kind.local`: a campaign's join)
+  are run by the coordinator, beside the store.
 
 Celery semantics used: late acks + reject on worker lost (a worker that dies mid-job does not ack,
 and the broker gives the job to another worker: a dead child process at once, a dead worker host
@@ -29,10 +32,11 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from . import kinds, queue
+from .. import store
+from . import carry, kinds, queue
 from .kinds import JobContext
 from .models import LANES, Job
-from .pool import Service
+from .pool import Pool, Service
 
 log = logging.getLogger("schedcp.jobs.fleet")
 
@@ -66,14 +70,19 @@ app = make_app()
 
 
 @app.task(name="schedcp.run_job", bind=True)
-def run_job(self, job: dict[str, Any], dep_results: dict[str, Any]) -> dict[str, Any]:
-    """On a worker: run one attempt of a job; return its outcome (never raise: the store decides)."""
+def run_job(self, job: dict[str, Any], dep_results: dict[str, Any],
+            referred: dict[str, Any] | None = None) -> dict[str, Any]:
+    """On a worker: record the records the job refers to (`carry`), run one attempt of the job,
+    return its outcome with every record it wrote (never raise: the store decides)."""
     j = Job.model_validate(job)
+    carry.unpack(referred)
     ctx = JobContext(j, dep_results, write=lambda m, f: self.update_state(
         state="PROGRESS", meta={"message": m, "progress": f}))
-    outcome, result, error = kinds.execute(ctx)
+    with store.capture() as written:
+        outcome, result, error = kinds.execute(ctx)
     return {"outcome": outcome or "failed", "result": result, "error": error, "host": socket.gethostname(),
-            "pid": os.getpid(), "redelivered": bool((self.request.delivery_info or {}).get("redelivered"))}
+            "pid": os.getpid(), "redelivered": bool((self.request.delivery_info or {}).get("redelivered")),
+            "carried": carry.with_files(list(written.values())).model_dump()}
 
 
 class Fleet(Service):
@@ -84,12 +93,16 @@ class Fleet(Service):
         self.capacity, self.poll_s, self.heartbeat_s, self.stale_s = capacity, poll_s, heartbeat_s, stale_s
         self.id: str | None = None
         self._inflight: dict[str, tuple[Job, AsyncResult]] = {}
+        self._pool: Pool | None = None  # runs the kinds that read the store, here
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._remote, self._local = kinds.names(local=False), kinds.names(local=True)
 
     def start(self) -> "Fleet":
         self.id = queue.register_worker("celery", self.capacity)
         queue.reclaim(self.stale_s)
+        self._pool = Pool(self.capacity, kind_names=self._local, engine="celery",
+                          heartbeat_s=self.heartbeat_s, stale_s=self.stale_s).start()
         self._thread = threading.Thread(target=self._loop, name="schedcp-fleet", daemon=True)
         self._thread.start()
         return self
@@ -98,6 +111,8 @@ class Fleet(Service):
         self._stop.set()
         if self._thread:
             self._thread.join(10)
+        if self._pool:
+            self._pool.stop()
         queue.stop_worker(self.id)
         queue.reclaim(self.stale_s)  # what was in flight goes back to the queue
 
@@ -115,10 +130,12 @@ class Fleet(Service):
 
     def _step(self, beat: bool) -> None:
         while len(self._inflight) < self.capacity:
-            job = queue.claim(self.id)
+            job = queue.claim(self.id, self._remote)
             if job is None:
                 break
-            ar = run_job.apply_async(args=[job.model_dump(mode="json"), queue.dep_results(job)],
+            deps = queue.dep_results(job)
+            ar = run_job.apply_async(args=[job.model_dump(mode="json"), deps,
+                                           carry.referred(job.inputs, deps).model_dump()],
                                      priority=LANE_PRIORITY[job.lane], queue=QUEUE,
                                      time_limit=job.timeout_s + 30)
             self._inflight[job.id] = (job, ar)
@@ -133,6 +150,8 @@ class Fleet(Service):
                     if res is not None:
                         res = {**res, "executed_by": {"host": r["host"], "pid": r["pid"],
                                                       "redelivered": r["redelivered"]}}
+                    if self._owns(job):  # its records first: whoever sees the job end finds them
+                        carry.unpack(r.get("carried"))
                     queue.finish(jid, job.attempts, self.id, r["outcome"], res, r["error"])
                 else:  # the task itself broke (time limit, a lost worker Celery gave up on)
                     queue.finish(jid, job.attempts, self.id, "transient", None, f"celery: {ar.state}: {ar.result}")
@@ -144,6 +163,10 @@ class Fleet(Service):
                 if states.get(jid) != ("running", job.attempts, self.id):  # cancelled or given up on
                     ar.revoke(terminate=True)
                     del self._inflight[jid]
+
+    def _owns(self, job: Job) -> bool:
+        j = queue.get(job.id)
+        return (j.state, j.attempts, j.worker) == ("running", job.attempts, self.id)
 
 
 __all__ = ["app", "run_job", "Fleet", "LANES"]

@@ -2,7 +2,8 @@
 
 A kind's `run(ctx)` gets a `JobContext` (inputs, the results of the jobs it depends on, progress
 that also notices cancellation) and returns a JSON-able dict. The modules that own the work register
-their kinds (`candidates`: verify, validate; `campaigns`: campaign; `synth.tune`: tune), and the registry loads them by
+their kinds (`candidates`: verify, validate; `campaigns`: campaign; `synth.tune`: tune; `benches`:
+the sandbox benchmarks), and the registry loads them by
 name like plugins (`KIND_MODULES`), since they sit above this layer; the trivial ones here (`noop`, `sleep`, `flaky`) are real jobs for the supervisor's own tests and
 `schedcp bench jobs`: they go through the same store, pools and engines as a validation.
 """
@@ -59,11 +60,13 @@ class Kind:
     timeout_s: float = 1800.0
     max_attempts: int = 3
     sandbox: bool = False  # boots VMs (counts against a pool's VM slots)
+    local: bool = False  # reads the store itself (a campaign's join): a fleet's coordinator runs it
 
 
 _KINDS: dict[str, Kind] = {}
 _loaded = False
-KIND_MODULES = ("schedcp_mcp.candidates", "schedcp_mcp.jobs.campaigns", "schedcp_mcp.synth.tune")
+KIND_MODULES = ("schedcp_mcp.candidates", "schedcp_mcp.jobs.campaigns", "schedcp_mcp.synth.tune",
+                "schedcp_mcp.benches")
 
 
 def register(name: str, **kw) -> Callable[[Callable], Callable]:
@@ -114,9 +117,10 @@ def execute(ctx: JobContext) -> tuple[str | None, dict[str, Any] | None, str | N
         vm.current_job.reset(token)
 
 
-def names() -> list[str]:
+def names(local: bool | None = None) -> list[str]:
+    """The kinds' names (`local`: only those that must run beside the store, or only the others)."""
     _load()
-    return sorted(_KINDS)
+    return sorted(n for n, k in _KINDS.items() if local is None or k.local == local)
 
 
 # --- trivial kinds: the supervisor's own tests and benchmark ----------------------------------------

@@ -29,7 +29,7 @@ from .. import store
 from .. import errors
 from ..errors import BadInput, NotFound
 from . import kinds
-from .models import LANES, TERMINAL, Attempt, Budget, Job, JobDetail, LaneName, WorkerInfo
+from .models import LANES, Attempt, Budget, Job, JobDetail, LaneName, WorkerInfo
 
 HOST = socket.gethostname()
 _TERMINAL_SQL = "('succeeded','failed','cancelled','dead')"
@@ -53,8 +53,10 @@ def submit(kind: str, inputs: dict[str, Any] | None = None, *, lane: LaneName = 
            timeout_s: float | None = None, max_attempts: int | None = None,
            complete_by_s: float | None = None, deps: Iterable[str] = (), parent: str | None = None,
            join_all: bool = False, budget: Budget | None = None, use_cache: bool = True,
-           actor: str = "api", not_before: float | None = None) -> Job:
-    """Queue a job (or answer it at once: see below). `complete_by_s` is a deadline from now.
+           actor: str = "api", not_before: float | None = None, deadline: float | None = None) -> Job:
+    """Queue a job (or answer it at once: see below). `complete_by_s` is a deadline from now
+    (`deadline`: the same as epoch seconds; the earlier wins). A job past its deadline is
+    dead-lettered: before it starts when it is claimed, while running by the supervisor's sweep.
 
     Identical work (the kind's content key: source, parameters, kernel build, workloads, rounds)
     is not done twice: with `use_cache`, a job whose twin already succeeded is recorded as succeeded
@@ -69,7 +71,8 @@ def submit(kind: str, inputs: dict[str, Any] | None = None, *, lane: LaneName = 
     deps = list(dict.fromkeys(deps))
     row = dict(id=store.new_id("job"), kind=kind, lane=LANES.index(lane), state="pending",
                created_at=now, not_before=not_before or now,
-               deadline=now + complete_by_s if complete_by_s else None,
+               deadline=min([t for t in (deadline, now + complete_by_s if complete_by_s else None) if t],
+                            default=None),
                timeout_s=float(timeout_s or k.timeout_s),
                max_attempts=int(max_attempts or k.max_attempts), parent=parent,
                join_all=int(join_all), dedupe_key=key, budget=budget.model_dump_json() if budget else None,
@@ -181,7 +184,11 @@ def wait(job_id: str, timeout_s: float | None = None,
         if job.kind == "campaign" and job.state == "pending":
             n, ended = store.db().execute(f"SELECT COUNT(*), SUM(state IN {_TERMINAL_SQL}) FROM jobs "
                                           "WHERE parent=?", (job_id,)).fetchone()
-            job.message, job.progress = f"{ended or 0} of {n} nodes done", (ended or 0) / max(n, 1)
+            run = store.db().execute("SELECT inputs, progress, message FROM jobs WHERE parent=? AND "
+                                     "state='running' ORDER BY started_at LIMIT 1", (job_id,)).fetchone()
+            job.message = f"{ended or 0} of {n} nodes done" + (  # and what the running one says
+                f"; {json.loads(run['inputs']).get('node', '?')}: {run['message']}" if run else "")
+            job.progress = ((ended or 0) + (run["progress"] if run else 0)) / max(n, 1)
         if on_progress and (job.message, job.progress) != seen:
             seen = (job.message, job.progress)
             on_progress(job.message or job.state, job.progress)
@@ -196,6 +203,9 @@ def result_or_raise(job: Job) -> dict[str, Any]:
     if job.state == "succeeded":
         return job.result or {}
     hint = f"`schedcp jobs show {job.id}` (MCP get_job) lists every attempt"
+    if job.state == "dead" and "complete-by deadline" in (job.error or ""):
+        raise errors.InfrastructureError(f"job {job.id} did not complete by its deadline: {job.error}",
+                                         "give it more time (--deadline / deadline_s) or none; " + hint)
     if job.state == "dead":
         raise errors.InfrastructureError(f"job {job.id} failed {job.attempts} time(s) for reasons outside "
                                          f"the candidate and was dead-lettered: {job.error}", hint)
@@ -319,8 +329,8 @@ def claim(worker_id: str, kind_names: Iterable[str] | None = None, scope: str | 
         kinds_sql += " AND (j.id=? OR j.parent=?)"
         args += [scope, scope]
     while True:
-        now = time.time()
         with store.transaction() as conn:
+            now = time.time()  # inside: a job that ended while we waited for the lock ended before this
             row = conn.execute(_READY.format(kinds=kinds_sql), (now, *args)).fetchone()
             if row is None:
                 return None
@@ -393,8 +403,8 @@ def finish(job_id: str, attempt: int, worker_id: str, outcome: str, result: Any 
            error: str | None = None) -> bool:
     """Record the end of an attempt: outcome succeeded | failed | transient. False (and nothing
     written) when this attempt no longer owns the job."""
-    now = time.time()
     with store.transaction() as conn:
+        now = time.time()
         row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None or row["state"] != "running" or row["attempts"] != attempt or row["worker"] != worker_id:
             _close_attempt(conn, job_id, attempt, "superseded", error, now)

@@ -14,7 +14,7 @@ from typing import Callable
 from pydantic import BaseModel, Field
 
 from ..errors import BadInput
-from ..observe.profile import WorkloadProfile, get_profile, list_profiles, profile_workload
+from ..observe.profile import WorkloadProfile, get_profile, list_profiles, profile_workload, repeated
 from ..validate.workloads import ensure_probe, get_workloads, list_workloads
 from .history import similarity
 
@@ -45,8 +45,7 @@ def host_command(workload: str) -> list[str]:
     repeated for MIN_PROFILE_S seconds."""
     w = get_workloads([workload])[0]
     probe = f"PROBE={ensure_probe()}; " if "$PROBE" in w.command else ""
-    return ["sh", "-c", f"{probe}end=$(($(date +%s) + {MIN_PROFILE_S})); "
-                        f"while [ $(date +%s) -lt $end ]; do {w.command} >/dev/null; done"]
+    return repeated(w.command, MIN_PROFILE_S, setup=probe)
 
 
 def profile_sandbox_workload(workload: str, duration_s: float = 30.0,

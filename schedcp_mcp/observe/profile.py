@@ -244,14 +244,23 @@ def summarize(c: Characteristics, tree: ProcessTreeMetrics, wall: float, ncpus: 
             f"context switches/s, {c.fork_rate:.1f} new processes/s.")
 
 
+def repeated(shell_command: str, min_s: float, setup: str = "") -> list[str]:
+    """`shell_command` run again and again (at least once) until `min_s` seconds have passed: a
+    benchmark that ends in a fraction of a second is too short for steady rates at the process
+    tree's 10 Hz sampling. Its output goes to /dev/null."""
+    return ["sh", "-c", f"{setup}end=$(($(date +%s) + {int(math.ceil(min_s))})); "
+                        f"while [ $(date +%s) -lt $end ]; do {shell_command} >/dev/null; done"]
+
+
 def profile_workload(command: list[str] | str | None = None, pid: int | None = None,
                      duration_s: float = 10.0, *, use_perf: bool = True, use_runqlat: bool = True,
                      progress: Callable[[str, float], None] | None = None,
-                     actor: str = "cli") -> WorkloadProfile:
-    """Profile `command` (run to completion, at most `duration_s`) or attach to `pid` for
-    `duration_s`; store and return the WorkloadProfile. An MCP client (`actor="mcp"`) may run only
-    the commands the operator allowed (`access.check_command`). The command's whole process tree
-    is ended with the profile, and none of its output is kept: only the measured figures."""
+                     actor: str = "cli", repeat_s: float = 0.0) -> WorkloadProfile:
+    """Profile `command` (run to completion, at most `duration_s`; with `repeat_s`, run again and
+    again until that many seconds have passed) or attach to `pid` for `duration_s`; store and
+    return the WorkloadProfile. An MCP client (`actor="mcp"`) may run only the commands the
+    operator allowed (`access.check_command`). The command's whole process tree is ended with the
+    profile, and none of its output is kept: only the measured figures."""
     from .. import access, config
 
     if (command is None) == (pid is None):
@@ -274,6 +283,11 @@ def profile_workload(command: list[str] | str | None = None, pid: int | None = N
         access.check_command(command, actor)
         if shutil.which(command[0]) is None:
             raise BadInput(f"command not found: {command[0]!r}", "give a program on PATH or a path")
+        if repeat_s:
+            if not 0 < repeat_s <= duration_s:
+                raise BadInput(f"repeat_s={repeat_s} must be within 0 < repeat_s <= duration_s "
+                               f"({duration_s:g})", "e.g. repeat_s=3 for a sub-second benchmark")
+            command = repeated(shlex.join(command), repeat_s)
     with tempfile.TemporaryDirectory(prefix="prof-", dir=config.runtime_dir()) as tmp:
         prof = _profile(command, pid, duration_s, Path(tmp), use_perf, use_runqlat, progress)
     store.put(KIND, prof)

@@ -406,7 +406,7 @@ def _tune_job(ctx: _Ctx) -> dict[str, Any]:
 def tune_job(name: str, workloads: list[str] | None = None, goals: list[Goal] | None = None,
              budget_rounds: int = 12, budget_s: float | None = None, configs: int = 4,
              space: dict[str, list[Any]] | None = None, seed: int = 0, lane: str = "high",
-             actor: str = "api"):
+             actor: str = "api", complete_by_s: float | None = None):
     """Queue a tuning run (checked first: a bad request is refused before it waits in the queue)."""
     from ..validate.workloads import get_workloads
 
@@ -417,7 +417,8 @@ def tune_job(name: str, workloads: list[str] | None = None, goals: list[Goal] | 
     return _jobs.submit("tune", {"name": name, "workloads": workloads,
                                  "goals": [g.model_dump(mode="json") for g in goals] if goals else None,
                                  "budget_rounds": budget_rounds, "budget_s": budget_s, "configs": configs,
-                                 "space": space, "seed": seed, "actor": actor}, lane=lane, actor=actor)
+                                 "space": space, "seed": seed, "actor": actor}, lane=lane, actor=actor,
+                        complete_by_s=complete_by_s)
 
 
 def tune_result(job) -> TuneResult:

@@ -9,6 +9,9 @@ shared host). Writes <out_dir>/policies-ab.png, policies-ab.md and policies-ab.j
 `schedcp bench aa`: the default scheduler against itself (the interval a validation gets when nothing
 differs). `schedcp bench stability`: one policy validated in N fresh boots, and how often a verdict
 flipped between them.
+
+The runs themselves are supervised jobs (`schedcp_mcp/benches.py`: a validation per policy, per
+fresh boot); this module measures A/A and renders what the runs measured.
 """
 
 from __future__ import annotations
@@ -19,19 +22,16 @@ import math
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from .. import config
-from ..errors import BadInput, SchedcpError
+from ..errors import BadInput
 from ..repository.policies import list_policies
-from ..sandbox.vm import VM
-from ..verify.pipeline import verify_policy, verify_source
 from . import gates
-from .runner import BUDGET_S, validate_layer1
+from .runner import BUDGET_S
 from .models import Layer2Result, WorkloadResult
 from .workloads import list_workloads
 
@@ -64,61 +64,38 @@ def _machine() -> str:
     return f"{platform.node() or 'host'}: {os.cpu_count()} CPUs ({cpu or 'unknown CPU'}), Linux {platform.release()}"
 
 
-def _verify(name: str, vm):
-    """Layer 1 for a repository policy or a kernel example (`kernel:scx_simple`)."""
+def policy_names(policies: list[str] | None = None) -> list[str]:
+    """The policies `bench policies` compares: the given ones, else every repository policy with a
+    source and the kernel's examples."""
+    return policies or [p.name for p in list_policies() if p.kind == "schedcp" and p.source_text()] + KERNEL_PEERS
+
+
+def peer_source(name: str) -> str | None:
+    """The source of a kernel example scheduler (`kernel:scx_simple`); None for a repository policy."""
     if not name.startswith(KERNEL_PREFIX):
-        return verify_policy(name, vm=vm)
+        return None
     src = config.sandbox_dir() / "sched_ext" / f"{name[len(KERNEL_PREFIX):]}.bpf.c"
     if not src.exists():
         raise BadInput(f"no kernel example {src.name} in {src.parent}",
                        hint="`schedcp sandbox build` extracts tools/sched_ext from linux-source")
-    return verify_source(src.read_text(), vm=vm)
+    return src.read_text()
 
 
-def bench_policies(rounds: int = 3, out_dir: Path = Path("results"), policies: list[str] | None = None,
-                   console: Console | None = None, budget_s: float | None = None) -> list[dict]:
-
+def report_policies(rows: list[dict], rounds: int = 3, out_dir: Path = Path("results"),
+                    console: Console | None = None, budget_s: float | None = None,
+                    cold_s: float | None = None, total_s: float = 0.0) -> list[dict]:
+    """Rows of measured policies ({policy, layer1, result: Layer2Result | error, wall_s}, each its
+    own validation): each one's interval table, the comparison, and its markdown, JSON and chart."""
     con = console or Console()
     budget = BUDGET_S if budget_s is None else budget_s
-    names = policies or [p.name for p in list_policies() if p.kind == "schedcp" and p.source_text()] + KERNEL_PEERS
     wl = [w.name for w in list_workloads()]
-    rows: list[dict] = []
-    cold_s: float | None = None
-    vm = None
-    t_all = time.monotonic()
     con.print(f"[dim]{TCG_NOTE}[/dim]")
-    try:
-        for i, name in enumerate(names):
-            row: dict = {"policy": name}
-            rows.append(row)
-            con.print(f"[bold]{name}[/bold] ({i + 1}/{len(names)})")
-            try:
-                if i > 0 and (vm is None or not vm.alive):
-                    if vm is not None:
-                        vm.close(graceful=False)
-                    vm = VM(full=True).start()
-                t0 = time.monotonic()
-                l1 = _verify(name, vm)  # the first one boots its own small VM
-                row["layer1"] = l1.verdict
-                if not l1.accepted:
-                    row["error"] = f"layer 1 {l1.verdict} at {l1.stage}: " + "; ".join(e.message for e in l1.errors[:2])
-                    continue
-                res = validate_layer1(l1, rounds=rounds, budget_s=budget, vm=vm,
-                                      progress=lambda m, f: con.print(f"  [dim]{m}[/dim]"))
-                wall = time.monotonic() - t0
-                if i == 0:
-                    cold_s = wall  # verify (own boot) + validate (own boot): what one `schedcp validate` costs
-                row.update(result=res, wall_s=wall)
-                con.print(interval_table(res.workloads, f"{name}: {res.rounds} paired rounds, "
-                                         f"{'pass' if res.passed else 'fail'}"))
-            except SchedcpError as e:
-                row["error"] = str(e)
-            if i == 0 and vm is None:
-                vm = VM(full=True).start()  # the rest share one running VM
-    finally:
-        if vm is not None:
-            vm.close()
-    total_s = time.monotonic() - t_all
+    for i, row in enumerate(rows):
+        con.print(f"[bold]{row['policy']}[/bold] ({i + 1}/{len(rows)})")
+        res = row.get("result")
+        if res is not None:
+            con.print(interval_table(res.workloads, f"{row['policy']}: {res.rounds} paired rounds, "
+                                     f"{'pass' if res.passed else 'fail'}"))
 
     _print_table(con, rows, wl)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,16 +156,16 @@ def rounds_for(sd: float, margin: float = gates.MARGIN, cap: int = 99) -> int | 
 
 
 def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: list[str] | None = None,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, console: Console | None = None, progress=None) -> dict:
     """Default vs default in one boot; every workload's interval should lie within ±MARGIN. Also
     prints the per-pair noise (sd of the log ratios) and the rounds a validation needs to resolve
     ±MARGIN at that noise. Runs exactly `rounds` rounds by default (budget 0)."""
     from .runner import BUDGET_S, aa_in_sandbox
 
-    con = Console(quiet=quiet)
+    con = console or Console(quiet=quiet)
     budget = BUDGET_S if budget_s is None else budget_s
     results, n, secs = aa_in_sandbox(workloads, rounds=rounds, budget_s=budget,
-                                     progress=lambda m, f: con.print(f"  [dim]{m}[/dim]"))
+                                     progress=progress or (lambda m, f: con.print(f"  [dim]{m}[/dim]")))
     lo_ok, hi_ok = 1 / (1 + gates.MARGIN), 1 + gates.MARGIN
     rows = []
     for r in results:
@@ -222,22 +199,18 @@ def count_flips(verdicts: dict[str, list[str]], passes: list[bool]) -> tuple[lis
     return flipped, len(flipped) + (len(set(passes)) > 1)
 
 
-def bench_stability(policy: str, runs: int = 3, rounds: int = 3, budget_s: float | None = None,
-                    out_dir: Path | None = None, quiet: bool = False) -> dict:
-    """One policy validated in `runs` fresh VM boots: per run the pass/fail and every workload's verdict;
-    a flip is a workload whose verdict is not the same in every run (or a pass/fail that differs)."""
-    from .runner import BUDGET_S, validate_layer1
-
-    con = Console(quiet=quiet)
+def bench_stability(policy: str, measured: list[Layer2Result], rounds: int = 3, budget_s: float | None = None,
+                    out_dir: Path | None = None, quiet: bool = False, console: Console | None = None) -> dict:
+    """One policy validated in fresh VM boots (`measured`: one validation each): per run the pass/fail
+    and every workload's verdict; a flip is a workload whose verdict is not the same in every run (or
+    a pass/fail that differs)."""
+    con = console or Console(quiet=quiet)
     budget = BUDGET_S if budget_s is None else budget_s
-    l1 = _verify(policy, None)
-    if not l1.accepted:
-        raise BadInput(f"{policy} did not pass layer 1 ({l1.verdict} at {l1.stage})")
+    runs = len(measured)
     results: list[Layer2Result] = []
     for i in range(runs):
         con.print(f"[bold]run {i + 1}/{runs}[/bold]: {policy} in a fresh boot")
-        res = validate_layer1(l1, rounds=rounds, budget_s=budget,
-                              progress=lambda m, f: con.print(f"  [dim]{m}[/dim]"))
+        res = measured[i]
         results.append(res)
         con.print(interval_table(res.workloads, f"run {i + 1}: {res.rounds} paired rounds, "
                                  f"{'pass' if res.passed else 'fail: ' + (res.failure_reason or '')[:80]}"))
