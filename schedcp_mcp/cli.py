@@ -1392,8 +1392,9 @@ def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], ou
 
 
 @bench.command("aa")
-@click.option("--rounds", default=3, show_default=True, help="paired rounds, at least")
-@click.option("--budget", type=float, default=None, help="seconds for the run [default: 90]")
+@click.option("--rounds", default=10, show_default=True, help="paired rounds")
+@click.option("--budget", type=float, default=0.0, show_default=True,
+              help="seconds: more rounds while a workload is undecided; 0 = exactly --rounds")
 @click.option("--workload", "workloads", multiple=True, help="only these workloads (repeatable)")
 @background_option
 @deadline_option

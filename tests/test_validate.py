@@ -66,7 +66,7 @@ stress-ng: info:  [885] failed: 0
 stress-ng: info:  [885] successful run completed in 3.49 secs
 """
 PROBE_WAKEUP = ('{"samples": 1306, "p50_us": 306.8, "p90_us": 4662.1, "p99_us": 8175.4, "max_us": 19953.8, '
-                '"rq_p50_us": 41.0, "rq_p90_us": 102.3, "rq_p99_us": 391.5, "rq_max_us": 12858.0, '
+                '"rq_mean_us": 27.13, "rq_p50_us": 41.0, "rq_p90_us": 102.3, "rq_p99_us": 391.5, "rq_max_us": 12858.0, '
                 '"hog_loops": 34417, "sleepers": 4, "hogs": 2, "period_us": 2000}\n')
 
 
@@ -80,7 +80,9 @@ def test_parsers_read_real_tool_output():
     assert set(rows) == {"cpu", "fork", "affinity", "switch", "sleep"}
     assert rows["affinity"] == {"bogo_ops": 1886.0, "real_time_s": 3.05, "bogo_ops_per_s": 617.58}
     w = parse_probe_wakeup(PROBE_WAKEUP)
-    # the primary figure is the run-queue wait; deadline → running stays as the timer figure
+    # the primary figure is the mean run-queue wait; its tail and deadline → running stay as secondaries
+    assert parse(next(x for x in list_workloads() if x.name == "wakeup"), PROBE_WAKEUP)[
+        "mean_wakeup_latency_us"] == 27.13
     assert w["p99_wakeup_latency_us"] == 391.5 and w["p50_wakeup_latency_us"] == 41.0
     assert w["p99_timer_wakeup_us"] == 8175.4
     with pytest.raises(ValueError, match="run-queue"):
@@ -130,11 +132,12 @@ def test_probe_built_by_the_sandbox_toolchain_measures_wakeups_on_the_host():
     from schedcp_mcp.validate.workloads import ensure_probe
 
     probe = ensure_probe()
-    p = subprocess.run([str(probe), "wakeup", "-t", "2", "-H", "1", "-p", "1000", "-d", "300"],
+    p = subprocess.run([str(probe), "wakeup", "-P", "-t", "2", "-H", "1", "-p", "1000", "-d", "300"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
     v = parse_probe_wakeup(p.stdout)
     assert 0 <= v["p50_wakeup_latency_us"] <= v["p99_wakeup_latency_us"] <= v["max_wakeup_latency_us"]
+    assert 0 <= v["mean_wakeup_latency_us"] <= v["max_wakeup_latency_us"]
     t = subprocess.run([str(probe), "time", "sh", "-c", "sleep 0.2"], capture_output=True, text=True, timeout=30)
     assert 0.19 < parse_probe_time(t.stdout)["build_time_s"] < 5
 
@@ -415,3 +418,15 @@ def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm)
     assert res.stress and set(res.stress.stressors) == {"cpu", "fork", "affinity", "switch", "sleep"}
     assert any('"vtime_fair" enabled' in ln for ln in res.kernel_log)
     assert res.durations["total"] > 0 and res.performance  # perf gates judged (pass or fail by the numbers)
+
+
+def test_rounds_for_margin_is_the_fewest_rounds_whose_interval_fits():
+    from scipy.stats import t
+
+    from schedcp_mcp.validate.bench import rounds_for
+
+    quiet, noisy = rounds_for(0.03), rounds_for(0.12)
+    assert quiet is not None and noisy is not None and 2 <= quiet < noisy
+    half = lambda n, sd: t.ppf(0.975, n - 1) * sd / math.sqrt(n)  # noqa: E731
+    assert half(noisy, 0.12) <= math.log(1.1) < half(noisy - 1, 0.12)
+    assert rounds_for(5.0) is None

@@ -216,7 +216,7 @@ def characterize(tree: ProcessTreeMetrics, wall: float, ncpus: int,
 def derive_goals(c: Characteristics, has_command: bool) -> list[Goal]:
     goals: list[Goal] = []
     if c.latency_sensitive:
-        goals.append(Goal(metric="p99_wakeup_latency_us", direction="lower", target_ratio=0.9,
+        goals.append(Goal(metric="wakeup_latency_us", direction="lower", target_ratio=0.9,
                           why=f"{c.voluntary_switch_rate:.0f} voluntary switches/s: tasks sleep and "
                               "wake often, so wakeup latency dominates"))
     if c.cpu_bound or c.many_short_lived_processes:
@@ -227,7 +227,7 @@ def derive_goals(c: Characteristics, has_command: bool) -> list[Goal]:
         goals.append(Goal(metric="wall_time_s", direction="lower", target_ratio=1.0,
                           why="the workload should not finish later than under the default"))
     if not goals:
-        goals.append(Goal(metric="p99_wakeup_latency_us", direction="lower", target_ratio=1.0,
+        goals.append(Goal(metric="wakeup_latency_us", direction="lower", target_ratio=1.0,
                           why="light workload: do no harm to responsiveness"))
     return goals
 

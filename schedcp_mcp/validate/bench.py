@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
+import statistics
 from pathlib import Path
 
 from rich.console import Console
@@ -138,9 +140,26 @@ def interval_table(workloads: list, title: str) -> Table:
     return t
 
 
-def bench_aa(rounds: int = 3, budget_s: float | None = None, workloads: list[str] | None = None,
+#: rounds of `schedcp bench aa`: enough pairs that the per-round noise, not the t quantile of a
+#: few degrees of freedom, decides the interval
+AA_ROUNDS = 10
+
+
+def rounds_for(sd: float, margin: float = gates.MARGIN, cap: int = 99) -> int | None:
+    """The fewest paired rounds whose t-interval half-width is within ±margin at this per-pair
+    standard deviation of the log ratio (None beyond `cap`)."""
+    target = math.log(1 + margin)
+    for n in range(2, cap + 1):
+        if gates._t_quantile((1 + gates.LEVEL) / 2, n - 1) * sd / math.sqrt(n) <= target:
+            return n
+    return None
+
+
+def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: list[str] | None = None,
              quiet: bool = False, console: Console | None = None, progress=None) -> dict:
-    """Default vs default in one boot; every workload's interval should lie within ±MARGIN."""
+    """Default vs default in one boot; every workload's interval should lie within ±MARGIN. Also
+    prints the per-pair noise (sd of the log ratios) and the rounds a validation needs to resolve
+    ±MARGIN at that noise. Runs exactly `rounds` rounds by default (budget 0)."""
     from .runner import BUDGET_S, aa_in_sandbox
 
     con = console or Console(quiet=quiet)
@@ -151,18 +170,23 @@ def bench_aa(rounds: int = 3, budget_s: float | None = None, workloads: list[str
     rows = []
     for r in results:
         within = r.speedup is not None and r.speedup_low >= lo_ok and r.speedup_high <= hi_ok
-        rows.append({"workload": r.name, "metric": r.metric, "pairs": r.pairs, "ratio": r.ratio,
+        d = [math.log(c / b) for b, c in zip(r.baseline, r.candidate) if b > 0 and c > 0]
+        sd = statistics.stdev(d) if len(d) > 1 else None
+        rows.append({"workload": r.name, "metric": r.metric, "pairs": r.pairs, "ratio": r.ratio, "pair_sd": sd,
+                     "rounds_for_margin": rounds_for(sd) if sd is not None else None,
                      "ratio_low": r.ratio_low, "ratio_high": r.ratio_high, "half_width": r.noise,
-                     "within_margin": within, "errors": r.errors})
+                     "within_margin": within, "errors": r.errors, "a": r.baseline, "a_again": r.candidate})
     t = Table("workload", "metric", "A'/A ratio", f"{gates.LEVEL:.0%} interval", "± half-width", "rounds",
-              f"within ±{gates.MARGIN:.0%}",
+              f"within ±{gates.MARGIN:.0%}", "pair sd", f"rounds for ±{gates.MARGIN:.0%}",
               title=f"A/A: default scheduler vs itself, one boot, {n} paired rounds, {secs:.0f} s")
     for r, row in zip(results, rows):
         if r.ratio is None:
-            t.add_row(r.name, r.metric, "n/a", "n/a", "n/a", str(r.pairs), "no: " + "; ".join(r.errors)[:60])
+            t.add_row(r.name, r.metric, "n/a", "n/a", "n/a", str(r.pairs), "no: " + "; ".join(r.errors)[:60], "", "")
             continue
         t.add_row(r.name, r.metric, f"{r.ratio:.3f}", f"[{r.ratio_low:.3f}, {r.ratio_high:.3f}]",
-                  f"±{r.noise:.1%}", str(r.pairs), "yes" if row["within_margin"] else "NO")
+                  f"±{r.noise:.1%}", str(r.pairs), "yes" if row["within_margin"] else "NO",
+                  f"{row['pair_sd']:.3f}" if row["pair_sd"] is not None else "n/a",
+                  str(row["rounds_for_margin"] or "> 99"))
     con.print(t)
     return {"rounds": n, "seconds": round(secs, 1), "budget_s": budget, "margin": gates.MARGIN,
             "level": gates.LEVEL, "workloads": rows, "within_margin": all(x["within_margin"] for x in rows)}

@@ -2,7 +2,7 @@
 /*
  * schedcp-probe: the sandbox's own measuring tools (schbench is not packaged in Debian).
  *
- *   schedcp-probe wakeup [-t SLEEPERS] [-H HOGS] [-p PERIOD_US] [-d DURATION_MS]
+ *   schedcp-probe wakeup [-t SLEEPERS] [-H HOGS] [-p PERIOD_US] [-d DURATION_MS] [-P]
  *       SLEEPERS threads each sleep until an absolute deadline every PERIOD_US and record how late
  *       they woke up (now - deadline); HOGS threads spin on the CPU meanwhile, so a woken sleeper
  *       has to be scheduled in front of a CPU hog. That delay is what a scheduler decides: under a
@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -46,6 +47,7 @@ static uint64_t now_ns(void)
 }
 
 static atomic_int stop;
+static int pin;	/* -P: thread i runs only on CPU i % ncpus */
 static atomic_ullong hog_loops;
 static uint64_t period_ns, start_ns, end_ns;
 static int nsleepers;
@@ -71,9 +73,29 @@ static uint64_t run_delay(int fd)
 	return sscanf(buf, "%llu %llu", &a, &b) == 2 ? b : 0;
 }
 
+/*
+ * -P pins thread i to CPU i % ncpus (sleepers and hogs numbered separately), so that every CPU has
+ * the same hogs and sleepers in every run. Unpinned, where the threads happened to land decided a
+ * run's figures: the median run-queue wait was 5 us in some runs and 30-40 us in others of the same
+ * scheduler (a wakeup on the CPU its timer fired on vs. one that needs an IPI), and that run-to-run
+ * state, not the scheduler, dominated an A/A comparison.
+ */
+static void pin_to(int i)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	cpu_set_t set;
+
+	if (!pin || n < 1)
+		return;
+	CPU_ZERO(&set);
+	CPU_SET(i % n, &set);
+	sched_setaffinity(0, sizeof(set), &set);
+}
+
 static void *sleeper_main(void *arg)
 {
 	struct sleeper *s = arg;
+	pin_to((int)(s - sleepers));
 	/* the default 50 us timer slack would be measured as latency */
 	prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
 	/*
@@ -110,7 +132,7 @@ static void *sleeper_main(void *arg)
 
 static void *hog_main(void *arg)
 {
-	(void)arg;
+	pin_to((int)(intptr_t)arg);
 	unsigned long long loops = 0;
 	volatile uint64_t x = 1;
 	while (!atomic_load_explicit(&stop, memory_order_relaxed)) {
@@ -140,14 +162,15 @@ static int do_wakeup(int argc, char **argv)
 {
 	int nsleep = 4, nhog = 2, opt;
 	long period_us = 2000, duration_ms = 1000;
-	while ((opt = getopt(argc, argv, "t:H:p:d:")) != -1) {
+	while ((opt = getopt(argc, argv, "t:H:p:d:P")) != -1) {
 		switch (opt) {
+		case 'P': pin = 1; break;
 		case 't': nsleep = atoi(optarg); break;
 		case 'H': nhog = atoi(optarg); break;
 		case 'p': period_us = atol(optarg); break;
 		case 'd': duration_ms = atol(optarg); break;
 		default:
-			fprintf(stderr, "usage: schedcp-probe wakeup [-t N] [-H N] [-p US] [-d MS]\n");
+			fprintf(stderr, "usage: schedcp-probe wakeup [-t N] [-H N] [-p US] [-d MS] [-P]\n");
 			return 2;
 		}
 	}
@@ -167,7 +190,7 @@ static int do_wakeup(int argc, char **argv)
 
 	pthread_t hogs[MAX_THREADS];
 	for (int i = 0; i < nhog; i++)
-		if (pthread_create(&hogs[i], NULL, hog_main, NULL)) {
+		if (pthread_create(&hogs[i], NULL, hog_main, (void *)(intptr_t)i)) {
 			perror("pthread_create");
 			return 1;
 		}
@@ -200,13 +223,16 @@ static int do_wakeup(int argc, char **argv)
 		memcpy(rq + k, sleepers[i].rq_ns, sleepers[i].n * sizeof(uint64_t));
 		k += sleepers[i].n;
 	}
+	double rq_sum = 0;
+	for (size_t j = 0; j < n; j++)
+		rq_sum += (double)rq[j];
 	qsort(all, n, sizeof(uint64_t), cmp_u64);
 	qsort(rq, n, sizeof(uint64_t), cmp_u64);
 	printf("{\"samples\": %zu, \"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"max_us\": %.1f, "
-	       "\"rq_p50_us\": %.1f, \"rq_p90_us\": %.1f, \"rq_p99_us\": %.1f, \"rq_max_us\": %.1f, "
+	       "\"rq_mean_us\": %.2f, \"rq_p50_us\": %.1f, \"rq_p90_us\": %.1f, \"rq_p99_us\": %.1f, \"rq_max_us\": %.1f, "
 	       "\"hog_loops\": %llu, \"sleepers\": %d, \"hogs\": %d, \"period_us\": %ld}\n",
 	       n, pct_us(all, n, 50), pct_us(all, n, 90), pct_us(all, n, 99), n ? (double)all[n - 1] / 1000.0 : 0.0,
-	       pct_us(rq, n, 50), pct_us(rq, n, 90), pct_us(rq, n, 99), n ? (double)rq[n - 1] / 1000.0 : 0.0,
+	       n ? rq_sum / (double)n / 1000.0 : 0.0, pct_us(rq, n, 50), pct_us(rq, n, 90), pct_us(rq, n, 99), n ? (double)rq[n - 1] / 1000.0 : 0.0,
 	       (unsigned long long)atomic_load(&hog_loops), nsleep, nhog, period_us);
 	return n ? 0 : 1;
 }

@@ -142,7 +142,7 @@ class _Run:
         body = [COUNTERS_SNIPPET.format(tag="C0")] if side == "candidate" else []
         for w in self.workloads:
             body.append(f"snap {phase}\n")
-            for _ in range(max(1, w.reps)):
+            for _ in range(1 if side == "warmup" else max(1, w.reps)):
                 body.append(f"echo '@@B {w.name}'\ntimeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\n"
                             f"echo \"@@E {w.name} $?\"\n")
         body.append(f"snap {phase}\n")
@@ -152,6 +152,8 @@ class _Run:
         out = self.step(phase, "".join(body),
                         timeout_s=sum(w.timeout_s * max(1, w.reps) for w in self.workloads) + 60)
         snaps = self.obs.timeline[n0:]
+        if side == "warmup":
+            return  # figures discarded: see warm_up()
         idx = 0 if side == "baseline" else 1  # "again": the A/A run's second baseline
         if side == "candidate":
             for k, v in _counter_delta(out).items():
@@ -180,14 +182,19 @@ class _Run:
                     if k != w.metric:
                         self.extra[w.name].setdefault(k, ([], []))[idx].append(v)
 
+    def warm_up(self) -> None:
+        """Each workload once (one rep) under the default scheduler, figures discarded. The first run of a
+        workload in a fresh boot is cold (page cache, qemu's translation cache: stress-ng --cpu gave
+        half its usual bogo ops/s), and as round 1's baseline it made one pair lie in the candidate's
+        favour — in an A/A run that one pair was most of the ±25 % cpu interval."""
+        self.measure("warmup", 0)
+
     def pairs(self, w: Workload) -> tuple[list[float], list[float]]:
         """(baseline, candidate) figures of the rounds that have both sides, a round's reps reduced to
-        their geometric mean."""
+        one figure by `reduce_reps`."""
         b, c = self.samples[w.name]
         rounds = sorted(set(b) & set(c))
-        gm = lambda xs: math.exp(statistics.fmean(math.log(x) for x in xs)) if all(x > 0 for x in xs) \
-            else statistics.fmean(xs)  # noqa: E731
-        return [gm(b[r]) for r in rounds], [gm(c[r]) for r in rounds]
+        return [reduce_reps(b[r]) for r in rounds], [reduce_reps(c[r]) for r in rounds]
 
     def results(self) -> list[WorkloadResult]:
         return [gates.summarize(w, *self.pairs(w), errors=self.obs.workload_errors.get(w.name),
@@ -276,6 +283,17 @@ cat $L/stress.out
     def kernel_log(self) -> None:
         out = self.step("kernel-log", "dmesg 2>/dev/null\n", timeout_s=30)
         self.obs.kernel_log = _kernel_lines(out, self.marker)
+
+
+def reduce_reps(xs: list[float]) -> float:
+    """One round's figure from its reps: the median of three or more (a run that the host disturbed —
+    seen as stress-ng --cpu at half its usual rate about once in 40 runs — does not move it), else the
+    geometric mean."""
+    if len(xs) >= 3:
+        return statistics.median(xs)
+    if all(x > 0 for x in xs):
+        return math.exp(statistics.fmean(math.log(x) for x in xs))
+    return statistics.fmean(xs)
 
 
 def _counters(text: str, tag: str) -> dict[str, int]:
@@ -406,6 +424,8 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
     try:
         tick("setting up the guest")
         run.setup()
+        tick("warm-up: each workload once (not measured)")
+        run.warm_up()
         round_s = 0.0  # the longest round so far (stress excluded): what one more round costs
         r = 0
         while r < MAX_ROUNDS:
@@ -507,6 +527,8 @@ def aa_in_sandbox(workloads: list[str] | None = None, *, rounds: int = 3, budget
     run = _Run(vm, b"\0", "", {}, wls, 3000, say)
     try:
         run.setup()
+        say("warm-up: each workload once (not measured)", 0.0)
+        run.warm_up()
         r, round_s = 0, 0.0
         while r < MAX_ROUNDS:
             r += 1
