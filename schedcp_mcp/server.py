@@ -454,8 +454,8 @@ class CampaignOut(BaseModel):
 @agent_errors
 async def validate_campaign(
     ctx: Context,
-    candidates_: Annotated[list[CampaignCandidate], Field(alias="candidates", min_length=1, max_length=50,
-                                                     description="the candidates to validate")],
+    candidates: Annotated[list[CampaignCandidate], Field(min_length=1, max_length=50,  # noqa: F811
+                                                         description="the candidates to validate")],
     goals: Annotated[list[GoalIn] | None, Field(description="performance goals for all")] = None,
     workloads: Annotated[list[str] | None, Field(description="subset of list_workloads names")] = None,
     profile_id: Annotated[str | None, Field(
@@ -474,7 +474,9 @@ async def validate_campaign(
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     budget = Budget(runs=budget_runs, sandbox_s=budget_sandbox_s) \
         if budget_runs is not None or budget_sandbox_s is not None else None
-    job = await in_thread(candidates.validate_campaign, [c.model_dump() for c in candidates_], goals=gs,
+    from .candidates import validate_campaign as submit  # (the parameter shadows the module)
+
+    job = await in_thread(submit, [c.model_dump() for c in candidates], goals=gs,
                           workloads=workloads, rounds=rounds, budget=budget, actor="mcp",
                           lane="normal" if background else "high", budget_s=budget_s,
                           profile_id=profile_id, complete_by_s=deadline_s)
