@@ -430,3 +430,25 @@ def test_rounds_for_margin_is_the_fewest_rounds_whose_interval_fits():
     half = lambda n, sd: t.ppf(0.975, n - 1) * sd / math.sqrt(n)  # noqa: E731
     assert half(noisy, 0.12) <= math.log(1.1) < half(noisy - 1, 0.12)
     assert rounds_for(5.0) is None
+
+
+def test_an_extra_round_measures_only_the_undecided_workloads_and_only_if_it_fits():
+    import time
+
+    from schedcp_mcp.validate import runner
+
+    wls = list_workloads()
+    run = runner._Run(None, b"", "x", {}, wls, 3000, lambda m, f: None)
+    for w in wls:  # three rounds; every workload clearly equal except pipe, which is all over the place
+        b, c = run.samples[w.name]
+        for r, (x, y) in enumerate([(1.0, 1.0), (1.0, 1.01), (1.0, 0.99)] if w.name != "pipe"
+                                   else [(1.0, 1.6), (1.0, 0.7), (1.0, 1.2)], start=1):
+            b[r], c[r] = [x], [y]
+        run.cost[w.name] = 1.0
+    run.rounds_done = 3
+    t0 = time.monotonic()
+    assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["pipe"]
+    # 2 s overhead + 2 sides x 1 s + the tail: no longer fits 5 s before the budget ends
+    assert runner._next_round(run, None, 90.0, t0 - 85.0, overhead_s=2.0) == []
+    assert runner._next_round(run, None, 0.0, t0, overhead_s=2.0) == []  # budget 0: exactly --rounds
+    assert runner.reduce_reps([1.0, 9.0, 1.2]) == 1.2  # one far-off run does not move a round's figure

@@ -237,17 +237,17 @@ def _gate(name: str, r: WorkloadResult, threshold: float, what: str) -> Gate:
     """Pass when the whole speedup interval is at or above `threshold`; fail when it is all below;
     otherwise undecided, which fails too (not shown to do no harm), and says how to decide it."""
     if r.speedup is None:
-        return Gate(name=name, passed=False, kind="performance", decided=True,
+        return Gate(name=name, passed=False, kind="performance", decided=True, workload=r.name,
                     reason=f"{r.name}: not measured ({'; '.join(r.errors) or 'no samples'})")
     lo, hi = r.speedup_low, r.speedup_high
     if lo >= threshold:
-        return Gate(name=name, passed=True, kind="performance", threshold=threshold,
+        return Gate(name=name, passed=True, kind="performance", threshold=threshold, workload=r.name,
                     reason=f"{what}: interval low end {lo:.3f} >= {threshold:.3f}; {_fmt(r)}")
     if hi < threshold:
-        return Gate(name=name, passed=False, kind="performance", threshold=threshold,
+        return Gate(name=name, passed=False, kind="performance", threshold=threshold, workload=r.name,
                     reason=f"{what}: interval high end {hi:.3f} < {threshold:.3f}; {_fmt(r)}")
     return Gate(name=name, passed=False, kind="performance", threshold=threshold, decided=False,
-                reason=f"{what}: undecided, the interval [{lo:.3f}, {hi:.3f}] straddles {threshold:.3f}; "
+                workload=r.name, reason=f"{what}: undecided, the interval [{lo:.3f}, {hi:.3f}] straddles {threshold:.3f}; "
                 f"{_fmt(r)} — give the validation more time (--budget) or a quieter machine")
 
 

@@ -65,6 +65,7 @@ class Gate(BaseModel):
     kind: Literal["correctness", "performance"] = "correctness"
     threshold: float | None = Field(None, description="performance: the speedup the interval is held to")
     decided: bool = Field(True, description="performance: False when the interval straddles the threshold")
+    workload: str | None = Field(None, description="performance: the workload whose interval this gate reads")
 
 
 class StateSample(BaseModel):

@@ -92,6 +92,7 @@ class _Run:
         self.counters: dict[str, int] = {}
         self.durations: dict[str, float] = {}
         self.nload = 0
+        self.cost: dict[str, float] = {}  # per workload: the longest one side of it took, seconds
         self.marker: str | None = None
         self.rounds_done = 0
 
@@ -137,10 +138,12 @@ class _Run:
                   f"rm -rf {G}; mkdir -p {G} && cp * {G}/ && chmod +x {G}/* && "
                   f"echo '<3>{self.marker}' >/dev/kmsg; snap setup\n", timeout_s=60, files=files)
 
-    def measure(self, side: str, rnd: int) -> None:
+    def measure(self, side: str, rnd: int, only: list[Workload] | None = None) -> None:
+        """Run the workloads (or `only` these) once per rep on one side of round `rnd`."""
         phase = f"{side}-{rnd}"
+        wls = self.workloads if only is None else only
         body = [COUNTERS_SNIPPET.format(tag="C0")] if side == "candidate" else []
-        for w in self.workloads:
+        for w in wls:
             body.append(f"snap {phase}\n")
             for _ in range(1 if side == "warmup" else max(1, w.reps)):
                 body.append(f"echo '@@B {w.name}'\ntimeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\n"
@@ -150,7 +153,7 @@ class _Run:
             body.append(COUNTERS_SNIPPET.format(tag="C1"))
         n0 = len(self.obs.timeline)
         out = self.step(phase, "".join(body),
-                        timeout_s=sum(w.timeout_s * max(1, w.reps) for w in self.workloads) + 60)
+                        timeout_s=sum(w.timeout_s * max(1, w.reps) for w in wls) + 60)
         snaps = self.obs.timeline[n0:]
         if side == "warmup":
             return  # figures discarded: see warm_up()
@@ -158,7 +161,9 @@ class _Run:
         if side == "candidate":
             for k, v in _counter_delta(out).items():
                 self.counters[k] = self.counters.get(k, 0) + v
-        for i, w in enumerate(self.workloads):
+        for i, w in enumerate(wls):
+            if len(snaps) > i + 1:  # guest seconds this workload took (all reps): what one more costs
+                self.cost[w.name] = max(self.cost.get(w.name, 0.0), snaps[i + 1].t - snaps[i].t)
             if side == "candidate" and not all(s.state == "enabled" and s.ops == self.ops_name
                                                for s in snaps[i:i + 2]):
                 continue  # the candidate was not running for this whole run: not a candidate figure
@@ -426,7 +431,8 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         run.setup()
         tick("warm-up: each workload once (not measured)")
         run.warm_up()
-        round_s = 0.0  # the longest round so far (stress excluded): what one more round costs
+        overhead_s = 0.0  # a round's cost beyond its workloads' own (load, unload, the agent's replies)
+        only: list[Workload] | None = None  # after the minimum rounds: the workloads still undecided
         r = 0
         while r < MAX_ROUNDS:
             r += 1
@@ -434,8 +440,9 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
             if r > 1:
                 tick(f"round {r}: unloading")
                 run.unload()
-            tick(f"round {r}: baseline (default scheduler)")
-            run.measure("baseline", r)
+            what = "" if only is None else f" ({', '.join(w.name for w in only)})"
+            tick(f"round {r}: baseline (default scheduler){what}")
+            run.measure("baseline", r, only)
             tick(f"round {r}: loading {ops_name}")
             if not run.load():
                 break
@@ -446,12 +453,16 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
                 t_round += time.monotonic() - t_stress
                 if not run.enabled():
                     break
-            tick(f"round {r}: candidate {ops_name}")
-            run.measure("candidate", r)
+            tick(f"round {r}: candidate {ops_name}{what}")
+            run.measure("candidate", r, only)
             run.rounds_done = r
-            round_s = max(round_s, time.monotonic() - t_round)
-            if not run.enabled() or r >= rounds and not _more_rounds(run, goals, budget_s, t_start, round_s, r):
+            overhead_s = max(overhead_s, _overhead(run, only, time.monotonic() - t_round))
+            if not run.enabled():
                 break
+            if r >= rounds:
+                only = _next_round(run, goals, budget_s, t_start, overhead_s)
+                if not only:
+                    break
         tick("unloading, checking the default scheduler is back")
         run.unload()
         run.kernel_log()
@@ -482,17 +493,28 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
 TAIL_S = 6.0
 
 
-def _more_rounds(run: _Run, goals: list[Goal] | None, budget_s: float, t_start: float, round_s: float,
-                 r: int) -> bool:
-    """Another round when a performance gate is still undecided and the round fits in the budget."""
+def _overhead(run: _Run, only: list[Workload] | None, round_s: float) -> float:
+    """What a round took beyond its workloads' own time (both sides)."""
+    return max(0.0, round_s - 2 * sum(run.cost.get(w.name, 0.0) for w in (only or run.workloads)))
+
+
+def _next_round(run: _Run, goals: list[Goal] | None, budget_s: float, t_start: float,
+                overhead_s: float) -> list[Workload]:
+    """The workloads another round measures: those whose performance gate is still undecided, when a
+    round of just those fits in the budget; empty = stop. Decided workloads are not run again, so the
+    budget goes where the interval is still open (a round of only `build` costs a third of a full one)."""
     if not budget_s:
-        return False
-    open_ = gates.undecided(gates.performance_gates(run.results(), run.workloads, goals))
-    fits = time.monotonic() - t_start + round_s + TAIL_S <= budget_s
-    if open_ and fits:
-        run.say(f"after {r} rounds undecided: {', '.join(open_)}; one more round",
-                min(0.99, (time.monotonic() - t_start) / budget_s))
-    return bool(open_) and fits
+        return []
+    open_ = {g.workload for g in gates.performance_gates(run.results(), run.workloads, goals) if not g.decided}
+    wls = [w for w in run.workloads if w.name in open_]
+    if not wls:
+        return []
+    cost = overhead_s + 2 * sum(run.cost.get(w.name, w.timeout_s) for w in wls)
+    fits = time.monotonic() - t_start + cost + TAIL_S <= budget_s
+    if fits:
+        run.say(f"after {run.rounds_done} rounds undecided: {', '.join(w.name for w in wls)}; one more round of "
+                f"{'those' if len(wls) > 1 else 'it'}", min(0.99, (time.monotonic() - t_start) / budget_s))
+    return wls if fits else []
 
 
 def _current_phase(run: _Run) -> str:
@@ -529,17 +551,19 @@ def aa_in_sandbox(workloads: list[str] | None = None, *, rounds: int = 3, budget
         run.setup()
         say("warm-up: each workload once (not measured)", 0.0)
         run.warm_up()
-        r, round_s = 0, 0.0
+        r, overhead_s, only = 0, 0.0, None
         while r < MAX_ROUNDS:
             r += 1
             t_round = time.monotonic()
             say(f"round {r}: default scheduler (A), then again (A')", min(0.99, (t_round - t_start) / (budget_s or 60)))
-            run.measure("baseline", r)
-            run.measure("again", r)
+            run.measure("baseline", r, only)
+            run.measure("again", r, only)
             run.rounds_done = r
-            round_s = max(round_s, time.monotonic() - t_round)
-            if r >= rounds and not _more_rounds(run, None, budget_s or 0.0, t_start, round_s, r):
-                break
+            overhead_s = max(overhead_s, _overhead(run, only, time.monotonic() - t_round))
+            if r >= rounds:
+                only = _next_round(run, None, budget_s or 0.0, t_start, overhead_s)
+                if not only:
+                    break
     finally:
         if own_vm:
             vm.close()

@@ -1,10 +1,12 @@
 """The sandbox's benchmark workloads: what runs in the guest, the metric it reports, and its parser.
 
-Each run is sized to take roughly 0.3-2 s in a 2-vCPU qemu TCG guest, so that one paired round
-costs ~15 s on a quiet host and a ~90 s validation gets several rounds. `reps` (default 1) runs a
-workload several times per side per round; with the host noise seen here, more rounds beat more reps
-per round (round-to-round drift dominates, and the interval's degrees of freedom are the rounds), except
-where a rare disturbed run would make one pair an outlier: three reps are reduced by their median.
+Each run is sized to take roughly 0.3-1.3 s in a 2-vCPU qemu TCG guest. Every workload runs three
+times per side per round (`reps`) and the round's figure is their median: in A/A runs here one run in
+a few dozen came out far off (stress-ng --cpu at half its rate, a hackbench 35 % slow, the wakeup
+probe's mean wait 1.5x) when the host hiccuped, and as one pair of a few that single run decided the
+interval (A/A, 10 rounds: the wakeup interval was ±12.6 % with one run per side). After the minimum
+rounds a validation measures only the workloads still undecided (runner._next_round), so the repeats
+cost less than they seem.
 Parsers take the combined stdout+stderr of one run and return
 {metric: value}; they raise ValueError with the offending text when the output is not what the tool
 prints, which the runner reports as the workload's own error.
@@ -35,27 +37,27 @@ WORKLOADS: list[Workload] = [
         name="hackbench", description="hackbench: 2 groups x 40 tasks passing messages over sockets, 60 loops "
         "(wakeup-heavy, many more tasks than CPUs)",
         command="hackbench -g 2 -l 60", metric="messaging_time_s", unit="s", direction="lower",
-        parser="hackbench", goal_metrics=["wall_time_s"], requires=["hackbench"]),
+        parser="hackbench", goal_metrics=["wall_time_s"], requires=["hackbench"], reps=3),
     Workload(
         name="pipe", description="perf bench sched pipe: two tasks ping-pong over a pipe "
         "(pure wakeup/context-switch cost)",
         command="perf bench sched pipe -l 10000", metric="pipe_time_s", unit="s", direction="lower",
-        parser="perf_pipe", goal_metrics=["wall_time_s"], requires=["perf"], reps=2),
+        parser="perf_pipe", goal_metrics=["wall_time_s"], requires=["perf"], reps=3),
     Workload(
         name="wakeup", description="schedcp-probe: on each vCPU one CPU hog and 4 sleepers that wake every "
         "1 ms (phases spread over the period), threads pinned, 1 s; mean run-queue wait per wakeup "
         "(schedstat run_delay: woken → running), p99 as a secondary figure",
         command="$PROBE wakeup -P -t 8 -H 2 -p 1000 -d 1000", metric="mean_wakeup_latency_us", unit="us",
         direction="lower", parser="probe_wakeup",
-        goal_metrics=["wakeup_latency_us", "mean_wakeup_latency_us", "p99_wakeup_latency_us", "latency"]),
+        goal_metrics=["wakeup_latency_us", "mean_wakeup_latency_us", "p99_wakeup_latency_us", "latency"], reps=3),
     Workload(
         name="build", description="build-like: 48 short shell jobs, 4 in parallel, each forking and "
         "exec'ing (make -j4 without a compiler)",
         command=f"$PROBE time sh -c 'seq 1 48 | xargs -P 4 -n 1 sh -c \"{_BUILD_JOB}\"'",
         metric="build_time_s", unit="s", direction="lower", parser="probe_time",
-        goal_metrics=["wall_time_s", "throughput"], reps=2),
+        goal_metrics=["wall_time_s", "throughput"], reps=3),
     Workload(
-        name="cpu", description="stress-ng --cpu: 4 CPU-bound workers on 2 vCPUs for 1 s; bogo ops/s (median of 3 runs)",
+        name="cpu", description="stress-ng --cpu: 4 CPU-bound workers on 2 vCPUs for 1 s; bogo ops/s",
         command="stress-ng --cpu 4 --cpu-method int64 -t 1 --metrics-brief", metric="cpu_bogo_ops_per_s",
         unit="bogo ops/s", direction="higher", parser="stress_ng_cpu", goal_metrics=["throughput"],
         requires=["stress-ng"], reps=3),
