@@ -23,7 +23,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from . import __version__, candidates, plans, reports
+from . import __version__, plans, reports
+from . import candidates as candidate_jobs  # the name `candidates` is validate_campaign's argument
 from .deploy import deployments
 from .errors import SchedcpError
 from .jobs import queue as jobq
@@ -392,11 +393,11 @@ async def submit_scheduler(
     """Layer 1: untrusted-source checks, compile, ELF/BTF checks (callbacks, kfuncs present in the
     target kernel, license, hot-path size) and the real kernel BPF verifier. Stores a
     ValidationReport; a rejection explains the failing program, source line and kernel message."""
-    job = await in_thread(candidates.verify_job, source, policy, params, target, profile_id, actor="mcp",
+    job = await in_thread(candidate_jobs.verify_job, source, policy, params, target, profile_id, actor="mcp",
                           lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:
         return SubmitResult(job_id=job.id)
-    r = candidates.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))
+    r = candidate_jobs.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))
     return SubmitResult(job_id=job.id, report_id=r.id, status=r.status, layer1=r.layer1)
 
 
@@ -416,7 +417,7 @@ async def validate_scheduler(
     rounds: Annotated[int, Field(ge=1, le=10, description="interleaved A/B rounds, at least")] = 3,
     budget_s: Annotated[float | None, Field(
         ge=0, le=3600, description="seconds for the sandbox run: more paired rounds while a workload's "
-        "interval straddles its threshold (default 90; 0 = exactly `rounds`)")] = None,
+        "interval straddles its threshold (default 120; 0 = exactly `rounds`)")] = None,
     background: Annotated[bool, BACKGROUND] = False,
     deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> ValidateResult:
@@ -424,13 +425,13 @@ async def validate_scheduler(
     correctness checks (stall watchdog, error exits, starvation), interleaved A/B benchmarks, unload.
     Takes minutes; sends progress. A pass returns a deployment token."""
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
-    job = await in_thread(candidates.validate_job, report_id, source, policy, params, gs, workloads,
+    job = await in_thread(candidate_jobs.validate_job, report_id, source, policy, params, gs, workloads,
                           profile_id, rounds, lane="normal" if background else "high", actor="mcp",
                           budget_s=budget_s, complete_by_s=deadline_s)
     if background:
         return ValidateResult(job_id=job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
-    out = await in_thread(candidates.validation_outcome, job)
+    out = await in_thread(candidate_jobs.validation_outcome, job)
     return ValidateResult(job_id=job.id, **out.model_dump())
 
 
@@ -454,8 +455,8 @@ class CampaignOut(BaseModel):
 @agent_errors
 async def validate_campaign(
     ctx: Context,
-    candidates_: Annotated[list[CampaignCandidate], Field(alias="candidates", min_length=1, max_length=50,
-                                                     description="the candidates to validate")],
+    candidates: Annotated[list[CampaignCandidate], Field(min_length=1, max_length=50,
+                                                         description="the candidates to validate")],
     goals: Annotated[list[GoalIn] | None, Field(description="performance goals for all")] = None,
     workloads: Annotated[list[str] | None, Field(description="subset of list_workloads names")] = None,
     profile_id: Annotated[str | None, Field(
@@ -474,7 +475,7 @@ async def validate_campaign(
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     budget = Budget(runs=budget_runs, sandbox_s=budget_sandbox_s) \
         if budget_runs is not None or budget_sandbox_s is not None else None
-    job = await in_thread(candidates.validate_campaign, [c.model_dump() for c in candidates_], goals=gs,
+    job = await in_thread(candidate_jobs.validate_campaign, [c.model_dump() for c in candidates], goals=gs,
                           workloads=workloads, rounds=rounds, budget=budget, actor="mcp",
                           lane="normal" if background else "high", budget_s=budget_s,
                           profile_id=profile_id, complete_by_s=deadline_s)
@@ -520,7 +521,7 @@ async def get_job(job_id: Annotated[str, Field(description="job-…")]) -> JobOu
     d = await in_thread(jobq.detail, job_id)
     out = None
     if d.job.kind == "validate" and d.job.state == "succeeded":
-        out = await in_thread(candidates.validation_outcome, d.job)
+        out = await in_thread(candidate_jobs.validation_outcome, d.job)
     return JobOut(detail=JobDetailView.of(d), validation=out)
 
 

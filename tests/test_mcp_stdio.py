@@ -69,6 +69,15 @@ async def test_unknown_policy_suggests_nearest_names():
     assert "vtime_fair" in res.content[0].text and "Traceback" not in res.content[0].text
 
 
+async def test_validate_campaign_takes_its_candidates_argument_by_its_documented_name():
+    # the tool's argument is `candidates` (a pydantic alias on a renamed parameter once made every call
+    # an internal TypeError); a misspelt policy is the agent's error, answered before any VM boots
+    res = await call("validate_campaign", {"candidates": [{"policy": "vtime_fiar"}]})
+    assert res.is_error
+    text = res.content[0].text
+    assert "vtime_fair" in text and "internal error" not in text and "Traceback" not in text
+
+
 async def test_profile_workload_stores_profile_then_get_profile_finds_it():
     progress = []
 
