@@ -124,6 +124,8 @@ def fmt_interval(w) -> str:
         return "n/a"
     mark = {"better": "+", "worse": "−", "same": "=", "undecided": "?"}.get(d["verdict"], "!")
     hi = d["speedup_high"]
+    if hi is None or d.get("speedup_low") is None:  # one paired round: no interval
+        return f"{d['speedup']:.2f}x [n/a] {mark}"
     return f"{d['speedup']:.2f}x [{d['speedup_low']:.2f}, {hi:.2f}] {mark}" if hi != float("inf") else \
         f"{d['speedup']:.2f}x [{d['speedup_low']:.2f}, inf] {mark}"
 
