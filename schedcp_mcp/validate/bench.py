@@ -123,9 +123,10 @@ def fmt_interval(w) -> str:
     if d.get("speedup") is None:
         return "n/a"
     mark = {"better": "+", "worse": "−", "same": "=", "undecided": "?"}.get(d["verdict"], "!")
-    hi = d["speedup_high"]
-    return f"{d['speedup']:.2f}x [{d['speedup_low']:.2f}, {hi:.2f}] {mark}" if hi != float("inf") else \
-        f"{d['speedup']:.2f}x [{d['speedup_low']:.2f}, inf] {mark}"
+    # one pair has an unbounded interval: inf, or null once it went through JSON (a job's result)
+    lo, hi = d.get("speedup_low") or 0.0, d.get("speedup_high")
+    hi_s = "inf" if hi is None or hi == float("inf") else f"{hi:.2f}"
+    return f"{d['speedup']:.2f}x [{lo:.2f}, {hi_s}] {mark}"
 
 
 def interval_table(workloads: list, title: str) -> Table:
