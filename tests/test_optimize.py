@@ -168,6 +168,33 @@ def test_a_campaign_carries_its_profile_to_every_candidate(tmp_path):
     assert not queue.list_jobs(kind="campaign", top_level=True, state="pending")
 
 
+def test_validate_campaign_over_mcp_queues_one_campaign_for_the_profile(monkeypatch):
+    """Through a real MCP client (the tool's `candidates` argument once reached the function under
+    another name, and every call failed). The server runs no pool here: nothing boots."""
+    from schedcp_mcp.jobs import queue
+    from schedcp_mcp.observe.profile import profile_workload
+
+    monkeypatch.setenv("SCHEDCP_SERVER_WORKERS", "0")
+
+    prof = profile_workload(["sh", "-c", "sleep 0.2"], None, 2, use_runqlat=False)
+
+    async def go():
+        req = optimize.OptimizeRequest(workloads=["hackbench"])
+        async with stdio_client(optimize.server_params(req)) as (r, w), ClientSession(r, w) as s:
+            await s.initialize()
+            ex = optimize.Stage(s, "execution", agents.allowlist("execution"))
+            return await ex.call("validate_campaign", {
+                "candidates": [{"policy": "fifo", "name": "fifo"}], "workloads": ["hackbench"],
+                "profile_id": prof.id, "budget_s": 30, "background": True})
+
+    out = anyio.run(go)
+    kids = queue.list_jobs(parent=out["job_id"])
+    assert {j.inputs["node"] for j in kids} == {"verify:fifo", "validate:fifo"}
+    assert {j.inputs["profile_id"] for j in kids} == {prof.id}
+    assert {j.state for j in kids} == {"pending"}
+    queue.cancel(out["job_id"])
+
+
 def test_a_campaign_reports_progress_from_its_running_child():
     from schedcp_mcp.jobs import queue
     from schedcp_mcp.jobs.campaigns import Node, submit_campaign
