@@ -16,11 +16,11 @@ pytestmark = pytest.mark.vm
 
 def test_bench_policies_runs_a_validation_per_policy_and_a_second_run_is_cached(manifest, tmp_path):
     out = tmp_path / "out"
-    args = ("bench", "policies", "--policy", "fifo", "--rounds", "1", "--budget", "0", "--out", str(out))
+    args = ("bench", "policies", "--policy", "fifo", "--rounds", "2", "--budget", "0", "--out", str(out))
     first = schedcp(*args, timeout=900)
     assert first.returncode == 0, first.stderr
     assert "speedup vs the default scheduler" in first.stdout and "fifo (1/1)" in first.stdout
-    assert "fifo: 1 paired rounds" in first.stdout  # its own interval table
+    assert "fifo: 2 paired rounds" in first.stdout  # its own interval table
     assert "answered from the cache" not in first.stdout
     md = (out / "policies-ab.md").read_text()
     assert "| fifo |" in md and (out / "policies-ab.png").exists()
@@ -32,21 +32,22 @@ def test_bench_policies_runs_a_validation_per_policy_and_a_second_run_is_cached(
     assert second.returncode == 0, second.stderr
     res = json.loads(second.stdout)
     assert res["cached"] == ["fifo"] and res["rows"][0]["report_id"] == run.result["report_id"]
-    again = schedcp("validate", "--policy", "fifo", "--rounds", "1", "--budget", "0", "--json", timeout=120)
+    again = schedcp("validate", "--policy", "fifo", "--rounds", "2", "--budget", "0", "--json", timeout=120)
     assert json.loads(again.stdout)["report_id"] == run.result["report_id"]
 
 
 def test_bench_aa_is_one_job_and_prints_its_table(manifest):
     p = schedcp("bench", "aa", "--workload", "hackbench", "--rounds", "2", "--budget", "0", timeout=600)
     assert p.returncode in (0, 1), p.stderr
-    assert "A/A: default scheduler vs itself" in p.stdout and "hackbench" in p.stdout
+    assert "A/A: default scheduler vs itself, one boot, 2 paired rounds" in p.stdout  # its table
     job = queue.list_jobs(kind="bench_aa")[0]
     assert job.state == "succeeded" and job.result["rounds"] == 2
+    assert [w["workload"] for w in job.result["workloads"]] == ["hackbench"]
     assert (p.returncode == 0) == job.result["within_margin"]
 
 
 def test_bench_stability_is_n_validations_each_its_own_boot_and_report(manifest, tmp_path):
-    p = schedcp("bench", "stability", "--policy", "fifo", "--runs", "2", "--rounds", "1", "--budget", "0",
+    p = schedcp("bench", "stability", "--policy", "fifo", "--runs", "2", "--rounds", "2", "--budget", "0",
                 "--out", str(tmp_path), timeout=1200)
     assert p.returncode in (0, 1), p.stderr
     assert "stability of fifo: 2 fresh boots" in p.stdout and "run 2/2: fifo in a fresh boot" in p.stdout

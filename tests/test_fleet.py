@@ -35,7 +35,10 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
     $SCHEDCP_HOME), on loopback; the coordinator in this process uses the test's home."""
     started = []
 
-    def start(homes: list[Path]):
+    def start(homes: list[Path], visibility_s: float = 4.0):
+        """`visibility_s`: how long a delivered job may stay unacknowledged before the broker gives
+        it to another worker (short: a killed worker's job moves on quickly; it must exceed the
+        longest job, or a long job runs on two workers)."""
         port = free_port()
         redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                   "--appendonly", "no", "--dir", str(tmp_path)],
@@ -50,7 +53,7 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
             except OSError:
                 time.sleep(0.05)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDCP_BROKER": broker,
-               "SCHEDCP_FLEET_VISIBILITY_S": "4", "SCHEDCP_FLEET_RESTORE_S": "1"}
+               "SCHEDCP_FLEET_VISIBILITY_S": str(visibility_s), "SCHEDCP_FLEET_RESTORE_S": "1"}
         monkeypatch.setenv("SCHEDCP_BROKER", broker)
         workers = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "schedcp_mcp.jobs.fleet", "worker",
                                      "--pool=prefork", "--concurrency=1", "-n", f"w{i}@%h", "-Q", "schedcp",
@@ -64,7 +67,8 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
 
         app = fleet.app
         app.conf.broker_url = app.conf.result_backend = broker
-        app.conf.broker_transport_options = {**app.conf.broker_transport_options, "visibility_timeout": 4.0}
+        app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                             "visibility_timeout": visibility_s}
         # forget the connections to an earlier test's broker (Celery caches them per app)
         if app._pool is not None:
             app._pool.force_close_all()
@@ -132,6 +136,8 @@ HOSTILE = '#include "/etc/passwd"\nchar _license[] __attribute__((section("licen
 def records_in(home: Path) -> dict[str, str]:
     import sqlite3
 
+    if not (home / "schedcp.db").exists():  # a worker that ran nothing
+        return {}
     with sqlite3.connect(home / "schedcp.db") as c:
         return dict(c.execute("SELECT id, kind FROM records"))
 
@@ -199,7 +205,7 @@ def test_a_validation_on_a_remote_worker_is_a_report_on_the_coordinator(cluster_
     v = candidates.verify_job(policy="fifo", use_cache=False)
     with Pool(1, scope=v.id):
         rep = candidates.verified_report(queue.wait(v.id, 300)).id
-    fleet, _ = cluster_of(homes)
+    fleet, _ = cluster_of(homes, visibility_s=900)
     with fleet.Fleet(capacity=2):
         j = candidates.validate_job(report_id=rep, workloads=["hackbench"], rounds=3, budget_s=0, use_cache=False)
         j = queue.wait(j.id, 600)
