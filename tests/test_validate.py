@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import json
 import math
 import statistics
 
@@ -452,3 +453,13 @@ def test_an_extra_round_measures_only_the_undecided_workloads_and_only_if_it_fit
     assert runner._next_round(run, None, 90.0, t0 - 85.0, overhead_s=2.0) == []
     assert runner._next_round(run, None, 0.0, t0, overhead_s=2.0) == []  # budget 0: exactly --rounds
     assert runner.reduce_reps([1.0, 9.0, 1.2]) == 1.2  # one far-off run does not move a round's figure
+
+
+def test_an_unbounded_interval_prints_as_inf_also_after_a_json_round_trip():
+    from schedcp_mcp.validate.bench import fmt_interval
+
+    one_pair = _result("hackbench", [2.0], [1.6])
+    assert one_pair.speedup_high == math.inf
+    assert fmt_interval(one_pair).endswith(", inf] ?")
+    as_json = json.loads(one_pair.model_dump_json())  # a job's result: inf became null
+    assert fmt_interval(as_json) == fmt_interval(one_pair)

@@ -123,11 +123,10 @@ def fmt_interval(w) -> str:
     if d.get("speedup") is None:
         return "n/a"
     mark = {"better": "+", "worse": "−", "same": "=", "undecided": "?"}.get(d["verdict"], "!")
-    hi = d["speedup_high"]
-    if hi is None or d.get("speedup_low") is None:  # one paired round: no interval
-        return f"{d['speedup']:.2f}x [n/a] {mark}"
-    return f"{d['speedup']:.2f}x [{d['speedup_low']:.2f}, {hi:.2f}] {mark}" if hi != float("inf") else \
-        f"{d['speedup']:.2f}x [{d['speedup_low']:.2f}, inf] {mark}"
+    # one pair has an unbounded interval: inf, or null once it went through JSON (a job's result)
+    lo, hi = d.get("speedup_low") or 0.0, d.get("speedup_high")
+    hi_s = "inf" if hi is None or hi == float("inf") else f"{hi:.2f}"
+    return f"{d['speedup']:.2f}x [{lo:.2f}, {hi_s}] {mark}"
 
 
 def interval_table(workloads: list, title: str) -> Table:
@@ -181,6 +180,7 @@ def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: l
     t = Table("workload", "metric", "A'/A ratio", f"{gates.LEVEL:.0%} interval", "± half-width", "rounds",
               f"within ±{gates.MARGIN:.0%}", "pair sd", f"rounds for ±{gates.MARGIN:.0%}",
               title=f"A/A: default scheduler vs itself, one boot, {n} paired rounds, {secs:.0f} s")
+    t.columns[0].no_wrap, t.columns[0].min_width = True, max(len(r.name) for r in results) if results else 9
     for r, row in zip(results, rows):
         if r.ratio is None:
             t.add_row(r.name, r.metric, "n/a", "n/a", "n/a", str(r.pairs), "no: " + "; ".join(r.errors)[:60], "", "")
@@ -344,8 +344,9 @@ def _chart(rows: list[dict], wl: list[str], path: Path) -> None:
                 continue
             xs.append(j + (i - (len(ok) - 1) / 2) * width)
             ys.append(s)
-            hi = w.speedup_high if w.speedup_high != float("inf") else s * 10
-            errs.append((s - w.speedup_low, hi - s))
+            # unbounded (one pair): inf, or None once the result went through JSON
+            hi = w.speedup_high if w.speedup_high not in (None, float("inf")) else s * 10
+            errs.append((s - (w.speedup_low or 0.0), hi - s))
         yerr = [[e[0] for e in errs], [e[1] for e in errs]]
         ax.bar(xs, ys, width, yerr=yerr, capsize=2, label=r["policy"] + ("" if res.passed else " (failed)"))
     ax.axhline(1.0, color="black", linewidth=0.8)
