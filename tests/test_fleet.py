@@ -33,7 +33,7 @@ def free_port() -> int:
 def cluster_of(tmp_path, schedcp_home, monkeypatch):
     """cluster_of(homes): a redis-server and one Celery worker process per home (each worker's
     $SCHEDCP_HOME), on loopback; the coordinator in this process uses the test's home."""
-    started = []
+    started, worker_homes = [], []
 
     def start(homes: list[Path], visibility_s: float = 4.0):
         """`visibility_s`: how long a delivered job may stay unacknowledged before the broker gives
@@ -62,6 +62,7 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
                                     stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"w{i}.log", "w"))
                    for i, home in enumerate(homes)]
         started.extend(workers)
+        worker_homes.extend(homes)
         # the coordinator talks to this broker (the app module read SCHEDCP_BROKER at import)
         from schedcp_mcp.jobs import fleet
 
@@ -83,6 +84,12 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
         except ProcessLookupError:
             pass
         p.wait()
+    # a SIGKILLed worker's qemu runs on in its own session: stop what the workers left in their homes
+    from schedcp_mcp.sandbox import vm as vmmod
+
+    for home in dict.fromkeys(worker_homes):
+        monkeypatch.setenv("SCHEDCP_HOME", str(home))
+        vmmod.reap_orphans()
 
 
 @pytest.fixture

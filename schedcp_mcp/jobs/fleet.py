@@ -30,9 +30,11 @@ import time
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_process_init
 from celery.result import AsyncResult
 
 from .. import store
+from ..sandbox import vm as vmmod
 from . import carry, kinds, queue
 from .kinds import JobContext
 from .models import LANES, Job
@@ -67,6 +69,14 @@ def make_app() -> Celery:
 
 
 app = make_app()
+
+
+@worker_process_init.connect
+def _reap_vms_left_behind(**_: Any) -> None:
+    """A (re)started worker process stops the sandbox VMs a SIGKILLed predecessor in this home left
+    running (their qemu is in its own session, so killing the worker's group does not reach it), as
+    the local pool does when it starts."""
+    vmmod.reap_orphans()
 
 
 @app.task(name="schedcp.run_job", bind=True)
