@@ -171,7 +171,7 @@ def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: l
     rows = []
     for r in results:
         within = r.speedup is not None and r.speedup_low >= lo_ok and r.speedup_high <= hi_ok
-        d = [math.log(c / b) for b, c in zip(r.baseline, r.candidate) if b > 0 and c > 0]
+        d = gates.log_ratios(r.baseline, r.candidate)
         sd = statistics.stdev(d) if len(d) > 1 else None
         rows.append({"workload": r.name, "metric": r.metric, "pairs": r.pairs, "ratio": r.ratio, "pair_sd": sd,
                      "rounds_for_margin": rounds_for(sd) if sd is not None else None,

@@ -59,6 +59,11 @@ def spread(samples: list[float]) -> Spread | None:
     return Spread(median=med, min=lo, max=hi, rel_spread=(hi - lo) / med if med else 0.0)
 
 
+def log_ratios(baseline: list[float], candidate: list[float]) -> list[float]:
+    """log(candidate/baseline) of each paired round with both figures positive."""
+    return [math.log(c / b) for b, c in zip(baseline, candidate) if b > 0 and c > 0]
+
+
 def ratio_interval(baseline: list[float], candidate: list[float],
                    level: float = LEVEL) -> tuple[float, float, float] | None:
     """(ratio, low, high): candidate/baseline as the geometric mean of the per-round ratios, and its
@@ -66,7 +71,7 @@ def ratio_interval(baseline: list[float], candidate: list[float],
     pair's log ratio cancels the drift both sides shared; the t-interval on their mean is honest with
     the few pairs a budget allows (a bootstrap needs more pairs than that to cover its nominal level).
     None without a positive pair; the interval is infinite with one pair."""
-    d = [math.log(c / b) for b, c in zip(baseline, candidate) if b > 0 and c > 0]
+    d = log_ratios(baseline, candidate)
     if not d:
         return None
     m = statistics.fmean(d)
