@@ -100,6 +100,16 @@ def classify(low: float, high: float, margin: float = MARGIN) -> str:
     return "undecided"
 
 
+def settled(r: WorkloadResult, margin: float = MARGIN) -> bool:
+    """Whether more rounds could still change this workload's verdict class: better and worse stand,
+    but a "same" whose interval still reaches beyond +margin cannot yet tell "no change" from "a gain"
+    (in stability runs exactly those flipped between same and better), so it counts as settled only
+    once the interval lies within ±margin. Undecided never is."""
+    if r.verdict == "same":
+        return r.speedup_high is not None and r.speedup_high <= 1.0 + margin
+    return r.verdict != "undecided"
+
+
 def summarize(w: Workload, baseline: list[float], candidate: list[float], errors: list[str] | None = None,
               secondary: dict[str, tuple[list[float], list[float]]] | None = None) -> WorkloadResult:
     """Paired rounds → ratio, confidence interval and verdict for one workload. `baseline[i]` and

@@ -3,17 +3,23 @@
 The sequence, all in the same boot (timings are only comparable within one boot):
 
     setup      ship schedcp-probe, the object and the workload scripts to /run/l2 in the guest
+    warmup-0   each workload once under the default scheduler, not measured
     baseline-1 every workload under the kernel's default scheduler
     load-1     the loader attaches the candidate in the background (`--run`, watchdog `--timeout-ms`);
                state must be `enabled` and root/ops the expected name
+    candidate-1 every workload under the candidate, in the reverse order
     stress     stress-ng cpu/fork/affinity/switch/sleep while sampling every second: sched_ext state,
                ops, nr_rejected, and how often each stress worker's threads were switched in
                (/proc/PID/task/*/schedstat; a worker not run once in 2 s is starving — CPU time
                in /proc/PID/stat has 10 ms granularity, too coarse for a ping-pong worker)
-    candidate-1 every workload under the candidate
-    unload-1 / baseline-2 / load-2 / candidate-2 / ...   interleaved rounds
+    candidate-2 / unload-1 / baseline-2 / baseline-3 / load-2 / candidate-3 / ...   rounds in ABBA order
     unload-N   SIGTERM to the loader; the default scheduler must be back (state `disabled`)
     kernel log sched_ext lines of dmesg
+
+Rounds alternate which side goes first (A B, B A, A B, ...: one scheduler switch per round, and whatever
+the position in a round does to a figure falls on both sides equally), and a round's second side runs
+the workloads in the reverse order of its first, so the two halves of a pair run back to back
+(MEASURE_ORDER puts the workloads whose noise comes in episodes of seconds at the seam).
 
 Each step is one `vm.run` with a timeout; workloads are also bounded inside the guest (`timeout -s
 KILL`), so a slow candidate fails its workload instead of the VM. A scheduler that dies (stall, error
@@ -66,6 +72,12 @@ SAMPLE_PERIOD_S = 1.0  # the target; the loop sleeps half of it, and scanning /p
 #: a stress worker not switched in at all for this long (guest seconds) is starving
 STALL_S = 2.0
 KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_TROUBLE_RE.pattern)
+#: the order a round's first side runs the workloads in (its second side: reversed). This host's noise
+#: comes in episodes of several seconds that slow fork/exec-heavy kernel work by up to 2x (build's
+#: system time +50 % while a user-space loop measured beside it kept its speed); the workloads last in
+#: this order have their two sides nearest in time, so an episode tends to fall on both halves of a
+#: pair. Workloads not named here go first.
+MEASURE_ORDER = ("hackbench", "pipe", "cpu", "wakeup", "build")
 #: adaptive rounds stop here whatever the budget says
 MAX_ROUNDS = 30
 #: default time budget of one validation (boot to power-off), seconds. Three full rounds end at ~80 s on
@@ -141,10 +153,11 @@ class _Run:
                   f"rm -rf {G}; mkdir -p {G} && cp * {G}/ && chmod +x {G}/* && "
                   f"echo '<3>{self.marker}' >/dev/kmsg; snap setup\n", timeout_s=60, files=files)
 
-    def measure(self, side: str, rnd: int, only: list[Workload] | None = None) -> None:
-        """Run the workloads (or `only` these) once per rep on one side of round `rnd`."""
+    def measure(self, side: str, rnd: int, only: list[Workload] | None = None, reverse: bool = False) -> None:
+        """Run the workloads (or `only` these) once per rep on one side of round `rnd`, in MEASURE_ORDER
+        (reversed for a round's second side)."""
         phase = f"{side}-{rnd}"
-        wls = self.workloads if only is None else only
+        wls = measure_order(self.workloads if only is None else only, reverse)
         body = [COUNTERS_SNIPPET.format(tag="C0")] if side == "candidate" else []
         for w in wls:
             body.append(f"snap {phase}\n")
@@ -293,6 +306,17 @@ cat $L/stress.out
         self.obs.kernel_log = _kernel_lines(out, self.marker)
 
 
+def measure_order(wls: list[Workload], reverse: bool = False) -> list[Workload]:
+    rank = {name: i for i, name in enumerate(MEASURE_ORDER)}
+    out = sorted(wls, key=lambda w: rank.get(w.name, -1))
+    return out[::-1] if reverse else out
+
+
+def round_sides(r: int, sides: tuple[str, str]) -> tuple[str, str]:
+    """ABBA: odd rounds run sides[0] first, even rounds sides[1] first."""
+    return sides if r % 2 else (sides[1], sides[0])
+
+
 def reduce_reps(xs: list[float]) -> float:
     """One round's figure from its reps: the median of three or more (a run that the host disturbed —
     seen as stress-ng --cpu at half its usual rate about once in 40 runs — does not move it), else the
@@ -436,38 +460,46 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         run.warm_up()
         overhead_s = 0.0  # a round's cost beyond its workloads' own (load, unload, the agent's replies)
         only: list[Workload] | None = None  # after the minimum rounds: the workloads still undecided
-        r = 0
-        while r < MAX_ROUNDS:
+        r, loaded, dead = 0, False, False
+        while r < MAX_ROUNDS and not dead:
             r += 1
             t_round = time.monotonic()
-            if r > 1:
-                tick(f"round {r}: unloading")
-                run.unload()
             what = "" if only is None else f" ({', '.join(w.name for w in only)})"
-            tick(f"round {r}: baseline (default scheduler){what}")
-            run.measure("baseline", r, only)
-            tick(f"round {r}: loading {ops_name}")
-            if not run.load():
+            for k, side in enumerate(round_sides(r, ("baseline", "candidate"))):
+                if side == "candidate" and not loaded:
+                    tick(f"round {r}: loading {ops_name}")
+                    loaded = True  # even a failed start leaves a loader for unload() to stop and read
+                    if not run.load():
+                        dead = True
+                        break
+                elif side == "baseline" and loaded:
+                    tick(f"round {r}: unloading")
+                    run.unload()
+                    loaded = False
+                tick(f"round {r}: {'baseline (default scheduler)' if side == 'baseline' else 'candidate ' + ops_name}"
+                     f"{what}")
+                run.measure(side, r, only, reverse=k == 1)
+                if side == "candidate" and not run.enabled():
+                    dead = True
+                    break
+            if dead:
                 break
-            if r == 1:
+            run.rounds_done = r
+            if r == 1:  # after the first round, so that round's two sides still run back to back
                 tick(f"stress + correctness ({stress_s:g} s)")
                 t_stress = time.monotonic()
                 run.stress(stress_s)
                 t_round += time.monotonic() - t_stress
                 if not run.enabled():
                     break
-            tick(f"round {r}: candidate {ops_name}{what}")
-            run.measure("candidate", r, only)
-            run.rounds_done = r
             overhead_s = max(overhead_s, _overhead(run, only, time.monotonic() - t_round))
-            if not run.enabled():
-                break
             if r >= rounds:
                 only = _next_round(run, goals, budget_s, t_start, overhead_s)
                 if not only:
                     break
         tick("unloading, checking the default scheduler is back")
-        run.unload()
+        if loaded:
+            run.unload()
         run.kernel_log()
     except InfrastructureError as e:  # GuestTimeout included: vm.run has killed the VM
         if not isinstance(e, GuestTimeout) and vm.alive:
@@ -503,19 +535,21 @@ def _overhead(run: _Run, only: list[Workload] | None, round_s: float) -> float:
 
 def _next_round(run: _Run, goals: list[Goal] | None, budget_s: float, t_start: float,
                 overhead_s: float) -> list[Workload]:
-    """The workloads another round measures: those whose performance gate is still undecided, when a
-    round of just those fits in the budget; empty = stop. Decided workloads are not run again, so the
+    """The workloads another round measures: those whose performance gate is still undecided, and then
+    those whose verdict is not settled yet (gates.settled: a "same" that may still be a gain), when a
+    round of just those fits in the budget; empty = stop. Settled workloads are not run again, so the
     budget goes where the interval is still open (a round of only `build` costs a third of a full one)."""
     if not budget_s:
         return []
     open_ = {g.workload for g in gates.performance_gates(run.results(), run.workloads, goals) if not g.decided}
+    open_ |= {r.name for r in run.results() if not gates.settled(r)}
     wls = [w for w in run.workloads if w.name in open_]
     if not wls:
         return []
     cost = overhead_s + 2 * sum(run.cost.get(w.name, w.timeout_s) for w in wls)
     fits = time.monotonic() - t_start + cost + TAIL_S <= budget_s
     if fits:
-        run.say(f"after {run.rounds_done} rounds undecided: {', '.join(w.name for w in wls)}; one more round of "
+        run.say(f"after {run.rounds_done} rounds not settled: {', '.join(w.name for w in wls)}; one more round of "
                 f"{'those' if len(wls) > 1 else 'it'}", min(0.99, (time.monotonic() - t_start) / budget_s))
     return wls if fits else []
 
@@ -558,9 +592,12 @@ def aa_in_sandbox(workloads: list[str] | None = None, *, rounds: int = 3, budget
         while r < MAX_ROUNDS:
             r += 1
             t_round = time.monotonic()
-            say(f"round {r}: default scheduler (A), then again (A')", min(0.99, (t_round - t_start) / (budget_s or 60)))
-            run.measure("baseline", r, only)
-            run.measure("again", r, only)
+            first, second = round_sides(r, ("baseline", "again"))
+            names = {"baseline": "A", "again": "A'"}
+            say(f"round {r}: default scheduler ({names[first]}), then again ({names[second]})",
+                min(0.99, (t_round - t_start) / (budget_s or 60)))
+            run.measure(first, r, only)
+            run.measure(second, r, only, reverse=True)
             run.rounds_done = r
             overhead_s = max(overhead_s, _overhead(run, only, time.monotonic() - t_round))
             if r >= rounds:
