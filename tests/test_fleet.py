@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,17 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from loopback import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("celery", reason="celery is not installed (pyproject dependency)")
 if shutil.which("redis-server") is None:
     pytest.skip("redis-server is not installed (setup.sh installs it)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -45,13 +39,7 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started.append(redis)
         broker = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_port(port, 10, redis)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDCP_BROKER": broker,
                "SCHEDCP_FLEET_VISIBILITY_S": str(visibility_s), "SCHEDCP_FLEET_RESTORE_S": "1"}
         monkeypatch.setenv("SCHEDCP_BROKER", broker)

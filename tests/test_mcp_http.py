@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx2
 import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from loopback import free_port, wait_for_port
 
 pytestmark = pytest.mark.anyio
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_non_loopback_without_token_refuses_to_start():
@@ -38,13 +31,7 @@ def http_server(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "schedcp_mcp", "serve", "--http", f"127.0.0.1:{port}",
                           "--token-file", str(token_file)], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, env=os.environ.copy())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
+    wait_for_port(port, 60, p)
     yield f"http://127.0.0.1:{port}/mcp"
     p.terminate()
     p.wait(10)

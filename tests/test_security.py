@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import socket
 import stat
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 from schedcp_mcp import access, config
 from schedcp_mcp.errors import BadInput, SchedcpError
 from schedcp_mcp.observe import profile
+from loopback import free_port, wait_for_port
 
 
 @pytest.fixture(autouse=True)
@@ -111,23 +111,11 @@ def test_a_negative_pid_is_an_input_error(pid):
 
 # --- HTTP ------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_http(*args: str) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "schedcp_mcp", "serve", "--http", f"127.0.0.1:{port}",
                           *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and p.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
+    wait_for_port(port, 60, p)
     return p, port
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,13 @@ from schedcp_mcp import records
 from schedcp_mcp.jobs import queue
 from schedcp_mcp.learn import history
 from schedcp_mcp.models import Deployment, MetricResult, MonitorPolicy, Reading, ScxState
+from loopback import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--hide-scrollbars"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deployment(dep_id: str, status: str, **kw) -> Deployment:

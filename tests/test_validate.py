@@ -244,6 +244,15 @@ def test_stability_counts_a_flip_per_workload_whose_verdict_changed_and_one_for_
     assert count_flips(shaky, [True, False, True]) == (["hackbench"], 2)
 
 
+def test_only_verdicts_that_cannot_both_be_true_count_as_contradictions():
+    from schedcp_mcp.validate.bench import count_contradictions
+
+    compatible = {"pipe": ["better", "same", "same"], "build": ["same", "undecided", "same"]}
+    assert count_contradictions(compatible, [True] * 3) == ([], 0)
+    harm = {"pipe": ["same", "worse", "same"], "cpu": ["better", "worse", "better"], "wakeup": ["worse"] * 3}
+    assert count_contradictions(harm, [True, False, True]) == (["pipe", "cpu"], 3)
+
+
 def test_policy_counters_are_read_from_bpftool_json():
     from schedcp_mcp.validate.runner import _counter_delta
 
