@@ -476,6 +476,12 @@ def test_an_extra_round_measures_only_the_undecided_workloads_and_only_if_it_fit
     assert hb.verdict == "same" and hb.speedup_high > 1.1 and not gates.settled(hb)
     assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["hackbench", "pipe"]
     assert all(gates.settled(x) for x in run.results() if x.name not in ("hackbench", "pipe"))
+    b, c = run.samples["wakeup"]  # better, but ±60 %: weak evidence, measured again while it fits
+    for r, y in enumerate([0.4, 0.55, 0.47], start=1):
+        b[r], c[r] = [1.0], [y]
+    wk = next(x for x in run.results() if x.name == "wakeup")
+    assert wk.verdict == "better" and wk.noise > gates.NOISY and not gates.settled(wk)
+    assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["hackbench", "pipe", "wakeup"]
     b, c = run.samples["cpu"]  # cpu clearly worse: the validation has failed, only undecided gates go on
     for r, y in enumerate([0.5, 0.52, 0.49], start=1):
         b[r], c[r] = [1.0], [y]

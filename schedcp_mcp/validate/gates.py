@@ -101,13 +101,16 @@ def classify(low: float, high: float, margin: float = MARGIN) -> str:
 
 
 def settled(r: WorkloadResult, margin: float = MARGIN) -> bool:
-    """Whether more rounds could still change this workload's verdict class: better and worse stand,
-    but a "same" whose interval still reaches beyond +margin cannot yet tell "no change" from "a gain"
-    (in stability runs exactly those flipped between same and better), so it counts as settled only
-    once the interval lies within ±margin. Undecided never is."""
+    """Whether more rounds could still change this workload's verdict class or leave it weak evidence:
+    undecided never is; an interval wider than ±NOISY is not (in stability runs hackbench came out
+    1.51x [1.00, 2.29] "better" — a hair from "same"); and a "same" whose interval still reaches beyond
+    +margin cannot yet tell "no change" from "a gain" (in stability runs exactly those flipped between
+    same and better), so it is settled only once the interval lies within ±margin."""
+    if r.verdict == "undecided" or (r.noise is not None and r.noise > NOISY):
+        return False
     if r.verdict == "same":
         return r.speedup_high is not None and r.speedup_high <= 1.0 + margin
-    return r.verdict != "undecided"
+    return True
 
 
 def summarize(w: Workload, baseline: list[float], candidate: list[float], errors: list[str] | None = None,
