@@ -425,11 +425,12 @@ def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm)
         assert w.ratio and w.ratio > 0 and w.noise is not None
     phases = {s.phase.split("-")[0] for s in res.timeline}
     assert {"baseline", "load", "stress", "candidate", "unload"} <= phases
-    # ABBA: round 1 baseline then candidate, the stress test, round 2 candidate (no reload) then baseline
-    order = [p for p in dict.fromkeys(s.phase for s in res.timeline) if p.split("-")[0] != "warmup"]
-    assert order.index("baseline-1") < order.index("candidate-1") < order.index("stress") \
-        < order.index("candidate-2") < order.index("unload-1") < order.index("baseline-2"), order
-    assert [p for p in order if p.startswith(("load", "unload"))] == ["load-1", "unload-1"]  # one switch a round
+    # each workload's sides back to back (one switch per workload and round), the stress test after round 1
+    phases = [s.phase for s in res.timeline]
+    loads = [p for p in dict.fromkeys(phases) if p.startswith("load")]
+    assert len(loads) == 5, loads  # rounds 1 and 2: 3 + 2 loads, each between a workload's two sides
+    stress = phases.index("stress")
+    assert "candidate-1" in phases[:stress] and "candidate-2" not in phases[:stress] and "candidate-2" in phases
     assert res.stress and set(res.stress.stressors) == {"cpu", "fork", "affinity", "switch", "sleep"}
     assert any('"vtime_fair" enabled' in ln for ln in res.kernel_log)
     assert res.durations["total"] > 0 and res.performance  # perf gates judged (pass or fail by the numbers)
@@ -488,18 +489,21 @@ def test_an_extra_round_measures_only_the_undecided_workloads_and_only_if_it_fit
     assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["pipe"]
 
 
-def test_rounds_alternate_sides_and_the_second_side_mirrors_the_first():
+def test_each_workloads_two_sides_run_back_to_back_in_alternating_order():
     from schedcp_mcp.validate import runner
 
-    assert runner.round_sides(1, ("A", "B")) == ("A", "B") and runner.round_sides(2, ("A", "B")) == ("B", "A")
-    assert runner.round_sides(3, ("A", "B")) == ("A", "B")
     wls = list_workloads()
-    first = [w.name for w in runner.measure_order(wls)]
-    second = [w.name for w in runner.measure_order(wls, reverse=True)]
-    assert sorted(first) == sorted(w.name for w in wls) and second == first[::-1]
-    assert first[-1] == second[0] == "build"  # the episodic one: its two sides back to back
-    extra = wls[0].model_copy(update={"name": "custom"})
-    assert runner.measure_order([*wls, extra])[0].name == "custom"  # unnamed workloads go first
+    plans = {r: [(side, [w.name for w in group]) for side, group in runner.round_plan(r, wls, ("A", "B"))]
+             for r in (1, 2)}
+    assert plans[1] == [("A", ["hackbench"]), ("B", ["hackbench", "pipe"]), ("A", ["pipe", "wakeup"]),
+                        ("B", ["wakeup", "build"]), ("A", ["build", "cpu"]), ("B", ["cpu"])]
+    for r, plan in plans.items():
+        seq = [(side, name) for side, names in plan for name in names]
+        for w in wls:  # each workload: one figure per side, the two adjacent in time
+            i = [k for k, (_, n) in enumerate(seq) if n == w.name]
+            assert len(i) == 2 and i[1] == i[0] + 1 and {seq[i[0]][0], seq[i[1]][0]} == {"A", "B"}
+    assert plans[2][:2] == [("B", ["hackbench"]), ("A", ["hackbench", "pipe"])]  # ABBA across rounds
+    assert len(plans[1]) == len(wls) + 1  # neighbours share a side: one switch per workload
 
 
 def test_an_unbounded_interval_prints_as_inf_also_after_a_json_round_trip():

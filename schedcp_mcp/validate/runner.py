@@ -4,22 +4,25 @@ The sequence, all in the same boot (timings are only comparable within one boot)
 
     setup      ship schedcp-probe, the object and the workload scripts to /run/l2 in the guest
     warmup-0   each workload once under the default scheduler, not measured
-    baseline-1 every workload under the kernel's default scheduler
-    load-1     the loader attaches the candidate in the background (`--run`, watchdog `--timeout-ms`);
-               state must be `enabled` and root/ops the expected name
-    candidate-1 every workload under the candidate, in the reverse order
+    round 1    per workload, its baseline side and its candidate side back to back (round_plan):
+               baseline-1 hackbench | load-1 | candidate-1 hackbench, pipe | unload-1 |
+               baseline-1 pipe, cpu | load-2 | candidate-1 cpu, wakeup | ...
+               load: the loader attaches the candidate in the background (`--run`, watchdog
+               `--timeout-ms`); state must be `enabled` and root/ops the expected name
     stress     stress-ng cpu/fork/affinity/switch/sleep while sampling every second: sched_ext state,
                ops, nr_rejected, and how often each stress worker's threads were switched in
                (/proc/PID/task/*/schedstat; a worker not run once in 2 s is starving — CPU time
                in /proc/PID/stat has 10 ms granularity, too coarse for a ping-pong worker)
-    candidate-2 / unload-1 / baseline-2 / baseline-3 / load-2 / candidate-3 / ...   rounds in ABBA order
+    round 2..  the same, each workload's two sides in the other order
     unload-N   SIGTERM to the loader; the default scheduler must be back (state `disabled`)
     kernel log sched_ext lines of dmesg
 
-Rounds alternate which side goes first (A B, B A, A B, ...: one scheduler switch per round, and whatever
-the position in a round does to a figure falls on both sides equally), and a round's second side runs
-the workloads in the reverse order of its first, so the two halves of a pair run back to back
-(MEASURE_ORDER puts the workloads whose noise comes in episodes of seconds at the seam).
+Why each workload's two sides back to back: this host's noise comes in episodes of seconds (a build
+1.5-2x slower for 5-20 s while a user-space loop beside it kept its speed), and a pair whose halves ran
+a whole side (~9 s) apart caught an episode in one half only; switching the scheduler costs ~0.45 s
+(load ~0.3 s, unload ~0.15 s), one switch per workload per round. Why alternate (ABBA): whatever
+running first or second does to a figure falls on both sides equally, and neighbouring workloads
+share a side, so a round needs one switch per workload, not two.
 
 Each step is one `vm.run` with a timeout; workloads are also bounded inside the guest (`timeout -s
 KILL`), so a slow candidate fails its workload instead of the VM. A scheduler that dies (stall, error
@@ -72,12 +75,6 @@ SAMPLE_PERIOD_S = 1.0  # the target; the loop sleeps half of it, and scanning /p
 #: a stress worker not switched in at all for this long (guest seconds) is starving
 STALL_S = 2.0
 KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_TROUBLE_RE.pattern)
-#: the order a round's first side runs the workloads in (its second side: reversed). This host's noise
-#: comes in episodes of several seconds that slow fork/exec-heavy kernel work by up to 2x (build's
-#: system time +50 % while a user-space loop measured beside it kept its speed); the workloads last in
-#: this order have their two sides nearest in time, so an episode tends to fall on both halves of a
-#: pair. Workloads not named here go first.
-MEASURE_ORDER = ("hackbench", "pipe", "cpu", "wakeup", "build")
 #: adaptive rounds stop here whatever the budget says
 MAX_ROUNDS = 30
 #: default time budget of one validation (boot to power-off), seconds. Three full rounds end at ~80 s on
@@ -153,11 +150,10 @@ class _Run:
                   f"rm -rf {G}; mkdir -p {G} && cp * {G}/ && chmod +x {G}/* && "
                   f"echo '<3>{self.marker}' >/dev/kmsg; snap setup\n", timeout_s=60, files=files)
 
-    def measure(self, side: str, rnd: int, only: list[Workload] | None = None, reverse: bool = False) -> None:
-        """Run the workloads (or `only` these) once per rep on one side of round `rnd`, in MEASURE_ORDER
-        (reversed for a round's second side)."""
+    def measure(self, side: str, rnd: int, only: list[Workload] | None = None) -> None:
+        """Run the workloads (or `only` these) once per rep on one side of round `rnd`."""
         phase = f"{side}-{rnd}"
-        wls = measure_order(self.workloads if only is None else only, reverse)
+        wls = self.workloads if only is None else only
         body = [COUNTERS_SNIPPET.format(tag="C0")] if side == "candidate" else []
         for w in wls:
             body.append(f"snap {phase}\n")
@@ -306,15 +302,19 @@ cat $L/stress.out
         self.obs.kernel_log = _kernel_lines(out, self.marker)
 
 
-def measure_order(wls: list[Workload], reverse: bool = False) -> list[Workload]:
-    rank = {name: i for i, name in enumerate(MEASURE_ORDER)}
-    out = sorted(wls, key=lambda w: rank.get(w.name, -1))
-    return out[::-1] if reverse else out
-
-
-def round_sides(r: int, sides: tuple[str, str]) -> tuple[str, str]:
-    """ABBA: odd rounds run sides[0] first, even rounds sides[1] first."""
-    return sides if r % 2 else (sides[1], sides[0])
+def round_plan(r: int, wls: list[Workload], sides: tuple[str, str]) -> list[tuple[str, list[Workload]]]:
+    """Round `r` as steps (side, workloads): each workload's two sides back to back, its first side
+    sides[0] when r + its position is odd, else sides[1] — so a workload alternates between rounds and
+    neighbours share a side (A B | B A | A B ...), which one step measures."""
+    steps: list[tuple[str, list[Workload]]] = []
+    for i, w in enumerate(wls):
+        pair = sides if (r + i) % 2 else (sides[1], sides[0])
+        for side in pair:
+            if steps and steps[-1][0] == side:
+                steps[-1][1].append(w)
+            else:
+                steps.append((side, [w]))
+    return steps
 
 
 def reduce_reps(xs: list[float]) -> float:
@@ -464,8 +464,7 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         while r < MAX_ROUNDS and not dead:
             r += 1
             t_round = time.monotonic()
-            what = "" if only is None else f" ({', '.join(w.name for w in only)})"
-            for k, side in enumerate(round_sides(r, ("baseline", "candidate"))):
+            for side, group in round_plan(r, only or run.workloads, ("baseline", "candidate")):
                 if side == "candidate" and not loaded:
                     tick(f"round {r}: loading {ops_name}")
                     loaded = True  # even a failed start leaves a loader for unload() to stop and read
@@ -473,21 +472,24 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
                         dead = True
                         break
                 elif side == "baseline" and loaded:
-                    tick(f"round {r}: unloading")
                     run.unload()
                     loaded = False
-                tick(f"round {r}: {'baseline (default scheduler)' if side == 'baseline' else 'candidate ' + ops_name}"
-                     f"{what}")
-                run.measure(side, r, only, reverse=k == 1)
+                names = ", ".join(w.name for w in group)
+                tick(f"round {r}: {names} under {'the default scheduler' if side == 'baseline' else ops_name}")
+                run.measure(side, r, group)
                 if side == "candidate" and not run.enabled():
                     dead = True
                     break
             if dead:
                 break
             run.rounds_done = r
-            if r == 1:  # after the first round, so that round's two sides still run back to back
+            if r == 1:  # after the first round: its pairs still run back to back
                 tick(f"stress + correctness ({stress_s:g} s)")
                 t_stress = time.monotonic()
+                if not loaded:
+                    loaded = True
+                    if not run.load():
+                        break
                 run.stress(stress_s)
                 t_round += time.monotonic() - t_stress
                 if not run.enabled():
@@ -595,12 +597,10 @@ def aa_in_sandbox(workloads: list[str] | None = None, *, rounds: int = 3, budget
         while r < MAX_ROUNDS:
             r += 1
             t_round = time.monotonic()
-            first, second = round_sides(r, ("baseline", "again"))
-            names = {"baseline": "A", "again": "A'"}
-            say(f"round {r}: default scheduler ({names[first]}), then again ({names[second]})",
+            say(f"round {r}: each workload under the default scheduler (A), and again (A')",
                 min(0.99, (t_round - t_start) / (budget_s or 60)))
-            run.measure(first, r, only)
-            run.measure(second, r, only, reverse=True)
+            for side, group in round_plan(r, only or run.workloads, ("baseline", "again")):
+                run.measure(side, r, group)
             run.rounds_done = r
             overhead_s = max(overhead_s, _overhead(run, only, time.monotonic() - t_round))
             if r >= rounds:
