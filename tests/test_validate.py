@@ -475,18 +475,22 @@ def test_an_extra_round_measures_only_the_undecided_workloads_and_only_if_it_fit
         b[r], c[r] = [1.0], [y]
     hb = next(x for x in run.results() if x.name == "hackbench")
     assert hb.verdict == "same" and hb.speedup_high > 1.1 and not gates.settled(hb)
-    assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["hackbench", "pipe"]
+    assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["pipe"]  # undecided first
     assert all(gates.settled(x) for x in run.results() if x.name not in ("hackbench", "pipe"))
+    b, c = run.samples["pipe"]  # pipe decided (same, within ±10 %): now hackbench gets the rounds
+    for r, y in enumerate([1.0, 1.01, 0.99], start=1):
+        b[r], c[r] = [1.0], [y]
+    assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["hackbench"]
     b, c = run.samples["wakeup"]  # better, but ±60 %: weak evidence, measured again while it fits
     for r, y in enumerate([0.4, 0.55, 0.47], start=1):
         b[r], c[r] = [1.0], [y]
     wk = next(x for x in run.results() if x.name == "wakeup")
     assert wk.verdict == "better" and wk.noise > gates.NOISY and not gates.settled(wk)
-    assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["hackbench", "pipe", "wakeup"]
-    b, c = run.samples["cpu"]  # cpu clearly worse: the validation has failed, only undecided gates go on
+    assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["hackbench", "wakeup"]
+    b, c = run.samples["cpu"]  # cpu clearly worse: the validation has failed, nothing to settle
     for r, y in enumerate([0.5, 0.52, 0.49], start=1):
         b[r], c[r] = [1.0], [y]
-    assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["pipe"]
+    assert runner._next_round(run, None, 90.0, t0, overhead_s=2.0) == []
 
 
 def test_each_workloads_two_sides_run_back_to_back_in_alternating_order():

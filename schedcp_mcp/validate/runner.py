@@ -537,17 +537,17 @@ def _overhead(run: _Run, only: list[Workload] | None, round_s: float) -> float:
 
 def _next_round(run: _Run, goals: list[Goal] | None, budget_s: float, t_start: float,
                 overhead_s: float) -> list[Workload]:
-    """The workloads another round measures: those whose performance gate is still undecided, and, unless
-    a gate has already failed, those whose verdict is not settled (gates.settled: a "same" that may
-    still be a gain), when a
+    """The workloads another round measures: those whose performance gate is still undecided; once none
+    is, and if every gate passed, those whose verdict is not settled (gates.settled: a "same" that may
+    still be a gain, or an interval wider than ±NOISY), when a
     round of just those fits in the budget; empty = stop. Settled workloads are not run again, so the
     budget goes where the interval is still open (a round of only `build` costs a third of a full one)."""
     if not budget_s:
         return []
     pg = gates.performance_gates(run.results(), run.workloads, goals)
     open_ = {g.workload for g in pg if not g.decided}
-    if not any(g.decided and not g.passed for g in pg):  # a candidate that has failed needs no finer verdicts
-        open_ |= {r.name for r in run.results() if not gates.settled(r)}
+    if not open_ and all(g.passed for g in pg):  # undecided gates first; a failed candidate needs no more
+        open_ = {r.name for r in run.results() if not gates.settled(r)}
     wls = [w for w in run.workloads if w.name in open_]
     if not wls:
         return []
