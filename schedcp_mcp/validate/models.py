@@ -24,7 +24,7 @@ class Workload(BaseModel):
         [], description="goal metrics (from a WorkloadProfile/plan) this workload stands for, e.g. throughput")
     requires: list[str] = Field([], description="guest binaries it needs besides busybox")
     timeout_s: float = Field(30.0, description="a run taking longer is killed and counts as a crash")
-    reps: int = Field(1, description="runs per side per round; the round's figure is their geometric mean")
+    reps: int = Field(1, description="runs per side per round; the round's figure is their median (runner.reduce_reps)")
 
 
 class Spread(BaseModel):

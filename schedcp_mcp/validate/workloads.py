@@ -1,7 +1,9 @@
 """The sandbox's benchmark workloads: what runs in the guest, the metric it reports, and its parser.
 
 Each run is sized to take roughly 0.3-1.3 s in a 2-vCPU qemu TCG guest. hackbench, pipe, build and cpu
-run three times per side per round (`reps`) and the round's figure is their median: in A/A runs here
+run three times per side per round (hackbench five: its A/A pair sd stayed ~0.12 with three once its
+sides ran back to back, the others fell to 0.03-0.07) and the round's figure is their median
+(`reps`): in A/A runs here
 one run in a few dozen came out far off (stress-ng --cpu at half its rate, a hackbench 35 % slow) when
 the host hiccuped, and as one pair of a few that single run decided the interval. The wakeup probe runs
 once (8000 wakeups, its figure already a mean over them): three runs made a round ~22 s, so a 90 s
@@ -38,7 +40,7 @@ WORKLOADS: list[Workload] = [
         name="hackbench", description="hackbench: 2 groups x 40 tasks passing messages over sockets, 60 loops "
         "(wakeup-heavy, many more tasks than CPUs)",
         command="hackbench -g 2 -l 60", metric="messaging_time_s", unit="s", direction="lower",
-        parser="hackbench", goal_metrics=["wall_time_s"], requires=["hackbench"], reps=3),
+        parser="hackbench", goal_metrics=["wall_time_s"], requires=["hackbench"], reps=5),
     Workload(
         name="pipe", description="perf bench sched pipe: two tasks ping-pong over a pipe "
         "(pure wakeup/context-switch cost)",
