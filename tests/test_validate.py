@@ -493,6 +493,16 @@ def test_an_extra_round_measures_only_the_undecided_workloads_and_only_if_it_fit
     assert runner._next_round(run, None, 90.0, t0, overhead_s=2.0) == []
 
 
+def test_a_warning_early_in_a_long_validation_is_kept_among_dozens_of_routine_load_lines():
+    from schedcp_mcp.validate.runner import _kernel_lines
+
+    log = ["[    1.0] MARK", "[    2.0] WARNING: CPU: 1 PID: 7 at kernel/sched/ext.c:123 scx_foo",
+           *[f"[ {10 + i}.0] sched_ext: BPF scheduler \"p\" {'enabled' if i % 2 == 0 else 'disabled (unregistered from user space)'}"
+             for i in range(200)]]
+    kept = _kernel_lines("\n".join(log), "MARK", limit=80)
+    assert any("WARNING: CPU" in ln for ln in kept) and len(kept) == 81 and kept[-1] == log[-1]
+
+
 def test_each_workloads_two_sides_run_back_to_back_in_alternating_order():
     from schedcp_mcp.validate import runner
 

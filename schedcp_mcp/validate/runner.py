@@ -75,6 +75,7 @@ SAMPLE_PERIOD_S = 1.0  # the target; the loop sleeps half of it, and scanning /p
 #: a stress worker not switched in at all for this long (guest seconds) is starving
 STALL_S = 2.0
 KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_TROUBLE_RE.pattern)
+ROUTINE_SCX_LINE = re.compile(r'BPF scheduler "[^"]*" (enabled|disabled \(unregistered from user space\))\s*$')
 #: adaptive rounds stop here whatever the budget says
 MAX_ROUNDS = 30
 #: default time budget of one validation (boot to power-off), seconds. Three full rounds end at ~80 s on
@@ -375,7 +376,12 @@ def _kernel_lines(text: str, marker: str | None = None, limit: int = 80) -> list
     if marker and marker in text:
         text = text[text.rindex(marker) + len(marker):]
     lines = [ln.rstrip() for ln in text.splitlines() if KERNEL_LOG_RE.search(ln)]
-    return lines[-limit:]
+    if len(lines) <= limit:
+        return lines
+    # a validation loads and unloads the candidate once per workload and round (dozens of routine
+    # enabled/unregistered lines): keep the first `limit` other lines — where trouble starts — and the tail
+    other = [i for i, ln in enumerate(lines) if not ROUTINE_SCX_LINE.search(ln)][:limit]
+    return [lines[i] for i in sorted(set(other) | set(range(len(lines) - limit, len(lines))))]
 
 
 def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str, str] | None = None,
