@@ -177,7 +177,9 @@ def test_pairing_cancels_drift_that_unpaired_spreads_would_call_noise():
 
 
 def test_verdicts_better_same_worse_undecided():
-    assert gates.classify(1.05, 1.4) == "better"
+    assert gates.classify(1.15, 1.4) == "better"          # a gain beyond the 10 % margin
+    assert gates.classify(1.05, 1.4) == "same"            # a gain, but not shown beyond the margin
+    assert gates.classify(1.003, 1.03) == "same"          # ... so a 1 % gain does not flip verdicts
     assert gates.classify(0.95, 1.08) == "same"           # no harm beyond the 10 % margin
     assert gates.classify(0.80, 0.88) == "worse"          # all of it beyond the margin
     assert gates.classify(0.70, 1.30) == "undecided"      # straddles the margin: more rounds could decide
