@@ -78,10 +78,11 @@ KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_
 ROUTINE_SCX_LINE = re.compile(r'BPF scheduler "[^"]*" (enabled|disabled \(unregistered from user space\))\s*$')
 #: adaptive rounds stop here whatever the budget says
 MAX_ROUNDS = 30
-#: default time budget of one validation (boot to power-off), seconds. Three full rounds end at ~80 s on
-#: this 2-core TCG host, so a candidate whose gates are decided by then stops there; the rest is for
-#: rounds of only the undecided workloads (~5 s each for pipe). At 90 s none fitted, and 1 of 3 fresh-boot
-#: validations of lean_preempt failed on pipe 0.98x [0.89, 1.08] "undecided".
+#: default time budget of one validation (boot to power-off), seconds. On this 2-core TCG host boot,
+#: warm-up and the stress phase take ~14 s and a full round ~27 s (every workload 3-5 runs per side,
+#: one scheduler switch per workload), so three rounds end at ~95 s; the rest buys a round of only the
+#: workloads still open. (With the issue's ~90 s, three rounds would not fit; a t-interval on 2 pairs
+#: leaves most "same" workloads undecided.)
 BUDGET_S = 120.0
 #: a policy's own counters: an ARRAY map named schedcp_stats whose one value is a struct of u64 fields
 #: (bpftool prints it with field names from BTF); read before and after the candidate's measured runs

@@ -1,15 +1,12 @@
 """The sandbox's benchmark workloads: what runs in the guest, the metric it reports, and its parser.
 
-Each run is sized to take roughly 0.3-1.3 s in a 2-vCPU qemu TCG guest. hackbench, pipe, build and cpu
-run three times per side per round (hackbench five: its A/A pair sd stayed ~0.12 with three once its
-sides ran back to back, the others fell to 0.03-0.07) and the round's figure is their median
-(`reps`): in A/A runs here
-one run in a few dozen came out far off (stress-ng --cpu at half its rate, a hackbench 35 % slow) when
-the host hiccuped, and as one pair of a few that single run decided the interval. The wakeup probe runs
-once (8000 wakeups, its figure already a mean over them): three runs made a round ~22 s, so a 90 s
-validation got 3 rounds and no extra ones, and its intervals (t with 2 degrees of freedom) came out
-wide enough to leave hackbench and build undecided in 3 of 3 runs. After the minimum rounds a
-validation measures only the workloads still undecided (runner._next_round).
+Each run is sized to take roughly 0.3-1.3 s in a 2-vCPU qemu TCG guest. Every workload runs several
+times per side per round (`reps`: three, hackbench five) and the round's figure is their median: in
+A/A runs here one run in a few dozen came out far off when the host hiccuped (stress-ng --cpu at half
+its rate, a hackbench 35 % slow, a wakeup probe's mean wait 15 or 34 µs among runs of 20-26 µs), and
+as one pair of a few that single run decided the interval. hackbench five: with its two sides back to
+back its A/A pair sd stayed ~0.1 with three runs while the others fell to 0.01-0.08. After the minimum
+rounds a validation measures only the workloads still open (runner._next_round).
 Parsers take the combined stdout+stderr of one run and return
 {metric: value}; they raise ValueError with the offending text when the output is not what the tool
 prints, which the runner reports as the workload's own error.
@@ -52,7 +49,7 @@ WORKLOADS: list[Workload] = [
         "(schedstat run_delay: woken → running), p99 as a secondary figure",
         command="$PROBE wakeup -P -t 8 -H 2 -p 1000 -d 1000", metric="mean_wakeup_latency_us", unit="us",
         direction="lower", parser="probe_wakeup",
-        goal_metrics=["wakeup_latency_us", "mean_wakeup_latency_us", "p99_wakeup_latency_us", "latency"]),
+        goal_metrics=["wakeup_latency_us", "mean_wakeup_latency_us", "p99_wakeup_latency_us", "latency"], reps=3),
     Workload(
         name="build", description="build-like: 48 short shell jobs, 4 in parallel, each forking and "
         "exec'ing (make -j4 without a compiler)",
