@@ -317,8 +317,8 @@ def _markdown(rows: list[dict], wl: list[str], rounds: int, budget_s: float, col
         f"> {TCG_NOTE}",
         "",
         f"Cells: speedup vs the default scheduler (> 1 = better), its {gates.LEVEL:.0%} t-interval over "
-        "paired rounds, and the verdict (+ better, = same: no harm beyond "
-        f"{gates.MARGIN:.0%}, − worse, ? undecided). Metrics: "
+        f"paired rounds, and the verdict (+ better: the interval above {1 + gates.MARGIN:g}, = same: no harm "
+        f"beyond {gates.MARGIN:.0%}, − worse: the interval below 1/{1 + gates.MARGIN:g}, ? undecided). Metrics: "
         + "; ".join(f"{n} = {metrics[n].metric} ({metrics[n].direction} is better)" for n in wl) + ".",
         "",
         "| policy | " + " | ".join(wl) + " | rounds | verdict |",
