@@ -70,7 +70,7 @@ def _aa_job(ctx: JobContext) -> dict[str, Any]:
     return {**res, "printed": con.export_text(styles=True)}
 
 
-def aa_job(rounds: int = 10, budget_s: float | None = 0.0, workloads: list[str] | None = None, *,
+def aa_job(rounds: int = 15, budget_s: float | None = 0.0, workloads: list[str] | None = None, *,
            width: int = 100, lane: str = "high", actor: str = "api", complete_by_s: float | None = None) -> Job:
     """Queue `bench aa` (never from the cache: it measures the machine's noise now)."""
     from .validate.workloads import get_workloads
