@@ -75,7 +75,6 @@ SAMPLE_PERIOD_S = 1.0  # the target; the loop sleeps half of it, and scanning /p
 #: a stress worker not switched in at all for this long (guest seconds) is starving
 STALL_S = 2.0
 KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_TROUBLE_RE.pattern)
-ROUTINE_SCX_LINE = re.compile(r'BPF scheduler "[^"]*" (enabled|disabled \(unregistered from user space\))\s*$')
 #: adaptive rounds stop here whatever the budget says
 MAX_ROUNDS = 30
 #: default time budget of one validation (boot to power-off), seconds. On this 2-core TCG host boot,
@@ -381,8 +380,14 @@ def _kernel_lines(text: str, marker: str | None = None, limit: int = 80) -> list
         return lines
     # a validation loads and unloads the candidate once per workload and round (dozens of routine
     # enabled/unregistered lines): keep the first `limit` other lines — where trouble starts — and the tail
-    other = [i for i, ln in enumerate(lines) if not ROUTINE_SCX_LINE.search(ln)][:limit]
+    other = [i for i, ln in enumerate(lines) if not _routine(ln)][:limit]
     return [lines[i] for i in sorted(set(other) | set(range(len(lines) - limit, len(lines))))]
+
+
+def _routine(line: str) -> bool:
+    """A scheduler enabled, or disabled for a reason that is not its fault (scheduler.CLEAN_REASONS)."""
+    m = scheduler.DISABLED_RE.search(line)
+    return bool(m[2] in scheduler.CLEAN_REASONS if m else re.search(r'BPF scheduler "[^"]*" enabled', line))
 
 
 def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str, str] | None = None,
@@ -467,20 +472,28 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         run.warm_up()
         overhead_s = 0.0  # a round's cost beyond its workloads' own (load, unload, the agent's replies)
         only: list[Workload] | None = None  # after the minimum rounds: the workloads still undecided
-        r, loaded, dead = 0, False, False
-        while r < MAX_ROUNDS and not dead:
+        loaded = False
+
+        def switch_to(side: str) -> bool:
+            """Put `side`'s scheduler in charge; False when the candidate failed to start."""
+            nonlocal loaded
+            if side == "candidate" and not loaded:
+                tick(f"round {r}: loading {ops_name}")
+                loaded = True  # even a failed start leaves a loader for unload() to stop and read
+                return run.load()
+            if side == "baseline" and loaded:
+                run.unload()
+                loaded = False
+            return True
+
+        r, dead = 0, False
+        while r < MAX_ROUNDS:
             r += 1
             t_round = time.monotonic()
             for side, group in round_plan(r, only or run.workloads, ("baseline", "candidate")):
-                if side == "candidate" and not loaded:
-                    tick(f"round {r}: loading {ops_name}")
-                    loaded = True  # even a failed start leaves a loader for unload() to stop and read
-                    if not run.load():
-                        dead = True
-                        break
-                elif side == "baseline" and loaded:
-                    run.unload()
-                    loaded = False
+                if not switch_to(side):
+                    dead = True
+                    break
                 names = ", ".join(w.name for w in group)
                 tick(f"round {r}: {names} under {'the default scheduler' if side == 'baseline' else ops_name}")
                 run.measure(side, r, group)
@@ -493,10 +506,8 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
             if r == 1:  # after the first round: its pairs still run back to back
                 tick(f"stress + correctness ({stress_s:g} s)")
                 t_stress = time.monotonic()
-                if not loaded:
-                    loaded = True
-                    if not run.load():
-                        break
+                if not switch_to("candidate"):
+                    break
                 run.stress(stress_s)
                 t_round += time.monotonic() - t_stress
                 if not run.enabled():
@@ -551,10 +562,11 @@ def _next_round(run: _Run, goals: list[Goal] | None, budget_s: float, t_start: f
     budget goes where the interval is still open (a round of only `build` costs a third of a full one)."""
     if not budget_s:
         return []
-    pg = gates.performance_gates(run.results(), run.workloads, goals)
+    results = run.results()
+    pg = gates.performance_gates(results, run.workloads, goals)
     open_ = {g.workload for g in pg if not g.decided}
     if not open_ and all(g.passed for g in pg):  # undecided gates first; a failed candidate needs no more
-        open_ = {r.name for r in run.results() if not gates.settled(r)}
+        open_ = {r.name for r in results if not gates.settled(r)}
     wls = [w for w in run.workloads if w.name in open_]
     if not wls:
         return []
