@@ -1,11 +1,13 @@
-"""The fleet engine for real: a Redis broker and two Celery worker processes on loopback, started
-here; the coordinator in this process writes to the real store. A worker is SIGKILLed mid-job and
-its job is finished by the other one."""
+"""The fleet engine for real: a Redis broker (with a password) and two Celery worker processes on
+loopback, started here, every message sealed under a fleet key; the coordinator in this process
+writes to the real store. A worker is SIGKILLed mid-job and its job is finished by the other one;
+a client without the password, or with forged messages or replies, gets nothing run or stored."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from loopback import free_port, wait_for_port
+
+from schedcp_mcp.config import write_private
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("celery", reason="celery is not installed (pyproject dependency)")
@@ -34,15 +38,20 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
         it to another worker (short: a killed worker's job moves on quickly; it must exceed the
         longest job, or a long job runs on two workers)."""
         port = free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(tmp_path)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        password = secrets.token_hex(16)
+        conf = tmp_path / "redis.conf"  # the password in a 0600 file: a command line is world-readable
+        write_private(conf, (f"port {port}\nbind 127.0.0.1\nrequirepass {password}\nsave \"\"\n"
+                             f"appendonly no\ndir {tmp_path}\n").encode())
+        redis = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started.append(redis)
-        broker = f"redis://127.0.0.1:{port}/0"
+        broker = f"redis://:{password}@127.0.0.1:{port}/0"
         wait_for_port(port, 10, redis)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDCP_BROKER": broker,
+        key = tmp_path / "fleet.key"
+        write_private(key, secrets.token_hex(32).encode())
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDCP_BROKER": broker, "SCHEDCP_FLEET_KEY_FILE": str(key),
                "SCHEDCP_FLEET_VISIBILITY_S": str(visibility_s), "SCHEDCP_FLEET_RESTORE_S": "1"}
         monkeypatch.setenv("SCHEDCP_BROKER", broker)
+        monkeypatch.setenv("SCHEDCP_FLEET_KEY_FILE", str(key))
         workers = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "schedcp_mcp.jobs.fleet", "worker",
                                      "--pool=prefork", "--concurrency=1", "-n", f"w{i}@%h", "-Q", "schedcp",
                                      "--without-gossip", "--without-mingle", "--loglevel=WARNING"],
@@ -63,7 +72,11 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
             app._pool.force_close_all()
         app._pool, app._backend_cache, app._local = None, None, threading.local()
         app.amqp._producer_pool = None
+        cluster_info.update(port=port, password=password, broker=broker, key=key, tmp=tmp_path)
         return fleet, workers
+
+    cluster_info: dict = {}
+    start.info = cluster_info
 
     yield start
     for p in reversed(started):
