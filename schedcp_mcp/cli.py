@@ -242,8 +242,11 @@ def worker(size: int | None, engine: str, as_json: bool) -> None:
         raise KeyboardInterrupt
 
     if engine == "celery":
+        from .jobs import fleetauth
         from .jobs.fleet import Fleet
 
+        key = fleetauth.ensure_key()
+        err_console.print(f"fleet key: {key} (copy it, mode 600, to each worker; {fleetauth.KEY_ENV} points there)")
         pool = Fleet(size or 4).start()
         pool.size = pool.capacity
     else:

@@ -67,8 +67,17 @@ def threshold_from_goals(goals) -> float:
     return round(min(bounds), 4)
 
 
+def command_argv(cmd: str, what: str) -> list[str]:
+    """A metric or workload command as the argv that is both checked and run (shell words, split
+    once; no shell ever parses it afterwards: use `sh -c '…'` explicitly for shell syntax)."""
+    from ..access import argv
+
+    return argv(cmd, what)
+
+
 def _median_metric(t: Target, cmd: str, n: int = 3) -> float:
-    return statistics.median(t.run_metric(cmd) for _ in range(n))
+    words = command_argv(cmd, "metric command")
+    return statistics.median(t.run_metric(words) for _ in range(n))
 
 
 def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: bool = False,
@@ -84,8 +93,8 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
         from ..access import check_command
 
         for cmd, what in ((monitor.metric_cmd, "metric command"), (monitor.workload_cmd, "workload command")):
-            if cmd:  # these run on the host itself
-                check_command(cmd, actor, what)
+            if cmd:  # these run on the host itself: the very argv checked here is the one executed
+                check_command(command_argv(cmd, what), actor, what)
     # check first, spend only when the target can take it: a refusal must not burn the token
     payload, report = tokens.check(token, target, actor, spend=False)
     if monitor.max_degradation_ratio is None:
@@ -126,7 +135,7 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
         end_deployment(prev_dep, "superseded", f"superseded by a deploy of report {report.id}", actor)
     previous = current
     if monitor.workload_cmd:
-        t.start_workload(monitor.workload_cmd)
+        t.start_workload(command_argv(monitor.workload_cmd, "workload command"))
     metric_cmd = monitor.metric_cmd or DEFAULT_METRIC
     monitor = monitor.model_copy(update={"metric_cmd": metric_cmd})
     baseline = _median_metric(t, metric_cmd)
