@@ -72,3 +72,88 @@ def test_no_shell_text_is_built_from_a_command_anywhere():
     assert not any("shell=True" in h for h in hits)
     assert where == ["deploy/deployments.py", "deploy/targets.py", "jobs/bench.py", "observe/profile.py",
                      "sandbox/toolchain.py", "validate/workloads.py", "verify/compile.py"], where
+
+
+# --- Medium: a rolled-back artifact needs a new validation; Low: host rollback needs the opt-in --------
+
+def _active_deployment(target: str, report_id: str):
+    from schedcp_mcp import store
+    from schedcp_mcp.models import Deployment, MonitorPolicy, ScxState
+    from schedcp_mcp.records import save
+
+    d = Deployment(id=store.new_id("dep"), created_at=time.time(), report_id=report_id, artifact_sha256="0" * 64,
+                   policy="fifo", params={}, ops_name="fifo", target=target, actor="cli", token_jti="j",
+                   previous=ScxState(state="disabled"), baseline=1.0, monitor=MonitorPolicy(metric_cmd="echo 1"))
+    save(d)
+    return d
+
+
+@pytest.mark.parametrize("how", ["requested", "degradation"])
+def test_a_rolled_back_report_gets_no_new_token(how):
+    from test_deploy_rules import validated_report
+
+    from schedcp_mcp.deploy import tokens
+    from schedcp_mcp.reports import get_report
+
+    r = validated_report()
+    old = tokens.issue(r.id).token  # issued before the deploy went wrong
+    d = _active_deployment("sandbox", r.id)  # the staging VM is not running: nothing to unload
+    if how == "requested":
+        deployments.rollback(d.id, "sandbox", "agent asked", actor="mcp")
+    else:
+        deployments.end_deployment(d, "rolled_back", "degradation: 1.5x baseline", "monitor")
+    assert get_report(r.id).invalidated and not get_report(r.id).passed
+    with pytest.raises(Exception, match="invalidated|did not pass"):
+        tokens.issue(r.id)
+    with pytest.raises(tokens.TokenRefused, match="invalidated"):
+        tokens.check(old, "sandbox", "cli", spend=False)
+
+
+@pytest.mark.parametrize("env", ["", "0"])
+def test_an_mcp_client_cannot_roll_back_the_host_without_the_opt_in(env, monkeypatch):
+    from test_deploy_rules import validated_report
+
+    from schedcp_mcp.deploy import tokens
+    from schedcp_mcp.records import get_deployment
+
+    monkeypatch.setenv("SCHEDCP_ALLOW_HOST_DEPLOY", env)
+    d = _active_deployment("host", validated_report().id)
+    for who in ({"deployment_id": d.id}, {"target": "host"}):  # by id, or "whatever runs on host"
+        with pytest.raises(tokens.TokenRefused, match="no one allowed MCP clients"):
+            deployments.rollback(who.get("deployment_id"), who.get("target", "sandbox"), "x", actor="mcp")
+    assert get_deployment(d.id).status == "active"
+
+
+# --- Medium: dedupe keys cover every input and the code of every deciding layer ------------------------
+
+def test_job_keys_cover_the_policies_their_sources_and_every_layers_code(manifest, tmp_path, monkeypatch):
+    import shutil
+
+    from schedcp_mcp import candidates, config
+
+    key = candidates._content_key
+    assert key("verify", {"policies": ["fifo"]}) != key("verify", {"policies": ["fifo", "vtime_fair"]})
+    assert key("verify", {"policies": ["fifo"]}) != key("verify", {"policies": ["vtime_fair"]})
+    base_v = key("verify", {"policies": ["fifo"]})
+    base_l2 = key("validate", {"policy": "fifo", "workloads": ["hackbench"]})
+    repo = tmp_path / "policies"
+    shutil.copytree(config.policies_dir(), repo)
+    monkeypatch.setenv("SCHEDCP_POLICIES", str(repo))
+    src = next((repo / "fifo").glob("*.bpf.c"))
+    src.write_text(src.read_text() + "\n/* broken on purpose */ }\n")
+    assert key("verify", {"policies": ["fifo"]}) != base_v  # a policy's source changed
+    assert key("validate", {"policy": "fifo", "workloads": ["hackbench"]}) != base_l2
+    monkeypatch.delenv("SCHEDCP_POLICIES")
+    assert key("verify", {"policies": ["fifo"]}) == base_v
+    for layer in ("verify/pipeline.py", "validate/gates.py", "sandbox/vm.py"):  # layer 1, layer 2, the VM
+        candidates.code_version.cache_clear()
+        real = Path(candidates.__file__).parent / layer
+        orig = Path.read_bytes
+
+        def changed(p, _real=real, _orig=orig):
+            return _orig(p) + (b"# changed" if p == _real else b"")
+
+        monkeypatch.setattr(Path, "read_bytes", changed)
+        assert key("validate", {"policy": "fifo", "workloads": ["hackbench"]}) != base_l2, layer
+        monkeypatch.setattr(Path, "read_bytes", orig)
+    candidates.code_version.cache_clear()

@@ -22,7 +22,7 @@ from ..errors import BadInput, InfrastructureError, NotFound, SchedcpError
 from ..learn.feedback import record_deployment_outcome
 from ..models import Deployment, DeploymentStatus, MonitorPolicy, ScxState
 from ..records import active, get_deployment, list_deployments, save
-from ..reports import get_report
+from ..reports import get_report, invalidate
 from ..verify.verifier import host_missing
 from . import tokens
 from .targets import HostTarget, SandboxTarget, Target, get_target
@@ -186,6 +186,11 @@ def end_deployment(d: Deployment, status: DeploymentStatus, reason: str, actor: 
         reason = f"{reason}: {d.exit.describe()}"
     d.status, d.ended_at, d.end_reason = status, time.time(), reason
     save(d)
+    if status in ("rolled_back", "failed"):  # it hurt or did not start: no token for it again
+        try:  # without a new validation
+            invalidate(d.report_id, f"deployment {d.id} {status.replace('_', ' ')}: {reason}"[:500], actor)
+        except SchedcpError:
+            pass  # the report is gone: nothing to redeploy from
     store.audit(actor, {"rolled_back": "rollback", "failed": "deploy_failed"}.get(status, status),
                 {"deployment_id": d.id, "reason": reason, "target": d.target,
                  "exit": d.exit.model_dump() if d.exit else None}, d.artifact_sha256)
@@ -211,6 +216,10 @@ def rollback(deployment_id: str | None = None, target: str = "sandbox", reason: 
     d = get_deployment(deployment_id) if deployment_id else active(target)
     if d is None:
         raise NotFound(f"nothing is deployed on {target}", "see `schedcp status`")
+    if d.target == "host" and actor != "cli" and os.environ.get("SCHEDCP_ALLOW_HOST_DEPLOY") != "1":
+        raise tokens.TokenRefused("rolling back changes this host's kernel, and no one allowed MCP clients "
+                                  "to do that", "a human runs `schedcp rollback --target host`, or starts "
+                                  "the server with --allow-host-deploy")
     if d.status != "active":
         raise BadInput(f"deployment {d.id} is not active ({d.status}: {d.end_reason})", "")
     return end_deployment(d, "rolled_back", reason, actor)
