@@ -157,3 +157,90 @@ def test_job_keys_cover_the_policies_their_sources_and_every_layers_code(manifes
         assert key("validate", {"policy": "fifo", "workloads": ["hackbench"]}) != base_l2, layer
         monkeypatch.setattr(Path, "read_bytes", orig)
     candidates.code_version.cache_clear()
+
+
+# --- Medium: HTTP — a session cookie is not the bearer; Host/Origin checked everywhere; no plain HTTP
+# off loopback -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def http_server(tmp_path):
+    import subprocess
+    import sys
+
+    from loopback import free_port, wait_for_port
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-for-round3\n")
+    token_file.chmod(0o600)
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "schedcp_mcp", "serve", "--http", f"127.0.0.1:{port}",
+                          "--token-file", str(token_file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert wait_for_port(port, 60, p), p.stderr.read().decode()
+    yield port, "s3cret-token-for-round3"
+    p.terminate()
+    p.wait(10)
+
+
+def _req(port: int, path: str, headers: dict[str, str] | None = None, method: str = "GET", body: str | None = None):
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    c.request(method, path, body=body, headers={"Host": f"127.0.0.1:{port}", **(headers or {})})
+    r = c.getresponse()
+    return r.status, dict(r.getheaders()), r.read().decode(errors="replace")
+
+
+MCP_INIT = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+def test_the_status_login_cookie_is_a_session_not_the_bearer(http_server):
+    port, token = http_server
+    st, h, _ = _req(port, f"/status/login?token={token}")
+    assert st == 303
+    cookie = h["set-cookie"]
+    value = cookie.split(";")[0].split("=", 1)[1]
+    assert token not in cookie and value and len(value) >= 32
+    low = cookie.lower()
+    assert "httponly" in low and "samesite=strict" in low and "path=/status" in low
+    jar = {"Cookie": f"schedcp_status={value}"}
+    assert _req(port, "/status/state", jar)[0] == 200
+    for opens_mcp in ({"Authorization": f"Bearer {value}"}, jar):  # the session value is no bearer
+        assert _req(port, "/mcp", {**MCP_HEADERS, **opens_mcp}, "POST", MCP_INIT)[0] == 401
+    assert _req(port, "/mcp", {**MCP_HEADERS, "Authorization": f"Bearer {token}"}, "POST", MCP_INIT)[0] == 200
+    assert _req(port, "/status/logout", jar)[0] == 200
+    assert _req(port, "/status/state", jar)[0] == 401  # revoked
+    for wrong in (f"schedcp_status={token}", "schedcp_status=", f"schedcp_status={value}x"):
+        assert _req(port, "/status/state", {"Cookie": wrong})[0] == 401
+
+
+@pytest.mark.parametrize("bad", [{"Host": "evil.example:{port}"}, {"Host": "127.0.0.1.evil.example:{port}"},
+                                 {"Origin": "http://evil.example"}, {"Origin": "null"},
+                                 {"Host": "127.0.0.1:1"}])
+def test_a_wrong_host_or_origin_is_refused_everywhere(http_server, bad):
+    port, token = http_server
+    bearer = {"Authorization": f"Bearer {token}"}
+    hdr = {k: v.format(port=port) for k, v in bad.items()}
+    for path, method, extra, body in (("/status/state", "GET", {}, None), (f"/status/login?token={token}", "GET", {}, None),
+                                      ("/mcp", "POST", MCP_HEADERS, MCP_INIT)):
+        st, h, _ = _req(port, path, {**bearer, **extra, **hdr}, method, body)
+        assert st == 421 and "set-cookie" not in h, (path, st)
+    assert _req(port, "/status/state", {**bearer, "Origin": f"http://localhost:{port}"})[0] == 200
+
+
+@pytest.mark.parametrize("addr", ["0.0.0.0", "[::]"])
+def test_plain_http_off_loopback_is_refused_without_tls(addr, tmp_path):
+    import subprocess
+    import sys
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-for-round3\n")
+    token_file.chmod(0o600)
+    r = subprocess.run([sys.executable, "-m", "schedcp_mcp", "serve", "--http", f"{addr}:8799",
+                        "--token-file", str(token_file)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "refusing plain HTTP" in r.stderr and "--tls-cert" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "schedcp_mcp", "serve", "--http", f"{addr}:8799",
+                        "--token-file", str(token_file), "--tls-cert", str(token_file)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "both --tls-cert and --tls-key" in r.stderr
