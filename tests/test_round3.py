@@ -244,3 +244,41 @@ def test_plain_http_off_loopback_is_refused_without_tls(addr, tmp_path):
                         "--token-file", str(token_file), "--tls-cert", str(token_file)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "both --tls-cert and --tls-key" in r.stderr
+
+
+# --- Medium: `schedcp agents install --dir D` never writes through a symlink ----------------------------
+
+def _install(d: Path, *extra: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "schedcp_mcp", "agents", "install", "--dir", str(d), *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("plant", ["mcp_json", "agents_dir", "agent_file", "claude_dir"])
+@pytest.mark.parametrize("force", [False, True])
+def test_agents_install_refuses_symlinks(plant, force, tmp_path):
+    d, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    d.mkdir()
+    elsewhere.mkdir()
+    victim = elsewhere / "victim.json"
+    victim.write_text('{"mine": true}\n')
+    if plant == "mcp_json":
+        (d / ".mcp.json").symlink_to(victim)
+    elif plant == "claude_dir":
+        (d / ".claude").symlink_to(elsewhere)
+    else:
+        (d / ".claude").mkdir()
+        if plant == "agents_dir":
+            (d / ".claude" / "agents").symlink_to(elsewhere)
+        else:
+            (d / ".claude" / "agents").mkdir()
+            from schedcp_mcp.agents import render_all
+
+            first = sorted(r for r in render_all() if r.startswith(".claude/agents/"))[0]
+            (d / first).symlink_to(victim)
+    r = _install(d, *(["--force"] if force else []))
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "symlink" in r.stderr and "Traceback" not in r.stderr
+    assert victim.read_text() == '{"mine": true}\n' and sorted(p.name for p in elsewhere.iterdir()) == ["victim.json"]
