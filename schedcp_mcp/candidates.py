@@ -308,6 +308,9 @@ def validate_campaign(cands: list[dict[str, Any]], *, goals: list[Goal] | None =
 
     if not cands:
         raise BadInput("a campaign needs at least one candidate", "give --policy NAME or --file FILE")
+    from .access import check_cap
+
+    check_cap("campaign_candidates", len(cands), actor, "candidates in one campaign")
     get_workloads(workloads)
     if profile_id:
         get_profile(profile_id)  # an unknown profile is refused before anything is queued
