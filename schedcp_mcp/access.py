@@ -18,6 +18,7 @@ readable by group or others) or is generated once into `$SCHEDCP_HOME/http-token
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import os
 import secrets
@@ -119,6 +120,17 @@ def check_cap(name: str, n: int, actor: str = "mcp", what: str = "") -> None:
     raise BadInput(f"too many {what or name.replace('_', ' ')}: {n}, the limit is {cap(name)}",
                    "wait for some to finish or remove some; the operator can raise it with "
                    f"SCHEDCP_MAX_{name.upper()}")
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --- HTTP bearer token ---------------------------------------------------------------------------

@@ -127,13 +127,7 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from .access import is_loopback  # noqa: E402 — re-exported: `cli.is_loopback` is what tests use
 
 
 @main.command()

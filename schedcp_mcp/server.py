@@ -858,7 +858,7 @@ def status_app(token: str, secure: bool = False):
 def allowed_hosts(host: str, port: int) -> set[str]:
     """The Host header values this server answers to (DNS rebinding: a page on another name that
     resolves here must not reach it). Loopback answers to its usual names."""
-    from .cli import is_loopback
+    from .access import is_loopback
 
     names = {"127.0.0.1", "localhost", "[::1]"} if is_loopback(host) else \
         {f"[{host}]" if ":" in host else host}

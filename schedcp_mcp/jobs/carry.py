@@ -140,14 +140,17 @@ class Refused(SchedcpError):
     """What a fleet worker sent back cannot be taken (nothing of it is stored)."""
 
 
-def _models() -> dict[str, type[BaseModel]]:
-    """The record kinds a job may make on a worker; any other kind coming back is refused."""
-    from ..learn.history import Outcome
-    from ..reports import ValidationReport
-    from ..repository.provenance import Candidate
-    from ..synth.tune import TuneResult
+#: the record kinds a job may make on a worker (any other kind coming back is refused), and their
+#: models, loaded by name like the job kinds (`kinds.KIND_MODULES`): they sit above this layer
+RECORD_MODELS = {"report": "schedcp_mcp.reports:ValidationReport", "outcome": "schedcp_mcp.learn.history:Outcome",
+                 "tune": "schedcp_mcp.synth.tune:TuneResult",
+                 "candidate": "schedcp_mcp.repository.provenance:Candidate"}
 
-    return {"report": ValidationReport, "outcome": Outcome, "tune": TuneResult, "candidate": Candidate}
+
+def _models() -> dict[str, type[BaseModel]]:
+    import importlib
+
+    return {k: getattr(importlib.import_module(v.split(":")[0]), v.split(":")[1]) for k, v in RECORD_MODELS.items()}
 
 
 #: the kinds whose record ids the coordinator fixes in advance (`<prefix>-<job id>[-n]`)
