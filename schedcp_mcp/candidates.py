@@ -164,11 +164,12 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """A hash of the code of every layer that decides a verdict: layer 1 (verify/), layer 2
-    (validate/), the sandbox that runs both (sandbox/) and this module. A change to any of them must
+    (validate/, its BPF tracer included), the sandbox that runs both (sandbox/) and this module. A change to any of them must
     never be answered from an older job's result."""
     here = Path(__file__).parent
     files = [here / "candidates.py", here / "reports.py",
-             *(p for d in ("verify", "validate", "sandbox") for p in sorted((here / d).rglob("*.py")))]
+             *(p for d in ("verify", "validate", "sandbox") for p in sorted((here / d).rglob("*"))
+               if p.suffix in (".py", ".c", ".h", ".sh"))]  # the layer-2 tracer and guest agent too
     h = hashlib.sha256()
     for p in files:
         h.update(str(p.relative_to(here)).encode() + b"\0" + p.read_bytes())

@@ -145,7 +145,7 @@ def test_job_keys_cover_the_policies_their_sources_and_every_layers_code(manifes
     assert key("validate", {"policy": "fifo", "workloads": ["hackbench"]}) != base_l2
     monkeypatch.delenv("SCHEDCP_POLICIES")
     assert key("verify", {"policies": ["fifo"]}) == base_v
-    for layer in ("verify/pipeline.py", "validate/gates.py", "sandbox/vm.py"):  # layer 1, layer 2, the VM
+    for layer in ("verify/pipeline.py", "validate/gates.py", "validate/runqwait.bpf.c", "sandbox/vm.py"):
         candidates.code_version.cache_clear()
         real = Path(candidates.__file__).parent / layer
         orig = Path.read_bytes
