@@ -787,14 +787,20 @@ def run_stdio() -> None:
 
 
 STATUS_COOKIE = "schedcp_status"
+SESSION_TTL_S = 12 * 3600
 
 
-def status_app(token: str):
-    """The status page (/status, HTML), its state (/status/state, JSON) and /status/login?token=…,
-    which a browser opens once: it sets the token as an HttpOnly cookie (a browser cannot send a
-    bearer header) and redirects to /status. Every other request needs the bearer header or that
-    cookie."""
+def status_app(token: str, secure: bool = False):
+    """The status page (/status, HTML), its state (/status/state, JSON), /status/login?token=… and
+    /status/logout. A browser opens the login once: it gets a **session** cookie — a random value of
+    its own, never the bearer token, valid for /status only (HttpOnly, SameSite=Strict, Secure over
+    TLS), for SESSION_TTL_S, revoked by /status/logout or a server restart — and is redirected to
+    /status. A session opens nothing else (/mcp takes only the bearer header). Every request needs
+    the bearer header or a live session."""
+    import hashlib
     import hmac
+    import secrets
+    import time as _time
 
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -804,10 +810,15 @@ def status_app(token: str):
     from .access import bearer_ok
     from .jobs import status
 
+    sessions: dict[str, float] = {}  # sha256(session) -> expiry: a leaked table opens nothing
+
+    def session_ok(request: Request) -> bool:
+        value = request.cookies.get(STATUS_COOKIE, "")
+        h = hashlib.sha256(value.encode()).hexdigest()
+        return bool(value) and sessions.get(h, 0) > _time.time()
+
     def allowed(request: Request) -> bool:
-        cookie = request.cookies.get(STATUS_COOKIE, "")
-        return bearer_ok(request.headers.get("authorization", "").encode(), token) or \
-            hmac.compare_digest(cookie.encode(), token.encode())
+        return bearer_ok(request.headers.get("authorization", "").encode(), token) or session_ok(request)
 
     async def page(request: Request) -> Response:
         if not allowed(request):
@@ -824,17 +835,50 @@ def status_app(token: str):
         given = request.query_params.get("token", "")
         if not hmac.compare_digest(given.encode(), token.encode()):
             return JSONResponse({"error": "wrong token"}, status_code=401)
+        now = _time.time()
+        for h in [h for h, exp in sessions.items() if exp <= now]:
+            del sessions[h]
+        value = secrets.token_urlsafe(32)
+        sessions[hashlib.sha256(value.encode()).hexdigest()] = now + SESSION_TTL_S
         r = RedirectResponse("/status", status_code=303)
-        r.set_cookie(STATUS_COOKIE, token, httponly=True, samesite="strict", path="/status")
+        r.set_cookie(STATUS_COOKIE, value, max_age=SESSION_TTL_S, httponly=True, samesite="strict",
+                     path="/status", secure=secure)
+        return r
+
+    async def logout(request: Request) -> Response:
+        sessions.pop(hashlib.sha256(request.cookies.get(STATUS_COOKIE, "").encode()).hexdigest(), None)
+        r = JSONResponse({"logged_out": True})
+        r.delete_cookie(STATUS_COOKIE, path="/status")
         return r
 
     return Starlette(routes=[Route("/status", page), Route("/status/state", state),
-                             Route("/status/login", login)])
+                             Route("/status/login", login), Route("/status/logout", logout)])
 
 
-def run_http(host: str, port: int, token: str) -> None:
-    """Streamable HTTP. The bearer token is required on every request (compared in constant time);
-    /status is the status page (see status_app)."""
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """The Host header values this server answers to (DNS rebinding: a page on another name that
+    resolves here must not reach it). Loopback answers to its usual names."""
+    from .access import is_loopback
+
+    names = {"127.0.0.1", "localhost", "[::1]"} if is_loopback(host) else \
+        {f"[{host}]" if ":" in host else host}
+    return {f"{n}:{port}" for n in names}
+
+
+def host_origin_ok(headers: list[tuple[bytes, bytes]], hosts: set[str]) -> bool:
+    """One Host header naming this server, and an Origin (when a browser sends one) of this server."""
+    got = [(k.lower(), v.decode("latin-1")) for k, v in headers]
+    host = [v for k, v in got if k == b"host"]
+    origin = [v for k, v in got if k == b"origin"]
+    if len(host) != 1 or host[0].lower() not in hosts or len(origin) > 1:
+        return False
+    return not origin or origin[0].lower() in {f"{s}://{h}" for s in ("http", "https") for h in hosts}
+
+
+def run_http(host: str, port: int, token: str, tls: tuple[str, str] | None = None) -> None:
+    """Streamable HTTP. The bearer token is required on every request (compared in constant time),
+    and the Host/Origin check on every request, /status included; /status is the status page (see
+    status_app). `tls`: (certificate file, key file) to serve HTTPS."""
     import uvicorn
     from starlette.responses import JSONResponse
 
@@ -843,21 +887,27 @@ def run_http(host: str, port: int, token: str) -> None:
     if not token:
         raise ValueError("run_http needs a token")
     inner = server.streamable_http_app(host=host)
-    status_pages = status_app(token)
+    status_pages = status_app(token, secure=tls is not None)
+    hosts = allowed_hosts(host, port)
     _pool_enter()  # for the life of the process: background jobs outlive the sessions that asked
 
     async def app(scope, receive, send):
-        if scope["type"] == "http" and (scope.get("path") or "").startswith("/status"):
-            await status_pages(scope, receive, send)
+        if scope["type"] == "websocket":
             return
         if scope["type"] == "http":
+            if not host_origin_ok(scope.get("headers") or [], hosts):
+                await JSONResponse({"error": "wrong Host or Origin for this server"},
+                                   status_code=421)(scope, receive, send)
+                return
+            if (scope.get("path") or "").startswith("/status"):
+                await status_pages(scope, receive, send)
+                return
             auth = [v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"]
             if len(auth) != 1 or not bearer_ok(auth[0], token):
                 await JSONResponse({"error": "missing or wrong bearer token"},
                                    status_code=401)(scope, receive, send)
                 return
-        elif scope["type"] == "websocket":
-            return
         await inner(scope, receive, send)
 
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    kw = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
+    uvicorn.run(app, host=host, port=port, log_level="warning", **kw)
