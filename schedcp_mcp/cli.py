@@ -1288,6 +1288,30 @@ def bench_verify() -> None:
     run()
 
 
+@bench.command("tools")
+@json_option
+def bench_tools(as_json: bool) -> None:
+    """What the MCP server costs an agent: tools/list bytes and each tool's default result for the
+    README's worked examples (ids from this store), through a real stdio client."""
+    from rich.table import Table
+
+    from .toolbench import LIST_MAX, bench_tools as run
+
+    def render(b) -> None:
+        console.print(f"tools/list: {b.list_bytes:,} bytes (~{b.list_tokens:,} tokens) for {b.tools} "
+                      f"tools (limit {LIST_MAX:,}); largest: " + ", ".join(
+                          f"{k} {v:,}" for k, v in list(b.definitions.items())[:3]))
+        t = Table("tool", "arguments", "bytes", "shown", "~tokens", "limit")
+        for r in b.results:
+            t.add_row(r.tool, json.dumps(r.args)[:60], f"{r.bytes:,}", f"{r.shown:,}", str(r.tokens),
+                      f"{r.limit:,}" + (" [red]OVER[/red]" if r.bytes > r.limit else "")
+                      + (f" [red]{r.error[:60]}[/red]" if r.error else ""))
+        console.print(t)
+
+    b = run()
+    emit(b.model_dump(mode="json"), as_json, lambda _: render(b))
+
+
 def bench_job(job, label: str, background: bool, as_json: bool, answer=None) -> dict:
     """A benchmark job from the command line: its id (--background), or wait with a progress bar and
     print what it printed (under --json: its result). `answer`: what to read from the ended job."""
