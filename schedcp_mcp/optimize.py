@@ -235,7 +235,7 @@ async def observe(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
             + ("" if m["good"] else " (the best there is, below the 0.75 of a good match)")
             + f" — {m['reason']}" for m in good]
     else:
-        rep.workloads = req.workloads or known
+        rep.workloads = req.workloads or [w["name"] for w in listed if w.get("default", True)]
         for i, name in enumerate(rep.workloads):
             say(f"observation: profiling sandbox workload {name} on this host", 0.02 + 0.03 * i)
             prof = await st.call("profile_workload", {"workload": name, "duration_s": 30})

@@ -561,7 +561,7 @@ async def list_workloads() -> CallToolResult:
     """The sandbox benchmark workloads that judge candidates: name, metric, unit, direction."""
     ws = all_workloads()
     return A.answer({"workloads": [A.pick(w, {"name", "description", "metric", "unit", "direction",
-                                              "goal_metrics"}) for w in ws]},
+                                              "goal_metrics", "default"}) for w in ws]},
                     ", ".join(w.name for w in ws))
 
 

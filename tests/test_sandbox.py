@@ -263,6 +263,26 @@ def test_full_image_has_the_workload_tools(manifest):
         assert "tools-ok" in r.stdout
 
 
+def test_full_image_carries_the_compile_workloads_tree_and_only_the_compiler_files_it_uses(manifest):
+    import gzip
+
+    names, raw, i = set(), gzip.decompress(Path(manifest.paths.initramfs_full).read_bytes()), 0
+    while raw[i:i + 6] == b"070701":  # newc entries, then the next appended archive after a trailer
+        size, nlen = int(raw[i + 54:i + 62], 16), int(raw[i + 94:i + 102], 16)
+        names.add(raw[i + 110:i + 109 + nlen].decode())
+        i += 110 + nlen
+        i += (-i % 4) + size
+        i += -i % 4
+        while raw[i:i + 1] == b"\0":  # gzip members' padding
+            i += 1
+    src = image.COMPILE_GUEST_DIR.lstrip("/")
+    assert {f"{src}/Makefile", f"{src}/libfdt/fdt_wip.c", f"{src}/libfdt/libfdt.h"} <= names
+    assert {"usr/libexec/gcc/x86_64-linux-gnu/14/cc1", "usr/bin/x86_64-linux-gnu-as", "usr/bin/redis-server",
+            "usr/bin/redis-benchmark", "usr/bin/make", "usr/include/stdio.h"} <= names
+    # headers the build never includes stay out (the whole of /usr/include is ~28 MB)
+    assert "usr/include/bpf/libbpf.h" not in names and "usr/include/zlib.h" not in names
+
+
 @pytest.mark.vm
 def test_named_vm_is_shared_between_processes_and_stops(manifest):
     name = f"test-{os.getpid()}"

@@ -18,8 +18,9 @@ from schedcp_mcp.observe.profile import Goal
 from schedcp_mcp.validate import gates
 from schedcp_mcp.validate.models import Observations, StateSample, StressSummary
 from schedcp_mcp.validate.workloads import (get_workloads, list_workloads, parse, parse_hackbench,
-                                            parse_perf_pipe, parse_probe_time, parse_probe_wakeup,
-                                            parse_stress_ng_cpu, parse_stress_ng_metrics)
+                                            parse_perf_pipe, parse_probe_compile, parse_probe_time,
+                                            parse_probe_wakeup, parse_redis_benchmark, parse_stress_ng_cpu,
+                                            parse_stress_ng_metrics)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bpf_l2"
 
@@ -70,6 +71,21 @@ PROBE_WAKEUP = ('{"samples": 1306, "p50_us": 306.8, "p90_us": 4662.1, "p99_us": 
                 '"rq_mean_us": 27.13, "rq_p50_us": 41.0, "rq_p90_us": 102.3, "rq_p99_us": 391.5, "rq_max_us": 12858.0, '
                 '"hog_loops": 34417, "sleepers": 4, "hogs": 2, "period_us": 2000}\n')
 
+# the redis workload in the sandbox guest (redis 8.0.2 from trixie), and redis 7.0 on this bookworm host
+REDIS_GUEST = """"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+"GET","7496.25","1.558","0.552","1.383","2.959","4.743","10.375"
+"""
+REDIS_HOST = """"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+"GET","100000.00","0.050","0.008","0.039","0.119","0.327","2.287"
+"""
+# the compile workload in the guest: make -s prints nothing when the build is clean
+COMPILE_GUEST = '{"elapsed_s": 3.767597, "rc": 0}\n'
+COMPILE_FAILED = """libfdt/fdt_wip.c:12:10: fatal error: libfdt_env.h: No such file or directory
+compilation terminated.
+make: *** [Makefile:42: /tmp/tmp.x/libfdt/fdt_wip.o] Error 1
+{"elapsed_s": 0.912000, "rc": 2}
+"""
+
 
 def test_parsers_read_real_tool_output():
     assert parse_hackbench(HACKBENCH) == {"messaging_time_s": 1.124}
@@ -89,6 +105,13 @@ def test_parsers_read_real_tool_output():
     with pytest.raises(ValueError, match="run-queue"):
         parse_probe_wakeup('{"samples": 3, "p50_us": 1, "p90_us": 1, "p99_us": 1, "max_us": 1, "hog_loops": 1}')
     assert parse_probe_time('{"elapsed_s": 0.607890, "rc": 0}\n') == {"build_time_s": 0.60789}
+    (compile_, redis) = get_workloads(["compile", "redis"])
+    assert parse(compile_, COMPILE_GUEST) == {"compile_time_s": 3.767597}
+    r = parse(redis, REDIS_GUEST)
+    # the median request latency is the primary figure; p99, the mean, max and requests/s come with it
+    assert r == {"redis_p50_latency_ms": 1.383, "redis_p99_latency_ms": 4.743, "redis_p95_latency_ms": 2.959,
+                 "redis_avg_latency_ms": 1.558, "redis_max_latency_ms": 10.375, "redis_rps": 7496.25}
+    assert parse_redis_benchmark(REDIS_HOST)["redis_p50_latency_ms"] == 0.039
 
 
 def test_parsers_name_the_problem_in_bad_output():
@@ -98,6 +121,12 @@ def test_parsers_name_the_problem_in_bad_output():
         parse_probe_time('{"elapsed_s": 0.002, "rc": 3}\n')
     with pytest.raises(ValueError, match="no cpu stressor"):
         parse_stress_ng_cpu("stress-ng: error: [1] cpu: cannot allocate\n")
+    with pytest.raises(ValueError, match="make exited with 2.*libfdt_env.h"):
+        parse_probe_compile(COMPILE_FAILED)  # a failed build is an error, not a fast build
+    with pytest.raises(ValueError, match="no redis-benchmark CSV header"):
+        parse_redis_benchmark("Could not connect to Redis at 127.0.0.1:6399: Connection refused\n")
+    with pytest.raises(ValueError, match="no GET row"):
+        parse_redis_benchmark(REDIS_GUEST.splitlines()[0] + "\n")
 
 
 @pytest.mark.parametrize("tool,argv,workload", [
@@ -118,11 +147,30 @@ def test_parsers_read_the_tools_running_on_this_host(tool, argv, workload):
 
 def test_every_workload_has_a_metric_direction_and_parser():
     ws = list_workloads()
-    assert {w.name for w in ws} == {"hackbench", "pipe", "wakeup", "build", "cpu"}
+    assert {w.name for w in ws} == {"hackbench", "pipe", "wakeup", "build", "cpu", "compile", "redis"}
     for w in ws:
         assert w.direction in ("lower", "higher") and w.unit and w.command
     with pytest.raises(BadInput, match="known: hackbench"):
         get_workloads(["nope"])
+
+
+def test_the_real_workloads_run_only_when_named():
+    # a default validation stays affordable: compile and redis cost seconds a run under TCG
+    assert [w.name for w in get_workloads(None)] == ["hackbench", "pipe", "wakeup", "build", "cpu"]
+    assert [w.name for w in get_workloads(["redis", "compile"])] == ["redis", "compile"]
+    from schedcp_mcp.validate.workloads import host_commands
+
+    assert not any("redis" in " ".join(c) or "make" in c for c in host_commands())  # guest-only snippets
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None,
+                    reason="redis is not installed on this host")
+def test_the_redis_workloads_own_snippet_runs_on_this_host_and_parses():
+    (w,) = get_workloads(["redis"])
+    p = subprocess.run(["sh", "-c", w.command], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    values = parse(w, p.stdout + p.stderr)
+    assert 0 < values["redis_p50_latency_ms"] <= values["redis_p99_latency_ms"] and values["redis_rps"] > 0
 
 
 def test_probe_built_by_the_sandbox_toolchain_measures_wakeups_on_the_host():
@@ -523,7 +571,7 @@ def test_a_warning_early_in_a_long_validation_is_kept_among_dozens_of_routine_lo
 def test_each_workloads_two_sides_run_back_to_back_in_alternating_order():
     from schedcp_mcp.validate import runner
 
-    wls = list_workloads()
+    wls = get_workloads(None)
     plans = {r: [(side, [w.name for w in group]) for side, group in runner.round_plan(r, wls, ("A", "B"))]
              for r in (1, 2)}
     assert plans[1] == [("A", ["hackbench"]), ("B", ["hackbench", "pipe"]), ("A", ["pipe", "wakeup"]),

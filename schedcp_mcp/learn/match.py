@@ -93,7 +93,8 @@ def match_workloads(profile_id: str, limit: int = 5,
     if not 1 <= limit <= 20:
         raise BadInput(f"limit={limit} out of range", "use 1..20")
     target = get_profile(profile_id)
-    names = [w.name for w in list_workloads()]
+    # the default set: the opt-in real workloads need the guest (compile's source tree is in the image)
+    names = [w.name for w in get_workloads(None)]
     out = []
     for i, name in enumerate(names):
         if progress:

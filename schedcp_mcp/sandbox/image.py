@@ -55,7 +55,7 @@ ROOTFS_SUITE = "trixie"
 ROOTFS_PACKAGES = [
     "clang", "llvm", "libbpf-dev", "bpftool", "libelf-dev", "zlib1g-dev", "libzstd-dev", "gcc",
     "libc6-dev", "make", "linux-libc-dev", "busybox-static", "stress-ng", "rt-tests", "linux-perf",
-    "util-linux", "procps", "coreutils",
+    "util-linux", "procps", "coreutils", "redis-server", "redis-tools",
 ]
 #: Paths inside the rootfs (= the chroot) of the allowlisted include directories, in -I order.
 INCLUDE_ROOT = "/opt/schedcp/include"
@@ -64,7 +64,18 @@ INCLUDE_DIRS = [INCLUDE_ROOT, f"{INCLUDE_ROOT}/bpf-compat"]
 GUEST_TOOLS = [
     "/usr/bin/stress-ng", "/usr/bin/hackbench", "/usr/bin/perf", "/usr/sbin/bpftool",
     "/usr/bin/taskset", "/usr/bin/chrt", "/usr/bin/nproc",
+    "/usr/bin/redis-server", "/usr/bin/redis-benchmark", "/usr/bin/redis-cli", "/usr/bin/make",
 ]
+#: The compile workload's compiler: gcc's driver and the programs it runs (cc1, as, collect2, ld), and ar.
+#: Only these, their libraries and the headers and link inputs the build really uses (read from the
+#: build's own dependency files and the linker's --trace when the image is built) go into the guest:
+#: the whole of gcc, binutils and /usr/include would be ~90 MB more for every validation boot.
+COMPILE_TOOLS = [
+    "/usr/bin/gcc", "/usr/libexec/gcc/x86_64-linux-gnu/14/cc1", "/usr/libexec/gcc/x86_64-linux-gnu/14/collect2",
+    "/usr/libexec/gcc/x86_64-linux-gnu/14/liblto_plugin.so", "/usr/bin/as", "/usr/bin/ld", "/usr/bin/ar",
+]
+#: where the compile workload's source tree (the kernel's scripts/dtc and guest/compile.mk) is in the guest
+COMPILE_GUEST_DIR = "/usr/src/schedcp-compile"
 LOADER_GUEST_PATH = "/usr/bin/schedcp-loader"
 GUEST_SRC = Path(__file__).parent / "guest"
 
@@ -224,7 +235,8 @@ def load_manifest() -> Manifest | None:
 def sources_sha() -> str:
     """Hash of what this checkout builds into the image (guest sources, package lists): when it
     differs from the manifest's, the image is out of date (e.g. after a pull that changed loader.c)."""
-    h = hashlib.sha256(json.dumps([ROOTFS_SUITE, ROOTFS_PACKAGES, GUEST_TOOLS, INCLUDE_DIRS, BPF_CFLAGS]).encode())
+    h = hashlib.sha256(json.dumps([ROOTFS_SUITE, ROOTFS_PACKAGES, GUEST_TOOLS, COMPILE_TOOLS, INCLUDE_DIRS,
+                                   BPF_CFLAGS]).encode())
     for p in sorted(GUEST_SRC.iterdir()):
         if p.is_file():
             h.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -268,10 +280,10 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
         rootfs = _rootfs(b)
         status = _sha256_file(rootfs / "var/lib/dpkg/status")
         vmlinux, vbtf, vh = _vmlinux_h(b, rootfs, status, vmlinuz)
-        scx = _sched_ext_dir(b, apt, k)
+        scx, dtc = _sched_ext_dir(b, apt, k)
         inc = _include(b, rootfs, status, scx, vh)
         loader, agent = _guest_binaries(b, rootfs, status)
-        small, full = _initramfs(b, rootfs, status, loader, agent)
+        small, full = _initramfs(b, rootfs, status, loader, agent, dtc)
         old = _up_to_date(b, rootfs)
         if old is not None:
             return old
@@ -422,15 +434,16 @@ def _vmlinux_h(b: _Build, rootfs: Path, status: str, vmlinuz: Path) -> tuple[Pat
     return vmlinux, vbtf, vh
 
 
-def _sched_ext_dir(b: _Build, apt: Apt, k: dict[str, str]) -> Path:
-    """5. tools/sched_ext from linux-source-<ver>."""
-    b.step(f"tools/sched_ext from {k['source']}")
-    scx = b.sd / "sched_ext"
+def _sched_ext_dir(b: _Build, apt: Apt, k: dict[str, str]) -> tuple[Path, Path]:
+    """5. tools/sched_ext and scripts/dtc (the compile workload's source) from linux-source-<ver>."""
+    b.step(f"tools/sched_ext and scripts/dtc from {k['source']}")
+    scx, dtc = b.sd / "sched_ext", b.sd / "dtc"
     sfp = b.fp["sched_ext"] = _fp(k["source"], k["version"])
-    if not b.steps.fresh("sched_ext", sfp, scx / "include/scx/common.bpf.h", scx / "scx_simple.bpf.c"):
-        _extract_sched_ext(apt, k, b.sd, scx)
+    if not b.steps.fresh("sched_ext", sfp, scx / "include/scx/common.bpf.h", scx / "scx_simple.bpf.c",
+                         dtc / "libfdt/fdt.c"):
+        _extract_kernel_source(apt, k, b.sd, {"tools/sched_ext": scx, "scripts/dtc": dtc})
         b.steps.mark("sched_ext", sfp)
-    return scx
+    return scx, dtc
 
 
 def _include(b: _Build, rootfs: Path, status: str, scx: Path, vh: Path) -> Path:
@@ -462,18 +475,20 @@ def _guest_binaries(b: _Build, rootfs: Path, status: str) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def _initramfs(b: _Build, rootfs: Path, status: str, loader: Path, agent: Path) -> tuple[Path, Path]:
-    """8. The small (verify) and full (workloads) initramfs images."""
+def _initramfs(b: _Build, rootfs: Path, status: str, loader: Path, agent: Path,
+               dtc: Path) -> tuple[Path, Path]:
+    """8. The small (verify) and full (workloads: tools, and the compile workload's compiler and source)
+    initramfs images."""
     b.step("guest initramfs images")
     gdir = loader.parent
     small, full = gdir / "initramfs.cpio.gz", gdir / "initramfs-full.img"
     init = GUEST_SRC / "init.sh"
     gfp = b.fp["initramfs"] = _fp(_sha256_file(init), _sha256_file(loader), _sha256_file(agent), status,
-                                  GUEST_TOOLS)
+                                  GUEST_TOOLS, COMPILE_TOOLS, b.fp["sched_ext"], _sha256_file(COMPILE_MK))
     if not b.steps.fresh("initramfs", gfp, small, full):
         small_gz = _small_initramfs(rootfs, init, loader, agent)
         _atomic_write(small, small_gz)
-        _atomic_write(full, small_gz + _tools_archive(rootfs))
+        _atomic_write(full, small_gz + _tools_archive(rootfs) + _compile_archive(rootfs, dtc))
         b.steps.mark("initramfs", gfp)
     return small, full
 
@@ -523,7 +538,8 @@ class _BuildLock:
         self.f.close()
 
 
-def _extract_sched_ext(apt: Apt, k: dict[str, str], sd: Path, scx: Path) -> None:
+def _extract_kernel_source(apt: Apt, k: dict[str, str], sd: Path, dirs: dict[str, Path]) -> None:
+    """Pull the directories `dirs` (tree path -> where to put it) out of linux-source's tarball."""
     tmp = sd / "src.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -542,13 +558,14 @@ def _extract_sched_ext(apt: Apt, k: dict[str, str], sd: Path, scx: Path) -> None
         deb.unlink()
         if not (tmp / "src.tar.xz").exists():
             raise InfrastructureError(f"{k['source']} holds no source tarball")
-        run_tool(["tar", "-xJf", str(tmp / "src.tar.xz"), "-C", str(tmp), "--wildcards", "*/tools/sched_ext/*"],
-             "extracting tools/sched_ext", timeout=600)
-        found = next(tmp.glob("*/tools/sched_ext"), None)
-        if found is None:
-            raise InfrastructureError(f"{k['source']} has no tools/sched_ext")
-        shutil.rmtree(scx, ignore_errors=True)
-        shutil.move(str(found), scx)
+        run_tool(["tar", "-xJf", str(tmp / "src.tar.xz"), "-C", str(tmp), "--wildcards",
+                  *[f"*/{d}/*" for d in dirs]], f"extracting {', '.join(dirs)}", timeout=600)
+        for d, dest in dirs.items():
+            found = next(tmp.glob(f"*/{d}"), None)
+            if found is None:
+                raise InfrastructureError(f"{k['source']} has no {d}")
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.move(str(found), dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -620,9 +637,47 @@ def _tools_archive(rootfs: Path) -> bytes:
     return c.gz(level=1)
 
 
+COMPILE_MK = GUEST_SRC / "compile.mk"
+
+
+def _compile_archive(rootfs: Path, dtc: Path) -> bytes:
+    """The compile workload, as a cpio to append to the full image: its source tree at COMPILE_GUEST_DIR
+    and exactly the compiler files its build uses. The build is run once here, in the rootfs, with
+    dependency files (-MD, system header paths as looked up) and the linker's --trace: what it read is
+    what the guest gets, so a build that works here works there."""
+    stage = rootfs / "tmp/schedcp-compile"
+    shutil.rmtree(stage, ignore_errors=True)
+    src = stage / "src"
+    try:
+        for f in [*dtc.glob("*.[ch]"), *dtc.glob("libfdt/*.[ch]")]:
+            (src / f.relative_to(dtc)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, src / f.relative_to(dtc))
+        shutil.copy(COMPILE_MK, src / "Makefile")
+        trace = chroot_run(rootfs, ["make", "-C", "/tmp/schedcp-compile/src", "-j2", "O=/tmp/schedcp-compile/out",
+                                    "DEPFLAGS=-MD -fno-canonical-system-headers", "LDFLAGS=-Wl,--trace"],
+                           "test-building the compile workload in the rootfs")
+        used: set[str] = set()
+        for d in (stage / "out").rglob("*.d"):
+            used.update(w for w in d.read_text().replace("\\\n", " ").split() if w.startswith("/usr/"))
+        used.update(os.path.normpath(w) for w in trace.split() if w.startswith("/") and "/schedcp-compile/" not in w
+                    and (rootfs / w.lstrip("/")).exists())
+        c = Cpio()
+        for f in sorted(src.rglob("*")):
+            if f.is_file():
+                c.file(f"{COMPILE_GUEST_DIR}/{f.relative_to(src)}", f.read_bytes())
+        for t in COMPILE_TOOLS + _ldd(rootfs, [t for t in COMPILE_TOOLS if not t.endswith(".so")]) + sorted(used):
+            c.from_rootfs(rootfs, t)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    for d in ("bin", "sbin"):  # as in _tools_archive: the small image owns these
+        c.entries.pop(d, None)
+    return c.gz(level=6)
+
+
 def _rootfs_packages(rootfs: Path) -> dict[str, str]:
     want = {"clang", "llvm", "libbpf-dev", "libbpf1", "bpftool", "stress-ng", "rt-tests", "linux-perf",
-            "busybox-static", "linux-libc-dev", "gcc", "libelf-dev"}
+            "busybox-static", "linux-libc-dev", "gcc", "libelf-dev", "redis-server", "redis-tools", "make",
+            "binutils"}
     out: dict[str, str] = {}
     pkg = None
     for line in (rootfs / "var/lib/dpkg/status").read_text().splitlines():

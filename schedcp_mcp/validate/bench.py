@@ -88,7 +88,8 @@ def report_policies(rows: list[dict], rounds: int = 3, out_dir: Path = Path("res
     own validation): each one's interval table, the comparison, and its markdown, JSON and chart."""
     con = console or Console()
     budget = BUDGET_S if budget_s is None else budget_s
-    wl = [w.name for w in list_workloads()]
+    measured = {w.name for r in rows if r.get("result") for w in r["result"].workloads}
+    wl = [w.name for w in list_workloads() if w.default or w.name in measured]
     con.print(f"[dim]{TCG_NOTE}[/dim]")
     for i, row in enumerate(rows):
         con.print(f"[bold]{row['policy']}[/bold] ({i + 1}/{len(rows)})")

@@ -28,6 +28,8 @@ class Workload(BaseModel):
     reps: int = Field(1, description="runs per side per round; the round's figure is their median (runner.reduce_reps)")
     tail_metric: str | None = Field(None, description="a secondary metric judged like a workload of its own "
                                     "(result `<name>_tail`: its own interval and no-regression gate)")
+    default: bool = Field(True, description="in the default validation set (no workloads named); False: only "
+                          "when named, because one run costs seconds")
 
 
 class Spread(BaseModel):
