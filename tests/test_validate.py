@@ -498,6 +498,28 @@ def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm)
     assert res.durations["total"] > 0 and res.performance  # perf gates judged (pass or fail by the numbers)
 
 
+@pytest.mark.vm
+def test_a_policy_is_judged_on_the_real_compile_and_redis_workloads(sandbox_vm):
+    from schedcp_mcp.validate.runner import validate_layer1
+    from schedcp_mcp.verify.pipeline import verify_policy
+
+    vm = sandbox_vm()
+    l1 = verify_policy("fifo", vm=vm)
+    assert l1.accepted, l1.errors
+    res = validate_layer1(l1, workloads=["compile", "redis"], rounds=2, budget_s=0, vm=vm)
+    assert all(g.passed for g in res.correctness), [g for g in res.correctness if not g.passed]
+    by = {w.name: w for w in res.workloads}
+    assert set(by) == {"compile", "redis"}
+    for name, metric in (("compile", "compile_time_s"), ("redis", "redis_p50_latency_ms")):
+        w = by[name]
+        assert not w.errors, w.errors
+        assert w.metric == metric and w.pairs == 2 and len(w.baseline) == 2 and len(w.candidate) == 2
+        assert all(0 < x < 60 for x in w.baseline + w.candidate)  # seconds / milliseconds, measured
+        assert w.ratio_low is not None and 0 < w.ratio_low <= w.ratio <= w.ratio_high
+    secondary = {m.metric for m in by["redis"].secondary}
+    assert {"redis_p99_latency_ms", "redis_rps"} <= secondary
+
+
 def test_rounds_for_margin_is_the_fewest_rounds_whose_interval_fits():
     from scipy.stats import t
 
