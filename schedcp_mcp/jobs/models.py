@@ -133,5 +133,9 @@ class WorkerInfo(BaseModel):
     started_at: float
     heartbeat_at: float
     stopped_at: float | None = None
+    scope: str | None = Field(None, description="runs only this job and its children (a CLI command's "
+                                                "own pool); None: any job")
+    draining: bool = Field(False, description="stopped claiming; finishing the jobs it holds")
+    end_reason: str | None = Field(None, description="stopped, or process gone (it died)")
     alive: bool = True
     running: list[str] = []
