@@ -122,6 +122,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE workers ADD COLUMN kinds TEXT;          -- JSON list of kinds it runs; NULL: all
     ALTER TABLE workers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE workers ADD COLUMN end_reason TEXT;     -- stopped, process gone
+    ALTER TABLE jobs ADD COLUMN waiter TEXT;            -- host:pid:start of the command waiting for it
     """,
 ]
 

@@ -112,3 +112,26 @@ def test_nobody_runs_a_job_when_only_other_jobs_scoped_pools_live(schedcp_home):
         assert queue.runner_for(mine.id) is None  # a pool that does not run sleep jobs
     queue.cancel(other.id)
     queue.cancel(mine.id)
+
+
+def test_the_job_of_a_killed_command_is_cancelled_not_left_pending_for_no_one(schedcp_home):
+    cmd = waiting_command(schedcp_home, 30.0, "killed")
+    job_id = cmd.stdout.readline().split()[0]
+    until(lambda: queue.get(job_id).state == "running")
+    cmd.send_signal(signal.SIGKILL)
+    cmd.wait(5)
+    with Pool(1):  # any pool's supervisor sweeps it up
+        j = until(lambda: (lambda j: j if j.done else None)(queue.get(job_id)))
+    assert j.state == "cancelled" and "command waiting for it ended" in j.error, j
+
+
+def test_a_second_command_adopts_the_killed_commands_job_and_finishes_it(schedcp_home):
+    cmd = waiting_command(schedcp_home, 2.0, "adopted")
+    job_id = cmd.stdout.readline().split()[0]
+    until(lambda: queue.get(job_id).state == "running")
+    cmd.send_signal(signal.SIGKILL)
+    cmd.wait(5)
+    again = queue.submit("sleep", {"seconds": 2.0, "key": "adopted"})  # the same command again
+    assert again.id == job_id
+    done = run_to_end(again.id, timeout_s=30)
+    assert done.state == "succeeded" and done.attempts == 2, done

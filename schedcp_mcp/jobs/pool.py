@@ -239,6 +239,8 @@ def run_to_end(job_id: str, progress: Callable[[str, float], None] | None = None
             pool = Pool(scope=job_id).start()
 
     try:
+        if cancel_on_interrupt:
+            queue.set_waiter(job_id)
         return queue.wait(job_id, timeout_s, progress, on_poll=check)
     except KeyboardInterrupt:
         interrupted = True

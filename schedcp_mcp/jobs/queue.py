@@ -295,6 +295,24 @@ def list_workers(include_stopped_s: float = 600) -> list[WorkerInfo]:
     return out
 
 
+def set_waiter(job_id: str) -> None:
+    """This process waits for the job and owns it (a synchronous command): if it dies while the job
+    is still to be done, the job is cancelled instead of retried for no one (see reclaim). A second
+    command that adopts the same job (its twin) takes it over."""
+    pid = os.getpid()
+    store.db().execute("UPDATE jobs SET waiter=? WHERE id=?", (f"{HOST}:{pid}:{_proc_start(pid)}", job_id))
+
+
+def _waiter_gone(waiter: str | None) -> bool:
+    if not waiter:
+        return False
+    host, pid, start = waiter.rsplit(":", 2)
+    if host != HOST:
+        return False
+    now_start = _proc_start(int(pid))
+    return now_start == 0.0 or abs(now_start - float(start)) >= 1.0
+
+
 def runner_for(job_id: str, stale_s: float = 30.0) -> str | None:
     """Who will run what is left of this job (it and its unfinished children): the id of a live
     pool that may claim its pending work — one that runs any job of those kinds, or one scoped to
@@ -506,8 +524,17 @@ def reclaim(stale_s: float = 30.0) -> list[tuple[str, str]]:
                 done.append((r["id"], _retry_or_dead(conn, r, "timeout",
                                                      f"timed out after {r['timeout_s']:g} s", now)))
             elif (r["w_host"] is not None and not _worker_alive(w)) or now - hb > stale_s:
-                done.append((r["id"], _retry_or_dead(conn, r, "worker_lost",
-                                                     f"its worker {r['worker']} stopped", now)))
+                if _waiter_gone(r["waiter"]) and not r["parent"]:
+                    # the command that waited for it died with its pool: no one wants it any more
+                    why = f"its worker {r['worker']} and the command waiting for it ended"
+                    _close_attempt(conn, r["id"], r["attempts"], "worker_lost", why, now)
+                    conn.execute("UPDATE jobs SET elapsed_s=elapsed_s+? WHERE id=?",
+                                 (now - r["started_at"], r["id"]))
+                    _cancel_tree(conn, r["id"], now, why)
+                    done.append((r["id"], "cancelled"))
+                else:
+                    done.append((r["id"], _retry_or_dead(conn, r, "worker_lost",
+                                                         f"its worker {r['worker']} stopped", now)))
     if done:
         _wake_local()
     return done
@@ -520,20 +547,25 @@ def cancel(job_id: str, actor: str = "api") -> list[str]:
     now = time.time()
     with store.transaction() as conn:
         _get(conn, job_id)
-        tree = [r["id"] for r in conn.execute(
-            "WITH RECURSIVE t(id) AS (SELECT ? UNION SELECT j.id FROM jobs j JOIN t ON j.parent=t.id) "
-            f"SELECT jobs.id FROM jobs JOIN t ON t.id=jobs.id WHERE jobs.state NOT IN {_TERMINAL_SQL}",
-            (job_id,))]
-        for jid in tree:
-            r = conn.execute("SELECT state, attempts, started_at FROM jobs WHERE id=?", (jid,)).fetchone()
-            if r["state"] == "running":
-                _close_attempt(conn, jid, r["attempts"], "cancelled", f"cancelled by {actor}", now)
-                conn.execute("UPDATE jobs SET elapsed_s=elapsed_s+? WHERE id=?", (now - r["started_at"], jid))
-            _end(conn, jid, "cancelled", now, error=f"cancelled by {actor}")
+        tree = _cancel_tree(conn, job_id, now, f"cancelled by {actor}")
     if tree:
         from ..sandbox.vm import kill_job_vms
 
         kill_job_vms(tree)
         store.audit(actor, "cancel_job", {"job": job_id, "cancelled": tree})
     _wake_local()
+    return tree
+
+
+def _cancel_tree(conn, job_id: str, now: float, why: str) -> list[str]:
+    tree = [r["id"] for r in conn.execute(
+        "WITH RECURSIVE t(id) AS (SELECT ? UNION SELECT j.id FROM jobs j JOIN t ON j.parent=t.id) "
+        f"SELECT jobs.id FROM jobs JOIN t ON t.id=jobs.id WHERE jobs.state NOT IN {_TERMINAL_SQL}",
+        (job_id,))]
+    for jid in tree:
+        r = conn.execute("SELECT state, attempts, started_at FROM jobs WHERE id=?", (jid,)).fetchone()
+        if r["state"] == "running":
+            _close_attempt(conn, jid, r["attempts"], "cancelled", why, now)
+            conn.execute("UPDATE jobs SET elapsed_s=elapsed_s+? WHERE id=?", (now - r["started_at"], jid))
+        _end(conn, jid, "cancelled", now, error=why)
     return tree
