@@ -29,6 +29,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from pydantic import BaseModel, Field, PrivateAttr
 
 from . import agents, config
+from .candidates import check_goal_ratio, check_layer2_request
 from .errors import BadInput, InfrastructureError, SchedcpError
 from .models import Goal
 
@@ -533,6 +534,12 @@ async def run(req: OptimizeRequest, progress: Progress | None = None) -> Optimiz
     if req.command is not None and req.workloads:
         raise BadInput("give sandbox workloads or a host command, not both",
                        "schedcp optimize --workload hackbench, or schedcp optimize -- CMD …")
+    # every check that needs no VM, before the server starts (a host command's workloads are
+    # matched later: only its goals' ratios can be checked now)
+    if req.command is None:
+        check_layer2_request(req.goals, req.workloads or None, req.rounds, None)
+    for g in req.goals:
+        check_goal_ratio(g)
     allowed = {role: agents.allowlist(role) for role in agents.ROLES}
     rep = OptimizeReport(started_at=time.time(), request=req)
     t0 = time.monotonic()
