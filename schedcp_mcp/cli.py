@@ -931,7 +931,8 @@ def primitives_cmd(as_json: bool) -> None:
                           + (f"\n[yellow]requires:[/yellow] {p.requires}" if p.requires else ""), knobs)
             console.print(t)
         console.print("class treatments: " + "; ".join(f"{k}: {v}" for k, v in c.class_treatments.items()))
-        console.print("example spec: " + json.dumps(c.spec_example))
+        # the spec exactly as `schedcp generate SPEC.json` takes it (copy it from here)
+        click.echo("example spec: " + c.spec_example.model_dump_json(exclude_none=True))
 
     emit(catalog(), as_json, render)
 
