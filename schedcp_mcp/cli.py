@@ -1174,10 +1174,13 @@ def feedback(subject_id: str, as_json: bool) -> None:
         console.print(escape(f.summary))
         if f.exit:
             console.print(f"scheduler exit: {escape(f.exit.describe())}")
-        t = Table("metric", "baseline", "candidate", "ratio", "target", "met")
+        t = Table("metric", "baseline", "candidate", "vs default (> 1 = better)", "bound (cand/base)", "met",
+                  title="each metric against the default scheduler")
         for m in f.metrics:
-            t.add_row(m.metric, f"{m.baseline:.4g}", f"{m.candidate:.4g}", f"{m.ratio:.3f}",
-                      str(m.target_ratio), str(m.met))
+            met = "-" if m.met is None else "[green]yes[/green]" if m.met else "[red]no[/red]"
+            t.add_row(m.metric, f"{m.baseline:.4g}", f"{m.candidate:.4g}", m.words,
+                      "-" if m.target_ratio is None else f"{'<=' if m.direction == 'lower' else '>='} "
+                      f"{m.target_ratio:g}", met)
         console.print(t)
 
     emit(get_feedback(subject_id), as_json, render)
