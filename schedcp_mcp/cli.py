@@ -990,10 +990,13 @@ def revise(base: str, patch_file, params: tuple[str, ...], show_source: bool, as
 
 
 def render_tune(t) -> None:
-    tab = Table("trial", "changed", "rounds", "speedup [95%]", "layer 2", "out",
-                title=f"{t.id}: {t.target} on {', '.join(t.workloads)}")
+    from .models import in_words, times
+
+    tab = Table("trial", "changed", "rounds", "vs default [95%]", "layer 2", "out",
+                title=f"{t.id}: {t.target} on {', '.join(t.workloads)} (vs default: > 1 = better)")
     for x in t.trials:
-        sp = (f"{x.speedup:.3f} [{x.speedup_low:.2f}, {x.speedup_high:.2f}]" if x.speedup else "-")
+        sp = (f"{in_words(x.speedup)} [{times(x.speedup_low)[:-1]}, {times(x.speedup_high)[:-1]}]"
+              if x.speedup else "-")
         gate = "pass" if x.passed else "FAIL " + escape((x.failure_reason or "").split(":")[0])
         tab.add_row(x.candidate_id, x.label, str(x.rounds), sp, gate,
                     "" if x.eliminated_at_rung is None else f"rung {x.eliminated_at_rung}")

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from . import agents, config
 from .candidates import check_goal_ratio, check_layer2_request
 from .errors import BadInput, InfrastructureError, SchedcpError
-from .models import Goal
+from .models import Goal, in_words, times, vs_default
 
 Progress = Callable[[str, float], None]
 
@@ -117,10 +117,18 @@ class WorkloadFigure(BaseModel):
     verdict: str
 
     @property
+    def speedup(self) -> float | None:
+        """vs default: > 1 = better, whatever the metric's direction (models.vs_default)."""
+        return vs_default(self.ratio, self.direction) if self.ratio else None
+
+    @property
     def interval(self) -> str:
+        """The vs-default interval (> 1 = better)."""
         if self.ratio_low is None or self.ratio_high is None:
             return f"±{self.noise:.0%}" if self.noise else "-"
-        return f"[{self.ratio_low:.2f}, {self.ratio_high:.2f}]"
+        a, b = vs_default(self.ratio_low, self.direction), vs_default(self.ratio_high, self.direction)
+        lo, hi = min(a, b), max(a, b)
+        return f"[{times(lo)[:-1]}, {times(hi)[:-1]}]"
 
 
 class CandidateResult(BaseModel):
@@ -442,12 +450,14 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
         return
     win = next(c for c in passed if c.report_id == rep.winner)
     others = [c for c in passed if c is not win]
-    figs = ", ".join(f"{f.metric} {f.ratio:.2f}x baseline ({f.verdict}, interval {f.interval})"
+    figs = ", ".join(f"{f.metric} {in_words(f.speedup)} than the default ({f.verdict}, interval {f.interval})"
                      for f in win.figures if f.ratio)
-    rep.why = (f"{win.label} passed every gate and has the best worst case: mean log-ratio "
-               f"{win.worst:+.3f} at the unfavourable end of its intervals ({win.score:+.3f} at the "
-               f"median; negative = better than the default): {figs}"
-               + (f"; beat {', '.join(f'{o.label} ({o.worst:+.3f})' for o in others)}" if others else "")
+    # scores are mean log(candidate/baseline) (lower = better, what ranks); shown the one way:
+    # log vs default, > 0 = better
+    rep.why = (f"{win.label} passed every gate and has the best worst case: mean log vs default "
+               f"{-win.worst:+.3f} at the unfavourable end of its intervals ({-win.score:+.3f} at the "
+               f"median; > 0 = better than the default): {figs}"
+               + (f"; beat {', '.join(f'{o.label} ({-o.worst:+.3f})' for o in others)}" if others else "")
                + ".")
     if req.target == "host":
         rep.host_command = (f'schedcp deploy --token "$(schedcp token {win.report_id} --target host)"'
@@ -646,9 +656,9 @@ def render(rep: OptimizeReport, console) -> None:
                                           f"{g.target_ratio}x" for g in rep.goals))
     console.print(f"[bold]planning[/bold]: plan {rep.plan_id}, strategy {rep.strategy}: "
                   f"{escape(rep.rationale)}")
-    t = Table("candidate", "report", "workload", "baseline", "candidate", "ratio", "95% interval",
+    t = Table("candidate", "report", "workload", "baseline", "candidate", "vs default", "95% interval",
               "verdict", "result", title="execution: sandbox A/B against the default scheduler "
-                                           "(same boot; ratio = candidate/baseline)")
+                                           "(same boot; vs default: > 1 = better)")
     for c in rep.candidates:
         result = ("[green]WINNER[/green]" if c.report_id and c.report_id == rep.winner else
                   "passed" if c.passed else "[red]skipped[/red]" if c.error and not c.report_id
@@ -659,7 +669,7 @@ def render(rep: OptimizeReport, console) -> None:
             t.add_row(escape(c.label) if k == 0 else "", (c.report_id or "-") if k == 0 else "",
                       f.workload, f"{f.baseline:.4g} {f.unit}" if f.baseline is not None else "-",
                       f"{f.candidate:.4g}" if f.candidate is not None else "-",
-                      f"{f.ratio:.3f}" if f.ratio else "-", f.interval,
+                      in_words(f.speedup) if f.ratio else "-", f.interval,
                       f.verdict, result if k == 0 else "")
     console.print(t)
     if rep.campaign_id:

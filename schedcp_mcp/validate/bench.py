@@ -29,6 +29,7 @@ from rich.table import Table
 
 from .. import config
 from ..errors import BadInput
+from ..models import in_words, times
 from ..repository.policies import list_policies
 from . import gates
 from .runner import BUDGET_S
@@ -125,19 +126,21 @@ def fmt_interval(w) -> str:
     mark = {"better": "+", "worse": "−", "same": "=", "undecided": "?"}.get(d["verdict"], "!")
     # one pair has an unbounded interval: inf, or null once it went through JSON (a job's result)
     lo, hi = d.get("speedup_low") or 0.0, d.get("speedup_high")
-    hi_s = "inf" if hi is None or hi == float("inf") else f"{hi:.2f}"
-    return f"{d['speedup']:.2f}x [{lo:.2f}, {hi_s}] {mark}"
+    hi_s = "inf" if hi is None or hi == float("inf") else times(hi)[:-1]
+    # tiny factors keep their digits (0.00099x, not 0.00x): a scheduler 1000x worse must read so
+    return f"{times(d['speedup'])} [{times(lo)[:-1] if lo else '0'}, {hi_s}] {mark}"
 
 
 def interval_table(workloads: list, title: str) -> Table:
     """One row per workload: medians, speedup with its interval, rounds, verdict."""
-    t = Table("workload", "metric", "baseline", "candidate", f"speedup [{gates.LEVEL:.0%} interval]",
-              "rounds", "verdict", title=title)
+    t = Table("workload", "metric", "baseline", "candidate", "vs default",
+              f"[{gates.LEVEL:.0%} interval] verdict", "rounds", "verdict", title=f"{title}; vs default: > 1 = better")
     for w in workloads:
         d = _w(w)
         b, c = d.get("baseline_stats") or {}, d.get("candidate_stats") or {}
         t.add_row(d["name"], f"{d['metric']} ({d['unit']})", f"{b.get('median', float('nan')):.4g}",
-                  f"{c.get('median', float('nan')):.4g}", fmt_interval(d), str(d.get("pairs", 0)), d["verdict"])
+                  f"{c.get('median', float('nan')):.4g}", in_words(d.get("speedup")), fmt_interval(d),
+                  str(d.get("pairs", 0)), d["verdict"])
     return t
 
 
