@@ -19,11 +19,65 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Table as RichTable
+from rich.text import Text
 
 from .errors import SchedcpError
 
-console = Console()
+
+class Table(RichTable):
+    """A table that never cuts a cell: ids, reasons and metric names wrap instead of ending in '…'."""
+
+    def add_column(self, *args, **kw) -> None:
+        kw.setdefault("overflow", "fold")
+        super().add_column(*args, **kw)
+
+
+def _cell_text(cell: Any) -> str:
+    if isinstance(cell, str):
+        text = Text.from_markup(cell).plain
+    elif isinstance(cell, Text):
+        text = cell.plain
+    else:
+        c = Console(width=10_000, record=True, file=open(os.devnull, "w"))
+        c.print(cell)
+        text = c.export_text()
+    return " / ".join(x.strip() for x in text.strip().splitlines() if x.strip())
+
+
+def plain_lines(table: RichTable) -> list[str]:
+    """A table as lines a pipe, a log or grep can use whole: a '# title' line, the header, one line
+    per row, cells separated by a tab, nothing cut."""
+    cols = table.columns
+    out = [f"# {_cell_text(table.title)}"] if table.title else []
+    out.append("\t".join(_cell_text(c.header) for c in cols))
+    for i in range(table.row_count):
+        out.append("\t".join(_cell_text(c._cells[i]) if i < len(c._cells) else "" for c in cols))
+    return out
+
+
+class CliConsole(Console):
+    """stdout: on a terminal tables wrap long cells (never '…'); elsewhere (a pipe, a CI log, an
+    80-column capture) every table is printed as plain tab-separated lines, whole."""
+
+    def print(self, *objects: Any, **kw) -> None:  # noqa: A003 - rich's name
+        if not any(isinstance(o, RichTable) for o in objects):
+            return super().print(*objects, **kw)
+        for o in objects:
+            if not isinstance(o, RichTable):
+                super().print(o, **kw)
+            elif self.is_terminal:
+                for c in o.columns:
+                    if c.overflow == "ellipsis" and not c.no_wrap:
+                        c.overflow = "fold"
+                super().print(o, **kw)
+            else:
+                for line in plain_lines(o):
+                    self.file.write(line + "\n")
+                self.file.flush()
+
+
+console = CliConsole()
 err_console = Console(stderr=True)
 
 
@@ -283,22 +337,35 @@ def _ago(t: float | None) -> str:
     return f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else f"{d / 3600:.0f}h ago"
 
 
+OUTCOME_COLOURS = {"accepted": "green", "passed": "green", "done": "green", "rejected": "red",
+                   "failed": "red", "error": "red", "cancelled": "yellow"}
+
+
 def render_jobs(js) -> None:
+    """State (did the job run to its end) and outcome (what it concluded) side by side: a verify
+    that ran fine and was rejected reads `succeeded  rejected`, never a green 'succeeded' alone."""
     if not js:
         console.print("no jobs")
         return
-    t = Table("id", "kind", "lane", "state", "try", "progress", "created", "message / error")
-    colours = {"succeeded": "green", "failed": "red", "dead": "red", "cancelled": "yellow",
+    t = Table("id", "kind", "lane", "state", "outcome", "try", "progress", "created", "why / message")
+    colours = {"succeeded": "white", "failed": "red", "dead": "red", "cancelled": "yellow",
                "running": "cyan", "pending": "white"}
     for j in js:
-        t.add_row(j.id, j.kind, j.lane, f"[{colours[j.state]}]{j.state}[/]", f"{j.attempts}/{j.max_attempts}",
-                  f"{j.progress:.0%}", _ago(j.created_at), escape((j.error or j.message or "")[:70]))
+        o = j.outcome
+        t.add_row(j.id, j.kind, j.lane, f"[{colours[j.state]}]{j.state}[/]",
+                  f"[{OUTCOME_COLOURS.get(o, 'white')}]{o}[/]" if o else "-",
+                  f"{j.attempts}/{j.max_attempts}", f"{j.progress:.0%}", _ago(j.created_at),
+                  escape(j.outcome_reason or j.error or j.message or ""))
     console.print(t)
 
 
 def render_job_detail(d) -> None:
     j = d.job
-    console.print(f"[bold]{j.id}[/bold] {j.kind} ({j.lane}) {j.state}, attempt {j.attempts}/{j.max_attempts}"
+    o = j.outcome
+    console.print(f"[bold]{j.id}[/bold] {j.kind} ({j.lane}) {j.state}"
+                  + (f" — [{OUTCOME_COLOURS.get(o, 'white')}]{o}[/]" if o and o != j.state else "")
+                  + (f": {escape(j.outcome_reason)}" if j.outcome_reason and j.outcome_reason != j.error else "")
+                  + f", attempt {j.attempts}/{j.max_attempts}"
                   + (f", answered from {j.cached_from}" if j.cached_from else "")
                   + (f", parent {j.parent}" if j.parent else ""))
     console.print(f"  inputs: {escape(json.dumps(j.inputs)[:300])}")
