@@ -54,7 +54,7 @@ class ToolInfo(BaseModel):
 
 
 def source_dir() -> Path:
-    return config.PROJECT_ROOT / "agents"
+    return config.resource_dir("agents")
 
 
 def split_front_matter(text: str, where: str) -> tuple[dict, str]:
@@ -206,8 +206,14 @@ def parse_agent(path: Path) -> dict:
 
 
 def allowlist(role: str, root: Path | None = None, prefix: str = PROJECT_PREFIX) -> set[str]:
-    """The schedcp MCP tools a role's generated definition allows (names without the prefix)."""
-    meta = parse_agent(agent_path(role, root))
+    """The schedcp MCP tools a role's generated definition allows (names without the prefix). An
+    installed wheel has no generated `.claude/`: the definition is rendered as generation would."""
+    path = agent_path(role, root)
+    if root is None and not config.in_checkout():
+        rel = str(path.relative_to(config.PROJECT_ROOT))
+        meta, _ = split_front_matter(render_all()[rel], rel)
+    else:
+        meta = parse_agent(path)
     names = [t.strip() for t in str(meta.get("tools", "")).split(",") if t.strip()]
     return {t.removeprefix(prefix) for t in names if t.startswith(prefix)}
 

@@ -600,13 +600,21 @@ def write_outputs(rep: OptimizeReport) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rep.json_path = str(out / "report.json")
     rep.chart_path = str(out / "chart.png") if any(c.figures for c in rep.candidates) else None
+    if rep.chart_path and not has_matplotlib():
+        rep.chart_path = None  # the chart is optional: `pip install 'schedcp[charts]'`
     if rep.chart_path:
         chart(rep, Path(rep.chart_path))
     Path(rep.json_path).write_text(rep.model_dump_json(indent=2) + "\n")
 
 
+def has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def chart(rep: OptimizeReport, path: Path) -> None:
-    """Each candidate's cost relative to the default scheduler per workload (<1 = better)."""
+    """Each candidate vs the default scheduler per workload (> 1 = better, the one convention)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -623,7 +631,7 @@ def chart(rep: OptimizeReport, path: Path) -> None:
             if f is None or not f.ratio:
                 continue
             xs.append(i + j * width)
-            ys.append(f.ratio if f.direction == "lower" else 1 / f.ratio)
+            ys.append(f.speedup)
             colors.append("tab:green" if c.report_id == rep.winner else
                           ("tab:blue" if c.passed else "tab:gray"))
         bars = ax.bar(xs, ys, width, color=colors, label=wl)
@@ -635,7 +643,7 @@ def chart(rep: OptimizeReport, path: Path) -> None:
     ax.set_xticklabels([c.label + ("\n(winner)" if c.report_id == rep.winner else
                                    "\n(passed)" if c.passed else "\n(failed)") for c in cands],
                        fontsize=8)
-    ax.set_ylabel("cost vs default scheduler\n(candidate/baseline; < 1 is better)")
+    ax.set_ylabel("vs default scheduler\n(> 1 is better)")
     ax.set_title(f"schedcp optimize {', '.join(rep.workloads)} — same-boot A/B medians", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -106,7 +106,12 @@ def report_policies(rows: list[dict], rounds: int = 3, out_dir: Path = Path("res
         [{k: (v.model_dump(mode="json") if isinstance(v, Layer2Result) else v) for k, v in r.items()} for r in rows],
         indent=1))
     png = out_dir / "policies-ab.png"
-    _chart(rows, wl, png)
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        _chart(rows, wl, png)
+    else:
+        con.print("no chart: matplotlib is not installed (`pip install 'schedcp[charts]'`)")
     if cold_s is not None:
         con.print(f"one full validation (verify + validate, own VM boots): {cold_s:.0f} s")
     con.print(f"all {len(rows)} policies: {total_s:.0f} s; wrote {png}, {out_dir / 'policies-ab.md'}")
