@@ -1,0 +1,342 @@
+"""A candidate's way through the layers: submit (layer 1) -> validate (layer 2) -> token.
+
+The CLI and the MCP server both call these; each step stores its ValidationReport so an agent in a
+later session can pick up from a report id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from .deploy.tokens import issue
+from .errors import BadInput
+from .jobs import queue
+from .jobs.kinds import JobContext, register
+from .jobs.models import Job
+from .learn.feedback import record_validation_outcome
+from .models import Goal
+from .observe.profile import get_profile
+from .reports import ValidationOutcome, ValidationReport, get_report, new_report, save, save_source
+from .repository.policies import get_policy
+from .validate.runner import BUDGET_S, MAX_ROUNDS, validate_in_sandbox
+from .validate.workloads import get_workloads, list_workloads
+from .verify import pipeline
+from .verify.source_check import MAX_SOURCE_BYTES
+
+Progress = Callable[[str, float], None]
+
+
+def submit(source: str | None = None, policy: str | None = None,
+           params: dict[str, Any] | None = None, target: str = "sandbox",
+           profile_id: str | None = None, goals: list[Goal] | None = None,
+           trusted_include_dirs: tuple[Path, ...] = (), use_cache: bool = True,
+           progress: Progress | None = None, vm=None, actor: str = "api",
+           provenance=None, candidate_id: str | None = None,
+           fixed_id: str | None = None) -> ValidationReport:
+    """Layer 1 for a raw source or a repository policy; returns the stored report (with the
+    synthesis provenance and candidate id when `synth` made it; `fixed_id`: its id, for a job).
+
+    The host target puts untested BPF through this machine's own kernel verifier (loaded, never
+    attached): an operator may ask for that (`actor="cli"`); an MCP client only when the server
+    was started with --allow-host-verify."""
+    if (source is None) == (policy is None):
+        raise BadInput("give exactly one of source or policy",
+                       "source = BPF C text; policy = a repository policy name")
+    _refuse_host_verify(target, actor)
+    if profile_id:
+        prof = get_profile(profile_id)
+        goals = goals if goals else prof.goals
+    kw = dict(target=target, use_cache=use_cache, progress=progress, vm=vm)
+    if policy is not None:
+        text = get_policy(policy).source_text()
+        layer1 = pipeline.verify_policy(policy, {k: str(v) for k, v in (params or {}).items()},
+                                        trusted_include_dirs=trusted_include_dirs, **kw)
+    else:
+        # refused before anything is stored (the verifier's own check would reject it too, but
+        # only after save_source had kept it)
+        if len(source.encode()) > MAX_SOURCE_BYTES:
+            raise BadInput(f"source is {len(source.encode())} bytes; the limit is {MAX_SOURCE_BYTES}",
+                           "a sched_ext scheduler fits in a few hundred lines")
+        text = source
+        layer1 = pipeline.verify_source(source, params={k: str(v) for k, v in (params or {}).items()},
+                                        trusted_include_dirs=trusted_include_dirs, **kw)
+    if text:
+        save_source(text)
+    return new_report(layer1, policy=policy, params=layer1.params, profile_id=profile_id, goals=goals,
+                      provenance=provenance, candidate_id=candidate_id, report_id=fixed_id)
+
+
+def _refuse_host_verify(target: str, actor: str) -> None:
+    if target == "host" and actor != "cli" and os.environ.get("SCHEDCP_ALLOW_HOST_VERIFY") != "1":
+        raise BadInput("verifying on the host loads the program into this machine's kernel, and no "
+                       "one allowed MCP clients to do that",
+                       "use target sandbox; or a human runs `schedcp verify --target host`, or starts "
+                       "the server with `schedcp serve --allow-host-verify`")
+
+
+def report_or_submit(report_id: str | None, source: str | None, policy: str | None,
+                     params: dict[str, Any] | None, **kw) -> ValidationReport:
+    if report_id:
+        if source or policy:
+            raise BadInput("give a report_id or a source/policy, not both", "")
+        return get_report(report_id)
+    return submit(source=source, policy=policy, params=params, **kw)
+
+
+def measures(workload, metric: str) -> bool:
+    return metric == workload.metric or metric in workload.goal_metrics
+
+
+def measurable_goals(goals: list[Goal], workload_names: list[str]) -> list[Goal]:
+    """The goals (a profile's, typically) that the named sandbox workloads measure; when none is
+    left, "do no harm" on each workload's own metric, so a validation never falls back to goals
+    it cannot measure."""
+    chosen = get_workloads(workload_names)
+    kept = [g for g in goals if any(measures(w, g.metric) for w in chosen)]
+    return kept or [Goal(metric=w.metric, direction=w.direction, target_ratio=1.0,
+                         why=f"no profile goal is measured by {w.name}: do no harm on its metric")
+                    for w in chosen]
+
+
+def check_goals_measurable(goals: list[Goal], workloads) -> None:
+    """Refuse, before any VM boots, a goal that no chosen workload measures (a typo, or a profile's
+    goal with too few workloads), and say which workloads would measure it."""
+    for g in goals:
+        if any(measures(w, g.metric) for w in workloads):
+            continue
+        able = [w.name for w in list_workloads() if measures(w, g.metric)]
+        known = sorted({m for w in list_workloads() for m in [w.metric, *w.goal_metrics]})
+        raise BadInput(f"goal {g.metric!r} is not measured by the chosen workloads "
+                       f"({', '.join(w.name for w in workloads)})",
+                       f"add --workload {' / '.join(able)}" if able else
+                       f"known metrics: {', '.join(known)}")
+
+
+#: the longest one validation may run (the runner refuses more)
+MAX_BUDGET_S = 3600.0
+
+
+def check_goal_ratio(g: Goal) -> None:
+    if g.target_ratio is not None and not (0 < g.target_ratio <= 100):
+        raise BadInput(f"goal {g.metric}: ratio {g.target_ratio:g} is not a ratio to the default scheduler",
+                       "give candidate/baseline, e.g. messaging_time_s<=0.9 (10 % faster) or "
+                       "throughput>=1.05")
+
+
+def check_layer2_request(goals: list[Goal] | None, workloads: list[str] | None, rounds: int,
+                         budget_s: float | None, profile_id: str | None = None) -> None:
+    """Every check of a layer-2 request that needs no VM, made before anything is queued (CLI and
+    MCP alike): rounds, budget, workload names, the profile, and goals the workloads measure."""
+    if not 1 <= rounds <= MAX_ROUNDS:
+        raise BadInput(f"rounds must be 1..{MAX_ROUNDS}, not {rounds}", "3 is the usual minimum")
+    if budget_s is not None and not 0 <= budget_s <= MAX_BUDGET_S:
+        raise BadInput(f"budget must be 0..{MAX_BUDGET_S:g} seconds, not {budget_s:g}",
+                       f"0 runs exactly the given rounds; the default is {BUDGET_S:g} s")
+    chosen = get_workloads(workloads)
+    if profile_id:
+        get_profile(profile_id)  # an unknown profile is refused before anything is queued
+    for g in goals or []:
+        check_goal_ratio(g)
+    if goals:
+        check_goals_measurable(goals, chosen)
+
+
+def validate(report_id: str | None = None, source: str | None = None, policy: str | None = None,
+             params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
+             workloads: list[str] | None = None, profile_id: str | None = None,
+             rounds: int = 3, progress: Progress | None = None, issue_token: bool = True,
+             use_cache: bool = True, budget_s: float | None = None,
+             run_id: str | None = None) -> ValidationOutcome:
+    """Layer 2 in the sandbox for a report (or a new submission): stress, correctness and same-boot
+    A/B against the default scheduler. Records the outcome; returns the report and, when it
+    passed, a deployment token. `budget_s`: seconds for the sandbox run (default runner.BUDGET_S).
+    `run_id` (a job's) fixes the new report's and the outcome's ids, so a job that runs again
+    after a crash rewrites them instead of adding twins."""
+    say = progress or (lambda msg, frac: None)
+    r = report_or_submit(report_id, source, policy, params, profile_id=profile_id, goals=goals,
+                         use_cache=use_cache, fixed_id=f"rep-{run_id}" if run_id else None,
+                         progress=lambda m, f: say(f"layer 1: {m}", 0.1 * f))
+    if profile_id and not r.profile_id:
+        r.profile_id = profile_id
+    if goals:
+        r.goals = goals
+    elif not r.goals and r.profile_id:
+        r.goals = get_profile(r.profile_id).goals
+    if not r.passed_layer1:
+        save(r)
+        return ValidationOutcome.of(r, None)
+    chosen = get_workloads(workloads)
+    check_goals_measurable(r.goals, chosen)
+    layer2 = validate_in_sandbox(
+        Path(r.object_path).read_bytes(), ops_name=r.ops_name or "", params=r.params, goals=r.goals,
+        workloads=chosen, rounds=rounds, budget_s=BUDGET_S if budget_s is None else budget_s,
+        progress=lambda m, f: say(f"layer 2: {m}", 0.1 + 0.9 * f))
+    r.layer2 = layer2
+    save(r)
+    record_validation_outcome(r.id, outcome_id=f"out-{run_id}" if run_id else None)
+    token = None
+    if issue_token and r.passed:
+        token = issue(r.id, "sandbox")
+    return ValidationOutcome.of(r, token)
+
+
+# --- as supervised jobs (schedcp_mcp.jobs) ----------------------------------------------------------
+# The CLI and the MCP tools submit these and wait for them (or return the job id at once): a run
+# outlives the client that asked for it, is retried when the machine fails it, and identical
+# requests are answered from the result of the first.
+
+def _content_key(kind: str, i: dict[str, Any]) -> str | None:
+    """What decides a verify/validate result: source (or report), parameters, target, kernel build
+    and layer-1 code, workloads, rounds, goals. None (no dedupe) without a built sandbox image."""
+    from .sandbox import image
+
+    m = image.load_manifest()
+    if m is None or i.get("include_dirs"):
+        return None
+    src = i.get("source")
+    if i.get("policy"):
+        src = get_policy(i["policy"]).source_text() or ""
+    blob = {"kind": kind, "src": hashlib.sha256((src or "").encode()).hexdigest() if src else None,
+            "report": i.get("report_id"), "policy": i.get("policy"), "params": sorted((i.get("params") or {}).items()),
+            "target": i.get("target", "sandbox"), "build": m.build_id, "code": pipeline._code_version(),
+            "workloads": sorted(i.get("workloads") or []), "rounds": i.get("rounds"), "budget_s": i.get("budget_s"),
+            "goals": i.get("goals"), "profile": i.get("profile_id"), "candidate": i.get("candidate")}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_request(source: str | None, policy: str | None, report_id: str | None = None) -> None:
+    """The cheap checks, before a job is queued: a bad request is refused at once."""
+    if sum(x is not None for x in (source, policy, report_id)) != 1:
+        raise BadInput("give exactly one of source or policy" + (" or report_id" if report_id is not None else ""),
+                       "source = BPF C text; policy = a repository policy name")
+    if policy is not None:
+        get_policy(policy)
+    if report_id is not None:
+        get_report(report_id)
+
+
+@register("verify", key=lambda i: _content_key("verify", i), timeout_s=900, max_attempts=3, sandbox=True)
+def _verify_job(ctx: JobContext) -> dict[str, Any]:
+    i = ctx.inputs
+    if i.get("policies"):  # several policies share one VM (a boot is most of a verify)
+        from .sandbox.vm import VM
+
+        out = []
+        with VM() as vm:
+            for n, name in enumerate(i["policies"]):
+                ctx.progress(name, n / len(i["policies"]))
+                r = submit(policy=name, target=i.get("target", "sandbox"), use_cache=i.get("use_cache", True),
+                           vm=vm, actor=i.get("actor", "api"), fixed_id=f"rep-{ctx.job.id[4:]}-{n}")
+                out.append({"report_id": r.id, "verdict": r.layer1.verdict, "status": r.status})
+        return {"reports": out}
+    r = submit(source=i.get("source"), policy=i.get("policy"), params=i.get("params"),
+               target=i.get("target", "sandbox"), profile_id=i.get("profile_id"),
+               trusted_include_dirs=tuple(Path(d) for d in i.get("include_dirs") or ()),
+               use_cache=i.get("use_cache", True), progress=ctx.progress, actor=i.get("actor", "api"),
+               fixed_id=f"rep-{ctx.job.id[4:]}")
+    return {"report_id": r.id, "verdict": r.layer1.verdict, "status": r.status}
+
+
+@register("validate", key=lambda i: _content_key("validate", i), timeout_s=3600, max_attempts=3, sandbox=True)
+def _validate_job(ctx: JobContext) -> dict[str, Any]:
+    i = dict(ctx.inputs)
+    if not i.get("report_id") and not i.get("source") and not i.get("policy"):
+        # a campaign node: validate the report its verify dependency made
+        i["report_id"] = next(r["report_id"] for r in ctx.dep_results.values() if r and r.get("report_id"))
+    goals = [Goal(**g) for g in i["goals"]] if i.get("goals") else None
+    out = validate(report_id=i.get("report_id"), source=i.get("source"), policy=i.get("policy"),
+                   params=i.get("params"), goals=goals, workloads=i.get("workloads"),
+                   profile_id=i.get("profile_id"), rounds=i.get("rounds", 3), budget_s=i.get("budget_s"),
+                   progress=ctx.progress,
+                   issue_token=False, use_cache=i.get("use_cache", True), run_id=ctx.job.id[4:])
+    return {"report_id": out.report_id, "passed": out.passed, "status": out.status}
+
+
+def verify_job(source: str | None = None, policy: str | None = None, params: dict[str, Any] | None = None,
+               target: str = "sandbox", profile_id: str | None = None,
+               include_dirs: tuple[Path, ...] = (), policies: list[str] | None = None,
+               use_cache: bool = True, lane: str = "high", actor: str = "api",
+               complete_by_s: float | None = None) -> Job:
+    """Queue layer 1 (one source or policy, or several `policies` in one VM); `complete_by_s`: a
+    deadline from now (a job past it is dead-lettered)."""
+    if not policies:
+        _check_request(source, policy)
+    _refuse_host_verify(target, actor)
+    inputs = {"source": source, "policy": policy, "params": {k: str(v) for k, v in (params or {}).items()},
+              "target": target, "profile_id": profile_id, "include_dirs": [str(d) for d in include_dirs],
+              "policies": policies, "use_cache": use_cache, "actor": actor}
+    return queue.submit("verify", inputs, lane=lane, use_cache=use_cache, actor=actor,
+                        complete_by_s=complete_by_s)
+
+
+def validate_job(report_id: str | None = None, source: str | None = None, policy: str | None = None,
+                 params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
+                 workloads: list[str] | None = None, profile_id: str | None = None, rounds: int = 3,
+                 use_cache: bool = True, lane: str = "high", actor: str = "api",
+                 budget_s: float | None = None, **kw) -> Job:
+    """Queue layer 2 (after layer 1 when given a source or policy)."""
+    _check_request(source, policy, report_id) if report_id else _check_request(source, policy)
+    check_layer2_request(goals, workloads, rounds, budget_s, profile_id)
+    inputs = {"report_id": report_id, "source": source, "policy": policy,
+              "params": {k: str(v) for k, v in (params or {}).items()},
+              "goals": [g.model_dump(mode="json") for g in goals] if goals else None,
+              "workloads": workloads, "profile_id": profile_id, "rounds": rounds, "budget_s": budget_s,
+              "use_cache": use_cache}
+    return queue.submit("validate", inputs, lane=lane, use_cache=use_cache, actor=actor, **kw)
+
+
+def verified_report(job: Job) -> ValidationReport:
+    """The report a finished verify job made (raises what went wrong otherwise)."""
+    return get_report(queue.result_or_raise(job)["report_id"])
+
+
+def validation_outcome(job: Job, issue_token: bool = True) -> ValidationOutcome:
+    """What a finished validate job answers, with a fresh deployment token when it passed (a job
+    answered from the cache gets its own token: tokens are single use)."""
+    r = get_report(queue.result_or_raise(job)["report_id"])
+    return ValidationOutcome.of(r, issue(r.id, "sandbox") if issue_token and r.passed else None)
+
+
+def validate_campaign(cands: list[dict[str, Any]], *, goals: list[Goal] | None = None,
+                      workloads: list[str] | None = None, rounds: int = 3, budget=None,
+                      use_cache: bool = True, lane: str = "normal", actor: str = "api",
+                      budget_s: float | None = None, profile_id: str | None = None,
+                      complete_by_s: float | None = None) -> Job:
+    """Validate several candidates ({policy | source | report_id, params?, name?, lane?}) as one DAG
+    campaign: verify → validate for each (the validate node takes its report from the verify node;
+    a report_id is validated as it is), the candidates in parallel up to the pool size, within
+    `budget` (earlier lanes first); `budget_s` is each validation's own time budget (validate's).
+    `profile_id`: the WorkloadProfile they are all for: every report links to it (so the learning
+    stage sees their outcomes) and its goals apply unless `goals` are given."""
+    from .jobs.campaigns import Node, submit_campaign
+
+    if not cands:
+        raise BadInput("a campaign needs at least one candidate", "give --policy NAME or --file FILE")
+    check_layer2_request(goals, workloads, rounds, budget_s, profile_id)
+    goal_dicts = [g.model_dump(mode="json") for g in goals] if goals else None
+    nodes, seen = [], set()
+    for n, c in enumerate(cands):
+        _check_request(c.get("source"), c.get("policy"), c.get("report_id"))
+        name = c.get("name") or c.get("policy") or c.get("report_id") or f"source{n}"
+        name = name if name not in seen else f"{name}#{n}"
+        seen.add(name)
+        params = {k: str(v) for k, v in (c.get("params") or {}).items()}
+        who = {"policy": c.get("policy"), "params": params, "report_id": c.get("report_id"),
+               "source_sha256": hashlib.sha256(c["source"].encode()).hexdigest() if c.get("source") else None}
+        check = {"goals": goal_dicts, "workloads": workloads, "rounds": rounds, "budget_s": budget_s,
+                 "profile_id": profile_id, "use_cache": use_cache}
+        if c.get("report_id"):  # already through layer 1 (e.g. generate_scheduler's)
+            nodes.append(Node(name=f"validate:{name}", kind="validate", lane=c.get("lane", lane),
+                              inputs={"report_id": c["report_id"], **check}))
+            continue
+        nodes.append(Node(name=f"verify:{name}", kind="verify", lane=c.get("lane", lane), inputs={
+            "source": c.get("source"), "policy": c.get("policy"), "params": params, "target": "sandbox",
+            "profile_id": profile_id, "use_cache": use_cache, "actor": actor}))
+        nodes.append(Node(name=f"validate:{name}", kind="validate", lane=c.get("lane", lane),
+                          after=[f"verify:{name}"], inputs={"candidate": who, **check}))
+    return submit_campaign(f"validate {len(cands)} candidates", nodes, budget=budget, lane=lane,
+                           use_cache=use_cache, actor=actor, complete_by_s=complete_by_s)

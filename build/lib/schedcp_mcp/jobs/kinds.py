@@ -1,0 +1,163 @@
+"""Job kinds: what a job of each kind does, its content key (dedupe) and its limits.
+
+A kind's `run(ctx)` gets a `JobContext` (inputs, the results of the jobs it depends on, progress
+that also notices cancellation) and returns a JSON-able dict. The modules that own the work register
+their kinds (`candidates`: verify, validate; `campaigns`: campaign; `synth.tune`: tune; `benches`:
+the sandbox benchmarks), and the registry loads them by
+name like plugins (`KIND_MODULES`), since they sit above this layer; the trivial ones here (`noop`, `sleep`, `flaky`) are real jobs for the supervisor's own tests and
+`schedcp bench jobs`: they go through the same store, pools and engines as a validation.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import BadInput, SchedcpError, TransientError
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's work when the job was cancelled or given up on: stop, record nothing."""
+
+
+class JobContext:
+    """What a running job sees. `progress()` is the library's progress(message, fraction) callback:
+    it is written to the store (throttled) and raises JobCancelled once the job is cancelled."""
+
+    def __init__(self, job, dep_results: dict[str, Any] | None = None,
+                 write: Callable[[str, float], None] | None = None):
+        self.job = job
+        self.inputs: dict[str, Any] = job.inputs
+        self.dep_results = dep_results or {}
+        self.cancelled = threading.Event()
+        self._write = write
+        self._last = 0.0
+
+    def progress(self, message: str, fraction: float = 0.0) -> None:
+        self.check()
+        now = time.monotonic()
+        if self._write and (now - self._last > 0.25 or fraction >= 1.0):
+            self._last = now
+            self._write(message, fraction)
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled(self.job.id)
+
+    def sleep(self, seconds: float) -> None:
+        if self.cancelled.wait(seconds):
+            raise JobCancelled(self.job.id)
+
+
+@dataclass
+class Kind:
+    name: str
+    run: Callable[[JobContext], dict[str, Any]]
+    key: Callable[[dict[str, Any]], str | None] | None = None
+    timeout_s: float = 1800.0
+    max_attempts: int = 3
+    sandbox: bool = False  # boots VMs (counts against a pool's VM slots)
+    local: bool = False  # reads the store itself (a campaign's join): a fleet's coordinator runs it
+
+
+_KINDS: dict[str, Kind] = {}
+_loaded = False
+KIND_MODULES = ("schedcp_mcp.candidates", "schedcp_mcp.jobs.campaigns", "schedcp_mcp.synth.tune",
+                "schedcp_mcp.benches")
+
+
+def register(name: str, **kw) -> Callable[[Callable], Callable]:
+    def deco(fn: Callable[[JobContext], dict[str, Any]]) -> Callable:
+        _KINDS[name] = Kind(name=name, run=fn, **kw)
+        return fn
+    return deco
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        import importlib
+
+        for m in KIND_MODULES:
+            importlib.import_module(m)
+
+
+def get(name: str) -> Kind:
+    _load()
+    if name not in _KINDS:
+        raise BadInput(f"unknown job kind {name!r}", f"known kinds: {', '.join(sorted(_KINDS))}")
+    return _KINDS[name]
+
+
+def execute(ctx: JobContext) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """Run a job's kind: (outcome, result, error), the outcome being succeeded, transient (worth a
+    retry), failed (final), or None when the job was cancelled. One place classifies failures, for
+    the local pool and the fleet's workers alike."""
+    from ..sandbox import vm
+
+    token = vm.current_job.set(ctx.job.id)
+    try:
+        return "succeeded", get(ctx.job.kind).run(ctx), None
+    except JobCancelled:
+        return None, None, None
+    except TransientError as e:
+        return "transient", None, str(e)
+    except SchedcpError as e:  # bad input, a machine that cannot do it: final
+        return "failed", None, f"{type(e).__name__}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else "")
+    except Exception as e:  # noqa: BLE001 — a bug in a kind: final, logged
+        import logging
+
+        logging.getLogger("schedcp.jobs").exception("job %s (%s) failed", ctx.job.id, ctx.job.kind)
+        return "failed", None, f"internal error: {type(e).__name__}: {e}"
+    finally:
+        vm.current_job.reset(token)
+
+
+def names(local: bool | None = None) -> list[str]:
+    """The kinds' names (`local`: only those that must run beside the store, or only the others)."""
+    _load()
+    return sorted(n for n, k in _KINDS.items() if local is None or k.local == local)
+
+
+# --- trivial kinds: the supervisor's own tests and benchmark ----------------------------------------
+
+def _marker(ctx: JobContext) -> None:
+    """Leave `<dir>/<job>.<attempt>.<pid>` so a test can see who ran which attempt."""
+    d = ctx.inputs.get("marker_dir")
+    if d:
+        open(os.path.join(d, f"{ctx.job.id}.{ctx.job.attempts}.{os.getpid()}"), "w").close()
+
+
+@register("noop", timeout_s=60, max_attempts=1)
+def _noop(ctx: JobContext) -> dict[str, Any]:
+    """Nothing: the supervisor's own overhead. Echoes its input and its dependencies' results."""
+    _marker(ctx)
+    return {"echo": ctx.inputs.get("echo"), "deps": ctx.dep_results, "pid": os.getpid(),
+            "started_at": ctx.job.started_at}
+
+
+@register("sleep", timeout_s=300, max_attempts=3, key=lambda i: f"sleep:{i['key']}" if i.get("key") else None)
+def _sleep(ctx: JobContext) -> dict[str, Any]:
+    """Sleep `seconds` (cancellable), in progress steps; `key` makes two such jobs identical."""
+    _marker(ctx)
+    seconds = float(ctx.inputs.get("seconds", 1.0))
+    steps = max(1, int(seconds / 0.1))
+    for i in range(steps):
+        ctx.progress(f"slept {i * seconds / steps:.1f} of {seconds:g} s", i / steps)
+        ctx.sleep(seconds / steps)
+    return {"slept_s": seconds, "pid": os.getpid()}
+
+
+@register("flaky", timeout_s=60, max_attempts=3)
+def _flaky(ctx: JobContext) -> dict[str, Any]:
+    """Fail transiently (as a VM that does not boot) until attempt `succeed_on`; `final` fails for good."""
+    _marker(ctx)
+    if ctx.inputs.get("final"):
+        raise BadInput("this job's input is wrong (a final failure: not retried)")
+    if ctx.job.attempts < int(ctx.inputs.get("succeed_on", 10**9)):
+        raise TransientError(f"simulated infrastructure failure on attempt {ctx.job.attempts}")
+    return {"attempt": ctx.job.attempts}

@@ -1,0 +1,710 @@
+"""`schedcp optimize`: the four-stage loop without an LLM, through the MCP tools.
+
+It spawns `python -m schedcp_mcp serve` and talks to it with the MCP SDK's stdio client, like Claude
+Code would, and runs each stage with **only the tools its subagent definition allows**
+(`.claude/agents/schedcp-<role>.md`, read at run time): a call outside a stage's allowlist is an
+error. So the loop proves that the agents have what they need, and no more.
+
+observe -> plan -> execute -> learn, with a deterministic planner in place of the planning agent's
+judgement: search with the profile; strategy reconfigure > revise > generate by rule, with the
+reason; policies that already won on similar workloads first. The winner is the passed candidate
+with the best A/B ratios on the goal metrics. Nothing reaches the host: with `target="host"` the
+human gets the `schedcp deploy --token …` command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import anyio
+from mcp import ClientSession, StdioServerParameters, stdio_client
+from pydantic import BaseModel, Field, PrivateAttr
+
+from . import agents, config
+from .candidates import check_goal_ratio, check_layer2_request
+from .errors import BadInput, InfrastructureError, SchedcpError
+from .models import Goal, in_words, times, vs_default
+
+Progress = Callable[[str, float], None]
+
+#: seconds a validation costs besides its rounds (boot, layer 1, stress) and per workload round,
+#: measured on the 2-vCPU TCG development machine (README "Results"); used only to fit the budget
+VALIDATION_FIXED_S = 30.0
+VALIDATION_PER_ROUND_S = 6.0
+#: deploy (baseline x3 + load) plus the learning stage
+DEPLOY_RESERVE_S = 45.0
+#: a host command is profiled repeated for this long, as match_workloads' references are
+MATCH_PROFILE_S = 3
+#: words a search gets for each sandbox workload and each profile characteristic
+WORKLOAD_WORDS = {"hackbench": "message passing", "pipe": "pipe wakeup latency",
+                  "wakeup": "latency wakeup interactive", "build": "build many-processes fork",
+                  "cpu": "throughput cpu-bound batch"}
+TRAIT_WORDS = {"latency_sensitive": "latency interactive", "cpu_bound": "throughput cpu-bound",
+               "many_short_lived_processes": "build many-processes", "io_heavy": "io"}
+
+
+class StageRefused(SchedcpError):
+    """A stage called a tool its agent definition does not allow (a bug, or stale definitions)."""
+
+
+class ToolFailed(SchedcpError):
+    """An MCP tool answered with an error."""
+
+
+class Stage:
+    """One stage's view of the MCP session: only the tools of its role's allowlist."""
+
+    def __init__(self, session: ClientSession, role: str, allowed: set[str]):
+        self.session, self.role, self.allowed = session, role, allowed
+        self.calls: list[str] = []
+
+    def may(self, tool: str) -> bool:
+        return tool in self.allowed
+
+    async def call(self, tool: str, args: dict[str, Any] | None = None,
+                   progress: Progress | None = None) -> dict[str, Any]:
+        if tool not in self.allowed:
+            raise StageRefused(
+                f"the {self.role} stage may not call {tool!r}: its agent definition "
+                f"({agents.agent_path(self.role).relative_to(config.PROJECT_ROOT)}) does not list it",
+                "allowed: " + ", ".join(sorted(self.allowed)))
+        self.calls.append(tool)
+
+        async def on_progress(p: float, total: float | None, message: str | None) -> None:
+            if progress:
+                progress(message or tool, (p / total) if total else 0.0)
+
+        res = await self.session.call_tool(tool, args or {}, progress_callback=on_progress)
+        if res.is_error:
+            text = " ".join(getattr(c, "text", "") for c in res.content).strip()
+            raise ToolFailed(f"{tool}: {text}")
+        return res.structured_content or {}
+
+
+# --- the report --------------------------------------------------------------------------------------
+
+class OptimizeRequest(BaseModel):
+    workloads: list[str] = Field([], description="sandbox workloads to optimize for")
+    command: list[str] | None = Field(None, description="or: a host command, matched to workloads")
+    goals: list[Goal] = []
+    target: Literal["sandbox", "host"] = "sandbox"
+    budget_s: float = Field(600.0, gt=0)
+    rounds: int = Field(3, ge=1, le=10)
+    max_candidates: int = Field(3, ge=1, le=10)
+    watch_s: float = Field(20.0, ge=0, description="how long the monitor runs before learning")
+    out_dir: str | None = None
+
+
+class WorkloadFigure(BaseModel):
+    workload: str
+    metric: str
+    unit: str
+    direction: str
+    baseline: float | None
+    candidate: float | None
+    ratio: float | None = Field(None, description="candidate / baseline")
+    ratio_low: float | None = Field(None, description="the ratio's confidence interval, low end")
+    ratio_high: float | None = None
+    noise: float | None
+    verdict: str
+
+    @property
+    def speedup(self) -> float | None:
+        """vs default: > 1 = better, whatever the metric's direction (models.vs_default)."""
+        return vs_default(self.ratio, self.direction) if self.ratio else None
+
+    @property
+    def interval(self) -> str:
+        """The vs-default interval (> 1 = better)."""
+        if self.ratio_low is None or self.ratio_high is None:
+            return f"±{self.noise:.0%}" if self.noise else "-"
+        a, b = vs_default(self.ratio_low, self.direction), vs_default(self.ratio_high, self.direction)
+        lo, hi = min(a, b), max(a, b)
+        return f"[{times(lo)[:-1]}, {times(hi)[:-1]}]"
+
+
+class CandidateResult(BaseModel):
+    label: str
+    policy: str | None
+    params: dict[str, str] = {}
+    strategy: str
+    why: str
+    report_id: str | None = None
+    passed: bool = False
+    status: str = ""
+    figures: list[WorkloadFigure] = []
+    score: float | None = Field(None, description="mean log-ratio on the goal metrics, lower = "
+                                                   "better (negative beats the default scheduler)")
+    worst: float | None = Field(None, description="the same at the least favourable end of each "
+                                                   "ratio's confidence interval: what decides the winner")
+    warnings: list[str] = []
+    error: str | None = None
+    job_id: str | None = Field(None, description="its validate job in the campaign")
+
+
+class OptimizeReport(BaseModel):
+    started_at: float
+    seconds: float = 0.0
+    request: OptimizeRequest
+    host_sched_ext: bool | None = None
+    host_note: str = ""
+    profile_id: str | None = None
+    profile_summary: str = ""
+    goals: list[Goal] = []
+    workloads: list[str] = []
+    workload_reasons: list[str] = []
+    plan_id: str | None = None
+    strategy: str | None = None
+    rationale: str = ""
+    candidates: list[CandidateResult] = []
+    campaign_id: str | None = Field(None, description="the campaign job that validated them")
+    campaign_seconds: float = 0.0
+    winner: str | None = Field(None, description="the winning candidate's report id")
+    winner_label: str | None = None
+    why: str = ""
+    token: str | None = None
+    deployment: dict[str, Any] | None = None
+    host_command: str | None = None
+    feedback: list[str] = []
+    outcome_ids: list[str] = []
+    contributed: str | None = None
+    ranking_after: list[str] = []
+    calls: dict[str, list[str]] = {}
+    outcome: Literal["deployed", "ready_for_host", "kept_default"] = "kept_default"
+    query: str = ""
+    json_path: str | None = None
+    chart_path: str | None = None
+    #: workload name -> the metrics it measures (its own and its goal metrics), from list_workloads
+    _measures: dict[str, set[str]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.outcome in ("deployed", "ready_for_host") else 1
+
+
+# --- the stages ----------------------------------------------------------------------------------------
+
+async def observe(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
+    info = await st.call("get_system_info")
+    sx = (info.get("kernel") or {}).get("sched_ext") or {}
+    rep.host_sched_ext = bool(sx.get("present"))
+    rep.host_note = ("this host has sched_ext: a human can deploy the winner here with its token"
+                     if rep.host_sched_ext else
+                     "this host has no sched_ext: candidates are judged in the sandbox VM; only a "
+                     "host deployment needs a sched_ext kernel")
+    listed = (await st.call("list_workloads"))["workloads"]
+    rep._measures = {w["name"]: {w["metric"], *w.get("goal_metrics", [])} for w in listed}
+    known = list(rep._measures)
+    unknown = [w for w in req.workloads if w not in known]
+    if unknown:
+        raise BadInput(f"unknown sandbox workload(s): {', '.join(unknown)}", "known: " + ", ".join(known))
+    if req.command:
+        say("observation: profiling the command on this host", 0.02)
+        # repeated for as long as the sandbox workloads' reference profiles, so the rates compare
+        prof = await st.call("profile_workload", {"command": req.command, "duration_s": 30,
+                                                  "repeat_s": MATCH_PROFILE_S})
+        rep.profile_id, rep.profile_summary = prof["id"], prof["summary"]
+        say("observation: matching it to the sandbox workloads", 0.05)
+        matches = (await st.call("match_workloads", {"profile_id": prof["id"]}))["matches"]
+        good = [m for m in matches if m["good"]][:2] or matches[:1]
+        rep.workloads = [m["workload"] for m in good]
+        rep.workload_reasons = [
+            f"{m['workload']}: similarity {m['similarity']:.2f}"
+            + ("" if m["good"] else " (the best there is, below the 0.75 of a good match)")
+            + f" — {m['reason']}" for m in good]
+    else:
+        rep.workloads = req.workloads or known
+        for i, name in enumerate(rep.workloads):
+            say(f"observation: profiling sandbox workload {name} on this host", 0.02 + 0.03 * i)
+            prof = await st.call("profile_workload", {"workload": name, "duration_s": 30})
+            if rep.profile_id is None:  # the plan serves the first; each is stored for history
+                rep.profile_id, rep.profile_summary = prof["id"], prof["summary"]
+            rep.workload_reasons.append(f"{name}: given (profile {prof['id']})")
+
+
+def search_query(profile: dict, workloads: list[str]) -> str:
+    ch = profile.get("characteristics") or {}
+    words = [WORKLOAD_WORDS.get(w, w) for w in workloads]
+    words += [w for trait, w in TRAIT_WORDS.items() if ch.get(trait)]
+    return " ".join(dict.fromkeys(" ".join(words).split()))
+
+
+def choose_strategy(hits: list[dict], query: str, can_generate: bool) -> tuple[str, str, list[dict]]:
+    """Reconfigure > revise > generate, by rule: reconfigure while repository policies match and
+    have not all done worse than the default on similar workloads. Revising needs a patch only an
+    agent can write, so this planner moves on to generate (when the server can) and otherwise
+    reconfigures the closest policies, saying so. Returns (strategy, rationale, policies to try
+    in order: policies that passed and met their goals before (`won_before`), then the best
+    history on similar workloads, then relevance)."""
+    ours = [h for h in hits if h["kind"] == "schedcp" and h["runnable"]]
+    # what did best on similar workloads before comes first (by that history alone), then the rest
+    # by relevance
+    ours.sort(key=lambda h: (not h.get("won_before"), h["history_score"] <= 0,
+                             -h["history_score"] if h["history_score"] > 0 else -h["score"]))
+    fits = [h for h in ours if h["text_score"] > 0 or h["history_score"] > 0]
+    if fits and not all(h["history_score"] < 0 for h in fits):
+        return "reconfigure", (f"reconfigure: {len(fits)} repository policies match {query!r}; "
+                               "running them with parameters fitted to the profile is the cheapest "
+                               "and best-known way. "), fits
+    why = ("every matching policy did worse than the default on similar workloads before (revise "
+           "would be next, but a patch needs an agent's judgement)" if fits else
+           f"no repository policy matches {query!r}")
+    if can_generate:
+        return "generate", f"generate: {why}; a scheduler built from primitives is tried first. ", \
+            fits or ours
+    return "reconfigure", (f"reconfigure, for want of better: {why}, and this server has no "
+                           "generate_scheduler tool. "), fits or ours
+
+
+def candidate_budget(req: OptimizeRequest, n_workloads: int) -> tuple[int, float]:
+    """How many candidates fit the budget, and the estimated seconds of one validation."""
+    per = VALIDATION_FIXED_S + VALIDATION_PER_ROUND_S * n_workloads * req.rounds * 2
+    fit = int((req.budget_s - DEPLOY_RESERVE_S - req.watch_s) // per)
+    return max(1, min(req.max_candidates, fit)), per
+
+
+def reconfigured(policy: dict, profile: dict) -> dict[str, str] | None:
+    """Parameters chosen for the profile, within the policy's ranges: shorter slices for a
+    latency-sensitive workload, longer for a CPU-bound one. None when the defaults stand."""
+    ch = profile.get("characteristics") or {}
+    slice_p = next((p for p in policy.get("parameters", []) if p["name"] == "slice_ns"), None)
+    if slice_p is None:
+        return None
+    d = int(slice_p["default"])
+    lo, hi = slice_p.get("min") or 1, slice_p.get("max") or d * 8
+    if ch.get("latency_sensitive"):
+        v = max(lo, d // 4)
+    elif ch.get("cpu_bound"):
+        v = min(hi, d * 2)
+    else:
+        return None
+    return {"slice_ns": str(v)} if v != d else None
+
+
+async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
+    say("planning: searching the repository", 0.1)
+    prof = await st.call("get_profile", {"profile_id": rep.profile_id})
+    query = rep.query = search_query(prof, rep.workloads)
+    hits = (await st.call("search_policies", {"query": query, "profile_id": rep.profile_id,
+                                              "limit": 20}))["hits"]
+    for h in hits:  # a history that includes a validated win, not just good figures
+        if h["kind"] == "schedcp" and h["history_score"] > 0:
+            hist = (await st.call("get_policy", {"name": h["name"]})).get("history", [])
+            h["won_before"] = any(o["goals_met"] and o["reward"] > 0 and o["source"] != "external"
+                                  for o in hist)
+    strategy, rationale, fits = choose_strategy(hits, query, st.may("generate_scheduler"))
+    n, per = candidate_budget(req, len(rep.workloads))
+    chosen, candidates = fits[:n], []
+    for h in chosen:
+        reason = f"score {h['score']:.2f}: {h['reason']}"
+        candidates.append({"policy": h["name"], "params": {}, "strategy": "reconfigure",
+                           "why": reason})
+    if chosen and n > 1:  # second: the top policy with parameters fitted to the profile
+        top = await st.call("get_policy", {"name": chosen[0]["name"]})
+        params = reconfigured(top["policy"], prof)
+        if params:
+            candidates.insert(1, {"policy": chosen[0]["name"], "params": params,
+                                  "strategy": "reconfigure",
+                                  "why": f"{chosen[0]['name']} with {params} for a "
+                                         + ("latency-sensitive" if (prof["characteristics"] or {})
+                                            .get("latency_sensitive") else "CPU-bound") + " profile"})
+    if strategy == "generate":
+        spec = (await st.call("list_primitives"))["spec_example"]
+        spec = {**spec, "name": f"gen_{rep.workloads[0]}"[:31]}
+        g = await st.call("generate_scheduler", {"spec": spec, "profile_id": rep.profile_id})
+        if g["verdict"] == "accepted":
+            candidates.insert(0, {"report_id": g["report_id"], "strategy": "generate",
+                                  "why": f"generated from primitives: {spec['description']}"})
+        else:
+            rationale += f"The generated scheduler was refused by layer 1 ({g['status']}). "
+    if not candidates:
+        raise InfrastructureError("the repository has no runnable schedcp policy",
+                                  "check `schedcp policies list`")
+    candidates = candidates[:n]
+    rationale += (f"{len(candidates)} candidate(s) fit the {req.budget_s:.0f} s budget "
+                  f"(~{per:.0f} s per validation on {len(rep.workloads)} workload(s) x "
+                  f"{req.rounds} rounds); policies with a winning history on similar workloads first.")
+    args: dict[str, Any] = {"profile_id": rep.profile_id, "workloads": rep.workloads,
+                            "strategy": strategy, "rationale": rationale, "candidates": candidates,
+                            "budget_s": req.budget_s}
+    if req.goals:
+        args["goals"] = [{"metric": g.metric, "direction": g.direction,
+                          "target_ratio": g.target_ratio if g.target_ratio is not None else 1.0}
+                         for g in req.goals]
+    p = await st.call("create_plan", args)
+    rep.plan_id, rep.strategy, rep.rationale = p["id"], p["strategy"], p["rationale"]
+    rep.goals = [Goal(**g) for g in p["goals"]]
+
+
+def figures(layer2: dict | None) -> list[WorkloadFigure]:
+    out = []
+    for w in (layer2 or {}).get("workloads", []):
+        b, c = w.get("baseline_stats") or {}, w.get("candidate_stats") or {}
+        out.append(WorkloadFigure(workload=w["name"], metric=w["metric"], unit=w["unit"],
+                                  direction=w["direction"], baseline=b.get("median"),
+                                  candidate=c.get("median"), ratio=w.get("ratio"),
+                                  ratio_low=w.get("ratio_low"), ratio_high=w.get("ratio_high"),
+                                  noise=w.get("noise"), verdict=w["verdict"]))
+    return out
+
+
+def goal_score(figs: list[WorkloadFigure], goals: list[Goal], measures: dict[str, set[str]],
+               worst: bool = False) -> float | None:
+    """Mean log-ratio over the workloads a goal covers (all when none does), oriented so that lower
+    is better: ln(candidate/baseline) for lower-is-better metrics, ln(baseline/candidate) else.
+    `worst`: at the least favourable end of each ratio's confidence interval (the median ratio
+    where there is no interval) — what the candidate achieves at worst, as far as the A/B rounds
+    can tell."""
+    usable = [f for f in figs if f.ratio and f.ratio > 0]
+    chosen = [f for f in usable if any(g.metric in measures.get(f.workload, ()) for g in goals)] \
+        or usable
+    if not chosen:
+        return None
+
+    def log(f: WorkloadFigure) -> float:
+        if f.direction == "lower":
+            return math.log((f.ratio_high if worst and f.ratio_high else f.ratio))
+        return -math.log((f.ratio_low if worst and f.ratio_low else f.ratio))
+
+    return round(sum(log(f) for f in chosen) / len(chosen), 4)
+
+
+def _label(c: dict) -> str:
+    if not c.get("policy"):
+        return c.get("report_id") or "source"
+    params = ",".join(f"{k}={v}" for k, v in sorted((c.get("params") or {}).items()))
+    return c["policy"] + (f"[{params}]" if params else "")
+
+
+async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress,
+                  t0: float) -> None:
+    """The plan's candidates as ONE campaign of supervised jobs (verify -> validate each, for the
+    plan's profile and goals), then each report's A/B figures, and the winner's token."""
+    p = await st.call("get_plan", {"plan_id": rep.plan_id})
+    n = len(p["candidates"])
+    _, per = candidate_budget(req, len(p["workloads"]))
+    # what is left for the sandbox: each validation gets its share (the sandbox adds paired rounds
+    # within it while a workload's interval still straddles its threshold), and the campaign starts
+    # no node once its children have used it all (validations slower than estimated)
+    left = req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s
+    sandbox_s = max(per - VALIDATION_FIXED_S, min(600.0, left / n - VALIDATION_FIXED_S))
+    specs = []
+    for i, c in enumerate(p["candidates"]):
+        label = _label(c)
+        label = f"{label}#{i}" if any(r.label == label for r in rep.candidates) else label
+        rep.candidates.append(CandidateResult(label=label, policy=c.get("policy"),
+                                              params=c.get("params") or {}, strategy=c["strategy"],
+                                              why=c["why"]))
+        spec = {"name": label, **{k: c[k] for k in ("policy", "report_id", "source") if c.get(k)}}
+        if c.get("params") and not c.get("report_id"):
+            spec["params"] = c["params"]
+        specs.append(spec)
+    args: dict[str, Any] = {
+        "candidates": specs, "workloads": p["workloads"], "profile_id": p["profile_id"],
+        "rounds": req.rounds, "budget_s": round(sandbox_s), "budget_sandbox_s": round(max(per, left)),
+        "goals": [{"metric": g["metric"], "direction": g["direction"],
+                   "target_ratio": g["target_ratio"] if g["target_ratio"] is not None else 1.0}
+                  for g in p["goals"]]}
+    start = time.monotonic()
+    camp = await st.call("validate_campaign", args,
+                         progress=lambda m, f: say(f"execution: {m}", 0.15 + 0.7 * f))
+    rep.campaign_id = camp["job_id"]
+    kids = {k["name"]: k for k in (camp.get("result") or {}).get("children", [])}
+    for res in rep.candidates:
+        v, check = kids.get(f"validate:{res.label}"), kids.get(f"verify:{res.label}")
+        if v is None or v["state"] != "succeeded":
+            first = check if check and check["state"] != "succeeded" else v or {}  # what ended it
+            why = first.get("error") or first.get("state")
+            res.error = (f"skipped: the budget ({req.budget_s:.0f} s) is spent" if
+                         (why or "").startswith("budget exhausted") else why or "not run")
+            res.report_id = (check or {}).get("report_id")
+            continue
+        r = await st.call("get_report", {"report_id": v["report_id"]})
+        res.job_id, res.report_id, res.passed, res.status = v["id"], r["id"], r["passed"], r["status"]
+        res.figures = figures(r.get("layer2"))
+        res.warnings = (r.get("layer2") or {}).get("warnings", [])
+        res.score = goal_score(res.figures, rep.goals, rep._measures)
+        res.worst = goal_score(res.figures, rep.goals, rep._measures, worst=True)
+        if res.passed and (rep.winner is None or _better(res, rep)):
+            rep.winner, rep.winner_label = res.report_id, res.label
+    rep.campaign_seconds = round(time.monotonic() - start, 1)
+    if rep.winner:  # only the winner gets a (single-use) deployment token
+        win = next(c for c in rep.candidates if c.report_id == rep.winner)
+        rep.token = ((await st.call("get_job", {"job_id": win.job_id})).get("validation") or {}).get("token")
+    if all(c.error and not c.report_id for c in rep.candidates):
+        raise InfrastructureError("no candidate could be validated: " + rep.candidates[0].error,
+                                  "check the sandbox with `schedcp sandbox info`")
+    passed = [c for c in rep.candidates if c.passed]
+    if not passed:
+        rep.why = ("no candidate passed the sandbox's gates, so the default scheduler stays "
+                   "(a valid outcome): " + "; ".join(f"{c.label}: {c.error or c.status}"
+                                                       for c in rep.candidates))
+        return
+    win = next(c for c in passed if c.report_id == rep.winner)
+    others = [c for c in passed if c is not win]
+    figs = ", ".join(f"{f.metric} {in_words(f.speedup)} than the default ({f.verdict}, interval {f.interval})"
+                     for f in win.figures if f.ratio)
+    # scores are mean log(candidate/baseline) (lower = better, what ranks); shown the one way:
+    # log vs default, > 0 = better
+    rep.why = (f"{win.label} passed every gate and has the best worst case: mean log vs default "
+               f"{-win.worst:+.3f} at the unfavourable end of its intervals ({-win.score:+.3f} at the "
+               f"median; > 0 = better than the default): {figs}"
+               + (f"; beat {', '.join(f'{o.label} ({-o.worst:+.3f})' for o in others)}" if others else "")
+               + ".")
+    if req.target == "host":
+        rep.host_command = (f'schedcp deploy --token "$(schedcp token {win.report_id} --target host)"'
+                            " --target host")
+        rep.outcome = "ready_for_host"
+        return
+    say(f"execution: deploying {win.label} to the sandbox staging VM", 0.87)
+    try:
+        d = await st.call("deploy", {"token": rep.token, "target": "sandbox",
+                                     "interval_s": max(2.0, min(10.0, req.watch_s / 3 or 5))})
+    except ToolFailed as e:
+        rep.why += f" Deploying it to the sandbox staging VM failed: {e.message}"
+        return
+    dep = d["deployment"]
+    if req.watch_s:
+        say(f"execution: monitor watching {dep['id']} for {req.watch_s:.0f} s", 0.9)
+        await anyio.sleep(req.watch_s)
+    status = await st.call("get_status")
+    dep = next((x for x in status.get("deployments", []) if x["id"] == dep["id"]), dep)
+    rep.deployment = {k: dep.get(k) for k in ("id", "status", "target", "policy", "params",
+                                              "baseline", "end_reason")}
+    rep.deployment["readings"] = len(dep.get("readings") or [])
+    rep.outcome = "deployed" if dep.get("status") == "active" else "kept_default"
+    if rep.outcome != "deployed":
+        rep.why += f" The staging deployment did not stay active: {dep.get('end_reason')}."
+    rep.host_command = (f'schedcp deploy --token "$(schedcp token {win.report_id} --target host)"'
+                        " --target host")
+
+
+def _better(res: CandidateResult, rep: OptimizeReport) -> bool:
+    """By the A/B intervals: the better worst case wins; the median ratios break a tie."""
+    cur = next((c for c in rep.candidates if c.report_id == rep.winner), None)
+    if cur is None or cur.worst is None:
+        return True
+    key = lambda c: (c.worst if c.worst is not None else math.inf,  # noqa: E731
+                     c.score if c.score is not None else math.inf)
+    return key(res) < key(cur)
+
+
+async def learn(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
+    say("learning: feedback and repository update", 0.95)
+    subjects = ([rep.deployment["id"]] if rep.deployment else []) + \
+        [c.report_id for c in rep.candidates if c.report_id]
+    for sid in subjects:
+        try:
+            fb = await st.call("get_feedback", {"subject_id": sid})
+        except ToolFailed as e:
+            rep.feedback.append(f"{sid}: {e.message}")
+            continue
+        rep.feedback.append(fb["summary"])
+        if fb.get("outcome_id"):
+            rep.outcome_ids.append(fb["outcome_id"])
+    win = next((c for c in rep.candidates if c.report_id and c.report_id == rep.winner), None)
+    if win is not None and (win.params or not win.policy):
+        fb = await st.call("get_feedback", {"subject_id": win.report_id})
+        if fb["goals_met"]:
+            base = win.policy or "custom"
+            name = f"{base}_{rep.workloads[0]}_{win.report_id.split('-')[-1][:6]}"[:31]
+            desc = (f"{win.label}, found by schedcp optimize for {', '.join(rep.workloads)} "
+                    f"(profile {rep.profile_id}): {rep.why}")
+            try:
+                p = await st.call("contribute_policy", {"report_id": win.report_id, "name": name,
+                                                        "description": desc})
+                rep.contributed = p.get("name", name)
+            except ToolFailed as e:
+                rep.feedback.append(f"not contributed: {e.message}")
+    hits = (await st.call("search_policies", {"query": rep.query, "profile_id": rep.profile_id,
+                                              "limit": 3}))["hits"]
+    rep.ranking_after = [f"{h['name']} ({h['score']:.2f}: {h['reason']})" for h in hits]
+
+
+# --- running it ------------------------------------------------------------------------------------
+
+def server_params(req: OptimizeRequest) -> StdioServerParameters:
+    args = ["-m", "schedcp_mcp", "serve"]
+    if req.command:  # the human asked for exactly this command: the server may run it, no other
+        args += ["--allow-exact-command", shlex.join(req.command)]
+    return StdioServerParameters(command=sys.executable, args=args, env=dict(os.environ),
+                                 cwd=str(Path.cwd()))
+
+
+async def run(req: OptimizeRequest, progress: Progress | None = None) -> OptimizeReport:
+    say = progress or (lambda m, f=0.0: None)
+    if req.command is not None and req.workloads:
+        raise BadInput("give sandbox workloads or a host command, not both",
+                       "schedcp optimize --workload hackbench, or schedcp optimize -- CMD …")
+    # every check that needs no VM, before the server starts (a host command's workloads are
+    # matched later: only its goals' ratios can be checked now)
+    if req.command is None:
+        check_layer2_request(req.goals, req.workloads or None, req.rounds, None)
+    for g in req.goals:
+        check_goal_ratio(g)
+    allowed = {role: agents.allowlist(role) for role in agents.ROLES}
+    rep = OptimizeReport(started_at=time.time(), request=req)
+    t0 = time.monotonic()
+    try:
+        await _stages(req, rep, allowed, say, t0)
+    except BaseExceptionGroup as eg:  # the client's task group wraps what a stage raised
+        raise _first(eg) from None
+    rep.seconds = round(time.monotonic() - t0, 1)
+    write_outputs(rep)
+    say("done", 1.0)
+    return rep
+
+
+def _first(eg: BaseExceptionGroup) -> BaseException:
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            return _first(e)
+        return e
+    return eg
+
+
+async def _stages(req: OptimizeRequest, rep: OptimizeReport, allowed: dict[str, set[str]],
+                  say: Progress, t0: float) -> None:
+    async with AsyncExitStack() as stack:
+        say("starting the schedcp MCP server", 0.0)
+        r, w = await stack.enter_async_context(stdio_client(server_params(req)))
+        session = await stack.enter_async_context(ClientSession(r, w))
+        await session.initialize()
+        have = {t.name for t in (await session.list_tools()).tools}
+        for role, tools in allowed.items():
+            if tools - have:
+                raise InfrastructureError(
+                    f"the {role} agent definition names tools this server lacks: "
+                    f"{', '.join(sorted(tools - have))}", "run `schedcp agents generate`")
+        stages = {role: Stage(session, role, allowed[role]) for role in agents.ROLES}
+        try:
+            await observe(stages["observation"], req, rep, say)
+            await plan(stages["planning"], req, rep, say)
+            await execute(stages["execution"], req, rep, say, t0)
+            await learn(stages["learning"], req, rep, say)
+        finally:
+            rep.calls = {role: s.calls for role, s in stages.items()}
+
+
+def write_outputs(rep: OptimizeReport) -> None:
+    out = Path(rep.request.out_dir) if rep.request.out_dir else \
+        config.home() / "optimize" / (rep.plan_id or time.strftime("run-%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    rep.json_path = str(out / "report.json")
+    rep.chart_path = str(out / "chart.png") if any(c.figures for c in rep.candidates) else None
+    if rep.chart_path and not has_matplotlib():
+        rep.chart_path = None  # the chart is optional: `pip install 'schedcp[charts]'`
+    if rep.chart_path:
+        chart(rep, Path(rep.chart_path))
+    Path(rep.json_path).write_text(rep.model_dump_json(indent=2) + "\n")
+
+
+def has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def chart(rep: OptimizeReport, path: Path) -> None:
+    """Each candidate vs the default scheduler per workload (> 1 = better, the one convention)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cands = [c for c in rep.candidates if c.figures]
+    wls = list(dict.fromkeys(f.workload for c in cands for f in c.figures))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cands) * len(wls)), 4.2))
+    width = 0.8 / max(1, len(wls))
+    for j, wl in enumerate(wls):
+        xs, ys, colors = [], [], []
+        for i, c in enumerate(cands):
+            f = next((f for f in c.figures if f.workload == wl), None)
+            if f is None or not f.ratio:
+                continue
+            xs.append(i + j * width)
+            ys.append(f.speedup)
+            colors.append("tab:green" if c.report_id == rep.winner else
+                          ("tab:blue" if c.passed else "tab:gray"))
+        bars = ax.bar(xs, ys, width, color=colors, label=wl)
+        for b, y in zip(bars, ys):
+            ax.annotate(f"{wl}\n{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center",
+                        va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    ax.set_xticks([i + width * (len(wls) - 1) / 2 for i in range(len(cands))])
+    ax.set_xticklabels([c.label + ("\n(winner)" if c.report_id == rep.winner else
+                                   "\n(passed)" if c.passed else "\n(failed)") for c in cands],
+                       fontsize=8)
+    ax.set_ylabel("vs default scheduler\n(> 1 is better)")
+    ax.set_title(f"schedcp optimize {', '.join(rep.workloads)} — same-boot A/B medians", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(rep: OptimizeReport, console) -> None:
+    """The human-readable report."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.print(f"[bold]schedcp optimize[/bold] — {rep.seconds:.0f} s, target {rep.request.target}")
+    console.print(f"[bold]host[/bold]: {escape(rep.host_note)}")
+    console.print(f"[bold]observation[/bold]: profile {rep.profile_id}: {escape(rep.profile_summary)}")
+    for r in rep.workload_reasons:
+        console.print(f"  workload {escape(r)}")
+    console.print("  goals: " + ", ".join(f"{g.metric} {'<=' if g.direction == 'lower' else '>='} "
+                                          f"{g.target_ratio}x" for g in rep.goals))
+    console.print(f"[bold]planning[/bold]: plan {rep.plan_id}, strategy {rep.strategy}: "
+                  f"{escape(rep.rationale)}")
+    t = Table("candidate", "report", "workload", "baseline", "candidate", "vs default", "95% interval",
+              "verdict", "result", title="execution: sandbox A/B against the default scheduler "
+                                           "(same boot; vs default: > 1 = better)")
+    for c in rep.candidates:
+        result = ("[green]WINNER[/green]" if c.report_id and c.report_id == rep.winner else
+                  "passed" if c.passed else "[red]skipped[/red]" if c.error and not c.report_id
+                  else "[red]failed[/red]")
+        if not c.figures:
+            t.add_row(escape(c.label), c.report_id or "-", "-", "-", "-", "-", "-", "-", result)
+        for k, f in enumerate(c.figures):
+            t.add_row(escape(c.label) if k == 0 else "", (c.report_id or "-") if k == 0 else "",
+                      f.workload, f"{f.baseline:.4g} {f.unit}" if f.baseline is not None else "-",
+                      f"{f.candidate:.4g}" if f.candidate is not None else "-",
+                      in_words(f.speedup) if f.ratio else "-", f.interval,
+                      f.verdict, result if k == 0 else "")
+    console.print(t)
+    if rep.campaign_id:
+        console.print(f"  validated as one campaign of supervised jobs: {rep.campaign_id} "
+                      f"({rep.campaign_seconds:.0f} s; `schedcp jobs show {rep.campaign_id}`)")
+    for c in rep.candidates:
+        if not c.passed:
+            console.print(f"  [red]{escape(c.label)}[/red]: {escape(c.error or c.status)}")
+    colour = "green" if rep.exit_code == 0 else "yellow"
+    console.print(f"[{colour}]{'winner' if rep.winner else 'no winner'}[/{colour}]: {escape(rep.why)}")
+    if rep.deployment:
+        d = rep.deployment
+        console.print(f"[bold]deployment[/bold]: {d['id']} of {d['policy']} on {d['target']}: "
+                      f"{d['status']}, baseline {d['baseline']}, {d['readings']} monitor reading(s)"
+                      + (f" ({escape(str(d['end_reason']))})" if d.get("end_reason") else ""))
+    if rep.token and rep.request.target == "sandbox" and rep.deployment:
+        console.print("  (its single-use sandbox token was spent by that deploy)")
+    if rep.host_command:
+        console.print("[bold]host[/bold] (a human decides; needs a sched_ext kernel and root):")
+        console.print(f"  {escape(rep.host_command)}")
+    for f in rep.feedback:
+        console.print(f"[bold]feedback[/bold]: {escape(f)}")
+    if rep.contributed:
+        console.print(f"[bold]repository[/bold]: contributed policy {rep.contributed}")
+    if rep.ranking_after:
+        console.print("[bold]ranking now[/bold]: " + escape(" > ".join(rep.ranking_after[:3])))
+    if rep.deployment and rep.outcome == "deployed":
+        console.print("The staging VM keeps running it under the monitor (`schedcp status`); end it "
+                      "with `schedcp rollback` and `schedcp sandbox stop`.")
+    console.print(f"report {rep.json_path}" + (f", chart {rep.chart_path}" if rep.chart_path else ""))

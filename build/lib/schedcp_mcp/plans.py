@@ -1,0 +1,112 @@
+"""OptimizationPlan: the planning agent's stored decision, handed to the execution agent by id.
+
+A plan says which workload profile it serves, which sandbox workloads will judge the candidates,
+the goals, the strategy (reconfigure an existing policy, revise one, or generate a new one) with the
+reason for it, and the candidates in the order to try them. Records are stored like every other
+(kind "plan" in the records table), so no migration is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from . import store
+from .candidates import check_goals_measurable, measurable_goals
+from .errors import BadInput
+from .models import Goal
+from .observe.profile import get_profile
+from .reports import get_report
+from .repository.policies import get_policy
+from .validate.workloads import get_workloads
+
+KIND = "plan"
+Strategy = Literal["reconfigure", "revise", "generate"]
+#: the order planning prefers: cheapest and best-known first (see agents/planning.md)
+STRATEGY_ORDER: tuple[Strategy, ...] = ("reconfigure", "revise", "generate")
+
+
+class PlannedCandidate(BaseModel):
+    policy: str | None = Field(None, description="a repository policy, run with `params`")
+    params: dict[str, str] = Field({}, description="parameters by name (policy) or const volatile "
+                                                   "(report/source)")
+    report_id: str | None = Field(None, description="or: a report from submit_scheduler (e.g. a "
+                                                    "revised or generated source already through layer 1)")
+    source: str | None = Field(None, description="or: BPF C source written for this plan")
+    strategy: Strategy = Field(description="how this candidate came about")
+    why: str = Field(description="why it is worth trying for this profile")
+
+    @model_validator(mode="after")
+    def _one_artifact(self) -> "PlannedCandidate":
+        if sum(x is not None for x in (self.policy, self.report_id, self.source)) != 1:
+            raise ValueError("a candidate names exactly one of policy, report_id or source")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.policy:
+            ps = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+            return self.policy + (f"[{ps}]" if ps else "")
+        return self.report_id or "source"
+
+
+class OptimizationPlan(BaseModel):
+    id: str
+    created_at: float = Field(default_factory=time.time)
+    profile_id: str
+    workloads: list[str] = Field(description="sandbox workloads that judge the candidates")
+    goals: list[Goal]
+    strategy: Strategy
+    rationale: str = Field(description="why this strategy and these candidates")
+    candidates: list[PlannedCandidate]
+    budget_s: float | None = Field(None, description="wall-clock budget for executing the plan")
+    author: str = "agent"
+
+
+def create_plan(profile_id: str, workloads: list[str], goals: list[Goal] | None, strategy: str,
+                rationale: str, candidates: list[PlannedCandidate], budget_s: float | None = None,
+                author: str = "agent") -> OptimizationPlan:
+    """Check a plan against what exists (profile, policies and their parameters, reports, workloads,
+    goals the workloads measure) and store it. A plan that could not run is refused now, not
+    minutes into a validation. No goals: the profile's goals that the workloads measure."""
+    prof = get_profile(profile_id)
+    if strategy not in STRATEGY_ORDER:
+        raise BadInput(f"unknown strategy {strategy!r}", "one of: " + ", ".join(STRATEGY_ORDER))
+    if not rationale.strip():
+        raise BadInput("a plan needs a rationale", "say why this strategy and these candidates")
+    if not candidates:
+        raise BadInput("a plan needs at least one candidate",
+                       "find one with search_policies, or write one")
+    if not workloads:
+        raise BadInput("a plan needs at least one sandbox workload", "see list_workloads")
+    chosen = get_workloads(workloads)
+    goals = goals if goals else measurable_goals(prof.goals, workloads)
+    check_goals_measurable(goals, chosen)
+    for c in candidates:
+        if c.policy:
+            p = get_policy(c.policy)
+            if p.kind != "schedcp":
+                raise BadInput(f"{c.policy} is a catalogued scx scheduler, not one the sandbox can "
+                               "build", "choose a schedcp policy (search_policies kind 'schedcp')")
+            p.resolve_params(c.params)
+        elif c.report_id:
+            r = get_report(c.report_id)
+            if not r.passed_layer1:
+                raise BadInput(f"report {r.id} did not pass layer 1 ({r.status})",
+                               "fix the source and submit it again")
+    plan = OptimizationPlan(id=store.new_id("plan"), profile_id=profile_id, workloads=workloads,
+                            goals=goals, strategy=strategy, rationale=rationale.strip(),
+                            candidates=candidates, budget_s=budget_s, author=author)
+    store.put(KIND, plan, ref=profile_id)
+    return plan
+
+
+def get_plan(plan_id: str) -> OptimizationPlan:
+    return store.require(KIND, plan_id, OptimizationPlan, "optimization plan",
+                         "the planning stage creates one with create_plan")
+
+
+def list_plans(limit: int = 20, profile_id: str | None = None) -> list[OptimizationPlan]:
+    return store.list_records(KIND, OptimizationPlan, ref=profile_id, limit=limit)

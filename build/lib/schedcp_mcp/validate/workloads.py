@@ -1,0 +1,216 @@
+"""The sandbox's benchmark workloads: what runs in the guest, the metric it reports, and its parser.
+
+Each run is sized to take roughly 0.3-1.3 s in a 2-vCPU qemu TCG guest. Every workload runs several
+times per side per round (`reps`: three, hackbench five) and the round's figure is their median: in
+A/A runs here one run in a few dozen came out far off when the host hiccuped (stress-ng --cpu at half
+its rate, a hackbench 35 % slow, a wakeup probe's mean wait 15 or 34 µs among runs of 20-26 µs), and
+as one pair of a few that single run decided the interval. hackbench five: with its two sides back to
+back its A/A pair sd stayed ~0.1 with three runs while the others fell to 0.01-0.08. After the minimum
+rounds a validation measures only the workloads still open (runner._next_round).
+Parsers take the combined stdout+stderr of one run and return
+{metric: value}; they raise ValueError with the offending text when the output is not what the tool
+prints, which the runner reports as the workload's own error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+from .. import config
+from ..errors import BadInput, InfrastructureError
+from .models import Workload
+
+PROBE_SRC = Path(__file__).parent / "probe.c"
+PROBE_GUEST = "/run/l2/schedcp-probe"
+
+# A parallel "build": 48 short jobs, 4 at a time (make -j4 on 2 vCPUs), each a fresh shell doing a
+# little arithmetic and piping into another process — the fork/exec/exit/wait churn of a build
+# without a compiler in the guest.
+_BUILD_JOB = 'x=0; for i in 1 2 3 4 5 6 7 8; do x=$((x+i*$0)); done; echo $0 $x | md5sum >/dev/null'
+
+WORKLOADS: list[Workload] = [
+    Workload(
+        name="hackbench", description="hackbench: 2 groups x 40 tasks passing messages over sockets, 60 loops "
+        "(wakeup-heavy, many more tasks than CPUs)",
+        command="hackbench -g 2 -l 60", metric="messaging_time_s", unit="s", direction="lower",
+        parser="hackbench", goal_metrics=["wall_time_s"], requires=["hackbench"], reps=5),
+    Workload(
+        name="pipe", description="perf bench sched pipe: two tasks ping-pong over a pipe "
+        "(pure wakeup/context-switch cost)",
+        command="perf bench sched pipe -l 10000", metric="pipe_time_s", unit="s", direction="lower",
+        parser="perf_pipe", goal_metrics=["wall_time_s"], requires=["perf"], reps=3),
+    Workload(
+        name="wakeup", description="schedcp-probe: on each vCPU one CPU hog and 4 sleepers that wake every "
+        "1 ms (phases spread over the period), threads pinned, 1 s; mean run-queue wait per wakeup "
+        "(schedstat run_delay: woken → running), p99 as a secondary figure",
+        command="$PROBE wakeup -P -t 8 -H 2 -p 1000 -d 1000", metric="mean_wakeup_latency_us", unit="us",
+        direction="lower", parser="probe_wakeup",
+        goal_metrics=["wakeup_latency_us", "mean_wakeup_latency_us", "p99_wakeup_latency_us", "latency"], reps=3),
+    Workload(
+        name="build", description="build-like: 48 short shell jobs, 4 in parallel, each forking and "
+        "exec'ing (make -j4 without a compiler)",
+        command=f"$PROBE time sh -c 'seq 1 48 | xargs -P 4 -n 1 sh -c \"{_BUILD_JOB}\"'",
+        metric="build_time_s", unit="s", direction="lower", parser="probe_time",
+        goal_metrics=["wall_time_s", "throughput"], reps=3),
+    Workload(
+        name="cpu", description="stress-ng --cpu: 4 CPU-bound workers on 2 vCPUs for 1 s; bogo ops/s",
+        command="stress-ng --cpu 4 --cpu-method int64 -t 1 --metrics-brief", metric="cpu_bogo_ops_per_s",
+        unit="bogo ops/s", direction="higher", parser="stress_ng_cpu", goal_metrics=["throughput"],
+        requires=["stress-ng"], reps=3),
+]
+
+
+def list_workloads() -> list[Workload]:
+    return [w.model_copy() for w in WORKLOADS]
+
+
+def host_commands() -> list[list[str]]:
+    """The workloads' commands that also run on a host as they are (no guest-only $PROBE): an MCP
+    client may profile these without the operator allowing commands."""
+    import shlex
+
+    return [shlex.split(w.command) for w in WORKLOADS if "$" not in w.command]
+
+
+def get_workloads(names: list[str] | None) -> list[Workload]:
+    """The named workloads (all when None/empty); an unknown name is a BadInput listing the known ones."""
+    if not names:
+        return list_workloads()
+    known = {w.name: w for w in WORKLOADS}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise BadInput(f"unknown workload(s): {', '.join(missing)}", hint=f"known: {', '.join(known)}")
+    return [known[n].model_copy() for n in names]
+
+
+# ---------------------------------------------------------------- parsers
+
+def _num(pattern: str, text: str, what: str) -> float:
+    m = re.search(pattern, text, re.M)
+    if not m:
+        raise ValueError(f"no {what} in output: {text.strip()[-300:]!r}")
+    return float(m.group(1))
+
+
+def _json_line(text: str) -> dict:
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            return json.loads(line)
+    raise ValueError(f"no JSON result line in output: {text.strip()[-300:]!r}")
+
+
+def parse_hackbench(text: str) -> dict[str, float]:
+    """hackbench (rt-tests) ends with `Time: 1.124`; perf bench sched messaging with
+    `Total time: 0.477 [sec]` — either is accepted."""
+    m = re.search(r"^\s*Time:\s*([0-9.]+)\s*$", text, re.M)
+    if m:
+        return {"messaging_time_s": float(m.group(1))}
+    return {"messaging_time_s": _num(r"Total time:\s*([0-9.]+)\s*\[sec\]", text, "hackbench time")}
+
+
+def parse_perf_pipe(text: str) -> dict[str, float]:
+    out = {"pipe_time_s": _num(r"Total time:\s*([0-9.]+)\s*\[sec\]", text, "perf bench pipe total time")}
+    m = re.search(r"([0-9.]+)\s+usecs/op", text)
+    if m:
+        out["pipe_usecs_per_op"] = float(m.group(1))
+    m = re.search(r"([0-9.]+)\s+ops/sec", text)
+    if m:
+        out["pipe_ops_per_s"] = float(m.group(1))
+    return out
+
+
+def parse_probe_wakeup(text: str) -> dict[str, float]:
+    """The primary figure is the mean run-queue wait per wakeup (schedstat run_delay: runnable →
+    running; the kernel's own "average wait" is run_delay/pcount), what the scheduler decides. Why the
+    mean and not p99: under the default scheduler a wakeup either preempts the hog at once (~5 µs) or
+    waits for the next tick (~1 ms, about 1 % of wakeups), so the p99 sits on the edge between those
+    modes and jumped between ~100 µs and ~1 ms from run to run (A/A per-run log sd 0.2-1.1, against
+    0.07 for the mean, which counts both modes in proportion). p50/p90/p99/max stay as secondary
+    figures; deadline → running (adding the timer interrupt's own lateness, most of a tick under TCG
+    whichever scheduler runs) as p*_timer_wakeup_us."""
+    d = _json_line(text)
+    if not d.get("samples"):
+        raise ValueError(f"the wakeup probe recorded no samples: {d}")
+    if "rq_mean_us" not in d:
+        raise ValueError(f"the wakeup probe printed no run-queue figures (an old probe?): {d}")
+    return {"mean_wakeup_latency_us": float(d["rq_mean_us"]), "p99_wakeup_latency_us": float(d["rq_p99_us"]),
+            "p50_wakeup_latency_us": float(d["rq_p50_us"]), "p90_wakeup_latency_us": float(d["rq_p90_us"]),
+            "max_wakeup_latency_us": float(d["rq_max_us"]), "p99_timer_wakeup_us": float(d["p99_us"]),
+            "p50_timer_wakeup_us": float(d["p50_us"]), "hog_loops": float(d["hog_loops"])}
+
+
+def parse_probe_time(text: str) -> dict[str, float]:
+    d = _json_line(text)
+    if d.get("rc"):
+        raise ValueError(f"the timed command exited with {d['rc']}: {text.strip()[-300:]!r}")
+    return {"build_time_s": float(d["elapsed_s"])}
+
+
+def parse_stress_ng_metrics(text: str) -> dict[str, dict[str, float]]:
+    """stress-ng --metrics-brief lines: `stress-ng: metrc: [pid] cpu  1373  1.00  0.54  0.00  1368.41  2515.33`
+    → {stressor: {bogo_ops, real_time_s, bogo_ops_per_s}} (per stressor type, summed over instances)."""
+    rows: dict[str, dict[str, float]] = {}
+    pat = re.compile(r"(?:metrc|info):\s*\[\d+\]\s+([a-z][\w-]*)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)"
+                     r"\s+([0-9.]+)")
+    for line in text.splitlines():
+        m = pat.search(line)
+        if m:
+            rows[m.group(1)] = {"bogo_ops": float(m.group(2)), "real_time_s": float(m.group(3)),
+                                "bogo_ops_per_s": float(m.group(6))}
+    return rows
+
+
+def parse_stress_ng_cpu(text: str) -> dict[str, float]:
+    rows = parse_stress_ng_metrics(text)
+    if "cpu" not in rows:
+        raise ValueError(f"no cpu stressor metrics in stress-ng output: {text.strip()[-300:]!r}")
+    return {"cpu_bogo_ops_per_s": rows["cpu"]["bogo_ops_per_s"], "cpu_bogo_ops": rows["cpu"]["bogo_ops"]}
+
+
+PARSERS: dict[str, Callable[[str], dict[str, float]]] = {
+    "hackbench": parse_hackbench,
+    "perf_pipe": parse_perf_pipe,
+    "probe_wakeup": parse_probe_wakeup,
+    "probe_time": parse_probe_time,
+    "stress_ng_cpu": parse_stress_ng_cpu,
+}
+
+
+def parse(workload: Workload, text: str) -> dict[str, float]:
+    """{metric: value} for one run; the workload's primary metric is always present (else ValueError)."""
+    out = PARSERS[workload.parser](text)
+    if workload.metric not in out:
+        raise ValueError(f"{workload.name}: parser gave no {workload.metric}")
+    return out
+
+
+# ---------------------------------------------------------------- the probe binary
+
+def ensure_probe() -> Path:
+    """The static schedcp-probe binary, compiled by the sandbox toolchain (gcc in the trixie chroot) and
+    cached under the sandbox dir by the hash of its source."""
+    src = PROBE_SRC.read_bytes()
+    digest = hashlib.sha256(src).hexdigest()[:16]
+    out = config.sandbox_dir() / "validate" / f"schedcp-probe-{digest}"
+    if out.exists():
+        return out
+    from ..sandbox import toolchain  # the sandbox owns the compiler; imported late to keep parsers light
+
+    argv = ["gcc", "-O2", "-Wall", "-static", "-pthread", "-o", "schedcp-probe", "probe.c"]
+    res = toolchain.run(argv, workdir_files={"probe.c": src}, timeout_s=120, mem_mb=1024,
+                        outputs=["schedcp-probe"])
+    binary = res.outputs.get("schedcp-probe")
+    if res.rc != 0 or not binary:
+        raise InfrastructureError(f"compiling schedcp-probe failed (exit {res.rc}): {res.stderr[-1500:]}",
+                                  hint="check the sandbox toolchain with `schedcp sandbox build`")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(binary)
+    tmp.chmod(0o755)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,238 @@
+"""Compile BPF C into an object with clang in the sandbox toolchain, and read clang's diagnostics.
+
+The compiler runs through `sandbox.toolchain.run`: in a jail holding nothing but the toolchain, the
+allowlisted include directories and the work directory (no host file, no /etc, no /proc), without
+network, with time and memory limits. Only the allowlisted include directories are searched
+(`-nostdinc`, the image's `/opt/schedcp/include` holding vmlinux.h, bpf/, scx/, asm-generic/errno*.h),
+plus the operator's trusted directories, copied into the work directory (a symlink in them that
+leads outside is refused). Two steps: the preprocessor runs first and its output — where every
+macro, `_Pragma` and string trick is expanded — is checked (`source_check.check_preprocessed`: inline
+assembly with escapes decoded, only allowlisted directives and pragmas; every file opened, from
+`-MD`, inside the allowed directories); only then is it compiled (same inputs, same jail: the
+compiler sees the checked text).
+
+For the host target the object is compiled against a vmlinux.h generated from the host's own BTF
+(`host_vmlinux_h`), put first on the include path as `target/vmlinux.h`.
+
+Most of a compile is clang parsing vmlinux.h (~3 MB). A precompiled `scx/common.bpf.h` halved the
+compile, but clang 19 then leaves the BTF of extern kfuncs declared in the header out of the object
+(libbpf: "failed to find BTF for extern 'bpf_iter_scx_dsq_destroy'"), so every compile parses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import config
+from ..errors import BadInput, InfrastructureError
+from ..sandbox import toolchain
+from .models import VerifyError
+from .source_check import check_preprocessed
+
+SOURCE_NAME = "source.bpf.c"
+OBJECT_NAME = "source.bpf.o"
+DEPS_NAME = "source.d"
+PREPROCESSED_NAME = "source.i"
+TARGET_HEADER_DIR = "target"  # in the work dir: the target kernel's vmlinux.h, when not the sandbox's
+MAX_TRUSTED_FILES = 500
+MAX_TRUSTED_BYTES = 16 * 1024 * 1024
+
+_DIAG = re.compile(r"^(?P<file>[^\s:][^:\n]*):(?P<line>\d+):(?P<col>\d+): "
+                   r"(?P<sev>fatal error|error|warning|note): (?P<msg>.*)$")
+
+
+@dataclass
+class CompileResult:
+    ok: bool
+    object: bytes | None = None
+    errors: list[VerifyError] = field(default_factory=list)
+    warnings: list[VerifyError] = field(default_factory=list)
+    stderr: str = ""
+    seconds: float = 0.0
+    opened: list[str] = field(default_factory=list)  # files clang read (from -MD)
+
+    @property
+    def object_sha256(self) -> str | None:
+        return hashlib.sha256(self.object).hexdigest() if self.object else None
+
+
+def parse_diagnostics(stderr: str, source_lines: list[str] | None = None,
+                      source_name: str = SOURCE_NAME) -> list[VerifyError]:
+    """clang's `file:line:col: severity: message` lines, with the source line as the snippet."""
+    out: list[VerifyError] = []
+    lines = stderr.splitlines()
+    for i, ln in enumerate(lines):
+        m = _DIAG.match(ln)
+        if not m:
+            continue
+        sev = "error" if "error" in m["sev"] else m["sev"]
+        line_no = int(m["line"])
+        snippet = None
+        if source_lines is not None and Path(m["file"]).name == source_name and 0 < line_no <= len(source_lines):
+            snippet = source_lines[line_no - 1].rstrip()
+        elif i + 1 < len(lines) and re.match(r"^\s*\d+ \| ", lines[i + 1]):
+            snippet = lines[i + 1].split("| ", 1)[1].rstrip()
+        out.append(VerifyError(stage="compile", code="clang", severity=sev, message=m["msg"],
+                               file=m["file"], line=line_no, column=int(m["col"]), snippet=snippet))
+    return out
+
+
+def _trusted_files(dirs: tuple[Path, ...]) -> tuple[dict[str, bytes], list[str]]:
+    """Headers of the operator-trusted include dirs, to copy into the work dir as trusted/<i>/."""
+    files: dict[str, bytes] = {}
+    flags: list[str] = []
+    total = 0
+    for i, d in enumerate(dirs):
+        d = Path(d).resolve()
+        if not d.is_dir():
+            raise InfrastructureError(f"trusted include directory {d} does not exist")
+        flags.append(f"-Itrusted/{i}")
+        for p in sorted(d.rglob("*.h")):
+            real = p.resolve()
+            if not real.is_relative_to(d):  # a symlink out of the directory: never follow it
+                raise BadInput(f"{p} in trusted include directory {d} is a symlink to {real}, "
+                               "outside that directory; refused",
+                               "copy the header into the directory instead of linking it")
+            if not real.is_file():
+                continue
+            total += p.stat().st_size
+            if len(files) >= MAX_TRUSTED_FILES or total > MAX_TRUSTED_BYTES:
+                raise InfrastructureError(f"trusted include directory {d} is too big "
+                                          f"(> {MAX_TRUSTED_FILES} headers or {MAX_TRUSTED_BYTES >> 20} MiB)")
+            files[f"trusted/{i}/{p.relative_to(d)}"] = real.read_bytes()
+    return files, flags
+
+
+def _deps(text: str) -> list[str]:
+    """Paths from a make-style dependency file (`obj: a.c b.h \\`)."""
+    body = text.replace("\\\n", " ")
+    body = body.split(":", 1)[1] if ":" in body else ""
+    return [p.replace("\\ ", " ") for p in re.findall(r"(?:\\ |\S)+", body)]
+
+
+def _base_argv(manifest, first_includes: list[str] = ()) -> list[str]:
+    # Without address-space randomisation clang's output does not depend on where it ran
+    # (belt and braces: with -ffile-compilation-dir objects were already reproducible here).
+    norandom = ["setarch", "x86_64", "-R"] if Path(manifest.paths.rootfs, "usr/bin/setarch").exists() else []
+    return [*norandom, "clang", *manifest.toolchain.cflags, "-fno-color-diagnostics", "-fno-trigraphs",
+            "-ffile-compilation-dir=.",  # reproducible: no random work dir in the DWARF
+            *[f"-I{d}" for d in [*first_includes, *manifest.toolchain.include_dirs]]]
+
+
+def host_vmlinux_h(btf_path: Path) -> bytes:
+    """vmlinux.h for the host kernel, from its BTF (`/sys/kernel/btf/vmlinux`), made with the
+    toolchain's bpftool and kept under $SCHEDCP_HOME/host/ by the BTF's hash."""
+
+    try:
+        btf = btf_path.read_bytes()
+    except OSError as e:
+        raise InfrastructureError(f"cannot read the host kernel's BTF {btf_path}: {e}",
+                                  "the host kernel needs CONFIG_DEBUG_INFO_BTF; use --target sandbox") from e
+    out = config.home() / "host" / f"vmlinux-{hashlib.sha256(btf).hexdigest()[:16]}.h"
+    if out.exists():
+        return out.read_bytes()
+    res = toolchain.run(["sh", "-c", "bpftool btf dump file vmlinux.btf format c > vmlinux.h"],
+                        workdir_files={"vmlinux.btf": btf}, outputs=["vmlinux.h"], timeout_s=120)
+    header = res.outputs.get("vmlinux.h")
+    if res.rc != 0 or not header:
+        raise InfrastructureError(f"bpftool could not turn {btf_path} into vmlinux.h: "
+                                  f"{res.stderr.strip()[-300:] or f'exit {res.rc}'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # concurrent verifies
+    tmp.write_bytes(header)
+    tmp.replace(out)
+    return header
+
+
+def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, ...] = (),
+                   timeout_s: float = 60, mem_mb: int = 2048,
+                   vmlinux_h: bytes | None = None) -> CompileResult:
+    """Compile `source` (already through `source_check`) with the image's clang and flags.
+    `vmlinux_h` replaces the sandbox kernel's (the host target gives the host's)."""
+
+    files, trusted_flags = _trusted_files(tuple(trusted_include_dirs))
+    files[SOURCE_NAME] = source.encode()
+    first = []
+    if vmlinux_h is not None:
+        files[f"{TARGET_HEADER_DIR}/vmlinux.h"] = vmlinux_h
+        first = [TARGET_HEADER_DIR]  # searched before the image's include dirs
+    include_dirs = list(manifest.toolchain.include_dirs)
+    flags = [*_base_argv(manifest, first), *trusted_flags]
+    allowed = tuple(d.rstrip("/") + "/" for d in include_dirs)
+
+    def outside(path: str) -> bool:
+        norm = posixpath.normpath(path)
+        return not (norm == SOURCE_NAME or norm.startswith(("trusted/", f"{TARGET_HEADER_DIR}/"))
+                    or norm.startswith(allowed))
+
+    def diagnostics(stderr: str) -> list[VerifyError]:
+        out = []
+        for d in parse_diagnostics(stderr, re.split(r"\r\n|\r|\n", source)):  # clang's line ends
+            if d.file and outside(d.file):
+                # never echo a file we should not have read (its first line would be the snippet)
+                d = VerifyError(stage="compile", code="include_not_allowed",
+                                message=f"the compiler read {d.file}, outside the allowed include "
+                                "directories; refused")
+            out.append(d)
+        return out
+
+    def failed(res, result: CompileResult) -> CompileResult:
+        if res.timed_out:
+            result.errors.append(VerifyError(stage="compile", code="timeout",
+                                             message=f"the compiler did not finish in {timeout_s:.0f} s"))
+        elif not result.errors:
+            tail = [ln for ln in res.stderr.strip().splitlines()[-3:]]
+            why = " / ".join(tail) or f"clang exited with {res.rc}"
+            if res.rc in (137, -9):
+                why = f"the compiler was killed (memory limit {mem_mb} MiB or time limit): {why}"
+            result.errors.append(VerifyError(stage="compile", code="compiler_failed", message=why))
+        return result
+
+    # 1. Preprocess (in the jail, like everything else) and check what the compiler will really see:
+    # every macro, _Pragma and string-literal trick is expanded in this text.
+    t0 = time.monotonic()
+    pre = toolchain.run([*flags, "-MD", "-MF", DEPS_NAME, "-E", SOURCE_NAME, "-o", PREPROCESSED_NAME],
+                        workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
+                        outputs=[DEPS_NAME, PREPROCESSED_NAME])
+    diags = diagnostics(pre.stderr)
+    result = CompileResult(ok=False, stderr=pre.stderr, errors=[d for d in diags if d.severity == "error"],
+                           warnings=[d for d in diags if d.severity == "warning"])
+    text = pre.outputs.get(PREPROCESSED_NAME)
+    if pre.timed_out or pre.rc != 0 or text is None:
+        result.seconds = time.monotonic() - t0
+        return failed(pre, result)
+    result.opened = _deps(pre.outputs.get(DEPS_NAME, b"").decode("utf-8", "replace"))
+    for p in result.opened:
+        if outside(p):
+            result.errors.append(VerifyError(stage="compile", code="include_not_allowed",
+                                             message=f"the compiler opened {p}, outside the allowed "
+                                             "include directories; refused"))
+    result.errors += check_preprocessed(text.decode("utf-8", "replace"))
+    if result.errors:
+        result.seconds = time.monotonic() - t0
+        return result
+
+    # 2. Compile. The same inputs in the same jail preprocess to the same text, so the compiler sees
+    # the checked tokens; compiling the source rather than source.i keeps clang's columns exact.
+    res = toolchain.run([*flags, "-c", SOURCE_NAME, "-o", OBJECT_NAME], workdir_files=files,
+                        timeout_s=timeout_s, mem_mb=mem_mb, outputs=[OBJECT_NAME])
+    result.seconds = time.monotonic() - t0
+    result.stderr = res.stderr
+    diags = diagnostics(res.stderr)
+    result.errors = [d for d in diags if d.severity == "error"]
+    result.warnings += [d for d in diags if d.severity == "warning"]
+    obj = res.outputs.get(OBJECT_NAME)
+    if res.timed_out or res.rc != 0 or not obj:
+        return failed(res, result)
+    if result.errors:
+        return result
+    result.ok, result.object = True, obj
+    return result
+
