@@ -1364,6 +1364,8 @@ def agents_install(scope: str, directory: Path | None, force: bool, as_json: boo
     emit(r, as_json, lambda r: console.print(
         f"installed into {r.directory}: {len(r.written)} written, {len(r.unchanged)} unchanged\n"
         f"MCP server: {r.mcp}"))
+    for w in r.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(w)}")
 
 
 @main.group()

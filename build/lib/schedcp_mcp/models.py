@@ -119,6 +119,9 @@ class SchedulerExit(BaseModel):
     message: str = Field("", description="the scheduler's own message (UEI msg)")
     kernel_line: str = Field("", description="the kernel log's 'sched_ext: BPF scheduler ... "
                              "disabled (...)' line")
+    kernel_message: str = Field("", description="the kernel's lines after that one: for "
+                                "scx_bpf_error() the scheduler's message and the backtrace (read from "
+                                "the kernel log: also there when the scheduler recorded no exit info)")
 
     @property
     def is_error(self) -> bool:
@@ -132,6 +135,8 @@ class SchedulerExit(BaseModel):
             parts.append(f"message: {self.message}")
         if self.kernel_line:
             parts.append(f"kernel: {self.kernel_line}")
+        if self.kernel_message:
+            parts.append("kernel message: " + " | ".join(self.kernel_message.splitlines()))
         return ", ".join(parts)
 
 
