@@ -37,7 +37,7 @@ BAD = [
     (["bench", "stability", "--policy", "fifo", "--runs", "0"], "--runs"),
     (["jobs", "--limit", "0"], "--limit"),
     (["jobs", "wait", "job-x", "--timeout", "-1"], "--timeout"),
-    (["token", "rep-x", "--ttl", "0"], "--ttl"),
+    (["token", "rep-x", "--ttl", "0"], "out of range"),
     (["deploy", "--token", "x", "--interval", "0"], "--interval"),
     (["verify", "--policy", "fifo", "--deadline", "-1"], "--deadline"),
 ]
