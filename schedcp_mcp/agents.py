@@ -194,9 +194,9 @@ def drift(root: Path | None = None) -> dict[str, str]:
 def agent_path(role: str, root: Path | None = None) -> Path:
     if role not in ROLES:
         raise BadInput(f"unknown role {role!r}", "one of: " + ", ".join(ROLES))
-    root = root or config.PROJECT_ROOT
     name = next(r.name for r in load_roles() if r.role == role)
-    return root / ".claude" / "agents" / f"{name}.md"
+    claude = root / ".claude" if root else config.resource_dir(".claude")  # a wheel ships it
+    return claude / "agents" / f"{name}.md"
 
 
 def parse_agent(path: Path) -> dict:
@@ -206,14 +206,8 @@ def parse_agent(path: Path) -> dict:
 
 
 def allowlist(role: str, root: Path | None = None, prefix: str = PROJECT_PREFIX) -> set[str]:
-    """The schedcp MCP tools a role's generated definition allows (names without the prefix). An
-    installed wheel has no generated `.claude/`: the definition is rendered as generation would."""
-    path = agent_path(role, root)
-    if root is None and not config.in_checkout():
-        rel = str(path.relative_to(config.PROJECT_ROOT))
-        meta, _ = split_front_matter(render_all()[rel], rel)
-    else:
-        meta = parse_agent(path)
+    """The schedcp MCP tools a role's generated definition allows (names without the prefix)."""
+    meta = parse_agent(agent_path(role, root))
     names = [t.strip() for t in str(meta.get("tools", "")).split(",") if t.strip()]
     return {t.removeprefix(prefix) for t in names if t.startswith(prefix)}
 

@@ -248,6 +248,7 @@ def test_a_scheduler_error_without_an_exit_callback_is_rolled_back_with_the_kern
     assert done.status == "rolled_back", done.end_reason
     assert done.exit.kind == "error" and done.exit.message == "", done.exit  # no UEI recorded
     assert 'BPF scheduler "error_silent" disabled (scx_bpf_error)' in done.end_reason
-    assert f"sched_ext: error_silent: {words}" in done.end_reason, done.end_reason
-    print("kernel message:", done.exit.kernel_message)  # the message line, then the backtrace
+    said = done.exit.kernel_message.splitlines()  # the kernel prefixes the source line: "x.bpf.c:36: …"
+    assert said[0].startswith("sched_ext: error_silent: ") and said[0].endswith(words), said
+    assert words in done.end_reason and any("scx_bpf_error" in ln for ln in said[1:]), done.end_reason  # backtrace
     assert not SandboxTarget().state().enabled

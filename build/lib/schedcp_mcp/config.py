@@ -10,8 +10,8 @@ from .errors import InfrastructureError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: the data a wheel ships inside the package (pyproject: [tool.setuptools.package-dir] maps the
-#: checkout's policies/, templates/ and agents/ to schedcp_mcp/bundled/...)
-BUNDLED = ("policies", "templates", "agents")
+#: checkout's policies/, templates/, agents/ and the generated .claude/ to schedcp_mcp/bundled/...)
+BUNDLED = {"policies": "policies", "templates": "templates", "agents": "agents", ".claude": "claude"}
 
 
 def in_checkout() -> bool:
@@ -20,16 +20,16 @@ def in_checkout() -> bool:
 
 
 def resource_dir(name: str) -> Path:
-    """`policies`, `templates` or `agents`: the checkout's directory, or in an installed wheel the
-    copy shipped as package data (found with importlib.resources; a plain directory in a normal,
-    unzipped install)."""
+    """`policies`, `templates`, `agents` or `.claude` (the generated subagents): the checkout's
+    directory, or in an installed wheel the copy shipped as package data (found with
+    importlib.resources; a plain directory in a normal, unzipped install)."""
     if name not in BUNDLED:
         raise ValueError(name)
     if in_checkout():
         return PROJECT_ROOT / name
     from importlib.resources import files
 
-    return Path(str(files("schedcp_mcp") / "bundled" / name))
+    return Path(str(files("schedcp_mcp") / "bundled" / BUNDLED[name]))
 
 
 def home() -> Path:

@@ -74,7 +74,7 @@ class Stage:
         if tool not in self.allowed:
             raise StageRefused(
                 f"the {self.role} stage may not call {tool!r}: its agent definition "
-                f"({agents.agent_path(self.role).relative_to(config.PROJECT_ROOT)}) does not list it",
+                f"({agents.agent_path(self.role)}) does not list it",
                 "allowed: " + ", ".join(sorted(self.allowed)))
         self.calls.append(tool)
 
