@@ -58,7 +58,13 @@ def plain_lines(table: RichTable) -> list[str]:
 
 class CliConsole(Console):
     """stdout: on a terminal tables wrap long cells (never '…'); elsewhere (a pipe, a CI log, an
-    80-column capture) every table is printed as plain tab-separated lines, whole."""
+    80-column capture) every table is printed as plain tab-separated lines, whole, and long lines
+    are not wrapped at 80 columns either (soft wrap: a reason or an id stays on its line)."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        if not self.is_terminal:
+            self.soft_wrap = True
 
     def print(self, *objects: Any, **kw) -> None:  # noqa: A003 - rich's name
         if not any(isinstance(o, RichTable) for o in objects):

@@ -38,6 +38,7 @@ import statistics
 
 from ..models import Goal, LoaderExit, MetricResult
 from ..sandbox import scheduler
+from . import starvation
 from .models import Gate, Observations, Spread, Workload, WorkloadResult
 
 #: confidence level of the ratio intervals
@@ -199,7 +200,7 @@ def correctness_gates(obs: Observations) -> list[Gate]:
         add("attached", True, f"{len(obs.loads)} load(s): state enabled, root/ops = {obs.ops_name}")
 
     # stayed enabled whenever the candidate was supposed to be running
-    off = [s for s in obs.timeline if s.phase.startswith(("candidate", "stress"))
+    off = [s for s in obs.timeline if s.phase.startswith(("candidate", "stress", "starve-candidate"))
            and (s.state != "enabled" or s.ops != obs.ops_name)]
     add("stayed_enabled", not off,
         "enabled at every sample while the candidate was measured" if not off else
@@ -207,7 +208,7 @@ def correctness_gates(obs: Observations) -> list[Gate]:
         "the scheduler was disabled while it should have been running (see the stall/error gates and "
         "the kernel log)")
 
-    rej = [s for s in obs.timeline if s.phase.startswith(("candidate", "stress")) and (s.nr_rejected or 0) > 0]
+    rej = [s for s in obs.timeline if s.phase.startswith(("candidate", "stress", "starve-candidate")) and (s.nr_rejected or 0) > 0]
     add("nr_rejected_zero", not rej,
         "nr_rejected stayed 0" if not rej else
         f"nr_rejected = {rej[0].nr_rejected} at t={rej[0].t:.1f}s ({rej[0].phase}): the kernel refused "
@@ -230,6 +231,8 @@ def correctness_gates(obs: Observations) -> list[Gate]:
             add("stressors_progressed", True, f"{len(st.stressors)} stressors all progressed; {st.workers} workers "
                 f"followed over {st.samples} samples in {st.duration_s:.1f}s")
 
+    g.append(starvation_gate(obs.starvation))
+
     trouble = [ln for ln in obs.kernel_log if KERNEL_TROUBLE_RE.search(ln)]
     add("kernel_healthy", not trouble, "no kernel BUG/WARNING/lockup lines" if not trouble else
         f"the kernel complained: {trouble[0].strip()} — see the kernel log excerpt")
@@ -245,6 +248,34 @@ def correctness_gates(obs: Observations) -> list[Gate]:
         add("default_restored", ok, "after unloading, sched_ext state is disabled (default scheduler back)" if ok
             else f"after unloading, sched_ext state is {obs.final_state!r} (ops {obs.final_ops!r})")
     return g
+
+
+def starvation_gate(sides: list[starvation.WaitSummary]) -> Gate:
+    """No task starved (validate.starvation: a wait of STARVE_MS or more, again and again) under the
+    candidate in the starvation phase, beyond what the default scheduler did in the same phase; the
+    reason names the tasks that were."""
+    by = {s.side: s for s in sides}
+    base, cand = by.get("baseline"), by.get("candidate")
+    name = "no_starvation"
+    if cand is None:
+        return Gate(name=name, passed=False, reason="the starvation phase did not run under the candidate "
+                    "(an earlier step failed)")
+    if cand.error:
+        return Gate(name=name, passed=False, reason=f"the run-queue wait tracer gave no figures under the "
+                    f"candidate: {cand.error}")
+    n_base = len(base.starved) if base and not base.error else 0
+    ref = (f"the default scheduler starved {n_base} and waited at most {base.max_ms:.0f} ms in the same phase"
+           if base and not base.error else "no figures from the default scheduler")
+    if len(cand.starved) > n_base:
+        who = "; ".join(starvation.describe(t) for t in cand.starved[:4])
+        return Gate(name=name, passed=False, reason=f"tasks starved: {who} — {ref}. A queue that is always "
+                    "served first (a CPU's local DSQ refilled by wakeups, a priority DSQ) or a vtime/deadline "
+                    "that keeps some tasks behind needs a bound: aging, a cap on consecutive picks, or one "
+                    "ordered queue")
+    note = f"; {len(cand.starved)} starved, as many as under the default scheduler (a busy host)" \
+        if cand.starved else ""
+    return Gate(name=name, passed=True, reason=f"no task starved: longest run-queue wait {cand.max_ms:.0f} ms "
+                f"under the candidate, {cand.tasks} tasks traced ({ref}){note}")
 
 
 # ---------------------------------------------------------------- performance

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..models import Direction, LoaderExit, MetricResult
+from .starvation import WaitSummary
 
 
 class Workload(BaseModel):
@@ -97,6 +98,8 @@ class Layer2Result(BaseModel):
     timeline: list[StateSample] = []
     kernel_log: list[str] = Field([], description="sched_ext lines of the guest's kernel log")
     stress: StressSummary | None = None
+    starvation: list[WaitSummary] = Field([], description="per-task run-queue waits in the starvation phase: "
+                                          "the default scheduler's side, then the candidate's")
     loader_exits: list[LoaderExit] = Field([], description="how the loader ended, per load (uei, stop_reason)")
     rounds: int = 0
     budget_s: float | None = Field(None, description="time budget the adaptive rounds kept to")
@@ -140,6 +143,7 @@ class Observations(BaseModel):
     kernel_log: list[str] = []
     timeline: list[StateSample] = []
     stress: StressSummary | None = None
+    starvation: list[WaitSummary] = Field([], description="starvation phase, per side (baseline, candidate)")
     workload_errors: dict[str, list[str]] = {}
     hang: str | None = Field(None, description="what timed out, when the VM or a step did not answer")
     final_state: str | None = Field(None, description="sched_ext state after the final unload")

@@ -49,7 +49,7 @@ from ..errors import BadInput, InfrastructureError, SchedcpError
 from ..models import Goal
 from ..sandbox import scheduler
 from ..sandbox.vm import VM, GuestTimeout
-from . import gates
+from . import gates, starvation
 from .models import Layer2Result, LoadAttempt, Observations, StateSample, StressSummary, Workload, WorkloadResult
 from .workloads import PROBE_GUEST, ensure_probe, get_workloads, parse, parse_stress_ng_metrics
 
@@ -138,9 +138,9 @@ class _Run:
     # ---------------------------------------------------------------- steps
 
     def setup(self) -> None:
-        files = {"obj.bpf.o": self.obj}
-        if any("$PROBE" in w.command for w in self.workloads):
-            files["schedcp-probe"] = ensure_probe().read_bytes()
+        # the probe and the tracer are always shipped: the starvation phase uses both
+        files = {"obj.bpf.o": self.obj, "schedcp-probe": ensure_probe().read_bytes(),
+                 "rqw.bpf.o": starvation.ensure_tracer().read_bytes()}
         for w in self.workloads:
             files[f"w_{w.name}.sh"] = (f"PROBE={PROBE_GUEST}\n{w.command}\n").encode()
         self.marker = f"schedcp-l2: begin {secrets.token_hex(4)}"
@@ -287,6 +287,12 @@ cat $L/stress.out
         ev0, ev1 = _events(out, "@@EV0"), _events(out, "@@EV1")
         st.events = {k: v - ev0.get(k, 0) for k, v in ev1.items() if v != ev0.get(k, 0)}
         self.obs.stress = st
+
+    def starve(self, side: str) -> None:
+        """The starvation phase (validate.starvation) on one side, the tracer attached throughout."""
+        out = self.step(f"starve-{side}", starvation.phase_script(side, f"{G}/rqw.bpf.o", PROBE_GUEST),
+                        timeout_s=starvation.DURATION_S + 90)
+        self.obs.starvation.append(starvation.parse_phase(side, out))
 
     def unload(self) -> None:
         n = self.nload
@@ -504,10 +510,16 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
                 break
             run.rounds_done = r
             if r == 1:  # after the first round: its pairs still run back to back
-                tick(f"stress + correctness ({stress_s:g} s)")
+                tick("starvation phase: per-task run-queue waits under the default scheduler, then the candidate")
                 t_stress = time.monotonic()
+                switch_to("baseline")
+                run.starve("baseline")
                 if not switch_to("candidate"):
                     break
+                run.starve("candidate")
+                if not run.enabled():
+                    break
+                tick(f"stress + correctness ({stress_s:g} s)")
                 run.stress(stress_s)
                 t_round += time.monotonic() - t_stress
                 if not run.enabled():
@@ -538,7 +550,8 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
     say("passed" if passed else f"failed: {why}", 1.0)
     return Layer2Result(passed=passed, failure_reason=why, ops_name=ops_name, params=params, correctness=cg,
                         performance=pg, workloads=results, timeline=run.obs.timeline,
-                        kernel_log=run.obs.kernel_log, stress=run.obs.stress, loader_exits=run.obs.loader_exits,
+                        kernel_log=run.obs.kernel_log, stress=run.obs.stress, starvation=run.obs.starvation,
+                        loader_exits=run.obs.loader_exits,
                         rounds=run.rounds_done, budget_s=budget_s or None, counters=run.counters,
                         warnings=gates.noise_warnings(results),
                         durations=run.durations, kernel_version=getattr(vm, "kernel_version", None) or None)

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * lean_preempt: one global FIFO with short slices, guarded wakeup preemption
- * decided from what the kernel already tracks, and two callbacks.
+ * lean_preempt: one shared FIFO with short slices, guarded wakeup preemption
+ * decided from what the kernel already tracks, and a bounded fast lane.
  *
- * Every task goes to the global FIFO (SCX_DSQ_GLOBAL) with a slice_ns slice;
+ * Every task goes to the shared FIFO (FIFO_DSQ, consumed by ops.dispatch) with
+ * a slice_ns slice;
  * ops.select_cpu is the kernel's built-in idle-CPU selection (a waking task
  * found an idle CPU is dispatched there at once). ops.enqueue decides where a
  * waking task that found no idle CPU goes, in this order:
@@ -28,6 +29,15 @@
  *    run-queue wait of short sleepers).
  * 3. Otherwise the FIFO's tail.
  *
+ * The fast lane is bounded (lane_max): a CPU takes at most lane_max tasks
+ * through rules 1 and 2 between two visits to the FIFO; after that, wakers
+ * queue in the FIFO until its local queue has drained and ops.dispatch has
+ * pulled the FIFO's head. Unbounded (the version at 1431b7b), steady wakeups
+ * kept a CPU's own queue non-empty at every pick, the FIFO was never served,
+ * and the kernel's watchdog disabled the scheduler for a starved kworker.
+ * Per-CPU kernel threads go straight to their CPU's own queue (they cannot
+ * run anywhere else, and a kworker behind user tasks holds up the kernel).
+ *
  * Synchronous wakeups (a pipe or socket hand-off) are not pulled onto the
  * waker's CPU while another CPU idles (sync_apart): pulled together, perf
  * bench sched pipe took 0.62 s against the default scheduler's 0.27 s in the
@@ -40,11 +50,13 @@
  * Why so little code: in the sandbox (qemu TCG) every sched_ext callback is
  * paid on every context switch. The preemption test reads only task_struct
  * fields, so it needs no per-task storage and no running/stopping
- * bookkeeping.
+ * bookkeeping; the lane bound is one counter per CPU.
  *
  * Counters (map schedcp_stats, read by layer 2): wakeup_preempts (rule 1),
  * local_wakeups (rule 2), fifo_wakeups (rule 3), idle_placements (a wakeup
- * whose CPU idled when enqueue ran), sync_wakeups (kept apart).
+ * whose CPU idled when enqueue ran), sync_wakeups (kept apart), lane_full
+ * (a waker sent to the FIFO by the lane_max bound), kthread_local (per-CPU
+ * kernel threads).
  *
  * Works well (sandbox, paired rounds against the default scheduler): message
  * passing (hackbench ~1.4x faster), short sleepers beside CPU hogs (mean
@@ -70,8 +82,15 @@ const volatile bool preempt = true;
 const volatile bool wake_local = true;
 const volatile u64 local_max = 2;
 const volatile bool sync_apart = true;
+const volatile u64 lane_max = 4;
+
+#define FIFO_DSQ 0
+#define MAX_CPUS 1024
 
 UEI_DEFINE(uei);
+
+/* per CPU: tasks taken through the fast lane (rules 1 and 2) since it last served the FIFO */
+static u64 lane_taken[MAX_CPUS];
 
 /* What the policy did, for layer 2's report (one entry, named fields via BTF). */
 struct schedcp_stats {
@@ -80,6 +99,8 @@ struct schedcp_stats {
 	u64 fifo_wakeups;
 	u64 idle_placements;
 	u64 sync_wakeups;
+	u64 lane_full;
+	u64 kthread_local;
 };
 
 struct {
@@ -100,6 +121,23 @@ static struct schedcp_stats *stats(void)
 static u64 burst(struct task_struct *t)
 {
 	return t->se.sum_exec_runtime / (1 + t->nvcsw);
+}
+
+/* Whether `cpu` may take one more task through the fast lane; counts it when so. */
+static bool lane_open(s32 cpu, struct schedcp_stats *st)
+{
+	u64 *taken;
+
+	if (cpu < 0 || cpu >= MAX_CPUS)
+		return false;
+	taken = &lane_taken[cpu];
+	if (*taken >= lane_max) {
+		if (st)
+			__sync_fetch_and_add(&st->lane_full, 1);
+		return false;
+	}
+	(*taken)++;
+	return true;
 }
 
 /*
@@ -134,6 +172,12 @@ void BPF_STRUCT_OPS(lean_preempt_enqueue, struct task_struct *p, u64 enq_flags)
 	struct task_struct *curr;
 	u64 cb;
 
+	if ((p->flags & PF_KTHREAD) && p->nr_cpus_allowed == 1) {
+		if (st)
+			__sync_fetch_and_add(&st->kthread_local, 1);
+		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL, slice_ns, enq_flags);
+		return;
+	}
 	if (!preempt || !(enq_flags & SCX_ENQ_WAKEUP))
 		goto fifo;
 	curr = __COMPAT_scx_bpf_cpu_curr(cpu);
@@ -148,7 +192,7 @@ void BPF_STRUCT_OPS(lean_preempt_enqueue, struct task_struct *p, u64 enq_flags)
 	}
 	cb = burst(curr);
 	if (curr != p && !(curr->flags & PF_KTHREAD) && cb >= hog_burst_ns &&
-	    cb > burst_ratio * burst(p)) {
+	    cb > burst_ratio * burst(p) && lane_open(cpu, st)) {
 		if (st)
 			__sync_fetch_and_add(&st->wakeup_preempts, 1);
 		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL_ON | cpu, slice_ns, enq_flags | SCX_ENQ_PREEMPT);
@@ -161,7 +205,7 @@ void BPF_STRUCT_OPS(lean_preempt_enqueue, struct task_struct *p, u64 enq_flags)
 	 * whole slice. Bounded by local_max, since no other CPU takes from this queue.
 	 */
 	if (wake_local && burst(p) < hog_burst_ns &&
-	    scx_bpf_dsq_nr_queued(SCX_DSQ_LOCAL_ON | cpu) < local_max) {
+	    scx_bpf_dsq_nr_queued(SCX_DSQ_LOCAL_ON | cpu) < local_max && lane_open(cpu, st)) {
 		if (st)
 			__sync_fetch_and_add(&st->local_wakeups, 1);
 		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL_ON | cpu, slice_ns, enq_flags);
@@ -170,7 +214,20 @@ void BPF_STRUCT_OPS(lean_preempt_enqueue, struct task_struct *p, u64 enq_flags)
 	if (st)
 		__sync_fetch_and_add(&st->fifo_wakeups, 1);
 fifo:
-	scx_bpf_dsq_insert(p, SCX_DSQ_GLOBAL, slice_ns, enq_flags);
+	scx_bpf_dsq_insert(p, FIFO_DSQ, slice_ns, enq_flags);
+}
+
+/* The CPU's own queue is empty: serve the FIFO, and open the fast lane again. */
+void BPF_STRUCT_OPS(lean_preempt_dispatch, s32 cpu, struct task_struct *prev)
+{
+	if (cpu >= 0 && cpu < MAX_CPUS)
+		lane_taken[cpu] = 0;
+	scx_bpf_dsq_move_to_local(FIFO_DSQ, 0);
+}
+
+s32 BPF_STRUCT_OPS_SLEEPABLE(lean_preempt_init)
+{
+	return scx_bpf_create_dsq(FIFO_DSQ, -1);
 }
 
 void BPF_STRUCT_OPS(lean_preempt_exit, struct scx_exit_info *ei)
@@ -181,6 +238,8 @@ void BPF_STRUCT_OPS(lean_preempt_exit, struct scx_exit_info *ei)
 SCX_OPS_DEFINE(lean_preempt_ops,
 	       .select_cpu		= (void *)lean_preempt_select_cpu,
 	       .enqueue			= (void *)lean_preempt_enqueue,
+	       .dispatch		= (void *)lean_preempt_dispatch,
+	       .init			= (void *)lean_preempt_init,
 	       .exit			= (void *)lean_preempt_exit,
 	       .flags			= SCX_OPS_ALLOW_QUEUED_WAKEUP,
 	       .name			= "lean_preempt");

@@ -1,0 +1,209 @@
+"""Layer 2's starvation phase: a load built to make a scheduler starve somebody, and a per-task
+run-queue wait measured by a BPF tracer in the guest (runqwait.bpf.c) while it runs.
+
+Why a phase of its own: the kernel's watchdog only sees a task left runnable for timeout_ms (3 s
+here); a scheduler that makes a few tasks wait ~0.5 s every time they wake passes it and every
+throughput figure (a mean over all wakeups does not see a starved few), and one whose starvation
+needs a particular interleaving (lean_preempt at 1431b7b: a CPU's own queue refilled by steady
+wakeups ahead of the global FIFO) trips it only when host timing happens to line up. The phase
+builds each pattern on purpose, at once, on both vCPUs:
+
+    hogs        CPU-bound tasks, unpinned and pinned to each CPU: the CPUs are never idle, so a
+                queue served "only when nothing else runs" is never served
+    ping-pong   a strict pipe ping-pong pair (perf bench sched pipe: write one byte, read one)
+                pinned to each CPU: every switch on that CPU is a short wakeup, the refill that
+                keeps one queue always ahead of another (lean_preempt at 1431b7b starved the CPU's
+                pinned hog behind it)
+    sleepers    periodic sleepers (many pids, threads and processes, pinned and not), at nice 0, at
+                nice 5 and as SCHED_BATCH: the minorities a scheduler may leave behind (by pid,
+                weight, policy, affinity)
+    churn       fork/exit: new tasks (sched_wakeup_new), never seen before by the scheduler
+    kthreads    the guest's own per-CPU kthreads (kworker, rcu, ksoftirqd) wake throughout
+
+The same phase runs under the default scheduler first, then under the candidate, each with the tracer
+freshly attached. The tracer records waits that begin in a window (WINDOW_S, from WARM_S after the
+load started): the start-up burst of a dozen processes exec'ing at once made even the default
+scheduler keep tasks waiting 2 s under TCG. After the load ends the system idles for SETTLE_S before
+the tracer is read, so a starved task gets to run — and its wait is counted — once the competition
+is gone.
+
+The rule (`starved`, judged by gates.starvation_gate): a task is starved when it waited STARVE_MS or
+more at least REPEAT times in the window — "a large fraction of a second each time it wakes". Why
+repeats and not the longest single wait: under this 2-vCPU TCG guest the default scheduler itself
+leaves a task waiting 250-400 ms once in a while (a vCPU thread the host descheduled, a nice-19
+khugepaged), but never the same task again and again; a scheduler that starves a minority does
+exactly that. The candidate fails when it starves more tasks than the default scheduler did in the
+same phase (none, on a machine that is not overloaded); the reason names them (comm, pid, longest
+wait, how many long waits). A stall past the watchdog's timeout is the no_stall gate's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from .. import config
+from ..errors import InfrastructureError
+
+TRACER_SRC = Path(__file__).parent / "runqwait.bpf.c"
+PIN_DIR = "/sys/fs/bpf/schedcp-rqw"
+#: a task that waited this long on a run queue at least REPEAT times in the window is starved
+STARVE_MS = 250.0
+REPEAT = 2
+#: seconds of load per side; the tracer's window within it; idle afterwards before the tracer is read
+DURATION_S = 6
+WARM_S = 1.0
+WINDOW_S = 4.0
+SETTLE_S = 1.0
+#: the tasks a summary names
+TOP = 8
+
+#: the phase's load (busy box sh; $PROBE is schedcp-probe, $D the duration in seconds). Every
+#: process is bounded by `timeout` as well as its own duration.
+LOAD = r"""
+ms=$((D * 1000))
+run() { timeout -s KILL $((D + 5)) "$@" >/dev/null 2>&1 & }
+run stress-ng --cpu 2 --cpu-method int64 -t $D
+run taskset -c 0 stress-ng --cpu 1 --cpu-method int64 -t $D
+run taskset -c 1 stress-ng --cpu 1 --cpu-method int64 -t $D
+run stress-ng --fork 2 --affinity 1 --switch 2 --sleep 1 --sleep-max 16 -t $D
+run $PROBE wakeup -t 6 -H 0 -p 4000 -d $ms
+run $PROBE wakeup -t 4 -H 0 -p 9000 -d $ms -P
+run nice -n 5 $PROBE wakeup -t 3 -H 0 -p 6000 -d $ms
+run chrt -b 0 $PROBE wakeup -t 2 -H 0 -p 7000 -d $ms
+run stress-ng --fork 1 -t $D
+"""
+#: the tracer's on/off switch (rqw_on[0], a u64)
+_ON = "bpftool map update name rqw_on key 0 0 0 0 value {} 0 0 0 0 0 0 0"
+
+
+class TaskWait(BaseModel):
+    """One task's run-queue waits during a phase."""
+
+    pid: int
+    tgid: int
+    comm: str
+    max_ms: float = Field(description="its longest single wait, ms")
+    mean_ms: float
+    waits: int
+    over_50ms: int = Field(description="waits of 50 ms or more")
+    long_waits: int = Field(0, description=f"waits of {STARVE_MS:.0f} ms or more")
+    cpu: int = Field(description="the CPU its longest wait ended on")
+    nice: int
+    policy: int = Field(description="0 normal, 3 batch, 5 idle, 7 ext, 1/2 RT")
+    kthread: bool
+
+
+class WaitSummary(BaseModel):
+    """Per-task run-queue waits under one scheduler during the starvation phase."""
+
+    side: str = Field(description="baseline (the default scheduler) or candidate")
+    tasks: int = Field(0, description="tasks that waited at least once")
+    waits: int = 0
+    max_ms: float = 0.0
+    p99_ms: float | None = Field(None, description="99th percentile of all waits (log2 histogram: upper bound)")
+    over_50ms: int = 0
+    worst: list[TaskWait] = Field([], description=f"the {TOP} tasks with the longest single wait")
+    starved: list[TaskWait] = Field([], description=f"tasks that waited {STARVE_MS:.0f} ms or more at least "
+                                    f"{REPEAT} times")
+    error: str | None = Field(None, description="why the tracer gave no figures")
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.side}: no figures ({self.error})"
+        names = ", ".join(f"{t.comm}[{t.pid}] {t.max_ms:.0f} ms" for t in self.worst[:3])
+        return (f"{self.side}: {self.tasks} tasks, {self.waits} waits, longest {self.max_ms:.0f} ms, "
+                f"{self.over_50ms} over 50 ms, {len(self.starved)} starved; worst: {names or '-'}")
+
+
+def ensure_tracer() -> Path:
+    """The compiled tracer object, built by the sandbox toolchain and cached by its source's hash."""
+    src = TRACER_SRC.read_bytes()
+    out = config.sandbox_dir() / "validate" / f"runqwait-{hashlib.sha256(src).hexdigest()[:16]}.bpf.o"
+    if out.exists():
+        return out
+    from ..sandbox import toolchain
+
+    argv = ["clang", *toolchain.bpf_cflags(), "-c", "runqwait.bpf.c", "-o", "runqwait.bpf.o"]
+    res = toolchain.run(argv, workdir_files={"runqwait.bpf.c": src}, timeout_s=180, outputs=["runqwait.bpf.o"])
+    obj = res.outputs.get("runqwait.bpf.o")
+    if res.rc != 0 or not obj:
+        raise InfrastructureError(f"compiling the run-queue wait tracer failed (exit {res.rc}): {res.stderr[-1500:]}",
+                                  hint="check the sandbox toolchain with `schedcp sandbox build`")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(obj)
+    tmp.replace(out)
+    return out
+
+
+def phase_script(side: str, tracer: str, probe: str, duration_s: int = DURATION_S) -> str:
+    """The guest script of one side: attach the tracer, run the load, settle, print the maps."""
+    return (f"rm -rf {PIN_DIR}; mkdir -p {PIN_DIR}\n"
+            f"bpftool prog loadall {tracer} {PIN_DIR} autoattach >$L/rqw.err 2>&1 || "
+            f"echo \"@@RQWERR $(tail -c 300 $L/rqw.err | tr '\\n' ' ')\"\n"
+            f"snap starve-{side}\n"
+            f"(D={duration_s}; PROBE={probe}\n{LOAD}\n"
+            f"sleep {WARM_S}; {_ON.format(1)}; sleep {WINDOW_S}; {_ON.format(0)}\n"
+            "pkill -KILL -f 'perf bench sched pipe' 2>/dev/null; wait)\n"
+            f"sleep {SETTLE_S}\n"
+            f"snap starve-{side}\n"
+            "echo '@@RQW'; bpftool map dump name rqw_tasks 2>/dev/null; echo '@@RQWEND'\n"
+            "echo '@@RQH'; bpftool map dump name rqw_hist 2>/dev/null; echo '@@RQHEND'\n"
+            f"rm -rf {PIN_DIR}\n")
+
+
+def _block(text: str, tag: str):
+    m = re.search(rf"^@@{tag}$(.*?)^@@{tag}END$", text, re.M | re.S)
+    if not m or not m.group(1).strip():
+        return None
+    try:
+        return json.loads(m.group(1))
+    except json.JSONDecodeError:
+        return None
+
+
+def _value(row) -> tuple[object, object]:
+    row = row.get("formatted", row) if isinstance(row, dict) else {}
+    return row.get("key"), row.get("value")
+
+
+def parse_phase(side: str, text: str) -> WaitSummary:
+    """A side's WaitSummary from the guest's output of `phase_script`."""
+    err = re.search(r"^@@RQWERR (.*)$", text, re.M)
+    rows = _block(text, "RQW")
+    if err or rows is None:
+        return WaitSummary(side=side, error=(err.group(1).strip() if err else "the tracer's map was not readable"))
+    tasks = []
+    for row in rows:
+        pid, v = _value(row)
+        if not isinstance(v, dict) or not v.get("count"):
+            continue
+        tasks.append(TaskWait(pid=int(pid), tgid=int(v["tgid"]), comm=str(v["comm"]), max_ms=v["max_ns"] / 1e6,
+                              mean_ms=v["total_ns"] / v["count"] / 1e6, waits=int(v["count"]),
+                              over_50ms=int(v["over"]), long_waits=int(v.get("starved", 0)),
+                              cpu=int(v["cpu"]), nice=int(v["prio"]) - 120,
+                              policy=int(v["policy"]), kthread=bool(v["kthread"])))
+    tasks.sort(key=lambda t: -t.max_ms)
+    s = WaitSummary(side=side, tasks=len(tasks), waits=sum(t.waits for t in tasks),
+                    max_ms=tasks[0].max_ms if tasks else 0.0, over_50ms=sum(t.over_50ms for t in tasks),
+                    worst=tasks[:TOP], starved=[t for t in tasks if t.long_waits >= REPEAT][:TOP])
+    hist = {int(k): int(v) for k, v in map(_value, _block(text, "RQH") or []) if isinstance(v, int)}
+    total = sum(hist.values())
+    if total:
+        seen = 0
+        for slot in sorted(hist):
+            seen += hist[slot]
+            if seen >= 0.99 * total:
+                s.p99_ms = 2 ** (slot + 1) / 1e6  # the slot's upper bound
+                break
+    return s
+
+
+def describe(t: TaskWait) -> str:
+    return (f"{t.comm}[{t.pid}]{' (kthread)' if t.kthread else ''} waited {STARVE_MS:.0f} ms or more "
+            f"{t.long_waits} times (longest {t.max_ms:.0f} ms, {t.waits} waits)")
