@@ -47,3 +47,63 @@ def test_a_report_its_object_source_and_profile_move_to_another_store(manifest, 
     assert source_for(moved) == src and moved.goals == [goal] and moved.params == {"slice_ns": "5000000"}
     assert get_profile(prof.id).command == prof.command
     assert carry.unpack(None) == [] and carry.unpack({}) == []
+
+
+def test_a_reply_cannot_overwrite_plant_or_mislabel_and_stores_nothing_when_refused(tmp_path):
+    """What a fleet member sends back is taken only as far as the coordinator can check it."""
+    import base64
+    import json
+    import time
+
+    import pytest
+
+    from schedcp_mcp.jobs.models import Job
+
+    prof = profile_workload(["sleep", "0.2"], duration_s=1)
+    now = time.time()
+    job = Job(id="job-00000000aa", kind="verify", created_at=now, not_before=now, timeout_s=60, max_attempts=1,
+              attempts=1, inputs={"source": "int x;"})
+    outcome = {"id": "out-00000000aa", "created_at": now, "source": "sandbox", "policy": "x", "reward": 0.5,
+               "goals_met": True}
+    good = {"kind": "outcome", "id": "out-00000000aa", "created_at": now, "ref": None, "data": json.dumps(outcome)}
+    over = store.get_raw(prof.id) | {"data": store.get_raw(prof.id)["data"].replace("sleep", "evil")}
+    bad = [
+        ("a profile it was not sent", [good, over], {}),
+        ("a kind jobs do not make", [good, {**good, "kind": "deployment", "id": "dep-00000000aa"}], {}),
+        ("an id it was not given", [good, {**good, "id": "out-1111111111",
+                                           "data": json.dumps({**outcome, "id": "out-1111111111"})}], {}),
+        ("data naming another id", [{**good, "data": json.dumps({**outcome, "id": "out-2222222222"})}], {}),
+        ("a mislabelled object", [good], {"ab" * 32: base64.b64encode(b"\x7fELF not that").decode()}),
+    ]
+    for why, records, objects in bad:
+        with pytest.raises(carry.Refused):
+            carry.accept({"records": records, "objects": objects}, job, sent=set())
+        assert store.get_raw("out-00000000aa") is None, why  # all or nothing
+        assert get_profile(prof.id).command == prof.command
+    assert carry.accept({"records": [good]}, job, sent=set()) == ["out-00000000aa"]
+
+
+def test_a_worker_writes_no_marker_through_a_symlink(tmp_path):
+    import os
+
+    import pytest
+
+    from schedcp_mcp.jobs.kinds import JobContext, _marker
+    from schedcp_mcp.jobs.models import Job
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(victim)
+    now = 0.0
+    job = Job(id="job-00000000bb", kind="noop", created_at=now, not_before=now, timeout_s=60, max_attempts=1,
+              attempts=1, inputs={"marker_dir": str(link)})
+    with pytest.raises(OSError):  # the directory is a symlink
+        _marker(JobContext(job))
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / f"job-00000000bb.1.{os.getpid()}").symlink_to(victim / "planted")
+    job.inputs["marker_dir"] = str(real)
+    with pytest.raises(OSError):  # the file is a symlink someone planted
+        _marker(JobContext(job))
+    assert list(victim.iterdir()) == []

@@ -96,3 +96,47 @@ def test_agents_install_user_scope_registers_the_server_with_claude_code(tmp_pat
     assert len(list((tmp_path / ".claude" / "agents").glob("schedcp-*.md"))) == 4
     listing = claude(["mcp", "list"], tmp_path, proj)
     assert "schedcp: schedcp serve - ✔ Connected" in listing, listing
+
+
+# --- what Claude Code puts in the model's context (a real turn against a stand-in Messages API) ----
+
+def test_claude_code_shows_the_model_the_structured_summary_not_the_text(tmp_path):
+    from fake_anthropic import Fake
+
+    api = Fake("mcp__schedcp__get_policy", {"name": "fifo"})
+    cfg = tmp_path / "mcp.json"
+    cfg.write_text(json.dumps({"mcpServers": {"schedcp": {
+        "type": "stdio", "command": sys.executable, "args": ["-m", "schedcp_mcp", "serve"],
+        "env": {"PYTHONPATH": str(ROOT), "SCHEDCP_HOME": str(tmp_path / "schedcp"),
+                "SCHEDCP_SANDBOX_DIR": os.environ["SCHEDCP_SANDBOX_DIR"],
+                "SCHEDCP_SERVER_WORKERS": "0"}}}}))
+    (tmp_path / "user").mkdir()
+    env = {**os.environ, "HOME": str(tmp_path / "user"), "ANTHROPIC_BASE_URL": api.url,
+           "ANTHROPIC_API_KEY": "sk-ant-offline-test", "DISABLE_AUTOUPDATER": "1",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+           # wait for the server however loaded the machine (the first request offers the tools
+           # of the servers connected by then)
+           "MCP_CONNECT_TIMEOUT_MS": "120000", "MCP_TIMEOUT": "120000"}
+    r = subprocess.run([CLAUDE, "-p", "show me the fifo policy", "--mcp-config", str(cfg),
+                        "--strict-mcp-config", "--allowedTools", "mcp__schedcp__get_policy",
+                        "--output-format", "json"], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = api.tool_results()
+    offered = [t.get("name") for _, b in api.requests for t in b.get("tools", [])]
+    if "mcp__schedcp__get_policy" not in offered:  # seen on a loaded 2-core host: the turn went
+        pytest.skip("Claude Code did not connect the schedcp server before its first request")
+    assert len(results) == 1, r.stderr[-1500:]
+    result = results[0]
+    shown = result["content"]
+    shown = shown if isinstance(shown, str) else "".join(b.get("text", "") for b in shown)
+    data = json.loads(shown)  # the structured content, compact: not the text line beside it
+    assert data["policy"]["name"] == "fifo" and "source_code" not in data
+    assert "recorded outcome(s))" not in shown
+    assert len(shown.encode()) <= 4096
+    # and the definitions it sends the model: every schedcp tool, within the 40 kB budget
+    offered = [t for _, body in api.requests for t in body.get("tools", [])
+               if t.get("name", "").startswith("mcp__schedcp__")]
+    first = {t["name"]: t for t in offered}
+    assert "mcp__schedcp__issue_token" in first
+    assert len(json.dumps(list(first.values())).encode()) <= 40_000

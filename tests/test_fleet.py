@@ -1,11 +1,14 @@
-"""The fleet engine for real: a Redis broker and two Celery worker processes on loopback, started
-here; the coordinator in this process writes to the real store. A worker is SIGKILLed mid-job and
-its job is finished by the other one."""
+"""The fleet engine for real: a Redis broker (with a password) and two Celery worker processes on
+loopback, started here, every message sealed under a fleet key; the coordinator in this process
+writes to the real store. A worker is SIGKILLed mid-job and its job is finished by the other one;
+a client without the password, or with forged messages or replies, gets nothing run or stored."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from loopback import free_port, wait_for_port
+
+from schedcp_mcp.config import write_private
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("celery", reason="celery is not installed (pyproject dependency)")
@@ -34,15 +39,20 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
         it to another worker (short: a killed worker's job moves on quickly; it must exceed the
         longest job, or a long job runs on two workers)."""
         port = free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(tmp_path)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        password = secrets.token_hex(16)
+        conf = tmp_path / "redis.conf"  # the password in a 0600 file: a command line is world-readable
+        write_private(conf, (f"port {port}\nbind 127.0.0.1\nrequirepass {password}\nsave \"\"\n"
+                             f"appendonly no\ndir {tmp_path}\n").encode())
+        redis = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started.append(redis)
-        broker = f"redis://127.0.0.1:{port}/0"
+        broker = f"redis://:{password}@127.0.0.1:{port}/0"
         wait_for_port(port, 10, redis)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDCP_BROKER": broker,
+        key = tmp_path / "fleet.key"
+        write_private(key, secrets.token_hex(32).encode())
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEDCP_BROKER": broker, "SCHEDCP_FLEET_KEY_FILE": str(key),
                "SCHEDCP_FLEET_VISIBILITY_S": str(visibility_s), "SCHEDCP_FLEET_RESTORE_S": "1"}
         monkeypatch.setenv("SCHEDCP_BROKER", broker)
+        monkeypatch.setenv("SCHEDCP_FLEET_KEY_FILE", str(key))
         workers = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "schedcp_mcp.jobs.fleet", "worker",
                                      "--pool=prefork", "--concurrency=1", "-n", f"w{i}@%h", "-Q", "schedcp",
                                      "--without-gossip", "--without-mingle", "--loglevel=WARNING"],
@@ -63,7 +73,11 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
             app._pool.force_close_all()
         app._pool, app._backend_cache, app._local = None, None, threading.local()
         app.amqp._producer_pool = None
+        cluster_info.update(port=port, password=password, broker=broker, key=key, tmp=tmp_path)
         return fleet, workers
+
+    cluster_info: dict = {}
+    start.info = cluster_info
 
     yield start
     for p in reversed(started):
@@ -222,3 +236,174 @@ def test_a_validation_on_a_remote_worker_is_a_report_on_the_coordinator(cluster_
         assert tok.returncode == 0 and tok.stdout.strip()
     else:
         assert tok.returncode == 2 and "did not pass layers 1 and 2" in tok.stderr
+
+
+# --- hostile: a local user without the broker password, a broker peer without the fleet key, a
+# fleet member (key holder) whose replies lie --------------------------------------------------------
+
+def _queue_len(info) -> int:
+    import redis
+
+    c = redis.Redis(port=info["port"], password=info["password"])
+    return sum(c.llen(q) for q in c.keys("schedcp*") if c.type(q) == b"list")
+
+
+def test_a_client_without_the_broker_password_cannot_connect(cluster_of, schedcp_home):
+    import redis
+
+    cluster_of([])
+    info = cluster_of.info
+    for password in (None, "wrong-" + info["password"]):  # none, and a guess
+        c = redis.Redis(port=info["port"], password=password)
+        with pytest.raises((redis.AuthenticationError, redis.ResponseError)):
+            c.lpush("schedcp", '{"forged": true}')
+        with pytest.raises((redis.AuthenticationError, redis.ResponseError)):
+            c.keys("*")
+    assert _queue_len(info) == 0 and records_in(schedcp_home) == {}
+
+
+def _order(marks: Path, job_id: str = "job-0123456789", kind: str = "noop") -> dict:
+    now = time.time()
+    return {"job": {"id": job_id, "kind": kind, "created_at": now, "not_before": now, "timeout_s": 60,
+                    "max_attempts": 1, "attempts": 1, "actor": "cli",
+                    "inputs": {"marker_dir": str(marks), "echo": "pwned"}},
+            "deps": {}, "referred": {}, "task_id": "forged", "expires": now + 600}
+
+
+def test_orders_not_sealed_with_the_fleet_key_are_refused_unread(cluster_of, tmp_path, monkeypatch, schedcp_home):
+    """A broker peer (it has the password, not the fleet key) sends run_job orders: as plain JSON,
+    sealed under its own key, and with a tag it made up. No worker runs any of them; a real job
+    still runs afterwards (the workers were listening)."""
+    from celery import Celery
+
+    from schedcp_mcp.jobs import queue
+
+    home = tmp_path / "w0"
+    home.mkdir()
+    fleet, _ = cluster_of([home])
+    info = cluster_of.info
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    plain = Celery("attacker", broker=info["broker"])
+    plain.conf.update(task_serializer="json", accept_content=["json"])
+    plain.send_task("schedcp.run_job", args=[_order(marks)], queue="schedcp", task_id="forged")
+    other_key = tmp_path / "attacker.key"
+    write_private(other_key, secrets.token_hex(32).encode())
+    monkeypatch.setenv("SCHEDCP_FLEET_KEY_FILE", str(other_key))
+    fleet.run_job.apply_async(args=[_order(marks)], queue="schedcp", task_id="forged")
+    monkeypatch.setenv("SCHEDCP_FLEET_KEY_FILE", str(info["key"]))
+    from schedcp_mcp.jobs import fleetauth
+
+    with monkeypatch.context() as m:  # a tag it made up
+        m.setattr(fleetauth, "tag", lambda body, key=None: "0" * 64)
+        fleet.run_job.apply_async(args=[_order(marks)], queue="schedcp", task_id="forged")
+
+    with fleet.Fleet(capacity=1):
+        j = queue.wait(queue.submit("noop", {"echo": "real", "marker_dir": str(marks)}).id, 60)
+    assert j.state == "succeeded" and j.result["echo"] == "real"
+    assert [p.name.split(".")[0] for p in marks.iterdir()] == [j.id]  # only the real job ran
+    assert _queue_len(info) == 0  # the forged orders were taken off the queue and dropped
+    log = (tmp_path / "w0.log").read_text()
+    assert "failed authentication" in log or "ContentDisallowed" in log or "disallowed" in log.lower()
+    assert records_in(home) == {}
+
+
+def _sent_task_id(info) -> tuple[str, dict]:
+    """What a broker peer reads off the queue: the id of the order waiting there."""
+    import redis
+
+    c = redis.Redis(port=info["port"], password=info["password"])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for q in c.keys("schedcp*"):  # one list per priority step
+            if c.type(q) == b"list" and c.llen(q):
+                msg = c.lpop(q)  # taken: no worker will get it
+                return json.loads(msg)["headers"]["id"], c
+        time.sleep(0.05)
+    raise AssertionError("the coordinator sent nothing")
+
+
+def test_forged_replies_are_refused_with_nothing_stored(cluster_of, tmp_path, monkeypatch, schedcp_home):
+    """No worker runs; a broker peer answers the coordinator's verify order itself with a "passed"
+    report: as plain JSON, then sealed under its own key. A fleet member (it has the key) then
+    answers for another job, and with a report whose object is a root-only file it never sent. Each
+    reply is refused, the job fails saying why, and no report is stored."""
+    import redis
+
+    from schedcp_mcp import candidates, store
+    from schedcp_mcp.jobs import queue
+
+    fleet, _ = cluster_of([])
+    info = cluster_of.info
+    other_key = tmp_path / "attacker.key"
+    write_private(other_key, secrets.token_hex(32).encode())
+
+    def forged_reply(job, src=None, **over):
+        sha = "ab" * 32
+        src_sha = hashlib.sha256(src.encode()).hexdigest() if src else sha
+        rep = {"id": f"rep-{job.id[4:]}", "created_at": time.time(), "source_sha256": src_sha, "object_sha256": sha,
+               "object_path": "/etc/shadow", "params": {}, "layer1": {"verdict": "accepted", "stage": "done",
+               "source_sha256": src_sha, "object_sha256": sha, "object_path": "/etc/shadow"}}
+        reply = {"job_id": job.id, "attempt": 1, "outcome": "succeeded",
+                 "result": {"report_id": rep["id"], "verdict": "accepted"}, "error": None, "host": "evil",
+                 "pid": 1, "redelivered": False,
+                 "carried": {"records": [{"kind": "report", "id": rep["id"], "created_at": 0, "ref": None,
+                                          "data": json.dumps(rep)}], "objects": {},
+                             "sources": {src_sha: src} if src else {}}}
+        return {**reply, **over}
+
+    def meta(result, task_id):
+        return {"status": "SUCCESS", "result": result, "traceback": None, "children": [], "task_id": task_id,
+                "date_done": None}
+
+    ways = []
+    with fleet.Fleet(capacity=1):
+        for way in ("plain json", "sealed under another key", "another job's reply", "another source",
+                    "object outside the store"):
+            before = records_in(schedcp_home)
+            src = HOSTILE + f"// {way}\n"
+            job = candidates.verify_job(source=src, use_cache=False)
+            tid, c = _sent_task_id(info)
+            key = f"celery-task-meta-{tid}"
+            if way == "plain json":
+                c.set(key, json.dumps(meta(forged_reply(job), tid)))
+            else:
+                if way == "sealed under another key":
+                    monkeypatch.setenv("SCHEDCP_FLEET_KEY_FILE", str(other_key))
+                real = src if way == "object outside the store" else None
+                reply = forged_reply(job, real, **({"job_id": "job-0000000000"} if way == "another job's reply" else {}))
+                fleet.app.backend.store_result(tid, reply, "SUCCESS")
+                monkeypatch.setenv("SCHEDCP_FLEET_KEY_FILE", str(info["key"]))
+            j = queue.wait(job.id, 30)
+            ways.append((way, j.state, j.error))
+            assert j.state == "failed" and "nothing of it was stored" in j.error, (way, j.state, j.error)
+            assert store.get_raw(f"rep-{job.id[4:]}") is None
+            assert set(records_in(schedcp_home)) == set(before)
+    assert "authentication" in ways[0][2] and "authentication" in ways[1][2]
+    assert "not this job" in ways[2][2] and "not of the source" in ways[3][2]
+    assert "object that was not sent" in ways[4][2]
+    assert [a["action"] for a in store.audit_log(10)].count("fleet_reply_refused") == 5
+
+
+def test_a_fleet_without_its_locks_does_not_start(tmp_path, monkeypatch, schedcp_home):
+    from schedcp_mcp.jobs import fleetauth
+
+    for url in ("redis://127.0.0.1:6379/0", "redis://admin@127.0.0.1:6379/0", "redis+socket:///tmp/r.sock"):
+        with pytest.raises(fleetauth.FleetAuthError, match="no password"):
+            fleetauth.check_broker(url)
+    assert fleetauth.check_broker("redis://:s3cret@127.0.0.1:6379/0")
+    key = tmp_path / "k"
+    key.write_text("x" * 64)
+    os.chmod(key, 0o644)
+    with pytest.raises(fleetauth.FleetAuthError, match="mode 600"):
+        fleetauth.load_key(key)
+    os.chmod(key, 0o600)
+    link = tmp_path / "link"
+    link.symlink_to(key)
+    with pytest.raises(fleetauth.FleetAuthError, match="cannot read"):
+        fleetauth.load_key(link)
+    short = tmp_path / "short"
+    write_private(short, b"abc")
+    with pytest.raises(fleetauth.FleetAuthError, match="too short"):
+        fleetauth.load_key(short)
+    assert len(fleetauth.load_key(key)) == 64

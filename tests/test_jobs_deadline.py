@@ -93,7 +93,7 @@ async def test_mcp_deadline_s_on_the_long_tools():
         time.sleep(0.7)
         with Pool(1, scope=jid):
             queue.wait(jid, 10)
-        got = (await s.call_tool("get_job", {"job_id": jid})).structured_content["detail"]["job"]
+        got = (await s.call_tool("get_job", {"job_id": jid})).structured_content["job"]
         assert got["state"] == "dead" and "complete-by deadline" in got["error"]
 
 

@@ -31,15 +31,17 @@ async def test_mcp_background_job_then_get_list_and_cancel():
         res = await s.call_tool("submit_scheduler", {"source": HOSTILE, "background": True})
         assert not res.is_error, res.content
         queued = res.structured_content
-        assert queued["job_id"].startswith("job-") and queued["report_id"] is None
+        assert queued["job_id"].startswith("job-") and queued.get("report_id") is None
         for _ in range(100):
             job = (await s.call_tool("get_job", {"job_id": queued["job_id"]})).structured_content
-            if job["detail"]["job"]["state"] == "succeeded":
+            if job["job"]["state"] == "succeeded":
                 break
             time.sleep(0.1)
-        j = job["detail"]["job"]
+        j = job["job"]
         assert j["state"] == "succeeded" and j["report_id"].startswith("rep-")
-        assert json.loads(j["result_json"])["verdict"] == "rejected"
+        full = (await s.call_tool("get_job", {"job_id": queued["job_id"], "detail": "full"})
+                ).structured_content["job"]
+        assert json.loads(full["result_json"])["verdict"] == "rejected"
         listed = (await s.call_tool("list_jobs", {"kind": "verify"})).structured_content
         assert [x["id"] for x in listed["jobs"]] == [queued["job_id"]]
         assert set(listed["queue_depth"]) == {"urgent", "high", "normal", "low"}

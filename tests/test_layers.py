@@ -57,10 +57,14 @@ def test_every_tool_returns_a_typed_model():
 
     tools = anyio.run(server.server.list_tools)
     assert len(tools) >= 20
+    # output schemas only where the shape is small and fixed (#25: they were 90 % of tools/list);
+    # where one is published, every field is typed
+    assert {t.name for t in tools if t.output_schema} == {"issue_token", "cancel_job"}
     loose = {}
     for t in tools:
+        if not t.output_schema:
+            continue
         schema = t.output_schema
-        assert schema, f"{t.name} has no output schema"
         defs = schema.get("$defs", {})
         bad = _untyped(schema, defs) + [f"$defs.{n}{p}" for n, d in defs.items() for p in _untyped(d, defs)]
         if bad:

@@ -33,6 +33,10 @@ def test_a_stage_cannot_call_a_tool_outside_its_agent_definition():
             assert planning.calls == []  # refused before anything reached the server
             info = await planning.call("list_workloads")
             assert "hackbench" in {w["name"] for w in info["workloads"]}
+            # the call is counted: the result's bytes on the wire and its estimated tokens
+            t = planning.traffic
+            assert t.calls == 1 and t.result_bytes > len(json.dumps(info)) and t.est_tokens > 0
+            assert t.largest == {"list_workloads": t.result_bytes}
 
     anyio.run(go)
 
@@ -280,6 +284,12 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy,
     assert rep.feedback and rep.outcome_ids
     data = json.loads(Path(rep.json_path).read_text())
     assert data["winner"] == rep.winner
+    # what the agents read, counted per stage and stored: every call, within the summaries' limits
+    assert set(data["traffic"]) == set(agents.ROLES)
+    for role, t in rep.traffic.items():
+        assert t.calls == len(rep.calls[role]) and t.result_bytes > 0 and t.definitions_bytes > 0
+        assert max(t.largest.values()) <= 8192, (role, t.largest)
+    assert data["traffic_total"]["est_tokens"] == -(-rep.traffic_total.result_bytes // 4)
     assert Path(rep.chart_path).read_bytes()[:4] == b"\x89PNG"
 
     # learning is visible: the next plan for the same workload tries the winner first
