@@ -146,6 +146,7 @@ def test_probe_built_by_the_sandbox_toolchain_measures_wakeups_on_the_host():
 # ---------------------------------------------------------------- gates on recorded facts
 
 WL = {w.name: w for w in list_workloads()}
+WL["wakeup_tail"] = __import__("schedcp_mcp.validate.runner", fromlist=["x"]).tail_workload(WL["wakeup"])
 
 
 def _result(name, base, cand):
@@ -230,11 +231,26 @@ def test_a_goal_no_workload_measures_fails_with_advice():
 
 def test_goals_do_not_excuse_a_severe_regression_elsewhere():
     wake = _result("wakeup", [1000, 1000, 1000], [500, 510, 490])
-    pipe = _result("pipe", [1.0, 1.0, 1.0], [3.0, 3.1, 2.9])
-    g = gates.performance_gates([wake, pipe], list_workloads(),
+    build = _result("build", [1.0, 1.0, 1.0], [3.0, 3.1, 2.9])
+    g = gates.performance_gates([wake, build], list_workloads(),
                                 [Goal(metric="p99_wakeup_latency_us", direction="lower", target_ratio=0.9)])
     assert {x.name: x.passed for x in g} == {"goal:p99_wakeup_latency_us@wakeup": True,
-                                             "no_severe_regression:pipe": False}
+                                             "no_severe_regression:build": False}
+
+
+def test_a_target_win_does_not_excuse_harm_to_the_guard_workloads():
+    # hackbench 1.5x better (its goal met), but the wakeup probe's tail 3x worse and pipe 1.2x worse:
+    # beyond the margin on the guard set, which a scheduler for the whole machine may not harm
+    hack = _result("hackbench", [2.0, 2.0, 2.0], [1.3, 1.35, 1.3])
+    tail = _result("wakeup_tail", [100, 110, 105], [300, 320, 310])
+    pipe = _result("pipe", [1.0, 1.0, 1.0], [1.2, 1.21, 1.19])
+    cpu = _result("cpu", [100.0, 100.0, 100.0], [99.0, 100.5, 99.5])
+    g = gates.performance_gates([hack, tail, pipe, cpu], list_workloads(),
+                                [Goal(metric="messaging_time_s", direction="lower", target_ratio=0.9)])
+    assert {x.name: x.passed for x in g} == {"goal:messaging_time_s@hackbench": True, "guard:wakeup_tail": False,
+                                             "guard:pipe": False, "guard:cpu": True}
+    assert gates.harmed_guards(g) == ["wakeup_tail", "pipe"]
+    assert not gates.verdict([], g)[0]
 
 
 def test_stability_counts_a_flip_per_workload_whose_verdict_changed_and_one_for_pass_fail():

@@ -341,7 +341,8 @@ TAIL_SUFFIX = "_tail"
 def tail_workload(w: Workload) -> Workload:
     """The result row of a workload's tail metric: judged like a workload of its own."""
     return w.model_copy(update={"name": w.name + TAIL_SUFFIX, "metric": w.tail_metric, "tail_metric": None,
-                                "description": f"{w.name}: {w.tail_metric}, the tail of the same runs"})
+                                "description": f"{w.name}: {w.tail_metric}, the tail of the same runs",
+                                "goal_metrics": ["p99_wakeup_latency_us", w.tail_metric]})
 
 
 def base_name(result_name: str) -> str:
