@@ -146,6 +146,7 @@ def test_probe_built_by_the_sandbox_toolchain_measures_wakeups_on_the_host():
 # ---------------------------------------------------------------- gates on recorded facts
 
 WL = {w.name: w for w in list_workloads()}
+WL["wakeup_tail"] = __import__("schedcp_mcp.validate.runner", fromlist=["x"]).tail_workload(WL["wakeup"])
 
 
 def _result(name, base, cand):
@@ -230,11 +231,26 @@ def test_a_goal_no_workload_measures_fails_with_advice():
 
 def test_goals_do_not_excuse_a_severe_regression_elsewhere():
     wake = _result("wakeup", [1000, 1000, 1000], [500, 510, 490])
-    pipe = _result("pipe", [1.0, 1.0, 1.0], [3.0, 3.1, 2.9])
-    g = gates.performance_gates([wake, pipe], list_workloads(),
+    build = _result("build", [1.0, 1.0, 1.0], [3.0, 3.1, 2.9])
+    g = gates.performance_gates([wake, build], list_workloads(),
                                 [Goal(metric="p99_wakeup_latency_us", direction="lower", target_ratio=0.9)])
     assert {x.name: x.passed for x in g} == {"goal:p99_wakeup_latency_us@wakeup": True,
-                                             "no_severe_regression:pipe": False}
+                                             "no_severe_regression:build": False}
+
+
+def test_a_target_win_does_not_excuse_harm_to_the_guard_workloads():
+    # hackbench 1.5x better (its goal met), but the wakeup probe's tail 3x worse and pipe 1.2x worse:
+    # beyond the margin on the guard set, which a scheduler for the whole machine may not harm
+    hack = _result("hackbench", [2.0, 2.0, 2.0], [1.3, 1.35, 1.3])
+    tail = _result("wakeup_tail", [100, 110, 105], [300, 320, 310])
+    pipe = _result("pipe", [1.0, 1.0, 1.0], [1.2, 1.21, 1.19])
+    cpu = _result("cpu", [100.0, 100.0, 100.0], [99.0, 100.5, 99.5])
+    g = gates.performance_gates([hack, tail, pipe, cpu], list_workloads(),
+                                [Goal(metric="messaging_time_s", direction="lower", target_ratio=0.9)])
+    assert {x.name: x.passed for x in g} == {"goal:messaging_time_s@hackbench": True, "guard:wakeup_tail": False,
+                                             "guard:pipe": False, "guard:cpu": True}
+    assert gates.harmed_guards(g) == ["wakeup_tail", "pipe"]
+    assert not gates.verdict([], g)[0]
 
 
 def test_stability_counts_a_flip_per_workload_whose_verdict_changed_and_one_for_pass_fail():
@@ -265,6 +281,18 @@ def test_policy_counters_are_read_from_bpftool_json():
     assert _counter_delta("no map here") == {}
 
 
+RQW = Path(__file__).parent / "fixtures" / "rqw"
+
+
+def _phase(name: str) -> list:
+    """The starvation phase's two sides as the guest printed them (recorded in the sandbox, the tracer's
+    bpftool map dumps included): `name`'s candidate side and the default scheduler's before it."""
+    from schedcp_mcp.validate import starvation
+
+    return [starvation.parse_phase(side, (RQW / f"{name}-{side}-0.txt").read_text())
+            for side in ("baseline", "candidate")]
+
+
 def _clean_obs(**kw) -> Observations:
     base = dict(
         ops_name="fifo", loads=[{"state": "enabled", "ops": "fifo", "error": None}],
@@ -275,7 +303,7 @@ def _clean_obs(**kw) -> Observations:
         timeline=[StateSample(t=41, phase="stress", state="enabled", ops="fifo", nr_rejected=0),
                   StateSample(t=50, phase="candidate-1", state="enabled", ops="fifo", nr_rejected=0)],
         stress=StressSummary(duration_s=6, stressors={"cpu": 296, "fork": 135}, samples=5, rc=0),
-        final_state="disabled", final_ops="")
+        starvation=_phase("lean_preempt"), final_state="disabled", final_ops="")
     base.update(kw)
     return Observations(**base)
 
@@ -463,6 +491,9 @@ def test_an_extra_round_measures_only_the_undecided_workloads_and_only_if_it_fit
                                    else [(1.0, 1.6), (1.0, 0.7), (1.0, 1.2)], start=1):
             b[r], c[r] = [x], [y]
         run.cost[w.name] = 1.0
+    tb, tc = run.extra["wakeup"].setdefault("tail_wakeup_latency_us", ({}, {}))  # wakeup_tail: equal
+    for r in (1, 2, 3):
+        tb[r], tc[r] = [100.0], [100.0]
     run.rounds_done = 3
     t0 = time.monotonic()
     assert [w.name for w in runner._next_round(run, None, 90.0, t0, overhead_s=2.0)] == ["pipe"]
@@ -530,3 +561,34 @@ def test_an_unbounded_interval_prints_as_inf_also_after_a_json_round_trip():
     assert fmt_interval(one_pair).endswith(", inf] ?")
     as_json = json.loads(one_pair.model_dump_json())  # a job's result: inf became null
     assert fmt_interval(as_json) == fmt_interval(one_pair)
+
+
+def test_the_tracer_map_dump_names_each_tasks_longest_wait_and_long_waits():
+    base, cand = _phase("starve_timer")
+    assert base.tasks > 20 and base.waits > 1000 and not base.starved and base.error is None
+    assert cand.worst[0].max_ms == max(t.max_ms for t in cand.worst) > 250
+    assert cand.starved and all(t.long_waits >= 2 for t in cand.starved)
+    assert base.p99_ms and cand.p99_ms and cand.p99_ms >= base.p99_ms
+
+
+def test_a_scheduler_that_starves_a_minority_below_the_watchdog_fails_with_the_tasks_named():
+    sides = _phase("starve_timer")
+    g = gates.starvation_gate(sides)
+    assert not g.passed
+    victim = sides[1].starved[0]
+    assert f"{victim.comm}[{victim.pid}]" in g.reason and "250 ms or more" in g.reason
+    # the same figures pass for the repository's policy, and the default scheduler's straggler (one long
+    # wait, never repeated) does not count
+    assert gates.starvation_gate(_phase("lean_preempt")).passed
+
+
+def test_the_starvation_gate_fails_when_the_phase_or_the_tracer_did_not_run():
+    from schedcp_mcp.validate import starvation
+
+    assert not gates.starvation_gate([]).passed
+    broken = starvation.parse_phase("candidate", "@@RQWERR libbpf: failed to load\n@@RQW\n@@RQWEND\n")
+    g = gates.starvation_gate([_phase("lean_preempt")[0], broken])
+    assert not g.passed and "failed to load" in g.reason
+    # as many starved tasks as the default scheduler had in the same phase (a host stalling the guest)
+    base, cand = _phase("starve_timer")
+    assert gates.starvation_gate([cand.model_copy(update={"side": "baseline"}), cand]).passed

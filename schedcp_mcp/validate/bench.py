@@ -173,8 +173,8 @@ def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: l
 
     con = console or Console(quiet=quiet)
     budget = BUDGET_S if budget_s is None else budget_s
-    results, n, secs = aa_in_sandbox(workloads, rounds=rounds, budget_s=budget,
-                                     progress=progress or (lambda m, f: con.print(f"  [dim]{m}[/dim]")))
+    results, n, secs, starve = aa_in_sandbox(workloads, rounds=rounds, budget_s=budget,
+                                             progress=progress or (lambda m, f: con.print(f"  [dim]{m}[/dim]")))
     lo_ok, hi_ok = 1 / (1 + gates.MARGIN), 1 + gates.MARGIN
     rows = []
     for r in results:
@@ -198,8 +198,28 @@ def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: l
                   f"{row['pair_sd']:.3f}" if row["pair_sd"] is not None else "n/a",
                   str(row["rounds_for_margin"] or "> 99"))
     con.print(t)
+    gate = gates.starvation_gate(starve)
+    con.print(f"starvation gate, default vs default: {'pass' if gate.passed else 'FALSE ALARM'} — {gate.reason}")
+    for side in starve:
+        con.print(f"  {side.line()}")
     return {"rounds": n, "seconds": round(secs, 1), "budget_s": budget, "margin": gates.MARGIN,
-            "level": gates.LEVEL, "workloads": rows, "within_margin": all(x["within_margin"] for x in rows)}
+            "level": gates.LEVEL, "workloads": rows, "within_margin": all(x["within_margin"] for x in rows),
+            "starvation": {"passed": gate.passed, "reason": gate.reason,
+                           "sides": [x.model_dump(exclude={"worst"}) for x in starve]}}
+
+
+def starve_cell(res: Layer2Result) -> str:
+    """The starvation phase of one validation in a few words: the candidate's longest run-queue wait and
+    its starved tasks (the default scheduler's beside it), or the watchdog's stall."""
+    stall = next((g for g in res.correctness if g.name == "no_stall" and not g.passed), None)
+    if stall:
+        return "STALL (watchdog)"
+    by = {s.side: s for s in res.starvation}
+    c, b = by.get("candidate"), by.get("baseline")
+    if c is None or c.error:
+        return "not measured"
+    base = f" (default {b.max_ms:.0f} ms, {len(b.starved)})" if b and not b.error else ""
+    return f"{c.max_ms:.0f} ms, {len(c.starved)} starved{base}"
 
 
 def count_flips(verdicts: dict[str, list[str]], passes: list[bool]) -> tuple[list[str], int]:
@@ -245,6 +265,7 @@ def bench_stability(policy: str, measured: list[Layer2Result], rounds: int = 3, 
     for n in names:
         t.add_row(n, *[fmt_interval(next(w for w in r.workloads if w.name == n)) for r in results],
                   "YES" if n in flipped else "no")
+    t.add_row("starvation", *[starve_cell(r) for r in results], "")
     t.add_row("verdict", *["pass" if p else "fail" for p in passes], "YES" if len(set(passes)) > 1 else "no")
     con.print(t)
     rate = flips / (len(names) + 1)
@@ -257,6 +278,7 @@ def bench_stability(policy: str, measured: list[Layer2Result], rounds: int = 3, 
                         "workloads": [{k: w.model_dump()[k] for k in ("name", "speedup", "speedup_low",
                                                                       "speedup_high", "pairs", "verdict")}
                                       for w in r.workloads], "counters": r.counters,
+                        "starvation": starve_cell(r),
                         "total_s": r.durations.get("total")} for r in results]}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,6 +292,7 @@ def bench_stability(policy: str, measured: list[Layer2Result], rounds: int = 3, 
         for n in names:
             lines.append(f"| {n} | " + " | ".join(fmt_interval(next(w for w in r.workloads if w.name == n))
                                                   for r in results) + f" | {'YES' if n in flipped else 'no'} |")
+        lines.append("| starvation | " + " | ".join(starve_cell(r) for r in results) + " | |")
         lines.append("| verdict | " + " | ".join("pass" if p else "fail" for p in passes)
                      + f" | {'YES' if len(set(passes)) > 1 else 'no'} |")
         lines += ["", summary, ""]

@@ -64,6 +64,10 @@ WORKLOADS: list[Workload] = [
 ]
 
 
+#: the workloads every system-wide candidate is held to besides its target (gates.GUARD_RESULTS)
+GUARDS = ["wakeup", "pipe", "cpu"]
+
+
 def list_workloads() -> list[Workload]:
     return [w.model_copy() for w in WORKLOADS]
 

@@ -18,6 +18,7 @@ readable by group or others) or is generated once into `$SCHEDCP_HOME/http-token
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import os
 import secrets
@@ -98,6 +99,38 @@ def check_command(argv: list[str] | str, actor: str, what: str = "command") -> N
         "profile a running process with pid=..., or one of the sandbox workloads' commands "
         "(list_workloads); the operator can allow commands with `schedcp serve "
         "--allow-command-prefix 'PROG'` or `--allow-command`")
+
+
+# --- how much one caller may pile up ---------------------------------------------------------------
+
+#: caps on what an MCP client (any caller but the CLI and schedcp itself) may hold at once;
+#: `SCHEDCP_MAX_<NAME>` changes one
+CAPS = {"queued_jobs": 64, "callbacks": 32, "plan_candidates": 32, "plan_workloads": 16,
+        "campaign_candidates": 32, "text_chars": 8000}
+
+
+def cap(name: str) -> int:
+    return int(os.environ.get(f"SCHEDCP_MAX_{name.upper()}") or CAPS[name])
+
+
+def check_cap(name: str, n: int, actor: str = "mcp", what: str = "") -> None:
+    """Refuse when a caller would hold more than the cap `name` (n: what it would hold)."""
+    if actor in ("cli", "schedcp") or n <= cap(name):
+        return
+    raise BadInput(f"too many {what or name.replace('_', ' ')}: {n}, the limit is {cap(name)}",
+                   "wait for some to finish or remove some; the operator can raise it with "
+                   f"SCHEDCP_MAX_{name.upper()}")
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --- HTTP bearer token ---------------------------------------------------------------------------

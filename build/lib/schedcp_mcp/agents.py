@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+import os
 import shutil
 import subprocess
 from functools import lru_cache
@@ -284,6 +285,8 @@ def install(scope: str = "project", directory: Path | None = None, force: bool =
              if rel.startswith(".claude/")}
     targets = {base / ".claude" / rel: text for rel, text in files.items()}
     mcp_path = base / ".mcp.json"
+    for path in [*targets, mcp_path]:
+        _refuse_symlinks(base, path)
     if scope == "project":
         current = {}
         if mcp_path.exists():
@@ -308,7 +311,8 @@ def install(scope: str = "project", directory: Path | None = None, force: bool =
             unchanged.append(str(path))
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        _refuse_symlinks(base, path)
+        _replace(path, text)
         written.append(str(path))
     if scope == "project":
         how = f"'{SERVER}' in {mcp_path} (approve it in Claude Code, or set enableAllProjectMcpServers)"
@@ -316,6 +320,26 @@ def install(scope: str = "project", directory: Path | None = None, force: bool =
         how = _register_user_server()
     return InstallResult(scope=scope, directory=str(base), written=written, unchanged=unchanged, mcp=how,
                          warnings=shadow_warning(plugin_shadowed(base)))
+
+
+def _refuse_symlinks(base: Path, path: Path) -> None:
+    """Nothing is read or written through a symlink under `base` (the file or a directory on the
+    way): it could point anywhere, e.g. at another project's .mcp.json."""
+    p = base
+    for part in path.relative_to(base).parts:
+        p = p / part
+        if p.is_symlink():
+            raise BadInput(f"{p} is a symlink; schedcp agents install does not write through symlinks",
+                           f"remove it (or point --dir at where it leads) and rerun")
+
+
+def _replace(path: Path, text: str) -> None:
+    """A new file renamed over `path` (O_EXCL|O_NOFOLLOW: never another file's content)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _register_user_server() -> str:

@@ -6,6 +6,7 @@ later session can pick up from a report id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -189,20 +190,41 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
 # outlives the client that asked for it, is retried when the machine fails it, and identical
 # requests are answered from the result of the first.
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of the code of every layer that decides a verdict: layer 1 (verify/), layer 2
+    (validate/, its BPF tracer included), the sandbox that runs both (sandbox/) and this module. A change to any of them must
+    never be answered from an older job's result."""
+    here = Path(__file__).parent
+    files = [here / "candidates.py", here / "reports.py",
+             *(p for d in ("verify", "validate", "sandbox") for p in sorted((here / d).rglob("*"))
+               if p.suffix in (".py", ".c", ".h", ".sh"))]  # the layer-2 tracer and guest agent too
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(here)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _policy_src(name: str) -> str | None:
+    text = get_policy(name).source_text() or ""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _content_key(kind: str, i: dict[str, Any]) -> str | None:
-    """What decides a verify/validate result: source (or report), parameters, target, kernel build
-    and layer-1 code, workloads, rounds, goals. None (no dedupe) without a built sandbox image."""
+    """What decides a verify/validate result: source (or report), every policy and its source,
+    parameters, target, kernel build, the code of every deciding layer, workloads, rounds, goals.
+    None (no dedupe) without a built sandbox image."""
     from .sandbox import image
 
     m = image.load_manifest()
     if m is None or i.get("include_dirs"):
         return None
     src = i.get("source")
-    if i.get("policy"):
-        src = get_policy(i["policy"]).source_text() or ""
-    blob = {"kind": kind, "src": hashlib.sha256((src or "").encode()).hexdigest() if src else None,
+    blob = {"kind": kind, "src": hashlib.sha256(src.encode()).hexdigest() if src else None,
+            "policy_src": _policy_src(i["policy"]) if i.get("policy") else None,
+            "policies": [(n, _policy_src(n)) for n in i.get("policies") or []],
             "report": i.get("report_id"), "policy": i.get("policy"), "params": sorted((i.get("params") or {}).items()),
-            "target": i.get("target", "sandbox"), "build": m.build_id, "code": pipeline._code_version(),
+            "target": i.get("target", "sandbox"), "build": m.build_id, "code": code_version(),
             "workloads": sorted(i.get("workloads") or []), "rounds": i.get("rounds"), "budget_s": i.get("budget_s"),
             "goals": i.get("goals"), "profile": i.get("profile_id"), "candidate": i.get("candidate")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
@@ -316,6 +338,9 @@ def validate_campaign(cands: list[dict[str, Any]], *, goals: list[Goal] | None =
 
     if not cands:
         raise BadInput("a campaign needs at least one candidate", "give --policy NAME or --file FILE")
+    from .access import check_cap
+
+    check_cap("campaign_candidates", len(cands), actor, "candidates in one campaign")
     check_layer2_request(goals, workloads, rounds, budget_s, profile_id)
     goal_dicts = [g.model_dump(mode="json") for g in goals] if goals else None
     nodes, seen = [], set()

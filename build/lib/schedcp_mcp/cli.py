@@ -199,19 +199,18 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from .access import is_loopback  # noqa: E402 — re-exported: `cli.is_loopback` is what tests use
 
 
 @main.command()
 @click.option("--http", "http", metavar="HOST:PORT", help="serve streamable HTTP instead of stdio")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="file holding the bearer token HTTP clients must send")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="HTTPS certificate (PEM)")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="HTTPS private key (PEM)")
+@click.option("--insecure-plain-http", is_flag=True,
+              help="DANGEROUS: serve plain HTTP on a non-loopback address (the bearer token crosses the "
+              "network in clear)")
 @click.option("--allow-host-deploy", is_flag=True,
               help="let MCP clients deploy to this host's kernel (still only with a valid token)")
 @click.option("--allow-host-verify", is_flag=True,
@@ -223,7 +222,8 @@ def is_loopback(host: str) -> bool:
               help="let MCP clients run commands starting with these exact words (repeatable)")
 @click.option("--allow-exact-command", "exact_commands", multiple=True, metavar="'PROG ARGS'",
               help="let MCP clients run exactly this command, no other arguments (repeatable)")
-def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
+def serve(http: str | None, token_file: Path | None, tls_cert: str | None, tls_key: str | None,
+          insecure_plain_http: bool, allow_host_deploy: bool,
           allow_host_verify: bool, allow_command: bool, command_prefixes: tuple[str, ...],
           exact_commands: tuple[str, ...]) -> None:
     """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`).
@@ -248,13 +248,24 @@ def serve(http: str | None, token_file: Path | None, allow_host_deploy: bool,
         raise SchedcpError(f"refusing to serve on non-loopback address {host} without a token",
                            "pass --token-file FILE (clients send 'Authorization: Bearer <token>') "
                            "or bind 127.0.0.1")
+    if bool(tls_cert) != bool(tls_key):
+        raise SchedcpError("give both --tls-cert and --tls-key", "or neither, on loopback")
+    if not is_loopback(host) and not tls_cert:
+        if not insecure_plain_http:
+            raise SchedcpError(f"refusing plain HTTP on non-loopback address {host}: the bearer token "
+                               "would cross the network in clear",
+                               "pass --tls-cert FILE --tls-key FILE, or bind 127.0.0.1 (an SSH tunnel "
+                               "reaches it), or accept the risk with --insecure-plain-http")
+        err_console.print(f"[bold red]WARNING: plain HTTP on {host}: anyone on the network path can read "
+                          "the bearer token and every request (--insecure-plain-http)[/bold red]")
     if token_file:
         token, where = access.read_token_file(token_file), token_file
     else:
         token, where = access.generated_token()
-    err_console.print(f"schedcp MCP server on http://{host}:{port}/mcp (clients send "
+    scheme = "https" if tls_cert else "http"
+    err_console.print(f"schedcp MCP server on {scheme}://{host}:{port}/mcp (clients send "
                       f"'Authorization: Bearer <token>'; the token is in {where})")
-    server.run_http(host, port, token)
+    server.run_http(host, port, token, tls=(tls_cert, tls_key) if tls_cert else None)
 
 
 # --- supervisor: worker pool and jobs ---------------------------------------------------------------
@@ -314,8 +325,11 @@ def worker(size: int | None, engine: str, as_json: bool) -> None:
         raise KeyboardInterrupt
 
     if engine == "celery":
+        from .jobs import fleetauth
         from .jobs.fleet import Fleet
 
+        key = fleetauth.ensure_key()
+        err_console.print(f"fleet key: {key} (copy it, mode 600, to each worker; {fleetauth.KEY_ENV} points there)")
         pool = Fleet(size or 4).start()
         pool.size = pool.capacity
     else:
@@ -1385,6 +1399,30 @@ def bench_verify() -> None:
     from .verify.bench import bench_verify as run
 
     run()
+
+
+@bench.command("tools")
+@json_option
+def bench_tools(as_json: bool) -> None:
+    """What the MCP server costs an agent: tools/list bytes and each tool's default result for the
+    README's worked examples (ids from this store), through a real stdio client."""
+    from rich.table import Table
+
+    from .toolbench import LIST_MAX, bench_tools as run
+
+    def render(b) -> None:
+        console.print(f"tools/list: {b.list_bytes:,} bytes (~{b.list_tokens:,} tokens) for {b.tools} "
+                      f"tools (limit {LIST_MAX:,}); largest: " + ", ".join(
+                          f"{k} {v:,}" for k, v in list(b.definitions.items())[:3]))
+        t = Table("tool", "arguments", "bytes", "shown", "~tokens", "limit")
+        for r in b.results:
+            t.add_row(r.tool, json.dumps(r.args)[:60], f"{r.bytes:,}", f"{r.shown:,}", str(r.tokens),
+                      f"{r.limit:,}" + (" [red]OVER[/red]" if r.bytes > r.limit else "")
+                      + (f" [red]{r.error[:60]}[/red]" if r.error else ""))
+        console.print(t)
+
+    b = run()
+    emit(b.model_dump(mode="json"), as_json, lambda _: render(b))
 
 
 def bench_job(job, label: str, background: bool, as_json: bool, answer=None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -58,9 +59,10 @@ def private_dir(p: Path) -> Path:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a file only this user can read (0600 from its creation, never briefly wider)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    """Write a file only this user can read (0600 from its creation, never briefly wider): a new
+    file of its own (O_EXCL: never through a symlink or into another's file) renamed over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.chmod(tmp, 0o600)

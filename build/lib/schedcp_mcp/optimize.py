@@ -28,7 +28,7 @@ import anyio
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from pydantic import BaseModel, Field, PrivateAttr
 
-from . import agents, config
+from . import agents, answers, config
 from .candidates import check_goal_ratio, check_layer2_request
 from .errors import BadInput, InfrastructureError, SchedcpError
 from .models import Goal, in_words, times, vs_default
@@ -59,12 +59,32 @@ class ToolFailed(SchedcpError):
     """An MCP tool answered with an error."""
 
 
+class Traffic(BaseModel):
+    """What a stage's tool calls cost the agent's context: every result's bytes as they cross the
+    wire (JSON-RPC result: content + structuredContent), and tokens estimated at
+    answers.BYTES_PER_TOKEN bytes each; `definitions_bytes`: the stage's tool definitions
+    (tools/list entries of its allowlist), which its agent reads once per session."""
+    calls: int = 0
+    result_bytes: int = 0
+    est_tokens: int = 0
+    definitions_bytes: int = 0
+    largest: dict[str, int] = Field({}, description="tool -> its largest result, bytes")
+
+    def add(self, tool: str, n: int) -> None:
+        self.calls += 1
+        self.result_bytes += n
+        self.est_tokens = answers.tokens(self.result_bytes)
+        self.largest[tool] = max(n, self.largest.get(tool, 0))
+
+
 class Stage:
-    """One stage's view of the MCP session: only the tools of its role's allowlist."""
+    """One stage's view of the MCP session: only the tools of its role's allowlist; it counts what
+    each call returns."""
 
     def __init__(self, session: ClientSession, role: str, allowed: set[str]):
         self.session, self.role, self.allowed = session, role, allowed
         self.calls: list[str] = []
+        self.traffic = Traffic()
 
     def may(self, tool: str) -> bool:
         return tool in self.allowed
@@ -83,6 +103,7 @@ class Stage:
                 progress(message or tool, (p / total) if total else 0.0)
 
         res = await self.session.call_tool(tool, args or {}, progress_callback=on_progress)
+        self.traffic.add(tool, answers.result_bytes(res))
         if res.is_error:
             text = " ".join(getattr(c, "text", "") for c in res.content).strip()
             raise ToolFailed(f"{tool}: {text}")
@@ -178,6 +199,8 @@ class OptimizeReport(BaseModel):
     contributed: str | None = None
     ranking_after: list[str] = []
     calls: dict[str, list[str]] = {}
+    traffic: dict[str, Traffic] = Field({}, description="per stage: tool calls, result bytes, tokens")
+    traffic_total: Traffic = Field(default_factory=Traffic)
     outcome: Literal["deployed", "ready_for_host", "kept_default"] = "kept_default"
     query: str = ""
     json_path: str | None = None
@@ -293,8 +316,7 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
     say("planning: searching the repository", 0.1)
     prof = await st.call("get_profile", {"profile_id": rep.profile_id})
     query = rep.query = search_query(prof, rep.workloads)
-    hits = (await st.call("search_policies", {"query": query, "profile_id": rep.profile_id,
-                                              "limit": 20}))["hits"]
+    hits = (await st.call("search_policies", {"query": query, "profile_id": rep.profile_id}))["hits"]
     for h in hits:  # a history that includes a validated win, not just good figures
         if h["kind"] == "schedcp" and h["history_score"] > 0:
             hist = (await st.call("get_policy", {"name": h["name"]})).get("history", [])
@@ -346,11 +368,10 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
 
 def figures(layer2: dict | None) -> list[WorkloadFigure]:
     out = []
-    for w in (layer2 or {}).get("workloads", []):
-        b, c = w.get("baseline_stats") or {}, w.get("candidate_stats") or {}
+    for w in (layer2 or {}).get("workloads", []):  # answers.layer2_brief
         out.append(WorkloadFigure(workload=w["name"], metric=w["metric"], unit=w["unit"],
-                                  direction=w["direction"], baseline=b.get("median"),
-                                  candidate=c.get("median"), ratio=w.get("ratio"),
+                                  direction=w["direction"], baseline=w.get("baseline"),
+                                  candidate=w.get("candidate"), ratio=w.get("ratio"),
                                   ratio_low=w.get("ratio_low"), ratio_high=w.get("ratio_high"),
                                   noise=w.get("noise"), verdict=w["verdict"]))
     return out
@@ -417,7 +438,7 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
     camp = await st.call("validate_campaign", args,
                          progress=lambda m, f: say(f"execution: {m}", 0.15 + 0.7 * f))
     rep.campaign_id = camp["job_id"]
-    kids = {k["name"]: k for k in (camp.get("result") or {}).get("children", [])}
+    kids = {k["name"]: k for k in camp.get("children", [])}
     for res in rep.candidates:
         v, check = kids.get(f"validate:{res.label}"), kids.get(f"verify:{res.label}")
         if v is None or v["state"] != "succeeded":
@@ -437,8 +458,7 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
             rep.winner, rep.winner_label = res.report_id, res.label
     rep.campaign_seconds = round(time.monotonic() - start, 1)
     if rep.winner:  # only the winner gets a (single-use) deployment token
-        win = next(c for c in rep.candidates if c.report_id == rep.winner)
-        rep.token = ((await st.call("get_job", {"job_id": win.job_id})).get("validation") or {}).get("token")
+        rep.token = (await st.call("issue_token", {"report_id": rep.winner}))["token"]
     if all(c.error and not c.report_id for c in rep.candidates):
         raise InfrastructureError("no candidate could be validated: " + rep.candidates[0].error,
                                   "check the sandbox with `schedcp sandbox info`")
@@ -479,7 +499,7 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
     dep = next((x for x in status.get("deployments", []) if x["id"] == dep["id"]), dep)
     rep.deployment = {k: dep.get(k) for k in ("id", "status", "target", "policy", "params",
                                               "baseline", "end_reason")}
-    rep.deployment["readings"] = len(dep.get("readings") or [])
+    rep.deployment["readings"] = dep.get("readings") or 0
     rep.outcome = "deployed" if dep.get("status") == "active" else "kept_default"
     if rep.outcome != "deployed":
         rep.why += f" The staging deployment did not stay active: {dep.get('end_reason')}."
@@ -578,7 +598,9 @@ async def _stages(req: OptimizeRequest, rep: OptimizeReport, allowed: dict[str, 
         r, w = await stack.enter_async_context(stdio_client(server_params(req)))
         session = await stack.enter_async_context(ClientSession(r, w))
         await session.initialize()
-        have = {t.name for t in (await session.list_tools()).tools}
+        listed = (await session.list_tools()).tools
+        have = {t.name for t in listed}
+        defs = {t.name: len(t.model_dump_json(by_alias=True, exclude_none=True).encode()) for t in listed}
         for role, tools in allowed.items():
             if tools - have:
                 raise InfrastructureError(
@@ -592,6 +614,22 @@ async def _stages(req: OptimizeRequest, rep: OptimizeReport, allowed: dict[str, 
             await learn(stages["learning"], req, rep, say)
         finally:
             rep.calls = {role: s.calls for role, s in stages.items()}
+            rep.traffic = {role: s.traffic for role, s in stages.items()}
+            for role, s in stages.items():
+                s.traffic.definitions_bytes = sum(defs.get(t, 0) for t in s.allowed)
+            rep.traffic_total = total_traffic(rep.traffic.values())
+
+
+def total_traffic(stages) -> Traffic:
+    t = Traffic()
+    for s in stages:
+        t.calls += s.calls
+        t.result_bytes += s.result_bytes
+        t.definitions_bytes += s.definitions_bytes
+        for tool, n in s.largest.items():
+            t.largest[tool] = max(n, t.largest.get(tool, 0))
+    t.est_tokens = answers.tokens(t.result_bytes)
+    return t
 
 
 def write_outputs(rep: OptimizeReport) -> None:
@@ -707,4 +745,14 @@ def render(rep: OptimizeReport, console) -> None:
     if rep.deployment and rep.outcome == "deployed":
         console.print("The staging VM keeps running it under the monitor (`schedcp status`); end it "
                       "with `schedcp rollback` and `schedcp sandbox stop`.")
+    if rep.traffic:
+        console.print("[bold]tool traffic[/bold] (what the agents read; tokens ≈ bytes/"
+                      f"{answers.BYTES_PER_TOKEN}): " + ", ".join(
+                          f"{role} {t.calls} calls {t.result_bytes / 1000:.1f} kB ~{t.est_tokens} tok"
+                          for role, t in rep.traffic.items()))
+        t = rep.traffic_total
+        console.print(f"  total {t.calls} calls, {t.result_bytes / 1000:.1f} kB of results "
+                      f"(~{t.est_tokens} tokens); largest: " + ", ".join(
+                          f"{k} {v / 1000:.1f} kB" for k, v in
+                          sorted(t.largest.items(), key=lambda kv: -kv[1])[:3]))
     console.print(f"report {rep.json_path}" + (f", chart {rep.chart_path}" if rep.chart_path else ""))

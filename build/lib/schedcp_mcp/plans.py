@@ -71,6 +71,11 @@ def create_plan(profile_id: str, workloads: list[str], goals: list[Goal] | None,
     """Check a plan against what exists (profile, policies and their parameters, reports, workloads,
     goals the workloads measure) and store it. A plan that could not run is refused now, not
     minutes into a validation. No goals: the profile's goals that the workloads measure."""
+    from .access import check_cap
+
+    check_cap("plan_candidates", len(candidates), author, "candidates in one plan")
+    check_cap("plan_workloads", len(workloads), author, "workloads in one plan")
+    check_cap("text_chars", len(rationale), author, "characters of rationale")
     prof = get_profile(profile_id)
     if strategy not in STRATEGY_ORDER:
         raise BadInput(f"unknown strategy {strategy!r}", "one of: " + ", ".join(STRATEGY_ORDER))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,33 @@ def save_source(source: str) -> str:
     sha = hashlib.sha256(source.encode()).hexdigest()
     path = sources_dir() / f"{sha}.bpf.c"
     if not path.exists():
-        path.write_text(source)
+        config.write_private(path, source.encode())  # never through a symlink planted there
     return sha
+
+
+def stored_source(sha: str | None) -> str | None:
+    """A submitted source from this store by its hash, only if its bytes still hash to it."""
+    if not sha or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        return None
+    try:
+        text = (sources_dir() / f"{sha}.bpf.c").read_text()
+    except OSError:
+        return None
+    return text if hashlib.sha256(text.encode()).hexdigest() == sha else None
+
+
+def stored_object(sha: str | None) -> bytes | None:
+    """A compiled object from this store by its hash (never from a path a record names), only if
+    its bytes still hash to it."""
+    from .verify.pipeline import object_store
+
+    if not sha or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        return None
+    try:
+        data = (object_store() / f"{sha}.bpf.o").read_bytes()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == sha else None
 
 
 def source_for(report: ValidationReport) -> str:

@@ -20,29 +20,25 @@ import anyio.from_thread
 import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import ToolAnnotations
+from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from . import __version__, plans, reports
+from . import answers as A
 from . import candidates as candidate_jobs  # the name `candidates` is validate_campaign's argument
-from .deploy import deployments
+from .deploy import deployments, tokens
 from .errors import SchedcpError
 from .jobs import queue as jobq
 from .jobs.campaigns import CampaignResult
-from .jobs.models import Budget, JobDetailView, JobView, LaneName
+from .jobs.models import Budget, JobDetailView, LaneName
 from .jobs.pool import Pool, run_to_end
 from .learn import callbacks, contribute, feedback, history, match
-from .learn.history import Outcome
 from .models import Deployment, Goal, MetricResult
 from .observe import cpu, profile, system
 from .repository import policies
-from .synth.primitives import Catalog
 from .synth.provenance import SynthResult
 from .synth.spec import SchedulerSpec
-from .synth.tune import TuneResult
-from .validate.models import Layer2Result, Workload
 from .validate.workloads import list_workloads as all_workloads
-from .verify.models import Layer1Report
 
 log = logging.getLogger("schedcp.server")
 T = TypeVar("T")
@@ -59,8 +55,9 @@ DESTRUCTIVE = ToolAnnotations(readOnlyHint=False, destructiveHint=True, idempote
 INSTRUCTIONS = """schedcp optimizes the Linux CPU scheduler with sched_ext BPF policies, safely.
 Loop: observe (get_system_info, get_cpu_stats, profile_workload) -> plan (search_policies,
 get_policy) -> execute (submit_scheduler = compile + kernel verifier; validate_scheduler = sandbox
-VM stress + A/B benchmark; deploy needs a token from a passed validation) -> learn (get_feedback,
-record_outcome). Nothing reaches the host kernel without a deployment token."""
+VM stress + A/B benchmark; issue_token for a passed report, then deploy) -> learn (get_feedback,
+record_outcome). Nothing reaches the host kernel without a deployment token (issue_token).
+Results are summaries; ask detail="full" only for what a summary leaves out."""
 
 @asynccontextmanager
 async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
@@ -155,11 +152,13 @@ async def in_thread(fn: Callable[..., T], *args: Any, ctx: Context | None = None
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def get_system_info() -> system.SystemInfo:
-    """CPU topology (cores, SMT siblings, LLC domains, NUMA), kernel facts (sched_ext present and
-    state, running BPF scheduler, BTF, config), and which observation/BPF tools work here and why
-    not."""
-    return await in_thread(system.get_system_info)
+async def get_system_info() -> CallToolResult:
+    """Use first, to know the machine: CPU topology (cores, SMT, LLC, NUMA), kernel facts (sched_ext
+    present and state, running BPF scheduler, BTF), and which observation/BPF tools work here."""
+    s = await in_thread(system.get_system_info)
+    sx = s.kernel.sched_ext
+    return A.answer(s, f"{s.hostname}: kernel {s.kernel.release}, sched_ext "
+                       f"{'present (' + str(sx.state) + ')' if sx.present else 'absent: use the sandbox'}")
 
 
 @server.tool(annotations=READ_ONLY)
@@ -167,11 +166,12 @@ async def get_system_info() -> system.SystemInfo:
 async def get_cpu_stats(
     interval_s: Annotated[float, Field(ge=0.1, le=60, description="sampling interval, seconds")] = 1.0,
     top_n: Annotated[int, Field(ge=1, le=100, description="how many top processes")] = 10,
-) -> cpu.CpuStats:
-    """Per-CPU utilisation split, load, context switches/interrupts per second, run-queue and
-    scheduling-delay figures (/proc/schedstat where the kernel has it), PSI cpu pressure, and the
-    top processes with their scheduling policy and nice."""
-    return await in_thread(cpu.get_cpu_stats, interval_s, top_n)
+) -> CallToolResult:
+    """A snapshot of the host now: per-CPU utilisation, load, context switches/s, run-queue and
+    scheduling delay, PSI cpu pressure, top processes with their policy and nice."""
+    c = await in_thread(cpu.get_cpu_stats, interval_s, top_n)
+    return A.answer(c, f"{c.ncpus} CPUs {c.total_busy_percent:.0f}% busy, "
+                       f"{c.ctx_switches_per_s:.0f} ctx switches/s over {c.interval_s:g} s")
 
 
 @server.tool(annotations=MEASURES)
@@ -180,28 +180,28 @@ async def profile_workload(
     ctx: Context,
     command: Annotated[list[str] | None, Field(
         description="program and arguments to run on this host, e.g. ['hackbench','-g','2','-l','60']; "
-        "only the sandbox workloads' commands unless the operator allowed more "
-        "(`schedcp serve --allow-command-prefix/--allow-command`)")] = None,
+        "only the sandbox workloads' commands unless the operator allowed more")] = None,
     pid: Annotated[int | None, Field(ge=1, description="attach to this running process instead")] = None,
     duration_s: Annotated[float, Field(ge=0.2, le=3600,
                                        description="max seconds to run / observe")] = 10.0,
     workload: Annotated[str | None, Field(
         description="or: a sandbox workload name (list_workloads); its benchmark runs here")] = None,
     repeat_s: Annotated[float, Field(
-        ge=0, le=3600, description="run the command again and again until this many seconds have "
-        "passed: a sub-second benchmark is too short for steady rates (match_workloads' references "
-        "use 3)")] = 0.0,
-) -> profile.WorkloadProfile:
-    """Run (or attach to) a workload and store a WorkloadProfile: perf counters where supported,
-    process-tree metrics, run-queue latency histogram (runqlat) where it can run, a summary,
-    characteristics (CPU-bound / latency-sensitive / fork-heavy / parallelism / I/O) and explicit
-    optimization goals. Returns the profile with its id for later tools."""
+        ge=0, le=3600, description="rerun the command until this many seconds have passed (steady "
+        "rates for a sub-second benchmark; match_workloads' references use 3)")] = 0.0,
+    detail: Annotated[A.Detail, A.DETAIL] = "summary",
+) -> CallToolResult:
+    """Start of the loop: run (or attach to) a workload and store a WorkloadProfile. Returns its id,
+    a summary, characteristics (CPU-bound / latency-sensitive / fork-heavy / parallelism) and goals;
+    "full" adds perf counters, process-tree metrics and the runqlat histogram."""
     if workload is not None:
         if command is not None or pid is not None:
             raise ToolError("give one of command, pid or workload")
-        return await in_thread(match.profile_sandbox_workload, workload, duration_s, ctx=ctx)
-    return await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx, actor="mcp",
-                           repeat_s=repeat_s)
+        p = await in_thread(match.profile_sandbox_workload, workload, duration_s, ctx=ctx)
+    else:
+        p = await in_thread(profile.profile_workload, command, pid, duration_s, ctx=ctx, actor="mcp",
+                            repeat_s=repeat_s)
+    return A.answer(p if detail == "full" else A.profile_brief(p), f"{p.id}: {A.clip(p.summary, 200)}")
 
 
 class MatchResult(BaseModel):
@@ -215,41 +215,38 @@ async def match_workloads(
     ctx: Context,
     profile_id: Annotated[str, Field(description="a profile of a workload that runs on the host")],
     limit: Annotated[int, Field(ge=1, le=20)] = 5,
-) -> MatchResult:
-    """Rank the sandbox benchmark workloads by how much they resemble a profiled host workload
-    (same similarity as the learning history), each with the features that agree or differ. The
-    sandbox judges candidates on the best matches. First use profiles each sandbox workload here."""
+) -> CallToolResult:
+    """After profiling a host workload: rank the sandbox benchmark workloads by resemblance, each
+    with the features that agree or differ. Candidates are judged on the good matches (first use
+    profiles each sandbox workload here)."""
     ms = await in_thread(match.match_workloads, profile_id, limit, ctx=ctx)
-    return MatchResult(profile_id=profile_id, matches=ms)
-
-
-class ProfileList(BaseModel):
-    profiles: list[profile.WorkloadProfile]
+    return A.answer(MatchResult(profile_id=profile_id, matches=ms),
+                    ", ".join(f"{m.workload} {m.similarity:.2f}" for m in ms) or "no workloads")
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
 async def list_profiles(
-    limit: Annotated[int, Field(ge=1, le=200, description="how many, newest first")] = 20,
-) -> ProfileList:
-    """Stored workload profiles, newest first (from this and earlier sessions)."""
-    return ProfileList(profiles=await in_thread(profile.list_profiles, limit))
+    limit: Annotated[int, Field(ge=1, le=200, description="page size, newest first")] = 20,
+    cursor: Annotated[str | None, A.CURSOR] = None,
+) -> CallToolResult:
+    """Stored workload profiles (this and earlier sessions), newest first: id, command, summary."""
+    ps, nxt = A.page(await in_thread(profile.list_profiles, A.offset(cursor) + limit + 1), cursor, limit)
+    out = {"profiles": [A.pick(p, {"id", "created_at", "command", "pid", "summary"}) for p in ps],
+           "next_cursor": nxt}
+    return A.answer(out, f"{len(ps)} profile(s)" + (", more with next_cursor" if nxt else ""))
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def get_profile(profile_id: Annotated[str, Field(description="e.g. prof-1a2b3c4d5e")]
-                      ) -> profile.WorkloadProfile:
-    """One stored workload profile by id."""
-    return await in_thread(profile.get_profile, profile_id)
+async def get_profile(profile_id: Annotated[str, Field(description="e.g. prof-1a2b3c4d5e")],
+                      detail: Annotated[A.Detail, A.DETAIL] = "summary") -> CallToolResult:
+    """One stored workload profile by id ("full": counters, process tree, runqlat histogram)."""
+    p = await in_thread(profile.get_profile, profile_id)
+    return A.answer(p if detail == "full" else A.profile_brief(p), f"{p.id}: {A.clip(p.summary, 200)}")
 
 
 # --- plan --------------------------------------------------------------------------------------------
-
-class SearchResult(BaseModel):
-    query: str
-    hits: list[policies.SearchHit]
-
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
@@ -257,31 +254,41 @@ async def search_policies(
     query: Annotated[str, Field(description="keywords: workload, goal, algorithm, e.g. "
                                             "'latency interactive wakeup'")] = "",
     tags: Annotated[list[str] | None, Field(description="only policies with any of these tags")] = None,
-    limit: Annotated[int, Field(ge=1, le=100)] = 10,
+    limit: Annotated[int, Field(ge=1, le=100, description="page size")] = 10,
     profile_id: Annotated[str | None, Field(
         description="rank also by outcomes on workload profiles similar to this one")] = None,
-) -> SearchResult:
-    """Search the policy repository (our sched_ext policies and the scx production catalog).
-    Each hit has a score and the reason it matched."""
+    cursor: Annotated[str | None, A.CURSOR] = None,
+    detail: Annotated[A.Detail, A.DETAIL] = "summary",
+) -> CallToolResult:
+    """Planning: find policies for a workload in the repository (ours and the scx catalog), best
+    first. Each hit: name, score (text relevance + history on similar profiles), runnable, a
+    one-line summary and the reason it matched; get_policy(name) for more."""
     scorer = history.scorer_for(profile_id) if profile_id else None
-    hits = await in_thread(policies.search_policies, query, tags, limit, scorer)
-    return SearchResult(query=query, hits=hits)
-
-
-class PolicyDetail(BaseModel):
-    policy: policies.Policy
-    source_code: str | None
-    history: list[Outcome] = Field([], description="outcomes recorded for this policy")
+    hits = await in_thread(policies.search_policies, query, tags, A.offset(cursor) + limit + 1, scorer)
+    hits, nxt = A.page(hits, cursor, limit)
+    out = [h.model_dump(mode="json") if detail == "full" else A.hit_brief(h) for h in hits]
+    return A.answer({"query": query, "hits": out, "next_cursor": nxt},
+                    " > ".join(f"{h.name} ({h.score:.2f})" for h in hits) or "no policy matches")
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def get_policy(name: Annotated[str, Field(description="policy name, e.g. vtime_fair")]
-                     ) -> PolicyDetail:
-    """A policy's metadata, BPF source, parameters (type/default/range) and outcome history."""
+async def get_policy(name: Annotated[str, Field(description="policy name, e.g. vtime_fair")],
+                     detail: Annotated[A.Detail, A.DETAIL] = "summary") -> CallToolResult:
+    """A policy before choosing or revising it: what it does, use cases, limitations, parameters
+    (type/default/range) and its outcome history in brief; "full" adds the BPF source and every
+    recorded outcome."""
     p = await in_thread(policies.get_policy, name)
-    return PolicyDetail(policy=p, source_code=p.source_text(),
-                        history=history.outcomes_for_policy(name))
+    hist = await in_thread(history.outcomes_for_policy, name)
+    if detail == "full":
+        out = {"policy": p.model_dump(mode="json"), "source_code": p.source_text(),
+               "history": [o.model_dump(mode="json") for o in hist]}
+    else:
+        out = {"policy": A.policy_brief(p),
+               "history": [A.pick(o, {"id", "source", "params", "profile_id", "report_id", "reward",
+                                      "goals_met"}) for o in hist[:5]],
+               "outcomes": len(hist)}
+    return A.answer(out, f"{p.name}: {p.summary} ({len(hist)} recorded outcome(s))")
 
 
 class GoalIn(BaseModel):
@@ -300,6 +307,16 @@ class CandidateIn(BaseModel):
     why: str = Field(description="why this candidate suits the profile")
 
 
+def plan_answer(p: plans.OptimizationPlan, detail: str) -> CallToolResult:
+    out = p.model_dump(mode="json")
+    if detail != "full":  # candidates' source text only on request
+        for c in out["candidates"]:
+            if c.get("source"):
+                c["source"] = f"<{len(c['source'])} bytes: detail=full>"
+    return A.answer(out, f"{p.id}: {p.strategy}, {len(p.candidates)} candidate(s) on "
+                         f"{', '.join(p.workloads)}")
+
+
 @server.tool(annotations=MEASURES)
 @agent_errors
 async def create_plan(
@@ -313,63 +330,61 @@ async def create_plan(
     goals: Annotated[list[GoalIn] | None, Field(
         description="default: the profile's goals that the workloads measure")] = None,
     budget_s: Annotated[float | None, Field(gt=0, description="time budget for execution")] = None,
-) -> plans.OptimizationPlan:
-    """Store an OptimizationPlan (checked now: policies, parameters, reports, workloads, and goals
-    the workloads measure) and return it with its id, for the execution stage."""
+) -> CallToolResult:
+    """End of planning: store an OptimizationPlan (checked now: policies, parameters, reports,
+    workloads, goals the workloads measure) for the execution stage; returns it with its id."""
     gs = [Goal(**g.model_dump(), why="given by the planner") for g in goals] if goals else None
     cs = [plans.PlannedCandidate(**c.model_dump()) for c in candidates]
-    return await in_thread(plans.create_plan, profile_id, workloads, gs, strategy, rationale, cs,
-                           budget_s, "mcp")
+    p = await in_thread(plans.create_plan, profile_id, workloads, gs, strategy, rationale, cs,
+                        budget_s, "mcp")
+    return plan_answer(p, "summary")
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def get_plan(plan_id: Annotated[str, Field(description="plan-…")]) -> plans.OptimizationPlan:
-    """One stored OptimizationPlan: profile, workloads, goals, strategy, rationale, candidates."""
-    return await in_thread(plans.get_plan, plan_id)
-
-
-class PlanList(BaseModel):
-    plans: list[plans.OptimizationPlan]
+async def get_plan(plan_id: Annotated[str, Field(description="plan-…")],
+                   detail: Annotated[A.Detail, A.DETAIL] = "summary") -> CallToolResult:
+    """One stored OptimizationPlan: profile, workloads, goals, strategy, rationale, candidates
+    (their source text with "full")."""
+    return plan_answer(await in_thread(plans.get_plan, plan_id), detail)
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
 async def list_plans(
-    limit: Annotated[int, Field(ge=1, le=200)] = 20,
+    limit: Annotated[int, Field(ge=1, le=200, description="page size, newest first")] = 20,
     profile_id: Annotated[str | None, Field(description="only plans for this profile")] = None,
-) -> PlanList:
-    """Stored optimization plans, newest first."""
-    return PlanList(plans=await in_thread(plans.list_plans, limit, profile_id))
+    cursor: Annotated[str | None, A.CURSOR] = None,
+) -> CallToolResult:
+    """Stored optimization plans, newest first: id, profile, strategy, workloads."""
+    ps, nxt = A.page(await in_thread(plans.list_plans, A.offset(cursor) + limit + 1, profile_id),
+                     cursor, limit)
+    out = {"plans": [A.pick(p, {"id", "created_at", "profile_id", "strategy", "workloads"})
+                     | {"candidates": len(p.candidates)} for p in ps], "next_cursor": nxt}
+    return A.answer(out, f"{len(ps)} plan(s)")
 
 
 # --- execute ---------------------------------------------------------------------------------------
 
-JOB_ID = Field(description="the supervisor's job that ran (or, with background, will run) it: get_job")
-
-
-class SubmitResult(BaseModel):
-    job_id: str = JOB_ID
-    report_id: str | None = Field(None, description="None while a background job runs")
-    status: str | None = None
-    layer1: Layer1Report | None = None
-
-
-class ValidateResult(BaseModel):
-    """reports.ValidationOutcome, with the job; only job_id is set while a background job runs."""
-    job_id: str = JOB_ID
-    report_id: str | None = None
-    passed: bool | None = None
-    status: str | None = None
-    token: str | None = Field(None, description="single-use deployment token when the report passed")
-    layer1: Layer1Report | None = None
-    layer2: Layer2Result | None = None
-
-
+JOB_ID = "the supervisor's job that ran (or, with background, will run) it: get_job"
 BACKGROUND = Field(description="queue it and return a job id at once (follow with get_job); "
                                "otherwise wait, with progress notifications")
 DEADLINE = Field(gt=0, le=7 * 86400, description="complete-by deadline, seconds from now: a job "
                  "not finished by then is dead-lettered (its sandbox VMs stopped); default none")
+
+
+def queued(job_id: str) -> CallToolResult:
+    return A.answer({"job_id": job_id, "state": "pending"},
+                    f"queued as {job_id}: follow it with get_job")
+
+
+def report_answer(r: reports.ValidationReport, detail: str, job_id: str | None = None) -> CallToolResult:
+    """A report: in brief, or every field (logs, samples, timeline) with "full"."""
+    out = r.model_dump(mode="json", exclude_none=True) if detail == "full" else A.report_brief(r)
+    if job_id:
+        out = {"job_id": job_id, **out}
+    nxt = "; next: issue_token(report_id) to deploy it" if r.passed else ""
+    return A.answer(out, f"{r.id} ({r.policy or 'source'}): {r.status}{nxt}")
 
 
 @server.tool(annotations=SANDBOXED)
@@ -384,21 +399,23 @@ async def submit_scheduler(
         "'map:NAME': 'N' sizes a map the scheduler leaves to its loader")] = None,
     target: Annotated[Literal["sandbox", "host"], Field(
         description="whose kernel verifies it: the sandbox VM (default), or this host (loaded, never "
-        "attached; needs a sched_ext host and `schedcp serve --allow-host-verify`)")] = "sandbox",
+        "attached; needs `schedcp serve --allow-host-verify`)")] = "sandbox",
     profile_id: Annotated[str | None, Field(
         description="the WorkloadProfile this candidate is for (its goals apply)")] = None,
     background: Annotated[bool, BACKGROUND] = False,
     deadline_s: Annotated[float | None, DEADLINE] = None,
-) -> SubmitResult:
-    """Layer 1: untrusted-source checks, compile, ELF/BTF checks (callbacks, kfuncs present in the
-    target kernel, license, hot-path size) and the real kernel BPF verifier. Stores a
-    ValidationReport; a rejection explains the failing program, source line and kernel message."""
+    detail: Annotated[A.Detail, A.DETAIL] = "summary",
+) -> CallToolResult:
+    """Layer 1, seconds: source checks, compile, ELF/BTF checks (kfuncs present in the target
+    kernel, license, hot-path size) and the real kernel BPF verifier. Stores a ValidationReport;
+    returns its id and verdict, a rejection with the failing program, source line and kernel
+    message ("full": the whole verifier log)."""
     job = await in_thread(candidate_jobs.verify_job, source, policy, params, target, profile_id, actor="mcp",
                           lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:
-        return SubmitResult(job_id=job.id)
+        return queued(job.id)
     r = candidate_jobs.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))
-    return SubmitResult(job_id=job.id, report_id=r.id, status=r.status, layer1=r.layer1)
+    return report_answer(r, detail, job.id)
 
 
 @server.tool(annotations=SANDBOXED)
@@ -420,19 +437,21 @@ async def validate_scheduler(
         "interval straddles its threshold (default 120; 0 = exactly `rounds`)")] = None,
     background: Annotated[bool, BACKGROUND] = False,
     deadline_s: Annotated[float | None, DEADLINE] = None,
-) -> ValidateResult:
-    """Layer 2 in a sched_ext sandbox VM: baseline under the default scheduler, load, stress and
-    correctness checks (stall watchdog, error exits, starvation), interleaved A/B benchmarks, unload.
-    Takes minutes; sends progress. A pass returns a deployment token."""
+    detail: Annotated[A.Detail, A.DETAIL] = "summary",
+) -> CallToolResult:
+    """Layer 2, minutes, one candidate: in a sched_ext sandbox VM, stress and correctness gates
+    (stall watchdog, error exits, starvation) and interleaved A/B benchmarks against the default
+    scheduler. Returns the report id, passed, failed gates and per workload the ratio with its
+    interval ("full": samples, timeline, kernel log). A pass can then get a token (issue_token)."""
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     job = await in_thread(candidate_jobs.validate_job, report_id, source, policy, params, gs, workloads,
                           profile_id, rounds, lane="normal" if background else "high", actor="mcp",
                           budget_s=budget_s, complete_by_s=deadline_s)
     if background:
-        return ValidateResult(job_id=job.id)
+        return queued(job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
-    out = await in_thread(candidate_jobs.validation_outcome, job)
-    return ValidateResult(job_id=job.id, **out.model_dump())
+    out = await in_thread(candidate_jobs.validation_outcome, job, False)
+    return report_answer(out.report, detail, job.id)
 
 
 class CampaignCandidate(BaseModel):
@@ -443,12 +462,6 @@ class CampaignCandidate(BaseModel):
     params: dict[str, str] | None = None
     name: str | None = Field(None, description="how the campaign's result names it")
     lane: LaneName = Field("normal", description="priority: a tight budget starts higher lanes first")
-
-
-class CampaignOut(BaseModel):
-    job_id: str
-    state: str
-    result: CampaignResult | None = None
 
 
 @server.tool(annotations=SANDBOXED)
@@ -468,10 +481,10 @@ async def validate_campaign(
     budget_sandbox_s: Annotated[float | None, Field(ge=0, description="at most this many sandbox seconds")] = None,
     background: Annotated[bool, BACKGROUND] = False,
     deadline_s: Annotated[float | None, DEADLINE] = None,
-) -> CampaignOut:
-    """Validate several candidates as one DAG campaign (verify -> validate each, in parallel up to
-    the worker pool's size, within an optional budget). The result lists every candidate's report
-    and what the budget left out; get_report / get_job give the details."""
+) -> CallToolResult:
+    """Execution, several candidates: validate them as one DAG campaign (verify -> validate each, in
+    parallel up to the worker pool, within an optional budget). Returns each child job with its
+    state, report id and passed, and what the budget left out; get_report for each one's figures."""
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     budget = Budget(runs=budget_runs, sandbox_s=budget_sandbox_s) \
         if budget_runs is not None or budget_sandbox_s is not None else None
@@ -479,19 +492,17 @@ async def validate_campaign(
                           workloads=workloads, rounds=rounds, budget=budget, actor="mcp",
                           lane="normal" if background else "high", budget_s=budget_s,
                           profile_id=profile_id, complete_by_s=deadline_s)
-    if not background:
-        job = await in_thread(run_to_end, job.id, ctx=ctx)
-        jobq.result_or_raise(job)
-    return CampaignOut(job_id=job.id, state=job.state,
-                       result=CampaignResult.model_validate(job.result) if job.result else None)
+    if background:
+        return queued(job.id)
+    job = await in_thread(run_to_end, job.id, ctx=ctx)
+    jobq.result_or_raise(job)
+    res = CampaignResult.model_validate(job.result) if job.result else None
+    out = {"job_id": job.id, "state": job.state, **(A.campaign_brief(res) if res else {})}
+    passed = [c.name for c in (res.children if res else []) if c.passed]
+    return A.answer(out, f"campaign {job.id} {job.state}: passed " + (", ".join(passed) or "none"))
 
 
 # --- jobs --------------------------------------------------------------------------------------------
-
-class JobList(BaseModel):
-    jobs: list[JobView]
-    queue_depth: dict[str, int] = Field(description="pending jobs per priority lane")
-
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
@@ -501,28 +512,34 @@ async def list_jobs(
     kind: Annotated[str | None, Field(description="verify, validate, campaign, ...")] = None,
     lane: Annotated[LaneName | None, Field(description="priority lane")] = None,
     parent: Annotated[str | None, Field(description="the children of this campaign")] = None,
-    limit: Annotated[int, Field(ge=1, le=500)] = 50,
-) -> JobList:
-    """The supervisor's jobs (sandbox runs), newest first; campaign children only with `parent`."""
-    js = await in_thread(jobq.list_jobs, state, kind, lane, parent, parent is None, limit)
-    return JobList(jobs=[JobView.of(j) for j in js], queue_depth=await in_thread(jobq.queue_depth))
-
-
-class JobOut(BaseModel):
-    detail: JobDetailView
-    validation: reports.ValidationOutcome | None = Field(
-        None, description="a finished validate job's outcome (a pass carries a fresh deployment token)")
+    limit: Annotated[int, Field(ge=1, le=500, description="page size, newest first")] = 20,
+    cursor: Annotated[str | None, A.CURSOR] = None,
+) -> CallToolResult:
+    """The supervisor's jobs (sandbox runs), newest first, one line each (state, report, error);
+    campaign children only with `parent`. get_job for one job's detail."""
+    js = await in_thread(jobq.list_jobs, state, kind, lane, parent, parent is None,
+                         A.offset(cursor) + limit + 1)
+    js, nxt = A.page(js, cursor, limit)
+    depth = await in_thread(jobq.queue_depth)
+    return A.answer({"jobs": [A.job_brief(j) for j in js], "queue_depth": depth, "next_cursor": nxt},
+                    f"{len(js)} job(s); pending per lane: {depth}")
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def get_job(job_id: Annotated[str, Field(description="job-…")]) -> JobOut:
-    """A job: state, progress, attempts (with each failure), result or error, children."""
+async def get_job(job_id: Annotated[str, Field(description="job-…")],
+                  detail: Annotated[A.Detail, A.DETAIL] = "summary") -> CallToolResult:
+    """A job: state, progress, attempts (with each failure), report id and verdict or error, its
+    children ("full": inputs and raw result). A passed validation's token: issue_token."""
     d = await in_thread(jobq.detail, job_id)
-    out = None
-    if d.job.kind == "validate" and d.job.state == "succeeded":
-        out = await in_thread(candidate_jobs.validation_outcome, d.job)
-    return JobOut(detail=JobDetailView.of(d), validation=out)
+    if detail == "full":
+        out = JobDetailView.of(d).model_dump(mode="json", exclude_none=True)
+    else:
+        out = {"job": A.job_brief(d.job), "children": [A.job_brief(c) for c in d.children[:30]],
+               "attempts": [A.pick(a, {"attempt", "outcome"}) | {"error": A.clip(a.error, 200)}
+                            for a in d.attempts]}
+    j = d.job
+    return A.answer(out, f"{j.id} {j.kind} {j.state}" + (f": {A.clip(j.error, 200)}" if j.error else ""))
 
 
 class Cancelled(BaseModel):
@@ -531,38 +548,71 @@ class Cancelled(BaseModel):
 
 @server.tool(annotations=DESTRUCTIVE)
 @agent_errors
-async def cancel_job(job_id: Annotated[str, Field(description="job-…")]) -> Cancelled:
+async def cancel_job(job_id: Annotated[str, Field(description="job-…")]
+                     ) -> Annotated[CallToolResult, Cancelled]:
     """Cancel a job and its subtree; their running sandbox VMs are stopped."""
-    return Cancelled(cancelled=await in_thread(jobq.cancel, job_id, actor="mcp"))
-
-
-class WorkloadList(BaseModel):
-    workloads: list[Workload]
+    c = Cancelled(cancelled=await in_thread(jobq.cancel, job_id, actor="mcp"))
+    return A.answer(c, f"cancelled {len(c.cancelled)} job(s)")
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def list_workloads() -> WorkloadList:
-    """The sandbox benchmark workloads: name, command, metric, unit, direction."""
-    return WorkloadList(workloads=all_workloads())
+async def list_workloads() -> CallToolResult:
+    """The sandbox benchmark workloads that judge candidates: name, metric, unit, direction."""
+    ws = all_workloads()
+    return A.answer({"workloads": [A.pick(w, {"name", "description", "metric", "unit", "direction",
+                                              "goal_metrics"}) for w in ws]},
+                    ", ".join(w.name for w in ws))
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def get_report(report_id: Annotated[str, Field(description="rep-…")]) -> reports.ValidationReport:
-    """A stored ValidationReport (layer 1 and layer 2 results, status, passed)."""
-    return await in_thread(reports.get_report, report_id)
+async def get_report(report_id: Annotated[str, Field(description="rep-…")],
+                     detail: Annotated[A.Detail, A.DETAIL] = "summary") -> CallToolResult:
+    """A stored ValidationReport: passed, status, layer 1 verdict, layer 2 gates and per workload
+    the A/B ratio with its interval ("full": samples, timeline, kernel and verifier logs)."""
+    return report_answer(await in_thread(reports.get_report, report_id), detail)
+
+
+class TokenOut(BaseModel):
+    token: str = Field(description="pass to deploy(token=…); single use")
+    report_id: str
+    target: str
+    expires_at: float
+
+
+@server.tool(annotations=MEASURES)
+@agent_errors
+async def issue_token(
+    report_id: Annotated[str, Field(description="a report that passed layers 1 and 2 (rep-…)")],
+    target: Annotated[Literal["sandbox", "host"], Field(
+        description="where the token may deploy; host deploys still need the operator's permission")]
+    = "sandbox",
+) -> Annotated[CallToolResult, TokenOut]:
+    """Execution, after choosing the winner: a single-use deployment token bound to exactly that
+    report's artifact and parameters (1 h). Refused for a report that did not pass."""
+    t = await in_thread(tokens.issue, report_id, target, actor="mcp")
+    return A.answer(TokenOut(token=t.token, report_id=t.report_id, target=t.target,
+                             expires_at=t.expires_at),
+                    f"single-use {t.target} token for {t.report_id}: deploy(token=…)")
 
 
 class DeployResult(BaseModel):
     deployment: Deployment | deployments.DryRun
 
 
+def deployment_answer(d: Deployment | deployments.DryRun, detail: str) -> CallToolResult:
+    if isinstance(d, deployments.DryRun) or detail == "full":
+        return A.answer(DeployResult(deployment=d), f"{type(d).__name__}")
+    return A.answer({"deployment": A.deployment_brief(d)},
+                    f"{d.id} of {d.policy or d.ops_name} on {d.target}: {d.status}")
+
+
 @server.tool(annotations=DESTRUCTIVE)
 @agent_errors
 async def deploy(
     ctx: Context,
-    token: Annotated[str, Field(description="deployment token from validate_scheduler")],
+    token: Annotated[str, Field(description="deployment token from issue_token")],
     target: Annotated[Literal["sandbox", "host"], Field(
         description="sandbox = the staging VM; host = this kernel (needs --allow-host-deploy)")] = "sandbox",
     dry_run: Annotated[bool, Field(description="check the token and say what would happen")] = False,
@@ -573,14 +623,16 @@ async def deploy(
     consecutive: Annotated[int, Field(ge=1, le=100)] = 3,
     interval_s: Annotated[float, Field(ge=0.5, le=600)] = 5.0,
     workload_cmd: Annotated[str | None, Field(description="background workload in the target")] = None,
-) -> DeployResult:
+    detail: Annotated[A.Detail, A.DETAIL] = "summary",
+) -> CallToolResult:
     """Layer 3: load a validated scheduler with its single-use token, confirm it is enabled, and
-    monitor it; it is rolled back automatically when the kernel disables it or the metric degrades."""
+    monitor it; rolled back automatically when the kernel disables it or the metric degrades.
+    Returns the deployment id, status, baseline and the latest monitor reading."""
     mon = deployments.MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
                         max_degradation_ratio=max_degradation_ratio, consecutive=consecutive,
                         interval_s=interval_s, workload_cmd=workload_cmd)
     d = await in_thread(deployments.deploy, token, target, actor="mcp", dry_run=dry_run, monitor=mon)
-    return DeployResult(deployment=d)
+    return deployment_answer(d, detail)
 
 
 @server.tool(annotations=DESTRUCTIVE)
@@ -589,30 +641,53 @@ async def rollback(
     deployment_id: Annotated[str | None, Field(description="default: the active one on target")] = None,
     target: Literal["sandbox", "host"] = "sandbox",
     reason: str = "agent requested rollback",
-) -> DeployResult:
+) -> CallToolResult:
     """Unload a deployed scheduler and restore the previous one (or the kernel default)."""
     d = await in_thread(deployments.rollback, deployment_id, target, reason, actor="mcp")
-    return DeployResult(deployment=d)
+    return deployment_answer(d, "summary")
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def get_status() -> deployments.StatusReport:
-    """What is deployed where, since when, from which report/token, and the latest monitor reading."""
-    return await in_thread(deployments.status)
+async def get_status(detail: Annotated[A.Detail, A.DETAIL] = "summary") -> CallToolResult:
+    """What is deployed where, since when, from which report, and the latest monitor reading
+    ("full": every reading and the targets' sched_ext state)."""
+    s = await in_thread(deployments.status)
+    active = [d for d in s.deployments if d.status == "active"]
+    text = ", ".join(f"{d.id} {d.policy} on {d.target}" for d in active) or "nothing deployed"
+    if detail == "full":
+        return A.answer(s, text)
+    return A.answer({"deployments": [A.deployment_brief(d) for d in s.deployments[:10]],
+                     "targets": {k: (v if isinstance(v, str) else
+                                     v.model_dump(mode="json", exclude_none=True))
+                                 for k, v in s.targets.items()}}, text)
 
 
 # --- synthesis: primitives, generate, reconfigure, revise, tune --------------------------------------
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def list_primitives() -> Catalog:
-    """The algorithm primitives a generated scheduler is built from, per axis (queue, ordering,
-    cpu_select, slice, preempt, task_class): what each does, when to use it, where it fails, its
-    knobs (type, default, range) and constraints, plus an example spec for generate_scheduler."""
+async def list_primitives(detail: Annotated[A.Detail, A.DETAIL] = "summary") -> CallToolResult:
+    """Before generate_scheduler: the algorithm primitives per axis (queue, ordering, cpu_select,
+    slice, preempt, task_class) with what each does, and an example spec; "full" adds when to use
+    each, where it fails, its knobs (type, default, range) and constraints."""
     from .synth.primitives import catalog
 
-    return catalog()
+    c = catalog()
+    text = f"{len(c.primitives)} primitives on {len(c.axes)} axes"
+    if detail == "full":
+        return A.answer(c, text)
+    return A.answer({"axes": c.axes,
+                     "primitives": [A.pick(p, {"axis", "name", "what"})
+                                    | {"knobs": [k.name for k in p.params]} for p in c.primitives],
+                     "common_knobs": [k.name for k in c.common_params],
+                     "class_treatments": list(c.class_treatments), "max_classes": c.max_classes,
+                     "spec_example": c.spec_example.model_dump(mode="json", exclude_none=True)}, text)
+
+
+def synth_answer(s: SynthResult, detail: str) -> CallToolResult:
+    return A.answer(s if detail == "full" else A.synth_brief(s),
+                    f"{s.candidate_id} / {s.report_id}: {s.status}")
 
 
 @server.tool(annotations=SANDBOXED)
@@ -622,14 +697,15 @@ async def generate_scheduler(
     spec: Annotated[SchedulerSpec, Field(description="one primitive per axis, task classes and knob "
                                          "values — see list_primitives for the choices")],
     profile_id: Annotated[str | None, Field(description="the WorkloadProfile it is for")] = None,
-) -> SynthResult:
-    """Generate a sched_ext scheduler from primitives: the spec is checked first (unknown primitives,
-    incompatible combinations, out-of-range knobs are refused, each saying which and why), then
-    rendered to C, compiled and loaded by the sandbox kernel's verifier at once. Returns the source,
-    a candidate id, the report id for validate_scheduler, and structured compile/verifier errors."""
+    detail: Annotated[A.Detail, A.DETAIL] = "summary",
+) -> CallToolResult:
+    """Generate a sched_ext scheduler from primitives: the spec is checked (unknown primitives,
+    incompatible combinations, out-of-range knobs refused with why), rendered to C, compiled and
+    run through the sandbox kernel's verifier. Returns a candidate id, the report id for
+    validate_scheduler and structured errors ("full": the C source)."""
     from .synth.generate import generate
 
-    return await in_thread(generate, spec, profile_id=profile_id, actor="mcp", ctx=ctx)
+    return synth_answer(await in_thread(generate, spec, profile_id=profile_id, actor="mcp", ctx=ctx), detail)
 
 
 @server.tool(annotations=SANDBOXED)
@@ -639,12 +715,13 @@ async def reconfigure_policy(
     name: Annotated[str, Field(description="repository policy name")],
     params: Annotated[dict[str, str | int | bool], Field(
         description="new values of its policy.json parameters, e.g. {'slice_ns': 3000000}")],
-) -> SynthResult:
-    """A policy with new knob values: types and ranges checked against its policy.json, injected as
-    rodata by the loader (the source is never edited), then checked by layer 1. Returns a candidate."""
+    detail: Annotated[A.Detail, A.DETAIL] = "summary",
+) -> CallToolResult:
+    """A policy with new knob values: checked against its policy.json, injected as rodata by the
+    loader (the source is never edited), then layer 1. Returns a candidate and report id."""
     from .synth.reconfigure import reconfigure
 
-    return await in_thread(reconfigure, name, params, actor="mcp", ctx=ctx)
+    return synth_answer(await in_thread(reconfigure, name, params, actor="mcp", ctx=ctx), detail)
 
 
 @server.tool(annotations=SANDBOXED)
@@ -654,17 +731,14 @@ async def revise_policy(
     base: Annotated[str, Field(description="a policy name or a candidate id (cand-…) to revise")],
     patch: Annotated[str, Field(description="unified diff of its BPF C source (diff -u / git diff)")],
     params: Annotated[dict[str, str] | None, Field(description="knob values to load it with")] = None,
-) -> SynthResult:
-    """Apply a unified diff to a copy of a policy's or candidate's source and run layer 1 on the
-    result. A patch that does not apply is refused with the failing hunk."""
+    detail: Annotated[A.Detail, A.DETAIL] = "summary",
+) -> CallToolResult:
+    """Apply a unified diff to a copy of a policy's or candidate's source and run layer 1 on it.
+    A patch that does not apply is refused with the failing hunk. Returns a candidate and report
+    id ("full": the revised source)."""
     from .synth.revise import revise
 
-    return await in_thread(revise, base, patch, params, actor="mcp", ctx=ctx)
-
-
-class TuneOut(BaseModel):
-    job_id: str = JOB_ID
-    result: TuneResult | None = Field(None, description="None while a background job runs")
+    return synth_answer(await in_thread(revise, base, patch, params, actor="mcp", ctx=ctx), detail)
 
 
 @server.tool(annotations=SANDBOXED)
@@ -683,20 +757,23 @@ async def tune_policy(
         description="only these values per knob, e.g. {'slice_ns': [2000000, 5000000]}")] = None,
     background: Annotated[bool, BACKGROUND] = False,
     deadline_s: Annotated[float | None, DEADLINE] = None,
-) -> TuneOut:
-    """Search a policy's knobs in the sandbox by successive halving (defaults, earlier best, one- and
-    two-knob moves; the better half gets twice the rounds each rung; one VM boot). Returns the best
-    parameters, their speedup interval against the defaults, and every trial (each a candidate with a
-    report and a learning-history outcome)."""
+    detail: Annotated[A.Detail, A.DETAIL] = "summary",
+) -> CallToolResult:
+    """Search a policy's knobs in the sandbox by successive halving (one VM boot). Returns the best
+    parameters, their speedup interval against the defaults, and each trial in a line (each a
+    candidate with a report); "full": every trial's per-round figures."""
     from .synth.tune import tune_job, tune_result
 
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     job = await in_thread(tune_job, name, workloads, gs, budget_rounds, budget_s, configs, space,
                           lane="normal" if background else "high", actor="mcp", complete_by_s=deadline_s)
     if background:
-        return TuneOut(job_id=job.id)
+        return queued(job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
-    return TuneOut(job_id=job.id, result=tune_result(job))
+    t = tune_result(job)
+    out = t.model_dump(mode="json", exclude_none=True) if detail == "full" else A.tune_brief(t)
+    return A.answer({"job_id": job.id, "result": out},
+                    f"{t.target}: best {t.best_params or 'defaults'} ({t.verdict})")
 
 
 # --- learn -----------------------------------------------------------------------------------------
@@ -704,11 +781,12 @@ async def tune_policy(
 @server.tool(annotations=READ_ONLY)
 @agent_errors
 async def get_feedback(subject_id: Annotated[str, Field(
-        description="a deployment id (dep-…) or a validation report id (rep-…)")]) -> feedback.Feedback:
-    """Before/after figures per metric, ratio, reward (mean log-improvement vs the default
-    scheduler over the goal metrics, in [-1, 1]; -1 for a failed/killed scheduler), whether goals were
+        description="a deployment id (dep-…) or a validation report id (rep-…)")]) -> CallToolResult:
+    """Learning: before/after figures per metric, ratio, reward (mean log-improvement vs the
+    default scheduler over the goal metrics, in [-1, 1]; -1 for a failed/killed scheduler), goals
     met, how long it ran, rollback and why, and a summary."""
-    return await in_thread(feedback.get_feedback, subject_id)
+    fb = await in_thread(feedback.get_feedback, subject_id)
+    return A.answer(fb, A.clip(fb.summary, 300))
 
 
 class MetricIn(BaseModel):
@@ -726,13 +804,14 @@ async def record_outcome(
     profile_id: Annotated[str | None, Field(description="the workload it served")] = None,
     params: dict[str, int] | None = None,
     note: str = "",
-) -> history.Outcome:
+) -> CallToolResult:
     """Record an outcome measured outside schedcp; it feeds the history ranking of search_policies."""
     ms = [MetricResult(**m.model_dump(), ratio=round(m.candidate / m.baseline, 6))
           for m in metrics]
     o = history.new_outcome(source="external", policy=policy, params=params or {},
                             profile_id=profile_id, metrics=ms, note=note)
-    return history.record(o)
+    o = await in_thread(history.record, o)
+    return A.answer(o, f"recorded {o.id}: reward {o.reward:+.3f}")
 
 
 @server.tool(annotations=MEASURES)
@@ -742,9 +821,10 @@ async def contribute_policy(
     name: Annotated[str, Field(description="new policy name: lowercase, digits, underscore")],
     description: str,
     tags: list[str] | None = None,
-) -> policies.Policy:
-    """Add a validated generated/revised scheduler to the repository with provenance."""
-    return await in_thread(contribute.contribute_policy, report_id, name, description, tags, actor="mcp")
+) -> CallToolResult:
+    """Learning: add a validated generated/revised scheduler to the repository with provenance."""
+    p = await in_thread(contribute.contribute_policy, report_id, name, description, tags, actor="mcp")
+    return A.answer(A.policy_brief(p) | {"provenance": p.provenance}, f"contributed policy {p.name}")
 
 
 @server.tool(annotations=MEASURES)
@@ -756,30 +836,49 @@ async def register_callback(
     deployment_id: str | None = None,
     profile_id: str | None = None,
     cooldown_s: Annotated[float, Field(ge=0)] = 60.0,
-) -> callbacks.Callback:
+) -> CallToolResult:
     """Have the server POST a JSON event to `url` when a condition becomes true (CPU PSI above a
     level, a deployment's reward below a level, the workload no longer resembling a profile)."""
     cond = callbacks.Condition(kind=kind, threshold=threshold, deployment_id=deployment_id,
                                profile_id=profile_id, cooldown_s=cooldown_s)
-    return await in_thread(callbacks.register, url, cond)
-
-
-class CallbackList(BaseModel):
-    callbacks: list[callbacks.Callback]
+    cb = await in_thread(callbacks.register, url, cond)
+    return A.answer(cb, f"callback {cb.id} on {kind} > {threshold:g}")
 
 
 @server.tool(annotations=READ_ONLY)
 @agent_errors
-async def list_callbacks() -> CallbackList:
+async def list_callbacks(
+    limit: Annotated[int, Field(ge=1, le=200, description="page size")] = 50,
+    cursor: Annotated[str | None, A.CURSOR] = None,
+) -> CallToolResult:
     """Registered callbacks with their last value and firing count."""
-    return CallbackList(callbacks=await in_thread(callbacks.list_callbacks))
+    cbs, nxt = A.page(await in_thread(callbacks.list_callbacks), cursor, limit)
+    return A.answer({"callbacks": [c.model_dump(mode="json", exclude_none=True) for c in cbs],
+                     "next_cursor": nxt}, f"{len(cbs)} callback(s)")
 
 
 @server.tool(annotations=DESTRUCTIVE)
 @agent_errors
-async def remove_callback(callback_id: str) -> callbacks.Callback:
+async def remove_callback(callback_id: str) -> CallToolResult:
     """Stop a callback."""
-    return await in_thread(callbacks.remove, callback_id)
+    cb = await in_thread(callbacks.remove, callback_id)
+    return A.answer(cb, f"removed {cb.id}")
+
+
+def lean(schema: Any) -> Any:
+    """A JSON schema without pydantic's generated titles: the property names say it already."""
+    if isinstance(schema, dict):
+        return {k: lean(v) for k, v in schema.items()
+                if not (k == "title" and isinstance(v, str))}
+    if isinstance(schema, list):
+        return [lean(v) for v in schema]
+    return schema
+
+
+for _tool in server._tool_manager.list_tools():  # once, before the first tools/list
+    _tool.parameters = lean(_tool.parameters)
+    if _tool.fn_metadata.output_schema:
+        _tool.fn_metadata.output_schema = lean(_tool.fn_metadata.output_schema)
 
 
 def run_stdio() -> None:
@@ -787,14 +886,20 @@ def run_stdio() -> None:
 
 
 STATUS_COOKIE = "schedcp_status"
+SESSION_TTL_S = 12 * 3600
 
 
-def status_app(token: str):
-    """The status page (/status, HTML), its state (/status/state, JSON) and /status/login?token=…,
-    which a browser opens once: it sets the token as an HttpOnly cookie (a browser cannot send a
-    bearer header) and redirects to /status. Every other request needs the bearer header or that
-    cookie."""
+def status_app(token: str, secure: bool = False):
+    """The status page (/status, HTML), its state (/status/state, JSON), /status/login?token=… and
+    /status/logout. A browser opens the login once: it gets a **session** cookie — a random value of
+    its own, never the bearer token, valid for /status only (HttpOnly, SameSite=Strict, Secure over
+    TLS), for SESSION_TTL_S, revoked by /status/logout or a server restart — and is redirected to
+    /status. A session opens nothing else (/mcp takes only the bearer header). Every request needs
+    the bearer header or a live session."""
+    import hashlib
     import hmac
+    import secrets
+    import time as _time
 
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -804,10 +909,15 @@ def status_app(token: str):
     from .access import bearer_ok
     from .jobs import status
 
+    sessions: dict[str, float] = {}  # sha256(session) -> expiry: a leaked table opens nothing
+
+    def session_ok(request: Request) -> bool:
+        value = request.cookies.get(STATUS_COOKIE, "")
+        h = hashlib.sha256(value.encode()).hexdigest()
+        return bool(value) and sessions.get(h, 0) > _time.time()
+
     def allowed(request: Request) -> bool:
-        cookie = request.cookies.get(STATUS_COOKIE, "")
-        return bearer_ok(request.headers.get("authorization", "").encode(), token) or \
-            hmac.compare_digest(cookie.encode(), token.encode())
+        return bearer_ok(request.headers.get("authorization", "").encode(), token) or session_ok(request)
 
     async def page(request: Request) -> Response:
         if not allowed(request):
@@ -824,17 +934,50 @@ def status_app(token: str):
         given = request.query_params.get("token", "")
         if not hmac.compare_digest(given.encode(), token.encode()):
             return JSONResponse({"error": "wrong token"}, status_code=401)
+        now = _time.time()
+        for h in [h for h, exp in sessions.items() if exp <= now]:
+            del sessions[h]
+        value = secrets.token_urlsafe(32)
+        sessions[hashlib.sha256(value.encode()).hexdigest()] = now + SESSION_TTL_S
         r = RedirectResponse("/status", status_code=303)
-        r.set_cookie(STATUS_COOKIE, token, httponly=True, samesite="strict", path="/status")
+        r.set_cookie(STATUS_COOKIE, value, max_age=SESSION_TTL_S, httponly=True, samesite="strict",
+                     path="/status", secure=secure)
+        return r
+
+    async def logout(request: Request) -> Response:
+        sessions.pop(hashlib.sha256(request.cookies.get(STATUS_COOKIE, "").encode()).hexdigest(), None)
+        r = JSONResponse({"logged_out": True})
+        r.delete_cookie(STATUS_COOKIE, path="/status")
         return r
 
     return Starlette(routes=[Route("/status", page), Route("/status/state", state),
-                             Route("/status/login", login)])
+                             Route("/status/login", login), Route("/status/logout", logout)])
 
 
-def run_http(host: str, port: int, token: str) -> None:
-    """Streamable HTTP. The bearer token is required on every request (compared in constant time);
-    /status is the status page (see status_app)."""
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """The Host header values this server answers to (DNS rebinding: a page on another name that
+    resolves here must not reach it). Loopback answers to its usual names."""
+    from .access import is_loopback
+
+    names = {"127.0.0.1", "localhost", "[::1]"} if is_loopback(host) else \
+        {f"[{host}]" if ":" in host else host}
+    return {f"{n}:{port}" for n in names}
+
+
+def host_origin_ok(headers: list[tuple[bytes, bytes]], hosts: set[str]) -> bool:
+    """One Host header naming this server, and an Origin (when a browser sends one) of this server."""
+    got = [(k.lower(), v.decode("latin-1")) for k, v in headers]
+    host = [v for k, v in got if k == b"host"]
+    origin = [v for k, v in got if k == b"origin"]
+    if len(host) != 1 or host[0].lower() not in hosts or len(origin) > 1:
+        return False
+    return not origin or origin[0].lower() in {f"{s}://{h}" for s in ("http", "https") for h in hosts}
+
+
+def run_http(host: str, port: int, token: str, tls: tuple[str, str] | None = None) -> None:
+    """Streamable HTTP. The bearer token is required on every request (compared in constant time),
+    and the Host/Origin check on every request, /status included; /status is the status page (see
+    status_app). `tls`: (certificate file, key file) to serve HTTPS."""
     import uvicorn
     from starlette.responses import JSONResponse
 
@@ -843,21 +986,27 @@ def run_http(host: str, port: int, token: str) -> None:
     if not token:
         raise ValueError("run_http needs a token")
     inner = server.streamable_http_app(host=host)
-    status_pages = status_app(token)
+    status_pages = status_app(token, secure=tls is not None)
+    hosts = allowed_hosts(host, port)
     _pool_enter()  # for the life of the process: background jobs outlive the sessions that asked
 
     async def app(scope, receive, send):
-        if scope["type"] == "http" and (scope.get("path") or "").startswith("/status"):
-            await status_pages(scope, receive, send)
+        if scope["type"] == "websocket":
             return
         if scope["type"] == "http":
+            if not host_origin_ok(scope.get("headers") or [], hosts):
+                await JSONResponse({"error": "wrong Host or Origin for this server"},
+                                   status_code=421)(scope, receive, send)
+                return
+            if (scope.get("path") or "").startswith("/status"):
+                await status_pages(scope, receive, send)
+                return
             auth = [v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"]
             if len(auth) != 1 or not bearer_ok(auth[0], token):
                 await JSONResponse({"error": "missing or wrong bearer token"},
                                    status_code=401)(scope, receive, send)
                 return
-        elif scope["type"] == "websocket":
-            return
         await inner(scope, receive, send)
 
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    kw = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
+    uvicorn.run(app, host=host, port=port, log_level="warning", **kw)

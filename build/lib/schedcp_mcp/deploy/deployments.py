@@ -22,7 +22,7 @@ from ..errors import BadInput, InfrastructureError, NotFound, SchedcpError
 from ..learn.feedback import record_deployment_outcome
 from ..models import Deployment, DeploymentStatus, MonitorPolicy, ScxState
 from ..records import active, get_deployment, list_deployments, save
-from ..reports import get_report
+from ..reports import get_report, invalidate
 from ..verify.verifier import host_missing
 from . import tokens
 from .targets import HostTarget, SandboxTarget, Target, get_target
@@ -67,8 +67,17 @@ def threshold_from_goals(goals) -> float:
     return round(min(bounds), 4)
 
 
+def command_argv(cmd: str, what: str) -> list[str]:
+    """A metric or workload command as the argv that is both checked and run (shell words, split
+    once; no shell ever parses it afterwards: use `sh -c '…'` explicitly for shell syntax)."""
+    from ..access import argv
+
+    return argv(cmd, what)
+
+
 def _median_metric(t: Target, cmd: str, n: int = 3) -> float:
-    return statistics.median(t.run_metric(cmd) for _ in range(n))
+    words = command_argv(cmd, "metric command")
+    return statistics.median(t.run_metric(words) for _ in range(n))
 
 
 def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: bool = False,
@@ -84,8 +93,8 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
         from ..access import check_command
 
         for cmd, what in ((monitor.metric_cmd, "metric command"), (monitor.workload_cmd, "workload command")):
-            if cmd:  # these run on the host itself
-                check_command(cmd, actor, what)
+            if cmd:  # these run on the host itself: the very argv checked here is the one executed
+                check_command(command_argv(cmd, what), actor, what)
     # check first, spend only when the target can take it: a refusal must not burn the token
     payload, report = tokens.check(token, target, actor, spend=False)
     if monitor.max_degradation_ratio is None:
@@ -126,7 +135,7 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
         end_deployment(prev_dep, "superseded", f"superseded by a deploy of report {report.id}", actor)
     previous = current
     if monitor.workload_cmd:
-        t.start_workload(monitor.workload_cmd)
+        t.start_workload(command_argv(monitor.workload_cmd, "workload command"))
     metric_cmd = monitor.metric_cmd or DEFAULT_METRIC
     monitor = monitor.model_copy(update={"metric_cmd": metric_cmd})
     baseline = _median_metric(t, metric_cmd)
@@ -177,6 +186,11 @@ def end_deployment(d: Deployment, status: DeploymentStatus, reason: str, actor: 
         reason = f"{reason}: {d.exit.describe()}"
     d.status, d.ended_at, d.end_reason = status, time.time(), reason
     save(d)
+    if status in ("rolled_back", "failed"):  # it hurt or did not start: no token for it again
+        try:  # without a new validation
+            invalidate(d.report_id, f"deployment {d.id} {status.replace('_', ' ')}: {reason}"[:500], actor)
+        except SchedcpError:
+            pass  # the report is gone: nothing to redeploy from
     store.audit(actor, {"rolled_back": "rollback", "failed": "deploy_failed"}.get(status, status),
                 {"deployment_id": d.id, "reason": reason, "target": d.target,
                  "exit": d.exit.model_dump() if d.exit else None}, d.artifact_sha256)
@@ -202,6 +216,10 @@ def rollback(deployment_id: str | None = None, target: str = "sandbox", reason: 
     d = get_deployment(deployment_id) if deployment_id else active(target)
     if d is None:
         raise NotFound(f"nothing is deployed on {target}", "see `schedcp status`")
+    if d.target == "host" and actor != "cli" and os.environ.get("SCHEDCP_ALLOW_HOST_DEPLOY") != "1":
+        raise tokens.TokenRefused("rolling back changes this host's kernel, and no one allowed MCP clients "
+                                  "to do that", "a human runs `schedcp rollback --target host`, or starts "
+                                  "the server with --allow-host-deploy")
     if d.status != "active":
         raise BadInput(f"deployment {d.id} is not active ({d.status}: {d.end_reason})", "")
     return end_deployment(d, "rolled_back", reason, actor)

@@ -17,7 +17,7 @@ from .. import store
 from ..errors import SchedcpError
 from ..models import Deployment, Reading
 from ..records import get_deployment, save
-from .deployments import end_deployment
+from .deployments import command_argv, end_deployment
 from .targets import SandboxTarget, get_target
 
 MAX_READINGS = 200
@@ -44,7 +44,7 @@ def sample_once(d: Deployment, prev_ctxt: tuple[float, int] | None = None) -> tu
         return r, prev_ctxt
     if d.monitor.metric_cmd:
         try:
-            r.metric = t.run_metric(d.monitor.metric_cmd)
+            r.metric = t.run_metric(command_argv(d.monitor.metric_cmd, "metric command"))
             r.degraded, r.ratio = degraded(d, r.metric)
         except SchedcpError as e:
             r.note = f"metric failed: {e.message}"

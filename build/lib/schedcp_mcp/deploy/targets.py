@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 from .. import config
@@ -88,14 +89,18 @@ class Target:
     def read_exit(self, ops_name: str | None = None) -> scheduler.ExitRead:
         return scheduler.parse_exit(self.sh(scheduler.exit_script(self.files), 30).stdout, ops_name)
 
-    def run_metric(self, cmd: str, timeout_s: float = 120) -> float:
-        r = self.sh(cmd, timeout_s)
+    # Metric and workload commands are argv lists, and the target runs exactly those words: the
+    # shell below only ever sees them quoted (shlex.join) or as "$@", never as text to parse, so
+    # what an allowlist checked (access.check_command) is what runs.
+
+    def run_metric(self, argv: list[str], timeout_s: float = 120) -> float:
+        r = self.sh(shlex.join(argv), timeout_s)
         if r.rc != 0:
             raise InfrastructureError(f"metric command failed (rc {r.rc}): {r.stderr.strip()[-300:]}")
         return parse_metric(r.stdout)
 
-    def start_workload(self, cmd: str) -> None:
-        self.sh(f"mkdir -p {self.run_dir}; setsid sh -c {shlex.quote(f'while :; do {cmd}; done')} "
+    def start_workload(self, argv: list[str]) -> None:
+        self.sh(f"mkdir -p {self.run_dir}; setsid sh -c 'while :; do \"$@\"; done' sh {shlex.join(argv)} "
                 f">/dev/null 2>&1 </dev/null 3>&- & echo $! >{self.run_dir}/workload.pid", 30)
 
     def stop_workload(self) -> None:
@@ -167,6 +172,22 @@ class HostTarget(Target):
             p = subprocess.run(["sh", "-c", script], cwd=work, capture_output=True, text=True,
                                timeout=timeout_s, stdin=subprocess.DEVNULL)
         return ShellResult(p.returncode, p.stdout, p.stderr)
+
+    def run_metric(self, argv: list[str], timeout_s: float = 120) -> float:
+        """On this host no shell at all: the argv is executed as it is."""
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise InfrastructureError(f"metric command {shlex.join(argv)[:200]!r} did not run: {e}") from None
+        if p.returncode != 0:
+            raise InfrastructureError(f"metric command failed (rc {p.returncode}): {p.stderr.strip()[-300:]}")
+        return parse_metric(p.stdout)
+
+    def start_workload(self, argv: list[str]) -> None:
+        """Repeated in its own session; the loop's shell gets the words as "$@", never as text."""
+        p = subprocess.Popen(["sh", "-c", 'while :; do "$@"; done', "sh", *argv], start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        config.write_private(Path(self.run_dir) / "workload.pid", f"{p.pid}\n".encode())
 
 
 def get_target(name: str, start: bool = True) -> Target:

@@ -13,6 +13,12 @@ Roles:
   store has every report. Kinds that read the store themselves (`Kind.local`: a campaign's join)
   are run by the coordinator, beside the store.
 
+Security (jobs/fleetauth.py): the broker needs a password, and every task body, result, progress
+report and control message is sealed with HMAC-SHA256 under the fleet key and checked before it is
+parsed (the app's only serializer). A worker runs only a remote kind, as the coordinator sent it
+(kind, actor and inputs are inside the sealed order), before the order expires; the coordinator
+takes a reply only for the job and attempt it sent, and re-derives the records in it (carry.accept).
+
 Celery semantics used: late acks + reject on worker lost (a worker that dies mid-job does not ack,
 and the broker gives the job to another worker: a dead child process at once, a dead worker host
 after the visibility timeout), per-message priority (the lanes), prefetch of one and a concurrency
@@ -27,15 +33,18 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from celery.result import AsyncResult
+from kombu.exceptions import ContentDisallowed, DecodeError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import store
 from ..sandbox import vm as vmmod
-from . import carry, kinds, queue
+from . import carry, fleetauth, kinds, queue
 from .kinds import JobContext
 from .models import LANES, Job
 from .pool import Pool, Service
@@ -53,9 +62,12 @@ def broker_url() -> str:
 
 def make_app() -> Celery:
     app = Celery("schedcp", broker=broker_url(), backend=broker_url())
+    sealed = fleetauth.SERIALIZER
     app.conf.update(
         task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
-        task_serializer="json", result_serializer="json", accept_content=["json"],
+        # the only content either side accepts: sealed under the fleet key (plain JSON is refused)
+        task_serializer=sealed, result_serializer=sealed, event_serializer=sealed,
+        accept_content=[sealed], result_accept_content=[sealed],
         task_default_queue=QUEUE, task_track_started=True, result_expires=7 * 24 * 3600,
         broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
         # a job not acked this long after delivery goes to another worker: longer than any job
@@ -71,6 +83,17 @@ def make_app() -> Celery:
 app = make_app()
 
 
+@worker_init.connect
+def _refuse_without_locks(**_: Any) -> None:
+    """A worker starts only on a broker with a password and with the fleet key in hand."""
+    try:
+        fleetauth.check_broker(broker_url())
+        fleetauth.load_key()
+    except fleetauth.FleetAuthError as e:
+        log.critical("schedcp fleet worker refused to start: %s", e)
+        raise SystemExit(2) from None
+
+
 @worker_process_init.connect
 def _reap_vms_left_behind(**_: Any) -> None:
     """A (re)started worker process stops the sandbox VMs a SIGKILLed predecessor in this home left
@@ -79,20 +102,48 @@ def _reap_vms_left_behind(**_: Any) -> None:
     vmmod.reap_orphans()
 
 
+#: how long an order stays good after the coordinator sent it, beyond the job's own time limit
+#: (time in the queue): a copy replayed later is refused
+ORDER_GRACE_S = 3600.0
+
+
+class Reply(BaseModel):
+    """What a worker answers for one job: exactly these fields (anything else is refused)."""
+    model_config = ConfigDict(extra="forbid")
+    job_id: str
+    attempt: int
+    outcome: str = Field(pattern="^(succeeded|failed|transient)$")
+    result: dict[str, Any] | None = None
+    error: str | None = Field(None, max_length=20000)
+    host: str = Field(max_length=255)
+    pid: int
+    redelivered: bool
+    carried: carry.Bundle
+
+
 @app.task(name="schedcp.run_job", bind=True)
-def run_job(self, job: dict[str, Any], dep_results: dict[str, Any],
-            referred: dict[str, Any] | None = None) -> dict[str, Any]:
-    """On a worker: record the records the job refers to (`carry`), run one attempt of the job,
-    return its outcome with every record it wrote (never raise: the store decides)."""
-    j = Job.model_validate(job)
-    carry.unpack(referred)
-    ctx = JobContext(j, dep_results, write=lambda m, f: self.update_state(
+def run_job(self, order: dict[str, Any]) -> dict[str, Any]:
+    """On a worker: one attempt of the job in a sealed order (fleetauth checked its tag before this
+    runs), with the records it refers to (`carry`); returns the outcome with every record it wrote
+    (never raises: the store decides)."""
+    j = Job.model_validate(order["job"])
+
+    def reply(outcome: str, result=None, error=None, carried=None) -> dict[str, Any]:
+        return Reply(job_id=j.id, attempt=j.attempts, outcome=outcome, result=result, error=error,
+                     host=socket.gethostname(), pid=os.getpid(),
+                     redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
+                     carried=carried or carry.Bundle()).model_dump()
+
+    if order.get("task_id") != self.request.id or time.time() > float(order.get("expires", 0)):
+        return reply("failed", error="fleet: a stale or re-addressed order (not run)")
+    if j.kind not in kinds.names(local=False):
+        return reply("failed", error=f"fleet: kind {j.kind!r} is not run by fleet workers")
+    carry.unpack(order.get("referred"))
+    ctx = JobContext(j, order.get("deps") or {}, write=lambda m, f: self.update_state(
         state="PROGRESS", meta={"message": m, "progress": f}))
     with store.capture() as written:
         outcome, result, error = kinds.execute(ctx)
-    return {"outcome": outcome or "failed", "result": result, "error": error, "host": socket.gethostname(),
-            "pid": os.getpid(), "redelivered": bool((self.request.delivery_info or {}).get("redelivered")),
-            "carried": carry.with_files(list(written.values())).model_dump()}
+    return reply(outcome or "failed", result, error, carry.with_files(list(written.values())))
 
 
 class Fleet(Service):
@@ -102,13 +153,15 @@ class Fleet(Service):
                  stale_s: float = 30.0):
         self.capacity, self.poll_s, self.heartbeat_s, self.stale_s = capacity, poll_s, heartbeat_s, stale_s
         self.id: str | None = None
-        self._inflight: dict[str, tuple[Job, AsyncResult]] = {}
+        self._inflight: dict[str, tuple[Job, AsyncResult, set[str]]] = {}
         self._pool: Pool | None = None  # runs the kinds that read the store, here
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._remote, self._local = kinds.names(local=False), kinds.names(local=True)
 
     def start(self) -> "Fleet":
+        fleetauth.check_broker(app.conf.broker_url)
+        fleetauth.load_key()
         self.id = queue.register_worker("celery", self.capacity)
         queue.reclaim(self.stale_s)
         self._pool = Pool(self.capacity, kind_names=self._local, engine="celery",
@@ -144,35 +197,59 @@ class Fleet(Service):
             if job is None:
                 break
             deps = queue.dep_results(job)
-            ar = run_job.apply_async(args=[job.model_dump(mode="json"), deps,
-                                           carry.referred(job.inputs, deps).model_dump()],
-                                     priority=LANE_PRIORITY[job.lane], queue=QUEUE,
-                                     time_limit=job.timeout_s + 30)
-            self._inflight[job.id] = (job, ar)
-        for jid, (job, ar) in list(self._inflight.items()):
-            if ar.state == "PROGRESS" and isinstance(ar.info, dict):
-                queue.set_progress(jid, job.attempts, str(ar.info.get("message", "")), float(ar.info.get("progress", 0)))
-            elif ar.ready():
+            sent = carry.referred(job.inputs, deps)
+            task_id = f"{job.id}.{job.attempts}.{uuid.uuid4().hex[:8]}"
+            order = {"job": job.model_dump(mode="json"), "deps": deps, "referred": sent.model_dump(),
+                     "task_id": task_id, "expires": time.time() + job.timeout_s + ORDER_GRACE_S}
+            ar = run_job.apply_async(args=[order], task_id=task_id, priority=LANE_PRIORITY[job.lane],
+                                     queue=QUEUE, time_limit=job.timeout_s + 30)
+            self._inflight[job.id] = (job, ar, {r["id"] for r in sent.records})
+        for jid, (job, ar, sent_ids) in list(self._inflight.items()):
+            try:
+                self._collect(jid, job, ar, sent_ids)
+            except (DecodeError, ContentDisallowed, fleetauth.FleetAuthError) as e:
                 del self._inflight[jid]
-                if ar.successful():
-                    r = ar.result
-                    res = r["result"] if r["outcome"] == "succeeded" else None
-                    if res is not None:
-                        res = {**res, "executed_by": {"host": r["host"], "pid": r["pid"],
-                                                      "redelivered": r["redelivered"]}}
-                    if self._owns(job):  # its records first: whoever sees the job end finds them
-                        carry.unpack(r.get("carried"))
-                    queue.finish(jid, job.attempts, self.id, r["outcome"], res, r["error"])
-                else:  # the task itself broke (time limit, a lost worker Celery gave up on)
-                    queue.finish(jid, job.attempts, self.id, "transient", None, f"celery: {ar.state}: {ar.result}")
+                store.audit("fleet", "fleet_reply_refused", {"job_id": jid, "why": str(e)[:500]})
+                queue.finish(jid, job.attempts, self.id, "failed", None,
+                             f"fleet: the reply failed authentication, nothing of it was stored: {e}")
                 ar.forget()
         if beat:
             queue.reclaim(self.stale_s)
             states = queue.heartbeat(self.id, list(self._inflight))
-            for jid, (job, ar) in list(self._inflight.items()):
+            for jid, (job, ar, _) in list(self._inflight.items()):
                 if states.get(jid) != ("running", job.attempts, self.id):  # cancelled or given up on
                     ar.revoke(terminate=True)
                     del self._inflight[jid]
+
+    def _collect(self, jid: str, job: Job, ar: AsyncResult, sent: set[str]) -> None:
+        """Progress of a job in flight, or its reply once it ended: checked, then written."""
+        if ar.state == "PROGRESS" and isinstance(ar.info, dict):
+            queue.set_progress(jid, job.attempts, str(ar.info.get("message", ""))[:500],
+                               float(ar.info.get("progress", 0)))
+            return
+        if not ar.ready():
+            return
+        del self._inflight[jid]
+        if not ar.successful():  # the task itself broke (time limit, a lost worker Celery gave up on)
+            queue.finish(jid, job.attempts, self.id, "transient", None, f"celery: {ar.state}: {ar.result}")
+            ar.forget()
+            return
+        try:
+            r = Reply.model_validate(ar.result)
+            if (r.job_id, r.attempt) != (jid, job.attempts):
+                raise carry.Refused(f"a reply for {r.job_id} attempt {r.attempt}, not this job")
+            res = r.result if r.outcome == "succeeded" else None
+            if res is not None:
+                res = {**res, "executed_by": {"host": r.host, "pid": r.pid, "redelivered": r.redelivered}}
+            if self._owns(job):  # its records first: whoever sees the job end finds them
+                carry.accept(r.carried, job, sent)
+            queue.finish(jid, job.attempts, self.id, r.outcome, res, r.error)
+        except (ValueError, carry.Refused) as e:  # pydantic's ValidationError is a ValueError
+            why = e.message if isinstance(e, carry.Refused) else str(e)[:500]
+            store.audit("fleet", "fleet_reply_refused", {"job_id": jid, "why": why})
+            queue.finish(jid, job.attempts, self.id, "failed", None,
+                         f"fleet: the worker's reply was refused, nothing of it was stored: {why}")
+        ar.forget()
 
     def _owns(self, job: Job) -> bool:
         j = queue.get(job.id)

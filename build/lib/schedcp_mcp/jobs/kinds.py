@@ -128,8 +128,13 @@ def names(local: bool | None = None) -> list[str]:
 def _marker(ctx: JobContext) -> None:
     """Leave `<dir>/<job>.<attempt>.<pid>` so a test can see who ran which attempt."""
     d = ctx.inputs.get("marker_dir")
-    if d:
-        open(os.path.join(d, f"{ctx.job.id}.{ctx.job.attempts}.{os.getpid()}"), "w").close()
+    if d:  # a new file in that very directory: never through a symlink (of the file or the directory)
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.close(os.open(f"{ctx.job.id}.{ctx.job.attempts}.{os.getpid()}",
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd))
+        finally:
+            os.close(dfd)
 
 
 @register("noop", timeout_s=60, max_attempts=1)

@@ -78,6 +78,12 @@ def submit(kind: str, inputs: dict[str, Any] | None = None, *, lane: LaneName = 
                join_all=int(join_all), dedupe_key=key, budget=budget.model_dump_json() if budget else None,
                actor=actor, inputs=json.dumps(inputs, sort_keys=True))
     with store.transaction() as conn:
+        if parent is None and actor not in ("cli", "schedcp"):
+            from ..access import check_cap
+
+            held = conn.execute("SELECT COUNT(*) FROM jobs WHERE actor=? AND parent IS NULL AND state IN "
+                                "('pending','running')", (actor,)).fetchone()[0]
+            check_cap("queued_jobs", held + 1, actor, "queued or running jobs for this caller")
         for d in deps + ([parent] if parent else []):
             if conn.execute("SELECT 1 FROM jobs WHERE id=?", (d,)).fetchone() is None:
                 raise NotFound(f"no job {d!r} to depend on", "list jobs with `schedcp jobs`")

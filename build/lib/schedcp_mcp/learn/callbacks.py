@@ -139,7 +139,10 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
 
 
 def register(url: str, condition: Condition) -> Callback:
+    from ..access import check_cap
+
     check_url(url)
+    check_cap("callbacks", len(list_callbacks()) + 1, "mcp", "active callbacks")
     if condition.kind == "reward_below" and not condition.deployment_id:
         raise BadInput("reward_below needs deployment_id", "give the deployment to watch")
     if condition.kind == "profile_changed":

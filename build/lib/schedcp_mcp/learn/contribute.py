@@ -74,6 +74,9 @@ def contribute_policy(report_id: str, name: str, description: str, tags: list[st
         raise BadInput(f"a policy named {name!r} already exists", "choose another name")
     if not description.strip():
         raise BadInput("a description is required", "say what the scheduler does and for which workload")
+    from ..access import check_cap
+
+    check_cap("text_chars", len(description) + len(summary or ""), actor, "characters of description")
     r = get_report(report_id)
     if not r.passed:
         raise BadInput(f"report {r.id} did not pass validation ({r.status})",

@@ -6,7 +6,7 @@
     `/opt/schedcp/include` (read-only), a fresh private work dir `/w/<random>` and an empty `/tmp`.
     Nothing else exists in there: no `/etc`, no `/proc`, no host file, no other job's work dir — so no
     spelling of an include, `.incbin` or pragma can read a file that is not the toolchain's own;
-  - a chroot into that root, entered as `nobody` (65534) when we are root, so the compiler cannot
+  - a chroot into that root, entered as its own uid (JAIL_ID, not `nobody`) when we are root, so the compiler cannot
     undo the chroot (as another user: a user namespace, mapped to root inside);
   - new network, IPC, UTS and PID namespaces (no network at all; dies with its parent);
   - rlimits: CPU seconds, address space, file size, open files, processes;
@@ -32,8 +32,27 @@ from pydantic import BaseModel, Field
 from ..errors import BadInput, InfrastructureError
 from . import image
 
-NOBODY = 65534
+#: the jail's own uid and gid when we are root: unused on any ordinary system (not `nobody`, which
+#: other daemons share: a compiler running as nobody could signal or ptrace them, and they it);
+#: $SCHEDCP_JAIL_ID picks another when this one is taken
+JAIL_ID = int(os.environ.get("SCHEDCP_JAIL_ID") or 2_118_123_456)
 WORK_ROOT = "w"  # /w inside the rootfs
+
+
+def _jail_id() -> int:
+    """JAIL_ID, refused when an account of this system has it (the jail would share its processes
+    and files)."""
+    import grp
+    import pwd
+
+    for lookup, what in ((pwd.getpwuid, "user"), (grp.getgrgid, "group")):
+        try:
+            name = lookup(JAIL_ID)[0]
+        except KeyError:
+            continue
+        raise InfrastructureError(f"the compile jail's id {JAIL_ID} belongs to {what} {name!r} on this system",
+                                  "set SCHEDCP_JAIL_ID to an unused uid/gid")
+    return JAIL_ID
 
 
 class ToolResult(BaseModel):
@@ -66,7 +85,7 @@ def _check_rel(name: str) -> None:
 
 
 # Builds the jail's root inside the new mount namespace, then enters it. $1 root mount point,
-# $2 rootfs, $3 work dir, $4 its name, $5 "drop" to run as nobody; the command follows.
+# $2 rootfs, $3 work dir, $4 its name, $5 "drop" to run as $JAIL_ID; the command follows.
 _JAIL_SH = r"""
 set -e
 J=$1 R=$2 W=$3 N=$4 DROP=$5
@@ -84,7 +103,7 @@ mount --bind /dev/null "$J/dev/null"
 mount -t tmpfs -o mode=1777,size=64m,nosuid,nodev schedcp-tmp "$J/tmp"
 mount -o remount,bind,ro "$J"
 if [ "$DROP" = drop ]; then
-  exec chroot --userspec=65534:65534 --groups= "$J" "$@"
+  exec chroot --userspec="$JAIL_ID:$JAIL_ID" --groups= "$J" "$@"
 fi
 exec chroot "$J" "$@"
 """
@@ -159,7 +178,7 @@ def run(argv: list[str], *, workdir_files: dict[str, bytes] | None = None, timeo
             p.write_bytes(data)
         if as_root:
             for p in [work, *work.rglob("*")]:
-                os.lchown(p, NOBODY, NOBODY)
+                os.lchown(p, _jail_id(), _jail_id())
         inner = ["/usr/bin/env", "-i", f"--chdir=/{WORK_ROOT}/{name}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
                  "HOME=/tmp", "LC_ALL=C", "TMPDIR=/tmp", *argv]
         ns = ["--mount", "--net", "--ipc", "--uts", "--pid", "--fork", "--kill-child"]
@@ -170,11 +189,12 @@ def run(argv: list[str], *, workdir_files: dict[str, bytes] | None = None, timeo
         limits = ["prlimit", f"--cpu={max(1, int(timeout_s))}", f"--as={mem_mb << 20}",
                   f"--fsize={max_file_mb << 20}", "--nofile=256", "--core=0"]
         if as_root:
-            limits.append("--nproc=64")  # counted per uid: nobody's processes
+            limits.append("--nproc=64")  # counted per uid: the jails' processes only
         t0 = time.monotonic()
         try:
             proc = subprocess.Popen(limits + jail, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+                                    stderr=subprocess.PIPE, start_new_session=True,
+                                    env={**os.environ, "JAIL_ID": str(JAIL_ID)})
         except FileNotFoundError as e:
             raise InfrastructureError(f"cannot run the toolchain jail: {e.filename} is missing",
                                       hint="install util-linux and coreutils") from e

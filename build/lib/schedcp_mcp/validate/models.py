@@ -26,6 +26,8 @@ class Workload(BaseModel):
     requires: list[str] = Field([], description="guest binaries it needs besides busybox")
     timeout_s: float = Field(30.0, description="a run taking longer is killed and counts as a crash")
     reps: int = Field(1, description="runs per side per round; the round's figure is their median (runner.reduce_reps)")
+    tail_metric: str | None = Field(None, description="a secondary metric judged like a workload of its own "
+                                    "(result `<name>_tail`: its own interval and no-regression gate)")
 
 
 class Spread(BaseModel):

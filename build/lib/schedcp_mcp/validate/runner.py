@@ -101,7 +101,9 @@ class _Run:
         # per workload, per side (0 baseline, 1 candidate): round -> that round's figures (reps)
         self.samples: dict[str, tuple[dict[int, list[float]], dict[int, list[float]]]] = {
             w.name: ({}, {}) for w in workloads}
-        self.extra: dict[str, dict[str, tuple[list[float], list[float]]]] = {w.name: {} for w in workloads}
+        # per workload, per secondary metric, per side: round -> that round's figures (reps)
+        self.extra: dict[str, dict[str, tuple[dict[int, list[float]], dict[int, list[float]]]]] = {
+            w.name: {} for w in workloads}
         self.counters: dict[str, int] = {}
         self.durations: dict[str, float] = {}
         self.nload = 0
@@ -198,7 +200,7 @@ class _Run:
                 self.samples[w.name][idx].setdefault(rnd, []).append(values[w.metric])
                 for k, v in values.items():
                     if k != w.metric:
-                        self.extra[w.name].setdefault(k, ([], []))[idx].append(v)
+                        self.extra[w.name].setdefault(k, ({}, {}))[idx].setdefault(rnd, []).append(v)
 
     def warm_up(self) -> None:
         """Each workload once (one rep) under the default scheduler, figures discarded. The first run of a
@@ -207,16 +209,25 @@ class _Run:
         favour — in an A/A run that one pair was most of the ±25 % cpu interval."""
         self.measure("warmup", 0)
 
-    def pairs(self, w: Workload) -> tuple[list[float], list[float]]:
+    def pairs(self, w: Workload, metric: str | None = None) -> tuple[list[float], list[float]]:
         """(baseline, candidate) figures of the rounds that have both sides, a round's reps reduced to
-        one figure by `reduce_reps`."""
-        b, c = self.samples[w.name]
+        one figure by `reduce_reps` — of the primary metric, or of a secondary one."""
+        b, c = self.samples[w.name] if metric is None else self.extra[w.name].get(metric, ({}, {}))
         rounds = sorted(set(b) & set(c))
         return [reduce_reps(b[r]) for r in rounds], [reduce_reps(c[r]) for r in rounds]
 
     def results(self) -> list[WorkloadResult]:
-        return [gates.summarize(w, *self.pairs(w), errors=self.obs.workload_errors.get(w.name),
-                                secondary=self.extra[w.name]) for w in self.workloads]
+        """Per workload its primary metric's result, and after it its tail metric's (a result of its own,
+        `<name>_tail`, with its own interval and gate) when it has one."""
+        out = []
+        for w in self.workloads:
+            flat = {k: ([x for r in sorted(b) for x in b[r]], [x for r in sorted(c) for x in c[r]])
+                    for k, (b, c) in self.extra[w.name].items()}
+            errors = self.obs.workload_errors.get(w.name)
+            out.append(gates.summarize(w, *self.pairs(w), errors=errors, secondary=flat))
+            if w.tail_metric:
+                out.append(gates.summarize(tail_workload(w), *self.pairs(w, w.tail_metric), errors=errors))
+        return out
 
     def _werr(self, w: Workload, msg: str) -> None:
         self.obs.workload_errors.setdefault(w.name, []).append(msg)
@@ -322,6 +333,20 @@ def round_plan(r: int, wls: list[Workload], sides: tuple[str, str]) -> list[tupl
             else:
                 steps.append((side, [w]))
     return steps
+
+
+TAIL_SUFFIX = "_tail"
+
+
+def tail_workload(w: Workload) -> Workload:
+    """The result row of a workload's tail metric: judged like a workload of its own."""
+    return w.model_copy(update={"name": w.name + TAIL_SUFFIX, "metric": w.tail_metric, "tail_metric": None,
+                                "description": f"{w.name}: {w.tail_metric}, the tail of the same runs"})
+
+
+def base_name(result_name: str) -> str:
+    """The workload a result row belongs to (`wakeup_tail` -> `wakeup`)."""
+    return result_name.removesuffix(TAIL_SUFFIX)
 
 
 def reduce_reps(xs: list[float]) -> float:
@@ -577,9 +602,9 @@ def _next_round(run: _Run, goals: list[Goal] | None, budget_s: float, t_start: f
         return []
     results = run.results()
     pg = gates.performance_gates(results, run.workloads, goals)
-    open_ = {g.workload for g in pg if not g.decided}
+    open_ = {base_name(g.workload) for g in pg if not g.decided and g.workload}
     if not open_ and all(g.passed for g in pg):  # undecided gates first; a failed candidate needs no more
-        open_ = {r.name for r in results if not gates.settled(r)}
+        open_ = {base_name(r.name) for r in results if not gates.settled(r)}
     wls = [w for w in run.workloads if w.name in open_]
     if not wls:
         return []

@@ -10,7 +10,7 @@ builds each pattern on purpose, at once, on both vCPUs:
 
     hogs        CPU-bound tasks, unpinned and pinned to each CPU: the CPUs are never idle, so a
                 queue served "only when nothing else runs" is never served
-    ping-pong   a strict pipe ping-pong pair (perf bench sched pipe: write one byte, read one)
+    ping-pong   a strict pipe ping-pong pair (schedcp-probe pingpong: write one byte, read one)
                 pinned to each CPU: every switch on that CPU is a short wakeup, the refill that
                 keeps one queue always ahead of another (lean_preempt at 1431b7b starved the CPU's
                 pinned hog behind it)
@@ -70,7 +70,9 @@ run() { timeout -s KILL $((D + 5)) "$@" >/dev/null 2>&1 & }
 run stress-ng --cpu 2 --cpu-method int64 -t $D
 run taskset -c 0 stress-ng --cpu 1 --cpu-method int64 -t $D
 run taskset -c 1 stress-ng --cpu 1 --cpu-method int64 -t $D
-run stress-ng --fork 2 --affinity 1 --switch 2 --sleep 1 --sleep-max 16 -t $D
+run $PROBE pingpong -c 0 -d $ms
+run $PROBE pingpong -c 1 -d $ms
+run stress-ng --affinity 1 --sleep 1 --sleep-max 16 -t $D
 run $PROBE wakeup -t 6 -H 0 -p 4000 -d $ms
 run $PROBE wakeup -t 4 -H 0 -p 9000 -d $ms -P
 run nice -n 5 $PROBE wakeup -t 3 -H 0 -p 6000 -d $ms
@@ -149,7 +151,7 @@ def phase_script(side: str, tracer: str, probe: str, duration_s: int = DURATION_
             f"snap starve-{side}\n"
             f"(D={duration_s}; PROBE={probe}\n{LOAD}\n"
             f"sleep {WARM_S}; {_ON.format(1)}; sleep {WINDOW_S}; {_ON.format(0)}\n"
-            "pkill -KILL -f 'perf bench sched pipe' 2>/dev/null; wait)\n"
+            "wait)\n"
             f"sleep {SETTLE_S}\n"
             f"snap starve-{side}\n"
             "echo '@@RQW'; bpftool map dump name rqw_tasks 2>/dev/null; echo '@@RQWEND'\n"

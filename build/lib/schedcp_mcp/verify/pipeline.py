@@ -78,9 +78,7 @@ def _save_object(obj: bytes) -> tuple[str, str]:
     sha = _sha(obj)
     path = object_store() / f"{sha}.bpf.o"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(obj)
-        tmp.replace(path)
+        config.write_private(path, obj)  # a fresh file renamed in: never through a symlink
     return sha, str(path)
 
 

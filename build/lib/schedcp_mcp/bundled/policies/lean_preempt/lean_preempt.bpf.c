@@ -126,11 +126,12 @@ static u64 burst(struct task_struct *t)
 /* Whether `cpu` may take one more task through the fast lane; counts it when so. */
 static bool lane_open(s32 cpu, struct schedcp_stats *st)
 {
+	u32 idx = cpu;
 	u64 *taken;
 
-	if (cpu < 0 || cpu >= MAX_CPUS)
+	if (idx >= MAX_CPUS)
 		return false;
-	taken = &lane_taken[cpu];
+	taken = &lane_taken[idx & (MAX_CPUS - 1)];
 	if (*taken >= lane_max) {
 		if (st)
 			__sync_fetch_and_add(&st->lane_full, 1);
@@ -220,8 +221,10 @@ fifo:
 /* The CPU's own queue is empty: serve the FIFO, and open the fast lane again. */
 void BPF_STRUCT_OPS(lean_preempt_dispatch, s32 cpu, struct task_struct *prev)
 {
-	if (cpu >= 0 && cpu < MAX_CPUS)
-		lane_taken[cpu] = 0;
+	u32 idx = cpu;
+
+	if (idx < MAX_CPUS)
+		lane_taken[idx & (MAX_CPUS - 1)] = 0;
 	scx_bpf_dsq_move_to_local(FIFO_DSQ, 0);
 }
 
