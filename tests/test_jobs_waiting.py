@@ -38,6 +38,12 @@ def waiting_command(home: Path, seconds: float, key: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def job_of(cmd: subprocess.Popen) -> str:
+    line = cmd.stdout.readline()
+    assert line.strip(), f"the command queued nothing: {cmd.stderr.read()[-2000:]}"
+    return line.split()[0]
+
+
 def until(pred, timeout_s: float = 15.0):
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -50,7 +56,7 @@ def until(pred, timeout_s: float = 15.0):
 
 def test_a_second_command_runs_its_job_while_the_first_commands_pool_runs_only_the_first(schedcp_home):
     first = waiting_command(schedcp_home, 6.0, "first")
-    first_job = first.stdout.readline().split()[0]
+    first_job = job_of(first)
     until(lambda: queue.get(first_job).state == "running")  # the first command's own, scoped pool
     assert any(w.alive and w.scope == first_job for w in queue.list_workers(0))
 
@@ -116,7 +122,7 @@ def test_nobody_runs_a_job_when_only_other_jobs_scoped_pools_live(schedcp_home):
 
 def test_the_job_of_a_killed_command_is_cancelled_not_left_pending_for_no_one(schedcp_home):
     cmd = waiting_command(schedcp_home, 30.0, "killed")
-    job_id = cmd.stdout.readline().split()[0]
+    job_id = job_of(cmd)
     until(lambda: queue.get(job_id).state == "running")
     cmd.send_signal(signal.SIGKILL)
     cmd.wait(5)
@@ -127,7 +133,7 @@ def test_the_job_of_a_killed_command_is_cancelled_not_left_pending_for_no_one(sc
 
 def test_a_second_command_adopts_the_killed_commands_job_and_finishes_it(schedcp_home):
     cmd = waiting_command(schedcp_home, 2.0, "adopted")
-    job_id = cmd.stdout.readline().split()[0]
+    job_id = job_of(cmd)
     until(lambda: queue.get(job_id).state == "running")
     cmd.send_signal(signal.SIGKILL)
     cmd.wait(5)
