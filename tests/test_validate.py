@@ -9,6 +9,7 @@ from pathlib import Path
 
 import json
 import math
+import re
 import statistics
 
 import pytest
@@ -440,12 +441,28 @@ def test_a_scheduler_calling_scx_bpf_error_is_reported_with_its_message(sandbox_
 
 
 @pytest.mark.vm
+@pytest.mark.parametrize("fixture,victim", [("starve_timer", ""), ("starve_kthreads", " (kthread)")])
+def test_a_scheduler_that_starves_a_few_tasks_below_the_watchdog_fails_with_them_named(sandbox_vm, fixture, victim):
+    from schedcp_mcp.validate.runner import validate_layer1
+
+    vm = sandbox_vm()
+    res = validate_layer1(_layer1(FIXTURES / f"{fixture}.bpf.c", vm), rounds=1, budget_s=0, vm=vm,
+                          workloads=["hackbench"])
+    gate = next(g for g in res.correctness if g.name == "no_starvation")
+    assert not res.passed and not gate.passed, gate.reason
+    named = re.search(rf"\S+\[\d+\]{re.escape(victim)} waited 250 ms or more (\d+) times", gate.reason)
+    assert named and int(named.group(1)) >= 2, gate.reason
+    base, cand = res.starvation
+    assert (base.side, cand.side) == ("baseline", "candidate") and len(cand.starved) > len(base.starved)
+
+
+@pytest.mark.vm
 def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm):
     from schedcp_mcp.validate.runner import validate_layer1
     from schedcp_mcp.verify.pipeline import verify_policy
 
     vm = sandbox_vm()
-    l1 = verify_policy("vtime_fair", vm=vm)
+    l1 = verify_policy("lean_preempt", vm=vm)
     assert l1.accepted, l1.errors
     res = validate_layer1(l1, rounds=2, budget_s=0, vm=vm)
     assert all(g.passed for g in res.correctness), [g for g in res.correctness if not g.passed]
@@ -462,7 +479,8 @@ def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm)
     stress = phases.index("stress")
     assert "candidate-1" in phases[:stress] and "candidate-2" not in phases[:stress] and "candidate-2" in phases
     assert res.stress and set(res.stress.stressors) == {"cpu", "fork", "affinity", "switch", "sleep"}
-    assert any('"vtime_fair" enabled' in ln for ln in res.kernel_log)
+    assert any('"lean_preempt" enabled' in ln for ln in res.kernel_log)
+    assert next(g for g in res.correctness if g.name == "no_starvation").passed  # the bounded fast lane
     assert res.durations["total"] > 0 and res.performance  # perf gates judged (pass or fail by the numbers)
 
 
