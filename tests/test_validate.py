@@ -485,13 +485,13 @@ def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm)
 
 
 def test_rounds_for_margin_is_the_fewest_rounds_whose_interval_fits():
-    from scipy.stats import t
+    from schedcp_mcp.validate.tquantile import t_quantile
 
     from schedcp_mcp.validate.bench import rounds_for
 
     quiet, noisy = rounds_for(0.03), rounds_for(0.12)
     assert quiet is not None and noisy is not None and 2 <= quiet < noisy
-    half = lambda n, sd: t.ppf(0.975, n - 1) * sd / math.sqrt(n)  # noqa: E731
+    half = lambda n, sd: t_quantile(0.975, n - 1) * sd / math.sqrt(n)  # noqa: E731
     assert half(noisy, 0.12) <= math.log(1.1) < half(noisy - 1, 0.12)
     assert rounds_for(5.0) is None
 

@@ -40,6 +40,7 @@ import statistics
 from ..models import Goal, LoaderExit, MetricResult
 from ..sandbox import scheduler
 from . import starvation
+from .tquantile import t_quantile
 from .models import Gate, Observations, Spread, Workload, WorkloadResult
 
 #: confidence level of the ratio intervals
@@ -93,9 +94,7 @@ def ratio_interval(baseline: list[float], candidate: list[float],
 
 
 def _t_quantile(p: float, df: int) -> float:
-    from scipy.stats import t  # imported late: scipy is slow to import and only layer 2 needs it
-
-    return float(t.ppf(p, df))
+    return t_quantile(p, df)
 
 
 def classify(low: float, high: float, margin: float = MARGIN) -> str:
