@@ -55,7 +55,7 @@ class ToolInfo(BaseModel):
 
 
 def source_dir() -> Path:
-    return config.PROJECT_ROOT / "agents"
+    return config.resource_dir("agents")
 
 
 def split_front_matter(text: str, where: str) -> tuple[dict, str]:
@@ -195,9 +195,9 @@ def drift(root: Path | None = None) -> dict[str, str]:
 def agent_path(role: str, root: Path | None = None) -> Path:
     if role not in ROLES:
         raise BadInput(f"unknown role {role!r}", "one of: " + ", ".join(ROLES))
-    root = root or config.PROJECT_ROOT
     name = next(r.name for r in load_roles() if r.role == role)
-    return root / ".claude" / "agents" / f"{name}.md"
+    claude = root / ".claude" if root else config.resource_dir(".claude")  # a wheel ships it
+    return claude / "agents" / f"{name}.md"
 
 
 def parse_agent(path: Path) -> dict:
@@ -221,6 +221,53 @@ class InstallResult(BaseModel):
     written: list[str]
     unchanged: list[str]
     mcp: str = Field(description="how the MCP server was registered")
+    warnings: list[str] = Field([], description="what will not work as expected, and what to do")
+
+
+def plugin_shadowed(directory: Path | None = None, home: Path | None = None) -> list[str]:
+    """When the schedcp plugin is enabled in Claude Code AND a server named `schedcp` is configured
+    outside it (`claude mcp add schedcp …` in local or user scope, or a project's .mcp.json),
+    Claude Code runs only that one and skips the plugin's server (`claude mcp list` shows no
+    `plugin:schedcp:schedcp`), so the plugin's agents — allowed only `mcp__plugin_schedcp_…` tools —
+    have none. Returns where each clashing server is configured (empty: no clash)."""
+    home = Path(home or Path.home())
+    directory = Path(directory or Path.cwd()).resolve()
+    try:
+        enabled = json.loads((home / ".claude" / "settings.json").read_text()).get("enabledPlugins") or {}
+    except (OSError, ValueError):
+        return []
+    if not any(k.split("@")[0] == PLUGIN and v for k, v in enabled.items()):
+        return []
+    where = []
+    try:
+        cfg = json.loads((home / ".claude.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    if SERVER in (cfg.get("mcpServers") or {}):
+        where.append(f"user scope ({home / '.claude.json'}): remove it with `claude mcp remove {SERVER} -s user`")
+    for proj, entry in (cfg.get("projects") or {}).items():
+        here = Path(proj)
+        if SERVER in ((entry or {}).get("mcpServers") or {}) and (directory == here or here in directory.parents):
+            where.append(f"local scope for {proj} ({home / '.claude.json'}): remove it with "
+                         f"`claude mcp remove {SERVER} -s local` in that directory")
+    for d in (directory, *directory.parents):
+        try:
+            if SERVER in (json.loads((d / ".mcp.json").read_text()).get("mcpServers") or {}):
+                where.append(f"project scope ({d / '.mcp.json'}): drop its '{SERVER}' entry, or do not "
+                             "approve it")
+                break
+        except (OSError, ValueError):
+            continue
+    return where
+
+
+def shadow_warning(where: list[str]) -> list[str]:
+    if not where:
+        return []
+    return [f"the {PLUGIN} plugin is installed and a server named '{SERVER}' is also configured — "
+            + "; ".join(where) + f". Claude Code then runs only that one and skips the plugin's server, "
+            "so the plugin's agents get none of their tools. Use one: the plugin (nothing else needed), "
+            "or this registration (then `claude plugin uninstall schedcp@schedcp`)."]
 
 
 def install(scope: str = "project", directory: Path | None = None, force: bool = False) -> InstallResult:
@@ -271,7 +318,8 @@ def install(scope: str = "project", directory: Path | None = None, force: bool =
         how = f"'{SERVER}' in {mcp_path} (approve it in Claude Code, or set enableAllProjectMcpServers)"
     else:
         how = _register_user_server()
-    return InstallResult(scope=scope, directory=str(base), written=written, unchanged=unchanged, mcp=how)
+    return InstallResult(scope=scope, directory=str(base), written=written, unchanged=unchanged, mcp=how,
+                         warnings=shadow_warning(plugin_shadowed(base)))
 
 
 def _refuse_symlinks(base: Path, path: Path) -> None:

@@ -23,7 +23,7 @@ from .models import Goal
 from .observe.profile import get_profile
 from .reports import ValidationOutcome, ValidationReport, get_report, new_report, save, save_source
 from .repository.policies import get_policy
-from .validate.runner import BUDGET_S, validate_in_sandbox
+from .validate.runner import BUDGET_S, MAX_ROUNDS, validate_in_sandbox
 from .validate.workloads import get_workloads, list_workloads
 from .verify import pipeline
 from .verify.source_check import MAX_SOURCE_BYTES
@@ -115,6 +115,35 @@ def check_goals_measurable(goals: list[Goal], workloads) -> None:
                        f"({', '.join(w.name for w in workloads)})",
                        f"add --workload {' / '.join(able)}" if able else
                        f"known metrics: {', '.join(known)}")
+
+
+#: the longest one validation may run (the runner refuses more)
+MAX_BUDGET_S = 3600.0
+
+
+def check_goal_ratio(g: Goal) -> None:
+    if g.target_ratio is not None and not (0 < g.target_ratio <= 100):
+        raise BadInput(f"goal {g.metric}: ratio {g.target_ratio:g} is not a ratio to the default scheduler",
+                       "give candidate/baseline, e.g. messaging_time_s<=0.9 (10 % faster) or "
+                       "throughput>=1.05")
+
+
+def check_layer2_request(goals: list[Goal] | None, workloads: list[str] | None, rounds: int,
+                         budget_s: float | None, profile_id: str | None = None) -> None:
+    """Every check of a layer-2 request that needs no VM, made before anything is queued (CLI and
+    MCP alike): rounds, budget, workload names, the profile, and goals the workloads measure."""
+    if not 1 <= rounds <= MAX_ROUNDS:
+        raise BadInput(f"rounds must be 1..{MAX_ROUNDS}, not {rounds}", "3 is the usual minimum")
+    if budget_s is not None and not 0 <= budget_s <= MAX_BUDGET_S:
+        raise BadInput(f"budget must be 0..{MAX_BUDGET_S:g} seconds, not {budget_s:g}",
+                       f"0 runs exactly the given rounds; the default is {BUDGET_S:g} s")
+    chosen = get_workloads(workloads)
+    if profile_id:
+        get_profile(profile_id)  # an unknown profile is refused before anything is queued
+    for g in goals or []:
+        check_goal_ratio(g)
+    if goals:
+        check_goals_measurable(goals, chosen)
 
 
 def validate(report_id: str | None = None, source: str | None = None, policy: str | None = None,
@@ -273,7 +302,7 @@ def validate_job(report_id: str | None = None, source: str | None = None, policy
                  budget_s: float | None = None, **kw) -> Job:
     """Queue layer 2 (after layer 1 when given a source or policy)."""
     _check_request(source, policy, report_id) if report_id else _check_request(source, policy)
-    get_workloads(workloads)
+    check_layer2_request(goals, workloads, rounds, budget_s, profile_id)
     inputs = {"report_id": report_id, "source": source, "policy": policy,
               "params": {k: str(v) for k, v in (params or {}).items()},
               "goals": [g.model_dump(mode="json") for g in goals] if goals else None,
@@ -312,9 +341,7 @@ def validate_campaign(cands: list[dict[str, Any]], *, goals: list[Goal] | None =
     from .access import check_cap
 
     check_cap("campaign_candidates", len(cands), actor, "candidates in one campaign")
-    get_workloads(workloads)
-    if profile_id:
-        get_profile(profile_id)  # an unknown profile is refused before anything is queued
+    check_layer2_request(goals, workloads, rounds, budget_s, profile_id)
     goal_dicts = [g.model_dump(mode="json") for g in goals] if goals else None
     nodes, seen = [], set()
     for n, c in enumerate(cands):

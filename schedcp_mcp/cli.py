@@ -15,15 +15,75 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Table as RichTable
+from rich.text import Text
 
 from .errors import SchedcpError
 
-console = Console()
+
+class Table(RichTable):
+    """A table that never cuts a cell: ids, reasons and metric names wrap instead of ending in '…'."""
+
+    def add_column(self, *args, **kw) -> None:
+        kw.setdefault("overflow", "fold")
+        super().add_column(*args, **kw)
+
+
+def _cell_text(cell: Any) -> str:
+    if isinstance(cell, str):
+        text = Text.from_markup(cell).plain
+    elif isinstance(cell, Text):
+        text = cell.plain
+    else:
+        c = Console(width=10_000, record=True, file=open(os.devnull, "w"))
+        c.print(cell)
+        text = c.export_text()
+    return " / ".join(x.strip() for x in text.strip().splitlines() if x.strip())
+
+
+def plain_lines(table: RichTable) -> list[str]:
+    """A table as lines a pipe, a log or grep can use whole: a '# title' line, the header, one line
+    per row, cells separated by a tab, nothing cut."""
+    cols = table.columns
+    out = [f"# {_cell_text(table.title)}"] if table.title else []
+    out.append("\t".join(_cell_text(c.header) for c in cols))
+    for i in range(table.row_count):
+        out.append("\t".join(_cell_text(c._cells[i]) if i < len(c._cells) else "" for c in cols))
+    return out
+
+
+class CliConsole(Console):
+    """stdout: on a terminal tables wrap long cells (never '…'); elsewhere (a pipe, a CI log, an
+    80-column capture) every table is printed as plain tab-separated lines, whole, and long lines
+    are not wrapped at 80 columns either (soft wrap: a reason or an id stays on its line)."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        if not self.is_terminal:
+            self.soft_wrap = True
+
+    def print(self, *objects: Any, **kw) -> None:  # noqa: A003 - rich's name
+        if not any(isinstance(o, RichTable) for o in objects):
+            return super().print(*objects, **kw)
+        for o in objects:
+            if not isinstance(o, RichTable):
+                super().print(o, **kw)
+            elif self.is_terminal:
+                for c in o.columns:
+                    if c.overflow == "ellipsis" and not c.no_wrap:
+                        c.overflow = "fold"
+                super().print(o, **kw)
+            else:
+                for line in plain_lines(o):
+                    self.file.write(line + "\n")
+                self.file.flush()
+
+
+console = CliConsole()
 err_console = Console(stderr=True)
 
 
@@ -80,6 +140,10 @@ class SchedcpGroup(click.Group):
             self._fail(ctx, "UsageError", e.format_message(), "see --help")
         except (click.exceptions.Exit, SystemExit, KeyboardInterrupt):
             raise
+        except ValidationError as e:  # a typed request refused its values: the input, not a bug
+            self._fail(ctx, "BadInput", "; ".join(
+                f"{'.'.join(str(x) for x in err['loc']) or 'input'}: {err['msg']}" for err in e.errors()),
+                "see --help for each option's range")
         except Exception as e:  # a bug: say so plainly; SCHEDCP_DEBUG=1 shows the traceback
             if os.environ.get("SCHEDCP_DEBUG"):
                 raise
@@ -99,6 +163,14 @@ class SchedcpGroup(click.Group):
 
 
 JSON_META = "schedcp.json"  # set in the shared context meta when a command got --json
+
+# Value types shared by the options that take the same kind of value: a bad value is refused by
+# click before anything is imported, queued or booted (exit 2, in well under a second). The same
+# limits are checked again for MCP callers by the library (candidates.check_layer2_request).
+ROUNDS = click.IntRange(1, 30)                      # validate.runner.MAX_ROUNDS
+VALIDATION_BUDGET = click.FloatRange(0, 3600)       # candidates.MAX_BUDGET_S; 0 = exactly --rounds
+SECONDS = click.FloatRange(0, min_open=True)        # a duration that must be > 0
+COUNT = click.IntRange(1)                           # a limit or count of at least one
 
 
 def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -285,22 +357,35 @@ def _ago(t: float | None) -> str:
     return f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else f"{d / 3600:.0f}h ago"
 
 
+OUTCOME_COLOURS = {"accepted": "green", "passed": "green", "done": "green", "rejected": "red",
+                   "failed": "red", "error": "red", "cancelled": "yellow"}
+
+
 def render_jobs(js) -> None:
+    """State (did the job run to its end) and outcome (what it concluded) side by side: a verify
+    that ran fine and was rejected reads `succeeded  rejected`, never a green 'succeeded' alone."""
     if not js:
         console.print("no jobs")
         return
-    t = Table("id", "kind", "lane", "state", "try", "progress", "created", "message / error")
-    colours = {"succeeded": "green", "failed": "red", "dead": "red", "cancelled": "yellow",
+    t = Table("id", "kind", "lane", "state", "outcome", "try", "progress", "created", "why / message")
+    colours = {"succeeded": "white", "failed": "red", "dead": "red", "cancelled": "yellow",
                "running": "cyan", "pending": "white"}
     for j in js:
-        t.add_row(j.id, j.kind, j.lane, f"[{colours[j.state]}]{j.state}[/]", f"{j.attempts}/{j.max_attempts}",
-                  f"{j.progress:.0%}", _ago(j.created_at), escape((j.error or j.message or "")[:70]))
+        o = j.outcome
+        t.add_row(j.id, j.kind, j.lane, f"[{colours[j.state]}]{j.state}[/]",
+                  f"[{OUTCOME_COLOURS.get(o, 'white')}]{o}[/]" if o else "-",
+                  f"{j.attempts}/{j.max_attempts}", f"{j.progress:.0%}", _ago(j.created_at),
+                  escape(j.outcome_reason or j.error or j.message or ""))
     console.print(t)
 
 
 def render_job_detail(d) -> None:
     j = d.job
-    console.print(f"[bold]{j.id}[/bold] {j.kind} ({j.lane}) {j.state}, attempt {j.attempts}/{j.max_attempts}"
+    o = j.outcome
+    console.print(f"[bold]{j.id}[/bold] {j.kind} ({j.lane}) {j.state}"
+                  + (f" — [{OUTCOME_COLOURS.get(o, 'white')}]{o}[/]" if o and o != j.state else "")
+                  + (f": {escape(j.outcome_reason)}" if j.outcome_reason and j.outcome_reason != j.error else "")
+                  + f", attempt {j.attempts}/{j.max_attempts}"
                   + (f", answered from {j.cached_from}" if j.cached_from else "")
                   + (f", parent {j.parent}" if j.parent else ""))
     console.print(f"  inputs: {escape(json.dumps(j.inputs)[:300])}")
@@ -332,7 +417,7 @@ def render_job_detail(d) -> None:
 @click.option("--state", type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled", "dead"]))
 @click.option("--kind", help="only jobs of this kind")
 @click.option("--all", "all_", is_flag=True, help="campaign children too (default: top-level jobs)")
-@click.option("--limit", default=30, show_default=True)
+@click.option("--limit", default=30, show_default=True, type=COUNT)
 @json_option
 @click.pass_context
 def jobs(ctx: click.Context, state: str | None, kind: str | None, all_: bool, limit: int,
@@ -369,7 +454,7 @@ def jobs_cancel(job_id: str, as_json: bool) -> None:
 
 @jobs.command("wait")
 @click.argument("job_id")
-@click.option("--timeout", type=float, help="give up waiting after this many seconds")
+@click.option("--timeout", type=SECONDS, help="give up waiting after this many seconds")
 @json_option
 def jobs_wait(job_id: str, timeout: float | None, as_json: bool) -> None:
     """Wait for a job to end, with its progress (running it here when no worker is). Exit 0
@@ -413,7 +498,8 @@ def info(as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--interval", default=1.0, show_default=True, help="sampling interval, seconds")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05, 3600),
+              help="sampling interval, seconds")
 @json_option
 def stats(interval: float, as_json: bool) -> None:
     """CPU and scheduler statistics over one interval."""
@@ -446,8 +532,8 @@ def stats(interval: float, as_json: bool) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--pid", type=int, help="attach to a running process instead of running CMD")
-@click.option("--duration", default=10.0, show_default=True, help="max seconds")
+@click.option("--pid", type=click.IntRange(1), help="attach to a running process instead of running CMD")
+@click.option("--duration", default=10.0, show_default=True, type=SECONDS, help="max seconds")
 @click.option("--no-runqlat", is_flag=True, help="skip the runqlat histogram")
 @json_option
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
@@ -473,7 +559,7 @@ def profile(pid: int | None, duration: float, no_runqlat: bool, as_json: bool, c
 
 
 @main.command("profiles")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, show_default=True, type=COUNT)
 @json_option
 def profiles_cmd(limit: int, as_json: bool) -> None:
     """Stored workload profiles, newest first."""
@@ -514,7 +600,7 @@ def policies_list(as_json: bool) -> None:
 @policies.command("search")
 @click.argument("query", required=False, default="")
 @click.option("--tag", "tags", multiple=True, help="only policies with this tag (repeatable)")
-@click.option("--limit", default=10, show_default=True)
+@click.option("--limit", default=10, show_default=True, type=COUNT)
 @click.option("--profile", "profile_id", help="also rank by history on profiles similar to this one")
 @json_option
 def policies_search(query: str, tags: tuple[str, ...], limit: int, profile_id: str | None,
@@ -722,19 +808,25 @@ def verify(file: Path | None, policy: str | None, all_policies: bool, params: tu
 # --- layer 2: validate ------------------------------------------------------------------------------
 
 def parse_goals(items: tuple[str, ...]):
-    """`p99_wakeup_latency_us<=0.9`, `throughput>=0.97`."""
-    from .observe.profile import Goal
+    """`p99_wakeup_latency_us<=0.9`, `throughput>=0.97`: the form and the ratio (candidate/baseline,
+    > 0); whether a chosen workload measures the metric is checked before anything is queued
+    (candidates.check_layer2_request)."""
+    import re
+
+    from .models import Goal
 
     goals = []
     for item in items:
-        import re
-
-        m = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(<=|>=)\s*([0-9.]+)\s*", item)
+        m = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(<=|>=)\s*([0-9]*\.?[0-9]+)\s*", item)
         if not m:
-            raise click.BadParameter(f"{item!r}: expected METRIC<=RATIO or METRIC>=RATIO",
-                                     param_hint="--goal")
+            raise click.BadParameter(f"{item!r}: expected METRIC<=RATIO or METRIC>=RATIO, e.g. "
+                                     "messaging_time_s<=0.9", param_hint="--goal")
+        ratio = float(m[3])
+        if not 0 < ratio <= 100:
+            raise click.BadParameter(f"{item!r}: the ratio is candidate/baseline and must be above 0 "
+                                     "(0.9 = 10 % better for a lower-is-better metric)", param_hint="--goal")
         goals.append(Goal(metric=m[1], direction="lower" if m[2] == "<=" else "higher",
-                          target_ratio=float(m[3]), why="given on the command line"))
+                          target_ratio=ratio, why="given on the command line"))
     return goals
 
 
@@ -773,8 +865,8 @@ def render_layer2(out) -> None:
               help="e.g. p99_wakeup_latency_us<=0.9, throughput>=0.97 (repeatable)")
 @click.option("--workload", "workloads", multiple=True, help="run only these workloads (repeatable)")
 @click.option("--profile", "profile_id", help="the WorkloadProfile this is for (its goals apply)")
-@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds, at least")
-@click.option("--budget", type=float, default=None,
+@click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="interleaved A/B rounds, at least")
+@click.option("--budget", type=VALIDATION_BUDGET, default=None,
               help="seconds for the whole run: more rounds while a workload is undecided [default: 120]; "
                    "0 = exactly --rounds")
 @click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
@@ -811,7 +903,7 @@ def validate(file: Path | None, policy: str | None, report_id: str | None, param
               help="a scheduler source file (repeatable)")
 @click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO", help="for every candidate")
 @click.option("--workload", "workloads", multiple=True, help="run only these workloads (repeatable)")
-@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds")
+@click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="interleaved A/B rounds")
 @click.option("--budget-runs", type=click.IntRange(0), help="at most this many sandbox runs in all")
 @click.option("--budget-seconds", type=click.FloatRange(0), help="at most this many sandbox seconds")
 @click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
@@ -860,7 +952,7 @@ def workloads_cmd(as_json: bool) -> None:
 
 
 @main.command("reports")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, show_default=True, type=COUNT)
 @json_option
 def reports_cmd(limit: int, as_json: bool) -> None:
     """Stored validation reports, newest first."""
@@ -926,7 +1018,8 @@ def primitives_cmd(as_json: bool) -> None:
                           + (f"\n[yellow]requires:[/yellow] {p.requires}" if p.requires else ""), knobs)
             console.print(t)
         console.print("class treatments: " + "; ".join(f"{k}: {v}" for k, v in c.class_treatments.items()))
-        console.print("example spec: " + json.dumps(c.spec_example))
+        # the spec exactly as `schedcp generate SPEC.json` takes it (copy it from here)
+        click.echo("example spec: " + c.spec_example.model_dump_json(exclude_none=True))
 
     emit(catalog(), as_json, render)
 
@@ -984,10 +1077,13 @@ def revise(base: str, patch_file, params: tuple[str, ...], show_source: bool, as
 
 
 def render_tune(t) -> None:
-    tab = Table("trial", "changed", "rounds", "speedup [95%]", "layer 2", "out",
-                title=f"{t.id}: {t.target} on {', '.join(t.workloads)}")
+    from .models import in_words, times
+
+    tab = Table("trial", "changed", "rounds", "vs default [95%]", "layer 2", "out",
+                title=f"{t.id}: {t.target} on {', '.join(t.workloads)} (vs default: > 1 = better)")
     for x in t.trials:
-        sp = (f"{x.speedup:.3f} [{x.speedup_low:.2f}, {x.speedup_high:.2f}]" if x.speedup else "-")
+        sp = (f"{in_words(x.speedup)} [{times(x.speedup_low)[:-1]}, {times(x.speedup_high)[:-1]}]"
+              if x.speedup else "-")
         gate = "pass" if x.passed else "FAIL " + escape((x.failure_reason or "").split(":")[0])
         tab.add_row(x.candidate_id, x.label, str(x.rounds), sp, gate,
                     "" if x.eliminated_at_rung is None else f"rung {x.eliminated_at_rung}")
@@ -1010,10 +1106,12 @@ def parse_space(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @click.argument("name", metavar="NAME|CANDIDATE")
 @click.option("--workload", "workloads", multiple=True, help="sandbox workloads to tune on (default hackbench)")
 @click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO", help="gates each trial is judged by")
-@click.option("--budget", "budget_rounds", default=12, show_default=True,
+@click.option("--budget", "budget_rounds", default=12, show_default=True, type=click.IntRange(2, 200),
               help="paired baseline/candidate rounds, all trials together")
-@click.option("--seconds", "budget_s", type=float, default=None, help="stop starting rungs after this long")
-@click.option("--configs", default=4, show_default=True, help="configurations in the first rung")
+@click.option("--seconds", "budget_s", type=click.FloatRange(0, 7200, min_open=True), default=None,
+              help="stop starting rungs after this long")
+@click.option("--configs", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="configurations in the first rung")
 @click.option("--space", multiple=True, metavar="NAME=V1,V2…", help="only try these values of a knob")
 @click.option("--seed", default=0, show_default=True)
 @background_option
@@ -1041,7 +1139,8 @@ def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_r
 @main.command()
 @click.argument("report_id")
 @click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
-@click.option("--ttl", default=3600, show_default=True, help="seconds until it expires")
+@click.option("--ttl", default=3600, show_default=True, type=int,
+              help="seconds until it expires (1 s .. 7 days; checked by deploy.tokens)")
 @json_option
 def token(report_id: str, target: str, ttl: int, as_json: bool) -> None:
     """Issue a fresh deployment token for a report that passed layers 1 and 2."""
@@ -1058,11 +1157,12 @@ def token(report_id: str, target: str, ttl: int, as_json: bool) -> None:
 @click.option("--metric-cmd", help="command printing a number, run in the target to watch the deploy")
 @click.option("--metric-direction", type=click.Choice(["lower", "higher"]), default="lower",
               show_default=True)
-@click.option("--max-degradation", type=float, default=None,
+@click.option("--max-degradation", type=click.FloatRange(1.0), default=None,
               help="roll back when the metric is this many times worse than the baseline... "
                    "(default: from the report's goals; 1.10 without goals)")
-@click.option("--consecutive", default=3, show_default=True, help="...for this many samples")
-@click.option("--interval", default=5.0, show_default=True, help="monitor sampling period, s")
+@click.option("--consecutive", default=3, show_default=True, type=COUNT, help="...for this many samples")
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="monitor sampling period, s")
 @click.option("--workload", help="background workload to keep running in the target")
 @json_option
 def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metric_direction: str,
@@ -1133,7 +1233,7 @@ def rollback(deployment_id: str | None, target: str, reason: str, as_json: bool)
 
 
 @main.command()
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, type=COUNT)
 @json_option
 def audit(limit: int, as_json: bool) -> None:
     """The audit log: tokens issued, deploys, rollbacks, refusals."""
@@ -1164,10 +1264,13 @@ def feedback(subject_id: str, as_json: bool) -> None:
         console.print(escape(f.summary))
         if f.exit:
             console.print(f"scheduler exit: {escape(f.exit.describe())}")
-        t = Table("metric", "baseline", "candidate", "ratio", "target", "met")
+        t = Table("metric", "baseline", "candidate", "vs default (> 1 = better)", "bound (cand/base)", "met",
+                  title="each metric against the default scheduler")
         for m in f.metrics:
-            t.add_row(m.metric, f"{m.baseline:.4g}", f"{m.candidate:.4g}", f"{m.ratio:.3f}",
-                      str(m.target_ratio), str(m.met))
+            met = "-" if m.met is None else "[green]yes[/green]" if m.met else "[red]no[/red]"
+            t.add_row(m.metric, f"{m.baseline:.4g}", f"{m.candidate:.4g}", m.words,
+                      "-" if m.target_ratio is None else f"{'<=' if m.direction == 'lower' else '>='} "
+                      f"{m.target_ratio:g}", met)
         console.print(t)
 
     emit(get_feedback(subject_id), as_json, render)
@@ -1196,12 +1299,13 @@ def contribute(report_id: str, name: str, description: str, tags: tuple[str, ...
               help="e.g. messaging_time_s<=0.9 (default: the profile's goals the workloads measure)")
 @click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True,
               help="host: stop before deploying and print the human's `schedcp deploy` command")
-@click.option("--budget", "budget_s", default=600.0, show_default=True,
+@click.option("--budget", "budget_s", default=600.0, show_default=True, type=click.FloatRange(0, 86400, min_open=True),
               help="seconds for the loop; each validation gets its share (more A/B rounds while "
                    "undecided)")
-@click.option("--rounds", default=3, show_default=True, help="interleaved A/B rounds per candidate")
-@click.option("--max-candidates", default=3, show_default=True)
-@click.option("--watch", "watch_s", default=20.0, show_default=True,
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 10),
+              help="interleaved A/B rounds per candidate")
+@click.option("--max-candidates", default=3, show_default=True, type=click.IntRange(1, 10))
+@click.option("--watch", "watch_s", default=20.0, show_default=True, type=click.FloatRange(0, 3600),
               help="seconds the deployment monitor runs before learning")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="where report.json and "
               "chart.png go (default: $SCHEDCP_HOME/optimize/<plan id>)")
@@ -1214,12 +1318,19 @@ def optimize(workloads: tuple[str, ...], goals: tuple[str, ...], target: str, bu
     only its agent's tools. `schedcp optimize --workload hackbench` or `schedcp optimize -- CMD…`.
     Exit 0 when a candidate passed and was deployed (or, --target host, is ready for a human), 1 when
     nothing beat the default scheduler."""
+    from .candidates import check_goal_ratio, check_layer2_request
+
+    parsed_goals = parse_goals(goals)  # the checks that need no server and no VM, first (fast)
+    if not cmd:
+        check_layer2_request(parsed_goals, list(workloads) or None, rounds, None)
+    for g in parsed_goals:
+        check_goal_ratio(g)
     import anyio
 
     from . import optimize as opt
 
     req = opt.OptimizeRequest(workloads=list(workloads), command=list(cmd) or None,
-                              goals=parse_goals(goals), target=target, budget_s=budget_s,
+                              goals=parsed_goals, target=target, budget_s=budget_s,
                               rounds=rounds, max_candidates=max_candidates, watch_s=watch_s,
                               out_dir=out_dir)
     with progress_bar("optimize", not as_json) as bar:
@@ -1273,6 +1384,8 @@ def agents_install(scope: str, directory: Path | None, force: bool, as_json: boo
     emit(r, as_json, lambda r: console.print(
         f"installed into {r.directory}: {len(r.written)} written, {len(r.unchanged)} unchanged\n"
         f"MCP server: {r.mcp}"))
+    for w in r.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(w)}")
 
 
 @main.group()
@@ -1330,7 +1443,8 @@ def bench_job(job, label: str, background: bool, as_json: bool, answer=None) -> 
 
 
 @bench.command("synth")
-@click.option("--workers", default=2, show_default=True, help="compile threads sharing the one VM")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 16),
+              help="compile threads sharing the one VM")
 @background_option
 @deadline_option
 @json_option
@@ -1346,7 +1460,7 @@ def bench_synth(workers: int, background: bool, deadline: float | None, as_json:
 @bench.command("jobs")
 @click.option("--workers", "sizes", multiple=True, type=int, default=(2, 8), show_default=True,
               help="pool sizes to measure (repeatable)")
-@click.option("--jobs", "n", default=2000, show_default=True, help="trivial jobs per pool size")
+@click.option("--jobs", "n", default=2000, show_default=True, type=COUNT, help="trivial jobs per pool size")
 @click.option("--vm-noise", is_flag=True, help="instead: A/A noise in a sandbox VM alone vs beside a busy "
               "second VM (what decides the default pool size; needs a quiet machine, ~2 min)")
 @click.option("--campaign", "campaign_", is_flag=True, help="instead: wall time of a 6-candidate validation "
@@ -1410,8 +1524,8 @@ def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, 
 
 
 @bench.command("policies")
-@click.option("--rounds", default=3, show_default=True, help="paired rounds per policy, at least")
-@click.option("--budget", type=float, default=None, help="seconds per validation [default: 120]")
+@click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="paired rounds per policy, at least")
+@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 120]")
 @click.option("--policy", "names", multiple=True, help="only these (repository names or kernel:scx_simple)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option("--no-cache", is_flag=True, help="validate again even if an identical validation has a result")
@@ -1430,8 +1544,8 @@ def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], ou
 
 
 @bench.command("aa")
-@click.option("--rounds", default=15, show_default=True, help="paired rounds (at 10, an interval of a ~0.1-sd figure wanders ±3 % around 1 by itself)")
-@click.option("--budget", type=float, default=0.0, show_default=True,
+@click.option("--rounds", default=15, show_default=True, type=ROUNDS, help="paired rounds (at 10, an interval of a ~0.1-sd figure wanders ±3 % around 1 by itself)")
+@click.option("--budget", type=VALIDATION_BUDGET, default=0.0, show_default=True,
               help="seconds: more rounds while a workload is undecided; 0 = exactly --rounds")
 @click.option("--workload", "workloads", multiple=True, help="only these workloads (repeatable)")
 @background_option
@@ -1450,9 +1564,10 @@ def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], back
 
 @bench.command("stability")
 @click.option("--policy", "policy", required=True, help="a repository policy (or kernel:scx_simple)")
-@click.option("--runs", default=3, show_default=True, help="fresh VM boots, one validation each")
-@click.option("--rounds", default=3, show_default=True, help="paired rounds per run, at least")
-@click.option("--budget", type=float, default=None, help="seconds per validation [default: 120]")
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 20),
+              help="fresh VM boots, one validation each")
+@click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="paired rounds per run, at least")
+@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 120]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write stability-<policy>.md/json here")
 @background_option
 @deadline_option

@@ -10,6 +10,27 @@ from pathlib import Path
 from .errors import InfrastructureError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: the data a wheel ships inside the package (pyproject: [tool.setuptools.package-dir] maps the
+#: checkout's policies/, templates/, agents/ and the generated .claude/ to schedcp_mcp/bundled/...)
+BUNDLED = {"policies": "policies", "templates": "templates", "agents": "agents", ".claude": "claude"}
+
+
+def in_checkout() -> bool:
+    """Running from a source checkout (a clone, an editable install), not an installed wheel."""
+    return (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "schedcp_mcp").is_dir()
+
+
+def resource_dir(name: str) -> Path:
+    """`policies`, `templates`, `agents` or `.claude` (the generated subagents): the checkout's
+    directory, or in an installed wheel the copy shipped as package data (found with
+    importlib.resources; a plain directory in a normal, unzipped install)."""
+    if name not in BUNDLED:
+        raise ValueError(name)
+    if in_checkout():
+        return PROJECT_ROOT / name
+    from importlib.resources import files
+
+    return Path(str(files("schedcp_mcp") / "bundled" / BUNDLED[name]))
 
 
 def home() -> Path:
@@ -75,10 +96,25 @@ def sandbox_dir() -> Path:
 
 
 def policies_dir() -> Path:
-    """The policy repository: `policies/` of the checkout, or $SCHEDCP_POLICIES."""
-    return Path(os.environ.get("SCHEDCP_POLICIES") or PROJECT_ROOT / "policies")
+    """The policy repository (it grows: contributed policies are written here): $SCHEDCP_POLICIES,
+    else `policies/` of the checkout, else — an installed wheel, whose package must stay read-only —
+    `$SCHEDCP_HOME/policies`, seeded from the policies the wheel ships (a shipped policy missing
+    there is copied in; one already there is kept as it is)."""
+    if os.environ.get("SCHEDCP_POLICIES"):
+        return Path(os.environ["SCHEDCP_POLICIES"])
+    if in_checkout():
+        return PROJECT_ROOT / "policies"
+    import shutil
+
+    mine = home() / "policies"
+    mine.mkdir(exist_ok=True)
+    shipped = resource_dir("policies")
+    for d in shipped.iterdir():
+        if d.is_dir() and not (mine / d.name).exists():
+            shutil.copytree(d, mine / d.name)
+    return mine
 
 
 def templates_dir() -> Path:
-    """jinja2 templates of generated schedulers (`templates/` of the checkout)."""
-    return PROJECT_ROOT / "templates"
+    """jinja2 templates of generated schedulers (`templates/` of the checkout or the wheel)."""
+    return resource_dir("templates")

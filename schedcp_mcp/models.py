@@ -24,14 +24,59 @@ class Goal(BaseModel):
     why: str = ""
 
 
+# --- one convention for every figure against the default scheduler ------------------------------
+#
+# Stored figures keep what was measured (`ratio` = candidate / baseline). Everything shown to a
+# person or an agent uses ONE direction: "vs default", how many times better the candidate is,
+# > 1 better and < 1 worse whatever the metric's direction (a time: baseline/candidate; a rate:
+# candidate/baseline), and says it in words: "better by 1.40x", "worse by 3.20x".
+
+def vs_default(ratio: float | None, direction: str) -> float | None:
+    """candidate/baseline -> how many times better than the default scheduler (> 1 = better)."""
+    if ratio is None or ratio != ratio:
+        return None
+    if direction == "lower":
+        return float("inf") if ratio <= 0 else 1.0 / ratio
+    return ratio
+
+
+def times(x: float) -> str:
+    """A factor for reading: 1.40x, 13.2x, 1010x; tiny ones with their significant digits."""
+    if x == float("inf"):
+        return "inf"
+    if x >= 100:
+        return f"{x:.0f}x"
+    return f"{x:.2f}x" if 0.01 <= x < 10 else f"{x:.1f}x" if x >= 10 else f"{x:.2g}x"
+
+
+def in_words(speedup: float | None, same_within: float = 0.005) -> str:
+    """`better by 1.40x` / `worse by 3.20x` / `same (1.00x)` for a vs-default factor."""
+    if speedup is None or speedup != speedup or speedup < 0:
+        return "n/a"
+    if speedup == 0:
+        return "worse by inf"
+    if abs(speedup - 1) <= same_within:
+        return "same (1.00x)"
+    return f"better by {times(speedup)}" if speedup > 1 else f"worse by {times(1 / speedup)}"
+
+
 class MetricResult(BaseModel):
     metric: str
     direction: Direction
     baseline: float
     candidate: float
     ratio: float = Field(description="candidate / baseline")
-    target_ratio: float | None = None
+    target_ratio: float | None = Field(None, description="the bound on `ratio` (candidate / baseline)")
     met: bool | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        """vs default: > 1 = better than the default scheduler, whatever the direction."""
+        return vs_default(self.ratio, self.direction)
+
+    @property
+    def words(self) -> str:
+        return in_words(self.speedup)
 
 
 # --- a scheduler in a kernel ---------------------------------------------------------------------
@@ -74,6 +119,9 @@ class SchedulerExit(BaseModel):
     message: str = Field("", description="the scheduler's own message (UEI msg)")
     kernel_line: str = Field("", description="the kernel log's 'sched_ext: BPF scheduler ... "
                              "disabled (...)' line")
+    kernel_message: str = Field("", description="the kernel's lines after that one: for "
+                                "scx_bpf_error() the scheduler's message and the backtrace (read from "
+                                "the kernel log: also there when the scheduler recorded no exit info)")
 
     @property
     def is_error(self) -> bool:
@@ -87,6 +135,8 @@ class SchedulerExit(BaseModel):
             parts.append(f"message: {self.message}")
         if self.kernel_line:
             parts.append(f"kernel: {self.kernel_line}")
+        if self.kernel_message:
+            parts.append("kernel message: " + " | ".join(self.kernel_message.splitlines()))
         return ", ".join(parts)
 
 

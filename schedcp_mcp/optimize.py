@@ -29,8 +29,11 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from pydantic import BaseModel, Field, PrivateAttr
 
 from . import agents, answers, config
+from .candidates import check_goal_ratio, check_layer2_request
 from .errors import BadInput, InfrastructureError, SchedcpError
-from .models import Goal
+from .models import Goal, in_words, times, vs_default
+from .validate.gates import GUARD_RESULTS
+from .validate.workloads import GUARDS
 
 Progress = Callable[[str, float], None]
 
@@ -93,7 +96,7 @@ class Stage:
         if tool not in self.allowed:
             raise StageRefused(
                 f"the {self.role} stage may not call {tool!r}: its agent definition "
-                f"({agents.agent_path(self.role).relative_to(config.PROJECT_ROOT)}) does not list it",
+                f"({agents.agent_path(self.role)}) does not list it",
                 "allowed: " + ", ".join(sorted(self.allowed)))
         self.calls.append(tool)
 
@@ -135,12 +138,21 @@ class WorkloadFigure(BaseModel):
     ratio_high: float | None = None
     noise: float | None
     verdict: str
+    guard: bool = Field(False, description="a guard workload (the rest of the machine), not the target")
+
+    @property
+    def speedup(self) -> float | None:
+        """vs default: > 1 = better, whatever the metric's direction (models.vs_default)."""
+        return vs_default(self.ratio, self.direction) if self.ratio else None
 
     @property
     def interval(self) -> str:
+        """The vs-default interval (> 1 = better)."""
         if self.ratio_low is None or self.ratio_high is None:
             return f"±{self.noise:.0%}" if self.noise else "-"
-        return f"[{self.ratio_low:.2f}, {self.ratio_high:.2f}]"
+        a, b = vs_default(self.ratio_low, self.direction), vs_default(self.ratio_high, self.direction)
+        lo, hi = min(a, b), max(a, b)
+        return f"[{times(lo)[:-1]}, {times(hi)[:-1]}]"
 
 
 class CandidateResult(BaseModel):
@@ -160,6 +172,8 @@ class CandidateResult(BaseModel):
     warnings: list[str] = []
     error: str | None = None
     job_id: str | None = Field(None, description="its validate job in the campaign")
+    harmed_guards: list[str] = Field([], description="guard workloads it made worse (or could not show "
+                                     "unharmed): never deployed system-wide")
 
 
 class OptimizeReport(BaseModel):
@@ -357,15 +371,27 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
     rep.goals = [Goal(**g) for g in p["goals"]]
 
 
-def figures(layer2: dict | None) -> list[WorkloadFigure]:
+def figures(layer2: dict | None, targets: list[str] = ()) -> list[WorkloadFigure]:
+    """The A/B figures of a report; a workload that is not a target is marked as a guard."""
     out = []
     for w in (layer2 or {}).get("workloads", []):  # answers.layer2_brief
         out.append(WorkloadFigure(workload=w["name"], metric=w["metric"], unit=w["unit"],
                                   direction=w["direction"], baseline=w.get("baseline"),
                                   candidate=w.get("candidate"), ratio=w.get("ratio"),
                                   ratio_low=w.get("ratio_low"), ratio_high=w.get("ratio_high"),
-                                  noise=w.get("noise"), verdict=w["verdict"]))
+                                  noise=w.get("noise"), verdict=w["verdict"],
+                                  guard=w["name"] in GUARD_RESULTS and w["name"].removesuffix("_tail") not in targets))
     return out
+
+
+def harmed(figs: list[WorkloadFigure]) -> list[str]:
+    """Guard workloads not shown to be unharmed (worse beyond the margin, undecided, or not measured)."""
+    return [f.workload for f in figs if f.guard and f.verdict in ("worse", "undecided", "failed")]
+
+
+def with_guards(workloads: list[str]) -> list[str]:
+    """The target workloads and, after them, every guard workload not among them."""
+    return [*workloads, *(g for g in GUARDS if g not in workloads)]
 
 
 def goal_score(figs: list[WorkloadFigure], goals: list[Goal], measures: dict[str, set[str]],
@@ -375,7 +401,7 @@ def goal_score(figs: list[WorkloadFigure], goals: list[Goal], measures: dict[str
     `worst`: at the least favourable end of each ratio's confidence interval (the median ratio
     where there is no interval) — what the candidate achieves at worst, as far as the A/B rounds
     can tell."""
-    usable = [f for f in figs if f.ratio and f.ratio > 0]
+    usable = [f for f in figs if f.ratio and f.ratio > 0 and not f.guard]
     chosen = [f for f in usable if any(g.metric in measures.get(f.workload, ()) for g in goals)] \
         or usable
     if not chosen:
@@ -402,7 +428,7 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
     plan's profile and goals), then each report's A/B figures, and the winner's token."""
     p = await st.call("get_plan", {"plan_id": rep.plan_id})
     n = len(p["candidates"])
-    _, per = candidate_budget(req, len(p["workloads"]))
+    _, per = candidate_budget(req, len(with_guards(p["workloads"])))
     # what is left for the sandbox: each validation gets its share (the sandbox adds paired rounds
     # within it while a workload's interval still straddles its threshold), and the campaign starts
     # no node once its children have used it all (validations slower than estimated)
@@ -420,7 +446,7 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
             spec["params"] = c["params"]
         specs.append(spec)
     args: dict[str, Any] = {
-        "candidates": specs, "workloads": p["workloads"], "profile_id": p["profile_id"],
+        "candidates": specs, "workloads": with_guards(p["workloads"]), "profile_id": p["profile_id"],
         "rounds": req.rounds, "budget_s": round(sandbox_s), "budget_sandbox_s": round(max(per, left)),
         "goals": [{"metric": g["metric"], "direction": g["direction"],
                    "target_ratio": g["target_ratio"] if g["target_ratio"] is not None else 1.0}
@@ -441,7 +467,8 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
             continue
         r = await st.call("get_report", {"report_id": v["report_id"]})
         res.job_id, res.report_id, res.passed, res.status = v["id"], r["id"], r["passed"], r["status"]
-        res.figures = figures(r.get("layer2"))
+        res.figures = figures(r.get("layer2"), rep.workloads)
+        res.harmed_guards = harmed(res.figures)
         res.warnings = (r.get("layer2") or {}).get("warnings", [])
         res.score = goal_score(res.figures, rep.goals, rep._measures)
         res.worst = goal_score(res.figures, rep.goals, rep._measures, worst=True)
@@ -456,17 +483,21 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
     passed = [c for c in rep.candidates if c.passed]
     if not passed:
         rep.why = ("no candidate passed the sandbox's gates, so the default scheduler stays "
-                   "(a valid outcome): " + "; ".join(f"{c.label}: {c.error or c.status}"
-                                                       for c in rep.candidates))
+                   "(a valid outcome): " + "; ".join(
+                       f"{c.label}: " + (f"harmed the guard workload(s) {', '.join(c.harmed_guards)}, so it "
+                                         "is not deployed system-wide; " if c.harmed_guards else "")
+                       + (c.error or c.status) for c in rep.candidates))
         return
     win = next(c for c in passed if c.report_id == rep.winner)
     others = [c for c in passed if c is not win]
-    figs = ", ".join(f"{f.metric} {f.ratio:.2f}x baseline ({f.verdict}, interval {f.interval})"
+    figs = ", ".join(f"{f.metric} {in_words(f.speedup)} than the default ({f.verdict}, interval {f.interval})"
                      for f in win.figures if f.ratio)
-    rep.why = (f"{win.label} passed every gate and has the best worst case: mean log-ratio "
-               f"{win.worst:+.3f} at the unfavourable end of its intervals ({win.score:+.3f} at the "
-               f"median; negative = better than the default): {figs}"
-               + (f"; beat {', '.join(f'{o.label} ({o.worst:+.3f})' for o in others)}" if others else "")
+    # scores are mean log(candidate/baseline) (lower = better, what ranks); shown the one way:
+    # log vs default, > 0 = better
+    rep.why = (f"{win.label} passed every gate and has the best worst case: mean log vs default "
+               f"{-win.worst:+.3f} at the unfavourable end of its intervals ({-win.score:+.3f} at the "
+               f"median; > 0 = better than the default): {figs}"
+               + (f"; beat {', '.join(f'{o.label} ({-o.worst:+.3f})' for o in others)}" if others else "")
                + ".")
     if req.target == "host":
         rep.host_command = (f'schedcp deploy --token "$(schedcp token {win.report_id} --target host)"'
@@ -553,6 +584,12 @@ async def run(req: OptimizeRequest, progress: Progress | None = None) -> Optimiz
     if req.command is not None and req.workloads:
         raise BadInput("give sandbox workloads or a host command, not both",
                        "schedcp optimize --workload hackbench, or schedcp optimize -- CMD …")
+    # every check that needs no VM, before the server starts (a host command's workloads are
+    # matched later: only its goals' ratios can be checked now)
+    if req.command is None:
+        check_layer2_request(req.goals, req.workloads or None, req.rounds, None)
+    for g in req.goals:
+        check_goal_ratio(g)
     allowed = {role: agents.allowlist(role) for role in agents.ROLES}
     rep = OptimizeReport(started_at=time.time(), request=req)
     t0 = time.monotonic()
@@ -621,13 +658,21 @@ def write_outputs(rep: OptimizeReport) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rep.json_path = str(out / "report.json")
     rep.chart_path = str(out / "chart.png") if any(c.figures for c in rep.candidates) else None
+    if rep.chart_path and not has_matplotlib():
+        rep.chart_path = None  # the chart is optional: `pip install 'schedcp[charts]'`
     if rep.chart_path:
         chart(rep, Path(rep.chart_path))
     Path(rep.json_path).write_text(rep.model_dump_json(indent=2) + "\n")
 
 
+def has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def chart(rep: OptimizeReport, path: Path) -> None:
-    """Each candidate's cost relative to the default scheduler per workload (<1 = better)."""
+    """Each candidate vs the default scheduler per workload (> 1 = better, the one convention)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -644,19 +689,21 @@ def chart(rep: OptimizeReport, path: Path) -> None:
             if f is None or not f.ratio:
                 continue
             xs.append(i + j * width)
-            ys.append(f.ratio if f.direction == "lower" else 1 / f.ratio)
+            ys.append(f.speedup)
             colors.append("tab:green" if c.report_id == rep.winner else
                           ("tab:blue" if c.passed else "tab:gray"))
         bars = ax.bar(xs, ys, width, color=colors, label=wl)
+        guard = any(f.guard for c in cands for f in c.figures if f.workload == wl)
         for b, y in zip(bars, ys):
-            ax.annotate(f"{wl}\n{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center",
-                        va="bottom", fontsize=7)
+            ax.annotate(f"{wl}{' (guard)' if guard else ''}\n{y:.2f}", (b.get_x() + b.get_width() / 2, y),
+                        ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
     ax.set_xticks([i + width * (len(wls) - 1) / 2 for i in range(len(cands))])
     ax.set_xticklabels([c.label + ("\n(winner)" if c.report_id == rep.winner else
-                                   "\n(passed)" if c.passed else "\n(failed)") for c in cands],
+                                   "\n(passed)" if c.passed else
+                                   "\n(harms a guard)" if c.harmed_guards else "\n(failed)") for c in cands],
                        fontsize=8)
-    ax.set_ylabel("cost vs default scheduler\n(candidate/baseline; < 1 is better)")
+    ax.set_ylabel("vs default scheduler\n(> 1 is better)")
     ax.set_title(f"schedcp optimize {', '.join(rep.workloads)} — same-boot A/B medians", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -677,9 +724,9 @@ def render(rep: OptimizeReport, console) -> None:
                                           f"{g.target_ratio}x" for g in rep.goals))
     console.print(f"[bold]planning[/bold]: plan {rep.plan_id}, strategy {rep.strategy}: "
                   f"{escape(rep.rationale)}")
-    t = Table("candidate", "report", "workload", "baseline", "candidate", "ratio", "95% interval",
+    t = Table("candidate", "report", "workload", "baseline", "candidate", "vs default", "95% interval",
               "verdict", "result", title="execution: sandbox A/B against the default scheduler "
-                                           "(same boot; ratio = candidate/baseline)")
+                                           "(same boot; vs default: > 1 = better)")
     for c in rep.candidates:
         result = ("[green]WINNER[/green]" if c.report_id and c.report_id == rep.winner else
                   "passed" if c.passed else "[red]skipped[/red]" if c.error and not c.report_id
@@ -688,15 +735,19 @@ def render(rep: OptimizeReport, console) -> None:
             t.add_row(escape(c.label), c.report_id or "-", "-", "-", "-", "-", "-", "-", result)
         for k, f in enumerate(c.figures):
             t.add_row(escape(c.label) if k == 0 else "", (c.report_id or "-") if k == 0 else "",
-                      f.workload, f"{f.baseline:.4g} {f.unit}" if f.baseline is not None else "-",
+                      f.workload + (" (guard)" if f.guard else ""),
+                      f"{f.baseline:.4g} {f.unit}" if f.baseline is not None else "-",
                       f"{f.candidate:.4g}" if f.candidate is not None else "-",
-                      f"{f.ratio:.3f}" if f.ratio else "-", f.interval,
+                      in_words(f.speedup) if f.ratio else "-", f.interval,
                       f.verdict, result if k == 0 else "")
     console.print(t)
     if rep.campaign_id:
         console.print(f"  validated as one campaign of supervised jobs: {rep.campaign_id} "
                       f"({rep.campaign_seconds:.0f} s; `schedcp jobs show {rep.campaign_id}`)")
     for c in rep.candidates:
+        if c.harmed_guards:
+            console.print(f"  [red]{escape(c.label)}[/red] harmed the guard workload(s) "
+                          f"{escape(', '.join(c.harmed_guards))}: not deployable system-wide")
         if not c.passed:
             console.print(f"  [red]{escape(c.label)}[/red]: {escape(c.error or c.status)}")
     colour = "green" if rep.exit_code == 0 else "yellow"

@@ -115,6 +115,15 @@ MIGRATIONS: list[str] = [
         stopped_at REAL
     );
     """,
+    # 2: what a worker pool can run (a CLI command's pool runs only its own job's tree), whether it
+    # is draining (stopped claiming, finishing what it holds), and why it ended
+    """
+    ALTER TABLE workers ADD COLUMN scope TEXT;          -- NULL: any job; else this job and its children
+    ALTER TABLE workers ADD COLUMN kinds TEXT;          -- JSON list of kinds it runs; NULL: all
+    ALTER TABLE workers ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE workers ADD COLUMN end_reason TEXT;     -- stopped, process gone
+    ALTER TABLE jobs ADD COLUMN waiter TEXT;            -- host:pid:start of the command waiting for it
+    """,
 ]
 
 M = TypeVar("M", bound=BaseModel)

@@ -124,3 +124,26 @@ def test_install_refuses_a_different_schedcp_server_without_force(tmp_path):
     with pytest.raises(BadInput, match="different 'schedcp' server"):
         agents.install("project", tmp_path)
     assert not (tmp_path / ".claude").exists()
+
+
+def test_install_says_when_a_configured_server_shadows_the_plugins(tmp_path):
+    """Claude Code 2.1 with the plugin enabled and `claude mcp add schedcp -- schedcp serve` (local
+    scope) listed only the local server: the plugin's was skipped (checked with the real CLI)."""
+    import json as _json
+
+    from schedcp_mcp import agents as ag
+
+    home, proj = tmp_path / "home", tmp_path / "proj"
+    (home / ".claude").mkdir(parents=True)
+    proj.mkdir()
+    assert ag.plugin_shadowed(proj, home) == []  # no plugin: nothing to say
+    (home / ".claude" / "settings.json").write_text(_json.dumps({"enabledPlugins": {"schedcp@schedcp": True}}))
+    assert ag.plugin_shadowed(proj, home) == []  # the plugin alone: fine
+    (home / ".claude.json").write_text(_json.dumps({"projects": {str(proj): {"mcpServers": {
+        "schedcp": {"type": "stdio", "command": "schedcp", "args": ["serve"]}}}}}))
+    (where,) = ag.plugin_shadowed(proj / "sub", home)
+    assert "local scope" in where and "claude mcp remove schedcp -s local" in where
+    (proj / ".mcp.json").write_text(_json.dumps({"mcpServers": {"schedcp": {}}}))
+    assert any("project scope" in w for w in ag.plugin_shadowed(proj, home))
+    (warning,) = ag.shadow_warning(ag.plugin_shadowed(proj, home))
+    assert "skips the plugin's server" in warning

@@ -221,3 +221,34 @@ def test_a_scheduler_error_after_deploy_is_rolled_back_in_the_schedulers_own_wor
         assert words in ev["feedback"]["rollback_reason"] and ev["feedback"]["exit"]["kind"] == "error"
     finally:
         rx.close()
+
+
+@pytest.fixture(scope="module")
+def error_silent_report(home):
+    r = candidates.validate(source=(FIXTURES / "error_silent.bpf.c").read_text(),
+                            params={"error_after_s": str(SILENT_AFTER_S)}, workloads=["hackbench"],
+                            rounds=3, budget_s=0, goals=LENIENT).report
+    assert r.passed, r.status
+    return r
+
+
+#: issue #24's case: 40 s into its deployment
+SILENT_AFTER_S = 40
+
+
+def test_a_scheduler_error_without_an_exit_callback_is_rolled_back_with_the_kernels_message(
+        error_silent_report, home):
+    """Issue 24: no exit callback, so no UEI: the rollback reason still carries the scheduler's message
+    and the backtrace, from the kernel's lines after `disabled (scx_bpf_error)`."""
+    words = f"schedcp test: deliberate error after {SILENT_AFTER_S} s"
+    mon = deployments.MonitorPolicy(metric_cmd="echo 1", interval_s=1, consecutive=3)
+    d = deployments.deploy(tokens.issue(error_silent_report.id).token, "sandbox", monitor=mon)
+    done = wait_for(lambda: (x := deployments.get_deployment(d.id)).status != "active" and x,
+                    SILENT_AFTER_S + 120, "the monitor to notice the scheduler's error")
+    assert done.status == "rolled_back", done.end_reason
+    assert done.exit.kind == "error" and done.exit.message == "", done.exit  # no UEI recorded
+    assert 'BPF scheduler "error_silent" disabled (scx_bpf_error)' in done.end_reason
+    said = done.exit.kernel_message.splitlines()  # the kernel prefixes the source line: "x.bpf.c:36: …"
+    assert said[0].startswith("sched_ext: error_silent: ") and said[0].endswith(words), said
+    assert words in done.end_reason and any("scx_bpf_error" in ln for ln in said[1:]), done.end_reason  # backtrace
+    assert not SandboxTarget().state().enabled

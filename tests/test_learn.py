@@ -119,3 +119,22 @@ def test_a_contributed_raw_source_keeps_the_values_it_was_validated_with():
     pol = Policy(name="c", summary="s", description="d", algorithm="a", parameters=params)
     assert pol.loader_params(None) == {"map:cpu_enqueues": "64", "slice_ns": "5000000", "boost": "1",
                          "nice_bias": "-3"}
+
+
+def test_a_metric_1010x_worse_is_not_met_and_is_said_so_in_words():
+    """Issue #24: feedback printed "met True" for a metric 1010x worse than the default."""
+    from schedcp_mcp.learn.feedback import apply_goals
+    from schedcp_mcp.models import Goal, MetricResult, in_words
+
+    worse = MetricResult(metric="wakeup_latency_us", direction="lower", baseline=20.0, candidate=20206.0,
+                         ratio=1010.3)
+    faster = MetricResult(metric="messaging_time_s", direction="lower", baseline=2.8, candidate=2.0,
+                          ratio=0.714)
+    (w, f) = apply_goals([worse, faster], [])  # no goals: no harm beyond the 10 % margin
+    assert w.met is False and w.target_ratio == 1.1 and w.words == "worse by 1010x"
+    assert f.met is True and f.words == "better by 1.40x"
+    (w, f) = apply_goals([worse, faster], [Goal(metric="messaging_time_s", direction="lower", target_ratio=0.9)])
+    assert w.met is None and f.met is True  # a metric no goal names is not judged
+    assert in_words(1.0) == "same (1.00x)" and in_words(0.3125) == "worse by 3.20x"
+    rate = MetricResult(metric="throughput", direction="higher", baseline=100, candidate=140, ratio=1.4)
+    assert rate.words == "better by 1.40x"

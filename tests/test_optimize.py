@@ -339,3 +339,22 @@ def test_optimize_a_host_command_through_the_cli_matches_it_and_says_why(policie
     tried = [c for c in rep["candidates"] if c["report_id"]]
     assert tried and {f["workload"] for f in tried[0]["figures"]} == set(rep["workloads"])
     assert rep["campaign_id"].startswith("job-") and "deploy" not in rep["calls"]["execution"]
+
+
+def test_optimize_always_measures_the_guard_set_and_names_a_guard_a_candidate_harmed():
+    from schedcp_mcp.optimize import figures, harmed, with_guards
+
+    assert with_guards(["hackbench"]) == ["hackbench", "wakeup", "pipe", "cpu"]
+    assert with_guards(["pipe", "wakeup"]) == ["pipe", "wakeup", "cpu"]
+    # fifo's figures on hackbench as a validation reports them (answers.layer2_brief): a win on its
+    # target, the wakeup probe and its tail ~200x worse, pipe and cpu the same
+    row = lambda name, ratio, verdict: {"name": name, "metric": f"{name}_m", "unit": "s", "direction": "lower",  # noqa: E731
+                                        "baseline": 1.0, "candidate": ratio, "ratio": ratio, "ratio_low": ratio * 0.9,
+                                        "ratio_high": ratio * 1.1, "noise": 0.1, "verdict": verdict}
+    l2 = {"workloads": [row("hackbench", 0.65, "better"), row("wakeup", 250.0, "worse"),
+                        row("wakeup_tail", 180.0, "worse"), row("pipe", 1.0, "same"), row("cpu", 1.0, "same")]}
+    figs = figures(l2, ["hackbench"])
+    assert [f.workload for f in figs if f.guard] == ["wakeup", "wakeup_tail", "pipe", "cpu"]
+    assert harmed(figs) == ["wakeup", "wakeup_tail"]
+    # when the wakeup probe is the target itself, it is judged by its goals, not as a guard
+    assert harmed(figures(l2, ["wakeup"])) == []

@@ -225,6 +225,15 @@ def test_reconfigure_refuses_out_of_range_and_unknown_parameters_before_any_buil
 
 # ---------------------------------------------------------------- CLI and MCP
 
+def test_cli_primitives_prints_the_catalog_and_an_example_spec_generate_accepts():
+    p = schedcp("primitives")
+    assert p.returncode == 0, p.stderr
+    assert "per_llc" in p.stdout and "Traceback" not in p.stderr
+    example = next(line for line in p.stdout.splitlines() if line.startswith("example spec: "))
+    spec = json.loads(example.removeprefix("example spec: "))
+    assert validate_spec(spec).name == spec["name"]  # what `schedcp generate` takes, as printed
+
+
 def test_cli_primitives_json_and_refusals_exit_2_with_json_errors(tmp_path):
     p = schedcp("primitives", "--json")
     assert p.returncode == 0, p.stderr

@@ -6,7 +6,7 @@ import json
 import sqlite3
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 State = Literal["pending", "running", "succeeded", "failed", "cancelled", "dead"]
 LaneName = Literal["urgent", "high", "normal", "low"]
@@ -53,6 +53,24 @@ class Job(BaseModel):
     def done(self) -> bool:
         return self.state in TERMINAL
 
+    @computed_field(description="what the work concluded, beside the job's state (a verify: "
+                    "accepted/rejected; a validation or campaign: passed/failed; an error: error)")
+    @property
+    def outcome(self) -> str | None:
+        return job_outcome(self)[0]
+
+    @computed_field(description="why, in words (the report's status, the failing gate, the error)")
+    @property
+    def outcome_reason(self) -> str | None:
+        return job_outcome(self)[1]
+
+    @computed_field(description="a validation's (or campaign's) verdict; None when the job has none")
+    @property
+    def passed(self) -> bool | None:
+        o = job_outcome(self)[0]
+        return {"passed": True, "accepted": True, "failed": False, "rejected": False}.get(o) \
+            if self.kind in ("validate", "campaign", "verify") else None
+
     @classmethod
     def from_row(cls, row: sqlite3.Row, deps: list[str] | None = None) -> "Job":
         d = dict(row)
@@ -62,6 +80,37 @@ class Job(BaseModel):
         d["result"] = json.loads(d["result"]) if d["result"] else None
         d["budget"] = Budget.model_validate_json(d["budget"]) if d["budget"] else None
         return cls(**d, deps=deps or [])
+
+
+def job_outcome(j: "Job") -> tuple[str | None, str | None]:
+    """A job's conclusion beside its state, as CI shows a run's conclusion beside its status: a
+    job can succeed (it ran to the end) and its candidate still be rejected or fail its gates."""
+    first = (j.error or "").split("\n")[0] or None
+    if j.state in ("failed", "dead"):
+        return "error", first
+    if j.state == "cancelled":
+        return "cancelled", first
+    if j.state != "succeeded":
+        return None, None
+    r = j.result or {}
+    if "reports" in r:  # verify of several policies
+        bad = [x for x in r["reports"] if x.get("verdict") != "accepted"]
+        return ("rejected", f"{len(bad)} of {len(r['reports'])} rejected: "
+                + "; ".join(f"{x.get('report_id')}: {x.get('status')}" for x in bad)) if bad else \
+            ("accepted", f"all {len(r['reports'])} accepted")
+    if "verdict" in r:
+        return ("accepted" if r["verdict"] == "accepted" else "rejected"), r.get("status")
+    if isinstance(r.get("passed"), bool):
+        return ("passed" if r["passed"] else "failed"), r.get("status")
+    if "children" in r:  # a campaign
+        kids = r["children"]
+        ok = [c for c in kids if c.get("state") == "succeeded" and c.get("passed") is not False]
+        bad = [c for c in kids if c not in ok]
+        why = "; ".join(f"{c.get('name')}: " + (c.get("error") or ("failed" if c.get("passed") is False
+                                                                   else c.get("state", "?"))).split("\n")[0]
+                        for c in bad)
+        return ("passed" if not bad else "failed"), f"{len(ok)} of {len(kids)} passed" + (f" ({why})" if why else "")
+    return "done", None
 
 
 class Attempt(BaseModel):
@@ -102,15 +151,19 @@ class JobView(BaseModel):
     message: str
     error: str | None
     report_id: str | None = Field(None, description="the validation report the job made, if any")
-    passed: bool | None = Field(None, description="a validate job's verdict")
+    passed: bool | None = Field(None, description="a validate/verify/campaign job's verdict")
+    outcome: str | None = Field(None, description="accepted/rejected, passed/failed, error, cancelled")
+    outcome_reason: str | None = None
     inputs_json: str
     result_json: str | None
 
     @classmethod
     def of(cls, j: Job) -> "JobView":
         r = j.result or {}
-        return cls(**{k: getattr(j, k) for k in cls.model_fields if hasattr(j, k)},
-                   report_id=r.get("report_id"), passed=r.get("passed"),
+        mine = {"report_id", "passed", "outcome", "outcome_reason"}
+        return cls(**{k: getattr(j, k) for k in cls.model_fields if hasattr(j, k) and k not in mine},
+                   report_id=r.get("report_id"), passed=j.passed, outcome=j.outcome,
+                   outcome_reason=j.outcome_reason,
                    inputs_json=json.dumps(j.inputs), result_json=json.dumps(j.result) if j.result else None)
 
 
@@ -133,5 +186,9 @@ class WorkerInfo(BaseModel):
     started_at: float
     heartbeat_at: float
     stopped_at: float | None = None
+    scope: str | None = Field(None, description="runs only this job and its children (a CLI command's "
+                                                "own pool); None: any job")
+    draining: bool = Field(False, description="stopped claiming; finishing the jobs it holds")
+    end_reason: str | None = Field(None, description="stopped, or process gone (it died)")
     alive: bool = True
     running: list[str] = []

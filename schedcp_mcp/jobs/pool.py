@@ -92,7 +92,7 @@ class Pool(Service):
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> "Pool":
-        self.id = queue.register_worker(self.engine, self.size)
+        self.id = queue.register_worker(self.engine, self.size, self.scope, self.kind_names)
         vmmod.reap_orphans()
         queue.reclaim(self.stale_s)
         queue._wakeups.append(self._wake)
@@ -102,13 +102,18 @@ class Pool(Service):
             self._threads.append(t)
         return self
 
-    def stop(self, wait_s: float = 10.0) -> None:
-        """Stop claiming; give running jobs `wait_s` to end, then cancel what is left locally (their
+    def stop(self, wait_s: float | None = 10.0) -> None:
+        """Stop claiming; give running jobs `wait_s` to end (None: as long as they take — a pool
+        never abandons a job it claimed unless told to), then cancel what is left locally (their
         jobs go back to the queue through the supervisor of whichever pool runs next)."""
         self._stop.set()
         self._wake.set()
-        deadline = time.monotonic() + wait_s
-        while self.active and time.monotonic() < deadline:
+        if self.id:
+            queue.drain_worker(self.id)
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while self.active and (deadline is None or time.monotonic() < deadline):
+            if deadline is None:  # the supervisor loop has stopped: heartbeat here while draining
+                self._drain_tick()
             time.sleep(0.05)
         with self._lock:
             left = list(self._running.values())
@@ -124,6 +129,15 @@ class Pool(Service):
             queue.stop_worker(self.id)
         if left:
             queue.reclaim(self.stale_s)  # our jobs: their worker is stopped now
+
+    def _drain_tick(self) -> None:
+        now = time.monotonic()
+        if now - getattr(self, "_last_drain_tick", 0.0) >= self.heartbeat_s:
+            self._last_drain_tick = now
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001
+                log.exception("supervisor tick failed")
 
     @property
     def active(self) -> int:
@@ -194,16 +208,50 @@ class Pool(Service):
 
 
 def run_to_end(job_id: str, progress: Callable[[str, float], None] | None = None,
-               timeout_s: float | None = None, cancel_on_interrupt: bool = True) -> Job:
-    """Wait for a job as a synchronous command does. When no pool is alive to run it (no `schedcp
-    worker`, no server), run one here for this job and its children only. Ctrl-C cancels the job
-    (unless the caller only follows a job it did not start)."""
+               timeout_s: float | None = None, cancel_on_interrupt: bool = True,
+               recheck_s: float = 1.0) -> Job:
+    """Wait for a job as a synchronous command does, making sure someone runs it: while it waits
+    (every `recheck_s`, not once) it asks the store whether a live pool can take what is left of the
+    job (queue.runner_for); when none can — no `schedcp worker`, no server, only other commands'
+    pools scoped to their own jobs, or the pool it counted on died or began to stop — it starts a
+    pool here for this job and its children. That pool finishes every job it claimed before the
+    command returns. Ctrl-C (or SIGTERM) cancels the job, unless the caller only follows a job it
+    did not start."""
+    import signal
+
+    pool: Pool | None = None
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        def on_term(*_):
+            raise KeyboardInterrupt
+        old_term = signal.signal(signal.SIGTERM, on_term)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    next_check = 0.0
+    interrupted = False
+
+    def check(job: Job) -> None:
+        nonlocal pool, next_check
+        if pool is not None or job.done or time.monotonic() < next_check:
+            return
+        next_check = time.monotonic() + recheck_s
+        if queue.runner_for(job_id) is None:
+            log.info("no pool can run %s: starting one here", job_id)
+            pool = Pool(scope=job_id).start()
+
     try:
-        if any(w.alive for w in queue.list_workers(0)):
-            return queue.wait(job_id, timeout_s, progress)
-        with Pool(scope=job_id):
-            return queue.wait(job_id, timeout_s, progress)
+        if cancel_on_interrupt:
+            queue.set_waiter(job_id)
+        return queue.wait(job_id, timeout_s, progress, on_poll=check)
     except KeyboardInterrupt:
+        interrupted = True
         if cancel_on_interrupt:
             queue.cancel(job_id, actor="interrupted caller")
         raise
+    finally:
+        if pool is not None:
+            # finish what it claimed (children included); when interrupted, what was cancelled
+            # stops at once and the rest goes back to the queue
+            left = None if deadline is None else max(1.0, deadline - time.monotonic())
+            pool.stop(wait_s=10.0 if interrupted else left)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)

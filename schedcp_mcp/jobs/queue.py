@@ -181,8 +181,10 @@ def dep_results(job: Job) -> dict[str, Any]:
 
 
 def wait(job_id: str, timeout_s: float | None = None,
-         on_progress: Callable[[str, float], None] | None = None, poll_s: float = 0.1) -> Job:
-    """Block until the job ends (or `timeout_s`), reporting its progress as it changes."""
+         on_progress: Callable[[str, float], None] | None = None, poll_s: float = 0.1,
+         on_poll: Callable[[Job], None] | None = None) -> Job:
+    """Block until the job ends (or `timeout_s`), reporting its progress as it changes;
+    `on_poll(job)` is called on every look (pool.run_to_end checks there that someone runs it)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     seen = None
     while True:
@@ -200,6 +202,8 @@ def wait(job_id: str, timeout_s: float | None = None,
             on_progress(job.message or job.state, job.progress)
         if job.done or (deadline is not None and time.monotonic() > deadline):
             return job
+        if on_poll:
+            on_poll(job)
         time.sleep(poll_s)
 
 
@@ -231,26 +235,39 @@ def result_or_raise(job: Job) -> dict[str, Any]:
 # --- workers -----------------------------------------------------------------------------------
 
 def _proc_start(pid: int) -> float:
+    """The start time of a running process; 0.0 when it is gone (a zombie, killed but not yet
+    reaped by its parent, is gone too)."""
     try:
-        return psutil.Process(pid).create_time()
+        p = psutil.Process(pid)
+        return 0.0 if p.status() == psutil.STATUS_ZOMBIE else p.create_time()
     except psutil.Error:
         return 0.0
 
 
-def register_worker(engine: str, size: int) -> str:
+def register_worker(engine: str, size: int, scope: str | None = None,
+                    kind_names: Iterable[str] | None = None) -> str:
     pid, now = os.getpid(), time.time()
     wid = f"{engine}:{HOST}:{pid}:{os.urandom(2).hex()}"
-    store.db().execute("INSERT INTO workers(id, engine, host, pid, pid_start, size, started_at, heartbeat_at)"
-                       " VALUES (?,?,?,?,?,?,?,?)", (wid, engine, HOST, pid, _proc_start(pid), size, now, now))
+    store.db().execute("INSERT INTO workers(id, engine, host, pid, pid_start, size, started_at, heartbeat_at, "
+                       "scope, kinds) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (wid, engine, HOST, pid, _proc_start(pid), size, now, now, scope,
+                        json.dumps(sorted(kind_names)) if kind_names is not None else None))
     return wid
 
 
+def drain_worker(worker_id: str) -> None:
+    """The pool stopped claiming: waiting commands must not count on it for new work."""
+    store.db().execute("UPDATE workers SET draining=1 WHERE id=?", (worker_id,))
+
+
 def stop_worker(worker_id: str) -> None:
-    store.db().execute("UPDATE workers SET stopped_at=? WHERE id=?", (time.time(), worker_id))
+    store.db().execute("UPDATE workers SET stopped_at=?, end_reason='stopped' WHERE id=? AND stopped_at IS NULL",
+                       (time.time(), worker_id))
 
 
 def _worker_alive(w) -> bool:
-    """Is the pool process that owns a job still there? Known for this host; others by heartbeat."""
+    """Is the pool process that owns a job still there? Known for this host (pid + its start time:
+    a reused pid is not it); others by heartbeat."""
     if w["stopped_at"]:
         return False
     if w["host"] != HOST:
@@ -259,8 +276,21 @@ def _worker_alive(w) -> bool:
     return start != 0.0 and abs(start - w["pid_start"]) < 1.0
 
 
+def bury_dead_workers(conn=None) -> list[str]:
+    """Mark the workers of this host whose process is gone as ended ('process gone') at once, so no
+    one counts on them (a killed `schedcp worker` or CLI command never says it stopped)."""
+    conn = conn or store.db()
+    dead = [w["id"] for w in conn.execute("SELECT * FROM workers WHERE stopped_at IS NULL AND host=?", (HOST,))
+            if not _worker_alive(w)]
+    if dead:
+        conn.executemany("UPDATE workers SET stopped_at=?, end_reason='process gone' WHERE id=? "
+                         "AND stopped_at IS NULL", [(time.time(), d) for d in dead])
+    return dead
+
+
 def list_workers(include_stopped_s: float = 600) -> list[WorkerInfo]:
     conn, now = store.db(), time.time()
+    bury_dead_workers(conn)
     out = []
     for w in conn.execute("SELECT * FROM workers WHERE stopped_at IS NULL OR stopped_at>? "
                           "ORDER BY started_at DESC", (now - include_stopped_s,)):
@@ -269,6 +299,51 @@ def list_workers(include_stopped_s: float = 600) -> list[WorkerInfo]:
         out.append(WorkerInfo(**{k: w[k] for k in WorkerInfo.model_fields if k in w.keys()},
                               alive=_worker_alive(w) and now - w["heartbeat_at"] < 30, running=running))
     return out
+
+
+def set_waiter(job_id: str) -> None:
+    """This process waits for the job and owns it (a synchronous command): if it dies while the job
+    is still to be done, the job is cancelled instead of retried for no one (see reclaim). A second
+    command that adopts the same job (its twin) takes it over."""
+    pid = os.getpid()
+    store.db().execute("UPDATE jobs SET waiter=? WHERE id=?", (f"{HOST}:{pid}:{_proc_start(pid)}", job_id))
+
+
+def _waiter_gone(waiter: str | None) -> bool:
+    if not waiter:
+        return False
+    host, pid, start = waiter.rsplit(":", 2)
+    if host != HOST:
+        return False
+    now_start = _proc_start(int(pid))
+    return now_start == 0.0 or abs(now_start - float(start)) >= 1.0
+
+
+def runner_for(job_id: str, stale_s: float = 30.0) -> str | None:
+    """Who will run what is left of this job (it and its unfinished children): the id of a live
+    pool that may claim its pending work — one that runs any job of those kinds, or one scoped to
+    this very job — or, when nothing is pending, of the live pool running it. None: nobody; a
+    command waiting for it must start a pool (see pool.run_to_end)."""
+    conn, now = store.db(), time.time()
+    bury_dead_workers(conn)
+    left = conn.execute(f"SELECT id, kind, state, worker FROM jobs WHERE (id=? OR parent=?) "
+                        f"AND state NOT IN {_TERMINAL_SQL}", (job_id, job_id)).fetchall()
+    if not left:
+        return "nobody needed"
+    live = [w for w in conn.execute("SELECT * FROM workers WHERE stopped_at IS NULL")
+            if _worker_alive(w) and now - w["heartbeat_at"] < stale_s]
+    by_id = {w["id"]: w for w in live}
+    needs = [r for r in left if r["state"] == "pending" or r["worker"] not in by_id]
+    if not needs:
+        return left[0]["worker"]
+    kinds_needed = {r["kind"] for r in needs}
+    for w in live:
+        if w["draining"]:
+            continue
+        takes = set(json.loads(w["kinds"])) if w["kinds"] else None
+        if (w["scope"] is None and (takes is None or kinds_needed <= takes)) or w["scope"] == job_id:
+            return w["id"]
+    return None
 
 
 def heartbeat(worker_id: str, job_ids: Iterable[str]) -> dict[str, tuple[str, int, str | None]]:
@@ -438,6 +513,7 @@ def reclaim(stale_s: float = 30.0) -> list[tuple[str, str]]:
     now = time.time()
     done = []
     with store.transaction() as conn:
+        bury_dead_workers(conn)
         rows = conn.execute("SELECT j.*, w.host w_host, w.pid w_pid, w.pid_start w_pid_start, "
                             "w.stopped_at w_stopped, w.heartbeat_at w_hb FROM jobs j LEFT JOIN workers w "
                             "ON w.id=j.worker WHERE j.state='running'").fetchall()
@@ -454,8 +530,17 @@ def reclaim(stale_s: float = 30.0) -> list[tuple[str, str]]:
                 done.append((r["id"], _retry_or_dead(conn, r, "timeout",
                                                      f"timed out after {r['timeout_s']:g} s", now)))
             elif (r["w_host"] is not None and not _worker_alive(w)) or now - hb > stale_s:
-                done.append((r["id"], _retry_or_dead(conn, r, "worker_lost",
-                                                     f"its worker {r['worker']} stopped", now)))
+                if _waiter_gone(r["waiter"]) and not r["parent"]:
+                    # the command that waited for it died with its pool: no one wants it any more
+                    why = f"its worker {r['worker']} and the command waiting for it ended"
+                    _close_attempt(conn, r["id"], r["attempts"], "worker_lost", why, now)
+                    conn.execute("UPDATE jobs SET elapsed_s=elapsed_s+? WHERE id=?",
+                                 (now - r["started_at"], r["id"]))
+                    _cancel_tree(conn, r["id"], now, why)
+                    done.append((r["id"], "cancelled"))
+                else:
+                    done.append((r["id"], _retry_or_dead(conn, r, "worker_lost",
+                                                         f"its worker {r['worker']} stopped", now)))
     if done:
         _wake_local()
     return done
@@ -468,20 +553,25 @@ def cancel(job_id: str, actor: str = "api") -> list[str]:
     now = time.time()
     with store.transaction() as conn:
         _get(conn, job_id)
-        tree = [r["id"] for r in conn.execute(
-            "WITH RECURSIVE t(id) AS (SELECT ? UNION SELECT j.id FROM jobs j JOIN t ON j.parent=t.id) "
-            f"SELECT jobs.id FROM jobs JOIN t ON t.id=jobs.id WHERE jobs.state NOT IN {_TERMINAL_SQL}",
-            (job_id,))]
-        for jid in tree:
-            r = conn.execute("SELECT state, attempts, started_at FROM jobs WHERE id=?", (jid,)).fetchone()
-            if r["state"] == "running":
-                _close_attempt(conn, jid, r["attempts"], "cancelled", f"cancelled by {actor}", now)
-                conn.execute("UPDATE jobs SET elapsed_s=elapsed_s+? WHERE id=?", (now - r["started_at"], jid))
-            _end(conn, jid, "cancelled", now, error=f"cancelled by {actor}")
+        tree = _cancel_tree(conn, job_id, now, f"cancelled by {actor}")
     if tree:
         from ..sandbox.vm import kill_job_vms
 
         kill_job_vms(tree)
         store.audit(actor, "cancel_job", {"job": job_id, "cancelled": tree})
     _wake_local()
+    return tree
+
+
+def _cancel_tree(conn, job_id: str, now: float, why: str) -> list[str]:
+    tree = [r["id"] for r in conn.execute(
+        "WITH RECURSIVE t(id) AS (SELECT ? UNION SELECT j.id FROM jobs j JOIN t ON j.parent=t.id) "
+        f"SELECT jobs.id FROM jobs JOIN t ON t.id=jobs.id WHERE jobs.state NOT IN {_TERMINAL_SQL}",
+        (job_id,))]
+    for jid in tree:
+        r = conn.execute("SELECT state, attempts, started_at FROM jobs WHERE id=?", (jid,)).fetchone()
+        if r["state"] == "running":
+            _close_attempt(conn, jid, r["attempts"], "cancelled", why, now)
+            conn.execute("UPDATE jobs SET elapsed_s=elapsed_s+? WHERE id=?", (now - r["started_at"], jid))
+        _end(conn, jid, "cancelled", now, error=why)
     return tree

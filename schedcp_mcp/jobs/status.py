@@ -111,11 +111,17 @@ def _chart(points: list[ValidationPoint]) -> str:
 
 
 def _outcome(j: JobView) -> str:
-    if j.error:
-        return j.error.split("\n")[0][:120]
-    if j.report_id:
-        return f"report {j.report_id}" + ("" if j.passed is None else " passed" if j.passed else " failed")
-    return ""
+    """The job's conclusion beside its state (accepted/rejected, passed/failed, error), coloured."""
+    if not j.outcome:
+        return "-"
+    good = j.outcome in ("accepted", "passed", "done")
+    return f'<span class="outcome outcome-{escape(j.outcome)} {"good" if good else "bad"}">{escape(j.outcome)}</span>'
+
+
+def _why(j: JobView) -> str:
+    """Why, whole (never cut): the report's status or the error, and the report id."""
+    why = j.outcome_reason or (j.error or "").split("\n")[0]
+    return " — ".join(x for x in (f"report {j.report_id}" if j.report_id else "", why) if x)
 
 
 def render_html(s: StatusState) -> str:
@@ -126,9 +132,9 @@ def render_html(s: StatusState) -> str:
     running = _table("running", ["job", "kind", "lane", "attempt", "progress", "message", "worker"], [
         [escape(j.id), escape(j.kind), j.lane, f"{j.attempts}/{j.max_attempts}", _bar(j.progress),
          escape(j.message), escape(j.worker or "")] for j in s.running], "nothing running")
-    recent = _table("recent", ["job", "kind", "state", "attempts", "finished", "result / error"], [
-        [escape(j.id), escape(j.kind), f'<span class="state-{j.state}">{j.state}</span>', str(j.attempts),
-         _t(j.finished_at), escape(_outcome(j))] for j in s.recent], "no finished jobs")
+    recent = _table("recent", ["job", "kind", "state", "outcome", "attempts", "finished", "why"], [
+        [escape(j.id), escape(j.kind), f'<span class="state-{j.state}">{j.state}</span>', _outcome(j),
+         str(j.attempts), _t(j.finished_at), escape(_why(j))] for j in s.recent], "no finished jobs")
     deps = _table("deployment", ["deployment", "target", "policy", "status", "since", "latest reading"], [
         [escape(d.id), escape(d.target), escape(d.policy or "(source)"), escape(d.status), _t(d.since),
          escape(f"{r.state} metric {r.metric} ({r.ratio}x) at {_t(r.at)}") if (r := d.last_reading) else "-"]
@@ -146,7 +152,8 @@ table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding
 th {{ background: #eee; }} .empty {{ color: #777; }}
 .lane {{ margin-right: 1.2em; }} .bar {{ display: inline-block; width: 80px; height: 10px; background: #ddd; }}
 .bar span {{ display: block; height: 10px; background: #1565c0; }}
-.state-succeeded {{ color: #2e7d32; }} .state-failed, .state-dead {{ color: #c62828; }}
+.state-failed, .state-dead {{ color: #c62828; }}
+.outcome.good {{ color: #2e7d32; font-weight: bold; }} .outcome.bad {{ color: #c62828; font-weight: bold; }}
 .state-cancelled {{ color: #ef6c00; }}
 </style></head><body>
 <h1>schedcp status</h1><p>at {_t(s.generated_at)}; refreshes every {REFRESH_S} s; JSON: <code>/status/state</code></p>

@@ -8,6 +8,7 @@ failed a correctness gate, or a deployment the kernel disabled, gets -1.
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Literal
 
@@ -47,18 +48,32 @@ def _goal_metrics_of(workload_name: str) -> list[str]:
     return []
 
 
+#: without a goal, a metric is "met" when it is no worse than the default scheduler beyond the
+#: A/B equivalence margin (validate.gates.MARGIN: 10 %)
+NO_HARM = 1.10
+
+
+def no_harm_bound(direction: str) -> float:
+    """The candidate/baseline ratio a metric may reach and still do no harm."""
+    return NO_HARM if direction == "lower" else 1 / NO_HARM
+
+
 def apply_goals(metrics: list[MetricResult], goals: list[Goal],
                 goal_map: dict[str, list[str]] | None = None) -> list[MetricResult]:
     """Mark each metric with the goal it serves (target ratio, met). A goal names a metric
-    directly or through a workload's `goal_metrics`. Without goals: 'not worse than baseline'."""
+    directly or through a workload's `goal_metrics`. Without any goal, every metric is held to 'no
+    worse than the default scheduler' (beyond the 10 % margin); with goals, a metric no goal names
+    is not judged (met None)."""
     goal_map = goal_map or {}
     out = []
     for m in metrics:
         g = next((g for g in goals if g.metric == m.metric or g.metric in goal_map.get(m.metric, [])),
                  None)
         target = g.target_ratio if g and g.target_ratio is not None else None
+        if target is None and not goals:
+            target = round(no_harm_bound(m.direction), 4)
         if target is None:
-            ok = True if not goals else None
+            ok = None
         elif m.direction == "lower":
             ok = m.ratio <= target
         else:
@@ -78,12 +93,13 @@ def report_feedback(report_id: str) -> Feedback:
     correctness_ok = all(g.passed for g in l2.correctness)
     rew = reward([m for m in metrics if m.met is not None] or metrics) if correctness_ok else -1.0
     met = correctness_ok and all(m.met is not False for m in metrics) and l2.passed
-    best = max(metrics, key=lambda m: abs(m.ratio - 1), default=None)
+    best = max(metrics, key=lambda m: abs(math.log(m.ratio)) if m.ratio > 0 else math.inf, default=None)
     summary = (f"Sandbox validation of {r.policy or 'a custom source'} {'passed' if l2.passed else 'failed'}"
                + (f" ({l2.failure_reason})" if l2.failure_reason else "")
                + f": reward {rew:+.3f}; "
-               + ", ".join(f"{m.metric} {m.ratio:.2f}x baseline" for m in metrics)
-               + (f". Largest change: {best.metric} ({best.ratio:.2f}x)." if best else "."))
+               + ", ".join(f"{m.metric} {m.words}" for m in metrics)
+               + (f". Largest change: {best.metric} ({best.words})." if best else ".")
+               + " (vs the default scheduler)")
     return Feedback(subject_id=r.id, source="sandbox", policy=r.policy, params=r.params,
                     metrics=metrics, reward=round(rew, 4), goals_met=met,
                     duration_s=l2.durations.get("total"), status=r.status, summary=summary)
@@ -109,7 +125,7 @@ def deployment_feedback(d: Deployment) -> Feedback:
                + (f" ({d.end_reason})" if d.end_reason else "")
                + f", ran {d.running_s:.0f}s, {len(d.readings)} monitor samples"
                + (f"; metric median {metrics[0].candidate:.3g} vs baseline {d.baseline:.3g} "
-                  f"({metrics[0].ratio:.2f}x)" if metrics else "; no metric samples yet")
+                  f"({metrics[0].words} than before the deploy)" if metrics else "; no metric samples yet")
                + f"; reward {rew:+.3f}.")
     return Feedback(subject_id=d.id, source="deployment", policy=d.policy, params=d.params,
                     metrics=metrics, reward=round(rew, 4),

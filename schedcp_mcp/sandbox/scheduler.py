@@ -194,10 +194,20 @@ scx_wait_disabled
 """
 
 
+#: kernel log lines kept after the last `disabled (...)` line: the scheduler's message and backtrace
+TRAIL_LINES = 16
+
+
 def exit_script(files: Files) -> str:
-    """The loader's exit JSON and the kernel's sched_ext lines, for a scheduler that stopped."""
-    return f"echo '@@J'; cat {files.json} 2>/dev/null; echo; echo '@@K'; " \
-           "dmesg 2>/dev/null | grep -i 'sched_ext' | tail -n 8\n"
+    """The loader's exit JSON, the kernel's sched_ext lines, and (after `@@T`) the last `disabled
+    (...)` line with the lines the kernel logged after it — for scx_bpf_error() its message
+    (`sched_ext: NAME: …`) and backtrace, which a scheduler without an exit callback (no UEI
+    recorded) leaves nowhere else."""
+    return (f"echo '@@J'; cat {files.json} 2>/dev/null; echo; echo '@@K'; "
+            "dmesg 2>/dev/null | grep -i 'sched_ext' | tail -n 8\n"
+            "echo '@@T'; dmesg 2>/dev/null | awk 'BEGIN {n = 999} "
+            "/sched_ext: BPF scheduler \".*\" disabled/ {n = 0; buf = \"\"} "
+            f"{{if (n <= {TRAIL_LINES}) {{buf = buf $0 \"\\n\"; n++}}}} END {{printf \"%s\", buf}}'\n")
 
 
 # --- parsing what the steps print ----------------------------------------------------------------
@@ -277,8 +287,32 @@ def parse_exit(out: str, ops_name: str | None = None) -> ExitRead:
     """What `exit_script` printed, with the exit classified."""
     d = json_after("@@J", out)
     ld = loader_exit(d) if d else None
-    klog = [ln.strip() for ln in out.split("@@K", 1)[-1].splitlines() if ln.strip()] if "@@K" in out else []
-    return ExitRead(loader=ld, kernel_log=klog, exit=exit_of(ld, klog, ops_name), raw=out.strip())
+    body, _, trail = out.partition("@@T")
+    klog = [ln.strip() for ln in body.split("@@K", 1)[-1].splitlines() if ln.strip()] if "@@K" in body else []
+    after = [ln.rstrip() for ln in trail.splitlines() if ln.strip()]
+    return ExitRead(loader=ld, kernel_log=klog, exit=exit_of(ld, klog, ops_name, after=after), raw=out.strip())
+
+
+_STAMP = re.compile(r"^\[\s*\d+\.\d+\] ?")
+
+
+def kernel_message(after: list[str], ops_name: str | None = None) -> str:
+    """The kernel's own words after a `disabled (...)` line (`after` starts with that line): its
+    `sched_ext: NAME: message` line and the backtrace lines below it, timestamps dropped, up to the
+    first line that is something else."""
+    if not after or not DISABLED_RE.search(after[0]):
+        return ""
+    name = DISABLED_RE.search(after[0])[1]
+    out = []
+    for ln in after[1:]:
+        text = _STAMP.sub("", ln)
+        if text.startswith(f"sched_ext: {name}: ") or (ops_name and text.startswith(f"sched_ext: {ops_name}: ")):
+            out.append(text.strip())
+        elif text[:1].isspace() and out is not None and text.strip():
+            out.append(text.strip())  # the backtrace, indented under the message
+        else:
+            break
+    return "\n".join(out)
 
 
 def loader_exit(d: dict) -> LoaderExit:
@@ -321,17 +355,23 @@ def is_error(uei: Uei | None) -> bool:
 
 
 def exit_of(loader: LoaderExit | None, kernel_log: list[str] | str = (),
-            ops_name: str | None = None) -> SchedulerExit:
-    """Why the scheduler stopped, from the loader's UEI and the kernel's last disable line."""
+            ops_name: str | None = None, after: list[str] = ()) -> SchedulerExit:
+    """Why the scheduler stopped, from the loader's UEI, the kernel's last disable line and (`after`:
+    that line and what followed it) the kernel's own message and backtrace."""
     uei = loader.uei if loader else None
     lines = disabled_lines(kernel_log, ops_name)
     reason_k, line = lines[-1] if lines else ("", "")
+    said = kernel_message(list(after), ops_name) if after and (not line or _same_line(after[0], line)) else ""
     if uei is not None and uei.kind:
         kind = "stall" if is_stall(uei) else "error" if is_error(uei) else "clean"
         return SchedulerExit(kind=kind, kind_name=uei.kind_name, reason=uei.reason or reason_k,
-                             message=uei.message, kernel_line=line)
+                             message=uei.message, kernel_line=line, kernel_message=said)
     if line:
         kind = ("stall" if STALL_REASON in reason_k else
                 "clean" if reason_k in CLEAN_REASONS else "error")
-        return SchedulerExit(kind=kind, reason=reason_k, kernel_line=line)
+        return SchedulerExit(kind=kind, reason=reason_k, kernel_line=line, kernel_message=said)
     return SchedulerExit(kind="unknown")
+
+
+def _same_line(a: str, b: str) -> bool:
+    return _STAMP.sub("", a.strip()) == _STAMP.sub("", b.strip())

@@ -172,9 +172,9 @@ def _objective(layer2) -> list[float]:
 
 
 def _t(df: int) -> float:
-    from scipy.stats import t
+    from ..validate.tquantile import t_quantile
 
-    return float(t.ppf((1 + LEVEL) / 2, df))
+    return t_quantile((1 + LEVEL) / 2, df)
 
 
 def _interval(xs: list[float]) -> tuple[float, float, float] | None:

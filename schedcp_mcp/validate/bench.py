@@ -29,6 +29,7 @@ from rich.table import Table
 
 from .. import config
 from ..errors import BadInput
+from ..models import in_words, times
 from ..repository.policies import list_policies
 from . import gates
 from .runner import BUDGET_S
@@ -106,7 +107,12 @@ def report_policies(rows: list[dict], rounds: int = 3, out_dir: Path = Path("res
         [{k: (v.model_dump(mode="json") if isinstance(v, Layer2Result) else v) for k, v in r.items()} for r in rows],
         indent=1))
     png = out_dir / "policies-ab.png"
-    _chart(rows, wl, png)
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        _chart(rows, wl, png)
+    else:
+        con.print("no chart: matplotlib is not installed (`pip install 'schedcp[charts]'`)")
     if cold_s is not None:
         con.print(f"one full validation (verify + validate, own VM boots): {cold_s:.0f} s")
     con.print(f"all {len(rows)} policies: {total_s:.0f} s; wrote {png}, {out_dir / 'policies-ab.md'}")
@@ -126,19 +132,21 @@ def fmt_interval(w) -> str:
     mark = {"better": "+", "worse": "−", "same": "=", "undecided": "?"}.get(d["verdict"], "!")
     # one pair has an unbounded interval: inf, or null once it went through JSON (a job's result)
     lo, hi = d.get("speedup_low") or 0.0, d.get("speedup_high")
-    hi_s = "inf" if hi is None or hi == float("inf") else f"{hi:.2f}"
-    return f"{d['speedup']:.2f}x [{lo:.2f}, {hi_s}] {mark}"
+    hi_s = "inf" if hi is None or hi == float("inf") else times(hi)[:-1]
+    # tiny factors keep their digits (0.00099x, not 0.00x): a scheduler 1000x worse must read so
+    return f"{times(d['speedup'])} [{times(lo)[:-1] if lo else '0'}, {hi_s}] {mark}"
 
 
 def interval_table(workloads: list, title: str) -> Table:
     """One row per workload: medians, speedup with its interval, rounds, verdict."""
-    t = Table("workload", "metric", "baseline", "candidate", f"speedup [{gates.LEVEL:.0%} interval]",
-              "rounds", "verdict", title=title)
+    t = Table("workload", "metric", "baseline", "candidate", "vs default",
+              f"[{gates.LEVEL:.0%} interval] verdict", "rounds", "verdict", title=f"{title}; vs default: > 1 = better")
     for w in workloads:
         d = _w(w)
         b, c = d.get("baseline_stats") or {}, d.get("candidate_stats") or {}
         t.add_row(d["name"], f"{d['metric']} ({d['unit']})", f"{b.get('median', float('nan')):.4g}",
-                  f"{c.get('median', float('nan')):.4g}", fmt_interval(d), str(d.get("pairs", 0)), d["verdict"])
+                  f"{c.get('median', float('nan')):.4g}", in_words(d.get("speedup")), fmt_interval(d),
+                  str(d.get("pairs", 0)), d["verdict"])
     return t
 
 
@@ -166,8 +174,8 @@ def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: l
 
     con = console or Console(quiet=quiet)
     budget = BUDGET_S if budget_s is None else budget_s
-    results, n, secs = aa_in_sandbox(workloads, rounds=rounds, budget_s=budget,
-                                     progress=progress or (lambda m, f: con.print(f"  [dim]{m}[/dim]")))
+    results, n, secs, starve = aa_in_sandbox(workloads, rounds=rounds, budget_s=budget,
+                                             progress=progress or (lambda m, f: con.print(f"  [dim]{m}[/dim]")))
     lo_ok, hi_ok = 1 / (1 + gates.MARGIN), 1 + gates.MARGIN
     rows = []
     for r in results:
@@ -191,8 +199,28 @@ def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: l
                   f"{row['pair_sd']:.3f}" if row["pair_sd"] is not None else "n/a",
                   str(row["rounds_for_margin"] or "> 99"))
     con.print(t)
+    gate = gates.starvation_gate(starve)
+    con.print(f"starvation gate, default vs default: {'pass' if gate.passed else 'FALSE ALARM'} — {gate.reason}")
+    for side in starve:
+        con.print(f"  {side.line()}")
     return {"rounds": n, "seconds": round(secs, 1), "budget_s": budget, "margin": gates.MARGIN,
-            "level": gates.LEVEL, "workloads": rows, "within_margin": all(x["within_margin"] for x in rows)}
+            "level": gates.LEVEL, "workloads": rows, "within_margin": all(x["within_margin"] for x in rows),
+            "starvation": {"passed": gate.passed, "reason": gate.reason,
+                           "sides": [x.model_dump(exclude={"worst"}) for x in starve]}}
+
+
+def starve_cell(res: Layer2Result) -> str:
+    """The starvation phase of one validation in a few words: the candidate's longest run-queue wait and
+    its starved tasks (the default scheduler's beside it), or the watchdog's stall."""
+    stall = next((g for g in res.correctness if g.name == "no_stall" and not g.passed), None)
+    if stall:
+        return "STALL (watchdog)"
+    by = {s.side: s for s in res.starvation}
+    c, b = by.get("candidate"), by.get("baseline")
+    if c is None or c.error:
+        return "not measured"
+    base = f" (default {b.max_ms:.0f} ms, {len(b.starved)})" if b and not b.error else ""
+    return f"{c.max_ms:.0f} ms, {len(c.starved)} starved{base}"
 
 
 def count_flips(verdicts: dict[str, list[str]], passes: list[bool]) -> tuple[list[str], int]:
@@ -238,6 +266,7 @@ def bench_stability(policy: str, measured: list[Layer2Result], rounds: int = 3, 
     for n in names:
         t.add_row(n, *[fmt_interval(next(w for w in r.workloads if w.name == n)) for r in results],
                   "YES" if n in flipped else "no")
+    t.add_row("starvation", *[starve_cell(r) for r in results], "")
     t.add_row("verdict", *["pass" if p else "fail" for p in passes], "YES" if len(set(passes)) > 1 else "no")
     con.print(t)
     rate = flips / (len(names) + 1)
@@ -250,6 +279,7 @@ def bench_stability(policy: str, measured: list[Layer2Result], rounds: int = 3, 
                         "workloads": [{k: w.model_dump()[k] for k in ("name", "speedup", "speedup_low",
                                                                       "speedup_high", "pairs", "verdict")}
                                       for w in r.workloads], "counters": r.counters,
+                        "starvation": starve_cell(r),
                         "total_s": r.durations.get("total")} for r in results]}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -263,6 +293,7 @@ def bench_stability(policy: str, measured: list[Layer2Result], rounds: int = 3, 
         for n in names:
             lines.append(f"| {n} | " + " | ".join(fmt_interval(next(w for w in r.workloads if w.name == n))
                                                   for r in results) + f" | {'YES' if n in flipped else 'no'} |")
+        lines.append("| starvation | " + " | ".join(starve_cell(r) for r in results) + " | |")
         lines.append("| verdict | " + " | ".join("pass" if p else "fail" for p in passes)
                      + f" | {'YES' if len(set(passes)) > 1 else 'no'} |")
         lines += ["", summary, ""]

@@ -27,7 +27,8 @@ Without goals, no workload may be worse than 1/(1+MARGIN) (equal schedulers pass
 narrower than the margin). Each goal (e.g. `p99_wakeup_latency_us lower 0.9`) is checked on every
 workload that stands for its metric (`Workload.goal_metrics`): an improvement goal (0.9 = speedup
 1.11) must be met by the interval's low end; a "do no harm" goal (target 1.0 or None) gets the margin.
-With goals, a workload the goals do not cover may still not regress by more than SEVERE_REGRESSION.
+With goals, a workload the goals do not cover may still not regress by more than SEVERE_REGRESSION,
+and a guard workload (GUARD_RESULTS: wakeup and its tail, pipe, cpu) not by more than the margin.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import statistics
 from ..models import Goal, LoaderExit, MetricResult
 from ..sandbox import scheduler
 from . import starvation
+from .tquantile import t_quantile
 from .models import Gate, Observations, Spread, Workload, WorkloadResult
 
 #: confidence level of the ratio intervals
@@ -47,6 +49,11 @@ LEVEL = 0.95
 MARGIN = 0.10
 #: with goals, any workload worse than this factor (beyond noise) fails anyway
 SEVERE_REGRESSION = 1.5
+#: the guard set: a scheduler runs every task of the machine, so whatever it is validated for, these
+#: may not get worse beyond the margin (an interactive task's wakeup wait and its tail, a pipe
+#: hand-off, CPU-bound throughput) — with goals too, where an uncovered workload otherwise only may
+#: not regress severely. `schedcp optimize` always measures them (validate.workloads.GUARDS).
+GUARD_RESULTS = ("wakeup", "wakeup_tail", "pipe", "cpu")
 #: an interval wider than ±NOISY makes a "same" or "better" weak evidence: the result warns
 NOISY = 0.25
 #: kernel log lines that mean the kernel itself is unhappy, whichever scheduler caused it
@@ -87,9 +94,7 @@ def ratio_interval(baseline: list[float], candidate: list[float],
 
 
 def _t_quantile(p: float, df: int) -> float:
-    from scipy.stats import t  # imported late: scipy is slow to import and only layer 2 needs it
-
-    return float(t.ppf(p, df))
+    return t_quantile(p, df)
 
 
 def classify(low: float, high: float, margin: float = MARGIN) -> str:
@@ -337,10 +342,21 @@ def performance_gates(results: list[WorkloadResult], workloads: list[Workload],
             out.append(_gate(f"goal:{goal.metric}@{r.name}", r, need,
                              f"goal {goal.metric} {'<=' if goal.direction == 'lower' else '>='} {t:g}"))
     for r in results:
-        if r.name not in covered and r.speedup is not None:
+        if r.name in covered:
+            continue
+        if r.name in GUARD_RESULTS:  # measured, or failed to measure: either way judged
+            out.append(_gate(f"guard:{r.name}", r, no_harm, f"guard workload (the rest of the machine): no "
+                             f"worse than the default scheduler by more than {MARGIN:.0%}"))
+        elif r.speedup is not None:
             out.append(_gate(f"no_severe_regression:{r.name}", r, 1.0 / SEVERE_REGRESSION,
                              f"not more than {SEVERE_REGRESSION}x worse on a workload the goals do not cover"))
     return out
+
+
+def harmed_guards(gates_: list[Gate]) -> list[str]:
+    """The guard workloads a validation's performance gates found harmed (or could not show unharmed)."""
+    return [g.workload for g in gates_ if not g.passed and g.workload in GUARD_RESULTS
+            and (g.name.startswith(("guard:", "no_regression:")) or g.threshold is not None and g.threshold < 1)]
 
 
 def undecided(gates_: list[Gate]) -> list[str]:

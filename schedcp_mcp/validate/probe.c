@@ -2,7 +2,7 @@
 /*
  * schedcp-probe: the sandbox's own measuring tools (schbench is not packaged in Debian).
  *
- *   schedcp-probe wakeup [-t SLEEPERS] [-H HOGS] [-p PERIOD_US] [-d DURATION_MS] [-P]
+ *   schedcp-probe wakeup [-t SLEEPERS] [-H HOGS] [-p PERIOD_US] [-j JITTER_US] [-d DURATION_MS] [-P]
  *       SLEEPERS threads each sleep until an absolute deadline every PERIOD_US and record how late
  *       they woke up (now - deadline); HOGS threads spin on the CPU meanwhile, so a woken sleeper
  *       has to be scheduled in front of a CPU hog. That delay is what a scheduler decides: under a
@@ -57,7 +57,7 @@ static uint64_t now_ns(void)
 static atomic_int stop;
 static int pin;	/* -P: thread i runs only on CPU i % ncpus */
 static atomic_ullong hog_loops;
-static uint64_t period_ns, start_ns, end_ns;
+static uint64_t period_ns, jitter_ns, start_ns, end_ns;
 static int nsleepers;
 
 /* per-sleeper sample buffers; merged after the run */
@@ -115,8 +115,15 @@ static void *sleeper_main(void *arg)
 	uint64_t next = start_ns + period_ns * (uint64_t)(s - sleepers) / (uint64_t)nsleepers;
 	int fd = open("/proc/thread-self/schedstat", O_RDONLY);
 	uint64_t rd = fd >= 0 ? run_delay(fd) : 0;
+	uint64_t rnd = 0x9e3779b97f4a7c15ull * (uint64_t)(s - sleepers + 1);
 	for (;;) {
 		next += period_ns;
+		if (jitter_ns) {	/* -j: every phase against the tick within one run, not one per run */
+			rnd ^= rnd << 13;
+			rnd ^= rnd >> 7;
+			rnd ^= rnd << 17;
+			next = next - jitter_ns + rnd % (2 * jitter_ns + 1);
+		}
 		if (next >= end_ns)
 			break;
 		struct timespec ts = { .tv_sec = next / 1000000000ull, .tv_nsec = next % 1000000000ull };
@@ -169,26 +176,28 @@ static double pct_us(const uint64_t *v, size_t n, double p)
 static int do_wakeup(int argc, char **argv)
 {
 	int nsleep = 4, nhog = 2, opt;
-	long period_us = 2000, duration_ms = 1000;
-	while ((opt = getopt(argc, argv, "t:H:p:d:P")) != -1) {
+	long period_us = 2000, duration_ms = 1000, jitter_us = 0;
+	while ((opt = getopt(argc, argv, "t:H:p:j:d:P")) != -1) {
 		switch (opt) {
 		case 'P': pin = 1; break;
 		case 't': nsleep = atoi(optarg); break;
 		case 'H': nhog = atoi(optarg); break;
 		case 'p': period_us = atol(optarg); break;
+		case 'j': jitter_us = atol(optarg); break;
 		case 'd': duration_ms = atol(optarg); break;
 		default:
-			fprintf(stderr, "usage: schedcp-probe wakeup [-t N] [-H N] [-p US] [-d MS] [-P]\n");
+			fprintf(stderr, "usage: schedcp-probe wakeup [-t N] [-H N] [-p US] [-j US] [-d MS] [-P]\n");
 			return 2;
 		}
 	}
 	if (nsleep < 1 || nsleep > MAX_THREADS || nhog < 0 || nhog > MAX_THREADS || period_us < 10 ||
-	    duration_ms < 1) {
+	    duration_ms < 1 || jitter_us < 0 || jitter_us >= period_us) {
 		fprintf(stderr, "schedcp-probe: out of range (1..%d sleepers, 0..%d hogs, period >= 10 us)\n",
 			MAX_THREADS, MAX_THREADS);
 		return 2;
 	}
 	period_ns = (uint64_t)period_us * 1000;
+	jitter_ns = (uint64_t)jitter_us * 1000;
 	nsleepers = nsleep;
 	start_ns = now_ns() + 20 * period_ns;	/* after every thread has started */
 	end_ns = start_ns + (uint64_t)duration_ms * 1000000ull;

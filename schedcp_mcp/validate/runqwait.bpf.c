@@ -13,11 +13,12 @@
  * in the guest. The scheduler under test cannot hide a wait from it: the tracepoints belong to the
  * core scheduler, not to the sched_ext class.
  *
- * Only waits that begin while rqw_on[0] is 1 are recorded (the phase switches it on once its load
- * is running and off before the load ends, with `bpftool map update`): the start-up burst of a
- * dozen processes exec'ing at once is not what a scheduler is judged by. A wait that began in the
- * window is counted whenever it ends; one that has not ended when the map is read is not, so the
- * phase lets the system settle before reading (a starved task runs once the competition is gone).
+ * Only waits that begin or end while rqw_on[0] is 1 are recorded (the phase switches it on once its
+ * load is running and off before the load ends, with `bpftool map update`): the start-up burst of a
+ * dozen processes exec'ing at once is not what a scheduler is judged by (a task's first wait may
+ * reach into the window, once). A wait that began in the window is counted whenever it ends; one
+ * that has not ended when the map is read is not, so the phase lets the system settle before
+ * reading (a starved task runs once the competition is gone).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -28,6 +29,7 @@ char _license[] SEC("license") = "GPL";
 #define OVER_NS (50ULL * 1000 * 1000)	/* a wait this long is counted by name */
 #define STARVE_NS (250ULL * 1000 * 1000)	/* and this long, apart (validate/starvation.py STARVE_MS) */
 #define HIST_SLOTS 40
+#define IN_WINDOW (1ULL << 63)	/* rqw_start: the wait began in the window */
 
 struct rqw_task {
 	u64 max_ns;
@@ -71,12 +73,22 @@ struct {
 	__type(value, u64);
 } rqw_hist SEC(".maps");
 
+static bool window_open(void)
+{
+	u32 zero = 0;
+	u64 *on = bpf_map_lookup_elem(&rqw_on, &zero);
+
+	return on && *on;
+}
+
 static void queued(struct task_struct *p)
 {
-	u32 pid = p->pid, zero = 0;
-	u64 ts = bpf_ktime_get_ns(), *on = bpf_map_lookup_elem(&rqw_on, &zero);
+	u32 pid = p->pid;
+	u64 ts = bpf_ktime_get_ns();
 
-	if (pid && on && *on)
+	if (window_open())
+		ts |= IN_WINDOW;
+	if (pid)
 		bpf_map_update_elem(&rqw_start, &pid, &ts, BPF_ANY);
 }
 
@@ -120,7 +132,11 @@ int BPF_PROG(rqw_switch, bool preempt, struct task_struct *prev, struct task_str
 	start = bpf_map_lookup_elem(&rqw_start, &pid);
 	if (!start)
 		return 0;
-	wait = bpf_ktime_get_ns() - *start;
+	if (!(*start & IN_WINDOW) && !window_open()) {
+		bpf_map_delete_elem(&rqw_start, &pid);
+		return 0;
+	}
+	wait = bpf_ktime_get_ns() - (*start & ~IN_WINDOW);
 	bpf_map_delete_elem(&rqw_start, &pid);
 
 	slot = log2_slot(wait);

@@ -21,8 +21,8 @@ builds each pattern on purpose, at once, on both vCPUs:
     kthreads    the guest's own per-CPU kthreads (kworker, rcu, ksoftirqd) wake throughout
 
 The same phase runs under the default scheduler first, then under the candidate, each with the tracer
-freshly attached. The tracer records waits that begin in a window (WINDOW_S, from WARM_S after the
-load started): the start-up burst of a dozen processes exec'ing at once made even the default
+freshly attached. The tracer records waits that begin or end in a window (WINDOW_S, from WARM_S after
+the load started): the start-up burst of a dozen processes exec'ing at once made even the default
 scheduler keep tasks waiting 2 s under TCG. After the load ends the system idles for SETTLE_S before
 the tracer is read, so a starved task gets to run — and its wait is counted — once the competition
 is gone.
