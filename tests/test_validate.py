@@ -680,3 +680,15 @@ def test_the_starvation_gate_fails_when_the_phase_or_the_tracer_did_not_run():
     # as many starved tasks as the default scheduler had in the same phase (a host stalling the guest)
     base, cand = _phase("starve_timer")
     assert gates.starvation_gate([cand.model_copy(update={"side": "baseline"}), cand]).passed
+
+
+def test_a_task_that_asked_to_wait_is_named_but_never_counted_as_starved():
+    from schedcp_mcp.validate import starvation
+
+    base, cand = _phase("starve_timer")
+    victim = cand.starved[0]
+    # the same waits for a nice-19 kthread (khugepaged) or a SCHED_IDLE task: background by request
+    for asked in ({"nice": 19, "kthread": True}, {"policy": 5}):
+        t = victim.model_copy(update=asked)
+        assert starvation.background(t)
+    assert not starvation.background(victim)
