@@ -867,7 +867,7 @@ def render_layer2(out) -> None:
 @click.option("--profile", "profile_id", help="the WorkloadProfile this is for (its goals apply)")
 @click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="interleaved A/B rounds, at least")
 @click.option("--budget", type=VALIDATION_BUDGET, default=None,
-              help="seconds for the whole run: more rounds while a workload is undecided [default: 120]; "
+              help="seconds for the whole run: more rounds while a workload is undecided [default: 180]; "
                    "0 = exactly --rounds")
 @click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
 @background_option
@@ -1525,7 +1525,7 @@ def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, 
 
 @bench.command("policies")
 @click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="paired rounds per policy, at least")
-@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 120]")
+@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 180]")
 @click.option("--policy", "names", multiple=True, help="only these (repository names or kernel:scx_simple)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option("--no-cache", is_flag=True, help="validate again even if an identical validation has a result")
@@ -1567,7 +1567,7 @@ def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], back
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 20),
               help="fresh VM boots, one validation each")
 @click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="paired rounds per run, at least")
-@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 120]")
+@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 180]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write stability-<policy>.md/json here")
 @background_option
 @deadline_option

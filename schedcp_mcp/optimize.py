@@ -39,8 +39,8 @@ Progress = Callable[[str, float], None]
 
 #: seconds a validation costs besides its rounds (boot, layer 1, stress) and per workload round,
 #: measured on the 2-vCPU TCG development machine (README "Results"); used only to fit the budget
-VALIDATION_FIXED_S = 30.0
-VALIDATION_PER_ROUND_S = 6.0
+VALIDATION_FIXED_S = 55.0  # boot, layer 1, warm-up, the starvation phase (~24 s), stress
+VALIDATION_PER_ROUND_S = 3.0  # one workload, one side, one round (5 workloads x 2 sides: ~29 s a round)
 #: deploy (baseline x3 + load) plus the learning stage
 DEPLOY_RESERVE_S = 45.0
 #: a host command is profiled repeated for this long, as match_workloads' references are

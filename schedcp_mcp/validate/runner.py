@@ -78,11 +78,12 @@ KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_
 #: adaptive rounds stop here whatever the budget says
 MAX_ROUNDS = 30
 #: default time budget of one validation (boot to power-off), seconds. On this 2-core TCG host boot,
-#: warm-up and the stress phase take ~14 s and a full round ~27 s (every workload 3-5 runs per side,
-#: one scheduler switch per workload), so three rounds end at ~95 s; the rest buys a round of only the
-#: workloads still open. (With the issue's ~90 s, three rounds would not fit; a t-interval on 2 pairs
-#: leaves most "same" workloads undecided.)
-BUDGET_S = 120.0
+#: warm-up and the stress phase take ~16 s, the starvation phase ~24 s (both sides) and a full round
+#: ~29 s (every workload 3-5 runs per side, one scheduler switch per workload), so three rounds end at
+#: ~135 s; the rest buys one or two rounds of only the workloads still open. At 120 s (before the
+#: starvation phase existed) two of two lean_preempt validations ended after 3 rounds with pipe and
+#: cpu undecided.
+BUDGET_S = 180.0
 #: a policy's own counters: an ARRAY map named schedcp_stats whose one value is a struct of u64 fields
 #: (bpftool prints it with field names from BTF); read before and after the candidate's measured runs
 COUNTERS_MAP = "schedcp_stats"
