@@ -140,6 +140,10 @@ class SchedcpGroup(click.Group):
             self._fail(ctx, "UsageError", e.format_message(), "see --help")
         except (click.exceptions.Exit, SystemExit, KeyboardInterrupt):
             raise
+        except BrokenPipeError:  # `schedcp jobs | head`: the reader has what it wanted
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+            sys.exit(0)
         except ValidationError as e:  # a typed request refused its values: the input, not a bug
             self._fail(ctx, "BadInput", "; ".join(
                 f"{'.'.join(str(x) for x in err['loc']) or 'input'}: {err['msg']}" for err in e.errors()),

@@ -68,3 +68,16 @@ def test_policies_list_json_is_the_repository():
     assert p.returncode == 0, p.stderr
     names = {x["name"] for x in json.loads(p.stdout)}
     assert {"fifo", "vtime_fair", "latency_boost"} <= names
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_error():
+    """`schedcp policies list | head -1`: the reader closes the pipe before schedcp has written; schedcp
+    stops quietly, without an 'internal error' (`true` closes it before schedcp has even started writing;
+    0 when the write failed inside a command, 1 when click's own flush at exit met the closed pipe)."""
+    import subprocess
+    import sys
+
+    for cmd in ("policies list", "jobs --all"):
+        p = subprocess.run(f"{sys.executable} -m schedcp_mcp {cmd} | true; exit ${{PIPESTATUS[0]}}",
+                           shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
+        assert p.returncode in (0, 1) and "error" not in p.stderr and "Traceback" not in p.stderr, (cmd, p.stderr)
