@@ -971,6 +971,50 @@ def reports_cmd(limit: int, as_json: bool) -> None:
     emit(list_reports(limit), as_json, render)
 
 
+@main.command("report")
+@click.argument("report_id")
+@click.option("--evidence", is_flag=True, help="the starvation phase's per-task run-queue waits, both sides")
+@json_option
+def report_cmd(report_id: str, evidence: bool, as_json: bool) -> None:
+    """One validation report: its verdict, and with --evidence what the run-queue wait tracer saw in
+    the starvation phase under the default scheduler and under the candidate (the worst waiters by
+    name, who starved)."""
+    from .reports import get_report
+
+    r = get_report(report_id)
+    sides = r.layer2.starvation if r.layer2 else []
+    if as_json:
+        out = {"id": r.id, "policy": r.policy, "status": r.status,
+               "passed": bool(r.layer2 and r.layer2.passed), "failure_reason": r.layer2.failure_reason if r.layer2 else None}
+        if evidence:
+            out["starvation"] = [s.model_dump() for s in sides]
+        click.echo(json.dumps(out, indent=2))
+        return
+    console.print(f"{r.id} ({r.policy or 'source'}): {escape(r.status)}")
+    if not evidence:
+        return
+    if not sides:
+        console.print("no starvation phase in this report (layer 2 did not reach it, or it predates it)")
+        return
+    for s in sides:
+        console.print(escape(s.line())
+                      + (f", p99 <= {s.p99_ms:.0f} ms" if s.p99_ms else ""))
+        t = Table("task", "pid", "longest ms", "mean ms", "waits", ">= 50 ms", ">= 250 ms", "nice", "kthread",
+                  title=f"{s.side}: the longest single run-queue waits")
+        for w in s.worst:
+            t.add_row(escape(w.comm), str(w.pid), f"{w.max_ms:.1f}", f"{w.mean_ms:.2f}", str(w.waits),
+                      str(w.over_50ms), str(w.long_waits), str(w.nice), "yes" if w.kthread else "")
+        console.print(t)
+        for w in s.starved:
+            console.print(f"  [red]starved[/red]: {escape(starvation_describe(w))}")
+
+
+def starvation_describe(w) -> str:
+    from .validate.starvation import describe
+
+    return describe(w)
+
+
 # --- synthesis: primitives, generate, reconfigure, revise, tune -------------------------------------
 
 def render_synth(res) -> None:

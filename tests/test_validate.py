@@ -693,3 +693,28 @@ def test_a_task_that_asked_to_wait_is_named_but_never_counted_as_starved():
     s = starvation.parse_phase("candidate", niced)
     assert victim.pid not in [t.pid for t in s.starved]
     assert any(t.pid == victim.pid and t.nice == 19 for t in s.worst)  # still named among the worst
+
+
+def test_report_evidence_names_the_starved_tasks_of_a_stored_validation():
+    """`schedcp report ID --evidence`: the starvation phase of a stored report, both sides, by task."""
+    from click.testing import CliRunner
+
+    from schedcp_mcp.cli import main
+    from schedcp_mcp.verify.models import Layer1Report
+    from schedcp_mcp.reports import new_report, save
+    from schedcp_mcp.validate.models import Layer2Result
+
+    sides = _phase("starve_timer")
+    l1 = Layer1Report(verdict="accepted", stage="done", source_sha256="0" * 64, ops_name="starve_timer")
+    r = new_report(l1, policy=None, params={})
+    r.layer2 = Layer2Result(passed=False, ops_name="starve_timer", starvation=sides,
+                            correctness=[gates.starvation_gate(sides)],
+                            failure_reason="no_starvation: " + gates.starvation_gate(sides).reason)
+    save(r)
+    out = CliRunner().invoke(main, ["report", r.id, "--evidence"])
+    assert out.exit_code == 0, out.output
+    victim = sides[1].starved[0]
+    assert "baseline: " in out.output and "candidate: " in out.output
+    assert f"starved: {victim.comm}[{victim.pid}]" in out.output
+    js = json.loads(CliRunner().invoke(main, ["report", r.id, "--evidence", "--json"]).output)
+    assert [s["side"] for s in js["starvation"]] == ["baseline", "candidate"] and not js["passed"]
