@@ -206,7 +206,9 @@ def code_version() -> str:
 
 
 def _policy_src(name: str) -> str | None:
-    text = get_policy(name).source_text() or ""
+    """A policy's source and its metadata (the parameter defaults a validation loads it with)."""
+    pol = get_policy(name)
+    text = (pol.source_text() or "") + "\0" + pol.model_dump_json()
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -143,6 +143,12 @@ def test_job_keys_cover_the_policies_their_sources_and_every_layers_code(manifes
     src.write_text(src.read_text() + "\n/* broken on purpose */ }\n")
     assert key("verify", {"policies": ["fifo"]}) != base_v  # a policy's source changed
     assert key("validate", {"policy": "fifo", "workloads": ["hackbench"]}) != base_l2
+    changed_src = key("validate", {"policy": "fifo", "workloads": ["hackbench"]})
+    meta = repo / "fifo" / "policy.json"  # a parameter's default: what the policy is loaded with
+    d = json.loads(meta.read_text())
+    d["parameters"][0]["default"] = d["parameters"][0]["default"] * 2
+    meta.write_text(json.dumps(d))
+    assert key("validate", {"policy": "fifo", "workloads": ["hackbench"]}) != changed_src
     monkeypatch.delenv("SCHEDCP_POLICIES")
     assert key("verify", {"policies": ["fifo"]}) == base_v
     for layer in ("verify/pipeline.py", "validate/gates.py", "validate/runqwait.bpf.c", "sandbox/vm.py"):
