@@ -12,7 +12,6 @@ lists that the server does not have is left out, so a definition never names a m
 from __future__ import annotations
 
 import asyncio
-import difflib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import jinja2
 import yaml
 from pydantic import BaseModel, Field
 
-from . import __version__, config
+from . import __version__, config, generated
 from .errors import BadInput
 
 ROLES = ("observation", "planning", "execution", "learning")
@@ -165,29 +164,12 @@ def render_all() -> dict[str, str]:
 
 def generate(root: Path | None = None) -> list[str]:
     """Write every generated file under `root` (default: the repository); returns changed paths."""
-    root = root or config.PROJECT_ROOT
-    changed = []
-    for rel, text in render_all().items():
-        path = root / rel
-        if path.exists() and path.read_text() == text:
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        changed.append(rel)
-    return changed
+    return generated.write(render_all(), root or config.PROJECT_ROOT)
 
 
 def drift(root: Path | None = None) -> dict[str, str]:
     """Generated files that differ from what generation would write now: {path: unified diff}."""
-    root = root or config.PROJECT_ROOT
-    out = {}
-    for rel, text in render_all().items():
-        path = root / rel
-        have = path.read_text() if path.exists() else ""
-        if have != text:
-            out[rel] = "".join(difflib.unified_diff(have.splitlines(True), text.splitlines(True),
-                                                    f"{rel} (committed)", f"{rel} (generated)"))
-    return out
+    return generated.drift(render_all(), root or config.PROJECT_ROOT)
 
 
 # --- what a stage may call (read back from the generated definitions) ------------------------------

@@ -257,7 +257,7 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy,
     req = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=300, max_candidates=2,
                                    watch_s=8, out_dir=str(repo_copy / "run1"))
     rep = anyio.run(optimize.run, req)
-    assert rep.exit_code == 0, rep.why  # fifo and lean_preempt win message passing (README results)
+    assert rep.exit_code == 0, rep.why  # fifo and lean_preempt win message passing (docs/results.md)
 
     # every stage stayed inside its agent definition; only execution touched a kernel
     for role, calls in rep.calls.items():

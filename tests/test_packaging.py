@@ -1,6 +1,6 @@
 """A wheel (non-editable install) carries everything the package reads at run time: policies/,
 templates/ and agents/ as package data, the guest sources, every subpackage (issue #24). The wheel is
-really built (`pip wheel .`); running one in a fresh venv is measured in the README."""
+really built (`pip wheel .`); running one in a fresh venv is measured in docs/install.md."""
 
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ def check_broker(url: str) -> str:
         raise FleetAuthError(
             "the fleet broker has no password: any local user could read and write its queues",
             "start redis-server with `requirepass` in a 0600 config file and set "
-            "SCHEDCP_BROKER=redis://:PASSWORD@127.0.0.1:6379/0 (see README, Security)")
+            "SCHEDCP_BROKER=redis://:PASSWORD@127.0.0.1:6379/0 (see docs/security.md)")
     if u.scheme in ("redis+socket", "unix"):
         parent = Path(u.path).parent
         try:

@@ -36,7 +36,7 @@ VM_MEM_MB = 1536 + 256  # a sandbox VM's RAM plus qemu's own
 def default_size() -> int:
     """Sandbox VMs to run at once on this machine: $SCHEDCP_WORKERS, else one per two cores (a TCG
     VM keeps one host core busy and the A/B timing inside it needs the other quiet: measured in
-    README § Supervision), at least 1, and no more than memory holds."""
+    docs/supervision.md), at least 1, and no more than memory holds."""
     if os.environ.get("SCHEDCP_WORKERS"):
         return max(1, int(os.environ["SCHEDCP_WORKERS"]))
     import psutil
