@@ -39,9 +39,24 @@ def same_home(home, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def fifo_report(home):
+def fifo_validated(home):
     r = candidates.validate(policy="fifo", workloads=["hackbench"], rounds=3, budget_s=0, goals=LENIENT).report
     assert r.passed, r.status
+    return r
+
+
+@pytest.fixture
+def fifo_report(fifo_validated):
+    """fifo's validation under a report of its own for each test: a rollback invalidates the report it
+    deployed (no new token without a new validation), and re-validating the same bytes for every test
+    would cost a minute each — so each test gets the validated facts under a fresh report id, as a
+    re-validation would store them."""
+    from schedcp_mcp import reports, store
+
+    r = fifo_validated.model_copy(update={"id": store.new_id("rep"), "invalidated": False,
+                                          "invalidated_reason": None})
+    reports.save(r)
+    assert r.passed
     return r
 
 
