@@ -62,10 +62,10 @@
  * (a waker sent to the FIFO by the lane_max bound), kthread_local (per-CPU
  * kernel threads).
  *
- * Works well (sandbox, paired rounds against the default scheduler): message
- * passing (hackbench ~1.4x faster), short sleepers beside CPU hogs (mean
- * run-queue wait per wakeup ~2.2-2.7x shorter), with pipe ping-pong,
- * fork/exec churn and CPU-bound throughput even.
+ * Works well (sandbox, default path, 5 fresh boots): message passing
+ * (hackbench 1.5-1.65x faster), short sleepers beside CPU hogs (mean run-queue
+ * wait per wakeup 1.4-1.6x shorter, its slowest 1 % 1.1-1.4x), fork/exec
+ * churn 1.2-1.4x; CPU-bound throughput even; pipe ping-pong ~3 % slower.
  *
  * Fails: FIFO has no fairness between CPU-bound tasks beyond round-robin
  * slices, and no nice/weight support; the burst is a lifetime average, so a
