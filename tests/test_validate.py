@@ -523,9 +523,12 @@ def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm)
     # each workload's sides back to back (one switch per workload and round), the stress test after round 1
     phases = [s.phase for s in res.timeline]
     loads = [p for p in dict.fromkeys(phases) if p.startswith("load")]
-    assert len(loads) == 5, loads  # rounds 1 and 2: 3 + 2 loads, each between a workload's two sides
+    # rounds 1 and 2: 3 + 2 loads, each between a workload's two sides, and one for the starvation
+    # phase's candidate side (its baseline side runs first, after an unload)
+    assert len(loads) == 6, loads
     stress = phases.index("stress")
     assert "candidate-1" in phases[:stress] and "candidate-2" not in phases[:stress] and "candidate-2" in phases
+    assert phases.index("starve-baseline") < phases.index("starve-candidate") < stress
     assert res.stress and set(res.stress.stressors) == {"cpu", "fork", "affinity", "switch", "sleep"}
     assert any('"lean_preempt" enabled' in ln for ln in res.kernel_log)
     assert next(g for g in res.correctness if g.name == "no_starvation").passed  # the bounded fast lane
