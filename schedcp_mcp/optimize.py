@@ -389,6 +389,17 @@ def harmed(figs: list[WorkloadFigure]) -> list[str]:
     return [f.workload for f in figs if f.guard and f.verdict in ("worse", "undecided", "failed")]
 
 
+def guard_words(c: "CandidateResult") -> str:
+    """What a candidate did to the guard set, in words that do not overstate it: 'harmed' only where
+    the interval was worse beyond the margin; 'not shown unharmed' where it stayed undecided."""
+    verdict = {f.workload: f.verdict for f in c.figures}
+    worse = [g for g in c.harmed_guards if verdict.get(g) == "worse"]
+    open_ = [g for g in c.harmed_guards if g not in worse]
+    parts = ([f"harmed the guard workload(s) {', '.join(worse)}"] if worse else []) + \
+        ([f"did not show {', '.join(open_)} unharmed (undecided)"] if open_ else [])
+    return "; ".join(parts)
+
+
 def with_guards(workloads: list[str]) -> list[str]:
     """The target workloads and, after them, every guard workload not among them."""
     return [*workloads, *(g for g in GUARDS if g not in workloads)]
@@ -484,8 +495,8 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
     if not passed:
         rep.why = ("no candidate passed the sandbox's gates, so the default scheduler stays "
                    "(a valid outcome): " + "; ".join(
-                       f"{c.label}: " + (f"harmed the guard workload(s) {', '.join(c.harmed_guards)}, so it "
-                                         "is not deployed system-wide; " if c.harmed_guards else "")
+                       f"{c.label}: " + (f"{guard_words(c)}, so it is not deployed system-wide; "
+                                         if c.harmed_guards else "")
                        + (c.error or c.status) for c in rep.candidates))
         return
     win = next(c for c in passed if c.report_id == rep.winner)
@@ -746,8 +757,7 @@ def render(rep: OptimizeReport, console) -> None:
                       f"({rep.campaign_seconds:.0f} s; `schedcp jobs show {rep.campaign_id}`)")
     for c in rep.candidates:
         if c.harmed_guards:
-            console.print(f"  [red]{escape(c.label)}[/red] harmed the guard workload(s) "
-                          f"{escape(', '.join(c.harmed_guards))}: not deployable system-wide")
+            console.print(f"  [red]{escape(c.label)}[/red] {escape(guard_words(c))}: not deployable system-wide")
         if not c.passed:
             console.print(f"  [red]{escape(c.label)}[/red]: {escape(c.error or c.status)}")
     colour = "green" if rep.exit_code == 0 else "yellow"

@@ -365,3 +365,12 @@ def test_optimize_always_measures_the_guard_set_and_names_a_guard_a_candidate_ha
     assert harmed(figs) == ["wakeup", "wakeup_tail"]
     # when the wakeup probe is the target itself, it is judged by its goals, not as a guard
     assert harmed(figures(l2, ["wakeup"])) == []
+    # the words: harmed only where worse; undecided is "not shown unharmed"
+    from schedcp_mcp.optimize import CandidateResult, guard_words
+
+    l2["workloads"][3] = row("pipe", 1.0, "undecided")
+    c = CandidateResult(label="fifo", policy="fifo", strategy="reconfigure", why="test",
+                        figures=figures(l2, ["hackbench"]))
+    c.harmed_guards = harmed(c.figures)
+    assert guard_words(c) == ("harmed the guard workload(s) wakeup, wakeup_tail; "
+                              "did not show pipe unharmed (undecided)")
