@@ -10,6 +10,8 @@ annotations and input parameters exactly as `tools/list` gives them to an agent)
 
 from __future__ import annotations
 
+import re
+
 import argparse
 import inspect
 import json
@@ -49,7 +51,9 @@ def _help(args: list[str]) -> str:
     r = CliRunner().invoke(main, [*args, "--help"], prog_name="schedcp", terminal_width=WIDTH)
     if r.exit_code != 0:
         raise RuntimeError(f"schedcp {' '.join(args)} --help exited {r.exit_code}: {r.output}")
-    return r.output.rstrip() + "\n"
+    # click < 8.5 prints a group's usage as "COMMAND [ARGS]...", 8.5 as "[COMMAND] [ARGS]...": one
+    # spelling, so the committed reference does not depend on which click an environment resolved
+    return re.sub(r"(?m)^(Usage: .*\[OPTIONS\]) COMMAND \[ARGS\]", r"\1 [COMMAND] [ARGS]", r.output.rstrip()) + "\n"
 
 
 def render_cli() -> str:
