@@ -41,15 +41,12 @@ waiting 600 ms twice in one A/A phase. A stall past the watchdog's timeout is th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from .. import config
-from ..errors import InfrastructureError
 
 TRACER_SRC = Path(__file__).parent / "runqwait.bpf.c"
 PIN_DIR = "/sys/fs/bpf/schedcp-rqw"
@@ -131,23 +128,12 @@ class WaitSummary(BaseModel):
 
 def ensure_tracer() -> Path:
     """The compiled tracer object, built by the sandbox toolchain and cached by its source's hash."""
-    src = TRACER_SRC.read_bytes()
-    out = config.sandbox_dir() / "validate" / f"runqwait-{hashlib.sha256(src).hexdigest()[:16]}.bpf.o"
-    if out.exists():
-        return out
     from ..sandbox import toolchain
+    from .workloads import built_in_toolchain
 
-    argv = ["clang", *toolchain.bpf_cflags(), "-c", "runqwait.bpf.c", "-o", "runqwait.bpf.o"]
-    res = toolchain.run(argv, workdir_files={"runqwait.bpf.c": src}, timeout_s=180, outputs=["runqwait.bpf.o"])
-    obj = res.outputs.get("runqwait.bpf.o")
-    if res.rc != 0 or not obj:
-        raise InfrastructureError(f"compiling the run-queue wait tracer failed (exit {res.rc}): {res.stderr[-1500:]}",
-                                  hint="check the sandbox toolchain with `schedcp sandbox build`")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(obj)
-    tmp.replace(out)
-    return out
+    return built_in_toolchain(TRACER_SRC, "runqwait.bpf.o",
+                              ["clang", *toolchain.bpf_cflags(), "-c", "runqwait.bpf.c", "-o", "runqwait.bpf.o"],
+                              timeout_s=180)
 
 
 def phase_script(side: str, tracer: str, probe: str, duration_s: int = DURATION_S) -> str:

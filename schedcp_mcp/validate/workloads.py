@@ -278,23 +278,32 @@ def parse(workload: Workload, text: str) -> dict[str, float]:
 def ensure_probe() -> Path:
     """The static schedcp-probe binary, compiled by the sandbox toolchain (gcc in the trixie chroot) and
     cached under the sandbox dir by the hash of its source."""
-    src = PROBE_SRC.read_bytes()
+    return built_in_toolchain(PROBE_SRC, "schedcp-probe",
+                              ["gcc", "-O2", "-Wall", "-static", "-pthread", "-o", "schedcp-probe", "probe.c"],
+                              mem_mb=1024, mode=0o755)
+
+
+def built_in_toolchain(src_path: Path, out_name: str, argv: list[str], *, timeout_s: float = 120,
+                       mem_mb: int = 2048, mode: int = 0o644) -> Path:
+    """`out_name` built from `src_path` by `argv` in the sandbox toolchain's jail, cached under the
+    sandbox dir by the hash of the source (the probe, the run-queue wait tracer)."""
+    src = src_path.read_bytes()
     digest = hashlib.sha256(src).hexdigest()[:16]
-    out = config.sandbox_dir() / "validate" / f"schedcp-probe-{digest}"
+    stem, dot, ext = out_name.partition(".")
+    out = config.sandbox_dir() / "validate" / f"{stem}-{digest}{dot}{ext}"
     if out.exists():
         return out
     from ..sandbox import toolchain  # the sandbox owns the compiler; imported late to keep parsers light
 
-    argv = ["gcc", "-O2", "-Wall", "-static", "-pthread", "-o", "schedcp-probe", "probe.c"]
-    res = toolchain.run(argv, workdir_files={"probe.c": src}, timeout_s=120, mem_mb=1024,
-                        outputs=["schedcp-probe"])
-    binary = res.outputs.get("schedcp-probe")
-    if res.rc != 0 or not binary:
-        raise InfrastructureError(f"compiling schedcp-probe failed (exit {res.rc}): {res.stderr[-1500:]}",
+    res = toolchain.run(argv, workdir_files={src_path.name: src}, timeout_s=timeout_s, mem_mb=mem_mb,
+                        outputs=[out_name])
+    built = res.outputs.get(out_name)
+    if res.rc != 0 or not built:
+        raise InfrastructureError(f"compiling {out_name} failed (exit {res.rc}): {res.stderr[-1500:]}",
                                   hint="check the sandbox toolchain with `schedcp sandbox build`")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(binary)
-    tmp.chmod(0o755)
+    tmp.write_bytes(built)
+    tmp.chmod(mode)
     tmp.replace(out)
     return out
