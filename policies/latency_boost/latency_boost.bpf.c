@@ -34,6 +34,8 @@ char _license[] SEC("license") = "GPL";
 
 const volatile u64 slice_ns = 5000000ULL;	/* 5 ms */
 const volatile u64 lag_ns = 40000000ULL;	/* 40 ms of sleeper credit */
+
+#define MAX_LEAD_SLICES 4
 const volatile bool preempt = true;
 const volatile u64 preempt_min_ns = 1000000ULL;	/* 1 ms */
 
@@ -105,7 +107,7 @@ static u64 task_burst(struct task_ctx *tctx)
 
 static u64 task_deadline(struct task_struct *p, struct task_ctx *tctx)
 {
-	u64 vtime = p->scx.dsq_vtime, burst = task_burst(tctx);
+	u64 vtime = p->scx.dsq_vtime, burst = task_burst(tctx), deadline;
 
 	if (vtime_before(vtime, vtime_now - lag_ns))
 		vtime = vtime_now - lag_ns;
@@ -113,7 +115,15 @@ static u64 task_deadline(struct task_struct *p, struct task_ctx *tctx)
 	if (burst > slice_ns)
 		burst = slice_ns;
 	burst = scale_by_task_weight_inverse(p, burst);
-	return vtime + burst / (1 + log2_u64(tctx->wake_freq + 1));
+	deadline = vtime + burst / (1 + log2_u64(tctx->wake_freq + 1));
+	/*
+	 * Never more than MAX_LEAD_SLICES slices ahead of vtime_now: nice 19 has
+	 * weight 1 (charged 100x), and behind a busy queue it would wait seconds
+	 * until the watchdog disables the scheduler. Nice-0 tasks never get here.
+	 */
+	if (vtime_before(vtime_now + MAX_LEAD_SLICES * slice_ns, deadline))
+		deadline = vtime_now + MAX_LEAD_SLICES * slice_ns;
+	return deadline;
 }
 
 s32 BPF_STRUCT_OPS(latency_boost_select_cpu, struct task_struct *p,

@@ -41,6 +41,15 @@ UEI_DEFINE(uei);
 /* The vtime of the most recently started task: the queue's "now". */
 static u64 vtime_now;
 
+/*
+ * No task queues more than MAX_LEAD_SLICES slices ahead of vtime_now. Nice 19
+ * has weight 1: one slice run costs it 100 slices of vtime, and behind a busy
+ * queue it waited seconds (khugepaged, 4.4 s: the watchdog's "runnable task
+ * stall"). A nice-0 task is never more than about a slice ahead, so the bound
+ * only shortens low-weight tasks' waits.
+ */
+#define MAX_LEAD_SLICES 4
+
 struct task_ctx {
 	u64 started_at;	/* when the task last started running, 0 if not */
 };
@@ -77,6 +86,9 @@ void BPF_STRUCT_OPS(vtime_fair_enqueue, struct task_struct *p, u64 enq_flags)
 	/* Bound the credit a task that slept (or is new) can claim. */
 	if (vtime_before(vtime, vtime_now - max_credit_ns))
 		vtime = vtime_now - max_credit_ns;
+	/* ... and the debt a low-weight task can owe. */
+	if (vtime_before(vtime_now + MAX_LEAD_SLICES * slice_ns, vtime))
+		vtime = vtime_now + MAX_LEAD_SLICES * slice_ns;
 
 	scx_bpf_dsq_insert_vtime(p, VTIME_DSQ, slice_ns, vtime, enq_flags);
 }

@@ -104,7 +104,8 @@ PRIMITIVES: list[Primitive] = [
         axis="ordering", name="vtime",
         what="Weighted virtual time: a task's vtime advances by the CPU time it used over its weight "
              "(at most one slice per run); the queue runs the smallest vtime first. A sleeper keeps "
-             "at most lag_ns of credit.",
+             "at most lag_ns of credit; no key is more than 4 slices ahead of the queue's now, so a "
+             "low-weight task (nice 19 is charged 100x) waits behind a busy queue, not for seconds.",
         when="Mixed workloads where nice should matter; fairness between many competing tasks.",
         fails="Fairness is not latency: a woken interactive task with a large share waits its turn.",
         params=[_p("lag_ns", "u64", 20 * MS, 0, 1000 * MS,
@@ -113,7 +114,8 @@ PRIMITIVES: list[Primitive] = [
         axis="ordering", name="deadline",
         what="Earliest deadline first over virtual time: deadline = vtime (sleep credit clamped to "
              "lag_ns) + the task's expected burst (capped at runtime_cap_ns, over its weight), "
-             "divided by 1 + log2(1 + wakeups/s) when wake_freq_boost is on.",
+             "divided by 1 + log2(1 + wakeups/s) when wake_freq_boost is on; never more than 4 "
+             "slices ahead of the queue's now.",
         when="Latency under background load: short, frequent sleepers (input, audio, RPC threads) "
              "get early deadlines; the base of wakeup preemption.",
         fails="Per-task statistics take a few wakeups to adapt; a task can game the boost by "
@@ -271,7 +273,8 @@ PRIMITIVES: list[Primitive] = [
 CLASS_TREATMENTS = {
     "boost": "runs first: full sleep credit (vtime/deadline: key = vtime_now - lag_ns) or the head "
              "of the queue (fifo)",
-    "background": "runs behind others: its key is bg_penalty_ns later (vtime/deadline only)",
+    "background": "runs behind others: its key is bg_penalty_ns later, at most 4 slices ahead of the "
+                  "queue's now so it still runs (vtime/deadline only)",
     "local": "per-CPU kthreads only: dispatched straight to their CPU's local queue",
 }
 CLASS_PARAMS = [
