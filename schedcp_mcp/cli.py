@@ -6,7 +6,6 @@ infrastructure error.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import sys

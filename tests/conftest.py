@@ -21,6 +21,14 @@ REAL_SANDBOX = Path(os.environ.get("SCHEDCP_SANDBOX_DIR")
 os.environ["SCHEDCP_SANDBOX_DIR"] = str(REAL_SANDBOX)
 
 
+def pytest_collection_modifyitems(items):
+    """One convention: a test that uses the built image (`manifest`, or `vm` which needs it) is marked
+    `image`, so `-m "not vm and not image"` is the fast set that runs on a machine without the image."""
+    for item in items:
+        if {"manifest", "vm"} & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("vm"):
+            item.add_marker(pytest.mark.image)
+
+
 @contextmanager
 def home_env(path: Path):
     """Point SCHEDCP_HOME at `path` for a module-scoped fixture; restore it exactly afterwards."""
