@@ -1397,6 +1397,81 @@ def optimize(workloads: tuple[str, ...], goals: tuple[str, ...], target: str, bu
     sys.exit(rep.exit_code)
 
 
+# --- watch ------------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--psi-above", type=click.FloatRange(0, 100), help="start a cycle when the CPU's pressure "
+              "(PSI some avg10, %) rises above this")
+@click.option("--reward-below", type=float, help="... when this deployment's reward falls below this "
+              "(with --deployment)")
+@click.option("--deployment", help="the deployment --reward-below watches (dep-…)")
+@click.option("--unlike-profile", type=click.FloatRange(0, 1), help="... when the machine's behaviour's "
+              "similarity to --profile falls below this (0..1)")
+@click.option("--profile", help="the profile --unlike-profile compares with (prof-…)")
+@click.option("--workload", "workloads", multiple=True, help="what each cycle optimizes for (repeatable)")
+@click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO")
+@click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True,
+              help="a cycle deploys to the sandbox's staging VM, or (host) stops at the human's command")
+@click.option("--budget", "budget_s", default=600.0, show_default=True,
+              type=click.FloatRange(0, 86400, min_open=True), help="seconds per cycle")
+@click.option("--max-candidates", default=3, show_default=True, type=click.IntRange(1, 10))
+@click.option("--min-interval", "min_interval_s", default=3600.0, show_default=True,
+              type=click.FloatRange(0), help="seconds from one cycle's start to the next's")
+@click.option("--max-cycles", default=1, show_default=True, type=click.IntRange(1, 100))
+@click.option("--interval", "interval_s", default=5.0, show_default=True,
+              type=click.FloatRange(0, min_open=True), help="seconds between two evaluations")
+@click.option("--for", "duration_s", type=click.FloatRange(0, min_open=True),
+              help="stop watching after this many seconds (default: after --max-cycles)")
+@json_option
+def watch(psi_above, reward_below, deployment, unlike_profile, profile, workloads, goals, target,
+          budget_s, max_candidates, min_interval_s, max_cycles, interval_s, duration_s, as_json) -> None:
+    """Proactive optimize cycles: watch the machine and run `schedcp optimize` when a condition rises
+    (CPU pressure up, a deployment's reward down, the workload no longer like its profile), at most
+    --max-cycles times and never twice within --min-interval. Never deploys to the host. Exit 0 when
+    every cycle found a winner, 1 otherwise (or when no condition rose)."""
+    import anyio
+
+    from . import optimize as opt
+    from .candidates import check_layer2_request
+    from .learn.callbacks import Condition
+    from .proactive import WatchRequest, watch as run_watch
+
+    conds = []
+    if psi_above is not None:
+        conds.append(Condition(kind="psi_cpu_above", threshold=psi_above, cooldown_s=0))
+    if reward_below is not None:
+        if not deployment:
+            raise click.UsageError("--reward-below needs --deployment dep-…")
+        from .records import get_deployment
+        get_deployment(deployment)  # a wrong id fails now, not at the first evaluation
+        conds.append(Condition(kind="reward_below", threshold=reward_below, deployment_id=deployment, cooldown_s=0))
+    if unlike_profile is not None:
+        if not profile:
+            raise click.UsageError("--unlike-profile needs --profile prof-…")
+        from .observe.profile import get_profile
+        get_profile(profile)
+        conds.append(Condition(kind="profile_changed", threshold=unlike_profile, profile_id=profile, cooldown_s=0))
+    if not conds:
+        raise click.UsageError("give a condition: --psi-above, --reward-below or --unlike-profile")
+    parsed_goals = parse_goals(goals)
+    check_layer2_request(parsed_goals, list(workloads) or None, 3, None)
+    req = WatchRequest(conditions=conds, min_interval_s=min_interval_s, max_cycles=max_cycles,
+                       interval_s=interval_s, duration_s=duration_s,
+                       optimize=opt.OptimizeRequest(workloads=list(workloads), goals=parsed_goals, target=target,
+                                                    budget_s=budget_s, max_candidates=max_candidates))
+
+    async def one_cycle(r):
+        with progress_bar("optimize", not as_json) as bar:
+            return await opt.run(r, bar)
+
+    say = (lambda m: None) if as_json else (lambda m: err_console.print(f"watch: {m}"))
+    res = anyio.run(run_watch, req, one_cycle, say)
+    emit(res, as_json, lambda r: console.print(
+        f"{len(r.cycles)} cycle(s) after {r.evaluations} evaluation(s); {r.stopped}" + "".join(
+            f"\n  {c.id}: exit {c.exit_code} — {c.trigger}; {c.why}" for c in r.cycles)))
+    sys.exit(0 if res.cycles and all(c.exit_code == 0 for c in res.cycles) else 1)
+
+
 # --- agents -----------------------------------------------------------------------------------------
 
 @main.group()
