@@ -1442,11 +1442,17 @@ def bench() -> None:
 
 
 @bench.command("verify")
-def bench_verify() -> None:
-    """Cold (VM boot + load), warm (VM running, new object) and cached verify times."""
+@click.option("--runs", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="cold verifies of each kind (restored, booted) to take the median of")
+@json_option
+def bench_verify(runs: int, as_json: bool) -> None:
+    """Cold (VM restored from the saved idle state + load; and, as the baseline, booted), warm (VM
+    running, new object) and cached verify times, with the machine's load average."""
     from .verify.bench import bench_verify as run
 
-    run()
+    res = run(runs=runs, say=(lambda line: None) if as_json else None)
+    if as_json:
+        emit(res, True, lambda r: None)
 
 
 @bench.command("tools")

@@ -394,6 +394,7 @@ class VM:
         self.console_path = self.dir / "console.log"
         self.qmp_path = self.sock_path.with_name(self.sock_path.stem + ".qmp")
         self._finalizer = None
+        self._killed = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -463,7 +464,10 @@ class VM:
                     return self
                 except (InfrastructureError, TimeoutError, ConnectionError, OSError) as e:
                     why = f"restoring the saved VM state {self.state_path().name} failed: {e}"
+                    stopped = self._killed  # by its owner (a cancelled verify): do not boot then
                     self._discard()
+                    if stopped:
+                        raise TransientError("the sandbox VM was stopped while it was being restored") from e
                     self.dir.mkdir(parents=True, exist_ok=True)
                 finally:
                     os.close(fd)
@@ -493,6 +497,7 @@ class VM:
             self._finalizer.detach()
             self._finalizer = None
         self.proc = self.pid = None
+        self._killed = False
 
     def _restore(self, fd: int, saved: dict) -> None:
         """Start qemu waiting for a state, connect the agent's socket (so the restored guest never
@@ -511,14 +516,27 @@ class VM:
             vmstate.restore(qmp, fd, deadline)
         finally:
             qmp.close()
-        self._ping(deadline)
+        # the first command on the new channel (it proves the agent answers) sets the wall clock
+        rc, res = self._request(f"date -u -s @{time.time():.0f} >/dev/null", deadline)
+        if rc != 0:
+            raise InfrastructureError(f"could not set the restored guest's clock: {res['stderr'].strip()[:200]}")
         self.kernel_version = saved.get("kernel_version", "")
         self.boot_path = "restore"
         self.boot_s = time.monotonic() - t0
         _realtime_if_asked(self.pid)
-        r = self.run(f"date -u -s @{time.time():.0f} >/dev/null", timeout_s=max(5.0, deadline - time.monotonic()))
-        if r.rc != 0:
-            raise InfrastructureError(f"could not set the restored guest's clock: {r.stderr.strip()[:200]}")
+
+    def _request(self, script: str, deadline: float, files: dict[str, bytes] | None = None,
+                 outputs: list[str] | None = None) -> tuple[int, dict]:
+        """One RUN over the channel: (rc, stdout/stderr/outputs). Raises TimeoutError or
+        ConnectionError/OSError and leaves the VM as it is (run() decides what a failure means)."""
+        payload = _pack_request(script, files or {}, outputs or [])
+        rid = secrets.token_hex(6)
+        self._chan.send(f"RUN {rid} {len(payload)}\n".encode() + payload, deadline)
+        while True:
+            parts = self._chan.readline(deadline, self._alive).split()
+            if len(parts) == 4 and parts[0] == "DONE" and parts[1] == rid:
+                body = self._chan.readexact(int(parts[3]), deadline, self._alive)
+                return int(parts[2]), _unpack_result(body)
 
     def _ping(self, deadline: float) -> None:
         nonce = secrets.token_hex(6)
@@ -599,6 +617,7 @@ class VM:
 
     def kill(self) -> None:
         """Kill the qemu process group now."""
+        self._killed = True
         if self._chan is not None:
             self._chan.sock.close()
             self._chan = None
@@ -665,19 +684,10 @@ class VM:
         outputs = outputs or []
         for n in list(files) + outputs:
             _check_rel(n)
-        payload = _pack_request(script, files, outputs)
-        rid = secrets.token_hex(6)
         t0 = time.monotonic()
         deadline = t0 + timeout_s
         try:
-            self._chan.send(f"RUN {rid} {len(payload)}\n".encode() + payload, deadline)
-            while True:
-                line = self._chan.readline(deadline, self._alive)
-                parts = line.split()
-                if len(parts) == 4 and parts[0] == "DONE" and parts[1] == rid:
-                    rc, size = int(parts[2]), int(parts[3])
-                    body = self._chan.readexact(size, deadline, self._alive)
-                    break
+            rc, res = self._request(script, deadline, files, outputs)
         except TimeoutError:
             self._die()
             raise GuestTimeout(f"the guest command did not finish within {timeout_s:.0f} s; the VM was killed",
@@ -686,7 +696,6 @@ class VM:
             self._die()
             raise TransientError(f"the sandbox VM died during a command: {e}",
                                       hint="console tail: " + self.console()[-600:].strip().replace("\n", " | "))
-        res = _unpack_result(body)
         return GuestResult(rc=rc, duration_s=time.monotonic() - t0, **res)
 
     def _die(self) -> None:
