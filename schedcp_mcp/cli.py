@@ -1446,8 +1446,11 @@ def bench() -> None:
               help="cold verifies of each kind (restored, booted) to take the median of")
 @json_option
 def bench_verify(runs: int, as_json: bool) -> None:
-    """Cold (VM restored from the saved idle state + load; and, as the baseline, booted), warm (VM
-    running, new object) and cached verify times, with the machine's load average."""
+    """Cold, warm and cached verify times (cold: restored and, as the baseline, booted).
+
+    Cold starts a VM for a new object: restored from the image's saved idle guest, and booted as
+    the baseline, interleaved in the same run; warm loads a new object in a running VM; cached
+    answers the same source again from the store. The machine's load average is printed too."""
     from .verify.bench import bench_verify as run
 
     res = run(runs=runs, say=(lambda line: None) if as_json else None)

@@ -222,3 +222,24 @@ def test_two_concurrent_first_verifies_leave_one_good_state(manifest, tmp_path, 
     assert r.verdict == "accepted" and "vm_restore" in r.durations
     with VM(restore=True) as vm:
         assert vm.boot_path == "restore", vm.restore_note
+
+
+@pytest.mark.vm
+def test_a_restored_vm_powers_off_when_its_owner_is_killed(states):
+    """The restored guest is still an ephemeral one: SIGKILL its owner (no finalizer runs) and the
+    guest sees its channel close and powers off; no qemu is left behind."""
+    code = ("import sys, time; from schedcp_mcp.sandbox.vm import VM; vm = VM(restore=True).start(); "
+            "print(vm.boot_path, vm.pid, flush=True); time.sleep(120)")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        path, pid = owner.stdout.readline().split()
+        assert path == "restore"
+        qemu = psutil.Process(int(pid))
+    finally:
+        owner.kill()
+        owner.wait()
+    try:
+        qemu.wait(timeout=20)
+    except psutil.TimeoutExpired:
+        qemu.kill()
+        pytest.fail("the restored VM outlived its SIGKILLed owner")

@@ -456,6 +456,9 @@ class VM:
             raise InfrastructureError(f"{QEMU} is not installed", hint="apt-get install qemu-system-x86")
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.restore:
+            # a VM whose owner was SIGKILLed while its state was being saved stays paused (it cannot
+            # see its host go): the next restore=True start in this home ends it
+            reap_orphans()
             key = self.state_key()
             fd, saved, why = vmstate.open_state(self.state_path(), key)
             if fd is not None:
