@@ -460,13 +460,16 @@ class VM:
             # see its host go): the next restore=True start in this home ends it
             reap_orphans()
             key = self.state_key()
-            fd, saved, why = vmstate.open_state(self.state_path(), key)
+            try:
+                fd, saved, why = vmstate.open_state(self.state_path(), key)
+            except OSError as e:  # no state directory (a read-only sandbox dir): just boot
+                fd, saved, why, key = None, {}, f"no place for saved VM states: {e}", None
             if fd is not None:
                 try:
                     self._restore(fd, saved)
                     return self
-                except (InfrastructureError, TimeoutError, ConnectionError, OSError) as e:
-                    why = f"restoring the saved VM state {self.state_path().name} failed: {e}"
+                except (InfrastructureError, TimeoutError, ConnectionError, OSError, ValueError) as e:
+                    why = f"restoring the saved VM state {self.state_path().name} failed: {e}{self._qemu_log()}"
                     stopped = self._killed  # by its owner (a cancelled verify): do not boot then
                     self._discard()
                     if stopped:
@@ -476,7 +479,7 @@ class VM:
                     os.close(fd)
             self.restore_note = why
         self._boot()
-        if self.restore:
+        if self.restore and key is not None:
             self._save_state(key)
         return self
 
