@@ -213,7 +213,10 @@ def test_two_concurrent_first_verifies_leave_one_good_state(manifest, tmp_path, 
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and out.startswith("accepted"), err[-2000:]
-        assert "vm_boot" in out and "vm_state_save" in out  # both were first: both booted and saved
+    # both start before either has saved (a boot takes seconds), so normally both boot and save;
+    # one that found the other's state already there restored from it
+    assert sum("vm_state_save" in out for out, _ in outs) >= 1
+    assert all("vm_state_save" in out or "vm_restore" in out for out, _ in outs)
     files = sorted(x.name for x in d.iterdir())
     assert files == [f"{manifest.build_id}-small.vmstate"], files  # one state, no temporary left over
     monkeypatch.setenv("SCHEDCP_VMSTATE_DIR", str(d))
