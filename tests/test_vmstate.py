@@ -106,9 +106,10 @@ def states(state_dir, monkeypatch) -> Path:
 
 
 def _own_dir(states: Path, tmp_path: Path, monkeypatch) -> Path:
-    """A copy of the saved state in a directory of this test's own (it may be replaced there)."""
+    """The saved state in a directory of this test's own (it may be replaced there). Hard links,
+    not copies: a state file is never written in place, only replaced by a rename."""
     d = tmp_path / "vmstate"
-    shutil.copytree(states, d)
+    shutil.copytree(states, d, copy_function=os.link)
     monkeypatch.setenv("SCHEDCP_VMSTATE_DIR", str(d))
     return d
 
@@ -174,7 +175,7 @@ def test_a_state_saved_for_another_image_build_is_refused_and_the_vm_boots(state
     d = _own_dir(states, tmp_path, monkeypatch)
     other = manifest.model_copy(update={"build_id": "0" * 16})
     real = d / f"{manifest.build_id}-small.vmstate"
-    shutil.copy(real, d / f"{other.build_id}-small.vmstate")  # where the other build would look
+    os.link(real, d / f"{other.build_id}-small.vmstate")  # where the other build would look
     with VM(restore=True, _manifest=other) as vm:
         assert vm.boot_path == "boot"
         assert f"image build differs: saved '{manifest.build_id}', this VM '{other.build_id}'" in vm.restore_note
