@@ -19,6 +19,15 @@ REAL_SANDBOX = Path(os.environ.get("SCHEDCP_SANDBOX_DIR")
 
 # module-scoped fixtures run before the per-test ones below: they must see the real image too
 os.environ["SCHEDCP_SANDBOX_DIR"] = str(REAL_SANDBOX)
+# the saved VM states the verify path restores (sandbox/vmstate.py) go to a directory of this test
+# session, not beside the shared image: the first cold verify of the session boots and saves one
+if not os.environ.get("SCHEDCP_VMSTATE_DIR"):
+    import atexit
+    import tempfile
+
+    _VMSTATE = tempfile.mkdtemp(prefix="schedcp-test-vmstate-")
+    os.environ["SCHEDCP_VMSTATE_DIR"] = _VMSTATE
+    atexit.register(shutil.rmtree, _VMSTATE, True)
 
 
 def pytest_configure(config):

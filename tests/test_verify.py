@@ -285,7 +285,8 @@ def test_cold_verify_boots_while_compiling_and_drops_the_vm_on_early_rejection(m
         time.sleep(0.2)
     assert not kids, "the VM booted for a rejected candidate is still running"
     cold = verify_source(fixture("minimal"), use_cache=False)
-    assert cold.verdict == "accepted" and cold.durations["vm_boot"] > 0
+    # booted, or restored from the image's saved idle guest (test_vmstate.py)
+    assert cold.verdict == "accepted" and (cold.durations.get("vm_boot") or cold.durations["vm_restore"]) > 0
 
 
 @pytest.mark.vm

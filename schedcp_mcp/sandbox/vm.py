@@ -24,6 +24,11 @@ Named VMs are long-lived and shared between processes (`VM.start_named("staging"
 recorded in that home's database own them), one process is attached at a time (an flock), and the guest powers itself off
 after `idle_timeout_s` without requests, so a forgotten one ends by itself.
 
+Restore instead of boot (`VM(restore=True)`, the verify path): the guest is restored from a saved
+state of a booted, idle guest of this image (see vmstate.py) in a fraction of a boot; when there is
+no usable state the VM boots, and saves one before anything runs in it. `vm.boot_path` says which
+("restore" or "boot") and `vm.restore_note` why it booted. `$SCHEDCP_VM_RESTORE=0` turns it off.
+
 Acceleration: KVM when a quick probe boot works (nested KVM on some hosts exists but faults), TCG
 (`-accel tcg,thread=single -cpu max`: multi-threaded TCG crashed the guest while
 switching schedulers, see _cmdline) otherwise; the probe result is cached in `<sandbox>/accel.json`.
@@ -54,12 +59,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import config
 from ..errors import BadInput, InfrastructureError, TransientError
-from . import image
+from . import image, vmstate
 
 AGENT_PORT = "org.schedcp.agent"
 QEMU = os.environ.get("SCHEDCP_QEMU", "qemu-system-x86_64")
 #: qemu's minimal firmware: it hands over to the kernel faster than SeaBIOS (measured under TCG)
 QBOOT = Path("/usr/share/qemu/qboot.rom")
+
+
+def restore_enabled() -> bool:
+    """Whether the verify path restores saved VM states ($SCHEDCP_VM_RESTORE=0: always boot)."""
+    return os.environ.get("SCHEDCP_VM_RESTORE", "1") != "0"
 
 
 class GuestTimeout(TransientError):
@@ -352,7 +362,7 @@ class VM:
 
     def __init__(self, *, full: bool = False, accel: str | None = None, mem_mb: int = 1536, cpus: int = 2,
                  boot_timeout_s: float | None = None, idle_timeout_s: int = 0, extra_cmdline: str = "",
-                 _vmdir: Path | None = None, _detached: bool = False, _manifest: image.Manifest | None = None):
+                 restore: bool = False, _vmdir: Path | None = None, _detached: bool = False, _manifest: image.Manifest | None = None):
         self.manifest = _manifest or image.ensure()
         self.full = full
         self.accel = accel or probe_accel()
@@ -364,6 +374,11 @@ class VM:
         self.name: str | None = None
         self.kernel_version: str = ""
         self.boot_s: float = 0.0
+        #: restore from a saved state of a booted idle guest instead of booting (ephemeral VMs only)
+        self.restore = restore and not _detached
+        self.boot_path: str = ""        # "restore" or "boot", once started
+        self.restore_note: str = ""     # why a restore=True VM booted (and whether it saved a state)
+        self.state_save_s: float = 0.0
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
         self._chan: _Channel | None = None
@@ -377,11 +392,13 @@ class VM:
         self.dir = _vmdir
         self.sock_path = _sock_path(self.dir)
         self.console_path = self.dir / "console.log"
+        self.qmp_path = self.sock_path.with_name(self.sock_path.stem + ".qmp")
         self._finalizer = None
+        self._killed = False
 
     # ------------------------------------------------------------ lifecycle
 
-    def _cmdline(self) -> list[str]:
+    def _cmdline(self, incoming: bool = False) -> list[str]:
         m = self.manifest
         initrd = m.paths.initramfs_full if self.full else m.paths.initramfs
         # quiet: a serial console is slow under TCG; panic=-1 + -no-reboot: a panic ends qemu
@@ -407,7 +424,30 @@ class VM:
             "-chardev", f"socket,id=agent,path={self.sock_path},server=on,wait=off",
             "-device", f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT}",
             "-pidfile", str(self.dir / "qemu.pid"),
+            # QMP (not a guest device): to save this guest's state, or to restore one into it
+            *(["-qmp", f"unix:{self.qmp_path},server=on,wait=off"] if self.restore else []),
+            *(["-incoming", "defer"] if incoming else []),
         ]
+
+    @property
+    def variant(self) -> str:
+        return "full" if self.full else "small"
+
+    def state_key(self) -> dict:
+        """What a saved state must have been saved with to stand in for this VM's boot: the image
+        build, qemu, the accelerator, CPUs, memory and the machine arguments (this VM's own paths
+        blanked: they are the host's side, not the guest's)."""
+        argv = self._cmdline()
+        if "-qmp" in argv:
+            i = argv.index("-qmp")
+            del argv[i:i + 2]
+        norm = [a.replace(str(self.sock_path), "<agent.sock>").replace(str(self.dir), "<vmdir>") for a in argv[1:]]
+        return {"build_id": self.manifest.build_id, "qemu": vmstate.qemu_version(QEMU), "accel": self.accel,
+                "cpus": self.cpus, "mem_mb": self.mem_mb,
+                "host_cpu": vmstate.host_cpu() if self.accel == "kvm" else "", "machine": norm}
+
+    def state_path(self) -> Path:
+        return vmstate.state_path(self.manifest.build_id, self.variant)
 
     def start(self) -> "VM":
         if self.proc is not None:
@@ -415,20 +455,123 @@ class VM:
         if shutil.which(QEMU) is None:
             raise InfrastructureError(f"{QEMU} is not installed", hint="apt-get install qemu-system-x86")
         self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self.sock_path.unlink()
-        except FileNotFoundError:
-            pass
-        t0 = time.monotonic()
+        if self.restore:
+            # a VM whose owner was SIGKILLed while its state was being saved stays paused (it cannot
+            # see its host go): the next restore=True start in this home ends it
+            reap_orphans()
+            key = self.state_key()
+            try:
+                fd, saved, why = vmstate.open_state(self.state_path(), key)
+            except OSError as e:  # no state directory (a read-only sandbox dir): just boot
+                fd, saved, why, key = None, {}, f"no place for saved VM states: {e}", None
+            if fd is not None:
+                try:
+                    self._restore(fd, saved)
+                    return self
+                except (InfrastructureError, TimeoutError, ConnectionError, OSError, ValueError) as e:
+                    why = f"restoring the saved VM state {self.state_path().name} failed: {e}{self._qemu_log()}"
+                    stopped = self._killed  # by its owner (a cancelled verify): do not boot then
+                    self._discard()
+                    if stopped:
+                        raise TransientError("the sandbox VM was stopped while it was being restored") from e
+                    self.dir.mkdir(parents=True, exist_ok=True)
+                finally:
+                    os.close(fd)
+            self.restore_note = why
+        self._boot()
+        if self.restore and key is not None:
+            self._save_state(key)
+        return self
+
+    def _spawn(self, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+        for p in (self.sock_path, self.qmp_path):
+            p.unlink(missing_ok=True)
         log = open(self.dir / "qemu.log", "wb")
-        self.proc = subprocess.Popen(self._cmdline(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     start_new_session=True, pass_fds=pass_fds)
         log.close()
         self.pid = self.proc.pid
         if not self._detached:
             self._reg_path = _register(self)
             self._finalizer = weakref.finalize(self, _finalize, self.proc, self._tmpdir)
             _LIVE.add(self)
+
+    def _discard(self) -> None:
+        """After a failed restore: kill that qemu (keeping the VM's dir) so that a boot can follow."""
+        self.kill()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self.proc = self.pid = None
+        self._killed = False
+
+    def _restore(self, fd: int, saved: dict) -> None:
+        """Start qemu waiting for a state, connect the agent's socket (so the restored guest never
+        sees its host go away: an ephemeral guest would power off), load the state, and check that
+        the agent answers on the new channel; then set the guest's wall clock, which stood still."""
+        t0 = time.monotonic()
+        deadline = t0 + min(self.boot_timeout_s, 60.0)
+        self._spawn(self._cmdline(incoming=True), pass_fds=(fd,))
+        qmp = vmstate.QMP(self.qmp_path, deadline, self._alive)
+        try:
+            self._connect(deadline)
+            while not qmp.agent_connected():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("qemu did not accept the agent connection")
+                time.sleep(0.002)
+            vmstate.restore(qmp, fd, deadline)
+        finally:
+            qmp.close()
+        # the first command on the new channel (it proves the agent answers) sets the wall clock
+        rc, res = self._request(f"date -u -s @{time.time():.0f} >/dev/null", deadline)
+        if rc != 0:
+            raise InfrastructureError(f"could not set the restored guest's clock: {res['stderr'].strip()[:200]}")
+        self.kernel_version = saved.get("kernel_version", "")
+        self.boot_path = "restore"
+        self.boot_s = time.monotonic() - t0
+        _realtime_if_asked(self.pid)
+
+    def _request(self, script: str, deadline: float, files: dict[str, bytes] | None = None,
+                 outputs: list[str] | None = None) -> tuple[int, dict]:
+        """One RUN over the channel: (rc, stdout/stderr/outputs). Raises TimeoutError or
+        ConnectionError/OSError and leaves the VM as it is (run() decides what a failure means)."""
+        payload = _pack_request(script, files or {}, outputs or [])
+        rid = secrets.token_hex(6)
+        self._chan.send(f"RUN {rid} {len(payload)}\n".encode() + payload, deadline)
+        while True:
+            parts = self._chan.readline(deadline, self._alive).split()
+            if len(parts) == 4 and parts[0] == "DONE" and parts[1] == rid:
+                body = self._chan.readexact(int(parts[3]), deadline, self._alive)
+                return int(parts[2]), _unpack_result(body)
+
+    def _ping(self, deadline: float) -> None:
+        nonce = secrets.token_hex(6)
+        self._chan.send(f"PING {nonce}\n".encode(), deadline)
+        while self._chan.readline(deadline, self._alive) != f"PONG {nonce}":
+            pass  # skips anything unread
+
+    def _save_state(self, key: dict) -> None:
+        """Save this freshly booted, idle guest as the state later VMs restore (before anything ran)."""
+        path = self.state_path()
+        try:
+            qmp = vmstate.QMP(self.qmp_path, time.monotonic() + 10, self._alive)
+            try:
+                self.state_save_s = vmstate.save(qmp, path, {**key, "kernel_version": self.kernel_version,
+                                                             "saved_at": time.time()})
+            finally:
+                qmp.close()
+            self.restore_note += f"; saved a new VM state ({self.state_save_s:.2f} s)"
+        except (InfrastructureError, TimeoutError, ConnectionError, OSError, ValueError) as e:
+            self.restore_note += f"; could not save a VM state: {e}"
+        try:
+            self._ping(time.monotonic() + 15)  # the guest runs on after the save
+        except (TimeoutError, ConnectionError, OSError) as e:
+            self.close(graceful=False)
+            raise TransientError(f"the sandbox VM stopped answering after its state was saved: {e}") from e
+
+    def _boot(self) -> None:
+        t0 = time.monotonic()
+        self._spawn(self._cmdline())
         deadline = t0 + self.boot_timeout_s
         try:
             self._connect(deadline)
@@ -448,8 +591,8 @@ class VM:
                 self._finalizer()  # an ephemeral VM's temporary dir goes too
             raise err from e
         self.boot_s = time.monotonic() - t0
+        self.boot_path = "boot"
         _realtime_if_asked(self.pid)
-        return self
 
     def _qemu_log(self) -> str:
         try:
@@ -480,6 +623,7 @@ class VM:
 
     def kill(self) -> None:
         """Kill the qemu process group now."""
+        self._killed = True
         if self._chan is not None:
             self._chan.sock.close()
             self._chan = None
@@ -546,19 +690,10 @@ class VM:
         outputs = outputs or []
         for n in list(files) + outputs:
             _check_rel(n)
-        payload = _pack_request(script, files, outputs)
-        rid = secrets.token_hex(6)
         t0 = time.monotonic()
         deadline = t0 + timeout_s
         try:
-            self._chan.send(f"RUN {rid} {len(payload)}\n".encode() + payload, deadline)
-            while True:
-                line = self._chan.readline(deadline, self._alive)
-                parts = line.split()
-                if len(parts) == 4 and parts[0] == "DONE" and parts[1] == rid:
-                    rc, size = int(parts[2]), int(parts[3])
-                    body = self._chan.readexact(size, deadline, self._alive)
-                    break
+            rc, res = self._request(script, deadline, files, outputs)
         except TimeoutError:
             self._die()
             raise GuestTimeout(f"the guest command did not finish within {timeout_s:.0f} s; the VM was killed",
@@ -567,7 +702,6 @@ class VM:
             self._die()
             raise TransientError(f"the sandbox VM died during a command: {e}",
                                       hint="console tail: " + self.console()[-600:].strip().replace("\n", " | "))
-        res = _unpack_result(body)
         return GuestResult(rc=rc, duration_s=time.monotonic() - t0, **res)
 
     def _die(self) -> None:

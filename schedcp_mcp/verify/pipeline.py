@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from .. import config, store
 from ..sandbox import image, scheduler
 from ..repository.policies import get_policy
-from ..sandbox.vm import VM, GuestTimeout
+from ..sandbox.vm import VM, GuestTimeout, restore_enabled
 from ..errors import BadInput, InfrastructureError
 from . import btf as btfmod
 from . import verifier
@@ -83,7 +83,9 @@ def _save_object(obj: bytes) -> tuple[str, str]:
 
 
 class _BootInBackground:
-    """Boot a throwaway sandbox VM while the source compiles (the boot is most of a cold verify).
+    """Start a throwaway sandbox VM while the source compiles (the boot is most of a cold verify):
+    restored from the image's saved idle-guest state when there is a usable one (see
+    sandbox/vmstate.py), else booted (and the state saved for the next verify).
 
     `get()` waits for it; `cancel()` kills it at once when an earlier stage already rejected the
     candidate, so a compile error is never slowed down by a boot."""
@@ -97,7 +99,7 @@ class _BootInBackground:
 
         def boot() -> None:
             try:
-                self.vm = VM()
+                self.vm = VM(restore=restore_enabled())
                 if not self.cancelled:
                     self.vm.start()
                     self.boot_s = time.monotonic() - self.t0
@@ -354,7 +356,11 @@ class _Layer1:
         with _sandbox_vm(vm, self.booting) as v:
             self.r.durations["vm_wait"] = round(time.monotonic() - t0, 4)
             if self.booting is not None:
-                self.r.durations["vm_boot"] = round(self.booting.boot_s, 4)
+                # the VM's start: vm_restore when restored from a saved state, vm_boot when booted
+                path = "vm_restore" if v.boot_path == "restore" else "vm_boot"
+                self.r.durations[path] = round(self.booting.boot_s, 4)
+                if v.state_save_s:
+                    self.r.durations["vm_state_save"] = round(v.state_save_s, 4)
             self.say("loading in the sandbox kernel (verifier)", 0.8)
             if not v.alive:
                 raise InfrastructureError("the sandbox VM given for this verify is not running",
