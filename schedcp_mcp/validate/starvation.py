@@ -84,7 +84,12 @@ run chrt -b 0 $PROBE wakeup -t 2 -H 0 -p 7000 -d $ms
 run stress-ng --fork 1 -t $D
 """
 #: the tracer's on/off switch (rqw_on[0], a u64)
-_ON = "bpftool map update name rqw_on key 0 0 0 0 value {} 0 0 0 0 0 0 0"
+ON = "bpftool map update name rqw_on key 0 0 0 0 value {} 0 0 0 0 0 0 0"
+#: the tracer's maps as the guest prints them: per task, the wait histogram, the wake graph, per CPU
+DUMPS = ("echo '@@RQW'; bpftool map dump name rqw_tasks 2>/dev/null; echo '@@RQWEND'\n"
+         "echo '@@RQH'; bpftool map dump name rqw_hist 2>/dev/null; echo '@@RQHEND'\n"
+         "echo '@@RQE'; bpftool map dump name rqw_wakes 2>/dev/null; echo '@@RQEEND'\n"
+         "echo '@@RQC'; bpftool map dump name rqw_cpus 2>/dev/null; echo '@@RQCEND'\n")
 
 
 class TaskWait(BaseModel):
@@ -143,13 +148,11 @@ def phase_script(side: str, tracer: str, probe: str, duration_s: int = DURATION_
             f"echo \"@@RQWERR $(tail -c 300 $L/rqw.err | tr '\\n' ' ')\"\n"
             f"snap starve-{side}\n"
             f"(D={duration_s}; PROBE={probe}\n{LOAD}\n"
-            f"sleep {WARM_S}; {_ON.format(1)}; sleep {WINDOW_S}; {_ON.format(0)}\n"
+            f"sleep {WARM_S}; {ON.format(1)}; sleep {WINDOW_S}; {ON.format(0)}\n"
             "wait)\n"
             f"sleep {SETTLE_S}\n"
             f"snap starve-{side}\n"
-            "echo '@@RQW'; bpftool map dump name rqw_tasks 2>/dev/null; echo '@@RQWEND'\n"
-            "echo '@@RQH'; bpftool map dump name rqw_hist 2>/dev/null; echo '@@RQHEND'\n"
-            f"rm -rf {PIN_DIR}\n")
+            f"{DUMPS}rm -rf {PIN_DIR}\n")
 
 
 def _block(text: str, tag: str):
