@@ -314,3 +314,27 @@ def _longer_slice(pol, params, spec) -> Change | None:
     if "slice_ns" in _knobs(pol):
         return _set(pol, params, slice_ns=cur * 2)
     return None
+
+
+def evidence_lines(l2: Layer2Result) -> list[str]:
+    """Every traced phase of a report, candidate and default side by side (validate.evidence)."""
+    from .validate.evidence import summary_lines
+
+    out: list[str] = []
+    for ph in dict.fromkeys(e.phase for e in l2.evidence):
+        by = {e.side: e for e in l2.evidence if e.phase == ph}
+        out += summary_lines(by.get("baseline"), by.get("candidate"))
+    if l2.counters:
+        out.append("policy counters: " + ", ".join(f"{k} {v}" for k, v in sorted(l2.counters.items())))
+    return out
+
+
+def brief(l2: Layer2Result, lost: list[str] | None = None) -> list[str]:
+    """What lost, in a line per lost phase: the candidate's side only (the re-planning chain)."""
+    lost = lost if lost is not None else lost_phases(l2)
+    out = []
+    for ph in [*lost, "starvation"]:
+        _, c = _pair(l2.evidence, ph)
+        if c:
+            out.append(f"{ph}: " + c.line().split(": ", 1)[1])
+    return out
