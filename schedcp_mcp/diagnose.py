@@ -229,10 +229,11 @@ def _spec(base: SchedulerSpec | None, pol: Policy | None, pparams: dict[str, str
         spec = base.model_copy(update={"name": (base.name[:20] + "_" + suffix[:3])[:24], **axes})
     else:
         fifo = pol is not None and pol.name == "fifo"
+        fields = {"queue": "builtin_global" if fifo else "global", "ordering": "fifo" if fifo else "vtime",
+                  "params": {"slice_ns": min(_slice(pol, pparams, None), 20 * MS)}, **axes}
         spec = SchedulerSpec(name=f"{(pol.name if pol else 'gen')[:16]}_{suffix}"[:24],
                              description=f"{pol.name if pol else 'a candidate'} changed by diagnosis: {suffix}",
-                             queue="builtin_global" if fifo else "global", ordering="fifo" if fifo else "vtime",
-                             params={"slice_ns": min(_slice(pol, pparams, None), 20 * MS)}, **axes)
+                             **fields)
     if spec.ordering == "fifo" and spec.preempt == "wakeup":
         spec = spec.model_copy(update={"preempt": "hog"})  # fifo has no deadline to compare: the hog guard
     from .synth.spec import check_spec, knob_params

@@ -38,7 +38,7 @@ from .observe import cpu, profile, system
 from .repository import policies
 from .synth.provenance import SynthResult
 from .synth.spec import SchedulerSpec
-from .validate.workloads import list_workloads as all_workloads
+from .validate.workloads import get_workloads, list_workloads as all_workloads
 
 log = logging.getLogger("schedcp.server")
 T = TypeVar("T")
@@ -257,13 +257,17 @@ async def search_policies(
     limit: Annotated[int, Field(ge=1, le=100, description="page size")] = 10,
     profile_id: Annotated[str | None, Field(
         description="rank also by outcomes on workload profiles similar to this one")] = None,
+    workloads: Annotated[list[str] | None, Field(
+        description="the sandbox workloads the plan is judged on: a past win measured on fewer of them "
+                    "is not counted (losses are)")] = None,
     cursor: Annotated[str | None, A.CURSOR] = None,
     detail: Annotated[A.Detail, A.DETAIL] = "summary",
 ) -> CallToolResult:
     """Planning: find policies for a workload in the repository (ours and the scx catalog), best
     first. Each hit: name, score (text relevance + history on similar profiles), runnable, a
     one-line summary and the reason it matched; get_policy(name) for more."""
-    scorer = history.scorer_for(profile_id) if profile_id else None
+    metrics = {w.metric for w in get_workloads(workloads)} if workloads else None
+    scorer = history.scorer_for(profile_id, metrics) if profile_id else None
     hits = await in_thread(policies.search_policies, query, tags, A.offset(cursor) + limit + 1, scorer)
     hits, nxt = A.page(hits, cursor, limit)
     out = [h.model_dump(mode="json") if detail == "full" else A.hit_brief(h) for h in hits]
@@ -286,7 +290,8 @@ async def get_policy(name: Annotated[str, Field(description="policy name, e.g. v
     else:
         out = {"policy": A.policy_brief(p),
                "history": [A.pick(o, {"id", "source", "params", "profile_id", "report_id", "reward",
-                                      "goals_met"}) for o in hist[:5]],
+                                      "goals_met"}) | {"measured": sorted({m.metric for m in o.metrics})}
+                           for o in hist[:5]],
                "outcomes": len(hist)}
     return A.answer(out, f"{p.name}: {p.summary} ({len(hist)} recorded outcome(s))")
 
@@ -356,12 +361,15 @@ class DiagnosisAnswer(BaseModel):
 @server.tool(annotations=READ_ONLY)
 @agent_errors
 async def diagnose_report(report_id: Annotated[str, Field(description="a validated report (rep-…)")]
-                          ) -> DiagnosisAnswer:
+                          ) -> CallToolResult:
     """Re-planning: why a validated candidate lost, from the guest's evidence (run-queue waits and who
     they were behind, idle CPUs, the wake graph, switches; candidate vs default), and per rule the
     change to try next: a reconfigure_policy parameter change, a generate_scheduler spec or a
     revise_policy patch, each with its reason (docs/optimize.md, "When a round fails")."""
-    return await in_thread(diagnose_answer, report_id)
+    a = await in_thread(diagnose_answer, report_id)
+    return A.answer(a.model_dump(mode="json", exclude_none=True),
+                    f"{a.report_id} ({a.candidate}): lost {', '.join(a.lost) or 'nothing'}; "
+                    + (", ".join(f"{d.rule} -> {d.change.label}" for d in a.diagnoses) or "no rule fired"))
 
 
 def diagnose_answer(report_id: str) -> DiagnosisAnswer:
