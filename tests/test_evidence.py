@@ -265,3 +265,15 @@ def test_plan_versions_link_to_the_plan_they_replace(schedcp_home):
     assert plans.get_plan(p1.id).candidates[0].policy == "fifo"  # the old version stays as it was
     with pytest.raises(NotFound, match="optimization plan"):
         plans.create_plan(pid, ["wakeup"], None, "reconfigure", "x", [c], replaces="plan-nosuch")
+
+
+def test_round_one_is_traced_on_both_sides_and_the_knobs_measure_the_tracer(monkeypatch):
+    assert evidence.traced(1, "baseline") and evidence.traced(1, "candidate")
+    assert not evidence.traced(2, "candidate") and not evidence.traced(1, "warmup")
+    monkeypatch.setenv(evidence.ROUNDS_ENV, "all")
+    monkeypatch.setenv(evidence.SIDE_ENV, "again")  # an A/A whose A' side alone carries the tracer
+    assert evidence.traced(7, "again") and not evidence.traced(7, "baseline")
+    monkeypatch.setenv(evidence.ROUNDS_ENV, "every")
+    from schedcp_mcp.errors import BadInput
+    with pytest.raises(BadInput, match="SCHEDCP_TRACE_ROUNDS"):
+        evidence.traced(1, "again")

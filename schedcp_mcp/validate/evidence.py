@@ -34,12 +34,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from ..errors import BadInput
 from . import starvation
 from .starvation import WaitSummary, _block, _value
 
 #: rounds whose workload runs are traced (both sides). One round is enough to explain a loss and
 #: keeps the tracer's cost off the other rounds' figures.
 TRACE_ROUNDS = (1,)
+#: measuring the tracer itself (docs/ab-method.md): SCHEDCP_TRACE_ROUNDS=all|none|1 and
+#: SCHEDCP_TRACE_SIDE=both|<side> (e.g. `again`: an A/A whose A' side alone is traced shows its cost)
+ROUNDS_ENV, SIDE_ENV = "SCHEDCP_TRACE_ROUNDS", "SCHEDCP_TRACE_SIDE"
 #: the pairs, blockers and waiters a side's evidence names
 TOP = 6
 #: a task needs this many waits before it can be called a CPU hog (`hog`)
@@ -243,6 +247,27 @@ def pingpongs(edges: list[WakeEdge], min_wakeups: int = 20) -> list[WakeEdge]:
                                             "cross_cpu": e.cross_cpu + back.cross_cpu,
                                             "wait_ms": e.wait_ms + back.wait_ms}))
     return sorted(out, key=lambda e: -e.wakeups)
+
+
+def traced(rnd: int, side: str) -> bool:
+    """Whether round `rnd`'s `side` runs with the tracer attached (TRACE_ROUNDS, or the env knobs)."""
+    if side == "warmup":
+        return False
+    rounds = os.environ.get(ROUNDS_ENV, "").strip().lower()
+    sides = os.environ.get(SIDE_ENV, "both").strip().lower()
+    if sides not in ("both", "", side):
+        return False
+    if rounds == "all":
+        return True
+    if rounds == "none":
+        return False
+    if rounds:
+        try:
+            return rnd in {int(x) for x in rounds.split(",")}
+        except ValueError:
+            raise BadInput(f"{ROUNDS_ENV}={rounds!r} is not all, none or round numbers",
+                           "e.g. SCHEDCP_TRACE_ROUNDS=all or 1,2") from None
+    return rnd in TRACE_ROUNDS
 
 
 def summary_lines(base: Evidence | None, cand: Evidence | None, counters: dict[str, int] | None = None) -> list[str]:

@@ -159,7 +159,7 @@ class _Run:
         phase = f"{side}-{rnd}"
         wls = self.workloads if only is None else only
         body = [COUNTERS_SNIPPET.format(tag="C0")] if side == "candidate" else []
-        traced = side != "warmup" and rnd in evidence.TRACE_ROUNDS  # both sides: the tracer's cost falls on both
+        traced = evidence.traced(rnd, side)  # both sides: the tracer's cost falls on both
         for w in wls:
             body.append(f"snap {phase}\n")
             runs = "".join(f"echo '@@B {w.name}'\ntimeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\n"
