@@ -277,3 +277,30 @@ def test_round_one_is_traced_on_both_sides_and_the_knobs_measure_the_tracer(monk
     from schedcp_mcp.errors import BadInput
     with pytest.raises(BadInput, match="SCHEDCP_TRACE_ROUNDS"):
         evidence.traced(1, "again")
+
+
+# ---------------------------------------------------------------------------------------- the real tracer
+
+@pytest.mark.vm
+def test_the_tracer_in_the_guest_sees_a_pipe_pair_wake_each_other_and_the_cpus_idle():
+    """The tracer as a validation runs it (`evidence.wrap`), around perf's pipe ping-pong under the
+    default scheduler in a real sandbox VM: every map it dumps reads, and the figures are the pair's."""
+    from schedcp_mcp.sandbox import image
+    from schedcp_mcp.sandbox.vm import VM
+    from schedcp_mcp.validate import runner
+
+    if image.load_manifest() is None:
+        pytest.skip("no sandbox image (schedcp sandbox build)")
+    with VM(full=True) as vm:
+        body = "perf bench sched pipe -l 5000 >/dev/null 2>&1; echo \"@@PIPE $?\"\n"
+        out = vm.run(runner.LIB + "mkdir -p $L\n" + evidence.wrap("pipe", body, "rqw.bpf.o"),
+                     files={"rqw.bpf.o": starvation.ensure_tracer().read_bytes()}, timeout_s=120).stdout
+    assert "@@PIPE 0" in out, out[-2000:]
+    (ev,) = evidence.parse_wrapped(out, "baseline")
+    assert ev.error is None and ev.seconds and ev.seconds > 0
+    assert ev.waits.waits >= 5000 and ev.wakeups >= 5000 and ev.switches >= 10000
+    assert {c.cpu for c in ev.cpus} == {0, 1} and ev.idle_ms > 0
+    # the pair: perf's two sched-pipe tasks, woken 5000 times each way (the waker may be the idle task
+    # of the CPU the wakeup was queued to)
+    assert sum(e.wakeups for e in ev.edges if e.wakee == "sched-pipe") >= 5000 or \
+        any(p.wakee == "sched-pipe" for p in ev.pingpong)
