@@ -304,3 +304,26 @@ def test_the_tracer_in_the_guest_sees_a_pipe_pair_wake_each_other_and_the_cpus_i
     # of the CPU the wakeup was queued to)
     assert sum(e.wakeups for e in ev.edges if e.wakee == "sched-pipe") >= 5000 or \
         any(p.wakee == "sched-pipe" for p in ev.pingpong)
+
+
+def test_the_optimize_report_shows_the_chain_from_a_lost_candidate_to_the_next():
+    import time as _t
+
+    from schedcp_mcp.optimize import CandidateResult, OptimizeReport, OptimizeRequest, WorkloadFigure, chain_lines
+
+    fig = WorkloadFigure(workload="wakeup", metric="mean_wakeup_latency_us", unit="us", direction="lower",
+                         baseline=800.0, candidate=600.0, ratio=0.75, ratio_low=0.6, ratio_high=0.9, noise=0.2,
+                         verdict="better")
+    lost = CandidateResult(label="fifo", policy="fifo", strategy="reconfigure", why="w", report_id="rep-a",
+                           round=1, lost_because=["wakeup:", "  baseline: 5444 waits", "  candidate: 1138 waits"],
+                           diagnoses=["hog_wait (wakeup): mean wait 20 ms vs 1.3 ms -> generate fifo_preempt (…)"])
+    nxt = CandidateResult(label="rep-b", policy=None, strategy="generate", why="from fifo", report_id="rep-b", round=2,
+                          came_from="fifo: hog_wait", passed=True, figures=[fig])
+    rep = OptimizeReport(started_at=_t.time(), request=OptimizeRequest(workloads=["wakeup"]), candidates=[lost, nxt],
+                         plan_versions=["plan-1", "plan-2"], replans=["after round 1: every candidate failed; …"])
+    lines = chain_lines(rep)
+    assert lines[0] == "re-planning: plan versions plan-1 -> plan-2"
+    i = lines.index("  round 1: fifo: lost")
+    assert lines[i + 1] == "    evidence wakeup: 1138 waits" and lines[i + 2].startswith("    -> hog_wait (wakeup)")
+    assert lines[i + 3].startswith("  round 2: rep-b (from fifo: hog_wait): passed; wakeup better by 1.33x")
+    assert chain_lines(rep.model_copy(update={"plan_versions": ["plan-1"], "replans": []})) == []
