@@ -21,6 +21,7 @@ figure the default scheduler shares (a busy host, TCG) is not blamed on the poli
     starved       the candidate starved tasks the default scheduler did not (starvation phase)
                   -> aging / a bound on local priority (vtime credit, lane caps, no local queue)
     short_slices  a throughput workload lost with many more involuntary switches than the default
+                  (1.3x, and at least a tenth of all its switches)
                   -> a longer slice
 
 Every diagnosis carries the figures that fired it and one change: a `reconfigure_policy` change of a
@@ -50,6 +51,7 @@ IDLE_SHARE = 0.2      # of all waiting beside an idle CPU or queued on one
 PINGPONG_SAME = 0.5   # of a ping-pong pair's wakeups on one CPU
 PINGPONG_WAIT_MS = 0.02  # per wakeup
 SLICE_INVOLUNTARY = 1.3  # times the default's involuntary switches (a throughput workload that lost)
+SLICE_SHARE = 0.1  # ...and at least this share of all switches (pipe's few preemptions are not slices)
 #: workloads whose figure is throughput: a loss there with more preemption reads as short slices
 THROUGHPUT = {"hackbench", "cpu", "build", "pipe"}
 MS = 1_000_000
@@ -160,7 +162,7 @@ def diagnose(l2: Layer2Result, policy: str | None, params: dict[str, str] | None
                 f"{fb['mean_wait_ms']:.3f} ms",
                 "a synchronous wakee pulled onto its waker's CPU waits for the waker to finish: keep the pair "
                 "on two CPUs while one idles", _apart(pol, params, spec))
-        if phase in THROUGHPUT and fc["switches"] and fb["switches"] \
+        if phase in THROUGHPUT and fc["switches"] and fb["switches"] and fc["involuntary_share"] >= SLICE_SHARE \
                 and c.involuntary >= SLICE_INVOLUNTARY * max(b.involuntary, 1) and c.involuntary >= 50:
             add("short_slices", phase,
                 f"{c.involuntary} involuntary switches vs {b.involuntary} under the default "
@@ -187,11 +189,19 @@ def _knobs(pol: Policy | None) -> dict[str, object]:
     return {p.name: p for p in pol.parameters} if pol else {}
 
 
+def _norm(knob, v) -> str:
+    """A knob value as a plan writes it: bools as true/false (a report stores 1/0), ints as digits."""
+    v = str(v).lower()
+    if knob is not None and knob.type == "bool":
+        return "true" if v in ("1", "true") else "false"
+    return v
+
+
 def _cur(pol: Policy | None, params: dict[str, str], name: str) -> str | None:
-    if name in params:
-        return str(params[name])
     k = _knobs(pol).get(name)
-    return str(k.default).lower() if k is not None else None
+    if name in params:
+        return _norm(k, params[name])
+    return _norm(k, k.default) if k is not None else None
 
 
 def _set(pol: Policy, params: dict[str, str], **new) -> Change | None:
@@ -211,7 +221,10 @@ def _set(pol: Policy, params: dict[str, str], **new) -> Change | None:
             changed[k] = v
     if not changed:
         return None
-    return Change(tool="reconfigure_policy", policy=pol.name, params={**params, **changed})
+    # the parameters that differ from the policy's defaults (a report stores every one, resolved)
+    out = {k: _norm(knobs.get(k), v) for k, v in {**params, **changed}.items()}
+    out = {k: v for k, v in out.items() if k not in knobs or v != _norm(knobs[k], knobs[k].default)}
+    return Change(tool="reconfigure_policy", policy=pol.name, params=out)
 
 
 def _slice(pol: Policy | None, params: dict[str, str], spec: SchedulerSpec | None) -> int:

@@ -119,9 +119,10 @@ def test_a_policy_with_the_knob_is_reconfigured_not_regenerated():
     ds = diagnose.diagnose(_l2("fifo", ["wakeup", "pipe"], ["wakeup", "pipe"]), "lean_preempt",
                            {"preempt": "false", "sync_apart": "false"})
     ch = {d.rule: d.change for d in ds}
-    assert ch["hog_wait"].tool == "reconfigure_policy" and ch["hog_wait"].params["preempt"] == "true"
+    # preemption back on (its default: the change names only what differs from the defaults)
+    assert ch["hog_wait"].tool == "reconfigure_policy" and ch["hog_wait"].params == {"sync_apart": "false"}
     # idle CPUs beside the pipe pair and its ping-pong on one CPU ask for the same knob: one change, once
-    assert ch["idle_beside"].params["sync_apart"] == "true" and "sync_pingpong" not in ch
+    assert ch["idle_beside"].params == {"preempt": "false"} and "sync_pingpong" not in ch
     assert all(c.policy == "lean_preempt" for c in ch.values())
     # latency_boost's preemption is on: preempt sooner (its preempt_min_ns halved, within range)
     lb = diagnose.diagnose(_l2("fifo", ["wakeup"], ["wakeup"]), "latency_boost", {})
@@ -327,3 +328,11 @@ def test_the_optimize_report_shows_the_chain_from_a_lost_candidate_to_the_next()
     assert lines[i + 1] == "    evidence wakeup: 1138 waits" and lines[i + 2].startswith("    -> hog_wait (wakeup)")
     assert lines[i + 3].startswith("  round 2: rep-b (from fifo: hog_wait): passed; wakeup better by 1.33x")
     assert chain_lines(rep.model_copy(update={"plan_versions": ["plan-1"], "replans": []})) == []
+
+
+def test_a_change_to_a_stored_report_names_only_what_differs_from_the_defaults():
+    """A report stores every parameter resolved (bools as 1/0): the change must still compare equal to
+    the plan candidate it would be, or the re-plan validates the same thing twice."""
+    stored = {"slice_ns": "5000000", "lag_ns": "40000000", "preempt": "1", "preempt_min_ns": "1000000"}
+    ch = diagnose.diagnose(_l2("fifo", ["wakeup"], ["wakeup"]), "latency_boost", stored)[0].change
+    assert ch.params == {"preempt_min_ns": "500000"}
