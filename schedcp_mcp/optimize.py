@@ -359,11 +359,13 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
         reason = f"score {h['score']:.2f}: {h['reason']}"
         candidates.append({"policy": h["name"], "params": {}, "strategy": "reconfigure",
                            "why": reason})
-    if chosen and n > 1:  # second: the top policy with parameters fitted to the profile
+    if chosen and n > 1:  # last: the top policy with parameters fitted to the profile (other families
+        # first: a campaign the budget cuts short drops the last candidates, and a variant of the top
+        # policy tells less than another policy)
         top = await st.call("get_policy", {"name": chosen[0]["name"]})
         params = reconfigured(top["policy"], prof)
         if params:
-            candidates.insert(1, {"policy": chosen[0]["name"], "params": params,
+            candidates.insert(max(1, n - 1), {"policy": chosen[0]["name"], "params": params,
                                   "strategy": "reconfigure",
                                   "why": f"{chosen[0]['name']} with {params} for a "
                                          + ("latency-sensitive" if (prof["characteristics"] or {})
