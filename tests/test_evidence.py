@@ -87,8 +87,10 @@ def test_the_wrapper_attaches_the_tracer_opens_its_window_and_dumps_every_map():
     sh = evidence.wrap("pipe", "run-the-workload\n", "/run/l2/rqw.bpf.o")
     assert sh.index("bpftool prog loadall /run/l2/rqw.bpf.o") < sh.index("value 1 0") < sh.index("run-the-workload") \
         < sh.index("value 0 0") < sh.index("@@EVE pipe")
+    # this instance's maps by their pinned paths, never by name (a tracer just detached may linger)
+    assert f"pinmaps {starvation.MAP_DIR}" in sh and " name rqw" not in sh
     for m in ("rqw_tasks", "rqw_hist", "rqw_wakes", "rqw_cpus"):
-        assert f"map dump name {m}" in sh
+        assert f"map dump pinned {starvation.MAP_DIR}/{m}" in sh
 
 
 # ---------------------------------------------------------------------------------------- rules

@@ -285,15 +285,12 @@ def summary_lines(base: Evidence | None, cand: Evidence | None, counters: dict[s
 def wrap(tag: str, body: str, tracer: str) -> str:
     """A guest script that runs `body` with the tracer attached and its window open, then prints the
     maps between `@@EVB tag` and `@@EVE tag` (with the window's guest seconds)."""
-    pin = starvation.PIN_DIR
-    return (f"rm -rf {pin}; mkdir -p {pin}\n"
-            f"bpftool prog loadall {tracer} {pin} autoattach >$L/rqw.err 2>&1 || "
-            f"echo \"@@RQWERR $(tail -c 300 $L/rqw.err | tr '\\n' ' ')\"\n"
+    return (starvation.attach(tracer) +
             f"echo '@@EVB {tag}'\n"
             f"read t0 _ </proc/uptime; {starvation.ON.format(1)}\n"
             f"{body}"
             f"{starvation.ON.format(0)}; read t1 _ </proc/uptime; echo \"@@EVT $t0 $t1\"\n"
-            f"{DUMPS}echo '@@EVE {tag}'\nrm -rf {pin}\n")
+            f"{DUMPS}echo '@@EVE {tag}'\nrm -rf {starvation.PIN_DIR} {starvation.MAP_DIR}\n")
 
 
 def parse_wrapped(text: str, side: str) -> list[Evidence]:
