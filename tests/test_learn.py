@@ -151,7 +151,7 @@ def test_a_win_measured_on_one_workload_does_not_rank_a_policy_first_for_a_broad
     history.record(history.new_outcome(
         source="sandbox", policy="batch", profile_id=hb.id,
         metrics=[MetricResult(metric=one.metric, direction=one.direction, baseline=2.0, candidate=1.0, ratio=0.5)]))
-    hit = lambda metrics: next(h for h in search_policies("message passing", limit=20,  # noqa: E731
+    hit = lambda metrics: next(h for h in search_policies("throughput batch", limit=20,  # noqa: E731
                                                           history=history.scorer_for(hb.id, metrics))
                                if h.name == "batch")
     assert hit(None).history_score > 0  # for a hackbench goal the win counts
