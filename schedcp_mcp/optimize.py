@@ -939,7 +939,7 @@ def render(rep: OptimizeReport, console) -> None:
         console.print(f"  workload {escape(r)}")
     console.print("  goals: " + ", ".join(f"{g.metric} {'<=' if g.direction == 'lower' else '>='} "
                                           f"{g.target_ratio}x" for g in rep.goals))
-    console.print(f"[bold]planning[/bold]: plan {rep.plan_id}, strategy {rep.strategy}: "
+    console.print(f"[bold]planning[/bold]: plan {(rep.plan_versions or [rep.plan_id])[0]}, strategy {rep.strategy}: "
                   f"{escape(rep.rationale)}")
     t = Table("candidate", "report", "workload", "baseline", "candidate", "vs default", "95% interval",
               "verdict", "result", title="execution: sandbox A/B against the default scheduler "
