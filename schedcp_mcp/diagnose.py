@@ -32,6 +32,7 @@ read stored figures; nothing here runs anything.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -55,6 +56,8 @@ SLICE_SHARE = 0.1  # ...and at least this share of all switches (pipe's few pree
 #: workloads whose figure is throughput: a loss there with more preemption reads as short slices
 THROUGHPUT = {"hackbench", "cpu", "build", "pipe"}
 MS = 1_000_000
+#: the loss a starved task counts as: above any ratio a workload can lose by (ln 1000 = 6.9)
+STARVED_LOSS = 99.0
 
 
 class Change(BaseModel):
@@ -79,6 +82,8 @@ class Change(BaseModel):
 class Diagnosis(BaseModel):
     rule: Rule
     phase: str = Field(description="the traced phase (a workload, or starvation) whose figures fired it")
+    loss: float = Field(0.0, description="how badly the candidate lost there: ln(1/speedup) of the phase's "
+                        "worst result (its tail included); a starved task counts as the worst")
     evidence: str = Field(description="the figures, candidate against the default scheduler")
     reason: str = Field(description="why the change should help")
     change: Change
@@ -108,7 +113,9 @@ def diagnose(l2: Layer2Result, policy: str | None, params: dict[str, str] | None
              spec: SchedulerSpec | None = None) -> list[Diagnosis]:
     """What the evidence of a failed (or tied) validation says, rule by rule (RULES order), each with a
     change to `policy` (a repository policy run with `params`) or to `spec` (a generated candidate).
-    Phases the candidate did not lose are read only by `starved`."""
+    Phases the candidate did not lose are read only by `starved`. Ordered by the loss behind each
+    (the worst loss first, a starved task before any; a guard 20x worse before a target 1.5x worse),
+    then by rule."""
     params = dict(params or {})
     pol = _policy(policy)
     lost = lost_phases(l2)
@@ -116,7 +123,8 @@ def diagnose(l2: Layer2Result, policy: str | None, params: dict[str, str] | None
 
     def add(rule: Rule, phase: str, ev: str, reason: str, change: Change | None) -> None:
         if change and not any(d.change == change for d in out):
-            out.append(Diagnosis(rule=rule, phase=phase, evidence=ev, reason=reason, change=change))
+            out.append(Diagnosis(rule=rule, phase=phase, evidence=ev, reason=reason, change=change,
+                                 loss=_loss(l2, phase)))
 
     b, c = _pair(l2.evidence, "starvation")
     starved_gate = any(g.name == "no_starvation" and not g.passed for g in l2.correctness)
@@ -169,7 +177,15 @@ def diagnose(l2: Layer2Result, policy: str | None, params: dict[str, str] | None
                 f"({fc['involuntary_share']:.0%} vs {fb['involuntary_share']:.0%} of switches)",
                 "throughput lost to switching: tasks are cut off before their burst ends; a longer slice",
                 _longer_slice(pol, params, spec))
-    return out
+    return sorted(out, key=lambda d: -d.loss)  # stable: rule order within one loss
+
+
+def _loss(l2: Layer2Result, phase: str) -> float:
+    """ln(1/speedup) of the phase's worst result (the workload or its tail); starvation: STARVED_LOSS."""
+    if phase == "starvation":
+        return STARVED_LOSS
+    sp = [w.speedup for w in l2.workloads if w.name.removesuffix("_tail") == phase and w.speedup]
+    return round(max((math.log(1 / x) for x in sp), default=0.0), 4)
 
 
 # ------------------------------------------------------------------------------------------------

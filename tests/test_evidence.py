@@ -22,10 +22,12 @@ def _ev(run: str, phase: str, side: str, text: str | None = None):
                           starvation.WINDOW_S if phase == "starvation" else None)
 
 
-def _l2(run: str, phases: list[str], lost: list[str], **kw) -> Layer2Result:
+def _l2(run: str, phases: list[str], lost: list[str], speedups: dict[str, float] | None = None,
+        **kw) -> Layer2Result:
     evs = [_ev(run, ph, side) for ph in phases for side in ("baseline", "candidate")]
     wl = [WorkloadResult(name=n, metric="m", unit="s", direction="lower", baseline=[1.0], candidate=[2.0],
-                         verdict="worse" if n in lost else "same") for n in phases if n != "starvation"]
+                         speedup=(speedups or {}).get(n), verdict="worse" if n in lost else "same")
+          for n in phases if n != "starvation"]
     return Layer2Result(passed=False, ops_name="fifo", evidence=evs, workloads=wl, **kw)
 
 
@@ -338,3 +340,14 @@ def test_a_change_to_a_stored_report_names_only_what_differs_from_the_defaults()
     stored = {"slice_ns": "5000000", "lag_ns": "40000000", "preempt": "1", "preempt_min_ns": "1000000"}
     ch = diagnose.diagnose(_l2("fifo", ["wakeup"], ["wakeup"]), "latency_boost", stored)[0].change
     assert ch.params == {"preempt_min_ns": "500000"}
+
+
+def test_the_worst_loss_is_diagnosed_first_whatever_the_rule_order():
+    """fifo's recorded validation lost wakeup by 0.039x and pipe by 0.34x (rep-b992896483): the wakeup
+    diagnosis comes first; with the losses the other way round, pipe's do."""
+    l2 = _l2("fifo", ["wakeup", "pipe"], ["wakeup", "pipe"], {"wakeup": 0.039, "pipe": 0.34})
+    assert [d.phase for d in diagnose.diagnose(l2, "fifo", {})] == ["wakeup", "pipe", "pipe"]
+    l2 = _l2("fifo", ["wakeup", "pipe"], ["wakeup", "pipe"], {"wakeup": 0.7, "pipe": 0.34})
+    ds = diagnose.diagnose(l2, "fifo", {})
+    assert [d.rule for d in ds] == ["idle_beside", "sync_pingpong", "hog_wait"]
+    assert ds[0].loss == pytest.approx(1.0788, abs=1e-3)
