@@ -247,7 +247,7 @@ def shadow_warning(where: list[str]) -> list[str]:
     if not where:
         return []
     return [f"the {PLUGIN} plugin is installed and a server named '{SERVER}' is also configured — "
-            + "; ".join(where) + f". Claude Code then runs only that one and skips the plugin's server, "
+            + "; ".join(where) + ". Claude Code then runs only that one and skips the plugin's server, "
             "so the plugin's agents get none of their tools. Use one: the plugin (nothing else needed), "
             "or this registration (then `claude plugin uninstall schedcp@schedcp`)."]
 
@@ -312,7 +312,7 @@ def _refuse_symlinks(base: Path, path: Path) -> None:
         p = p / part
         if p.is_symlink():
             raise BadInput(f"{p} is a symlink; schedcp agents install does not write through symlinks",
-                           f"remove it (or point --dir at where it leads) and rerun")
+                           "remove it (or point --dir at where it leads) and rerun")
 
 
 def _replace(path: Path, text: str) -> None:

@@ -6,7 +6,6 @@ infrastructure error.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import sys
@@ -192,6 +191,17 @@ json_option = click.option("--json", "as_json", is_flag=True, callback=_remember
 def main() -> None:
     """schedcp: observe a workload, find or write a sched_ext scheduler for it, prove it safe and
     better in a sandbox VM, deploy it with a token, and learn from the outcome."""
+    _unwind_on_sigterm()
+
+
+def _unwind_on_sigterm() -> None:
+    """SIGTERM (a `kill`, a CI timeout, systemd) unwinds like an exit: `with VM()` blocks close their
+    VMs and a pool releases its jobs. Python's default is to vanish at once, which left the
+    command's qemu running with nobody to stop it. A command that sets its own handler keeps it."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 # --- serve -----------------------------------------------------------------------------------------

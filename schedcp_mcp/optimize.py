@@ -14,7 +14,6 @@ human gets the `schedcp deploy --token …` command.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shlex

@@ -21,6 +21,26 @@ REAL_SANDBOX = Path(os.environ.get("SCHEDCP_SANDBOX_DIR")
 os.environ["SCHEDCP_SANDBOX_DIR"] = str(REAL_SANDBOX)
 
 
+def pytest_configure(config):
+    """A killed test run (SIGTERM: a CI timeout, `kill`) stops like Ctrl-C, so fixtures tear down and
+    the VMs they started are closed instead of left running."""
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt("SIGTERM")
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def pytest_collection_modifyitems(items):
+    """One convention: a test that uses the built image (`manifest`, or `vm` which needs it) is marked
+    `image`, so `-m "not vm and not image"` is the fast set that runs on a machine without the image."""
+    for item in items:
+        if {"manifest", "vm"} & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("vm"):
+            item.add_marker(pytest.mark.image)
+
+
 @contextmanager
 def home_env(path: Path):
     """Point SCHEDCP_HOME at `path` for a module-scoped fixture; restore it exactly afterwards."""

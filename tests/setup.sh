@@ -33,4 +33,4 @@ if ! command -v mcp-inspector >/dev/null; then
   echo "test setup: installing the MCP Inspector (npm)"
   $SUDO npm install -g --silent @modelcontextprotocol/inspector
 fi
-echo "test setup: done. Run the tests: .venv/bin/python -m pytest -q"
+echo "test setup: done. Run the tests: ./tests/run (or ./tests/run --fast)"

@@ -95,3 +95,20 @@ def test_three_commands_at_once_and_a_fourth_after_the_first_is_killed_all_finis
              and "qemu" in " ".join(psutil.Process(pid).cmdline())]
     assert seen_vms and not alive, f"VMs left running: {alive}"
     assert not vmmod.running_vms()
+
+
+def test_a_command_stopped_with_sigterm_takes_its_vm_with_it(manifest, schedcp_home):
+    """`kill PID` (SIGTERM: a CI timeout, systemd, a user) stops a command like an exit: its VM is
+    closed before it ends. Before, Python vanished on SIGTERM and its qemu ran on with no owner."""
+    p = cli(schedcp_home, "validate", "--policy", "fifo", *QUICK)
+    end, mine = time.monotonic() + 300, []
+    while time.monotonic() < end and not mine and p.poll() is None:
+        mine = [e["pid"] for e in vmmod.running_vms() if e["owner_pid"] == p.pid]
+        time.sleep(0.2)
+    assert mine, f"the command never started a VM: {p.communicate()}"
+    p.send_signal(signal.SIGTERM)  # the command alone, not its process group
+    rc = p.wait(30)  # waiting on its job, Ctrl-C's path ("Aborted!", 1); elsewhere 128 + SIGTERM
+    assert rc in (1, 128 + signal.SIGTERM), (rc, p.stderr.read()[-2000:])
+    time.sleep(1)
+    assert not [pid for pid in mine if psutil.pid_exists(pid)
+                and "qemu" in " ".join(psutil.Process(pid).cmdline())], "its VM is still running"

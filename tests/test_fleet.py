@@ -328,7 +328,6 @@ def test_forged_replies_are_refused_with_nothing_stored(cluster_of, tmp_path, mo
     report: as plain JSON, then sealed under its own key. A fleet member (it has the key) then
     answers for another job, and with a report whose object is a root-only file it never sent. Each
     reply is refused, the job fails saying why, and no report is stored."""
-    import redis
 
     from schedcp_mcp import candidates, store
     from schedcp_mcp.jobs import queue

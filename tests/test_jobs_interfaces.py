@@ -5,7 +5,6 @@ worker pool runs the jobs) and the installed command. Layer 1 jobs here stop at 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -17,7 +17,6 @@ from schedcp_mcp import store
 from schedcp_mcp.jobs import queue
 from schedcp_mcp.jobs.campaigns import Node, submit_campaign
 from schedcp_mcp.jobs.pool import Pool
-from schedcp_mcp.sandbox import vm as vmmod
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.vm

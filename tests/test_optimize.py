@@ -221,20 +221,15 @@ def repo_copy(tmp_path_factory, manifest):
     from conftest import home_env
 
     base = tmp_path_factory.mktemp("optimize")
-    # qemu threads SCHED_FIFO: on a host shared with other work, a TCG guest's A/B intervals are
-    # otherwise too wide (±100 %) to decide anything within a test's budget (sandbox/vm.py)
-    old_rt = os.environ.get("SCHEDCP_VM_RT")
-    os.environ["SCHEDCP_VM_RT"] = "1"
     shutil.copytree(ROOT / "policies", base / "policies")
     old = os.environ.get("SCHEDCP_POLICIES")
     os.environ["SCHEDCP_POLICIES"] = str(base / "policies")
     with home_env(base / "home"):
         yield base
-    for key, value in (("SCHEDCP_POLICIES", old), ("SCHEDCP_VM_RT", old_rt)):
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    if old is None:
+        os.environ.pop("SCHEDCP_POLICIES", None)
+    else:
+        os.environ["SCHEDCP_POLICIES"] = old
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ The fleet's attacks are in tests/test_fleet.py (they need the real broker)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

@@ -3,8 +3,8 @@
  * vtime_fair: weighted fair sharing by virtual time, one global queue.
  *
  * Every task carries a virtual time that advances by the CPU time it used,
- * scaled by the inverse of its weight (nice 0 = 100, nice -20 = 88761,
- * nice 19 = 15). The shared queue is ordered by virtual time, so the task
+ * scaled by the inverse of its weight (sched_ext's p->scx.weight: nice 0 =
+ * 100, nice -20 = 8668, nice 19 = 1). The shared queue is ordered by virtual time, so the task
  * that has received the least weighted CPU runs next and, over time, each
  * task gets CPU in proportion to its weight, as under CFS.
  *
@@ -13,7 +13,11 @@
  * charged only for what it used (and never more than one slice per run). A
  * task that slept keeps at most @max_credit_ns of weighted credit, so a long
  * sleeper cannot come back and monopolise the CPUs, but still runs soon after
- * it wakes.
+ * it wakes. Two bounds keep every task running: no task queues more than
+ * four slices ahead of the queue's "now" (a nice-19 task, charged 100x its
+ * runtime, otherwise waited seconds: the watchdog's stall), and "now" also
+ * advances with the CPU time handed out, so a stream of short sleepers that
+ * keep their credit cannot freeze it while the CPU hogs behind them wait.
  *
  * Works well: mixed workloads where nice values should mean something
  * (background jobs at nice 19 beside foreground work), many tasks competing
@@ -137,6 +141,14 @@ void BPF_STRUCT_OPS(vtime_fair_stopping, struct task_struct *p, bool runnable)
 	/* Weighted charge: heavier tasks advance more slowly. */
 	scx_bpf_task_set_dsq_vtime(p, p->scx.dsq_vtime +
 					scale_by_task_weight_inverse(p, used));
+	/*
+	 * The queue's "now" also advances at a fair share's pace: the time used,
+	 * over the tasks waiting and the CPUs serving them. Moved only by the
+	 * largest started vtime, a stream of short sleepers (each placed at
+	 * vtime_now - max_credit_ns, never running past it) froze it, and CPU
+	 * hogs queued behind them waited as long as the stream lasted.
+	 */
+	vtime_now += used / (scx_bpf_dsq_nr_queued(VTIME_DSQ) + scx_bpf_nr_cpu_ids());
 }
 
 void BPF_STRUCT_OPS(vtime_fair_enable, struct task_struct *p)
