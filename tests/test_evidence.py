@@ -287,15 +287,12 @@ def test_round_one_is_traced_on_both_sides_and_the_knobs_measure_the_tracer(monk
 # ---------------------------------------------------------------------------------------- the real tracer
 
 @pytest.mark.vm
-def test_the_tracer_in_the_guest_sees_a_pipe_pair_wake_each_other_and_the_cpus_idle():
+def test_the_tracer_in_the_guest_sees_a_pipe_pair_wake_each_other_and_the_cpus_idle(manifest):
     """The tracer as a validation runs it (`evidence.wrap`), around perf's pipe ping-pong under the
     default scheduler in a real sandbox VM: every map it dumps reads, and the figures are the pair's."""
-    from schedcp_mcp.sandbox import image
     from schedcp_mcp.sandbox.vm import VM
     from schedcp_mcp.validate import runner
 
-    if image.load_manifest() is None:
-        pytest.skip("no sandbox image (schedcp sandbox build)")
     with VM(full=True) as vm:
         body = "perf bench sched pipe -l 5000 >/dev/null 2>&1; echo \"@@PIPE $?\"\n"
         out = vm.run(runner.LIB + "mkdir -p $L\n" + evidence.wrap("pipe", body, "rqw.bpf.o"),
