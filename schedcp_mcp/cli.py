@@ -983,31 +983,46 @@ def reports_cmd(limit: int, as_json: bool) -> None:
 
 @main.command("report")
 @click.argument("report_id")
-@click.option("--evidence", is_flag=True, help="the starvation phase's per-task run-queue waits, both sides")
+@click.option("--evidence", is_flag=True, help="what explains the figures: run-queue waits, who they were behind, "
+              "idle CPUs, the wake graph, switches (both sides), and the starvation phase's worst waiters")
 @json_option
 def report_cmd(report_id: str, evidence: bool, as_json: bool) -> None:
-    """One validation report: its verdict, and with --evidence what the run-queue wait tracer saw in
-    the starvation phase under the default scheduler and under the candidate (the worst waiters by
-    name, who starved)."""
+    """One validation report: its verdict, and with --evidence what the guest's run-queue wait tracer
+    saw under the default scheduler and under the candidate — per traced phase (round 1 of each
+    workload, the starvation phase) the waits, who they were behind, idle CPUs beside them, the
+    waker -> wakee graph and switches, side by side; the policy's own counters; the starvation
+    phase's worst waiters by name and who starved."""
     from .reports import get_report
+    from .validate.evidence import summary_lines
 
     r = get_report(report_id)
     sides = r.layer2.starvation if r.layer2 else []
+    evs = r.layer2.evidence if r.layer2 else []
     if as_json:
         out = {"id": r.id, "policy": r.policy, "status": r.status,
                "passed": bool(r.layer2 and r.layer2.passed), "failure_reason": r.layer2.failure_reason if r.layer2 else None}
         if evidence:
             out["starvation"] = [s.model_dump() for s in sides]
+            out["evidence"] = [e.model_dump() for e in evs]
+            out["counters"] = r.layer2.counters if r.layer2 else {}
         click.echo(json.dumps(out, indent=2))
         return
     console.print(f"{r.id} ({r.policy or 'source'}): {escape(r.status)}")
     if not evidence:
         return
-    if not sides:
-        console.print("no starvation phase in this report (layer 2 did not reach it, or it predates it)")
+    if not sides and not evs:
+        console.print("no traced phase in this report (layer 2 did not reach one, or the report predates the tracer)")
         return
+    phases = list(dict.fromkeys(e.phase for e in evs))
+    for ph in phases:
+        by = {e.side: e for e in evs if e.phase == ph}
+        for ln in summary_lines(by.get("baseline"), by.get("candidate")):
+            console.print(escape(ln), soft_wrap=True)
+    if r.layer2 and r.layer2.counters:
+        console.print(escape("policy counters (candidate's measured runs): " +
+                             ", ".join(f"{k} {v}" for k, v in sorted(r.layer2.counters.items()))), soft_wrap=True)
     for s in sides:
-        console.print(escape(s.line())
+        console.print(escape("starvation phase " + s.line())
                       + (f", p99 <= {s.p99_ms:.0f} ms" if s.p99_ms else ""))
         t = Table("task", "pid", "longest ms", "mean ms", "waits", ">= 50 ms", ">= 250 ms", "nice", "kthread",
                   title=f"{s.side}: the longest single run-queue waits")
@@ -1017,6 +1032,16 @@ def report_cmd(report_id: str, evidence: bool, as_json: bool) -> None:
         console.print(t)
         for w in s.starved:
             console.print(f"  [red]starved[/red]: {escape(starvation_describe(w))}")
+    for e in evs:
+        if e.edges or e.blockers:
+            t = Table("waker -> wakee", "wakeups", "cross-CPU", "wait ms", title=f"{e.phase}, {e.side}: wake graph "
+                      "(most waiting after the wakeups)")
+            for g in e.edges[:4]:
+                t.add_row(escape(f"{g.waker}[{g.waker_pid}] -> {g.wakee}[{g.wakee_pid}]"), str(g.wakeups),
+                          str(g.cross_cpu), f"{g.wait_ms:.1f}")
+            for b in e.blockers[:3]:
+                t.add_row(escape(f"(behind {b.comm}[{b.pid}])"), str(b.waits), "", f"{b.blocked_ms:.1f}")
+            console.print(t)
 
 
 def starvation_describe(w) -> str:

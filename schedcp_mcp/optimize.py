@@ -42,6 +42,11 @@ VALIDATION_FIXED_S = 55.0  # boot, layer 1, warm-up, the starvation phase (~24 s
 VALIDATION_PER_ROUND_S = 3.0  # one workload, one side, one round (5 workloads x 2 sides: ~29 s a round)
 #: deploy (baseline x3 + load) plus the learning stage
 DEPLOY_RESERVE_S = 45.0
+#: plan versions one run may try: the first plan and up to two re-plans from the diagnoses
+MAX_PLAN_ROUNDS = 3
+#: a round that a re-plan may follow spends at most this share of the time left (the rest is the
+#: re-plan's); the last possible round spends all of it
+ROUND_SHARE = 0.5
 #: a host command is profiled repeated for this long, as match_workloads' references are
 MATCH_PROFILE_S = 3
 #: words a search gets for each sandbox workload and each profile characteristic
@@ -173,6 +178,10 @@ class CandidateResult(BaseModel):
     job_id: str | None = Field(None, description="its validate job in the campaign")
     harmed_guards: list[str] = Field([], description="guard workloads it made worse (or could not show "
                                      "unharmed): never deployed system-wide")
+    round: int = Field(1, description="the planning round (plan version) it was tried in")
+    lost_because: list[str] = Field([], description="its evidence, per phase it lost (validate.evidence)")
+    diagnoses: list[str] = Field([], description="rule: figures -> change (diagnose.py)")
+    came_from: str | None = Field(None, description="re-planned: the lost candidate and the rule it answers")
 
 
 class OptimizeReport(BaseModel):
@@ -187,6 +196,8 @@ class OptimizeReport(BaseModel):
     workloads: list[str] = []
     workload_reasons: list[str] = []
     plan_id: str | None = None
+    plan_versions: list[str] = Field([], description="every plan version of this run, first to last")
+    replans: list[str] = Field([], description="why each re-plan happened, or why none could")
     strategy: str | None = None
     rationale: str = ""
     candidates: list[CandidateResult] = []
@@ -211,6 +222,8 @@ class OptimizeReport(BaseModel):
     chart_path: str | None = None
     #: workload name -> the metrics it measures (its own and its goal metrics), from list_workloads
     _measures: dict[str, set[str]] = PrivateAttr(default_factory=dict)
+    #: list_workloads' rows (name, metric, …)
+    _workload_rows: list[dict] = PrivateAttr(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -229,6 +242,7 @@ async def observe(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
                      "host deployment needs a sched_ext kernel")
     listed = (await st.call("list_workloads"))["workloads"]
     rep._measures = {w["name"]: {w["metric"], *w.get("goal_metrics", [])} for w in listed}
+    rep._workload_rows = listed
     known = list(rep._measures)
     unknown = [w for w in req.workloads if w not in known]
     if unknown:
@@ -291,11 +305,18 @@ def choose_strategy(hits: list[dict], query: str, can_generate: bool) -> tuple[s
                            "generate_scheduler tool. "), fits or ours
 
 
-def candidate_budget(req: OptimizeRequest, n_workloads: int) -> tuple[int, float]:
-    """How many candidates fit the budget, and the estimated seconds of one validation."""
+def candidate_budget(req: OptimizeRequest, n_workloads: int, share: float = 1.0) -> tuple[int, float]:
+    """How many candidates fit the budget (`share` of it), and the estimated seconds of one validation."""
     per = VALIDATION_FIXED_S + VALIDATION_PER_ROUND_S * n_workloads * req.rounds * 2
-    fit = int((req.budget_s - DEPLOY_RESERVE_S - req.watch_s) // per)
+    fit = int((req.budget_s - DEPLOY_RESERVE_S - req.watch_s) * share // per)
     return max(1, min(req.max_candidates, fit)), per
+
+
+def first_share(req: OptimizeRequest, n_workloads: int) -> float:
+    """The share of the budget the first round plans for: ROUND_SHARE when the whole budget fits
+    more than one validation (a re-plan can follow a failed round), else all of it."""
+    per = candidate_budget(req, n_workloads)[1]
+    return ROUND_SHARE if (req.budget_s - DEPLOY_RESERVE_S - req.watch_s) >= 2 * per else 1.0
 
 
 def reconfigured(policy: dict, profile: dict) -> dict[str, str] | None:
@@ -320,24 +341,30 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
     say("planning: searching the repository", 0.1)
     prof = await st.call("get_profile", {"profile_id": rep.profile_id})
     query = rep.query = search_query(prof, rep.workloads)
-    hits = (await st.call("search_policies", {"query": query, "profile_id": rep.profile_id}))["hits"]
-    for h in hits:  # a history that includes a validated win, not just good figures
+    judged = with_guards(rep.workloads)
+    hits = (await st.call("search_policies", {"query": query, "profile_id": rep.profile_id,
+                                              "workloads": judged}))["hits"]
+    measured = {w["metric"] for w in rep._workload_rows if w["name"] in judged} if rep._workload_rows else set()
+    for h in hits:  # a history that includes a validated win on everything this plan is judged on
         if h["kind"] == "schedcp" and h["history_score"] > 0:
             hist = (await st.call("get_policy", {"name": h["name"]})).get("history", [])
             h["won_before"] = any(o["goals_met"] and o["reward"] > 0 and o["source"] != "external"
-                                  for o in hist)
+                                  and measured <= set(o.get("measured", [])) for o in hist)
     strategy, rationale, fits = choose_strategy(hits, query, st.may("generate_scheduler"))
-    n, per = candidate_budget(req, len(rep.workloads))
+    share = first_share(req, len(with_guards(rep.workloads)))
+    n, per = candidate_budget(req, len(with_guards(rep.workloads)), share)
     chosen, candidates = fits[:n], []
     for h in chosen:
         reason = f"score {h['score']:.2f}: {h['reason']}"
         candidates.append({"policy": h["name"], "params": {}, "strategy": "reconfigure",
                            "why": reason})
-    if chosen and n > 1:  # second: the top policy with parameters fitted to the profile
+    if chosen and n > 1:  # last: the top policy with parameters fitted to the profile (other families
+        # first: a campaign the budget cuts short drops the last candidates, and a variant of the top
+        # policy tells less than another policy)
         top = await st.call("get_policy", {"name": chosen[0]["name"]})
         params = reconfigured(top["policy"], prof)
         if params:
-            candidates.insert(1, {"policy": chosen[0]["name"], "params": params,
+            candidates.insert(max(1, n - 1), {"policy": chosen[0]["name"], "params": params,
                                   "strategy": "reconfigure",
                                   "why": f"{chosen[0]['name']} with {params} for a "
                                          + ("latency-sensitive" if (prof["characteristics"] or {})
@@ -355,9 +382,11 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
         raise InfrastructureError("the repository has no runnable schedcp policy",
                                   "check `schedcp policies list`")
     candidates = candidates[:n]
-    rationale += (f"{len(candidates)} candidate(s) fit the {req.budget_s:.0f} s budget "
-                  f"(~{per:.0f} s per validation on {len(rep.workloads)} workload(s) x "
-                  f"{req.rounds} rounds); policies with a winning history on similar workloads first.")
+    candidates = diverse(candidates, fits, n)
+    rationale += (f"{len(candidates)} candidate(s) fit {'half of ' if share < 1 else ''}the {req.budget_s:.0f} s "
+                  f"budget (~{per:.0f} s per validation on {len(with_guards(rep.workloads))} workload(s) x "
+                  f"{req.rounds} rounds{'; the rest is for a re-plan if this round fails' if share < 1 else ''}); "
+                  "policies with a winning history on similar workloads first.")
     args: dict[str, Any] = {"profile_id": rep.profile_id, "workloads": rep.workloads,
                             "strategy": strategy, "rationale": rationale, "candidates": candidates,
                             "budget_s": req.budget_s}
@@ -367,7 +396,133 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
                          for g in req.goals]
     p = await st.call("create_plan", args)
     rep.plan_id, rep.strategy, rep.rationale = p["id"], p["strategy"], p["rationale"]
+    rep.plan_versions.append(p["id"])
     rep.goals = [Goal(**g) for g in p["goals"]]
+
+
+def diverse(candidates: list[dict], fits: list[dict], n: int) -> list[dict]:
+    """At least one candidate of another family (policy) when there is room for two and the plan holds
+    one family only (a history won on one workload must not fill a broader plan with variants of one
+    policy: fifo and fifo at 5 ms both failed the wakeup goal, and the one policy that had passed
+    other workloads was never tried)."""
+    fams = {c.get("policy") or "generated" for c in candidates}
+    if n < 2 or len(fams) > 1:
+        return candidates
+    other = next((h for h in fits if h["name"] not in fams), None)
+    if other is None:
+        return candidates
+    keep = candidates[:n - 1] if len(candidates) >= n else candidates
+    return [*keep, {"policy": other["name"], "params": {}, "strategy": "reconfigure",
+                    "why": f"another family beside {', '.join(sorted(fams))} (diversity): score "
+                           f"{other['score']:.2f}: {other['reason']}"}]
+
+
+def tied(rep: OptimizeReport) -> bool:
+    """The winner so far only ties: none of its target workloads is better than the default."""
+    win = next((c for c in rep.candidates if c.report_id and c.report_id == rep.winner), None)
+    return bool(win) and not any(f.verdict == "better" for f in win.figures if not f.guard)
+
+
+def change_label(ch: dict) -> str:
+    if ch["tool"] == "reconfigure_policy":
+        return f"reconfigure {ch['policy']} with " + ", ".join(f"{k}={v}" for k, v in sorted(ch["params"].items()))
+    if ch["tool"] == "generate_scheduler":
+        sp = ch["spec"]
+        return (f"generate {sp['name']} ({sp['queue']}/{sp['ordering']}/{sp['cpu_select']}/{sp['slice']}/"
+                f"{sp['preempt']}" + (", " + ", ".join(f"{k}={v}" for k, v in sorted(sp.get("params", {}).items()))
+                                      if sp.get("params") else "") + ")")
+    return f"revise {ch['policy']}"
+
+
+async def replan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress, t0: float,
+                 rnd: int, why: str) -> bool:
+    """The next plan version from the diagnoses of round `rnd`'s lost candidates (diagnose_report),
+    within what is left of the budget; False when nothing is worth another round (no time, no rule
+    fired, every change already tried)."""
+    left = req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s
+    nw = len(with_guards(rep.workloads))
+    per = candidate_budget(req, nw)[1]
+    n = min(req.max_candidates, int(left * (ROUND_SHARE if rnd + 1 < MAX_PLAN_ROUNDS else 1.0) // per))
+    if n < 1:
+        rep.replans.append(f"after round {rnd}: {why}; no re-plan: {max(left, 0):.0f} s left, a validation "
+                           f"needs ~{per:.0f} s")
+        return False
+    say(f"planning: round {rnd} {why}; diagnosing", 0.5)
+    lost = [c for c in rep.candidates if c.round == rnd and c.report_id and
+            (not c.passed or c.report_id == rep.winner)]
+    per_cand: list[list[tuple[CandidateResult, dict]]] = []
+    for c in lost:
+        try:
+            d = await st.call("diagnose_report", {"report_id": c.report_id})
+        except ToolFailed as e:
+            c.diagnoses.append(f"not diagnosed: {e.message}")
+            continue
+        c.lost_because = d["evidence"]
+        c.diagnoses = [f"{g['rule']} ({g['phase']}): {g['evidence']} -> {change_label(g['change'])}"
+                       for g in d["diagnoses"]]
+        per_cand.append([(c, g) for g in d["diagnoses"]])
+    # one change per lost candidate in turn: each lost candidate's first (strongest) change first
+    order = [x for k in range(max((len(p) for p in per_cand), default=0)) for p in per_cand if k < len(p)
+             for x in [p[k]]]
+    tried = {c.label for c in rep.candidates}
+    cands: list[dict] = []
+    lessons: list[dict] = []
+    for c, g in order:
+        if len(cands) >= n:
+            break
+        ch = g["change"]
+        why_c = f"from {c.label}: {g['rule']} on {g['phase']}: {g['reason']}"
+        if ch["tool"] == "reconfigure_policy":
+            cand = {"policy": ch["policy"], "params": ch["params"], "strategy": "reconfigure", "why": why_c}
+        elif ch["tool"] == "generate_scheduler" and st.may("generate_scheduler"):
+            if any(ls["change"] == change_label(ch) for ls in lessons):
+                continue
+            try:
+                out = await st.call("generate_scheduler", {"spec": ch["spec"], "profile_id": rep.profile_id})
+            except ToolFailed as e:
+                c.diagnoses.append(f"generate {ch['spec']['name']} refused: {e.message}")
+                continue
+            if out["verdict"] != "accepted":
+                c.diagnoses.append(f"generate {ch['spec']['name']}: layer 1 said {out['status']}")
+                continue
+            cand = {"report_id": out["report_id"], "strategy": "generate", "why": why_c}
+        elif ch["tool"] == "revise_policy" and st.may("revise_policy") and ch.get("patch"):
+            try:
+                out = await st.call("revise_policy", {"base": ch["policy"], "patch": ch["patch"]})
+            except ToolFailed as e:
+                c.diagnoses.append(f"revise {ch['policy']} refused: {e.message}")
+                continue
+            cand = {"report_id": out["report_id"], "strategy": "revise", "why": why_c}
+        else:
+            continue
+        lbl = _label(cand)
+        if lbl in tried or any(_label(x) == lbl for x in cands):
+            continue
+        cands.append(cand)
+        lessons.append({"candidate": c.label, "report_id": c.report_id, "rule": g["rule"],
+                        "evidence": g["evidence"], "change": change_label(ch), "next_candidate": lbl})
+    if not cands:
+        rep.replans.append(f"after round {rnd}: {why}; no re-plan: " +
+                           ("no diagnosis rule fired on the evidence" if not order else
+                            "every change the diagnoses name was tried already or refused"))
+        return False
+    strategy = "generate" if any(x["strategy"] == "generate" for x in cands) else \
+        "revise" if any(x["strategy"] == "revise" for x in cands) else "reconfigure"
+    rationale = (f"re-plan {rnd + 1} of {rep.plan_id}: {why}; {len(cands)} change(s) from the diagnoses, "
+                 f"within the {max(left, 0):.0f} s left: " + "; ".join(
+                     f"{ls['candidate']} -> {ls['rule']} -> {ls['change']}" for ls in lessons))
+    args: dict[str, Any] = {"profile_id": rep.profile_id, "workloads": rep.workloads, "strategy": strategy,
+                            "rationale": rationale[:3900], "candidates": cands, "budget_s": max(left, 1.0),
+                            "replaces": rep.plan_id, "lessons": lessons,
+                            "goals": [{"metric": g.metric, "direction": g.direction,
+                                       "target_ratio": g.target_ratio if g.target_ratio is not None else 1.0}
+                                      for g in rep.goals]}
+    p = await st.call("create_plan", args)
+    rep.replans.append(f"after round {rnd}: {why}; plan {p['id']} (version {p.get('version')}) replaces "
+                       f"{rep.plan_id}")
+    rep.plan_id = p["id"]
+    rep.plan_versions.append(p["id"])
+    return True
 
 
 def figures(layer2: dict | None, targets: list[str] = ()) -> list[WorkloadFigure]:
@@ -436,21 +591,32 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
                   t0: float) -> None:
     """The plan's candidates as ONE campaign of supervised jobs (verify -> validate each, for the
     plan's profile and goals), then each report's A/B figures, and the winner's token."""
+    await validate_round(st, req, rep, say, t0, 1)
+    await conclude(st, req, rep, say)
+
+
+async def validate_round(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress,
+                         t0: float, rnd: int, share: float = 1.0) -> None:
+    """One plan version's candidates validated as a campaign; figures read; the winner so far kept.
+    `share`: the fraction of the time left this round may spend (the rest is for re-planning)."""
     p = await st.call("get_plan", {"plan_id": rep.plan_id})
     n = len(p["candidates"])
     _, per = candidate_budget(req, len(with_guards(p["workloads"])))
     # what is left for the sandbox: each validation gets its share (the sandbox adds paired rounds
     # within it while a workload's interval still straddles its threshold), and the campaign starts
     # no node once its children have used it all (validations slower than estimated)
-    left = req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s
+    left = (req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s) * share
     sandbox_s = max(per - VALIDATION_FIXED_S, min(600.0, left / n - VALIDATION_FIXED_S))
-    specs = []
+    specs, this_round = [], []
+    came = {ls["next_candidate"]: f"{ls['candidate']}: {ls['rule']}" for ls in p.get("lessons") or []
+            if ls.get("next_candidate")}
     for i, c in enumerate(p["candidates"]):
         label = _label(c)
         label = f"{label}#{i}" if any(r.label == label for r in rep.candidates) else label
-        rep.candidates.append(CandidateResult(label=label, policy=c.get("policy"),
-                                              params=c.get("params") or {}, strategy=c["strategy"],
-                                              why=c["why"]))
+        res = CandidateResult(label=label, policy=c.get("policy"), params=c.get("params") or {},
+                              strategy=c["strategy"], why=c["why"], round=rnd, came_from=came.get(_label(c)))
+        rep.candidates.append(res)
+        this_round.append(res)
         spec = {"name": label, **{k: c[k] for k in ("policy", "report_id", "source") if c.get(k)}}
         if c.get("params") and not c.get("report_id"):
             spec["params"] = c["params"]
@@ -466,7 +632,7 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
                          progress=lambda m, f: say(f"execution: {m}", 0.15 + 0.7 * f))
     rep.campaign_id = camp["job_id"]
     kids = {k["name"]: k for k in camp.get("children", [])}
-    for res in rep.candidates:
+    for res in this_round:
         v, check = kids.get(f"validate:{res.label}"), kids.get(f"verify:{res.label}")
         if v is None or v["state"] != "succeeded":
             first = check if check and check["state"] != "succeeded" else v or {}  # what ended it
@@ -484,12 +650,16 @@ async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
         res.worst = goal_score(res.figures, rep.goals, rep._measures, worst=True)
         if res.passed and (rep.winner is None or _better(res, rep)):
             rep.winner, rep.winner_label = res.report_id, res.label
-    rep.campaign_seconds = round(time.monotonic() - start, 1)
+    rep.campaign_seconds = round(rep.campaign_seconds + time.monotonic() - start, 1)
+    if all(c.error and not c.report_id for c in this_round) and rnd == 1:
+        raise InfrastructureError("no candidate could be validated: " + this_round[0].error,
+                                  "check the sandbox with `schedcp sandbox info`")
+
+
+async def conclude(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
+    """The winner over every round (if any): its token, why it won, the staging deploy."""
     if rep.winner:  # only the winner gets a (single-use) deployment token
         rep.token = (await st.call("issue_token", {"report_id": rep.winner}))["token"]
-    if all(c.error and not c.report_id for c in rep.candidates):
-        raise InfrastructureError("no candidate could be validated: " + rep.candidates[0].error,
-                                  "check the sandbox with `schedcp sandbox info`")
     passed = [c for c in rep.candidates if c.passed]
     if not passed:
         rep.why = ("no candidate passed the sandbox's gates, so the default scheduler stays "
@@ -640,7 +810,20 @@ async def _stages(req: OptimizeRequest, rep: OptimizeReport, allowed: dict[str, 
         try:
             await observe(stages["observation"], req, rep, say)
             await plan(stages["planning"], req, rep, say)
-            await execute(stages["execution"], req, rep, say, t0)
+            rnd = 1
+            while True:
+                more = rnd < MAX_PLAN_ROUNDS
+                await validate_round(stages["execution"], req, rep, say, t0, rnd,
+                                     ROUND_SHARE if more and first_share(req, len(with_guards(rep.workloads))) < 1
+                                     else 1.0)
+                why = ("every candidate of the round failed" if rep.winner is None else
+                       f"the best so far ({rep.winner_label}) only ties the default scheduler" if tied(rep) else None)
+                if why is None or not more:
+                    break
+                if not await replan(stages["planning"], req, rep, say, t0, rnd, why):
+                    break
+                rnd += 1
+            await conclude(stages["execution"], req, rep, say)
             await learn(stages["learning"], req, rep, say)
         finally:
             rep.calls = {role: s.calls for role, s in stages.items()}
@@ -720,6 +903,29 @@ def chart(rep: OptimizeReport, path: Path) -> None:
     plt.close(fig)
 
 
+def chain_lines(rep: OptimizeReport) -> list[str]:
+    """The learning chain: candidate -> why it lost (evidence) -> change -> next candidate -> figures."""
+    if len(rep.plan_versions) < 2 and not rep.replans:
+        return []
+    out = ["re-planning: plan versions " + " -> ".join(rep.plan_versions)]
+    out += [f"  {r}" for r in rep.replans]
+    for c in rep.candidates:
+        if not (c.diagnoses or c.came_from):
+            continue
+        figs = ", ".join(f"{f.workload} {in_words(f.speedup)} {f.interval} {f.verdict}"
+                         for f in c.figures if f.ratio and not f.guard)
+        head = f"  round {c.round}: {c.label}" + (f" (from {c.came_from})" if c.came_from else "")
+        out.append(head + f": {'passed' if c.passed else 'lost'}" + (f"; {figs}" if figs else ""))
+        phase = ""
+        for ln in c.lost_because:  # diagnose_report's evidence: "phase:", then each side indented
+            if not ln.startswith(" "):
+                phase = ln.rstrip(":")
+            elif ln.strip().startswith("candidate:"):
+                out.append(f"    evidence {phase}: {ln.strip().removeprefix('candidate: ')}")
+        out += [f"    -> {d}" for d in c.diagnoses]
+    return out
+
+
 def render(rep: OptimizeReport, console) -> None:
     """The human-readable report."""
     from rich.markup import escape
@@ -732,7 +938,7 @@ def render(rep: OptimizeReport, console) -> None:
         console.print(f"  workload {escape(r)}")
     console.print("  goals: " + ", ".join(f"{g.metric} {'<=' if g.direction == 'lower' else '>='} "
                                           f"{g.target_ratio}x" for g in rep.goals))
-    console.print(f"[bold]planning[/bold]: plan {rep.plan_id}, strategy {rep.strategy}: "
+    console.print(f"[bold]planning[/bold]: plan {(rep.plan_versions or [rep.plan_id])[0]}, strategy {rep.strategy}: "
                   f"{escape(rep.rationale)}")
     t = Table("candidate", "report", "workload", "baseline", "candidate", "vs default", "95% interval",
               "verdict", "result", title="execution: sandbox A/B against the default scheduler "
@@ -759,6 +965,8 @@ def render(rep: OptimizeReport, console) -> None:
             console.print(f"  [red]{escape(c.label)}[/red] {escape(guard_words(c))}: not deployable system-wide")
         if not c.passed:
             console.print(f"  [red]{escape(c.label)}[/red]: {escape(c.error or c.status)}")
+    for ln in chain_lines(rep):
+        console.print(escape(ln), soft_wrap=True)
     colour = "green" if rep.exit_code == 0 else "yellow"
     console.print(f"[{colour}]{'winner' if rep.winner else 'no winner'}[/{colour}]: {escape(rep.why)}")
     if rep.deployment:

@@ -23,11 +23,11 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from . import __version__, plans, reports
+from . import __version__, diagnose, plans, reports
 from . import answers as A
 from . import candidates as candidate_jobs  # the name `candidates` is validate_campaign's argument
 from .deploy import deployments, tokens
-from .errors import SchedcpError
+from .errors import BadInput, SchedcpError
 from .jobs import queue as jobq
 from .jobs.campaigns import CampaignResult
 from .jobs.models import Budget, JobDetailView, LaneName
@@ -38,7 +38,7 @@ from .observe import cpu, profile, system
 from .repository import policies
 from .synth.provenance import SynthResult
 from .synth.spec import SchedulerSpec
-from .validate.workloads import list_workloads as all_workloads
+from .validate.workloads import get_workloads, list_workloads as all_workloads
 
 log = logging.getLogger("schedcp.server")
 T = TypeVar("T")
@@ -257,13 +257,17 @@ async def search_policies(
     limit: Annotated[int, Field(ge=1, le=100, description="page size")] = 10,
     profile_id: Annotated[str | None, Field(
         description="rank also by outcomes on workload profiles similar to this one")] = None,
+    workloads: Annotated[list[str] | None, Field(
+        description="the sandbox workloads the plan is judged on: a past win measured on fewer of them "
+                    "is not counted (losses are)")] = None,
     cursor: Annotated[str | None, A.CURSOR] = None,
     detail: Annotated[A.Detail, A.DETAIL] = "summary",
 ) -> CallToolResult:
     """Planning: find policies for a workload in the repository (ours and the scx catalog), best
     first. Each hit: name, score (text relevance + history on similar profiles), runnable, a
     one-line summary and the reason it matched; get_policy(name) for more."""
-    scorer = history.scorer_for(profile_id) if profile_id else None
+    metrics = {w.metric for w in get_workloads(workloads)} if workloads else None
+    scorer = history.scorer_for(profile_id, metrics) if profile_id else None
     hits = await in_thread(policies.search_policies, query, tags, A.offset(cursor) + limit + 1, scorer)
     hits, nxt = A.page(hits, cursor, limit)
     out = [h.model_dump(mode="json") if detail == "full" else A.hit_brief(h) for h in hits]
@@ -286,7 +290,8 @@ async def get_policy(name: Annotated[str, Field(description="policy name, e.g. v
     else:
         out = {"policy": A.policy_brief(p),
                "history": [A.pick(o, {"id", "source", "params", "profile_id", "report_id", "reward",
-                                      "goals_met"}) for o in hist[:5]],
+                                      "goals_met"}) | {"measured": sorted({m.metric for m in o.metrics})}
+                           for o in hist[:5]],
                "outcomes": len(hist)}
     return A.answer(out, f"{p.name}: {p.summary} ({len(hist)} recorded outcome(s))")
 
@@ -330,14 +335,54 @@ async def create_plan(
     goals: Annotated[list[GoalIn] | None, Field(
         description="default: the profile's goals that the workloads measure")] = None,
     budget_s: Annotated[float | None, Field(gt=0, description="time budget for execution")] = None,
+    replaces: Annotated[str | None, Field(description="re-planning: the plan (plan-…) this is the next "
+                                          "version of; it stays stored")] = None,
+    lessons: Annotated[list[plans.Lesson] | None, Field(
+        description="re-planning: per lost candidate, why it lost and the change (from diagnose_report)")] = None,
 ) -> CallToolResult:
     """End of planning: store an OptimizationPlan (checked now: policies, parameters, reports,
-    workloads, goals the workloads measure) for the execution stage; returns it with its id."""
+    workloads, goals the workloads measure) for the execution stage; returns it with its id. After a
+    round that failed, store the next round as a new version (`replaces`, `lessons`)."""
     gs = [Goal(**g.model_dump(), why="given by the planner") for g in goals] if goals else None
     cs = [plans.PlannedCandidate(**c.model_dump()) for c in candidates]
     p = await in_thread(plans.create_plan, profile_id, workloads, gs, strategy, rationale, cs,
-                        budget_s, "mcp")
+                        budget_s, "mcp", replaces, lessons)
     return plan_answer(p, "summary")
+
+
+class DiagnosisAnswer(BaseModel):
+    report_id: str
+    candidate: str = Field(description="the policy (with parameters) or generated scheduler validated")
+    lost: list[str] = Field(description="workloads it did not show unharmed")
+    evidence: list[str] = Field(description="per traced phase, candidate and default side by side")
+    diagnoses: list[diagnose.Diagnosis] = Field(description="rule, figures, reason and the change to try")
+
+
+@server.tool(annotations=READ_ONLY)
+@agent_errors
+async def diagnose_report(report_id: Annotated[str, Field(description="a validated report (rep-…)")]
+                          ) -> CallToolResult:
+    """Re-planning: why a validated candidate lost, from the guest's evidence (run-queue waits and who
+    they were behind, idle CPUs, the wake graph, switches; candidate vs default), and per rule the
+    change to try next: a reconfigure_policy parameter change, a generate_scheduler spec or a
+    revise_policy patch, each with its reason (docs/optimize.md, "When a round fails")."""
+    a = await in_thread(diagnose_answer, report_id)
+    return A.answer(a.model_dump(mode="json", exclude_none=True),
+                    f"{a.report_id} ({a.candidate}): lost {', '.join(a.lost) or 'nothing'}; "
+                    + (", ".join(f"{d.rule} -> {d.change.label}" for d in a.diagnoses) or "no rule fired"))
+
+
+def diagnose_answer(report_id: str) -> DiagnosisAnswer:
+    r = reports.get_report(report_id)
+    if r.layer2 is None:
+        raise BadInput(f"{report_id} has no sandbox run to diagnose ({r.status})", "validate it first")
+    spec = r.provenance.spec if r.provenance else None
+    policy = r.policy or (r.provenance.parent_policy if r.provenance and not spec else None)
+    ds = diagnose.diagnose(r.layer2, policy, r.params, spec)
+    label = (policy or (spec.name if spec else r.ops_name or "source")) + (
+        "[" + ",".join(f"{k}={v}" for k, v in sorted(r.params.items())) + "]" if r.params and policy else "")
+    return DiagnosisAnswer(report_id=r.id, candidate=label, lost=diagnose.lost_phases(r.layer2),
+                           evidence=diagnose.evidence_lines(r.layer2), diagnoses=ds)
 
 
 @server.tool(annotations=READ_ONLY)

@@ -71,6 +71,10 @@ def example_calls() -> list[tuple[str, dict[str, Any]]]:
     for rid in store.ids("report", 3):
         calls.append(("get_report", {"report_id": rid}))
         calls.append(("get_feedback", {"subject_id": rid}))
+    from .reports import get_report
+
+    if rid := next((r for r in store.ids("report", 20) if get_report(r).layer2), None):
+        calls.append(("diagnose_report", {"report_id": rid}))
     if d := newest("deployment"):
         calls.append(("get_feedback", {"subject_id": d}))
     return calls

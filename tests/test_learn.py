@@ -138,3 +138,28 @@ def test_a_metric_1010x_worse_is_not_met_and_is_said_so_in_words():
     assert in_words(1.0) == "same (1.00x)" and in_words(0.3125) == "worse by 3.20x"
     rate = MetricResult(metric="throughput", direction="higher", baseline=100, candidate=140, ratio=1.4)
     assert rate.words == "better by 1.40x"
+
+
+def test_a_win_measured_on_one_workload_does_not_rank_a_policy_first_for_a_broader_goal(profiles, monkeypatch):
+    """#27: fifo won hackbench-only runs, then ranked first for a five-workload goal and failed wakeup."""
+    from schedcp_mcp.validate.workloads import get_workloads
+
+    home, _, _, hb = profiles
+    monkeypatch.setenv("SCHEDCP_HOME", str(home))
+    one = get_workloads(["hackbench"])[0]
+    broad = {w.metric for w in get_workloads(["hackbench", "wakeup", "pipe", "cpu"])}
+    history.record(history.new_outcome(
+        source="sandbox", policy="batch", profile_id=hb.id,
+        metrics=[MetricResult(metric=one.metric, direction=one.direction, baseline=2.0, candidate=1.0, ratio=0.5)]))
+    hit = lambda metrics: next(h for h in search_policies("throughput batch", limit=20,  # noqa: E731
+                                                          history=history.scorer_for(hb.id, metrics))
+                               if h.name == "batch")
+    assert hit(None).history_score > 0  # for a hackbench goal the win counts
+    assert hit({one.metric}).history_score > 0
+    narrow = hit(broad)
+    assert narrow.history_score == 0 and "measured on fewer workloads than this goal's, not counted" in narrow.reason
+    # a narrow loss still counts against the policy
+    history.record(history.new_outcome(
+        source="sandbox", policy="batch", profile_id=hb.id,
+        metrics=[MetricResult(metric=one.metric, direction=one.direction, baseline=1.0, candidate=2.0, ratio=2.0)]))
+    assert hit(broad).history_score < 0

@@ -6,6 +6,11 @@ sqrt(sum of weights)), in [0, 1] (weights in FEATURE_WEIGHTS); features are the 
 (cpu_utilization, wakeup_intensity, preemption, fork_intensity, io; rates on a log scale).
 History score of a policy for a profile = sum(sim_i * reward_i) / (sum(sim_i) + 1) over its outcomes
 on profiles with sim_i >= 0.6 — the +1 shrinks the score toward 0 when evidence is thin.
+
+History knows its goal: given the metrics a plan will be judged on (`scorer_for(..., metrics=…)`), an
+outcome that measured only some of them is narrow — a win on hackbench alone says nothing about the
+wakeup probe — so its reward counts only when it is a loss (min(reward, 0)): a narrow win never
+ranks a policy first for a broader goal, a narrow failure still warns.
 """
 
 from __future__ import annotations
@@ -108,8 +113,19 @@ def _feature_similarity(fa: dict[str, float], fb: dict[str, float]) -> float:
     return max(0.0, 1.0 - d / math.sqrt(sum(w.values())))
 
 
-def scorer_for(profile_id: str):
-    """A history scorer for `search_policies`: (policy) -> (score, reason)."""
+def narrow(o: Outcome, metrics: set[str] | None) -> bool:
+    """Whether `o` measured fewer of `metrics` than all of them (None: every outcome is broad enough)."""
+    return bool(metrics) and not metrics <= {m.metric for m in o.metrics}
+
+
+def counted_reward(o: Outcome, metrics: set[str] | None) -> float:
+    """The reward an outcome contributes for a goal on `metrics`: a narrow outcome's losses only."""
+    return min(o.reward, 0.0) if narrow(o, metrics) else o.reward
+
+
+def scorer_for(profile_id: str, metrics: set[str] | None = None):
+    """A history scorer for `search_policies`: (policy) -> (score, reason). `metrics`: what the plan
+    will be judged on; outcomes that measured fewer count only their losses (`counted_reward`)."""
     target = get_profile(profile_id)
     by_policy: dict[str, list[tuple[float, Outcome]]] = {}
     profiles: dict[str, WorkloadProfile | None] = {}
@@ -130,10 +146,12 @@ def scorer_for(profile_id: str):
         if not rows:
             return 0.0, ""
         wsum = sum(s for s, _ in rows)
-        mean = sum(s * o.reward for s, o in rows) / (wsum + 1.0)
+        mean = sum(s * counted_reward(o, metrics) for s, o in rows) / (wsum + 1.0)
         best = max(rows, key=lambda r: r[0])
+        few = sum(1 for _, o in rows if narrow(o, metrics) and o.reward > 0)
         return HISTORY_WEIGHT * mean, (
             f"history: {len(rows)} outcome(s) on similar workloads (best similarity {best[0]:.2f}), "
-            f"weighted reward {mean:+.3f}")
+            f"weighted reward {mean:+.3f}" + (f"; {few} win(s) measured on fewer workloads than this goal's, "
+                                               "not counted" if few else ""))
 
     return score

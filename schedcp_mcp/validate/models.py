@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..models import Direction, LoaderExit, MetricResult
+from .evidence import Evidence
 from .starvation import WaitSummary
 
 
@@ -104,6 +105,9 @@ class Layer2Result(BaseModel):
     stress: StressSummary | None = None
     starvation: list[WaitSummary] = Field([], description="per-task run-queue waits in the starvation phase: "
                                           "the default scheduler's side, then the candidate's")
+    evidence: list[Evidence] = Field([], description="what explains the figures (validate.evidence): per traced "
+                                     "phase (round 1's workloads, the starvation phase) and side, the run-queue "
+                                     "waits, who they were behind, idle CPUs, the wake graph, switches")
     loader_exits: list[LoaderExit] = Field([], description="how the loader ended, per load (uei, stop_reason)")
     rounds: int = 0
     budget_s: float | None = Field(None, description="time budget the adaptive rounds kept to")
@@ -148,6 +152,7 @@ class Observations(BaseModel):
     timeline: list[StateSample] = []
     stress: StressSummary | None = None
     starvation: list[WaitSummary] = Field([], description="starvation phase, per side (baseline, candidate)")
+    evidence: list[Evidence] = Field([], description="traced phases, per side (validate.evidence)")
     workload_errors: dict[str, list[str]] = {}
     hang: str | None = Field(None, description="what timed out, when the VM or a step did not answer")
     final_state: str | None = Field(None, description="sched_ext state after the final unload")

@@ -49,7 +49,7 @@ from ..errors import BadInput, InfrastructureError, SchedcpError
 from ..models import Goal
 from ..sandbox import scheduler
 from ..sandbox.vm import VM, GuestTimeout
-from . import gates, starvation
+from . import evidence, gates, starvation
 from .models import Layer2Result, LoadAttempt, Observations, StateSample, StressSummary, Workload, WorkloadResult
 from .workloads import PROBE_GUEST, ensure_probe, get_workloads, parse, parse_stress_ng_metrics
 
@@ -159,11 +159,12 @@ class _Run:
         phase = f"{side}-{rnd}"
         wls = self.workloads if only is None else only
         body = [COUNTERS_SNIPPET.format(tag="C0")] if side == "candidate" else []
+        traced = evidence.traced(rnd, side)  # both sides: the tracer's cost falls on both
         for w in wls:
             body.append(f"snap {phase}\n")
-            for _ in range(1 if side == "warmup" else max(1, w.reps)):
-                body.append(f"echo '@@B {w.name}'\ntimeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\n"
-                            f"echo \"@@E {w.name} $?\"\n")
+            runs = "".join(f"echo '@@B {w.name}'\ntimeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\n"
+                           f"echo \"@@E {w.name} $?\"\n" for _ in range(1 if side == "warmup" else max(1, w.reps)))
+            body.append(evidence.wrap(w.name, runs, f"{G}/rqw.bpf.o") if traced else runs)
         body.append(f"snap {phase}\n")
         if side == "candidate":
             body.append(COUNTERS_SNIPPET.format(tag="C1"))
@@ -173,6 +174,8 @@ class _Run:
         snaps = self.obs.timeline[n0:]
         if side == "warmup":
             return  # figures discarded: see warm_up()
+        if traced:
+            self.obs.evidence += evidence.parse_wrapped(out, side)
         idx = 0 if side == "baseline" else 1  # "again": the A/A run's second baseline
         if side == "candidate":
             for k, v in _counter_delta(out).items():
@@ -305,6 +308,7 @@ cat $L/stress.out
         out = self.step(f"starve-{side}", starvation.phase_script(side, f"{G}/rqw.bpf.o", PROBE_GUEST),
                         timeout_s=starvation.DURATION_S + 90)
         self.obs.starvation.append(starvation.parse_phase(side, out))
+        self.obs.evidence.append(evidence.parse("starvation", side, out, starvation.WINDOW_S))
 
     def unload(self) -> None:
         n = self.nload
@@ -578,6 +582,7 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
     return Layer2Result(passed=passed, failure_reason=why, ops_name=ops_name, params=params, correctness=cg,
                         performance=pg, workloads=results, timeline=run.obs.timeline,
                         kernel_log=run.obs.kernel_log, stress=run.obs.stress, starvation=run.obs.starvation,
+                        evidence=run.obs.evidence,
                         loader_exits=run.obs.loader_exits,
                         rounds=run.rounds_done, budget_s=budget_s or None, counters=run.counters,
                         warnings=gates.noise_warnings(results),

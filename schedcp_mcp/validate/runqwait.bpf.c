@@ -8,6 +8,19 @@
  * single wait, the sum and count of waits, how many reached OVER_NS and STARVE_NS, and the task's comm, tgid and
  * the CPU it waited for; rqw_hist is the log2 histogram (ns) of every wait.
  *
+ * What explains the waits (the evidence a diagnosis reads, validate/evidence.py), in the same window:
+ *   per task   migrations (sched_migrate_task), involuntary switches (switched out still runnable:
+ *              preempted or slice expired), wakeups it received from another CPU, and the wait it
+ *              caused: waits that ended when it was switched out ("behind whom": blocked_ns)
+ *   rqw_wakes  the waker -> wakee graph: per (waker pid, wakee pid) how many wakeups, how many
+ *              landed on another CPU than the waker's, and the wakee's wait after them
+ *   rqw_cpus   per CPU: idle time, idle time while a task waited on another CPU (summed over the
+ *              waits: two tasks waiting 1 ms beside an idle CPU count 2 ms), waits that ended
+ *              behind the idle task (the CPU sat idle with the task queued on it: a missing kick),
+ *              switches and involuntary switches
+ * "Behind whom" is the task that ran just before the waiter on the CPU its wait ended on, not
+ * everyone that ran during the wait: on a 2-CPU guest that is nearly always the one.
+ *
  * Loaded with `bpftool prog loadall ... autoattach` (links pinned; removing the pin directory detaches
  * it) and read with `bpftool -j map dump name rqw_tasks`: no userspace half, nothing beyond bpftool
  * in the guest. The scheduler under test cannot hide a wait from it: the tracepoints belong to the
@@ -43,7 +56,61 @@ struct rqw_task {
 	u32 policy;
 	u32 kthread;
 	char comm[16];
+	u64 migrations;	/* sched_migrate_task */
+	u64 involuntary;	/* switched out while still runnable */
+	u64 woken_xcpu;	/* wakeups that put it on another CPU than its waker's */
+	u64 blocked_ns;	/* waits that ended when this task was switched out */
+	u64 blocked;
 };
+
+struct rqw_edge_key {
+	u32 waker;
+	u32 wakee;
+};
+
+struct rqw_edge {
+	u64 count;
+	u64 xcpu;	/* the wakee was queued on another CPU than the waker ran on */
+	u64 wait_ns;	/* the wakee's waits that followed these wakeups */
+	char waker_comm[16];
+	char wakee_comm[16];
+};
+
+#define MAX_CPUS 64
+#define SCAN_CPUS 8	/* CPUs looked at for idle time beside a wait (the sandbox has 2) */
+
+struct rqw_cpu {
+	u64 idle_ns;
+	u64 idle_wait_ns;	/* idle while a task waited on another CPU (summed over waits) */
+	u64 idle_behind_ns;	/* waits that ended behind the idle task on this CPU */
+	u64 idle_behind;
+	u64 switches;
+	u64 involuntary;
+	u64 idle_since;	/* 0: busy */
+	u64 last_idle_start;
+	u64 last_idle_end;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct rqw_edge_key);
+	__type(value, struct rqw_edge);
+} rqw_wakes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, u32);
+	__type(value, u32);
+} rqw_waker SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_CPUS);
+	__type(key, u32);
+	__type(value, struct rqw_cpu);
+} rqw_cpus SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -103,40 +170,151 @@ static u32 log2_slot(u64 v)
 	return slot;
 }
 
+static struct rqw_task *task_entry(u32 pid)
+{
+	struct rqw_task fresh = {}, *t = bpf_map_lookup_elem(&rqw_tasks, &pid);
+
+	if (t)
+		return t;
+	bpf_map_update_elem(&rqw_tasks, &pid, &fresh, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&rqw_tasks, &pid);
+}
+
+/* a wakeup: who woke whom, and whether across CPUs (the current task is the waker; in an interrupt
+ * it is whatever the interrupt landed on, pid 0 when the CPU was idle) */
+static void woken(struct task_struct *p)
+{
+	struct task_struct *waker = bpf_get_current_task_btf();
+	struct rqw_edge_key key = {};
+	struct rqw_edge fresh = {}, *e;
+	struct rqw_task *t;
+	bool xcpu;
+
+	queued(p);
+	if (!window_open() || !p->pid)
+		return;
+	key.waker = waker->pid;
+	key.wakee = p->pid;
+	bpf_map_update_elem(&rqw_waker, &key.wakee, &key.waker, BPF_ANY);
+	xcpu = p->thread_info.cpu != bpf_get_smp_processor_id();
+	e = bpf_map_lookup_elem(&rqw_wakes, &key);
+	if (!e) {
+		bpf_probe_read_kernel_str(fresh.waker_comm, sizeof(fresh.waker_comm), waker->comm);
+		bpf_probe_read_kernel_str(fresh.wakee_comm, sizeof(fresh.wakee_comm), p->comm);
+		bpf_map_update_elem(&rqw_wakes, &key, &fresh, BPF_NOEXIST);
+		e = bpf_map_lookup_elem(&rqw_wakes, &key);
+		if (!e)
+			return;
+	}
+	__sync_fetch_and_add(&e->count, 1);
+	if (xcpu) {
+		__sync_fetch_and_add(&e->xcpu, 1);
+		t = task_entry(key.wakee);
+		if (t)
+			t->woken_xcpu++;
+	}
+}
+
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(rqw_wakeup, struct task_struct *p)
 {
-	queued(p);
+	woken(p);
 	return 0;
 }
 
 SEC("tp_btf/sched_wakeup_new")
 int BPF_PROG(rqw_wakeup_new, struct task_struct *p)
 {
-	queued(p);
+	woken(p);
 	return 0;
+}
+
+SEC("tp_btf/sched_migrate_task")
+int BPF_PROG(rqw_migrate, struct task_struct *p, int dest_cpu)
+{
+	struct rqw_task *t;
+
+	if (!window_open() || !p->pid)
+		return 0;
+	t = task_entry(p->pid);
+	if (t)
+		t->migrations++;
+	return 0;
+}
+
+/* idle time of the other CPUs that overlapped a wait [start, now): their current idle period and
+ * their last finished one */
+static void idle_beside(u32 self, u64 start, u64 now)
+{
+	for (u32 i = 0; i < SCAN_CPUS; i++) {
+		struct rqw_cpu *c;
+		u64 from, to, over = 0;
+
+		if (i == self)
+			continue;
+		c = bpf_map_lookup_elem(&rqw_cpus, &i);
+		if (!c)
+			break;
+		if (c->idle_since && c->idle_since < now)
+			over += now - (c->idle_since > start ? c->idle_since : start);
+		from = c->last_idle_start > start ? c->last_idle_start : start;
+		to = c->last_idle_end;
+		if (to > from && to <= now)
+			over += to - from;
+		if (over)
+			__sync_fetch_and_add(&c->idle_wait_ns, over);
+	}
 }
 
 SEC("tp_btf/sched_switch")
 int BPF_PROG(rqw_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
 	     unsigned int prev_state)
 {
-	struct rqw_task *t, fresh = {};
-	u32 pid = next->pid, slot;
-	u64 *start, wait, *bucket;
+	struct rqw_task *t;
+	struct rqw_edge_key key = {};
+	struct rqw_edge *e;
+	struct rqw_cpu *c;
+	u32 pid = next->pid, cpu = bpf_get_smp_processor_id(), slot, *waker;
+	u64 *start, wait, *bucket, now = bpf_ktime_get_ns(), began;
+	bool on = window_open();
 
-	if (prev_state == 0)	/* TASK_RUNNING: switched out but still runnable */
+	c = bpf_map_lookup_elem(&rqw_cpus, &cpu);
+	if (c) {
+		if (on) {
+			c->switches++;
+			if (prev_state == 0 && prev->pid)
+				c->involuntary++;
+		}
+		if (prev->pid == 0 && c->idle_since) {	/* the CPU leaves idle */
+			if (on)
+				c->idle_ns += now - c->idle_since;
+			c->last_idle_start = c->idle_since;
+			c->last_idle_end = now;
+			c->idle_since = 0;
+		}
+		if (pid == 0)
+			c->idle_since = now;
+	}
+	if (prev_state == 0) {	/* TASK_RUNNING: switched out but still runnable */
 		queued(prev);
+		if (on && prev->pid) {
+			t = task_entry(prev->pid);
+			if (t)
+				t->involuntary++;
+		}
+	}
 	if (!pid)
 		return 0;
 	start = bpf_map_lookup_elem(&rqw_start, &pid);
 	if (!start)
 		return 0;
-	if (!(*start & IN_WINDOW) && !window_open()) {
+	if (!(*start & IN_WINDOW) && !on) {
 		bpf_map_delete_elem(&rqw_start, &pid);
+		bpf_map_delete_elem(&rqw_waker, &pid);
 		return 0;
 	}
-	wait = bpf_ktime_get_ns() - (*start & ~IN_WINDOW);
+	began = *start & ~IN_WINDOW;
+	wait = now - began;
 	bpf_map_delete_elem(&rqw_start, &pid);
 
 	slot = log2_slot(wait);
@@ -144,13 +322,34 @@ int BPF_PROG(rqw_switch, bool preempt, struct task_struct *prev, struct task_str
 	if (bucket)
 		__sync_fetch_and_add(bucket, 1);
 
-	t = bpf_map_lookup_elem(&rqw_tasks, &pid);
-	if (!t) {
-		bpf_map_update_elem(&rqw_tasks, &pid, &fresh, BPF_NOEXIST);
-		t = bpf_map_lookup_elem(&rqw_tasks, &pid);
-		if (!t)
-			return 0;
+	idle_beside(cpu, began, now);
+	if (prev->pid == 0) {	/* it waited on this CPU while the CPU ran its idle task */
+		if (c) {
+			c->idle_behind_ns += wait;
+			c->idle_behind++;
+		}
+	} else {
+		t = task_entry(prev->pid);
+		if (t) {
+			t->blocked_ns += wait;
+			t->blocked++;
+			if (!t->comm[0])
+				bpf_probe_read_kernel_str(t->comm, sizeof(t->comm), prev->comm);
+		}
 	}
+	waker = bpf_map_lookup_elem(&rqw_waker, &pid);
+	if (waker) {
+		key.waker = *waker;
+		key.wakee = pid;
+		bpf_map_delete_elem(&rqw_waker, &pid);
+		e = bpf_map_lookup_elem(&rqw_wakes, &key);
+		if (e)
+			__sync_fetch_and_add(&e->wait_ns, wait);
+	}
+
+	t = task_entry(pid);
+	if (!t)
+		return 0;
 	t->count++;
 	t->total_ns += wait;
 	if (wait >= OVER_NS)
@@ -159,7 +358,7 @@ int BPF_PROG(rqw_switch, bool preempt, struct task_struct *prev, struct task_str
 		t->starved++;
 	if (wait > t->max_ns) {
 		t->max_ns = wait;
-		t->cpu = bpf_get_smp_processor_id();
+		t->cpu = cpu;
 	}
 	t->tgid = next->tgid;
 	t->prio = next->static_prio;

@@ -50,6 +50,9 @@ from pydantic import BaseModel, Field
 
 TRACER_SRC = Path(__file__).parent / "runqwait.bpf.c"
 PIN_DIR = "/sys/fs/bpf/schedcp-rqw"
+#: the tracer's maps, pinned: the switch and the dumps name this instance's maps by path, never by
+#: name (a map of the tracer attached just before, still being freed, has the same name)
+MAP_DIR = "/sys/fs/bpf/schedcp-rqw-maps"
 #: a task that waited this long on a run queue at least REPEAT times in the window is starved
 STARVE_MS = 250.0
 REPEAT = 2
@@ -84,7 +87,12 @@ run chrt -b 0 $PROBE wakeup -t 2 -H 0 -p 7000 -d $ms
 run stress-ng --fork 1 -t $D
 """
 #: the tracer's on/off switch (rqw_on[0], a u64)
-_ON = "bpftool map update name rqw_on key 0 0 0 0 value {} 0 0 0 0 0 0 0"
+ON = f"bpftool map update pinned {MAP_DIR}/rqw_on key 0 0 0 0 value {{}} 0 0 0 0 0 0 0"
+#: the tracer's maps as the guest prints them: per task, the wait histogram, the wake graph, per CPU
+DUMPS = (f"echo '@@RQW'; bpftool map dump pinned {MAP_DIR}/rqw_tasks 2>/dev/null; echo '@@RQWEND'\n"
+         f"echo '@@RQH'; bpftool map dump pinned {MAP_DIR}/rqw_hist 2>/dev/null; echo '@@RQHEND'\n"
+         f"echo '@@RQE'; bpftool map dump pinned {MAP_DIR}/rqw_wakes 2>/dev/null; echo '@@RQEEND'\n"
+         f"echo '@@RQC'; bpftool map dump pinned {MAP_DIR}/rqw_cpus 2>/dev/null; echo '@@RQCEND'\n")
 
 
 class TaskWait(BaseModel):
@@ -138,18 +146,21 @@ def ensure_tracer() -> Path:
 
 def phase_script(side: str, tracer: str, probe: str, duration_s: int = DURATION_S) -> str:
     """The guest script of one side: attach the tracer, run the load, settle, print the maps."""
-    return (f"rm -rf {PIN_DIR}; mkdir -p {PIN_DIR}\n"
-            f"bpftool prog loadall {tracer} {PIN_DIR} autoattach >$L/rqw.err 2>&1 || "
-            f"echo \"@@RQWERR $(tail -c 300 $L/rqw.err | tr '\\n' ' ')\"\n"
+    return (f"{attach(tracer)}"
             f"snap starve-{side}\n"
             f"(D={duration_s}; PROBE={probe}\n{LOAD}\n"
-            f"sleep {WARM_S}; {_ON.format(1)}; sleep {WINDOW_S}; {_ON.format(0)}\n"
+            f"sleep {WARM_S}; {ON.format(1)}; sleep {WINDOW_S}; {ON.format(0)}\n"
             "wait)\n"
             f"sleep {SETTLE_S}\n"
             f"snap starve-{side}\n"
-            "echo '@@RQW'; bpftool map dump name rqw_tasks 2>/dev/null; echo '@@RQWEND'\n"
-            "echo '@@RQH'; bpftool map dump name rqw_hist 2>/dev/null; echo '@@RQHEND'\n"
-            f"rm -rf {PIN_DIR}\n")
+            f"{DUMPS}rm -rf {PIN_DIR} {MAP_DIR}\n")
+
+
+def attach(tracer: str) -> str:
+    """Guest script: attach the tracer afresh (links and maps pinned), or print `@@RQWERR why`."""
+    return (f"rm -rf {PIN_DIR} {MAP_DIR}; mkdir -p {PIN_DIR}\n"
+            f"bpftool prog loadall {tracer} {PIN_DIR} pinmaps {MAP_DIR} autoattach >$L/rqw.err 2>&1 || "
+            f"echo \"@@RQWERR $(tail -c 300 $L/rqw.err | tr '\\n' ' ')\"\n")
 
 
 def _block(text: str, tag: str):
