@@ -159,18 +159,25 @@ class _Run:
         phase = f"{side}-{rnd}"
         wls = self.workloads if only is None else only
         body = [COUNTERS_SNIPPET.format(tag="C0")] if side == "candidate" else []
-        traced = evidence.traced(rnd, side)  # both sides: the tracer's cost falls on both
+        traced = evidence.traced(rnd, side)
         for w in wls:
             body.append(f"snap {phase}\n")
-            runs = "".join(f"echo '@@B {w.name}'\ntimeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\n"
-                           f"echo \"@@E {w.name} $?\"\n" for _ in range(1 if side == "warmup" else max(1, w.reps)))
-            body.append(evidence.wrap(w.name, runs, f"{G}/rqw.bpf.o") if traced else runs)
+            body.append("".join(f"echo '@@B {w.name}'\ntimeout -s KILL {int(w.timeout_s)} sh $L/w_{w.name}.sh 2>&1\n"
+                                f"echo \"@@E {w.name} $?\"\n" for _ in range(1 if side == "warmup" else max(1, w.reps))))
         body.append(f"snap {phase}\n")
+        # the evidence comes from one more run of each workload, traced and never a figure (its
+        # markers are not @@B/@@E) and after the last snap (not in a workload's cost): the tracer
+        # costs more where a scheduler switches more, so traced figures would bias the pair
+        # (hackbench ran ~28 % slower traced, on a busy host)
+        for w in wls if traced else ():
+            body.append(evidence.wrap(w.name, f"echo '@@TB {w.name}'\ntimeout -s KILL {int(w.timeout_s)} "
+                                      f"sh $L/w_{w.name}.sh >/dev/null 2>&1\necho \"@@TE {w.name} $?\"\n",
+                                      f"{G}/rqw.bpf.o"))
         if side == "candidate":
             body.append(COUNTERS_SNIPPET.format(tag="C1"))
         n0 = len(self.obs.timeline)
         out = self.step(phase, "".join(body),
-                        timeout_s=sum(w.timeout_s * max(1, w.reps) for w in wls) + 60)
+                        timeout_s=sum(w.timeout_s * (max(1, w.reps) + traced) for w in wls) + 60)
         snaps = self.obs.timeline[n0:]
         if side == "warmup":
             return  # figures discarded: see warm_up()
