@@ -5,10 +5,10 @@ descriptions.
   (the tools, their descriptions, annotations and input parameters exactly as `tools/list` gives them
   to an agent);
 - each policy is described once, in the header comment of `policies/NAME/NAME.bpf.c` (see
-  `policy_text`); from it come `policy.json`'s summary, algorithm, description, use_cases and
-  limitations, and the top of the policy's README (the description, where it works and fails, a
-  table of `policy.json`'s parameters). Below the README's `HAND_KEPT` line everything is kept by hand
-  (design notes, what was measured) and generation leaves it as it is. Contributed policies
+  `policy_text`); from it come `policy.json`'s summary (its first line; `algorithm` repeats it),
+  description, use_cases and limitations, and the top of the policy's README (the description, where
+  it works and fails, a table of `policy.json`'s parameters). Below the README's `HAND_KEPT` line
+  everything is kept by hand (design notes, what was measured) and generation leaves it as it is. Contributed policies
   (`provenance` in policy.json: an agent wrote the description) are not generated.
 
     python -m schedcp_mcp.docs            # rewrite what is stale
@@ -282,8 +282,11 @@ def render_policies(root: Path) -> dict[str, str]:
     for meta_path in _policy_dirs(root):
         d, meta = meta_path.parent, json.loads(meta_path.read_text())
         text = policy_text(d.name, (d / meta["source"]).read_text())
-        readme = (d / "README.md").read_text() if (d / "README.md").exists() else ""
-        hand_kept = readme.split(HAND_KEPT + "\n", 1)[1] if HAND_KEPT + "\n" in readme else ""
+        readme = (d / "README.md").read_text() if (d / "README.md").exists() else HAND_KEPT + "\n"
+        if HAND_KEPT + "\n" not in readme:  # never rewrite what someone wrote by hand
+            raise ValueError(f"{d.name}/README.md has lost its marker line: put it back above the part "
+                             f"kept by hand:\n{HAND_KEPT}")
+        hand_kept = readme.split(HAND_KEPT + "\n", 1)[1]
         rel = d.relative_to(root)
         out[f"{rel}/policy.json"] = render_policy_json(meta, text)
         out[f"{rel}/README.md"] = render_policy_readme(meta, text, hand_kept)

@@ -97,6 +97,15 @@ def test_the_hand_kept_part_of_a_readme_is_never_rewritten(checkout):
     assert text.endswith("## Measured again\nA new run, by hand.\n")
 
 
+def test_a_readme_that_lost_its_marker_is_not_overwritten(checkout, capsys):
+    readme = checkout / "policies" / "fifo" / "README.md"
+    readme.write_text(readme.read_text().replace(docs.HAND_KEPT + "\n", ""))
+    before = readme.read_text()
+    assert docs.main([]) == 1
+    assert "fifo/README.md has lost its marker line" in capsys.readouterr().err
+    assert readme.read_text() == before
+
+
 def test_a_header_that_does_not_follow_the_structure_says_what_to_write(checkout, capsys):
     src = checkout / "policies" / "batch" / "batch.bpf.c"
     src.write_text(src.read_text().replace(" * Fails: latency:", " * It fails at latency:"))
