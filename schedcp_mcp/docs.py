@@ -1,23 +1,32 @@
-"""The references in docs/ generated from the code: `docs/cli.md` from every click command's
-`--help`, `docs/mcp.md` from the MCP server's tool registry (the tools, their descriptions,
-annotations and input parameters exactly as `tools/list` gives them to an agent).
+"""What is written once and generated everywhere else: the references in docs/ and the policies'
+descriptions.
 
-    python -m schedcp_mcp.docs            # rewrite docs/cli.md and docs/mcp.md
+- `docs/cli.md` from every click command's `--help`, `docs/mcp.md` from the MCP server's tool registry
+  (the tools, their descriptions, annotations and input parameters exactly as `tools/list` gives them
+  to an agent);
+- each policy is described once, in the header comment of `policies/NAME/NAME.bpf.c` (see
+  `policy_text`); from it come `policy.json`'s summary (its first line; `algorithm` repeats it),
+  description, use_cases and limitations, and the top of the policy's README (the description, where
+  it works and fails, a table of `policy.json`'s parameters). Below the README's `HAND_KEPT` line
+  everything is kept by hand (design notes, what was measured) and generation leaves it as it is. Contributed policies
+  (`provenance` in policy.json: an agent wrote the description) are not generated.
+
+    python -m schedcp_mcp.docs            # rewrite what is stale
     python -m schedcp_mcp.docs --check    # write nothing; exit 1 and show the diff if one is stale
 
-`tests/test_docs.py` fails when a committed reference differs from what this produces now.
+`tests/test_docs.py` fails when a committed file differs from what this produces now.
 """
 
 from __future__ import annotations
 
-import re
-
 import argparse
 import inspect
 import json
+import re
 import sys
+import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import click
@@ -157,36 +166,169 @@ def render_mcp() -> str:
     return "".join(out)
 
 
+# --- the policies' descriptions -------------------------------------------------------------------
+
+HAND_KEPT = "<!-- Kept by hand below this line; `python -m schedcp_mcp.docs` rewrites only what is above it. -->"
+
+
+class PolicyText(NamedTuple):
+    """What a policy's header comment says, in the shape of policy.json's fields."""
+    summary: str
+    prose: list[list[str]]  # paragraphs, each its lines as written (indentation kept)
+    works: list[str]
+    fails: list[str]
+
+
+def policy_text(name: str, source: str) -> PolicyText:
+    """Parse the header comment of NAME.bpf.c (the first multi-line comment), which reads
+
+        NAME: one-line summary.
+        <paragraphs of prose>
+        Works well: <sentences>
+        Fails: <sentences>
+
+    Works well and Fails are one paragraph each and come last; their sentences (or parts between
+    semicolons) become the use_cases and limitations."""
+    m = re.search(r"^/\*\n(.*?)\n \*/", source, re.S | re.M)
+    lines = [re.sub(r"^ \*( |$)", "", line).rstrip() for line in m.group(1).splitlines()] if m else []
+    # paragraphs: split at blank lines and where a numbered list's next item starts
+    paras = [p.strip("\n").split("\n") for p in re.split(r"\n\s*\n|\n(?=\d+\. )", "\n".join(lines))
+             if p.strip()]
+    if not paras or not paras[0][0].startswith(f"{name}: "):
+        raise ValueError(f"{name}.bpf.c: the header comment must start with '{name}: <one-line summary>'")
+    summary = _joined(paras[0]).removeprefix(f"{name}: ")
+    labels = [p[0].split(":")[0] for p in paras[-2:]] if len(paras) >= 3 else []
+    if labels != ["Works well", "Fails"]:
+        raise ValueError(f"{name}.bpf.c: the header comment must end with a 'Works well: …' paragraph "
+                         "and then a 'Fails: …' paragraph")
+    works, fails = (_items(_joined(p).split(":", 1)[1]) for p in paras[-2:])
+    return PolicyText(summary[0].upper() + summary[1:], paras[1:-2], works, fails)
+
+
+def _joined(lines: list[str]) -> str:
+    return " ".join(line.strip() for line in lines)
+
+
+def _items(text: str) -> list[str]:
+    """Sentences and semicolon-separated parts, outside parentheses, without their final period."""
+    out, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c == "(") - (c == ")")
+        after = text[i + 1:i + 3].strip()[:1]
+        if depth == 0 and (c == ";" or (c == "." and (after.isupper() or after == "@"))):
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    items = [s.strip().rstrip(".") for s in out if s.strip().rstrip(".")]
+    # "No weights", "A task" → "no weights", "a task", as the first item reads; "CPU-bound" stays
+    return [s if s[1:2].isupper() else s[0].lower() + s[1:] for s in items]
+
+
+def _prose_markdown(paras: list[list[str]]) -> str:
+    """The prose as markdown: a paragraph indented past the text around it (a formula) becomes a
+    code block, a paragraph indented like a list item's text stays in that item."""
+    out, base = [], 0
+    for p in paras:
+        indent = len(p[0]) - len(p[0].lstrip())
+        if indent == 0:
+            item = re.match(r"(\d+\.|-) ", p[0])
+            base = len(item.group(0)) if item else 0
+            out.append(_joined(p))
+        elif indent >= base + 2:
+            out.append(textwrap.indent(textwrap.dedent("\n".join(p)), " " * (base + 4)))
+        else:
+            out.append(" " * base + _joined(p))
+    return "\n\n".join(out)
+
+
+def _policy_dirs(root: Path) -> list[Path]:
+    """The repository's own policies: every policy directory but the contributed ones."""
+    return [d for d in sorted((root / "policies").glob("*/policy.json"))
+            if "provenance" not in json.loads(d.read_text())]
+
+
+def render_policy_json(meta: dict, text: PolicyText) -> str:
+    gen = {"summary": text.summary, "algorithm": text.summary, "description": "\n\n".join(
+        _joined(p) for p in text.prose), "use_cases": text.works, "limitations": text.fails}
+    return json.dumps({**meta, **gen}, indent=2, ensure_ascii=False) + "\n"
+
+
+def render_policy_readme(meta: dict, text: PolicyText, hand_kept: str) -> str:
+    name, source = meta["name"], meta["source"]
+    rows = ["| name | type | default | range | meaning |", "|---|---|---|---|---|"]
+    for q in meta.get("parameters", []):
+        rng = f"{q['min']}–{q['max']}" if "min" in q and "max" in q else ""
+        rows.append(f"| `{q['name']}` | {q['type']} | {json.dumps(q['default'])} | {rng} | {_cell(q['description'])} |")
+    code = lambda t: re.sub(r"@(\w+)", r"`\1`", t)  # noqa: E731 -- @param, as the kernel's comments write it
+    prose = code(_prose_markdown(text.prose))
+    works, fails = ("".join(f"- {code(i)}\n" for i in items) for items in (text.works, text.fails))
+    return (f"<!-- Generated by `python -m schedcp_mcp.docs` from the header comment of {source} and the "
+            f"parameters in policy.json; edit those, then regenerate. -->\n\n# {name}\n\n{text.summary}\n\n"
+            f"{prose}\n\n## Works well\n{works}\n## Fails\n{fails}\n"
+            "## Parameters\nSet by the loader as `const volatile` globals in `.rodata` before load (never "
+            "by editing the source). Every parameter has a default, so the policy loads with none set.\n\n"
+            + "\n".join(rows) + "\n\n"
+            f"## Building and loading\n`{source}` is written like the kernel's `tools/sched_ext` examples: "
+            "it includes `<scx/common.bpf.h>` and needs the kernel's sched_ext headers and a `vmlinux.h` of "
+            "the target kernel. Like those examples it relies on the loader to fill the `__SCX_*` enum "
+            "variables from the kernel's BTF (what `SCX_ENUM_INIT` does); schedcp's verifier and sandbox do "
+            "this. The ops table is in `.struct_ops.link`; `/sys/kernel/sched_ext/root/ops` shows "
+            f"`{meta['ops_name']}` while it runs.\n\n{HAND_KEPT}\n{hand_kept}")
+
+
+def render_policies(root: Path) -> dict[str, str]:
+    """Each policy's policy.json and README.md as generation writes them: {path under root: text}."""
+    out = {}
+    for meta_path in _policy_dirs(root):
+        d, meta = meta_path.parent, json.loads(meta_path.read_text())
+        text = policy_text(d.name, (d / meta["source"]).read_text())
+        readme = (d / "README.md").read_text() if (d / "README.md").exists() else HAND_KEPT + "\n"
+        if HAND_KEPT + "\n" not in readme:  # never rewrite what someone wrote by hand
+            raise ValueError(f"{d.name}/README.md has lost its marker line: put it back above the part "
+                             f"kept by hand:\n{HAND_KEPT}")
+        hand_kept = readme.split(HAND_KEPT + "\n", 1)[1]
+        rel = d.relative_to(root)
+        out[f"{rel}/policy.json"] = render_policy_json(meta, text)
+        out[f"{rel}/README.md"] = render_policy_readme(meta, text, hand_kept)
+    return out
+
+
 # --- write / check --------------------------------------------------------------------------------
 
-def render_all() -> dict[str, str]:
-    """Every generated reference, by path relative to the repository root."""
-    return {"docs/cli.md": render_cli(), "docs/mcp.md": render_mcp()}
+def render_all(root: Path) -> dict[str, str]:
+    """Every generated file, by path relative to the repository root."""
+    return {"docs/cli.md": render_cli(), "docs/mcp.md": render_mcp(), **render_policies(root)}
 
 
 def generate(root: Path | None = None) -> list[str]:
-    """Write the references under `root` (default: the repository); returns the changed paths."""
-    return generated.write(render_all(), root or config.PROJECT_ROOT)
+    """Write the generated files under `root` (default: the repository); returns the changed paths."""
+    root = root or config.PROJECT_ROOT
+    return generated.write(render_all(root), root)
 
 
 def drift(root: Path | None = None) -> dict[str, str]:
-    """References that differ from what generation would write now: {path: unified diff}."""
-    return generated.drift(render_all(), root or config.PROJECT_ROOT)
+    """Generated files that differ from what generation would write now: {path: unified diff}."""
+    root = root or config.PROJECT_ROOT
+    return generated.drift(render_all(root), root)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m schedcp_mcp.docs", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a reference is stale")
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is stale")
     args = ap.parse_args(argv)
-    if args.check:
-        stale = drift()
-        for diff in stale.values():
-            sys.stdout.write(diff)
-        print(f"stale: {', '.join(stale)}; run `python -m schedcp_mcp.docs`" if stale
-              else "docs/cli.md and docs/mcp.md are up to date")
-        return 1 if stale else 0
-    changed = generate()
-    print("wrote " + ", ".join(changed) if changed else "docs/cli.md and docs/mcp.md are up to date")
+    try:
+        if args.check:
+            stale = drift()
+            for diff in stale.values():
+                sys.stdout.write(diff)
+            print(f"stale: {', '.join(stale)}; run `python -m schedcp_mcp.docs`" if stale
+                  else "every generated file is up to date")
+            return 1 if stale else 0
+        changed = generate()
+    except ValueError as e:  # a policy's header comment that does not follow the structure
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("wrote " + ", ".join(changed) if changed else "every generated file is up to date")
     return 0
 
 

@@ -16,11 +16,11 @@
  * rendering, kernel builds on a dedicated box, CI runners - anything judged
  * by total completion time with more runnable threads than CPUs.
  *
- * Fails: latency. A waking interactive task waits up to a full slice per
+ * Fails: latency: a waking interactive task waits up to a full slice per
  * task ahead of it, so desktops feel sluggish and request tail latency
  * grows. No weights (nice is ignored). The affinity scan can let a task
- * overtake the queue head by up to @scan_depth positions; the head still
- * runs at its own CPU's next pick, i.e. within one slice.
+ * overtake the queue head by up to @scan_depth positions (the head still
+ * runs at its own CPU's next pick, i.e. within one slice).
  */
 #include <scx/common.bpf.h>
 

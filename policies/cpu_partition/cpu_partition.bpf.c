@@ -19,7 +19,8 @@
  * Fails: background work gets at most |bg_cpus| CPUs even when the others
  * idle, so batch throughput drops. Foreground tasks can wait behind
  * background ones on background CPUs. No weights within a class. @bg_cpus is
- * a 64-bit mask: CPUs above 63 are always foreground CPUs.
+ * a 64-bit mask: CPUs above 63 are always foreground CPUs. Tasks are
+ * classified by nice value only (not by cgroup or command name).
  */
 #include <scx/common.bpf.h>
 

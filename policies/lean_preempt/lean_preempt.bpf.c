@@ -62,10 +62,11 @@
  * (a waker sent to the FIFO by the lane_max bound), kthread_local (per-CPU
  * kernel threads).
  *
- * Works well (sandbox, default path, 5 fresh boots): message passing
- * (hackbench 1.5-1.65x faster), short sleepers beside CPU hogs (mean run-queue
- * wait per wakeup 1.4-1.6x shorter, its slowest 1 % 1.1-1.4x), fork/exec
- * churn 1.2-1.4x; CPU-bound throughput even; pipe ping-pong ~3 % slower.
+ * Works well: message passing (hackbench 1.5-1.65x faster), short sleepers
+ * beside CPU hogs (mean run-queue wait per wakeup 1.4-1.6x shorter, its
+ * slowest 1 % 1.1-1.4x) and fork/exec churn (1.2-1.4x), measured in the
+ * sandbox on the default path in 5 fresh boots, where CPU-bound throughput
+ * was even and pipe ping-pong ~3 % slower.
  *
  * Fails: FIFO has no fairness between CPU-bound tasks beyond round-robin
  * slices, and no nice/weight support; the burst is a lifetime average, so a

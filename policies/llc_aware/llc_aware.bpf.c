@@ -22,6 +22,8 @@
  * Fails: on a single-LLC machine it is a plain global vtime scheduler with
  * extra bookkeeping. Keeping tasks home trades some balance for locality:
  * with a high @xllc_min one domain can be overloaded while another idles.
+ * An idle CPU's steal scan is O(nr_cpus). The topology is read once at load:
+ * CPU hotplug is not followed.
  */
 #include <scx/common.bpf.h>
 

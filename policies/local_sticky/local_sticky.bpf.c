@@ -19,6 +19,7 @@
  * so a CPU can hold several queued tasks while another CPU runs one long
  * task: queued tasks wait up to a slice per task ahead of them. With
  * @steal off, imbalance is permanent until tasks sleep and wake elsewhere.
+ * An idle CPU's steal scan is O(nr_cpus).
  */
 #include <scx/common.bpf.h>
 

@@ -26,7 +26,8 @@
  * Fails: one global queue, so on many-CPU or multi-LLC machines it is a
  * contention point and tasks lose cache locality when they migrate. Fairness
  * is not latency: a latency-critical task with a big CPU share waits its turn
- * like everyone else, and there is no preemption on wakeup.
+ * like everyone else, and there is no preemption on wakeup. The credit bound
+ * is one knob for all tasks.
  */
 #include <scx/common.bpf.h>
 
