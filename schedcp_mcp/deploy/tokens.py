@@ -141,7 +141,7 @@ def check(token: str, target: str, actor: str = "cli", *, spend: bool = True
     if not obj.is_file():
         raise refuse(f"the validated object {obj} is gone", "validate again", p.artifact_sha256)
     actual = artifact_hash(hashlib.sha256(obj.read_bytes()).hexdigest(),
-                           {k: v for k, v in r.params.items()})
+                           {k: v for k, v in r.params.items()}, r.layer1.program_args)
     if actual != p.artifact_sha256:
         raise refuse("the object on disk differs from the validated artifact (sha256 mismatch)",
                      "validate again; do not edit artifacts", p.artifact_sha256)
