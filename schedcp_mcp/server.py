@@ -27,7 +27,7 @@ from . import __version__, plans, reports
 from . import answers as A
 from . import candidates as candidate_jobs  # the name `candidates` is validate_campaign's argument
 from .deploy import deployments, tokens
-from .errors import SchedcpError
+from .errors import BadInput, SchedcpError
 from .jobs import queue as jobq
 from .jobs.campaigns import CampaignResult
 from .jobs.models import Budget, JobDetailView, LaneName
@@ -384,7 +384,8 @@ def report_answer(r: reports.ValidationReport, detail: str, job_id: str | None =
     if job_id:
         out = {"job_id": job_id, **out}
     nxt = "; next: issue_token(report_id) to deploy it" if r.passed else ""
-    return A.answer(out, f"{r.id} ({r.policy or 'source'}): {r.status}{nxt}")
+    what = r.policy or (f"program {r.layer1.program_name}" if r.layer1.program_args is not None else "source")
+    return A.answer(out, f"{r.id} ({what}): {r.status}{nxt}")
 
 
 @server.tool(annotations=SANDBOXED)
@@ -402,6 +403,10 @@ async def submit_scheduler(
         "attached; needs `schedcp serve --allow-host-verify`)")] = "sandbox",
     profile_id: Annotated[str | None, Field(
         description="the WorkloadProfile this candidate is for (its goals apply)")] = None,
+    program: Annotated[str | None, Field(
+        description="or: a scheduler program with its own loader, run only in the sandbox guest: a built "
+        "peer's name (scx_simple, …) or an absolute path")] = None,
+    program_args: Annotated[list[str] | None, Field(description="the program's arguments")] = None,
     background: Annotated[bool, BACKGROUND] = False,
     deadline_s: Annotated[float | None, DEADLINE] = None,
     detail: Annotated[A.Detail, A.DETAIL] = "summary",
@@ -409,9 +414,15 @@ async def submit_scheduler(
     """Layer 1, seconds: source checks, compile, ELF/BTF checks (kfuncs present in the target
     kernel, license, hot-path size) and the real kernel BPF verifier. Stores a ValidationReport;
     returns its id and verdict, a rejection with the failing program, source line and kernel
-    message ("full": the whole verifier log)."""
-    job = await in_thread(candidate_jobs.verify_job, source, policy, params, target, profile_id, actor="mcp",
-                          lane="normal" if background else "high", complete_by_s=deadline_s)
+    message ("full": the whole verifier log). A program: it must attach in the sandbox."""
+    if program is not None:
+        if source or policy or params or target != "sandbox":
+            raise BadInput("give a program alone (with program_args), in the sandbox")
+        job = await in_thread(candidate_jobs.verify_program_job, program, program_args or [], profile_id=profile_id,
+                              actor="mcp", lane="normal" if background else "high", complete_by_s=deadline_s)
+    else:
+        job = await in_thread(candidate_jobs.verify_job, source, policy, params, target, profile_id, actor="mcp",
+                              lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:
         return queued(job.id)
     r = candidate_jobs.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))

@@ -143,7 +143,7 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
                    artifact_sha256=report.artifact_sha256, policy=report.policy, params=report.params,
                    ops_name=report.ops_name, target=target, actor=actor, token_jti=payload.jti,
                    previous=previous, baseline=baseline, monitor=monitor)
-    started = t.load(obj, report.params)
+    started = t.load(obj, report.params, program_args=report.layer1.program_args)
     now = t.state()
     if not started.running or not now.enabled or (report.ops_name and now.ops != report.ops_name):
         why = started.error or (f"after loading, sched_ext state is {now.state!r} with ops {now.ops!r} "
