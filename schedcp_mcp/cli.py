@@ -1300,12 +1300,13 @@ def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_r
 @click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
 @click.option("--ttl", default=3600, show_default=True, type=int,
               help="seconds until it expires (1 s .. 7 days; checked by deploy.tokens)")
+@click.option("--scoped", is_flag=True, help="allow only a scoped deploy (partial mode: `deploy --scope`)")
 @json_option
-def token(report_id: str, target: str, ttl: int, as_json: bool) -> None:
+def token(report_id: str, target: str, ttl: int, scoped: bool, as_json: bool) -> None:
     """Issue a fresh deployment token for a report that passed layers 1 and 2."""
     from .deploy import tokens
 
-    t = tokens.issue(report_id, target, ttl, actor="cli")
+    t = tokens.issue(report_id, target, ttl, actor="cli", scope="scoped" if scoped else "system")
     emit(t, as_json, lambda t: click.echo(t.token))
 
 
@@ -1323,19 +1324,27 @@ def token(report_id: str, target: str, ttl: int, as_json: bool) -> None:
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600),
               help="monitor sampling period, s")
 @click.option("--workload", help="background workload to keep running in the target")
+@click.option("--scope", "scope_", metavar="pid:N|cgroup:PATH",
+              help="load it in partial mode and move only these tasks to SCHED_EXT (or give `-- CMD`)")
+@click.argument("command", nargs=-1, metavar="[-- CMD...]")
 @json_option
 def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metric_direction: str,
            max_degradation: float | None, consecutive: int, interval: float, workload: str | None,
-           as_json: bool) -> None:
-    """Deploy a validated scheduler with its token, then monitor it (automatic rollback)."""
+           scope_: str | None, command: tuple[str, ...], as_json: bool) -> None:
+    """Deploy a validated scheduler with its token, then monitor it (automatic rollback). With a scope
+    (`--scope pid:N`, `--scope cgroup:PATH` or `-- CMD`): in partial mode, only those tasks (and their
+    children) on it; every other task stays on the default scheduler, and rollback moves them back."""
     from .deploy.deployments import MonitorPolicy, deploy as do_deploy
+    from .deploy.scope import parse as parse_scope
+
+    scope = parse_scope(scope_, list(command) or None)
 
     mon = MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
                         max_degradation_ratio=max_degradation, consecutive=consecutive,
                         interval_s=interval, workload_cmd=workload)
     with progress_bar("deploy", not as_json and not dry_run) as bar:
         bar("deploying", 0.2)
-        d = do_deploy(token_, target, actor="cli", dry_run=dry_run, monitor=mon)
+        d = do_deploy(token_, target, actor="cli", dry_run=dry_run, monitor=mon, scope=scope)
 
     def render(d):
         if getattr(d, "dry_run", False):
@@ -1345,8 +1354,8 @@ def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metr
                 console.print(f"  - {w}")
         else:
             console.print(f"[green]deployed[/green] {d.id}: {d.policy or 'source'} (ops {d.ops_name}) "
-                          f"on {d.target}; baseline {d.monitor.metric_cmd!r} = {d.baseline}; monitor "
-                          f"pid {d.monitor_pid}")
+                          f"on {d.target}, {'scoped to ' + escape(d.scope) if d.scope else 'system-wide'}; "
+                          f"baseline {d.monitor.metric_cmd!r} = {d.baseline}; monitor pid {d.monitor_pid}")
 
     emit(d, as_json, render)
 
@@ -1369,7 +1378,8 @@ def status(as_json: bool) -> None:
 
         for d in s.deployments:
             last = d.readings[-1] if d.readings else None
-            t.add_row(d.id, d.target, d.policy or "(source)", d.status + (f": {d.end_reason}" if
+            t.add_row(d.id, d.target + (f" ({d.scope})" if d.scope else ""), d.policy or "(source)",
+                      d.status + (f": {d.end_reason}" if
                                                                           d.end_reason else ""),
                       dt.datetime.fromtimestamp(d.created_at).strftime("%H:%M:%S"), d.report_id,
                       f"{last.state} metric {last.metric} ({last.ratio}x)" if last else "-")

@@ -78,7 +78,7 @@ class Target:
         return scheduler.Files(self.run_dir, "program")
 
     def load(self, obj: bytes, params: dict[str, str], timeout_ms: int | None = None,
-             program_args: list[str] | None = None) -> scheduler.Started:
+             program_args: list[str] | None = None, partial: bool = False) -> scheduler.Started:
         """Start the scheduler and wait for the kernel to enable it (or for the loader to end).
         With `program_args` (a list), `obj` is a scheduler program started with those arguments."""
         if program_args is not None:
@@ -90,7 +90,7 @@ class Target:
             return scheduler.Started(running=s.running, error=s.error)
         script = (f"mkdir -p {self.run_dir}; cp obj.bpf.o {self.run_dir}/deploy.bpf.o\n"
                   + scheduler.start_script(f"{self.run_dir}/deploy.bpf.o", params, self.files,
-                                           timeout_ms, loader=self.loader()))
+                                           timeout_ms, loader=self.loader(), partial=partial))
         r = self.sh(script, scheduler.START_WAIT_S + 30, {"obj.bpf.o": obj})
         if r.rc != 0:
             raise InfrastructureError(f"loading in the {self.name} target failed: {r.stderr.strip()[-300:]}")
