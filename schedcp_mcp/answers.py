@@ -152,7 +152,7 @@ def job_brief(j) -> dict[str, Any]:
 
 def deployment_brief(d) -> dict[str, Any]:
     out = pick(d, {"id", "report_id", "policy", "params", "ops_name", "target", "status", "baseline",
-                   "end_reason", "created_at", "ended_at", "monitor_pid"})
+                   "end_reason", "created_at", "ended_at", "monitor_pid", "scope"})
     out["readings"] = len(d.readings)
     if d.readings:
         out["last_reading"] = d.readings[-1].model_dump(mode="json", exclude_none=True)

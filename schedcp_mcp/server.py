@@ -634,15 +634,20 @@ async def deploy(
     consecutive: Annotated[int, Field(ge=1, le=100)] = 3,
     interval_s: Annotated[float, Field(ge=0.5, le=600)] = 5.0,
     workload_cmd: Annotated[str | None, Field(description="background workload in the target")] = None,
+    scope: Annotated[str | None, Field(
+        description="partial mode, only these tasks on it: pid:N or cgroup:PATH (default: system-wide)")] = None,
     detail: Annotated[A.Detail, A.DETAIL] = "summary",
 ) -> CallToolResult:
     """Layer 3: load a validated scheduler with its single-use token, confirm it is enabled, and
     monitor it; rolled back automatically when the kernel disables it or the metric degrades.
     Returns the deployment id, status, baseline and the latest monitor reading."""
+    from .deploy.scope import parse as parse_scope
+
     mon = deployments.MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
                         max_degradation_ratio=max_degradation_ratio, consecutive=consecutive,
                         interval_s=interval_s, workload_cmd=workload_cmd)
-    d = await in_thread(deployments.deploy, token, target, actor="mcp", dry_run=dry_run, monitor=mon)
+    d = await in_thread(deployments.deploy, token, target, actor="mcp", dry_run=dry_run, monitor=mon,
+                        scope=parse_scope(scope))
     return deployment_answer(d, detail)
 
 
