@@ -1360,6 +1360,40 @@ def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metr
     emit(d, as_json, render)
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--token", "token_", required=True, help="a deployment token (system or scoped); checked, not spent")
+@click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(2, 50), help="paired rounds per A/B")
+@click.option("--no-aa", is_flag=True, help="skip the partial-mode A/A (a plain FIFO) beside it")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD...")
+@json_option
+def ab(token_: str, target: str, rounds: int, no_aa: bool, command: tuple[str, ...], as_json: bool) -> None:
+    """A/B on the target by switching the workload's class: the candidate loaded in partial mode, CMD run
+    in paired rounds as SCHED_EXT (candidate) and SCHED_NORMAL (default), with a plain FIFO's partial-mode
+    A/A beside it (what the class order alone costs). Nothing stays deployed."""
+    from .deploy.ab import ab as run_ab
+    from .validate.bench import fmt_interval
+
+    with progress_bar("ab", not as_json) as bar:
+        res = run_ab(token_, list(command), target, rounds=rounds, aa=not no_aa, actor="cli",
+                     progress=lambda m: bar(m, 0.5))
+
+    def render(r) -> None:
+        t = Table("scheduler (partial mode)", "SCHED_NORMAL median", "SCHED_EXT median",
+                  "vs default [95% interval]", "verdict",
+                  title=f"{escape(' '.join(r.command))} on {r.target}: {r.rounds} paired rounds each; "
+                        "vs default: > 1 = better")
+        for name, w in ((f"{r.ops_name} (candidate)", r.candidate), (f"fifo (A/A: the class order)", r.aa)):
+            if w is None:
+                continue
+            t.add_row(name, f"{w.baseline_stats.median:.3f} s" if w.baseline_stats else "-",
+                      f"{w.candidate_stats.median:.3f} s" if w.candidate_stats else "-", fmt_interval(w), w.verdict)
+        console.print(t)
+        console.print(f"host load average {r.load_average}; {r.seconds:.0f} s")
+
+    emit(res, as_json, render)
+
+
 @main.command()
 @json_option
 def status(as_json: bool) -> None:

@@ -59,3 +59,14 @@ def test_the_move_script_moves_exactly_the_scope():
     assert "normal all" in scope.restore_script("/run/d")
     with pytest.raises(Exception, match="could not move pid:42"):
         scope.check_moved("moved 0\n", 0, scope.parse("pid:42"))
+
+
+def test_ab_refuses_bad_input_before_anything_runs():
+    from schedcp_mcp.deploy.ab import ab
+
+    r = validated_report()
+    t = tokens.issue(r.id).token
+    with pytest.raises(BadInput, match="give the command"):
+        ab(t, [], "sandbox")
+    with pytest.raises(BadInput, match="rounds must be 2..50"):
+        ab(t, ["true"], "sandbox", rounds=1)
