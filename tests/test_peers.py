@@ -72,6 +72,15 @@ def test_a_program_that_exited_says_its_status_and_last_words():
     assert program.verifier_log(s.stderr).strip().endswith("invalid mem access 'scalar'")
 
 
+def test_a_verifier_log_cut_at_its_start_is_still_the_verifier_log():
+    """scx_qmap of the 7.2 kernel, built with clang 19, as the sandbox kernel's verifier refused it: the
+    log is longer than the kept tail, so only its end and END marker are left."""
+    tail = ("97: (7b) *(u64 *)(r7 +16) = r1\nR7 invalid mem access 'scalar'\n-- END PROG LOAD LOG --\n"
+            "libbpf: prog 'qmap_dequeue': failed to load: -13\n")
+    assert program.verifier_log(tail).endswith("R7 invalid mem access 'scalar'\n")
+    assert program.verifier_log("no log here") == ""
+
+
 def test_a_program_alive_but_never_attached_is_not_running():
     s = program.parse_start("@@NOTENABLED disabled\n@@OUT\n\n@@ERR\n\n@@ERREND\n")
     assert not s.running and "never attached" in s.error

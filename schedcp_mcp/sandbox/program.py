@@ -203,7 +203,11 @@ def verifier_log(stderr: str) -> str:
     """The kernel verifier's log as libbpf prints it on a failed load (between its BEGIN/END markers),
     or ''."""
     m = re.search(r"-- BEGIN PROG LOAD LOG --\n(.*?)-- END PROG LOAD LOG --", stderr, re.S)
-    return m.group(1) if m else ""
+    if m:
+        return m.group(1)
+    # a long log whose beginning fell off the kept tail: what is left of it, up to its end marker
+    head, end, _ = stderr.partition("-- END PROG LOAD LOG --")
+    return head if end else ""
 
 
 # --- the seam layer 2 starts and stops a candidate through ---------------------------------------
