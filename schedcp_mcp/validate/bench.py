@@ -341,8 +341,9 @@ def _markdown(rows: list[dict], wl: list[str], rounds: int, budget_s: float, col
         "",
         f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='minutes')}",
         f"- machine: {_machine()}",
-        f"- sandbox kernel: {res0.kernel_version if res0 else '?'}; at least {rounds} paired rounds per "
-        f"policy, more while a workload is undecided, within {budget_s:g} s per validation",
+        f"- sandbox kernel: {res0.kernel_version if res0 else '?'}; " + (
+            f"at least {rounds} paired rounds per policy, more while a workload is undecided, within {budget_s:g} s "
+            "per validation" if budget_s else f"exactly {rounds} paired rounds per policy (budget 0)"),
         f"- one full validation (layer 1 + layer 2, own VM boots): {cold_s:.0f} s" if cold_s else
         "- one full validation: not measured",
         f"- all policies: {total_s:.0f} s",
