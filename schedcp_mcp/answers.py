@@ -125,6 +125,10 @@ def report_brief(r) -> dict[str, Any]:
     out["goals"] = [f"{g.metric} {'<=' if g.direction == 'lower' else '>='} {g.target_ratio}x"
                     for g in r.goals]
     out["layer1"] = layer1_brief(r.layer1)
+    if r.layer1.program_args is not None:  # a scheduler program: what ran, and the end of what it said
+        out["program"] = {"name": r.layer1.program_name, "args": r.layer1.program_args,
+                          "sha256": r.layer1.object_sha256,
+                          "stderr_tail": clip(r.layer1.program_stderr.strip()[-400:], 400)}
     if r.layer2 is not None:
         out["layer2"] = layer2_brief(r.layer2)
     return out
@@ -148,7 +152,7 @@ def job_brief(j) -> dict[str, Any]:
 
 def deployment_brief(d) -> dict[str, Any]:
     out = pick(d, {"id", "report_id", "policy", "params", "ops_name", "target", "status", "baseline",
-                   "end_reason", "created_at", "ended_at", "monitor_pid"})
+                   "end_reason", "created_at", "ended_at", "monitor_pid", "scope"})
     out["readings"] = len(d.readings)
     if d.readings:
         out["last_reading"] = d.readings[-1].model_dump(mode="json", exclude_none=True)

@@ -208,3 +208,76 @@ def _stability_report(ctx: JobContext) -> dict[str, Any]:
     out = bench.bench_stability(i["policy"], measured, rounds=i["rounds"], budget_s=i.get("budget_s"),
                                 out_dir=Path(i["out_dir"]) if i.get("out_dir") else None, console=con)
     return {**out, "printed": con.export_text(styles=True)}
+
+
+# --- peers: the repository's best policy against the kernel's example scheduler programs ---------
+
+#: the repository policy `bench peers` puts against the peers (README Results: the best on the guard set)
+BEST_POLICY = "lean_preempt"
+
+
+def peers_campaign(peer_names: list[str] | None = None, programs: list[tuple[str, list[str]]] | None = None,
+                   policies: list[str] | None = None, rounds: int = 3, budget_s: float | None = None,
+                   workloads: list[str] | None = None, out_dir: Path = Path("results"), *,
+                   use_cache: bool = True, width: int = 100, lane: str = "high", actor: str = "api",
+                   complete_by_s: float | None = None) -> Job:
+    """Queue `bench peers`: the repository's best policy (or `policies`) and every built peer program
+    (the kernel's examples, `schedcp peers build`; or `peer_names`), plus any `programs` given as
+    (path, args), each through the same validation — a program as layer 1 (it attaches) then the same
+    A/B and gates — then one table (and chart) into `out_dir` (peers-ab.*)."""
+    from . import candidates
+    from .sandbox import peers
+
+    pols = policies or [BEST_POLICY]
+    for p in pols:
+        get_policy(p)
+    cands: list[tuple[str, str, list[str]]] = []  # (row name, stored program sha, args)
+    for p in peers.built_peers(peer_names):
+        sha, name, args = candidates.store_program(p.path, [])
+        cands.append((name, sha, args))
+    for path, args in programs or []:
+        sha, name, args = candidates.store_program(path, args)
+        cands.append((" ".join([name, *args]), sha, args))
+    if not cands:
+        raise BadInput("no peer program was built", "`schedcp peers build` says which did not build and why")
+    common = {"params": {}, "goals": None, "workloads": workloads, "profile_id": None, "rounds": rounds,
+              "budget_s": budget_s, "use_cache": use_cache}
+    nodes = [Node(name=f"validate:{p}", kind="validate", lane=lane,
+                  inputs={"policy": p, "source": None, "report_id": None, **common}) for p in pols]
+    for row, sha, args in cands:
+        nodes.append(Node(name=f"verify:{row}", kind="verify_program", lane=lane,
+                          inputs={"program_sha": sha, "args": args, "name": row.split()[0]}))
+        nodes.append(Node(name=f"validate:{row}", kind="validate", lane=lane, after=[f"verify:{row}"],
+                          inputs={"policy": None, "source": None, "report_id": None, "program_sha": sha,
+                                  "args": args, **common}))
+    names = pols + [c[0] for c in cands]
+    nodes.append(Node(name="report", kind="bench_peers_report", lane=lane, join=True,
+                      after=[n.name for n in nodes], inputs={
+                          "names": names, "rounds": rounds, "budget_s": budget_s,
+                          "out_dir": str(Path(out_dir).resolve()), "width": width}))
+    return submit_campaign(f"bench peers ({len(names)})", nodes, lane=lane, use_cache=use_cache,
+                           actor=actor, complete_by_s=complete_by_s)
+
+
+@register("bench_peers_report", timeout_s=600, max_attempts=2, local=True)
+def _peers_report(ctx: JobContext) -> dict[str, Any]:
+    i = ctx.inputs
+    kids = _siblings(ctx)
+    rows = []
+    for n in i["names"]:
+        v = kids.get(f"verify:{n}")
+        if v is not None and v.state != "succeeded":
+            rows.append({"policy": n, "error": f"layer 1 job {v.state}: {v.error or ''}"[:300]})
+            continue
+        rows.append(_policy_row(n, kids[f"validate:{n}"]))
+    con = _recorder(i.get("width", 100))
+    load = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
+    con.print(f"host load average at the report: {load} (a shared machine: read the intervals, not the medians)")
+    bench.report_policies(rows, i["rounds"], Path(i["out_dir"]), con, i.get("budget_s"), None,
+                          time.time() - queue.get(ctx.job.parent).created_at, stem="peers-ab",
+                          title="The repository's best policy and the kernel's example scheduler programs")
+    return {"printed": con.export_text(styles=True), "out_dir": i["out_dir"], "load_average": load,
+            "rows": [{"policy": r["policy"], "passed": r["result"].passed if r.get("result") else None,
+                      "error": r.get("error"),
+                      "workloads": [bench._w(w) for w in r["result"].workloads] if r.get("result") else []}
+                     for r in rows]}

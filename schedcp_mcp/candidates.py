@@ -71,6 +71,64 @@ def submit(source: str | None = None, policy: str | None = None,
                       provenance=provenance, candidate_id=candidate_id, report_id=fixed_id)
 
 
+def submit_program(program_sha: str, args: list[str], *, name: str = "program",
+                   profile_id: str | None = None, goals: list[Goal] | None = None, vm=None,
+                   progress: Progress | None = None, fixed_id: str | None = None) -> ValidationReport:
+    """Layer 1 for a scheduler program (stored by `verify.program.save_program`) with its arguments:
+    does it attach in the sandbox. The report binds the program's bytes and its arguments."""
+    from .verify import program as vprog
+
+    data = vprog.stored_program(program_sha)
+    if data is None:
+        raise BadInput(f"no stored program {program_sha[:12]}", "give the program's path again")
+    if profile_id:
+        goals = goals if goals else get_profile(profile_id).goals
+    layer1 = vprog.verify_program(data, args, name=name, vm=vm, progress=progress)
+    return new_report(layer1, policy=None, params={}, profile_id=profile_id, goals=goals, report_id=fixed_id)
+
+
+def store_program(path: str | Path, args: list[str]) -> tuple[str, str, list[str]]:
+    """Read, check (an x86-64 ELF executable; sane arguments) and keep a program before a job is
+    queued: (sha256, file name, arguments). A peer's name (`scx_simple`) stands for its built program."""
+    from .sandbox import peers
+    from .sandbox.program import inspect_elf
+    from .verify import program as vprog
+
+    p = Path(path)
+    if not p.exists() and "/" not in str(path) and str(path) in peers.WANTED:
+        p = Path(peers.built_peers([str(path)])[0].path)
+    data = vprog.read_program(p)
+    inspect_elf(data, p.name)
+    args = vprog.check_args(list(args))
+    sha, _ = vprog.save_program(data)
+    return sha, p.name, args
+
+
+@register("verify_program", key=lambda i: _content_key("verify_program", i), timeout_s=600, max_attempts=2,
+          sandbox=True)
+def _verify_program_job(ctx: JobContext) -> dict[str, Any]:
+    i = ctx.inputs
+    goals = [Goal(**g) for g in i["goals"]] if i.get("goals") else None
+    r = submit_program(i["program_sha"], i.get("args") or [], name=i.get("name") or "program",
+                       profile_id=i.get("profile_id"), goals=goals, progress=ctx.progress,
+                       fixed_id=f"rep-{ctx.job.id[4:]}")
+    return {"report_id": r.id, "verdict": r.layer1.verdict, "status": r.status}
+
+
+def verify_program_job(path: str | Path, args: list[str], *, profile_id: str | None = None,
+                       goals: list[Goal] | None = None, use_cache: bool = True, lane: str = "high",
+                       actor: str = "api", complete_by_s: float | None = None) -> Job:
+    """Queue layer 1 for a scheduler program with its arguments (the program is checked and stored
+    first: a bad path or a non-executable is refused before anything is queued)."""
+    sha, name, args = store_program(path, args)
+    if profile_id:
+        get_profile(profile_id)
+    inputs = {"program_sha": sha, "args": args, "name": name, "profile_id": profile_id,
+              "goals": [g.model_dump(mode="json") for g in goals] if goals else None}
+    return queue.submit("verify_program", inputs, lane=lane, use_cache=use_cache, actor=actor,
+                        complete_by_s=complete_by_s)
+
+
 def _refuse_host_verify(target: str, actor: str) -> None:
     if target == "host" and actor != "cli" and os.environ.get("SCHEDCP_ALLOW_HOST_VERIFY") != "1":
         raise BadInput("verifying on the host loads the program into this machine's kernel, and no "
@@ -172,10 +230,16 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
         return ValidationOutcome.of(r, None)
     chosen = get_workloads(workloads)
     check_goals_measurable(r.goals, chosen)
+    data = Path(r.object_path).read_bytes()
+    launcher = None
+    if r.layer1.program_args is not None:  # a scheduler program: started with its own loader
+        from .sandbox.program import ProgramLauncher
+
+        launcher = ProgramLauncher(data, list(r.layer1.program_args))
     layer2 = validate_in_sandbox(
-        Path(r.object_path).read_bytes(), ops_name=r.ops_name or "", params=r.params, goals=r.goals,
+        data, ops_name=r.ops_name or "", params=r.params, goals=r.goals,
         workloads=chosen, rounds=rounds, budget_s=BUDGET_S if budget_s is None else budget_s,
-        progress=lambda m, f: say(f"layer 2: {m}", 0.1 + 0.9 * f))
+        progress=lambda m, f: say(f"layer 2: {m}", 0.1 + 0.9 * f), launcher=launcher)
     r.layer2 = layer2
     save(r)
     record_validation_outcome(r.id, outcome_id=f"out-{run_id}" if run_id else None)
@@ -228,7 +292,8 @@ def _content_key(kind: str, i: dict[str, Any]) -> str | None:
             "report": i.get("report_id"), "policy": i.get("policy"), "params": sorted((i.get("params") or {}).items()),
             "target": i.get("target", "sandbox"), "build": m.build_id, "code": code_version(),
             "workloads": sorted(i.get("workloads") or []), "rounds": i.get("rounds"), "budget_s": i.get("budget_s"),
-            "goals": i.get("goals"), "profile": i.get("profile_id"), "candidate": i.get("candidate")}
+            "goals": i.get("goals"), "profile": i.get("profile_id"), "candidate": i.get("candidate"),
+            "program": i.get("program_sha"), "args": i.get("args")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -720,6 +720,52 @@ def sandbox_stop(name: str) -> None:
     console.print(f"{name} VM {'stopped' if stopped else 'was not running'}")
 
 
+# --- peers: the kernel's example scheduler programs -------------------------------------------------
+
+@main.group()
+def peers() -> None:
+    """The kernel's own example schedulers (tools/sched_ext), built as programs: peers to measure against."""
+
+
+def _render_peers(m) -> None:
+    t = Table("peer", "built", "sha256", "why not", title=f"tools/sched_ext of {m.kernel_version}: "
+              f"{len(m.built())} of {len(m.peers)} built ({m.seconds:.0f} s; cache {m.key})")
+    for p in m.peers:
+        t.add_row(p.name, "yes" if p.built else "[red]no[/red]", (p.sha256 or "")[:12], escape(p.why or ""))
+    console.print(t)
+    if m.built():
+        console.print(f"programs in {Path(m.built()[0].path).parent}; run one in the sandbox: "
+                      f"`schedcp verify --program {m.built()[0].name}`")
+
+
+@peers.command("build")
+@click.option("--only", "only", multiple=True, help="build only this one (repeatable), e.g. scx_simple")
+@click.option("--force", is_flag=True, help="build again even if the cache has this build")
+@json_option
+def peers_build(only: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Build the kernel's example schedulers with their own Makefile in the toolchain jail (cached by
+    the hash of the inputs). Says which did not build and why. Exit 0 when at least one built."""
+    from .sandbox import peers as pe
+
+    with progress_bar("peers build", not as_json) as bar:
+        bar("make in the toolchain jail", 0.1)
+        m = pe.build(force=force, only=list(only) or None)
+    emit(m, as_json, _render_peers)
+    sys.exit(0 if m.built() else 1)
+
+
+@peers.command("list")
+@json_option
+def peers_list(as_json: bool) -> None:
+    """The peers the last build made, and which did not build (why)."""
+    from .sandbox import peers as pe
+
+    m = pe.load_manifest()
+    if m is None:
+        raise SchedcpError("no peers are built yet", "run `schedcp peers build`")
+    emit(m, as_json, _render_peers)
+
+
 # --- layer 1: verify --------------------------------------------------------------------------------
 
 def parse_params(items: tuple[str, ...]) -> dict[str, str]:
@@ -735,9 +781,21 @@ def parse_params(items: tuple[str, ...]) -> dict[str, str]:
 def render_layer1(r) -> None:
     l1 = r.layer1
     colour = "green" if l1.verdict == "accepted" else "red"
-    console.print(f"[bold]{r.id}[/bold] {r.policy or 'source'}: [{colour}]{l1.verdict}[/{colour}] "
+    what = r.policy or 'source'
+    if l1.program_args is not None:
+        import shlex
+
+        what = f"program {shlex.join([l1.program_name or 'program', *l1.program_args])} (sha256 {l1.object_sha256[:12]})"
+    console.print(f"[bold]{r.id}[/bold] {escape(what)}: [{colour}]{l1.verdict}[/{colour}] "
                   f"at stage {l1.stage}; kernel {l1.kernel_version}; "
                   f"{'cached, ' if l1.cached else ''}{l1.total_s:.2f}s")
+    if l1.program_args is not None:
+        if l1.ops_name:
+            console.print(f"  attached: sched_ext enabled with root/ops {escape(l1.ops_name)}")
+        for label, text in (("stdout", l1.program_stdout), ("stderr", l1.program_stderr)):
+            tail = [ln for ln in text.strip().splitlines() if ln.strip()][-4:]
+            if tail:
+                console.print(f"  its {label} (end): " + escape(" | ".join(tail))[:600])
     for e in l1.errors:
         where = " ".join(x for x in (e.program, f"line {e.line}" + (f":{e.column}" if e.column else "")
                                      if e.line else None) if x)
@@ -756,15 +814,29 @@ def render_layer1(r) -> None:
         console.print(t)
 
 
+def _one_file(items: tuple[str, ...]) -> Path | None:
+    """The FILE argument of verify/validate (arguments after `--` belong to --program only)."""
+    if not items:
+        return None
+    if len(items) > 1:
+        raise click.UsageError(f"one FILE only (got {len(items)} arguments); arguments after `--` need --program")
+    p = Path(items[0])
+    if not p.is_file():
+        raise click.BadParameter(f"{items[0]!r} is not a file", param_hint="FILE")
+    return p
+
+
 def layer1_json(r) -> dict:
     d = r.layer1.model_dump(mode="json")
     return {"report_id": r.id, **d}
 
 
 @main.command()
-@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file_and_args", nargs=-1, metavar="[FILE | -- ARGS...]")
 @click.option("--policy", help="verify a repository policy instead of a file")
 @click.option("--all-policies", is_flag=True, help="verify every repository policy at its defaults")
+@click.option("--program", help="a scheduler program with its own loader (a path, or a built peer's name "
+              "like scx_simple); its arguments follow `--`. It runs only in the sandbox guest")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="set a const volatile (or a policy parameter); map:MAP=N sizes a map")
 @click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
@@ -774,18 +846,35 @@ def layer1_json(r) -> dict:
 @background_option
 @deadline_option
 @json_option
-def verify(file: Path | None, policy: str | None, all_policies: bool, params: tuple[str, ...],
-           target: str, include_dirs: tuple[Path, ...], no_cache: bool, background: bool,
-           deadline: float | None, as_json: bool) -> None:
-    """Layer 1: compile, static checks and the real kernel verifier.
+def verify(file_and_args: tuple[str, ...], policy: str | None, all_policies: bool, program: str | None,
+           params: tuple[str, ...], target: str, include_dirs: tuple[Path, ...], no_cache: bool,
+           background: bool, deadline: float | None, as_json: bool) -> None:
+    """Layer 1: compile, static checks and the real kernel verifier; for --program, that the program
+    attaches in the sandbox (`/sys/kernel/sched_ext/state` enabled, `root/ops` set).
     Exit 0 accepted, 1 rejected, 2 usage/infrastructure error."""
     from . import candidates
     from .reports import get_report
     from .repository.policies import list_policies
 
+    if program:
+        if params or include_dirs or target != "sandbox":
+            raise click.UsageError("--program takes its arguments after `--`, runs only in the sandbox, and "
+                                   "has no --param / -I")
+        job = candidates.verify_program_job(program, list(file_and_args), use_cache=not no_cache,
+                                            lane=_lane(background), actor="cli", complete_by_s=deadline)
+        if background:
+            return queued(job, as_json)
+        with progress_bar("verify", not as_json) as bar:
+            r = candidates.verified_report(run_to_end(job.id, bar))
+        if as_json:
+            click.echo(json.dumps(layer1_json(r), indent=2))
+        else:
+            render_layer1(r)
+        sys.exit(0 if r.passed_layer1 else 1)
+    file = _one_file(file_and_args)
     chosen = sum(bool(x) for x in (file, policy, all_policies))
     if chosen != 1:
-        raise click.UsageError("give exactly one of FILE, --policy NAME, --all-policies")
+        raise click.UsageError("give exactly one of FILE, --policy NAME, --all-policies, --program PATH")
     kv = parse_params(params)
     if all_policies:
         names = [p.name for p in list_policies() if p.kind == "schedcp"]
@@ -870,9 +959,11 @@ def render_layer2(out) -> None:
 
 
 @main.command()
-@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file_and_args", nargs=-1, metavar="[FILE | -- ARGS...]")
 @click.option("--policy", help="a repository policy instead of a file")
 @click.option("--report", "report_id", help="an existing report (layer 1 passed)")
+@click.option("--program", help="a scheduler program with its own loader (a path, or a built peer's name); "
+              "its arguments follow `--`: layer 1 (it attaches), then the same A/B and gates in the sandbox")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="set a const volatile (or a policy parameter); map:MAP=N sizes a map")
 @click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO",
@@ -887,16 +978,36 @@ def render_layer2(out) -> None:
 @background_option
 @deadline_option
 @json_option
-def validate(file: Path | None, policy: str | None, report_id: str | None, params: tuple[str, ...],
-             goals: tuple[str, ...], workloads: tuple[str, ...], profile_id: str | None, rounds: int,
-             budget: float | None, no_cache: bool, background: bool, deadline: float | None,
+def validate(file_and_args: tuple[str, ...], policy: str | None, report_id: str | None, program: str | None,
+             params: tuple[str, ...], goals: tuple[str, ...], workloads: tuple[str, ...], profile_id: str | None,
+             rounds: int, budget: float | None, no_cache: bool, background: bool, deadline: float | None,
              as_json: bool) -> None:
     """Layer 2: stress, correctness and same-boot A/B performance in the sandbox VM.
     Exit 0 pass (prints a deployment token), 1 fail (with the reason), 2 usage/infrastructure."""
     from . import candidates
 
+    file = None
+    if program:
+        if policy or report_id or params:
+            raise click.UsageError("--program takes its arguments after `--`; not with --policy/--report/--param")
+        goal_list = parse_goals(goals)
+        candidates.check_layer2_request(goal_list, list(workloads) or None, rounds, budget, profile_id)
+        vjob = candidates.verify_program_job(program, list(file_and_args), profile_id=profile_id,
+                                             goals=goal_list or None, use_cache=not no_cache, actor="cli",
+                                             complete_by_s=deadline)
+        with progress_bar("verify", not as_json) as bar:
+            r = candidates.verified_report(run_to_end(vjob.id, bar))
+        if not r.passed_layer1:
+            if as_json:
+                click.echo(json.dumps(layer1_json(r), indent=2))
+            else:
+                render_layer1(r)
+            sys.exit(1)
+        report_id = r.id
+    else:
+        file = _one_file(file_and_args)
     if sum(bool(x) for x in (file, policy, report_id)) != 1:
-        raise click.UsageError("give exactly one of FILE, --policy NAME, --report ID")
+        raise click.UsageError("give exactly one of FILE, --policy NAME, --report ID, --program PATH")
     job = candidates.validate_job(report_id=report_id,
                                   source=file.read_text(errors="replace") if file else None,
                                   policy=policy, params=parse_params(params), goals=parse_goals(goals),
@@ -1224,12 +1335,13 @@ def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_r
 @click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
 @click.option("--ttl", default=3600, show_default=True, type=int,
               help="seconds until it expires (1 s .. 7 days; checked by deploy.tokens)")
+@click.option("--scoped", is_flag=True, help="allow only a scoped deploy (partial mode: `deploy --scope`)")
 @json_option
-def token(report_id: str, target: str, ttl: int, as_json: bool) -> None:
+def token(report_id: str, target: str, ttl: int, scoped: bool, as_json: bool) -> None:
     """Issue a fresh deployment token for a report that passed layers 1 and 2."""
     from .deploy import tokens
 
-    t = tokens.issue(report_id, target, ttl, actor="cli")
+    t = tokens.issue(report_id, target, ttl, actor="cli", scope="scoped" if scoped else "system")
     emit(t, as_json, lambda t: click.echo(t.token))
 
 
@@ -1247,19 +1359,27 @@ def token(report_id: str, target: str, ttl: int, as_json: bool) -> None:
 @click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600),
               help="monitor sampling period, s")
 @click.option("--workload", help="background workload to keep running in the target")
+@click.option("--scope", "scope_", metavar="pid:N|cgroup:PATH",
+              help="load it in partial mode and move only these tasks to SCHED_EXT (or give `-- CMD`)")
+@click.argument("command", nargs=-1, metavar="[-- CMD...]")
 @json_option
 def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metric_direction: str,
            max_degradation: float | None, consecutive: int, interval: float, workload: str | None,
-           as_json: bool) -> None:
-    """Deploy a validated scheduler with its token, then monitor it (automatic rollback)."""
+           scope_: str | None, command: tuple[str, ...], as_json: bool) -> None:
+    """Deploy a validated scheduler with its token, then monitor it (automatic rollback). With a scope
+    (`--scope pid:N`, `--scope cgroup:PATH` or `-- CMD`): in partial mode, only those tasks (and their
+    children) on it; every other task stays on the default scheduler, and rollback moves them back."""
     from .deploy.deployments import MonitorPolicy, deploy as do_deploy
+    from .deploy.scope import parse as parse_scope
+
+    scope = parse_scope(scope_, list(command) or None)
 
     mon = MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
                         max_degradation_ratio=max_degradation, consecutive=consecutive,
                         interval_s=interval, workload_cmd=workload)
     with progress_bar("deploy", not as_json and not dry_run) as bar:
         bar("deploying", 0.2)
-        d = do_deploy(token_, target, actor="cli", dry_run=dry_run, monitor=mon)
+        d = do_deploy(token_, target, actor="cli", dry_run=dry_run, monitor=mon, scope=scope)
 
     def render(d):
         if getattr(d, "dry_run", False):
@@ -1269,10 +1389,44 @@ def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metr
                 console.print(f"  - {w}")
         else:
             console.print(f"[green]deployed[/green] {d.id}: {d.policy or 'source'} (ops {d.ops_name}) "
-                          f"on {d.target}; baseline {d.monitor.metric_cmd!r} = {d.baseline}; monitor "
-                          f"pid {d.monitor_pid}")
+                          f"on {d.target}, {'scoped to ' + escape(d.scope) if d.scope else 'system-wide'}; "
+                          f"baseline {d.monitor.metric_cmd!r} = {d.baseline}; monitor pid {d.monitor_pid}")
 
     emit(d, as_json, render)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--token", "token_", required=True, help="a deployment token (system or scoped); checked, not spent")
+@click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(2, 50), help="paired rounds per A/B")
+@click.option("--no-aa", is_flag=True, help="skip the partial-mode A/A (a plain FIFO) beside it")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD...")
+@json_option
+def ab(token_: str, target: str, rounds: int, no_aa: bool, command: tuple[str, ...], as_json: bool) -> None:
+    """A/B on the target by switching the workload's class: the candidate loaded in partial mode, CMD run
+    in paired rounds as SCHED_EXT (candidate) and SCHED_NORMAL (default), with a plain FIFO's partial-mode
+    A/A beside it (what the class order alone costs). Nothing stays deployed."""
+    from .deploy.ab import ab as run_ab
+    from .validate.bench import fmt_interval
+
+    with progress_bar("ab", not as_json) as bar:
+        res = run_ab(token_, list(command), target, rounds=rounds, aa=not no_aa, actor="cli",
+                     progress=lambda m: bar(m, 0.5))
+
+    def render(r) -> None:
+        t = Table("scheduler (partial mode)", "SCHED_NORMAL median", "SCHED_EXT median",
+                  "vs default [95% interval]", "verdict",
+                  title=f"{escape(' '.join(r.command))} on {r.target}: {r.rounds} paired rounds each; "
+                        "vs default: > 1 = better")
+        for name, w in ((f"{r.ops_name} (candidate)", r.candidate), (f"fifo (A/A: the class order)", r.aa)):
+            if w is None:
+                continue
+            t.add_row(name, f"{w.baseline_stats.median:.3f} s" if w.baseline_stats else "-",
+                      f"{w.candidate_stats.median:.3f} s" if w.candidate_stats else "-", fmt_interval(w), w.verdict)
+        console.print(t)
+        console.print(f"host load average {r.load_average}; {r.seconds:.0f} s")
+
+    emit(res, as_json, render)
 
 
 @main.command()
@@ -1293,7 +1447,8 @@ def status(as_json: bool) -> None:
 
         for d in s.deployments:
             last = d.readings[-1] if d.readings else None
-            t.add_row(d.id, d.target, d.policy or "(source)", d.status + (f": {d.end_reason}" if
+            t.add_row(d.id, d.target + (f" ({d.scope})" if d.scope else ""), d.policy or "(source)",
+                      d.status + (f": {d.end_reason}" if
                                                                           d.end_reason else ""),
                       dt.datetime.fromtimestamp(d.created_at).strftime("%H:%M:%S"), d.report_id,
                       f"{last.state} metric {last.metric} ({last.ratio}x)" if last else "-")
@@ -1708,6 +1863,37 @@ def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], ou
     job = policies_campaign(list(names) or None, rounds, budget, out, use_cache=not no_cache,
                             width=console.width, lane=_lane(background), actor="cli", complete_by_s=deadline)
     bench_job(job, "bench policies", background, as_json, report_of)
+
+
+@bench.command("peers", context_settings={"ignore_unknown_options": True})
+@click.argument("program_args", nargs=-1, metavar="[-- ARGS...]")
+@click.option("--peer", "peer_names", multiple=True, help="only these built peers (repeatable; default: every built one)")
+@click.option("--program", help="a further scheduler program to put in the table; its arguments follow `--`")
+@click.option("--policy", "policies", multiple=True, help=f"repository policies to compare (default: lean_preempt)")
+@click.option("--workload", "workloads", multiple=True, help="only these workloads (repeatable; default: the default set)")
+@click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="paired rounds per row, at least")
+@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 180]; 0 = exactly --rounds")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option("--no-cache", is_flag=True, help="validate again even if an identical validation has a result")
+@background_option
+@deadline_option
+@json_option
+def bench_peers(program_args: tuple[str, ...], peer_names: tuple[str, ...], program: str | None,
+                policies: tuple[str, ...], workloads: tuple[str, ...], rounds: int, budget: float | None, out: Path,
+                no_cache: bool, background: bool, deadline: float | None, as_json: bool) -> None:
+    """The repository's best policy against every peer program (the kernel's examples, started with their
+    own userspace), each through the same validation; one table with every row's intervals (+ chart)."""
+    from . import candidates
+    from .benches import peers_campaign, report_of
+
+    if program_args and not program:
+        raise click.UsageError("arguments after `--` belong to --program")
+    candidates.check_layer2_request(None, list(workloads) or None, rounds, budget)
+    job = peers_campaign(list(peer_names) or None, [(program, list(program_args))] if program else None,
+                         list(policies) or None, rounds, budget, list(workloads) or None, out,
+                         use_cache=not no_cache, width=console.width, lane=_lane(background), actor="cli",
+                         complete_by_s=deadline)
+    bench_job(job, "bench peers", background, as_json, report_of)
 
 
 @bench.command("aa")

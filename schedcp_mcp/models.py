@@ -205,6 +205,9 @@ class Deployment(BaseModel):
     exit: SchedulerExit | None = Field(None, description="why the scheduler stopped, when the "
                                        "kernel or the scheduler ended it")
     exit_info: str | None = Field(None, description="the raw exit info (loader JSON, kernel log)")
+    scope: str | None = Field(None, description="None: system-wide; else the tasks moved to SCHED_EXT under "
+                              "a partial-mode scheduler: pid:N, cgroup:PATH or command: CMD")
+    scope_pid: int | None = Field(None, description="the scoped command's pid (a command scope)")
 
     @property
     def running_s(self) -> float:

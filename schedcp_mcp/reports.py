@@ -98,9 +98,13 @@ class ValidationOutcome(BaseModel):
         return self._report
 
 
-def artifact_hash(object_sha256: str, params: dict[str, Any]) -> str:
-    blob = json.dumps({"object": object_sha256, "params": {k: str(v) for k, v in sorted(params.items())}},
-                      sort_keys=True)
+def artifact_hash(object_sha256: str, params: dict[str, Any], program_args: list[str] | None = None) -> str:
+    """What a token binds: the object's (or a scheduler program's) bytes, its parameters and, for a
+    program, its arguments."""
+    d: dict[str, Any] = {"object": object_sha256, "params": {k: str(v) for k, v in sorted(params.items())}}
+    if program_args is not None:
+        d["program_args"] = list(program_args)
+    blob = json.dumps(d, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -112,7 +116,8 @@ def new_report(layer1: Layer1Report, *, policy: str | None, params: dict[str, An
     r = ValidationReport(
         id=report_id or store.new_id("rep"), policy=policy, params={k: str(v) for k, v in params.items()},
         source_sha256=layer1.source_sha256, object_sha256=layer1.object_sha256,
-        artifact_sha256=artifact_hash(layer1.object_sha256, params) if layer1.object_sha256 else None,
+        artifact_sha256=artifact_hash(layer1.object_sha256, params, layer1.program_args)
+        if layer1.object_sha256 else None,
         object_path=layer1.object_path, ops_name=layer1.ops_name, target=layer1.target,
         profile_id=profile_id, goals=goals or [], layer1=layer1, provenance=provenance,
         candidate_id=candidate_id)

@@ -429,7 +429,8 @@ def report_answer(r: reports.ValidationReport, detail: str, job_id: str | None =
     if job_id:
         out = {"job_id": job_id, **out}
     nxt = "; next: issue_token(report_id) to deploy it" if r.passed else ""
-    return A.answer(out, f"{r.id} ({r.policy or 'source'}): {r.status}{nxt}")
+    what = r.policy or (f"program {r.layer1.program_name}" if r.layer1.program_args is not None else "source")
+    return A.answer(out, f"{r.id} ({what}): {r.status}{nxt}")
 
 
 @server.tool(annotations=SANDBOXED)
@@ -447,6 +448,10 @@ async def submit_scheduler(
         "attached; needs `schedcp serve --allow-host-verify`)")] = "sandbox",
     profile_id: Annotated[str | None, Field(
         description="the WorkloadProfile this candidate is for (its goals apply)")] = None,
+    program: Annotated[str | None, Field(
+        description="or: a scheduler program with its own loader, run only in the sandbox guest: a built "
+        "peer's name (scx_simple, …) or an absolute path")] = None,
+    program_args: Annotated[list[str] | None, Field(description="the program's arguments")] = None,
     background: Annotated[bool, BACKGROUND] = False,
     deadline_s: Annotated[float | None, DEADLINE] = None,
     detail: Annotated[A.Detail, A.DETAIL] = "summary",
@@ -454,9 +459,15 @@ async def submit_scheduler(
     """Layer 1, seconds: source checks, compile, ELF/BTF checks (kfuncs present in the target
     kernel, license, hot-path size) and the real kernel BPF verifier. Stores a ValidationReport;
     returns its id and verdict, a rejection with the failing program, source line and kernel
-    message ("full": the whole verifier log)."""
-    job = await in_thread(candidate_jobs.verify_job, source, policy, params, target, profile_id, actor="mcp",
-                          lane="normal" if background else "high", complete_by_s=deadline_s)
+    message ("full": the whole verifier log). A program: it must attach in the sandbox."""
+    if program is not None:
+        if source or policy or params or target != "sandbox":
+            raise BadInput("give a program alone (with program_args), in the sandbox")
+        job = await in_thread(candidate_jobs.verify_program_job, program, program_args or [], profile_id=profile_id,
+                              actor="mcp", lane="normal" if background else "high", complete_by_s=deadline_s)
+    else:
+        job = await in_thread(candidate_jobs.verify_job, source, policy, params, target, profile_id, actor="mcp",
+                              lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:
         return queued(job.id)
     r = candidate_jobs.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))
@@ -668,15 +679,20 @@ async def deploy(
     consecutive: Annotated[int, Field(ge=1, le=100)] = 3,
     interval_s: Annotated[float, Field(ge=0.5, le=600)] = 5.0,
     workload_cmd: Annotated[str | None, Field(description="background workload in the target")] = None,
+    scope: Annotated[str | None, Field(
+        description="partial mode, only these tasks on it: pid:N or cgroup:PATH (default: system-wide)")] = None,
     detail: Annotated[A.Detail, A.DETAIL] = "summary",
 ) -> CallToolResult:
     """Layer 3: load a validated scheduler with its single-use token, confirm it is enabled, and
     monitor it; rolled back automatically when the kernel disables it or the metric degrades.
     Returns the deployment id, status, baseline and the latest monitor reading."""
+    from .deploy.scope import parse as parse_scope
+
     mon = deployments.MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
                         max_degradation_ratio=max_degradation_ratio, consecutive=consecutive,
                         interval_s=interval_s, workload_cmd=workload_cmd)
-    d = await in_thread(deployments.deploy, token, target, actor="mcp", dry_run=dry_run, monitor=mon)
+    d = await in_thread(deployments.deploy, token, target, actor="mcp", dry_run=dry_run, monitor=mon,
+                        scope=parse_scope(scope))
     return deployment_answer(d, detail)
 
 

@@ -32,6 +32,6 @@ def test_the_wheel_carries_policies_templates_agents_and_the_guest(tmp_path):
     for rel in ("bundled/templates/scheduler.bpf.c.j2", "bundled/agents/planning.md",
                 "bundled/agents/templates/subagent.md.j2", "bundled/claude/agents/schedcp-planning.md",
                 "bundled/claude/commands/optimize.md", "sandbox/guest/loader.c", "sandbox/guest/agent.c",
-                "repository/scx_catalog.json", "validate/probe.c", "validate/runqwait.bpf.c"):
+                "repository/scx_catalog.json", "validate/probe.c", "validate/runqwait.bpf.c", "deploy/setclass.c"):
         assert f"schedcp_mcp/{rel}" in names, rel
     assert not [n for n in names if "__pycache__" in n or n.endswith(".bpf.o")]

@@ -60,7 +60,8 @@ def test_no_shell_text_is_built_from_a_command_anywhere():
     jobs/bench.py (`schedcp bench vm-noise`, the CLI user's own command, inside a VM),
     sandbox/toolchain.py (the jail script, arguments as "$@"), verify/compile.py (a fixed bpftool
     line), validate/workloads.py (the sandbox's own benchmark, in the VM), deploy/deployments.py
-    (a docstring)."""
+    (a docstring), sandbox/peers.py (a fixed make loop in the toolchain jail, the target names — from
+    its own list, checked against the kernel Makefile's — as "$@")."""
     import re
     import subprocess
 
@@ -70,7 +71,7 @@ def test_no_shell_text_is_built_from_a_command_anywhere():
     where = sorted({re.sub(r":\d+:.*", "", h).split("schedcp_mcp/")[1] for h in hits})
     assert not any("shell=True" in h for h in hits)
     assert where == ["deploy/deployments.py", "deploy/targets.py", "jobs/bench.py", "observe/profile.py",
-                     "sandbox/toolchain.py", "validate/workloads.py", "verify/compile.py"], where
+                     "sandbox/peers.py", "sandbox/toolchain.py", "validate/workloads.py", "verify/compile.py"], where
 
 
 # --- Medium: a rolled-back artifact needs a new validation; Low: host rollback needs the opt-in --------

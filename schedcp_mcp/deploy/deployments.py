@@ -9,6 +9,7 @@ restore the previous state) -> start the monitor. Every step that changes a kern
 from __future__ import annotations
 
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from ..models import Deployment, DeploymentStatus, MonitorPolicy, ScxState
 from ..records import active, get_deployment, list_deployments, save
 from ..reports import get_report, invalidate
 from ..verify.verifier import host_missing
+from . import scope as scope_mod
 from . import tokens
+from .scope import Scope
 from .targets import HostTarget, SandboxTarget, Target, get_target
 
 DEFAULT_METRIC = "hackbench -g 2 -l 100"
@@ -81,8 +84,12 @@ def _median_metric(t: Target, cmd: str, n: int = 3) -> float:
 
 
 def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: bool = False,
-           monitor: MonitorPolicy | None = None, start_monitor: bool = True) -> Deployment | DryRun:
+           monitor: MonitorPolicy | None = None, start_monitor: bool = True,
+           scope: Scope | None = None) -> Deployment | DryRun:
+    """Deploy a validated scheduler with its token. `scope` (deploy.scope): load it in partial mode and
+    move only those tasks to SCHED_EXT; None: system-wide (the token must allow it)."""
     monitor = monitor or MonitorPolicy()
+    scoped = scope is not None
     if target == "host":
         why = host_allowed(actor)
         if why:
@@ -92,11 +99,16 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
                                       "deploy to the sandbox target, or fix what is missing")
         from ..access import check_command
 
-        for cmd, what in ((monitor.metric_cmd, "metric command"), (monitor.workload_cmd, "workload command")):
+        for cmd, what in ((monitor.metric_cmd, "metric command"), (monitor.workload_cmd, "workload command"),
+                          (shlex.join(scope.command) if scope and scope.command else None, "scoped command")):
             if cmd:  # these run on the host itself: the very argv checked here is the one executed
                 check_command(command_argv(cmd, what), actor, what)
     # check first, spend only when the target can take it: a refusal must not burn the token
-    payload, report = tokens.check(token, target, actor, spend=False)
+    payload, report = tokens.check(token, target, actor, spend=False, scoped=scoped)
+    if scoped and report.layer1.program_args is not None:
+        raise BadInput("a scheduler program sets its own partial mode (e.g. scx_qmap -p): a scoped deploy "
+                       "loads a BPF object with the loader's --partial", "deploy the program system-wide, "
+                       "or validate and deploy a BPF object")
     if monitor.max_degradation_ratio is None:
         monitor = monitor.model_copy(update={"max_degradation_ratio": threshold_from_goals(report.goals)})
     obj = Path(report.object_path).read_bytes()
@@ -106,6 +118,9 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
         would = [f"record the current scheduler state ({cur.state if cur else 'staging VM not running'})"]
         if monitor.workload_cmd:
             would.append(f"start the background workload: {monitor.workload_cmd}")
+        if scoped:
+            would.append(f"load it in partial mode (SCX_OPS_SWITCH_PARTIAL) and move {scope.describe()} to "
+                         "SCHED_EXT; every other task stays on the default scheduler")
         would += [f"measure the baseline: {monitor.metric_cmd or DEFAULT_METRIC} x3",
                   f"load {report.policy or 'source'} (ops {report.ops_name}, artifact "
                   f"{report.artifact_sha256[:12]}) into the {target} kernel with params {report.params}",
@@ -124,13 +139,13 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
     if current.enabled and (prev_dep is None or current.ops != prev_dep.ops_name):
         # the loser of two concurrent deploys of one token sees the winner's scheduler: say what
         # really happened (this raises "token was already used" when it was)
-        tokens.check(token, target, actor, spend=False)
+        tokens.check(token, target, actor, spend=False, scoped=scoped)
         store.audit(actor, "deploy_refused", {"why": f"foreign scheduler {current.ops} running",
                                               "target": target}, report.artifact_sha256)
         raise InfrastructureError(
             f"another sched_ext scheduler ({current.ops}) is running on {target}, not deployed by "
             "this schedcp", "stop it first; the token was not spent")
-    payload, report = tokens.check(token, target, actor, spend=True)
+    payload, report = tokens.check(token, target, actor, spend=True, scoped=scoped)
     if prev_dep is not None:
         end_deployment(prev_dep, "superseded", f"superseded by a deploy of report {report.id}", actor)
     previous = current
@@ -142,17 +157,25 @@ def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: 
     d = Deployment(id=store.new_id("dep"), created_at=time.time(), report_id=report.id,
                    artifact_sha256=report.artifact_sha256, policy=report.policy, params=report.params,
                    ops_name=report.ops_name, target=target, actor=actor, token_jti=payload.jti,
-                   previous=previous, baseline=baseline, monitor=monitor)
-    started = t.load(obj, report.params)
+                   previous=previous, baseline=baseline, monitor=monitor,
+                   scope=scope.describe() if scope else None)
+    started = t.load(obj, report.params, program_args=report.layer1.program_args, partial=scoped)
     now = t.state()
     if not started.running or not now.enabled or (report.ops_name and now.ops != report.ops_name):
         why = started.error or (f"after loading, sched_ext state is {now.state!r} with ops {now.ops!r} "
                                 f"(expected enabled / {report.ops_name})")
         end_deployment(d, "failed", f"the scheduler did not start: {why}", actor)
         raise InfrastructureError(d.end_reason, f"`schedcp feedback {d.id} --json` has the scheduler's exit")
+    if scope is not None:
+        try:
+            r = t.sh(scope_mod.move_script(t.run_dir, scope), 60, {"schedcp-setclass": scope_mod.setclass_binary()})
+            d.scope_pid = scope_mod.check_moved(r.stdout + r.stderr, r.rc, scope)
+        except SchedcpError as e:
+            end_deployment(d, "failed", f"the scope could not be moved to the scheduler: {e.message}", actor)
+            raise
     save(d)
     store.audit(actor, "deploy", {"deployment_id": d.id, "report_id": report.id, "target": target,
-                                  "ops": report.ops_name, "baseline": baseline,
+                                  "ops": report.ops_name, "baseline": baseline, "scope": d.scope or "system",
                                   "previous": previous.model_dump()}, d.artifact_sha256)
     if start_monitor:
         spawn_monitor(d)
@@ -169,6 +192,8 @@ def end_deployment(d: Deployment, status: DeploymentStatus, reason: str, actor: 
     if t.running():  # a staging VM that is gone took the scheduler with it
         try:
             t.unload()
+            if d.scope:  # the kernel leaves SCHED_EXT tasks at policy 7 after the unload: put them back
+                t.sh(scope_mod.restore_script(t.run_dir), 60)
             ex = t.read_exit(d.ops_name)
             d.exit_info = ex.raw[-2000:] or d.exit_info
             if ex.exit.kind != "unknown":

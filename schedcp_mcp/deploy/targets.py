@@ -22,7 +22,7 @@ from typing import Iterator
 from .. import config
 from ..errors import InfrastructureError
 from ..models import ScxState
-from ..sandbox import image, scheduler
+from ..sandbox import image, program, scheduler
 from ..sandbox.vm import VM
 
 STAGING = "staging"
@@ -72,19 +72,36 @@ class Target:
     def state(self) -> ScxState:
         return scheduler.parse_state(self.sh(scheduler.STATE_SCRIPT, 30).stdout)
 
-    def load(self, obj: bytes, params: dict[str, str], timeout_ms: int | None = None) -> scheduler.Started:
-        """Start the scheduler and wait for the kernel to enable it (or for the loader to end)."""
+    @property
+    def program_files(self) -> scheduler.Files:
+        """Where a deployed scheduler program keeps its pid, stdout and stderr."""
+        return scheduler.Files(self.run_dir, "program")
+
+    def load(self, obj: bytes, params: dict[str, str], timeout_ms: int | None = None,
+             program_args: list[str] | None = None, partial: bool = False) -> scheduler.Started:
+        """Start the scheduler and wait for the kernel to enable it (or for the loader to end).
+        With `program_args` (a list), `obj` is a scheduler program started with those arguments."""
+        if program_args is not None:
+            f = self.program_files
+            script = (f"mkdir -p {self.run_dir}; cp prog {self.run_dir}/deploy.prog; chmod 0755 {self.run_dir}/deploy.prog\n"
+                      + program.start_script(f"{self.run_dir}/deploy.prog", program_args, f))
+            r = self.sh(script, scheduler.START_WAIT_S + 30, {"prog": obj})
+            s = program.parse_start(r.stdout)
+            return scheduler.Started(running=s.running, error=s.error)
         script = (f"mkdir -p {self.run_dir}; cp obj.bpf.o {self.run_dir}/deploy.bpf.o\n"
                   + scheduler.start_script(f"{self.run_dir}/deploy.bpf.o", params, self.files,
-                                           timeout_ms, loader=self.loader()))
+                                           timeout_ms, loader=self.loader(), partial=partial))
         r = self.sh(script, scheduler.START_WAIT_S + 30, {"obj.bpf.o": obj})
         if r.rc != 0:
             raise InfrastructureError(f"loading in the {self.name} target failed: {r.stderr.strip()[-300:]}")
         return scheduler.parse_start(r.stdout)
 
     def unload(self) -> scheduler.Stopped:
-        return scheduler.parse_stop(self.sh(scheduler.stop_script(self.files),
-                                            scheduler.STOP_WAIT_S + scheduler.DISABLE_WAIT_S + 15).stdout)
+        """Stop what a deploy started: a scheduler program (SIGINT, then the kernel's own disable), or
+        the loader (SIGTERM)."""
+        f = self.program_files
+        script = (f"if [ -s {f.pid} ]; then\n{program.stop_script(f)}\nelse\n{scheduler.stop_script(self.files)}\nfi\n")
+        return scheduler.parse_stop(self.sh(script, 2 * scheduler.STOP_WAIT_S + scheduler.DISABLE_WAIT_S + 15).stdout)
 
     def read_exit(self, ops_name: str | None = None) -> scheduler.ExitRead:
         return scheduler.parse_exit(self.sh(scheduler.exit_script(self.files), 30).stdout, ops_name)

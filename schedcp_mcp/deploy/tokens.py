@@ -41,6 +41,7 @@ class TokenPayload(BaseModel):
     target: str
     exp: float
     iat: float
+    scope: str = "system"  # "system": system-wide or scoped; "scoped": only a scoped (partial-mode) deploy
 
 
 def _secret_path() -> Path:
@@ -70,7 +71,11 @@ def _sign(payload: bytes) -> str:
 
 
 def issue(report_id: str, target: str = "sandbox", ttl_s: float = DEFAULT_TTL_S,
-          actor: str = "server") -> IssuedToken:
+          actor: str = "server", scope: str = "system") -> IssuedToken:
+    """`scope`: "system" allows a system-wide deploy (and a scoped one); "scoped" only a scoped one
+    (the scheduler loaded in partial mode, only the scope's tasks on it)."""
+    if scope not in ("system", "scoped"):
+        raise BadInput(f"token scope {scope!r}: give system or scoped")
     if target not in TARGETS:
         raise TokenRefused(f"unknown target {target!r}", f"use one of {', '.join(TARGETS)}")
     if not 1 <= ttl_s <= MAX_TTL_S:
@@ -84,16 +89,16 @@ def issue(report_id: str, target: str = "sandbox", ttl_s: float = DEFAULT_TTL_S,
                            "only a validated artifact can be deployed: `schedcp validate` / validate_scheduler")
     now = time.time()
     p = TokenPayload(jti=secrets.token_hex(12), report_id=r.id, artifact_sha256=r.artifact_sha256 or "",
-                     target=target, exp=now + ttl_s, iat=now)
+                     target=target, exp=now + ttl_s, iat=now, scope=scope)
     raw = p.model_dump_json().encode()
     token = f"{_b64(raw)}.{_sign(raw)}"
     store.audit(actor, "token_issued", {"report_id": r.id, "target": target, "jti": p.jti,
-                                        "expires_at": p.exp}, r.artifact_sha256)
+                                        "expires_at": p.exp, "scope": scope}, r.artifact_sha256)
     return IssuedToken(token=token, report_id=r.id, artifact_sha256=p.artifact_sha256,
                        target=target, expires_at=p.exp)
 
 
-def check(token: str, target: str, actor: str = "cli", *, spend: bool = True
+def check(token: str, target: str, actor: str = "cli", *, spend: bool = True, scoped: bool = False
           ) -> tuple[TokenPayload, ValidationReport]:
     """Validate a token for `target`; spend it (single use) unless `spend=False` (dry run).
     Raises TokenRefused, audited, with the exact reason."""
@@ -121,6 +126,9 @@ def check(token: str, target: str, actor: str = "cli", *, spend: bool = True
     if time.time() > p.exp:
         raise refuse(f"token expired at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(p.exp))}",
                      f"issue a new one: `schedcp token {p.report_id}`", p.artifact_sha256)
+    if p.scope == "scoped" and not scoped:
+        raise refuse("this token allows only a scoped deployment (partial mode: only the scope's tasks on the "
+                     "scheduler)", "deploy with --scope pid:N | cgroup:PATH | -- CMD", p.artifact_sha256)
     if p.target != target:
         raise refuse(f"token is for target {p.target!r}, not {target!r}",
                      f"issue a token for {target}: `schedcp token {p.report_id} --target {target}`",
@@ -141,7 +149,7 @@ def check(token: str, target: str, actor: str = "cli", *, spend: bool = True
     if not obj.is_file():
         raise refuse(f"the validated object {obj} is gone", "validate again", p.artifact_sha256)
     actual = artifact_hash(hashlib.sha256(obj.read_bytes()).hexdigest(),
-                           {k: v for k, v in r.params.items()})
+                           {k: v for k, v in r.params.items()}, r.layer1.program_args)
     if actual != p.artifact_sha256:
         raise refuse("the object on disk differs from the validated artifact (sha256 mismatch)",
                      "validate again; do not edit artifacts", p.artifact_sha256)

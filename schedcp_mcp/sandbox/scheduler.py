@@ -58,10 +58,11 @@ def verify_argv(obj: str, params: dict[str, str], load_only: bool = False) -> li
     return [obj, "--verify", *(["--load-only"] if load_only else []), *loader_args(params)]
 
 
-def run_argv(obj: str, params: dict[str, str], timeout_ms: int | None = None) -> list[str]:
-    """Load, attach and keep running until SIGTERM; `timeout_ms` sets the kernel watchdog."""
+def run_argv(obj: str, params: dict[str, str], timeout_ms: int | None = None, partial: bool = False) -> list[str]:
+    """Load, attach and keep running until SIGTERM; `timeout_ms` sets the kernel watchdog; `partial`
+    sets SCX_OPS_SWITCH_PARTIAL (only SCHED_EXT tasks run on it)."""
     return [obj, "--run", *(["--timeout-ms", str(int(timeout_ms))] if timeout_ms else []),
-            *loader_args(params)]
+            *(["--partial"] if partial else []), *loader_args(params)]
 
 
 def verify_script(obj: str, params: dict[str, str], load_only: bool = False, loader: str = LOADER) -> str:
@@ -160,10 +161,10 @@ echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
 
 
 def start_script(obj: str, params: dict[str, str], files: Files, timeout_ms: int | None = None,
-                 loader: str = LOADER) -> str:
+                 loader: str = LOADER, partial: bool = False) -> str:
     """Start the loader in its own session and wait until the kernel says `enabled` with a root
     ops, or the loader ended. Prints `@@RUNNING` or `@@EXITED` + its JSON + its stderr tail."""
-    cmd = shlex.join([loader, *run_argv(obj, params, timeout_ms)])
+    cmd = shlex.join([loader, *run_argv(obj, params, timeout_ms, partial)])
     f = files
     return f"""
 mkdir -p {f.run_dir}; rm -f {f.json} {f.err}

@@ -84,13 +84,14 @@ def peer_source(name: str) -> str | None:
 
 def report_policies(rows: list[dict], rounds: int = 3, out_dir: Path = Path("results"),
                     console: Console | None = None, budget_s: float | None = None,
-                    cold_s: float | None = None, total_s: float = 0.0) -> list[dict]:
+                    cold_s: float | None = None, total_s: float = 0.0, stem: str = "policies-ab",
+                    title: str = "Repository policies and kernel examples: sandbox A/B") -> list[dict]:
     """Rows of measured policies ({policy, layer1, result: Layer2Result | error, wall_s}, each its
     own validation): each one's interval table, the comparison, and its markdown, JSON and chart."""
     con = console or Console()
     budget = BUDGET_S if budget_s is None else budget_s
     measured = {w.name for r in rows if r.get("result") for w in r["result"].workloads}
-    wl = [w.name for w in list_workloads() if w.default or w.name in measured]
+    wl = [w.name for w in list_workloads() if (w.default and not measured) or w.name in measured]
     con.print(f"[dim]{TCG_NOTE}[/dim]")
     for i, row in enumerate(rows):
         con.print(f"[bold]{row['policy']}[/bold] ({i + 1}/{len(rows)})")
@@ -101,12 +102,12 @@ def report_policies(rows: list[dict], rounds: int = 3, out_dir: Path = Path("res
 
     _print_table(con, rows, wl)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = _markdown(rows, wl, rounds, budget, cold_s, total_s)
-    (out_dir / "policies-ab.md").write_text(md)
-    (out_dir / "policies-ab.json").write_text(json.dumps(
+    md = _markdown(rows, wl, rounds, budget, cold_s, total_s, title)
+    (out_dir / f"{stem}.md").write_text(md)
+    (out_dir / f"{stem}.json").write_text(json.dumps(
         [{k: (v.model_dump(mode="json") if isinstance(v, Layer2Result) else v) for k, v in r.items()} for r in rows],
         indent=1))
-    png = out_dir / "policies-ab.png"
+    png = out_dir / f"{stem}.png"
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is not None:
@@ -115,7 +116,7 @@ def report_policies(rows: list[dict], rounds: int = 3, out_dir: Path = Path("res
         con.print("no chart: matplotlib is not installed (`pip install 'schedcp[charts]'`)")
     if cold_s is not None:
         con.print(f"one full validation (verify + validate, own VM boots): {cold_s:.0f} s")
-    con.print(f"all {len(rows)} policies: {total_s:.0f} s; wrote {png}, {out_dir / 'policies-ab.md'}")
+    con.print(f"all {len(rows)} rows: {total_s:.0f} s; wrote {png}, {out_dir / (stem + '.md')}")
     con.print(f"[dim]{TCG_NOTE}[/dim]")
     return rows
 
@@ -332,16 +333,17 @@ def _print_table(con: Console, rows: list[dict], wl: list[str]) -> None:
 
 
 def _markdown(rows: list[dict], wl: list[str], rounds: int, budget_s: float, cold_s: float | None,
-              total_s: float) -> str:
+              total_s: float, title: str = "Repository policies and kernel examples: sandbox A/B") -> str:
     metrics = {w.name: w for w in list_workloads()}
     res0 = next((r["result"] for r in rows if r.get("result")), None)
     lines = [
-        "# Repository policies and kernel examples: sandbox A/B",
+        f"# {title}",
         "",
         f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='minutes')}",
         f"- machine: {_machine()}",
-        f"- sandbox kernel: {res0.kernel_version if res0 else '?'}; at least {rounds} paired rounds per "
-        f"policy, more while a workload is undecided, within {budget_s:g} s per validation",
+        f"- sandbox kernel: {res0.kernel_version if res0 else '?'}; " + (
+            f"at least {rounds} paired rounds per policy, more while a workload is undecided, within {budget_s:g} s "
+            "per validation" if budget_s else f"exactly {rounds} paired rounds per policy (budget 0)"),
         f"- one full validation (layer 1 + layer 2, own VM boots): {cold_s:.0f} s" if cold_s else
         "- one full validation: not measured",
         f"- all policies: {total_s:.0f} s",

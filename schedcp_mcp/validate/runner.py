@@ -48,6 +48,7 @@ from typing import Callable
 from ..errors import BadInput, InfrastructureError, SchedcpError
 from ..models import Goal
 from ..sandbox import scheduler
+from ..sandbox.program import Launcher, ObjectLauncher
 from ..sandbox.vm import VM, GuestTimeout
 from . import evidence, gates, starvation
 from .models import Layer2Result, LoadAttempt, Observations, StateSample, StressSummary, Workload, WorkloadResult
@@ -95,8 +96,11 @@ class _Run:
     """One validation's state: the VM, the facts collected so far, the timeline."""
 
     def __init__(self, vm, obj: bytes, ops_name: str, params: dict[str, str], workloads: list[Workload],
-                 timeout_ms: int, progress: Progress):
+                 timeout_ms: int, progress: Progress, launcher: Launcher | None = None):
         self.vm, self.obj, self.ops_name, self.params = vm, obj, ops_name, params
+        # how the candidate is shipped, started and stopped: the generic loader with a BPF object, or a
+        # scheduler program with its own loader (sandbox.program)
+        self.launcher = launcher or ObjectLauncher(obj, params, timeout_ms)
         self.workloads, self.timeout_ms, self.say = workloads, timeout_ms, progress
         self.obs = Observations(ops_name=ops_name)
         # per workload, per side (0 baseline, 1 candidate): round -> that round's figures (reps)
@@ -142,7 +146,7 @@ class _Run:
 
     def setup(self) -> None:
         # the probe and the tracer are always shipped: the starvation phase uses both
-        files = {"obj.bpf.o": self.obj, "schedcp-probe": ensure_probe().read_bytes(),
+        files = {**self.launcher.files(), "schedcp-probe": ensure_probe().read_bytes(),
                  "rqw.bpf.o": starvation.ensure_tracer().read_bytes()}
         for w in self.workloads:
             files[f"w_{w.name}.sh"] = (f"PROBE={PROBE_GUEST}\n{w.command}\n").encode()
@@ -249,10 +253,9 @@ class _Run:
     def load(self) -> bool:
         self.nload += 1
         n = self.nload
-        out = self.step(f"load-{n}", scheduler.start_script(f"{G}/obj.bpf.o", self.params, self._files(),
-                                                            self.timeout_ms) + f"snap load-{n}\n",
+        out = self.step(f"load-{n}", self.launcher.start(G, self._files()) + f"snap load-{n}\n",
                         timeout_s=scheduler.START_WAIT_S + 60)
-        started = scheduler.parse_start(out)
+        started = self.launcher.parse_start(out)
         last = self.obs.timeline[-1] if self.obs.timeline else None
         entry = LoadAttempt(state=last.state if last else None, ops=last.ops if last else None)
         if started.error:
@@ -319,9 +322,9 @@ cat $L/stress.out
 
     def unload(self) -> None:
         n = self.nload
-        out = self.step(f"unload-{n}", scheduler.stop_script(self._files()) + f"snap unload-{n}\n",
+        out = self.step(f"unload-{n}", self.launcher.stop(self._files()) + f"snap unload-{n}\n",
                         timeout_s=60)
-        ex = scheduler.parse_stop(out).exit
+        ex = self.launcher.parse_stop(out).exit
         if ex and not any(e.run_s == ex.run_s and e.uei == ex.uei for e in self.obs.loader_exits):
             self.obs.loader_exits.append(ex)
         last = self.obs.timeline[-1]
@@ -438,13 +441,15 @@ def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str,
                         goals: list[Goal] | None = None, workloads: list[str] | list[Workload] | None = None,
                         rounds: int = 3, budget_s: float | None = BUDGET_S, stress_s: float = 6.0,
                         timeout_ms: int = 3000, vm=None, progress: Progress | None = None,
-                        crash_retries: int = 1) -> Layer2Result:
+                        crash_retries: int = 1, launcher: Launcher | None = None) -> Layer2Result:
     """Stress, check and A/B-benchmark a compiled scheduler in one sandbox VM boot.
 
     `object_bytes` is a layer-1-accepted BPF object whose struct_ops name is `ops_name`; `params` are
     loader `--param` values; `goals` become performance gates (without goals: no workload worse than
     baseline beyond its noise); `workloads` are names from `list_workloads()` (default: all);
     `vm` is a running full sandbox VM to use (default: boot one and power it off afterwards).
+    `launcher` starts and stops the candidate (default: the generic loader with `object_bytes`;
+    `sandbox.program.ProgramLauncher` for a scheduler program with its own loader).
 
     Rounds are adaptive: at least `rounds`, then more while some performance gate is undecided (its
     interval straddles its threshold) and another round fits in `budget_s` (counted from the start,
@@ -474,7 +479,7 @@ def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str,
     crashes: list[str] = []
     while True:
         res = _validate_once(object_bytes, ops_name, params, goals, wls, rounds, budget_s or 0.0, stress_s,
-                             timeout_ms, vm, say)
+                             timeout_ms, vm, say, launcher)
         crashed = res.failure_reason is not None and "the guest kernel crashed" in res.failure_reason
         if not crashed or len(crashes) >= crash_retries:
             break
@@ -488,7 +493,7 @@ def validate_in_sandbox(object_bytes: bytes, *, ops_name: str, params: dict[str,
 
 def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], goals: list[Goal] | None,
                    wls: list[Workload], rounds: int, budget_s: float, stress_s: float, timeout_ms: int,
-                   vm, say: Progress) -> Layer2Result:
+                   vm, say: Progress, launcher: Launcher | None = None) -> Layer2Result:
     t_start = time.monotonic()
     own_vm = vm is None
     if own_vm:
@@ -500,7 +505,7 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         if not getattr(vm, "full", True):
             raise BadInput("layer 2 needs the full sandbox image (VM(full=True)): the small one has no workloads")
         boot_s = 0.0
-    run = _Run(vm, object_bytes, ops_name, params, wls, timeout_ms, say)
+    run = _Run(vm, object_bytes, ops_name, params, wls, timeout_ms, say, launcher)
     if boot_s:
         run.durations["boot"] = round(boot_s, 3)
     expected_s = budget_s or 0.0

@@ -12,7 +12,7 @@ from ..models import SchedulerExit
 Verdict = Literal["accepted", "rejected", "error"]
 #: attach: the verifier accepted every program but the kernel refused the ops; init: the scheduler
 #: started and exited (its init failed, or the kernel disabled it at once)
-Stage = Literal["source_check", "compile", "elf", "btf", "verifier", "attach", "init", "done"]
+Stage = Literal["source_check", "compile", "elf", "btf", "verifier", "attach", "init", "done", "libraries"]
 Target = Literal["sandbox", "host"]
 
 
@@ -70,6 +70,13 @@ class Layer1Report(BaseModel):
     params: dict[str, str] = {}
     policy: str | None = None
     target: Target = "sandbox"
+    program_args: list[str] | None = Field(None, description="a scheduler program's arguments (None: a BPF "
+                                           "object loaded by schedcp's loader)")
+    program_name: str | None = Field(None, description="the program's file name (a scheduler program)")
+    program_stdout: str = Field("", description="the end of the program's stdout in its attach check")
+    program_stderr: str = Field("", description="the end of the program's stderr (libbpf prints the "
+                                "verifier's log there)")
+    libraries: list[str] = Field([], description="the shared libraries the program needs (DT_NEEDED)")
     cached: bool = False
     durations: dict[str, float] = Field({}, description="Seconds per stage")
     total_s: float = 0.0

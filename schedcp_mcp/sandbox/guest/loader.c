@@ -565,6 +565,27 @@ static long struct_member_off(struct btf *btf, __u32 type_id, const char *member
 	return -1;
 }
 
+/* the value of the kernel enumerator `name` (any enum), from its BTF */
+static bool kernel_enum_value(const struct btf *kbtf, const char *name, unsigned long long *out)
+{
+	__u32 cnt = btf__type_cnt(kbtf);
+	for (__u32 id = 1; id < cnt; id++) {
+		const struct btf_type *t = btf__type_by_id(kbtf, id);
+		bool is64 = btf_is_enum64(t);
+		if (!is64 && !btf_is_enum(t))
+			continue;
+		for (int i = 0; i < btf_vlen(t); i++) {
+			const struct btf_enum *e = is64 ? NULL : btf_enum(t) + i;
+			const struct btf_enum64 *e64 = is64 ? btf_enum64(t) + i : NULL;
+			if (strcmp(btf__name_by_offset(kbtf, is64 ? e64->name_off : e->name_off), name))
+				continue;
+			*out = is64 ? btf_enum64_value(e64) : (unsigned long long)(__u32)e->val;
+			return true;
+		}
+	}
+	return false;
+}
+
 static const char *exit_kind_name(const struct btf *kbtf, int kind)
 {
 	static char name[64];
@@ -681,7 +702,7 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: schedcp-loader OBJ.bpf.o (--verify [--load-only] | --run [--duration S])\n"
-		"       [--param NAME=VALUE]... [--map-size MAP=N]... [--timeout-ms N]\n"
+		"       [--param NAME=VALUE]... [--map-size MAP=N]... [--timeout-ms N] [--partial]\n"
 		"  --load-only  load (the kernel verifier runs) and unload; never attach\n");
 }
 
@@ -709,7 +730,7 @@ static void report_programs(struct bpf_object *obj)
 
 struct opts {
 	const char *path;
-	bool verify, run, load_only;
+	bool verify, run, load_only, partial;
 	double duration;
 	long timeout_ms;
 	struct { const char *map; long n; } sizes[MAX_PARAMS];
@@ -752,6 +773,8 @@ static int parse_args(int argc, char **argv, struct opts *o)
 			o->load_only = true;
 		} else if (!strcmp(a, "--run")) {
 			o->run = true;
+		} else if (!strcmp(a, "--partial")) {
+			o->partial = true;
 		} else if (!strcmp(a, "--duration") && next) {
 			if (!parse_seconds(next, &o->duration)) {
 				fail("usage", "--duration wants seconds (a number >= 0), not %s", next);
@@ -837,6 +860,25 @@ static int set_up(struct bpf_object *obj, struct bpf_map *ops, const struct btf 
 	if (o->timeout_ms > 0 && !set_ops_u32(ops, "timeout_ms", (__u64)o->timeout_ms)) {
 		fail("params", "cannot set sched_ext_ops.timeout_ms");
 		return 2;
+	}
+	/* partial mode: only tasks whose policy is SCHED_EXT run on this scheduler, every other task
+	 * stays on the fair class (a scoped deployment moves exactly its tasks there) */
+	if (o->partial) {
+		unsigned long long bit = 0;
+		if (!kernel_enum_value(kbtf, "SCX_OPS_SWITCH_PARTIAL", &bit) || !bit) {
+			fail("params", "this kernel's BTF has no SCX_OPS_SWITCH_PARTIAL: partial mode is not supported");
+			return 2;
+		}
+		size_t sz = 0;
+		void *p = ops_member(ops, "flags", &sz);
+		if (!p || sz != 8) {
+			fail("params", "cannot set SCX_OPS_SWITCH_PARTIAL: no 64-bit sched_ext_ops.flags");
+			return 2;
+		}
+		__u64 flags;
+		memcpy(&flags, p, 8);
+		flags |= bit;
+		memcpy(p, &flags, 8);
 	}
 	/* no pinning: a map marked LIBBPF_PIN_BY_NAME would outlive us in /sys/fs/bpf (a verify must
 	 * leave nothing behind) or be reused from someone else's pin; this loader is the scheduler's
