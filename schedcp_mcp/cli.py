@@ -1418,7 +1418,7 @@ def ab(token_: str, target: str, rounds: int, no_aa: bool, command: tuple[str, .
                   "vs default [95% interval]", "verdict",
                   title=f"{escape(' '.join(r.command))} on {r.target}: {r.rounds} paired rounds each; "
                         "vs default: > 1 = better")
-        for name, w in ((f"{r.ops_name} (candidate)", r.candidate), (f"fifo (A/A: the class order)", r.aa)):
+        for name, w in ((f"{r.ops_name} (candidate)", r.candidate), ("fifo (A/A: the class order)", r.aa)):
             if w is None:
                 continue
             t.add_row(name, f"{w.baseline_stats.median:.3f} s" if w.baseline_stats else "-",
@@ -1869,7 +1869,7 @@ def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], ou
 @click.argument("program_args", nargs=-1, metavar="[-- ARGS...]")
 @click.option("--peer", "peer_names", multiple=True, help="only these built peers (repeatable; default: every built one)")
 @click.option("--program", help="a further scheduler program to put in the table; its arguments follow `--`")
-@click.option("--policy", "policies", multiple=True, help=f"repository policies to compare (default: lean_preempt)")
+@click.option("--policy", "policies", multiple=True, help="repository policies to compare (default: lean_preempt)")
 @click.option("--workload", "workloads", multiple=True, help="only these workloads (repeatable; default: the default set)")
 @click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="paired rounds per row, at least")
 @click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 180]; 0 = exactly --rounds")
