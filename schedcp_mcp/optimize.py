@@ -755,8 +755,10 @@ def server_params(req: OptimizeRequest) -> StdioServerParameters:
     args = ["-m", "schedcp_mcp", "serve"]
     if req.command:  # the human asked for exactly this command: the server may run it, no other
         args += ["--allow-exact-command", shlex.join(req.command)]
-    return StdioServerParameters(command=sys.executable, args=args, env=dict(os.environ),
-                                 cwd=str(Path.cwd()))
+    # its validations trace round 1 of every workload: the re-plan diagnoses a loss from that
+    # evidence (validate.evidence.TRACE_ROUNDS; a plain validation does not pay for it)
+    env = {"SCHEDCP_TRACE_ROUNDS": "1", **os.environ}
+    return StdioServerParameters(command=sys.executable, args=args, env=env, cwd=str(Path.cwd()))
 
 
 async def run(req: OptimizeRequest, progress: Progress | None = None) -> OptimizeReport:

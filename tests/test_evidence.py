@@ -272,7 +272,13 @@ def test_plan_versions_link_to_the_plan_they_replace(schedcp_home):
         plans.create_plan(pid, ["wakeup"], None, "reconfigure", "x", [c], replaces="plan-nosuch")
 
 
-def test_round_one_is_traced_on_both_sides_and_the_knobs_measure_the_tracer(monkeypatch):
+def test_a_plain_validation_traces_no_round_optimize_traces_round_one_and_the_knobs_measure_the_tracer(monkeypatch):
+    from schedcp_mcp import optimize
+
+    monkeypatch.delenv(evidence.ROUNDS_ENV, raising=False)
+    assert not evidence.traced(1, "baseline") and not evidence.traced(1, "candidate")
+    env = optimize.server_params(optimize.OptimizeRequest(workloads=["pipe"])).env
+    monkeypatch.setenv(evidence.ROUNDS_ENV, env[evidence.ROUNDS_ENV])  # what optimize's server sees
     assert evidence.traced(1, "baseline") and evidence.traced(1, "candidate")
     assert not evidence.traced(2, "candidate") and not evidence.traced(1, "warmup")
     monkeypatch.setenv(evidence.ROUNDS_ENV, "all")
