@@ -171,13 +171,34 @@ def _private_db(path: Path) -> None:
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Apply pending migrations; return the schema version."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for i, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-        # executescript runs the whole migration and its version bump as one transaction
-        conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\n;PRAGMA user_version = {i};\nCOMMIT;")
-        version = i
-    return version
+    """Apply pending migrations; return the schema version. Two processes opening a new database at
+    once both saw version 0 and the second failed with "table records already exists": the version
+    is read again under the write lock, and a migration another process applied meanwhile is
+    skipped."""
+    while conn.execute("PRAGMA user_version").fetchone()[0] < len(MIGRATIONS):
+        conn.execute("BEGIN IMMEDIATE")  # the write lock: one migrator at a time
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < len(MIGRATIONS):
+                for stmt in _statements(MIGRATIONS[version]):
+                    conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _statements(script: str) -> list[str]:
+    """A migration script's statements (executescript would COMMIT the open transaction first)."""
+    out, cur = [], ""
+    for line in script.splitlines(keepends=True):
+        cur += line
+        if sqlite3.complete_statement(cur):
+            out.append(cur.strip())
+            cur = ""
+    return out + ([cur.strip()] if cur.strip() else [])
 
 
 def db() -> sqlite3.Connection:
