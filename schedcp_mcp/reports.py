@@ -177,15 +177,9 @@ def stored_source(sha: str | None) -> str | None:
 def stored_object(sha: str | None) -> bytes | None:
     """A compiled object from this store by its hash (never from a path a record names), only if
     its bytes still hash to it."""
-    from .verify.pipeline import object_store
+    from .verify.pipeline import stored_bytes
 
-    if not sha or not re.fullmatch(r"[0-9a-f]{64}", sha):
-        return None
-    try:
-        data = (object_store() / f"{sha}.bpf.o").read_bytes()
-    except OSError:
-        return None
-    return data if hashlib.sha256(data).hexdigest() == sha else None
+    return stored_bytes(sha, ".bpf.o")
 
 
 def source_for(report: ValidationReport) -> str:

@@ -51,17 +51,23 @@ def pytest_collection_modifyitems(items):
 
 
 @contextmanager
-def home_env(path: Path):
-    """Point SCHEDCP_HOME at `path` for a module-scoped fixture; restore it exactly afterwards."""
-    old = os.environ.get("SCHEDCP_HOME")
-    os.environ["SCHEDCP_HOME"] = str(path)
+def env_set(name: str, value):
+    """Set $name to `value` for a module-scoped fixture (monkeypatch is per test); restore it exactly
+    afterwards."""
+    old = os.environ.get(name)
+    os.environ[name] = str(value)
     try:
-        yield path
+        yield value
     finally:
         if old is None:
-            os.environ.pop("SCHEDCP_HOME", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["SCHEDCP_HOME"] = old
+            os.environ[name] = old
+
+
+def home_env(path: Path):
+    """Point SCHEDCP_HOME at `path` for a module-scoped fixture; restore it exactly afterwards."""
+    return env_set("SCHEDCP_HOME", path)
 
 
 @pytest.fixture(autouse=True)

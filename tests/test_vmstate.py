@@ -82,21 +82,15 @@ def _qemu_children() -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def state_dir(tmp_path_factory, manifest):
     """A directory holding a state saved by a real boot (the first VM(restore=True) makes it)."""
+    from conftest import env_set
     from schedcp_mcp.sandbox.vm import VM
 
     d = tmp_path_factory.mktemp("vmstate")
-    old = os.environ.get("SCHEDCP_VMSTATE_DIR")
-    os.environ["SCHEDCP_VMSTATE_DIR"] = str(d)
-    try:
+    with env_set("SCHEDCP_VMSTATE_DIR", d):
         with VM(restore=True) as vm:
             assert vm.boot_path == "boot" and "no saved VM state" in vm.restore_note
             assert "saved a new VM state" in vm.restore_note, vm.restore_note
         yield d
-    finally:
-        if old is None:
-            os.environ.pop("SCHEDCP_VMSTATE_DIR", None)
-        else:
-            os.environ["SCHEDCP_VMSTATE_DIR"] = old
 
 
 @pytest.fixture

@@ -74,6 +74,18 @@ def object_store() -> Path:
     return p
 
 
+def stored_bytes(sha: str | None, suffix: str) -> bytes | None:
+    """`<sha><suffix>` from the object store by its hash (never a path a record names), only if its
+    bytes still hash to it. A compiled object (.bpf.o) or a scheduler program (.prog)."""
+    if not sha or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        return None
+    try:
+        data = (object_store() / f"{sha}{suffix}").read_bytes()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == sha else None
+
+
 def _save_object(obj: bytes) -> tuple[str, str]:
     sha = _sha(obj)
     path = object_store() / f"{sha}.bpf.o"

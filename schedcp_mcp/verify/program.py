@@ -53,15 +53,10 @@ def save_program(data: bytes) -> tuple[str, str]:
 
 
 def stored_program(sha: str | None) -> bytes | None:
-    from .pipeline import object_store
+    """A scheduler program from the object store by its hash, only if its bytes still hash to it."""
+    from .pipeline import stored_bytes
 
-    if not sha or len(sha) != 64:
-        return None
-    try:
-        data = (object_store() / f"{sha}.prog").read_bytes()
-    except OSError:
-        return None
-    return data if hashlib.sha256(data).hexdigest() == sha else None
+    return stored_bytes(sha, ".prog")
 
 
 def read_program(path: str | Path) -> bytes:
