@@ -249,7 +249,7 @@ def no_staging_left():
 
 @pytest.mark.vm
 def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy, no_staging_left):
-    req = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=600, max_candidates=3,
+    req = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=600, max_candidates=2,
                                    watch_s=8, out_dir=str(repo_copy / "run1"))
     rep = anyio.run(optimize.run, req)
     for c in rep.candidates:  # every candidate measured on its target and the guard set
