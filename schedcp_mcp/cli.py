@@ -1411,7 +1411,7 @@ def ab(token_: str, target: str, rounds: int, no_aa: bool, command: tuple[str, .
 
     with progress_bar("ab", not as_json) as bar:
         res = run_ab(token_, list(command), target, rounds=rounds, aa=not no_aa, actor="cli",
-                     progress=lambda m: bar(m, 0.5))
+                     progress=bar)
 
     def render(r) -> None:
         t = Table("scheduler (partial mode)", "SCHED_NORMAL median", "SCHED_EXT median",
