@@ -685,6 +685,45 @@ def test_the_starvation_gate_fails_when_the_phase_or_the_tracer_did_not_run():
     assert gates.starvation_gate([cand.model_copy(update={"side": "baseline"}), cand]).passed
 
 
+def _with_waits(text: str, pid: int, count: int, max_ms: float | None = None) -> str:
+    """The recorded dump with task `pid`'s wait count (and longest wait) changed."""
+    out = re.sub(rf'("key": {pid},\s*"value": {{[^}}]*?"count": )\d+', rf"\g<1>{count}", text)
+    if max_ms is not None:
+        out = re.sub(rf'("key": {pid},\s*"value": {{\s*"max_ns": )\d+', rf"\g<1>{int(max_ms * 1e6)}", out)
+    assert out != text
+    return out
+
+
+def test_a_few_long_waits_among_many_are_a_busy_host_unless_far_beyond_the_default():
+    """Starved = long waits on a large share of a task's wakeups; a CPU hog preempted hundreds of times
+    that waited long twice is what the default scheduler itself does on a busy host (A/A, load 4) —
+    unless its longest wait is far beyond anything the default scheduler made any task wait."""
+    from schedcp_mcp.validate import starvation
+
+    base, _ = _phase("starve_timer")
+    text = (RQW / "starve_timer-candidate-0.txt").read_text()
+    cand = starvation.parse_phase("candidate", text)
+    victim = next(t for t in cand.starved if t.long_waits < 5)  # a task long-delayed at most every time
+    assert victim.long_waits >= starvation.SHARE * victim.waits
+    many = starvation.parse_phase("candidate", _with_waits(text, victim.pid, 40 * victim.waits))
+    assert victim.pid not in [t.pid for t in many.starved]  # now a small share of its waits
+    hog = next(t for t in many.worst if t.pid == victim.pid)
+    floor = starvation.foreground_max_ms(base)
+    assert starvation.starved(hog, floor) == (hog.max_ms > starvation.RELATIVE * floor)
+    # the gate: the same task, 2 long waits of many, at 1.5x / at 3x the default's longest wait
+    for factor, fails in ((1.5, False), (3.0, True)):
+        t2 = _with_waits(text, victim.pid, 40 * victim.waits, max_ms=factor * floor)
+        others = [t.pid for t in cand.starved if t.pid != victim.pid]
+        for pid in others:  # leave the victim the only candidate for "starved"
+            t2 = _with_waits(t2, pid, 1000)
+        side = starvation.parse_phase("candidate", t2)
+        side = side.model_copy(update={"worst": [t for t in side.worst if t.max_ms <= factor * floor + 1]})
+        g = gates.starvation_gate([base, side])
+        assert g.passed != fails, (factor, g.reason)
+        if fails:
+            assert f"[{victim.pid}]" in g.reason and f"of {40 * victim.waits}" in g.reason
+
+
 def test_a_task_that_asked_to_wait_is_named_but_never_counted_as_starved():
     from schedcp_mcp.validate import starvation
 
