@@ -197,7 +197,7 @@ def test_workers_with_their_own_homes_carry_records_both_ways(cluster_of, tmp_pa
     assert tok.returncode == 2 and "did not pass layers 1 and 2" in tok.stderr  # found, and refused
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_validation_on_a_remote_worker_is_a_report_on_the_coordinator(cluster_of, tmp_path, manifest,
                                                                          schedcp_home):
     """Layer 1 here (the coordinator's home), layer 2 on a fleet worker with its own home: the
@@ -250,11 +250,14 @@ def _queue_len(info) -> int:
 
 def test_a_client_without_the_broker_password_cannot_connect(cluster_of, schedcp_home):
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     cluster_of([])
     info = cluster_of.info
     for password in (None, "wrong-" + info["password"]):  # none, and a guess
-        c = redis.Redis(port=info["port"], password=password)
+        # no retries: a refused login is final (redis-py retries it, with backoff, by default: 15 s)
+        c = redis.Redis(port=info["port"], password=password, retry=Retry(NoBackoff(), 0))
         with pytest.raises((redis.AuthenticationError, redis.ResponseError)):
             c.lpush("schedcp", '{"forged": true}')
         with pytest.raises((redis.AuthenticationError, redis.ResponseError)):
