@@ -14,7 +14,7 @@ from schedcp_mcp.deploy.targets import SandboxTarget
 from schedcp_mcp.sandbox.vm import VM
 from schedcp_mcp.validate.models import Layer2Result
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 
 
 def test_ab_prints_paired_intervals_with_the_partial_mode_aa_beside_them(tmp_path_factory, manifest):
