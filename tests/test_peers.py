@@ -239,7 +239,7 @@ def test_cli_program_with_a_param_is_refused(tmp_path):
     assert r.exit_code == 2 and "--program takes its arguments after" in r.output
 
 
-def test_cli_unknown_peer_says_what_is_known():
+def test_cli_unknown_peer_says_what_is_known(manifest):  # the known ones: the image's kernel Makefile
     from schedcp_mcp.cli import main
 
     r = CliRunner().invoke(main, ["peers", "build", "--only", "scx_nope", "--json"])
