@@ -81,7 +81,7 @@ class FakeVM:
     it has what the runner and the deploy target touch: full, alive, kill, close, console, detach,
     kernel_version, and `named()`: a stand-in for the VM class's named-VM methods (deploy.targets)."""
 
-    def __init__(self, scenario: str, edit=None):
+    def __init__(self, scenario: str, edit=None, hang: str | None = None):
         t = json.loads(gzip.decompress((DATA / f"{scenario}.json.gz").read_bytes()))
         self.meta = t["meta"]
         self.exchanges = t["exchanges"]
@@ -89,6 +89,7 @@ class FakeVM:
             x["key"] = key(x["script"])
         self.used = [False] * len(self.exchanges)
         self.edit = edit  # (key, answer dict) -> answer dict: a test's variation of a recorded answer
+        self.hang = hang  # a key prefix: the guest stops answering there (GuestTimeout, the VM killed)
         self.calls: list[str] = []
         self.files: list[list[str]] = []
         self.clock = FakeClock()
@@ -97,13 +98,17 @@ class FakeVM:
 
     def run(self, script: str, files: dict[str, bytes] | None = None, timeout_s: float = 60.0,
             outputs: list[str] | None = None):
-        from schedcp_mcp.sandbox.vm import GuestResult, InfrastructureError
+        from schedcp_mcp.sandbox.vm import GuestResult, GuestTimeout, InfrastructureError
 
         if not self._alive:
             raise InfrastructureError("the sandbox VM is not running")
         k = key(script)
         self.calls.append(k)
         self.files.append(sorted(files or {}))
+        if self.hang is not None and k.startswith(self.hang):  # as vm.run does on a timeout
+            self.clock.now += timeout_s
+            self._alive = False
+            raise GuestTimeout(f"the guest command did not finish within {timeout_s:.0f} s; the VM was killed")
         same = [i for i, x in enumerate(self.exchanges) if x["key"] == k]
         if not same:
             import pytest

@@ -31,8 +31,8 @@ def replay(monkeypatch):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"placeholder: the fake VM runs nothing")
 
-    def go(scenario: str, edit=None, **kw):
-        fake = FakeVM(scenario, edit)
+    def go(scenario: str, edit=None, hang=None, **kw):
+        fake = FakeVM(scenario, edit, hang)
         monkeypatch.setattr(runner, "time", fake.clock)
         m = fake.meta
         args = {"ops_name": m["ops_name"], "params": m["params"], "workloads": m["workloads"],
@@ -128,6 +128,16 @@ def test_a_candidate_that_starves_a_few_tasks_fails_with_them_named(replay):
     assert named and int(named.group(1)) >= 2, gate.reason
     base, cand = res.starvation
     assert len(cand.starved) > len(base.starved)
+
+
+def test_a_guest_that_stops_answering_fails_the_run_saying_where(replay):
+    res, fake = replay("validate_fifo", hang="step stress")
+    assert steps(fake)[-3:] == ["load-#", "starve-candidate", "stress"]  # nothing after the dead VM
+    g = {x.name: x for x in res.correctness}
+    assert not res.passed and res.failure_reason.startswith("vm_responsive:")
+    assert "did not finish within" in g["vm_responsive"].reason and "after starve-candidate" in g["vm_responsive"].reason
+    # it died with the candidate attached: the unloads of the earlier rounds do not count as the last
+    assert not g["default_restored"].passed and "not reached" in g["default_restored"].reason
 
 
 # ---------------------------------------------------------------- deploy and monitor on the staging VM
