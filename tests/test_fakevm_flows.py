@@ -17,19 +17,19 @@ from schedcp_mcp.models import MonitorPolicy
 from schedcp_mcp.reports import get_report, new_report, save
 from schedcp_mcp.validate import gates, runner, starvation
 from schedcp_mcp.validate.models import Layer2Result
-from schedcp_mcp.validate.workloads import PROBE_SRC
 from schedcp_mcp.verify.models import Layer1Report
 
+
 @pytest.fixture
-def replay(monkeypatch):
+def replay(monkeypatch, tmp_path):
     """replay(scenario, **validate_in_sandbox args) -> (result, fake): a validation against the fake
     VM, on the fake's clock (the budget is spent as the recorded run spent it). The probe and the
-    tracer the setup step ships are placeholders: the fake guest runs nothing."""
-    for src, name in ((PROBE_SRC, "schedcp-probe"), (starvation.TRACER_SRC, "runqwait.bpf.o")):
-        stem, dot, ext = name.partition(".")
-        p = config.sandbox_dir() / "validate" / f"{stem}-{hashlib.sha256(src.read_bytes()).hexdigest()[:16]}{dot}{ext}"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b"placeholder: the fake VM runs nothing")
+    tracer the setup step ships are placeholders (they are built in the image's toolchain; the fake
+    guest runs nothing)."""
+    placeholder = tmp_path / "placeholder"
+    placeholder.write_bytes(b"placeholder: the fake VM runs nothing")
+    monkeypatch.setattr(runner, "ensure_probe", lambda: placeholder)
+    monkeypatch.setattr(starvation, "ensure_tracer", lambda: placeholder)
 
     def go(scenario: str, edit=None, hang=None, **kw):
         fake = FakeVM(scenario, edit, hang)
