@@ -326,14 +326,16 @@ def _sent_task_id(info) -> tuple[str, dict]:
     raise AssertionError("the coordinator sent nothing")
 
 
-def test_forged_replies_are_refused_with_nothing_stored(cluster_of, tmp_path, monkeypatch, schedcp_home):
+def test_forged_replies_are_refused_with_nothing_stored(cluster_of, tmp_path, schedcp_home):
     """No worker runs; a broker peer answers the coordinator's verify order itself with a "passed"
     report: as plain JSON, then sealed under its own key. A fleet member (it has the key) then
     answers for another job, and with a report whose object is a root-only file it never sent. Each
     reply is refused, the job fails saying why, and no report is stored."""
 
+    from kombu.utils import json as kjson
+
     from schedcp_mcp import candidates, store
-    from schedcp_mcp.jobs import queue
+    from schedcp_mcp.jobs import fleetauth, queue
 
     fleet, _ = cluster_of([])
     info = cluster_of.info
@@ -369,13 +371,15 @@ def test_forged_replies_are_refused_with_nothing_stored(cluster_of, tmp_path, mo
             key = f"celery-task-meta-{tid}"
             if way == "plain json":
                 c.set(key, json.dumps(meta(forged_reply(job), tid)))
+            elif way == "sealed under another key":  # sealed by hand: pointing this process's key
+                # file at the attacker's for a moment raced the coordinator's thread, which read the
+                # reply under that key then (and refused it later, for its source: a flaky failure)
+                body = kjson.dumps(meta(forged_reply(job), tid), sort_keys=True, separators=(",", ":")).encode()
+                c.set(key, fleetauth.tag(body, fleetauth.load_key(other_key)).encode() + b"\n" + body)
             else:
-                if way == "sealed under another key":
-                    monkeypatch.setenv("SCHEDCP_FLEET_KEY_FILE", str(other_key))
                 real = src if way == "object outside the store" else None
                 reply = forged_reply(job, real, **({"job_id": "job-0000000000"} if way == "another job's reply" else {}))
                 fleet.app.backend.store_result(tid, reply, "SUCCESS")
-                monkeypatch.setenv("SCHEDCP_FLEET_KEY_FILE", str(info["key"]))
             j = queue.wait(job.id, 30)
             ways.append((way, j.state, j.error))
             assert j.state == "failed" and "nothing of it was stored" in j.error, (way, j.state, j.error)
