@@ -16,7 +16,7 @@ from schedcp_mcp.sandbox.vm import VM
 from schedcp_mcp.validate.models import Layer2Result
 from test_mcp_stdio import call
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 
 
 def test_ab_test_gives_paired_intervals_with_the_partial_mode_aa_beside_them(manifest):

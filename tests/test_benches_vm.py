@@ -11,7 +11,7 @@ import pytest
 from schedcp_mcp.jobs import queue
 from test_jobs_interfaces import schedcp
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 
 
 def test_bench_policies_runs_a_validation_per_policy_and_a_second_run_is_cached(manifest, tmp_path):

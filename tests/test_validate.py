@@ -174,11 +174,7 @@ def test_the_redis_workloads_own_snippet_runs_on_this_host_and_parses():
     assert 0 < values["redis_p50_latency_ms"] <= values["redis_p99_latency_ms"] and values["redis_rps"] > 0
 
 
-def test_probe_built_by_the_sandbox_toolchain_measures_wakeups_on_the_host():
-    from schedcp_mcp.sandbox import image
-
-    if image.load_manifest() is None:
-        pytest.skip("no sandbox image (schedcp sandbox build)")
+def test_probe_built_by_the_sandbox_toolchain_measures_wakeups_on_the_host(manifest):
     from schedcp_mcp.validate.workloads import ensure_probe
 
     probe = ensure_probe()
@@ -435,12 +431,9 @@ def test_a_crashed_guest_is_reported_with_the_kernels_oops():
 # ---------------------------------------------------------------- whole runs in the sandbox VM
 
 @pytest.fixture(scope="module")
-def sandbox_vm():
-    from schedcp_mcp.sandbox import image
+def sandbox_vm(manifest):
     from schedcp_mcp.sandbox.vm import VM
 
-    if image.load_manifest() is None:
-        pytest.skip("no sandbox image (schedcp sandbox build)")
     holder = {"vm": VM(full=True).start()}
 
     def get():
@@ -461,7 +454,7 @@ def _layer1(source_path: Path, vm, **kw):
     return r
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_scheduler_that_never_dispatches_is_caught_as_a_stall(sandbox_vm):
     from schedcp_mcp.validate.runner import validate_layer1
 
@@ -475,7 +468,7 @@ def test_a_scheduler_that_never_dispatches_is_caught_as_a_stall(sandbox_vm):
     assert not res.workloads[0].candidate and res.workloads[0].verdict == "failed"
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_scheduler_calling_scx_bpf_error_is_reported_with_its_message(sandbox_vm):
     from schedcp_mcp.validate.runner import validate_layer1
 
@@ -488,7 +481,7 @@ def test_a_scheduler_calling_scx_bpf_error_is_reported_with_its_message(sandbox_
     assert res.timeline[-1].state == "disabled"
 
 
-@pytest.mark.vm
+@pytest.mark.image
 @pytest.mark.parametrize("fixture,victim", [("starve_timer", ""), ("starve_kthreads", " (kthread)")])
 def test_a_scheduler_that_starves_a_few_tasks_below_the_watchdog_fails_with_them_named(sandbox_vm, fixture, victim):
     from schedcp_mcp.validate.runner import validate_layer1
@@ -504,7 +497,7 @@ def test_a_scheduler_that_starves_a_few_tasks_below_the_watchdog_fails_with_them
     assert (base.side, cand.side) == ("baseline", "candidate") and len(cand.starved) > len(base.starved)
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm):
     from schedcp_mcp.validate.runner import validate_layer1
     from schedcp_mcp.verify.pipeline import verify_policy
@@ -535,7 +528,7 @@ def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm)
     assert res.durations["total"] > 0 and res.performance  # perf gates judged (pass or fail by the numbers)
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_policy_is_judged_on_the_real_compile_and_redis_workloads(sandbox_vm):
     from schedcp_mcp.validate.runner import validate_layer1
     from schedcp_mcp.verify.pipeline import verify_policy
