@@ -17,6 +17,7 @@ from schedcp_mcp.models import MonitorPolicy
 from schedcp_mcp.reports import get_report, new_report, save
 from schedcp_mcp.validate import gates, runner, starvation
 from schedcp_mcp.validate.models import Layer2Result
+from schedcp_mcp.validate.workloads import get_workloads
 from schedcp_mcp.verify.models import Layer1Report
 
 
@@ -35,7 +36,10 @@ def replay(monkeypatch, tmp_path):
         fake = FakeVM(scenario, edit, hang)
         monkeypatch.setattr(runner, "time", fake.clock)
         m = fake.meta
-        args = {"ops_name": m["ops_name"], "params": m["params"], "workloads": m["workloads"],
+        # the workloads as recorded: a step's answer holds the runs per side of the recording
+        wls = [w.model_copy(update={"reps": m.get("reps", {}).get(w.name, w.reps)})
+               for w in get_workloads(m["workloads"])]
+        args = {"ops_name": m["ops_name"], "params": m["params"], "workloads": wls,
                 "rounds": m["rounds"], "budget_s": 0, **kw}
         return runner.validate_in_sandbox(b"\x7fELF placeholder object", vm=fake, **args), fake
 
