@@ -308,7 +308,8 @@ def _check_request(source: str | None, policy: str | None, report_id: str | None
         get_report(report_id)
 
 
-@register("verify", key=lambda i: _content_key("verify", i), timeout_s=900, max_attempts=3, sandbox=True)
+@register("verify", key=lambda i: _content_key("verify", i), timeout_s=900, max_attempts=3, sandbox=True,
+          issues_ids=("rep", "out"))
 def _verify_job(ctx: JobContext) -> dict[str, Any]:
     i = ctx.inputs
     if i.get("policies"):  # several policies share one VM (a boot is most of a verify)
@@ -330,7 +331,8 @@ def _verify_job(ctx: JobContext) -> dict[str, Any]:
     return {"report_id": r.id, "verdict": r.layer1.verdict, "status": r.status}
 
 
-@register("validate", key=lambda i: _content_key("validate", i), timeout_s=3600, max_attempts=3, sandbox=True)
+@register("validate", key=lambda i: _content_key("validate", i), timeout_s=3600, max_attempts=3, sandbox=True,
+          issues_ids=("rep", "out"))
 def _validate_job(ctx: JobContext) -> dict[str, Any]:
     i = dict(ctx.inputs)
     if not i.get("report_id") and not i.get("source") and not i.get("policy"):

@@ -297,6 +297,7 @@ def _lane(background: bool) -> str:
 
 
 def run_to_end(job_id: str, progress):
+    from . import worker  # noqa: F401 — a pool started here runs any kind (children included)
     from .jobs.pool import run_to_end as run
 
     return run(job_id, progress)
@@ -332,8 +333,10 @@ def queued(job, as_json: bool) -> None:
 def worker(size: int | None, engine: str, as_json: bool) -> None:
     """Run the job worker pool in the foreground (Ctrl-C / SIGTERM stops it; its running jobs go
     back to the queue). With --engine celery it is the fleet's coordinator; the workers are
-    `celery -A schedcp_mcp.jobs.fleet worker` on the sandbox machines."""
+    `celery -A schedcp_mcp.worker worker` on the sandbox machines."""
     import signal
+
+    from . import worker as _kinds  # noqa: F401 — every job kind, registered
 
     def on_term(*_):
         raise KeyboardInterrupt
@@ -412,7 +415,7 @@ def render_job_detail(d) -> None:
     if j.error:
         console.print(f"  [red]error:[/red] {escape(j.error)}")
     if j.result is not None:
-        from .benches import without_printed
+        from .bench.runs import without_printed
 
         console.print(f"  result: {escape(json.dumps(without_printed(j.result))[:600])}")
     for a in d.attempts:
@@ -422,7 +425,7 @@ def render_job_detail(d) -> None:
         render_jobs(d.children)
     printed = next((x.result for x in [j, *d.children] if (x.result or {}).get("printed")), None)
     if printed:  # a benchmark's tables, as the command printed them
-        from .benches import show
+        from .bench.runs import show
 
         show(printed, console)
 
@@ -437,6 +440,8 @@ def render_job_detail(d) -> None:
 def jobs(ctx: click.Context, state: str | None, kind: str | None, all_: bool, limit: int,
          as_json: bool) -> None:
     """The supervisor's jobs, newest first (subcommands: show, cancel, wait)."""
+    from . import worker  # noqa: F401 — cancel stops a job's VMs; wait may run any kind here
+
     if ctx.invoked_subcommand is not None:
         return
     from .jobs import queue
@@ -939,7 +944,7 @@ def render_layer2(out) -> None:
     l2 = r.layer2
     if l2 is None:
         return
-    from .validate.bench import interval_table
+    from .bench.validate import interval_table
 
     console.print(interval_table(l2.workloads, f"sandbox A/B: {l2.rounds} paired rounds in one boot "
                                  f"({l2.durations.get('total', 0):.0f} s); TCG timings, ratios only"))
@@ -1407,7 +1412,7 @@ def ab(token_: str, target: str, rounds: int, no_aa: bool, command: tuple[str, .
     in paired rounds as SCHED_EXT (candidate) and SCHED_NORMAL (default), with a plain FIFO's partial-mode
     A/A beside it (what the class order alone costs). Nothing stays deployed."""
     from .deploy.ab import ab as run_ab
-    from .validate.bench import fmt_interval
+    from .bench.validate import fmt_interval
 
     with progress_bar("ab", not as_json) as bar:
         res = run_ab(token_, list(command), target, rounds=rounds, aa=not no_aa, actor="cli",
@@ -1716,7 +1721,7 @@ def bench_verify(runs: int, as_json: bool) -> None:
     Cold starts a VM for a new object: restored from the image's saved idle guest, and booted as
     the baseline, interleaved in the same run; warm loads a new object in a running VM; cached
     answers the same source again from the store. The machine's load average is printed too."""
-    from .verify.bench import bench_verify as run
+    from .bench.verify import bench_verify as run
 
     res = run(runs=runs, say=(lambda line: None) if as_json else None)
     if as_json:
@@ -1750,7 +1755,7 @@ def bench_tools(as_json: bool) -> None:
 def bench_job(job, label: str, background: bool, as_json: bool, answer=None) -> dict:
     """A benchmark job from the command line: its id (--background), or wait with a progress bar and
     print what it printed (under --json: its result). `answer`: what to read from the ended job."""
-    from .benches import show, without_printed
+    from .bench.runs import show, without_printed
 
     if background:
         queued(job, as_json)
@@ -1772,7 +1777,7 @@ def bench_job(job, label: str, background: bool, as_json: bool, answer=None) -> 
 @json_option
 def bench_synth(workers: int, background: bool, deadline: float | None, as_json: bool) -> None:
     """The primitive matrix: render, compile and kernel-verify every spec in one VM boot."""
-    from .benches import synth_job
+    from .bench.runs import synth_job
 
     res = bench_job(synth_job(workers, lane=_lane(background), actor="cli", complete_by_s=deadline),
                     "bench synth", background, as_json)
@@ -1790,7 +1795,7 @@ def bench_synth(workers: int, background: bool, deadline: float | None, as_json:
 @json_option
 def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, as_json: bool) -> None:
     """The supervisor's throughput (jobs/s) and submit→start latency with trivial jobs."""
-    from .jobs.bench import TARGET_JOBS_S, TARGET_P99_MS, bench_campaign, bench_jobs as run, bench_vm_noise
+    from .bench.jobs import TARGET_JOBS_S, TARGET_P99_MS, bench_campaign, bench_jobs as run, bench_vm_noise
 
     if campaign_:
         from . import candidates
@@ -1858,7 +1863,7 @@ def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], ou
                    background: bool, deadline: float | None, as_json: bool) -> None:
     """A/B intervals of every repository policy and the kernel's example schedulers on the sandbox
     workloads (table + PNG chart): a campaign of one validation per policy, then the report."""
-    from .benches import policies_campaign, report_of
+    from .bench.runs import policies_campaign, report_of
 
     job = policies_campaign(list(names) or None, rounds, budget, out, use_cache=not no_cache,
                             width=console.width, lane=_lane(background), actor="cli", complete_by_s=deadline)
@@ -1884,7 +1889,7 @@ def bench_peers(program_args: tuple[str, ...], peer_names: tuple[str, ...], prog
     """The repository's best policy against every peer program (the kernel's examples, started with their
     own userspace), each through the same validation; one table with every row's intervals (+ chart)."""
     from . import candidates
-    from .benches import peers_campaign, report_of
+    from .bench.runs import peers_campaign, report_of
 
     if program_args and not program:
         raise click.UsageError("arguments after `--` belong to --program")
@@ -1908,7 +1913,7 @@ def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], back
              deadline: float | None, as_json: bool) -> None:
     """The default scheduler against itself in one boot: each workload's ratio interval, the smallest
     difference a validation can tell. Exit 1 when an interval is wider than ±10 %."""
-    from .benches import aa_job
+    from .bench.runs import aa_job
 
     res = bench_job(aa_job(rounds, budget, list(workloads) or None, width=console.width, lane=_lane(background),
                            actor="cli", complete_by_s=deadline), "bench aa", background, as_json)
@@ -1929,7 +1934,7 @@ def bench_stability(policy: str, runs: int, rounds: int, budget: float | None, o
                     background: bool, deadline: float | None, as_json: bool) -> None:
     """Validate one policy in N fresh boots (N validation jobs, never from the cache): each run's
     verdicts and how often a verdict flipped. Exit 1 when any verdict flipped."""
-    from .benches import report_of, stability_campaign
+    from .bench.runs import report_of, stability_campaign
 
     if runs < 2:
         raise click.UsageError("--runs must be at least 2 to see a flip")

@@ -23,7 +23,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from . import __version__, diagnose, plans, reports
+from . import __version__, diagnose, plans, reports, worker  # noqa: F401 — worker: every job kind
 from . import answers as A
 from . import candidates as candidate_jobs  # the name `candidates` is validate_campaign's argument
 from .deploy import deployments, tokens
@@ -968,7 +968,7 @@ def status_app(token: str, secure: bool = False):
     from starlette.routing import Route
 
     from .access import bearer_ok
-    from .jobs import status
+    from .web import status
 
     sessions: dict[str, float] = {}  # sha256(session) -> expiry: a leaked table opens nothing
 

@@ -53,7 +53,7 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
                "SCHEDCP_FLEET_VISIBILITY_S": str(visibility_s), "SCHEDCP_FLEET_RESTORE_S": "1"}
         monkeypatch.setenv("SCHEDCP_BROKER", broker)
         monkeypatch.setenv("SCHEDCP_FLEET_KEY_FILE", str(key))
-        workers = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "schedcp_mcp.jobs.fleet", "worker",
+        workers = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "schedcp_mcp.worker", "worker",
                                      "--pool=prefork", "--concurrency=1", "-n", f"w{i}@%h", "-Q", "schedcp",
                                      "--without-gossip", "--without-mingle", "--loglevel=WARNING"],
                                     env={**env, "SCHEDCP_HOME": str(home)}, start_new_session=True,

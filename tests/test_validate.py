@@ -303,7 +303,7 @@ def test_a_target_win_does_not_excuse_harm_to_the_guard_workloads():
 
 
 def test_stability_counts_a_flip_per_workload_whose_verdict_changed_and_one_for_pass_fail():
-    from schedcp_mcp.validate.bench import count_flips
+    from schedcp_mcp.bench.validate import count_flips
 
     steady = {"hackbench": ["better"] * 3, "pipe": ["undecided"] * 3}
     assert count_flips(steady, [False] * 3) == ([], 0)
@@ -312,7 +312,7 @@ def test_stability_counts_a_flip_per_workload_whose_verdict_changed_and_one_for_
 
 
 def test_only_verdicts_that_cannot_both_be_true_count_as_contradictions():
-    from schedcp_mcp.validate.bench import count_contradictions
+    from schedcp_mcp.bench.validate import count_contradictions
 
     compatible = {"pipe": ["better", "same", "same"], "build": ["same", "undecided", "same"]}
     assert count_contradictions(compatible, [True] * 3) == ([], 0)
@@ -560,7 +560,7 @@ def test_a_policy_is_judged_on_the_real_compile_and_redis_workloads(sandbox_vm):
 def test_rounds_for_margin_is_the_fewest_rounds_whose_interval_fits():
     from schedcp_mcp.validate.tquantile import t_quantile
 
-    from schedcp_mcp.validate.bench import rounds_for
+    from schedcp_mcp.bench.validate import rounds_for
 
     quiet, noisy = rounds_for(0.03), rounds_for(0.12)
     assert quiet is not None and noisy is not None and 2 <= quiet < noisy
@@ -645,7 +645,7 @@ def test_each_workloads_two_sides_run_back_to_back_in_alternating_order():
 
 
 def test_an_unbounded_interval_prints_as_inf_also_after_a_json_round_trip():
-    from schedcp_mcp.validate.bench import fmt_interval
+    from schedcp_mcp.bench.validate import fmt_interval
 
     one_pair = _result("hackbench", [2.0], [1.6])
     assert one_pair.speedup_high == math.inf

@@ -6,7 +6,7 @@ Roles:
   which stays the record of what ran), sends each to Celery with the job and its dependencies'
   results, heartbeats it while Celery has it, and writes the outcome back — only if its attempt
   still owns the job, as a pool does. Cancelling a job revokes its task.
-- **workers** (`celery -A schedcp_mcp.jobs.fleet worker`, on any machine with a sandbox, each with
+- **workers** (`celery -A schedcp_mcp.worker worker`, which registers every job kind, on any machine with a sandbox, each with
   its own $SCHEDCP_HOME) run the job's kind (`kinds.execute`, the same code a local pool runs) and
   return the outcome; they report progress through the task state. The records a job refers to go
   with it, and the records it wrote come back with its outcome (`carry`), so the coordinator's
@@ -43,7 +43,6 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import store
-from ..sandbox import vm as vmmod
 from . import carry, fleetauth, kinds, queue
 from .kinds import JobContext
 from .models import LANES, Job
@@ -92,6 +91,10 @@ def _refuse_without_locks(**_: Any) -> None:
     except fleetauth.FleetAuthError as e:
         log.critical("schedcp fleet worker refused to start: %s", e)
         raise SystemExit(2) from None
+    if not carry.record_kinds():  # started on this module: it would refuse every real job
+        log.critical("schedcp fleet worker refused to start: no job kinds are registered; start it with "
+                     "`celery -A schedcp_mcp.worker worker`")
+        raise SystemExit(2)
 
 
 @worker_process_init.connect
@@ -99,7 +102,7 @@ def _reap_vms_left_behind(**_: Any) -> None:
     """A (re)started worker process stops the sandbox VMs a SIGKILLed predecessor in this home left
     running (their qemu is in its own session, so killing the worker's group does not reach it), as
     the local pool does when it starts."""
-    vmmod.reap_orphans()
+    kinds.reap()
 
 
 #: how long an order stays good after the coordinator sent it, beyond the job's own time limit

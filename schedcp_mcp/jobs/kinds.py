@@ -1,15 +1,19 @@
 """Job kinds: what a job of each kind does, its content key (dedupe) and its limits.
 
 A kind's `run(ctx)` gets a `JobContext` (inputs, the results of the jobs it depends on, progress
-that also notices cancellation) and returns a JSON-able dict. The modules that own the work register
-their kinds (`candidates`: verify, validate; `campaigns`: campaign; `synth.tune`: tune; `benches`:
-the sandbox benchmarks), and the registry loads them by
-name like plugins (`KIND_MODULES`), since they sit above this layer; the trivial ones here (`noop`, `sleep`, `flaky`) are real jobs for the supervisor's own tests and
-`schedcp bench jobs`: they go through the same store, pools and engines as a validation.
+that also notices cancellation) and returns a JSON-able dict. This layer is infrastructure: it
+knows no domain module. The modules that own the work register their kinds (`candidates`: verify,
+validate; `jobs.campaigns`: campaign; `synth.tune`: tune; `bench.runs`: the sandbox benchmarks)
+when they are imported, and the processes that run jobs import them at startup
+(`schedcp_mcp.worker`: the CLI, the server, fleet workers). The sandbox registers what a job's
+work leaves running (its VMs) the same way (`on_release`). The trivial kinds here (`noop`,
+`sleep`, `flaky`) are real jobs for the supervisor's own tests and `schedcp bench jobs`: they go
+through the same store, pools and engines as a validation.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 import time
@@ -61,12 +65,39 @@ class Kind:
     max_attempts: int = 3
     sandbox: bool = False  # boots VMs (counts against a pool's VM slots)
     local: bool = False  # reads the store itself (a campaign's join): a fleet's coordinator runs it
+    #: the prefixes of the record ids the coordinator gives each job of this kind (`rep-<job>`): a
+    #: fleet worker's reply may create no other new record (jobs.carry)
+    issues_ids: tuple[str, ...] = ()
 
 
 _KINDS: dict[str, Kind] = {}
-_loaded = False
-KIND_MODULES = ("schedcp_mcp.candidates", "schedcp_mcp.jobs.campaigns", "schedcp_mcp.synth.tune",
-                "schedcp_mcp.benches")
+
+#: the job the work in this context belongs to (set while a kind runs): what the work starts (a
+#: sandbox VM) is tagged with it, so that cancelling the job stops it, from any process on this host
+current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("schedcp_job", default=None)
+
+#: what stops the things jobs left running (the sandbox's VMs): `release(job_ids)` when jobs end or
+#: are cancelled, `reap()` for those whose owner process is gone
+_RELEASE: list[Callable[[list[str]], int]] = []
+_REAP: list[Callable[[], int]] = []
+
+
+def on_release(release: Callable[[list[str]], int], reap: Callable[[], int]) -> None:
+    """Register what stops a job's leftovers (the sandbox registers its VMs' on import)."""
+    if release not in _RELEASE:
+        _RELEASE.append(release)
+    if reap not in _REAP:
+        _REAP.append(reap)
+
+
+def release(job_ids: list[str]) -> int:
+    """Stop what these jobs left running (a cancelled, abandoned or finished job's VMs). How many."""
+    return sum(fn(list(job_ids)) for fn in _RELEASE) if job_ids else 0
+
+
+def reap() -> int:
+    """Stop what jobs of dead processes left running. How many."""
+    return sum(fn() for fn in _REAP)
 
 
 def register(name: str, **kw) -> Callable[[Callable], Callable]:
@@ -76,20 +107,10 @@ def register(name: str, **kw) -> Callable[[Callable], Callable]:
     return deco
 
 
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        import importlib
-
-        for m in KIND_MODULES:
-            importlib.import_module(m)
-
-
 def get(name: str) -> Kind:
-    _load()
     if name not in _KINDS:
-        raise BadInput(f"unknown job kind {name!r}", f"known kinds: {', '.join(sorted(_KINDS))}")
+        raise BadInput(f"unknown job kind {name!r}", f"known kinds: {', '.join(sorted(_KINDS))} (a process "
+                       "that runs jobs imports schedcp_mcp.worker, which registers the rest)")
     return _KINDS[name]
 
 
@@ -97,9 +118,7 @@ def execute(ctx: JobContext) -> tuple[str | None, dict[str, Any] | None, str | N
     """Run a job's kind: (outcome, result, error), the outcome being succeeded, transient (worth a
     retry), failed (final), or None when the job was cancelled. One place classifies failures, for
     the local pool and the fleet's workers alike."""
-    from ..sandbox import vm
-
-    token = vm.current_job.set(ctx.job.id)
+    token = current_job.set(ctx.job.id)
     try:
         return "succeeded", get(ctx.job.kind).run(ctx), None
     except JobCancelled:
@@ -114,12 +133,11 @@ def execute(ctx: JobContext) -> tuple[str | None, dict[str, Any] | None, str | N
         logging.getLogger("schedcp.jobs").exception("job %s (%s) failed", ctx.job.id, ctx.job.kind)
         return "failed", None, f"internal error: {type(e).__name__}: {e}"
     finally:
-        vm.current_job.reset(token)
+        current_job.reset(token)
 
 
 def names(local: bool | None = None) -> list[str]:
     """The kinds' names (`local`: only those that must run beside the store, or only the others)."""
-    _load()
     return sorted(n for n, k in _KINDS.items() if local is None or k.local == local)
 
 

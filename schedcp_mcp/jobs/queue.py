@@ -555,9 +555,7 @@ def cancel(job_id: str, actor: str = "api") -> list[str]:
         _get(conn, job_id)
         tree = _cancel_tree(conn, job_id, now, f"cancelled by {actor}")
     if tree:
-        from ..sandbox.vm import kill_job_vms
-
-        kill_job_vms(tree)
+        kinds.release(tree)
         store.audit(actor, "cancel_job", {"job": job_id, "cancelled": tree})
     _wake_local()
     return tree

@@ -10,7 +10,7 @@ have a deadline, and with `--background` is just a job id — like a validation:
 - `bench stability`: a campaign of N `validate` nodes of the policy, each with its own report, and
   the report node; the N validations are never answered from the cache (or shared with one
   another): the point is N fresh boots.
-The measuring and the tables are validate/bench.py's and synth/bench.py's. A job renders its
+The measuring and the tables are bench/validate.py's and bench/synth.py's. A job renders its
 output into text (`printed`), which the command prints as it did when it ran the benchmark itself;
 report nodes read the store and write files, so they run beside the store (`local`).
 """
@@ -25,14 +25,14 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from .errors import BadInput, InfrastructureError
-from .jobs import queue
-from .jobs.campaigns import Node, submit_campaign
-from .jobs.kinds import JobContext, register
-from .jobs.models import Job
-from .reports import get_report
-from .repository.policies import get_policy
-from .validate import bench
+from ..errors import BadInput, InfrastructureError
+from ..jobs import queue
+from ..jobs.campaigns import Node, submit_campaign
+from ..jobs.kinds import JobContext, register
+from ..jobs.models import Job
+from ..reports import get_report
+from ..repository.policies import get_policy
+from . import validate as bench
 
 
 def _recorder(width: int) -> Console:
@@ -73,7 +73,7 @@ def _aa_job(ctx: JobContext) -> dict[str, Any]:
 def aa_job(rounds: int = 15, budget_s: float | None = 0.0, workloads: list[str] | None = None, *,
            width: int = 100, lane: str = "high", actor: str = "api", complete_by_s: float | None = None) -> Job:
     """Queue `bench aa` (never from the cache: it measures the machine's noise now)."""
-    from .validate.workloads import get_workloads
+    from ..validate.workloads import get_workloads
 
     get_workloads(workloads)
     return queue.submit("bench_aa", {"rounds": rounds, "budget_s": budget_s, "workloads": workloads,
@@ -83,8 +83,8 @@ def aa_job(rounds: int = 15, budget_s: float | None = 0.0, workloads: list[str] 
 
 @register("bench_synth", timeout_s=1800, max_attempts=3, sandbox=True)
 def _synth_job(ctx: JobContext) -> dict[str, Any]:
-    from .synth.bench import bench_synth
-    from .synth.matrix import matrix
+    from .synth import bench_synth
+    from ..synth.matrix import matrix
 
     lines: list[str] = []
     total = len(list(matrix())) + 2
@@ -225,8 +225,8 @@ def peers_campaign(peer_names: list[str] | None = None, programs: list[tuple[str
     (the kernel's examples, `schedcp peers build`; or `peer_names`), plus any `programs` given as
     (path, args), each through the same validation — a program as layer 1 (it attaches) then the same
     A/B and gates — then one table (and chart) into `out_dir` (peers-ab.*)."""
-    from . import candidates
-    from .sandbox import peers
+    from .. import candidates
+    from ..sandbox import peers
 
     pols = policies or [BEST_POLICY]
     for p in pols:
