@@ -24,7 +24,7 @@ from .observe.profile import get_profile
 from .reports import ValidationOutcome, ValidationReport, get_report, new_report, save, save_source
 from .repository.policies import get_policy
 from .validate.runner import BUDGET_S, MAX_ROUNDS, validate_in_sandbox
-from .validate.workloads import get_workloads, list_workloads
+from .workloads import get_workloads, list_workloads
 from .verify import pipeline
 from .verify.source_check import MAX_SOURCE_BYTES
 
@@ -257,10 +257,11 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """A hash of the code of every layer that decides a verdict: layer 1 (verify/), layer 2
-    (validate/, its BPF tracer included), the sandbox that runs both (sandbox/) and this module. A change to any of them must
+    (validate/, its BPF tracer included), the workloads and their parsers (workloads.py), the sandbox
+    that runs both (sandbox/) and this module. A change to any of them must
     never be answered from an older job's result."""
     here = Path(__file__).parent
-    files = [here / "candidates.py", here / "reports.py",
+    files = [here / "candidates.py", here / "reports.py", here / "workloads.py",
              *(p for d in ("verify", "validate", "sandbox") for p in sorted((here / d).rglob("*"))
                if p.suffix in (".py", ".c", ".h", ".sh"))]  # the layer-2 tracer and guest agent too
     h = hashlib.sha256()

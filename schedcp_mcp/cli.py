@@ -249,7 +249,7 @@ def serve(http: str | None, token_file: Path | None, tls_cert: str | None, tls_k
         os.environ["SCHEDCP_ALLOW_HOST_DEPLOY"] = "1"
     if allow_host_verify:
         os.environ["SCHEDCP_ALLOW_HOST_VERIFY"] = "1"
-    from .validate.workloads import host_commands
+    from .workloads import host_commands
 
     access.set_policy(allow_command, list(command_prefixes),
                       host_commands() + [access.argv(c, "--allow-exact-command") for c in exact_commands])
@@ -1070,7 +1070,7 @@ def campaign(policies: tuple[str, ...], files: tuple[Path, ...], goals: tuple[st
 @json_option
 def workloads_cmd(as_json: bool) -> None:
     """The sandbox benchmark workloads."""
-    from .validate.workloads import list_workloads
+    from .workloads import list_workloads
 
     def render(ws):
         t = Table("name", "metric", "unit", "better", "command")

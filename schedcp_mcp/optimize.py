@@ -32,7 +32,7 @@ from .candidates import check_goal_ratio, check_layer2_request
 from .errors import BadInput, InfrastructureError, SchedcpError
 from .models import Goal, in_words, times, vs_default
 from .validate.gates import GUARD_RESULTS
-from .validate.workloads import GUARDS
+from .workloads import GUARDS
 
 Progress = Callable[[str, float], None]
 

@@ -38,7 +38,7 @@ from .observe import cpu, profile, system
 from .repository import policies
 from .synth.provenance import SynthResult
 from .synth.spec import SchedulerSpec
-from .validate.workloads import get_workloads, list_workloads as all_workloads
+from .workloads import get_workloads, list_workloads as all_workloads
 
 log = logging.getLogger("schedcp.server")
 T = TypeVar("T")

@@ -18,7 +18,7 @@ from schedcp_mcp.errors import BadInput
 from schedcp_mcp.observe.profile import Goal
 from schedcp_mcp.validate import gates
 from schedcp_mcp.validate.models import Observations, StateSample, StressSummary
-from schedcp_mcp.validate.workloads import (get_workloads, list_workloads, parse, parse_hackbench,
+from schedcp_mcp.workloads import (get_workloads, list_workloads, parse, parse_hackbench,
                                             parse_perf_pipe, parse_probe_compile, parse_probe_time,
                                             parse_probe_wakeup, parse_redis_benchmark, parse_stress_ng_cpu,
                                             parse_stress_ng_metrics)
@@ -159,7 +159,7 @@ def test_the_real_workloads_run_only_when_named():
     # a default validation stays affordable: compile and redis cost seconds a run under TCG
     assert [w.name for w in get_workloads(None)] == ["hackbench", "pipe", "wakeup", "build", "cpu"]
     assert [w.name for w in get_workloads(["redis", "compile"])] == ["redis", "compile"]
-    from schedcp_mcp.validate.workloads import host_commands
+    from schedcp_mcp.workloads import host_commands
 
     assert not any("redis" in " ".join(c) or "make" in c for c in host_commands())  # guest-only snippets
 
@@ -179,7 +179,7 @@ def test_probe_built_by_the_sandbox_toolchain_measures_wakeups_on_the_host():
 
     if image.load_manifest() is None:
         pytest.skip("no sandbox image (schedcp sandbox build)")
-    from schedcp_mcp.validate.workloads import ensure_probe
+    from schedcp_mcp.workloads import ensure_probe
 
     probe = ensure_probe()
     p = subprocess.run([str(probe), "wakeup", "-P", "-t", "2", "-H", "1", "-p", "1000", "-d", "300"],

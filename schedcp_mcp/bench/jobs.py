@@ -118,7 +118,7 @@ class NoiseBench(BaseModel):
 
 
 def _aa(vm, runs: int, cmd: str) -> list[float]:
-    from ..validate.workloads import parse_hackbench
+    from ..workloads import parse_hackbench
 
     out = []
     for _ in range(runs):

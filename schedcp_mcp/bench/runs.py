@@ -73,7 +73,7 @@ def _aa_job(ctx: JobContext) -> dict[str, Any]:
 def aa_job(rounds: int = 15, budget_s: float | None = 0.0, workloads: list[str] | None = None, *,
            width: int = 100, lane: str = "high", actor: str = "api", complete_by_s: float | None = None) -> Job:
     """Queue `bench aa` (never from the cache: it measures the machine's noise now)."""
-    from ..validate.workloads import get_workloads
+    from ..workloads import get_workloads
 
     get_workloads(workloads)
     return queue.submit("bench_aa", {"rounds": rounds, "budget_s": budget_s, "workloads": workloads,

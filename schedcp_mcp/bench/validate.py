@@ -34,7 +34,7 @@ from ..repository.policies import list_policies
 from ..validate import gates
 from ..validate.runner import BUDGET_S
 from ..validate.models import Layer2Result, WorkloadResult
-from ..validate.workloads import list_workloads
+from ..workloads import list_workloads
 
 #: kernel example schedulers that verify and run under our loader (see DESIGN: scx_pair needs a sized
 #: map, scx_userland its userspace half, scx_central is a bad fit for 2 vCPUs)

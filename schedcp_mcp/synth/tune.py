@@ -261,7 +261,7 @@ def tune(name: str, workloads: list[str] | None = None, goals: list[Goal] | None
     from ..reports import get_report, save
     from ..sandbox.vm import VM
     from ..validate.runner import validate_in_sandbox
-    from ..validate.workloads import get_workloads
+    from ..workloads import get_workloads
 
     say = progress or (lambda msg, frac: None)
     if not 2 <= configs <= 16:
@@ -408,7 +408,7 @@ def tune_job(name: str, workloads: list[str] | None = None, goals: list[Goal] | 
              space: dict[str, list[Any]] | None = None, seed: int = 0, lane: str = "high",
              actor: str = "api", complete_by_s: float | None = None):
     """Queue a tuning run (checked first: a bad request is refused before it waits in the queue)."""
-    from ..validate.workloads import get_workloads
+    from ..workloads import get_workloads
 
     if not 2 <= configs <= 16 or not 2 <= budget_rounds <= 200:
         raise BadInput(f"configs={configs}, budget_rounds={budget_rounds}: give 2..16 and 2..200")
