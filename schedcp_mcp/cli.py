@@ -1047,23 +1047,26 @@ def campaign(policies: tuple[str, ...], files: tuple[Path, ...], goals: tuple[st
     """Validate several candidates as one campaign: verify → validate per candidate, in parallel up to
     the pool size, within an optional budget (earlier candidates first). Exit 0 when all passed."""
     from . import candidates
+    from .jobs.campaigns import CampaignResult
     from .jobs.models import Budget
+    from .operations import CampaignCandidate, CampaignRequest
 
-    cands = [{"policy": p} for p in policies] + [{"source": f.read_text(errors="replace"), "name": f.stem}
-                                                  for f in files]
+    lane = _lane(background)
+    cands = [CampaignCandidate(policy=p, lane=lane) for p in policies] + \
+        [CampaignCandidate(source=f.read_text(errors="replace"), name=f.stem, lane=lane) for f in files]
     budget = Budget(runs=budget_runs, sandbox_s=budget_seconds) \
         if budget_runs is not None or budget_seconds is not None else None
-    job = candidates.validate_campaign(cands, goals=parse_goals(goals), workloads=list(workloads) or None,
-                                       rounds=rounds, budget=budget, use_cache=not no_cache,
-                                       lane=_lane(background), actor="cli", complete_by_s=deadline)
+    req = CampaignRequest(candidates=cands, goals=parse_goals(goals), workloads=list(workloads) or None,
+                          rounds=rounds, budget=budget, use_cache=not no_cache)
+    job = candidates.validate_campaign(req, lane=lane, actor="cli", complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("campaign", not as_json) as bar:
         job = run_to_end(job.id, lambda m, f: bar(m, f))
     queue_result(job)
     emit(queue_detail(job.id), as_json, render_job_detail)
-    sys.exit(0 if job.result and all(c["state"] == "succeeded" and c["passed"] is not False
-                                     for c in job.result["children"]) else 1)
+    res = job.result_as(CampaignResult)
+    sys.exit(0 if all(c.state == "succeeded" and c.passed is not False for c in res.children) else 1)
 
 
 @main.command("workloads")
@@ -1305,10 +1308,12 @@ def parse_space(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @click.argument("name", metavar="NAME|CANDIDATE")
 @click.option("--workload", "workloads", multiple=True, help="sandbox workloads to tune on (default hackbench)")
 @click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO", help="gates each trial is judged by")
-@click.option("--budget", "budget_rounds", default=12, show_default=True, type=click.IntRange(2, 200),
-              help="paired baseline/candidate rounds, all trials together")
+@click.option("--budget-rounds", "budget_rounds", default=None, type=click.IntRange(2, 200),
+              help="paired baseline/candidate rounds, all trials together  [default: 12]")
+@click.option("--budget", "old_budget", default=None, type=click.IntRange(2, 200), hidden=True,
+              help="deprecated: ROUNDS here (not seconds); use --budget-rounds")
 @click.option("--seconds", "budget_s", type=click.FloatRange(0, 7200, min_open=True), default=None,
-              help="stop starting rungs after this long")
+              help="stop starting rungs after this long (the tune's budget_s)")
 @click.option("--configs", default=4, show_default=True, type=click.IntRange(1, 64),
               help="configurations in the first rung")
 @click.option("--space", multiple=True, metavar="NAME=V1,V2…", help="only try these values of a knob")
@@ -1316,13 +1321,20 @@ def parse_space(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @background_option
 @deadline_option
 @json_option
-def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_rounds: int,
-         budget_s: float | None, configs: int, space: tuple[str, ...], seed: int, background: bool,
-         deadline: float | None, as_json: bool) -> None:
+def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_rounds: int | None,
+         old_budget: int | None, budget_s: float | None, configs: int, space: tuple[str, ...], seed: int,
+         background: bool, deadline: float | None, as_json: bool) -> None:
     """Search a policy's parameters in the sandbox (successive halving, one VM boot).
     Exit 0 when the best is at least as good as the defaults, 1 when nothing ran, 2 usage."""
     from .synth.tune import tune_job, tune_result
 
+    if old_budget is not None:
+        if budget_rounds is not None:
+            raise click.UsageError("give --budget-rounds only (--budget is its deprecated spelling)")
+        err_console.print("[yellow]--budget is deprecated here: it means paired ROUNDS in tune (seconds "
+                          "everywhere else); use --budget-rounds (and --seconds for a time limit)[/yellow]")
+        budget_rounds = old_budget
+    budget_rounds = 12 if budget_rounds is None else budget_rounds
     job = tune_job(name, list(workloads) or None, parse_goals(goals), budget_rounds, budget_s, configs,
                    parse_space(space), seed, lane=_lane(background), actor="cli", complete_by_s=deadline)
     if background:
@@ -1735,7 +1747,7 @@ def bench_tools(as_json: bool) -> None:
     README's worked examples (ids from this store), through a real stdio client."""
     from rich.table import Table
 
-    from .toolbench import LIST_MAX, bench_tools as run
+    from .bench.tools import LIST_MAX, bench_tools as run
 
     def render(b) -> None:
         console.print(f"tools/list: {b.list_bytes:,} bytes (~{b.list_tokens:,} tokens) for {b.tools} "
@@ -1804,7 +1816,7 @@ def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, 
 
         def submit():
             return candidates.validate_campaign([{"policy": p} for p in names], workloads=["hackbench"],
-                                                rounds=2, budget_s=0, use_cache=False)
+                                                rounds=2, validation_budget_s=0, use_cache=False)
 
         def show_c(rs):
             t = Table("pool", "candidates", "wall time", "validations done", "A/A noise", "baseline hackbench",

@@ -34,6 +34,7 @@ from .jobs.models import Budget, JobDetailView, LaneName
 from .jobs.pool import Pool, run_to_end
 from .learn import callbacks, contribute, feedback, history, match
 from .models import Deployment, Goal, MetricResult
+from .operations import CampaignCandidate, CampaignRequest
 from .observe import cpu, profile, system
 from .repository import policies
 from .synth.provenance import SynthResult
@@ -510,16 +511,6 @@ async def validate_scheduler(
     return report_answer(out.report, detail, job.id)
 
 
-class CampaignCandidate(BaseModel):
-    policy: str | None = Field(None, description="a repository policy name")
-    source: str | None = Field(None, description="or: BPF C source")
-    report_id: str | None = Field(None, description="or: a report that passed layer 1 (submit_scheduler, "
-                                  "generate_scheduler)")
-    params: dict[str, str] | None = None
-    name: str | None = Field(None, description="how the campaign's result names it")
-    lane: LaneName = Field("normal", description="priority: a tight budget starts higher lanes first")
-
-
 @server.tool(annotations=SANDBOXED)
 @agent_errors
 async def validate_campaign(
@@ -532,7 +523,8 @@ async def validate_campaign(
         description="the WorkloadProfile they are all for (its goals apply; outcomes link to it)")] = None,
     rounds: Annotated[int, Field(ge=1, le=10)] = 3,
     budget_s: Annotated[float | None, Field(
-        ge=0, le=3600, description="each validation's sandbox seconds, as validate_scheduler's")] = None,
+        ge=0, le=3600, description="each validation's sandbox seconds, as validate_scheduler's "
+        "(its validation_budget_s)")] = None,
     budget_runs: Annotated[int | None, Field(ge=0, description="at most this many sandbox runs")] = None,
     budget_sandbox_s: Annotated[float | None, Field(ge=0, description="at most this many sandbox seconds")] = None,
     background: Annotated[bool, BACKGROUND] = False,
@@ -544,15 +536,15 @@ async def validate_campaign(
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     budget = Budget(runs=budget_runs, sandbox_s=budget_sandbox_s) \
         if budget_runs is not None or budget_sandbox_s is not None else None
-    job = await in_thread(candidate_jobs.validate_campaign, [c.model_dump() for c in candidates], goals=gs,
-                          workloads=workloads, rounds=rounds, budget=budget, actor="mcp",
-                          lane="normal" if background else "high", budget_s=budget_s,
-                          profile_id=profile_id, complete_by_s=deadline_s)
+    req = CampaignRequest(candidates=candidates, goals=gs, workloads=workloads, profile_id=profile_id,
+                          rounds=rounds, validation_budget_s=budget_s, budget=budget)
+    job = await in_thread(candidate_jobs.validate_campaign, req, actor="mcp",
+                          lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:
         return queued(job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
     jobq.result_or_raise(job)
-    res = CampaignResult.model_validate(job.result) if job.result else None
+    res = job.result_as(CampaignResult) if job.result else None
     out = {"job_id": job.id, "state": job.state, **(A.campaign_brief(res) if res else {})}
     passed = [c.name for c in (res.children if res else []) if c.passed]
     return A.answer(out, f"campaign {job.id} {job.state}: passed " + (", ".join(passed) or "none"))

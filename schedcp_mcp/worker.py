@@ -14,8 +14,9 @@ from typing import Any
 
 from . import candidates  # noqa: F401 — kinds verify, validate, verify_program
 from .bench import runs as _bench_runs  # noqa: F401 — the sandbox benchmarks' kinds
+from .errors import BadInput
 from .jobs import campaigns  # noqa: F401 — kind campaign
-from .jobs import carry
+from .jobs import carry, kinds
 from .jobs.models import Job
 from .learn.history import Outcome
 from .reports import KIND as REPORT, ValidationReport, artifact_hash, save_source, stored_object, stored_source
@@ -57,15 +58,17 @@ def _report_localized(d: dict[str, Any], paths: dict[str, str]) -> dict[str, Any
 def _expected_source(job: Job, index: int) -> tuple[str | None, str | None, dict[str, str] | None]:
     """What a verify/validate job was asked to check: (source sha256, policy, parameters), as far as
     its request says (None where it leaves it to a record it was sent)."""
-    i = job.inputs
-    policy = (i.get("policies") or [None] * (index + 1))[index] if i.get("policies") else i.get("policy")
+    req = kinds.get(job.kind).parse(job.inputs)  # a VerifyRequest or a ValidateRequest
+    policies = getattr(req, "policies", None)
+    if policies and index >= len(policies):
+        raise carry.Refused(f"job {job.id} verified {len(policies)} policies: no report {index} was given")
+    policy = policies[index] if policies else req.policy
     if policy:
         p = get_policy(policy)
         text = p.source_text() or ""
-        return hashlib.sha256(text.encode()).hexdigest(), policy, p.loader_params(i.get("params") or {})
-    if i.get("source"):
-        return (hashlib.sha256(i["source"].encode()).hexdigest(), None,
-                {k: str(v) for k, v in (i.get("params") or {}).items()})
+        return hashlib.sha256(text.encode()).hexdigest(), policy, p.loader_params(req.params)
+    if req.source:
+        return hashlib.sha256(req.source.encode()).hexdigest(), None, dict(req.params)
     return None, None, None
 
 
@@ -81,7 +84,10 @@ def _report_derived(d: dict[str, Any], existing: dict[str, Any] | None, job: Job
         return mine.model_copy(update={"layer2": r.layer2, "goals": r.goals,
                                        "profile_id": mine.profile_id or r.profile_id})
     if issued is not None:
-        sha, policy, params = _expected_source(job, issued)
+        try:
+            sha, policy, params = _expected_source(job, issued)
+        except BadInput as e:  # the job's own request does not parse: nothing to check a report against
+            raise carry.Refused(f"report {r.id}: {e.message}") from None
         if sha is not None and (r.source_sha256, r.policy, r.params) != (sha, policy, params):
             raise carry.Refused(f"report {r.id} is not of the source, policy and parameters job {job.id} sent")
     if stored_source(r.source_sha256) is None and not r.policy:

@@ -159,7 +159,7 @@ def test_a_campaign_carries_its_profile_to_every_candidate(tmp_path):
     camp = candidates.validate_campaign(
         [{"policy": "fifo", "name": "fifo"}, {"policy": "fifo", "params": {"slice_ns": "5000000"},
                                              "name": "fifo[slice_ns=5000000]"}],
-        goals=[goal], workloads=["hackbench"], profile_id=prof.id, budget_s=40)
+        goals=[goal], workloads=["hackbench"], profile_id=prof.id, validation_budget_s=40)
     kids = {j.inputs["node"]: j for j in queue.list_jobs(parent=camp.id)}
     assert set(kids) == {"verify:fifo", "validate:fifo", "verify:fifo[slice_ns=5000000]",
                          "validate:fifo[slice_ns=5000000]"}

@@ -1,7 +1,10 @@
 """Job kinds: what a job of each kind does, its content key (dedupe) and its limits.
 
-A kind's `run(ctx)` gets a `JobContext` (inputs, the results of the jobs it depends on, progress
-that also notices cancellation) and returns a JSON-able dict. This layer is infrastructure: it
+A kind's `run(ctx)` gets a `JobContext` (its typed request, the results of the jobs it depends on,
+progress that also notices cancellation) and returns its typed result (or a JSON-able dict). A kind
+with a `request` model is queued with one (`queue.submit` checks a dict against it and stores the
+model's JSON) and its run reads `ctx.request`, parsed by the same model: the queue's row is the
+request, whatever hop it crossed. This layer is infrastructure: it
 knows no domain module. The modules that own the work register their kinds (`candidates`: verify,
 validate; `jobs.campaigns`: campaign; `synth.tune`: tune; `bench.runs`: the sandbox benchmarks)
 when they are imported, and the processes that run jobs import them at startup
@@ -20,7 +23,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pydantic import BaseModel, Field, ValidationError
+
 from ..errors import BadInput, SchedcpError, TransientError
+
+#: the input key under which a campaign's node keeps its name (beside the kind's request)
+NODE = "node"
 
 
 class JobCancelled(Exception):
@@ -36,9 +44,21 @@ class JobContext:
         self.job = job
         self.inputs: dict[str, Any] = job.inputs
         self.dep_results = dep_results or {}
+        self._request: Any = None
         self.cancelled = threading.Event()
         self._write = write
         self._last = 0.0
+
+    @property
+    def request(self) -> Any:
+        """The job's request, parsed by its kind's model (the inputs as stored, for a kind without one)."""
+        if self._request is None:
+            self._request = get(self.job.kind).parse(self.job.inputs)
+        return self._request
+
+    def dep_result(self, model: type[BaseModel]) -> list[Any]:
+        """The results of the jobs this one depends on that succeeded, each parsed by `model`."""
+        return [model.model_validate(r) for r in self.dep_results.values() if r]
 
     def progress(self, message: str, fraction: float = 0.0) -> None:
         self.check()
@@ -59,8 +79,8 @@ class JobContext:
 @dataclass
 class Kind:
     name: str
-    run: Callable[[JobContext], dict[str, Any]]
-    key: Callable[[dict[str, Any]], str | None] | None = None
+    run: Callable[[JobContext], Any]
+    key: Callable[[Any], str | None] | None = None  # of the typed request (content key: dedupe)
     timeout_s: float = 1800.0
     max_attempts: int = 3
     sandbox: bool = False  # boots VMs (counts against a pool's VM slots)
@@ -68,6 +88,20 @@ class Kind:
     #: the prefixes of the record ids the coordinator gives each job of this kind (`rep-<job>`): a
     #: fleet worker's reply may create no other new record (jobs.carry)
     issues_ids: tuple[str, ...] = ()
+    request: type[BaseModel] | None = None  # what a job of this kind is asked (its stored inputs)
+
+    def parse(self, inputs: BaseModel | dict[str, Any]) -> Any:
+        """The request as this kind's model (a dict for a kind without one); a wrong one is a BadInput."""
+        if self.request is None:
+            return inputs.model_dump(mode="json") if isinstance(inputs, BaseModel) else dict(inputs)
+        if isinstance(inputs, self.request):
+            return inputs
+        try:
+            data = inputs.model_dump(mode="json") if isinstance(inputs, BaseModel) else inputs
+            return self.request.model_validate(data)
+        except ValidationError as e:
+            raise BadInput(f"not a {self.name} request: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}",
+                           f"see {self.request.__name__}") from None
 
 
 _KINDS: dict[str, Kind] = {}
@@ -101,7 +135,7 @@ def reap() -> int:
 
 
 def register(name: str, **kw) -> Callable[[Callable], Callable]:
-    def deco(fn: Callable[[JobContext], dict[str, Any]]) -> Callable:
+    def deco(fn: Callable[[JobContext], Any]) -> Callable:
         _KINDS[name] = Kind(name=name, run=fn, **kw)
         return fn
     return deco
@@ -120,7 +154,8 @@ def execute(ctx: JobContext) -> tuple[str | None, dict[str, Any] | None, str | N
     the local pool and the fleet's workers alike."""
     token = current_job.set(ctx.job.id)
     try:
-        return "succeeded", get(ctx.job.kind).run(ctx), None
+        out = get(ctx.job.kind).run(ctx)
+        return "succeeded", out.model_dump(mode="json") if isinstance(out, BaseModel) else out, None
     except JobCancelled:
         return None, None, None
     except TransientError as e:
@@ -143,9 +178,19 @@ def names(local: bool | None = None) -> list[str]:
 
 # --- trivial kinds: the supervisor's own tests and benchmark ----------------------------------------
 
+class TrivialRequest(BaseModel):
+    """What the trivial kinds are asked (each reads its own fields)."""
+    marker_dir: str | None = Field(None, description="leave <dir>/<job>.<attempt>.<pid> behind")
+    echo: Any = None
+    seconds: float = 1.0
+    key: str | None = Field(None, description="sleep: two jobs with one key are identical")
+    final: bool = Field(False, description="flaky: fail for good")
+    succeed_on: int = Field(10**9, description="flaky: the attempt that succeeds")
+
+
 def _marker(ctx: JobContext) -> None:
     """Leave `<dir>/<job>.<attempt>.<pid>` so a test can see who ran which attempt."""
-    d = ctx.inputs.get("marker_dir")
+    d = ctx.request.marker_dir
     if d:  # a new file in that very directory: never through a symlink (of the file or the directory)
         dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
@@ -155,19 +200,20 @@ def _marker(ctx: JobContext) -> None:
             os.close(dfd)
 
 
-@register("noop", timeout_s=60, max_attempts=1)
+@register("noop", timeout_s=60, max_attempts=1, request=TrivialRequest)
 def _noop(ctx: JobContext) -> dict[str, Any]:
     """Nothing: the supervisor's own overhead. Echoes its input and its dependencies' results."""
     _marker(ctx)
-    return {"echo": ctx.inputs.get("echo"), "deps": ctx.dep_results, "pid": os.getpid(),
+    return {"echo": ctx.request.echo, "deps": ctx.dep_results, "pid": os.getpid(),
             "started_at": ctx.job.started_at}
 
 
-@register("sleep", timeout_s=300, max_attempts=3, key=lambda i: f"sleep:{i['key']}" if i.get("key") else None)
+@register("sleep", timeout_s=300, max_attempts=3, request=TrivialRequest,
+          key=lambda r: f"sleep:{r.key}" if r.key else None)
 def _sleep(ctx: JobContext) -> dict[str, Any]:
     """Sleep `seconds` (cancellable), in progress steps; `key` makes two such jobs identical."""
     _marker(ctx)
-    seconds = float(ctx.inputs.get("seconds", 1.0))
+    seconds = ctx.request.seconds
     steps = max(1, int(seconds / 0.1))
     for i in range(steps):
         ctx.progress(f"slept {i * seconds / steps:.1f} of {seconds:g} s", i / steps)
@@ -175,12 +221,12 @@ def _sleep(ctx: JobContext) -> dict[str, Any]:
     return {"slept_s": seconds, "pid": os.getpid()}
 
 
-@register("flaky", timeout_s=60, max_attempts=3)
+@register("flaky", timeout_s=60, max_attempts=3, request=TrivialRequest)
 def _flaky(ctx: JobContext) -> dict[str, Any]:
     """Fail transiently (as a VM that does not boot) until attempt `succeed_on`; `final` fails for good."""
     _marker(ctx)
-    if ctx.inputs.get("final"):
+    if ctx.request.final:
         raise BadInput("this job's input is wrong (a final failure: not retried)")
-    if ctx.job.attempts < int(ctx.inputs.get("succeed_on", 10**9)):
+    if ctx.job.attempts < ctx.request.succeed_on:
         raise TransientError(f"simulated infrastructure failure on attempt {ctx.job.attempts}")
     return {"attempt": ctx.job.attempts}

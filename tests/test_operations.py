@@ -1,0 +1,83 @@
+"""One typed request and result per operation, the same at every hop: the queue stores the request as
+its model writes it, the worker reads it back typed, a row written before the models loads as its
+request, and a request of the wrong shape is refused before anything is queued."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from schedcp_mcp import store
+from schedcp_mcp.errors import BadInput
+from schedcp_mcp.jobs import queue
+from schedcp_mcp.jobs.kinds import JobContext
+from schedcp_mcp.jobs.models import job_outcome
+from schedcp_mcp.operations import TuneRequest, ValidateRequest, ValidateResult, VerifyRequest
+
+
+def _rewrite(job_id: str, inputs: dict, result: dict | None = None) -> None:
+    """Make a job's row what an older schedcp wrote (a plain dict, its own keys and no others)."""
+    store.db().execute("UPDATE jobs SET inputs=?, result=?, state=? WHERE id=?",
+                       (json.dumps(inputs), json.dumps(result) if result else None,
+                        "succeeded" if result else "pending", job_id))
+
+
+def test_a_job_row_written_in_the_old_shape_loads_as_its_typed_request():
+    j = queue.submit("validate", ValidateRequest(policy="fifo"), use_cache=False)
+    old = {"node": "validate:fifo[slice_ns=5000000]", "goals": [{"metric": "wall_time_s", "direction": "lower",
+                                                                "target_ratio": 1.0}],
+           "workloads": ["hackbench"], "rounds": 3, "budget_s": 40, "profile_id": "prof-0123456789",
+           "use_cache": True, "candidate": {"policy": "fifo", "params": {"slice_ns": "5000000"},
+                                            "report_id": None, "source_sha256": None}}
+    _rewrite(j.id, old, {"report_id": "rep-0123456789", "passed": False, "status": "failed: wakeup worse"})
+    job = queue.get(j.id)
+    req = JobContext(job).request
+    assert isinstance(req, ValidateRequest)
+    assert (req.budget_s, req.rounds, req.workloads, req.profile_id) == (40, 3, ["hackbench"], "prof-0123456789")
+    assert req.goals[0].metric == "wall_time_s" and req.candidate.params == {"slice_ns": "5000000"}
+    assert req.report_id is None and req.params == {}  # missing in the old row: the defaults
+    assert job.node == "validate:fifo[slice_ns=5000000]"
+    assert job.result_as(ValidateResult).report_id == "rep-0123456789"
+    assert job_outcome(job) == ("failed", "failed: wakeup worse") and job.passed is False
+
+    v = queue.submit("verify", VerifyRequest(policy="fifo"), use_cache=False)
+    _rewrite(v.id, {"policies": ["fifo", "batch"], "target": "sandbox", "actor": "cli"},
+             {"reports": [{"report_id": "rep-0123456789-0", "verdict": "accepted", "status": "accepted"},
+                          {"report_id": "rep-0123456789-1", "verdict": "rejected", "status": "rejected: x"}]})
+    vjob = queue.get(v.id)
+    vreq = JobContext(vjob).request
+    assert vreq.policies == ["fifo", "batch"] and vreq.actor == "cli" and vreq.use_cache is True
+    assert job_outcome(vjob)[0] == "rejected" and "rep-0123456789-1: rejected: x" in job_outcome(vjob)[1]
+
+    t = queue.submit("tune", TuneRequest(name="fifo"), use_cache=False)
+    _rewrite(t.id, {"name": "fifo", "workloads": None, "goals": None, "budget_rounds": 6, "budget_s": None,
+                    "configs": 4, "space": None, "seed": 0, "actor": "mcp"})
+    treq = JobContext(queue.get(t.id)).request
+    assert isinstance(treq, TuneRequest) and (treq.budget_rounds, treq.actor) == (6, "mcp")
+
+
+def test_the_queue_stores_the_request_as_its_model_writes_it_and_refuses_a_wrong_one():
+    j = queue.submit("verify", {"policy": "fifo", "params": {"slice_ns": 5000000}}, use_cache=False)
+    assert j.inputs == VerifyRequest(policy="fifo", params={"slice_ns": "5000000"}).model_dump(mode="json")
+    with pytest.raises(BadInput, match="not a validate request"):
+        queue.submit("validate", {"rounds": "many"})
+    with pytest.raises(BadInput, match="not a tune request"):
+        queue.submit("tune", {"workloads": ["hackbench"]})  # no name
+    assert [x.id for x in queue.list_jobs(limit=10)] == [j.id]
+
+
+def test_tune_budget_flag_is_rounds_and_its_old_spelling_says_so():
+    from schedcp_mcp.cli import main
+
+    r = CliRunner().invoke(main, ["tune", "fifo", "--budget", "6", "--background", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "--budget is deprecated here: it means paired ROUNDS" in r.output
+    job = queue.get(json.loads(r.stdout)["job_id"])
+    assert job.inputs["budget_rounds"] == 6
+    r = CliRunner().invoke(main, ["tune", "fifo", "--budget-rounds", "8", "--background", "--json"])
+    assert r.exit_code == 0 and "deprecated" not in r.output
+    assert queue.get(json.loads(r.stdout)["job_id"]).inputs["budget_rounds"] == 8
+    r = CliRunner().invoke(main, ["tune", "fifo", "--budget", "6", "--budget-rounds", "8", "--background"])
+    assert r.exit_code == 2 and "--budget-rounds only" in r.output
