@@ -205,11 +205,6 @@ async def profile_workload(
     return A.answer(p if detail == "full" else A.profile_brief(p), f"{p.id}: {A.clip(p.summary, 200)}")
 
 
-class MatchResult(BaseModel):
-    profile_id: str
-    matches: list[match.WorkloadMatch]
-
-
 @server.tool(annotations=MEASURES)
 @agent_errors
 async def match_workloads(
@@ -221,7 +216,7 @@ async def match_workloads(
     with the features that agree or differ. Candidates are judged on the good matches (first use
     profiles each sandbox workload here)."""
     ms = await in_thread(match.match_workloads, profile_id, limit, ctx=ctx)
-    return A.answer(MatchResult(profile_id=profile_id, matches=ms),
+    return A.answer(A.MatchResult(profile_id=profile_id, matches=ms),
                     ", ".join(f"{m.workload} {m.similarity:.2f}" for m in ms) or "no workloads")
 
 
@@ -351,14 +346,6 @@ async def create_plan(
     return plan_answer(p, "summary")
 
 
-class DiagnosisAnswer(BaseModel):
-    report_id: str
-    candidate: str = Field(description="the policy (with parameters) or generated scheduler validated")
-    lost: list[str] = Field(description="workloads it did not show unharmed")
-    evidence: list[str] = Field(description="per traced phase, candidate and default side by side")
-    diagnoses: list[diagnose.Diagnosis] = Field(description="rule, figures, reason and the change to try")
-
-
 @server.tool(annotations=READ_ONLY)
 @agent_errors
 async def diagnose_report(report_id: Annotated[str, Field(description="a validated report (rep-…)")]
@@ -373,7 +360,7 @@ async def diagnose_report(report_id: Annotated[str, Field(description="a validat
                     + (", ".join(f"{d.rule} -> {d.change.label}" for d in a.diagnoses) or "no rule fired"))
 
 
-def diagnose_answer(report_id: str) -> DiagnosisAnswer:
+def diagnose_answer(report_id: str) -> A.DiagnosisAnswer:
     r = reports.get_report(report_id)
     if r.layer2 is None:
         raise BadInput(f"{report_id} has no sandbox run to diagnose ({r.status})", "validate it first")
@@ -382,7 +369,7 @@ def diagnose_answer(report_id: str) -> DiagnosisAnswer:
     ds = diagnose.diagnose(r.layer2, policy, r.params, spec)
     label = (policy or (spec.name if spec else r.ops_name or "source")) + (
         "[" + ",".join(f"{k}={v}" for k, v in sorted(r.params.items())) + "]" if r.params and policy else "")
-    return DiagnosisAnswer(report_id=r.id, candidate=label, lost=diagnose.lost_phases(r.layer2),
+    return A.DiagnosisAnswer(report_id=r.id, candidate=label, lost=diagnose.lost_phases(r.layer2),
                            evidence=diagnose.evidence_lines(r.layer2), diagnoses=ds)
 
 
@@ -608,9 +595,7 @@ async def cancel_job(job_id: Annotated[str, Field(description="job-…")]
 async def list_workloads() -> CallToolResult:
     """The sandbox benchmark workloads that judge candidates: name, metric, unit, direction."""
     ws = all_workloads()
-    return A.answer({"workloads": [A.pick(w, {"name", "description", "metric", "unit", "direction",
-                                              "goal_metrics", "default"}) for w in ws]},
-                    ", ".join(w.name for w in ws))
+    return A.answer(A.WorkloadList.of(ws), ", ".join(w.name for w in ws))
 
 
 @server.tool(annotations=READ_ONLY)
@@ -622,13 +607,6 @@ async def get_report(report_id: Annotated[str, Field(description="rep-…")],
     return report_answer(await in_thread(reports.get_report, report_id), detail)
 
 
-class TokenOut(BaseModel):
-    token: str = Field(description="pass to deploy(token=…); single use")
-    report_id: str
-    target: str
-    expires_at: float
-
-
 @server.tool(annotations=MEASURES)
 @agent_errors
 async def issue_token(
@@ -636,11 +614,11 @@ async def issue_token(
     target: Annotated[Literal["sandbox", "host"], Field(
         description="where the token may deploy; host deploys still need the operator's permission")]
     = "sandbox",
-) -> Annotated[CallToolResult, TokenOut]:
+) -> Annotated[CallToolResult, A.TokenOut]:
     """Execution, after choosing the winner: a single-use deployment token bound to exactly that
     report's artifact and parameters (1 h). Refused for a report that did not pass."""
     t = await in_thread(tokens.issue, report_id, target, actor="mcp")
-    return A.answer(TokenOut(token=t.token, report_id=t.report_id, target=t.target,
+    return A.answer(A.TokenOut(token=t.token, report_id=t.report_id, target=t.target,
                              expires_at=t.expires_at),
                     f"single-use {t.target} token for {t.report_id}: deploy(token=…)")
 

@@ -81,3 +81,36 @@ def test_tune_budget_flag_is_rounds_and_its_old_spelling_says_so():
     assert queue.get(json.loads(r.stdout)["job_id"]).inputs["budget_rounds"] == 8
     r = CliRunner().invoke(main, ["tune", "fifo", "--budget", "6", "--budget-rounds", "8", "--background"])
     assert r.exit_code == 2 and "--budget-rounds only" in r.output
+
+
+def test_optimize_reads_the_observation_and_planning_answers_with_the_servers_models():
+    """Through a real stdio server (no VM: the sandbox workload is profiled on this host), the stages'
+    client parses every answer it reads with a model (answers.py, or the record's own)."""
+    import anyio
+    from mcp import ClientSession, stdio_client
+
+    from schedcp_mcp import agents, optimize
+    from schedcp_mcp.answers import StatusAnswer
+    from schedcp_mcp.plans import OptimizationPlan
+
+    req = optimize.OptimizeRequest(workloads=["pipe"], budget_s=600)
+    rep = optimize.OptimizeReport(started_at=0, request=req)
+
+    async def go():
+        async with stdio_client(optimize.server_params(req)) as (r, w), ClientSession(r, w) as s:
+            await s.initialize()
+            stage = {role: optimize.Stage(s, role, agents.allowlist(role)) for role in agents.ROLES}
+            await optimize.observe(stage["observation"], req, rep, lambda *_: None)
+            await optimize.plan(stage["planning"], req, rep, lambda *_: None)
+            plan = await stage["execution"].ask("get_plan", OptimizationPlan, {"plan_id": rep.plan_id})
+            status = await stage["execution"].ask("get_status", StatusAnswer)
+            return plan, status
+
+    plan, status = anyio.run(go)
+    assert rep.host_sched_ext is not None and rep.workloads == ["pipe"] and rep.profile_id.startswith("prof-")
+    assert rep._workload_rows and {"pipe", "hackbench"} <= set(rep._measures)
+    assert rep.plan_versions == [plan.id] and plan.candidates and plan.workloads == ["pipe"]
+    # the plan's budget_s is what its validations may spend (the executor holds a round to it)
+    assert plan.budget_s == pytest.approx((600 - optimize.DEPLOY_RESERVE_S - req.watch_s) *
+                                          optimize.first_share(req, len(optimize.with_guards(["pipe"]))))
+    assert status.deployments == []
