@@ -889,7 +889,10 @@ def verify(file_and_args: tuple[str, ...], policy: str | None, all_policies: boo
             return queued(job, as_json)
         with progress_bar("verifying policies", not as_json) as bar:
             job = run_to_end(job.id, bar)
-        reports = [get_report(x["report_id"]) for x in queue_result(job)["reports"]]
+        from .operations import VerifyManyResult
+
+        queue_result(job)
+        reports = [get_report(x.report_id) for x in job.result_as(VerifyManyResult).reports]
         ok = all(r.passed_layer1 for r in reports)
         if as_json:
             click.echo(json.dumps({"passed": ok, "reports": [layer1_json(r) for r in reports]},
@@ -1204,7 +1207,7 @@ def _show_synth(res, as_json: bool, show_source: bool) -> None:
 @json_option
 def primitives_cmd(as_json: bool) -> None:
     """The algorithm primitives a generated scheduler is built from (what, when, knobs, ranges)."""
-    from .synth.primitives import catalog
+    from .synth.spec import catalog
 
     def render(c):
         for axis in c.axes:

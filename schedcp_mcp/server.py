@@ -702,7 +702,7 @@ async def list_primitives(detail: Annotated[A.Detail, A.DETAIL] = "summary") -> 
     """Before generate_scheduler: the algorithm primitives per axis (queue, ordering, cpu_select,
     slice, preempt, task_class) with what each does, and an example spec; "full" adds when to use
     each, where it fails, its knobs (type, default, range) and constraints."""
-    from .synth.primitives import catalog
+    from .synth.spec import catalog
 
     c = catalog()
     text = f"{len(c.primitives)} primitives on {len(c.axes)} axes"
