@@ -346,35 +346,30 @@ def _validate_job(ctx: JobContext) -> ValidateResult:
     return ValidateResult(report_id=out.report_id, passed=out.passed, status=out.status)
 
 
-def verify_job(source: str | None = None, policy: str | None = None, params: dict[str, Any] | None = None,
-               target: str = "sandbox", profile_id: str | None = None,
-               include_dirs: tuple[Path, ...] = (), policies: list[str] | None = None,
-               use_cache: bool = True, lane: str = "high", actor: str = "api",
-               complete_by_s: float | None = None) -> Job:
-    """Queue layer 1 (one source or policy, or several `policies` in one VM); `complete_by_s`: a
-    deadline from now (a job past it is dead-lettered)."""
-    if not policies:
-        _check_request(source, policy)
-    _refuse_host_verify(target, actor)
-    req = VerifyRequest(source=source, policy=policy, params=params or {}, target=target, profile_id=profile_id,
-                        include_dirs=[str(d) for d in include_dirs], policies=policies, use_cache=use_cache,
-                        actor=actor)
-    return queue.submit("verify", req, lane=lane, use_cache=use_cache, actor=actor,
+def verify_job(request: VerifyRequest | None = None, *, lane: str = "high", complete_by_s: float | None = None,
+               **fields: Any) -> Job:
+    """Queue layer 1 (one source or policy, or several `policies` in one VM); the request, or its
+    fields as keywords; `complete_by_s`: a deadline from now (a job past it is dead-lettered)."""
+    req = request or VerifyRequest(**fields)
+    if not req.policies:
+        _check_request(req.source, req.policy)
+    _refuse_host_verify(req.target, req.actor)
+    return queue.submit("verify", req, lane=lane, use_cache=req.use_cache, actor=req.actor,
                         complete_by_s=complete_by_s)
 
 
-def validate_job(report_id: str | None = None, source: str | None = None, policy: str | None = None,
-                 params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
-                 workloads: list[str] | None = None, profile_id: str | None = None, rounds: int = 3,
-                 use_cache: bool = True, lane: str = "high", actor: str = "api",
-                 budget_s: float | None = None, **kw) -> Job:
-    """Queue layer 2 (after layer 1 when given a source or policy)."""
-    _check_request(source, policy, report_id) if report_id else _check_request(source, policy)
-    check_layer2_request(goals, workloads, rounds, budget_s, profile_id)
-    req = ValidateRequest(report_id=report_id, source=source, policy=policy, params=params or {},
-                          goals=goals or None, workloads=workloads, profile_id=profile_id, rounds=rounds,
-                          budget_s=budget_s, use_cache=use_cache)
-    return queue.submit("validate", req, lane=lane, use_cache=use_cache, actor=actor, **kw)
+def validate_job(request: ValidateRequest | None = None, *, lane: str = "high", actor: str = "api",
+                 complete_by_s: float | None = None, **fields: Any) -> Job:
+    """Queue layer 2 (after layer 1 when given a source or policy); the request, or its fields as
+    keywords. Every check that needs no VM is made first."""
+    req = request or ValidateRequest(**fields)
+    if req.report_id:
+        _check_request(req.source, req.policy, req.report_id)
+    else:
+        _check_request(req.source, req.policy)
+    check_layer2_request(req.goals, req.workloads, req.rounds, req.budget_s, req.profile_id)
+    return queue.submit("validate", req, lane=lane, use_cache=req.use_cache, actor=actor,
+                        complete_by_s=complete_by_s)
 
 
 def verified_report(job: Job) -> ValidationReport:

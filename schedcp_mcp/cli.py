@@ -883,8 +883,10 @@ def verify(file_and_args: tuple[str, ...], policy: str | None, all_policies: boo
     kv = parse_params(params)
     if all_policies:
         names = [p.name for p in list_policies() if p.kind == "schedcp"]
-        job = candidates.verify_job(policies=names, target=target, use_cache=not no_cache,
-                                    lane=_lane(background), actor="cli", complete_by_s=deadline)
+        from .operations import VerifyRequest
+
+        job = candidates.verify_job(VerifyRequest(policies=names, target=target, use_cache=not no_cache,
+                                                  actor="cli"), lane=_lane(background), complete_by_s=deadline)
         if background:
             return queued(job, as_json)
         with progress_bar("verifying policies", not as_json) as bar:
@@ -902,9 +904,11 @@ def verify(file_and_args: tuple[str, ...], policy: str | None, all_policies: boo
                 render_layer1(r)
         sys.exit(0 if ok else 1)
     source = file.read_text(errors="replace") if file else None
-    job = candidates.verify_job(source=source, policy=policy, params=kv, target=target, actor="cli",
-                                include_dirs=tuple(p.resolve() for p in include_dirs),
-                                use_cache=not no_cache, lane=_lane(background), complete_by_s=deadline)
+    from .operations import VerifyRequest
+
+    req = VerifyRequest(source=source, policy=policy, params=kv, target=target, actor="cli",
+                        include_dirs=[str(p.resolve()) for p in include_dirs], use_cache=not no_cache)
+    job = candidates.verify_job(req, lane=_lane(background), complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("verify", not as_json) as bar:
@@ -1016,12 +1020,13 @@ def validate(file_and_args: tuple[str, ...], policy: str | None, report_id: str 
         file = _one_file(file_and_args)
     if sum(bool(x) for x in (file, policy, report_id)) != 1:
         raise click.UsageError("give exactly one of FILE, --policy NAME, --report ID, --program PATH")
-    job = candidates.validate_job(report_id=report_id,
-                                  source=file.read_text(errors="replace") if file else None,
-                                  policy=policy, params=parse_params(params), goals=parse_goals(goals),
-                                  workloads=list(workloads) or None, profile_id=profile_id,
-                                  rounds=rounds, budget_s=budget, use_cache=not no_cache,
-                                  lane=_lane(background), actor="cli", complete_by_s=deadline)
+    from .operations import ValidateRequest
+
+    req = ValidateRequest(report_id=report_id, source=file.read_text(errors="replace") if file else None,
+                          policy=policy, params=parse_params(params), goals=parse_goals(goals) or None,
+                          workloads=list(workloads) or None, profile_id=profile_id, rounds=rounds,
+                          budget_s=budget, use_cache=not no_cache)
+    job = candidates.validate_job(req, lane=_lane(background), actor="cli", complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("validate", not as_json) as bar:
@@ -1329,6 +1334,7 @@ def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_r
          background: bool, deadline: float | None, as_json: bool) -> None:
     """Search a policy's parameters in the sandbox (successive halving, one VM boot).
     Exit 0 when the best is at least as good as the defaults, 1 when nothing ran, 2 usage."""
+    from .operations import TuneRequest
     from .synth.tune import tune_job, tune_result
 
     if old_budget is not None:
@@ -1338,8 +1344,10 @@ def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_r
                           "everywhere else); use --budget-rounds (and --seconds for a time limit)[/yellow]")
         budget_rounds = old_budget
     budget_rounds = 12 if budget_rounds is None else budget_rounds
-    job = tune_job(name, list(workloads) or None, parse_goals(goals), budget_rounds, budget_s, configs,
-                   parse_space(space), seed, lane=_lane(background), actor="cli", complete_by_s=deadline)
+    req = TuneRequest(name=name, workloads=list(workloads) or None, goals=parse_goals(goals) or None,
+                      budget_rounds=budget_rounds, budget_s=budget_s, configs=configs, space=parse_space(space),
+                      seed=seed, actor="cli")
+    job = tune_job(req, lane=_lane(background), complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("tune", not as_json) as bar:

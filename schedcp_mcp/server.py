@@ -34,7 +34,7 @@ from .jobs.models import Budget, JobDetailView, LaneName
 from .jobs.pool import Pool, run_to_end
 from .learn import callbacks, contribute, feedback, history, match
 from .models import Deployment, Goal, MetricResult
-from .operations import CampaignCandidate, CampaignRequest
+from .operations import CampaignCandidate, CampaignRequest, TuneRequest, ValidateRequest, VerifyRequest
 from .observe import cpu, profile, system
 from .repository import policies
 from .synth.provenance import SynthResult
@@ -454,8 +454,10 @@ async def submit_scheduler(
         job = await in_thread(candidate_jobs.verify_program_job, program, program_args or [], profile_id=profile_id,
                               actor="mcp", lane="normal" if background else "high", complete_by_s=deadline_s)
     else:
-        job = await in_thread(candidate_jobs.verify_job, source, policy, params, target, profile_id, actor="mcp",
-                              lane="normal" if background else "high", complete_by_s=deadline_s)
+        req = VerifyRequest(source=source, policy=policy, params=params or {}, target=target,
+                            profile_id=profile_id, actor="mcp")
+        job = await in_thread(candidate_jobs.verify_job, req, lane="normal" if background else "high",
+                              complete_by_s=deadline_s)
     if background:
         return queued(job.id)
     r = candidate_jobs.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))
@@ -488,9 +490,10 @@ async def validate_scheduler(
     scheduler. Returns the report id, passed, failed gates and per workload the ratio with its
     interval ("full": samples, timeline, kernel log). A pass can then get a token (issue_token)."""
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
-    job = await in_thread(candidate_jobs.validate_job, report_id, source, policy, params, gs, workloads,
-                          profile_id, rounds, lane="normal" if background else "high", actor="mcp",
-                          budget_s=budget_s, complete_by_s=deadline_s)
+    req = ValidateRequest(report_id=report_id, source=source, policy=policy, params=params or {}, goals=gs,
+                          workloads=workloads, profile_id=profile_id, rounds=rounds, budget_s=budget_s)
+    job = await in_thread(candidate_jobs.validate_job, req, lane="normal" if background else "high", actor="mcp",
+                          complete_by_s=deadline_s)
     if background:
         return queued(job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
@@ -796,8 +799,9 @@ async def tune_policy(
     from .synth.tune import tune_job, tune_result
 
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
-    job = await in_thread(tune_job, name, workloads, gs, budget_rounds, budget_s, configs, space,
-                          lane="normal" if background else "high", actor="mcp", complete_by_s=deadline_s)
+    req = TuneRequest(name=name, workloads=workloads, goals=gs, budget_rounds=budget_rounds, budget_s=budget_s,
+                      configs=configs, space=space, actor="mcp")
+    job = await in_thread(tune_job, req, lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:
         return queued(job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)

@@ -402,20 +402,18 @@ def _tune_job(ctx: _Ctx) -> TuneResult:
                 progress=ctx.progress, actor=r.actor)
 
 
-def tune_job(name: str, workloads: list[str] | None = None, goals: list[Goal] | None = None,
-             budget_rounds: int = 12, budget_s: float | None = None, configs: int = 4,
-             space: dict[str, list[Any]] | None = None, seed: int = 0, lane: str = "high",
-             actor: str = "api", complete_by_s: float | None = None):
-    """Queue a tuning run (checked first: a bad request is refused before it waits in the queue)."""
+def tune_job(request: TuneRequest | None = None, *, lane: str = "high", complete_by_s: float | None = None,
+             **fields: Any):
+    """Queue a tuning run, the request or its fields as keywords (checked first: a bad request is
+    refused before it waits in the queue)."""
     from ..workloads import get_workloads
 
-    if not 2 <= configs <= 16 or not 2 <= budget_rounds <= 200:
-        raise BadInput(f"configs={configs}, budget_rounds={budget_rounds}: give 2..16 and 2..200")
-    get_workloads(workloads or ["hackbench"])
-    _target(name)
-    req = TuneRequest(name=name, workloads=workloads, goals=goals or None, budget_rounds=budget_rounds,
-                      budget_s=budget_s, configs=configs, space=space, seed=seed, actor=actor)
-    return _jobs.submit("tune", req, lane=lane, actor=actor, complete_by_s=complete_by_s)
+    req = request or TuneRequest(**fields)
+    if not 2 <= req.configs <= 16 or not 2 <= req.budget_rounds <= 200:
+        raise BadInput(f"configs={req.configs}, budget_rounds={req.budget_rounds}: give 2..16 and 2..200")
+    get_workloads(req.workloads or ["hackbench"])
+    _target(req.name)
+    return _jobs.submit("tune", req, lane=lane, actor=req.actor, complete_by_s=complete_by_s)
 
 
 def tune_result(job) -> TuneResult:
