@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 from rich.console import Console
 from rich.text import Text
 
@@ -82,7 +82,8 @@ class ReportRequest(BaseModel):
     policy: str | None = Field(None, description="the policy (stability)")
     runs: int = Field(0, description="validations (stability)")
     rounds: int = 3
-    budget_s: float | None = Field(None, description="each validation's budget_s")
+    validation_budget_s: float | None = Field(None, description="each validation's budget_s", validation_alias=AliasChoices(
+        "validation_budget_s", "budget_s"))  # budget_s: how rows written before the rename call it
     out_dir: str | None = None
     width: int = 100
 
@@ -144,17 +145,19 @@ def _validation(name: str, **kw: Any) -> dict[str, Any]:
     return ValidateRequest(policy=None if src else name, source=src, **kw).model_dump(mode="json")
 
 
-def policies_campaign(names: list[str] | None = None, rounds: int = 3, budget_s: float | None = None,
+def policies_campaign(names: list[str] | None = None, rounds: int = 3, validation_budget_s: float | None = None,
                       out_dir: Path = Path("results"), *, use_cache: bool = True, width: int = 100,
                       lane: str = "high", actor: str = "api", complete_by_s: float | None = None) -> Job:
     """Queue `bench policies`: one validation per policy (in parallel up to the pool size), then the
     report into `out_dir`."""
     names = bench.policy_names(names)
     nodes = [Node(name=f"validate:{n}", kind="validate", lane=lane,
-                  inputs=_validation(n, rounds=rounds, budget_s=budget_s, use_cache=use_cache)) for n in names]
+                  inputs=_validation(n, rounds=rounds, budget_s=validation_budget_s, use_cache=use_cache))
+             for n in names]
     nodes.append(Node(name="report", kind="bench_policies_report", lane=lane, join=True,
                       after=[n.name for n in nodes], inputs=ReportRequest(
-                          names=names, rounds=rounds, budget_s=budget_s, out_dir=str(Path(out_dir).resolve()),
+                          names=names, rounds=rounds, validation_budget_s=validation_budget_s,
+                          out_dir=str(Path(out_dir).resolve()),
                           width=width).model_dump(mode="json")))
     return submit_campaign(f"bench policies ({len(names)})", nodes, lane=lane, use_cache=use_cache,
                            actor=actor, complete_by_s=complete_by_s)
@@ -184,7 +187,7 @@ def _policies_report(ctx: JobContext) -> dict[str, Any]:
     ran = [j for j in runs if j.state == "succeeded" and not j.cached_from]
     cold_s = ran[0].elapsed_s if ran else None  # verify + validate, own VM boots: one `schedcp validate`
     con = _recorder(i.width)
-    bench.report_policies(rows, i.rounds, Path(i.out_dir or "results"), con, i.budget_s, cold_s,
+    bench.report_policies(rows, i.rounds, Path(i.out_dir or "results"), con, i.validation_budget_s, cold_s,
                           time.time() - queue.get(ctx.job.parent).created_at)
     cached = [n for n, j in zip(i.names, runs) if j.cached_from]
     if cached:
@@ -198,7 +201,7 @@ def _policies_report(ctx: JobContext) -> dict[str, Any]:
 
 # --- stability: N validations in fresh boots, then the report ------------------------------------
 
-def stability_campaign(policy: str, runs: int = 3, rounds: int = 3, budget_s: float | None = None,
+def stability_campaign(policy: str, runs: int = 3, rounds: int = 3, validation_budget_s: float | None = None,
                        out_dir: Path | None = None, *, width: int = 100, lane: str = "high",
                        actor: str = "api", complete_by_s: float | None = None) -> Job:
     """Queue `bench stability`: `runs` validations of the policy, each its own job, report and VM
@@ -207,10 +210,10 @@ def stability_campaign(policy: str, runs: int = 3, rounds: int = 3, budget_s: fl
     if runs < 2:
         raise BadInput(f"runs={runs}: at least 2 validations are needed to see a flip")
     nodes = [Node(name=f"run{k}", kind="validate", lane=lane,
-                  inputs=_validation(policy, rounds=rounds, budget_s=budget_s)) for k in range(1, runs + 1)]
+                  inputs=_validation(policy, rounds=rounds, budget_s=validation_budget_s)) for k in range(1, runs + 1)]
     nodes.append(Node(name="report", kind="bench_stability_report", lane=lane, join=True,
                       after=[n.name for n in nodes], inputs=ReportRequest(
-                          policy=policy, runs=runs, rounds=rounds, budget_s=budget_s,
+                          policy=policy, runs=runs, rounds=rounds, validation_budget_s=validation_budget_s,
                           out_dir=str(Path(out_dir).resolve()) if out_dir else None, width=width
                       ).model_dump(mode="json")))
     return submit_campaign(f"bench stability {policy} ({runs} boots)", nodes, lane=lane, use_cache=False,
@@ -232,7 +235,7 @@ def _stability_report(ctx: JobContext) -> dict[str, Any]:
             raise BadInput(f"{i.policy} did not pass layer 1 ({r.layer1.verdict} at {r.layer1.stage})")
         measured.append(r.layer2)
     con = _recorder(i.width)
-    out = bench.bench_stability(i.policy or "", measured, rounds=i.rounds, budget_s=i.budget_s,
+    out = bench.bench_stability(i.policy or "", measured, rounds=i.rounds, budget_s=i.validation_budget_s,
                                 out_dir=Path(i.out_dir) if i.out_dir else None, console=con)
     return {**out, "printed": con.export_text(styles=True)}
 
@@ -244,7 +247,7 @@ BEST_POLICY = "lean_preempt"
 
 
 def peers_campaign(peer_names: list[str] | None = None, programs: list[tuple[str, list[str]]] | None = None,
-                   policies: list[str] | None = None, rounds: int = 3, budget_s: float | None = None,
+                   policies: list[str] | None = None, rounds: int = 3, validation_budget_s: float | None = None,
                    workloads: list[str] | None = None, out_dir: Path = Path("results"), *,
                    use_cache: bool = True, width: int = 100, lane: str = "high", actor: str = "api",
                    complete_by_s: float | None = None) -> Job:
@@ -267,7 +270,7 @@ def peers_campaign(peer_names: list[str] | None = None, programs: list[tuple[str
         cands.append((" ".join([name, *args]), sha, args))
     if not cands:
         raise BadInput("no peer program was built", "`schedcp peers build` says which did not build and why")
-    common = dict(workloads=workloads, rounds=rounds, budget_s=budget_s, use_cache=use_cache)
+    common = dict(workloads=workloads, rounds=rounds, budget_s=validation_budget_s, use_cache=use_cache)
     nodes = [Node(name=f"validate:{p}", kind="validate", lane=lane,
                   inputs=ValidateRequest(policy=p, **common).model_dump(mode="json")) for p in pols]
     for row, sha, args in cands:
@@ -279,7 +282,8 @@ def peers_campaign(peer_names: list[str] | None = None, programs: list[tuple[str
     names = pols + [c[0] for c in cands]
     nodes.append(Node(name="report", kind="bench_peers_report", lane=lane, join=True,
                       after=[n.name for n in nodes], inputs=ReportRequest(
-                          names=names, rounds=rounds, budget_s=budget_s, out_dir=str(Path(out_dir).resolve()),
+                          names=names, rounds=rounds, validation_budget_s=validation_budget_s,
+                          out_dir=str(Path(out_dir).resolve()),
                           width=width).model_dump(mode="json")))
     return submit_campaign(f"bench peers ({len(names)})", nodes, lane=lane, use_cache=use_cache,
                            actor=actor, complete_by_s=complete_by_s)
@@ -299,7 +303,7 @@ def _peers_report(ctx: JobContext) -> dict[str, Any]:
     con = _recorder(i.width)
     load = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
     con.print(f"host load average at the report: {load} (a shared machine: read the intervals, not the medians)")
-    bench.report_policies(rows, i.rounds, Path(i.out_dir or "results"), con, i.budget_s, None,
+    bench.report_policies(rows, i.rounds, Path(i.out_dir or "results"), con, i.validation_budget_s, None,
                           time.time() - queue.get(ctx.job.parent).created_at, stem="peers-ab",
                           title="The repository's best policy and the kernel's example scheduler programs")
     return {"printed": con.export_text(styles=True), "out_dir": i.out_dir, "load_average": load,
