@@ -1397,17 +1397,17 @@ def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metr
     """Deploy a validated scheduler with its token, then monitor it (automatic rollback). With a scope
     (`--scope pid:N`, `--scope cgroup:PATH` or `-- CMD`): in partial mode, only those tasks (and their
     children) on it; every other task stays on the default scheduler, and rollback moves them back."""
-    from .deploy.deployments import MonitorPolicy, deploy as do_deploy
+    from .deploy.deployments import DeployRequest, MonitorPolicy, deploy as do_deploy
     from .deploy.scope import parse as parse_scope
-
-    scope = parse_scope(scope_, list(command) or None)
 
     mon = MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
                         max_degradation_ratio=max_degradation, consecutive=consecutive,
                         interval_s=interval, workload_cmd=workload)
+    req = DeployRequest(token=token_, target=target, dry_run=dry_run, monitor=mon,
+                        scope=parse_scope(scope_, list(command) or None))
     with progress_bar("deploy", not as_json and not dry_run) as bar:
         bar("deploying", 0.2)
-        d = do_deploy(token_, target, actor="cli", dry_run=dry_run, monitor=mon, scope=scope)
+        d = do_deploy(req, actor="cli")
 
     def render(d):
         if getattr(d, "dry_run", False):

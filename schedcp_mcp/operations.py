@@ -1,5 +1,9 @@
 """One typed request and one typed result per operation, the same at every hop.
 
+verify, validate, campaign and tune are jobs: their requests and results are here. deploy's request
+is `deploy.deployments.DeployRequest` (its monitor and scope are that layer's models) and its result
+a `models.Deployment` (or a DryRun); optimize's are `optimize.OptimizeRequest` / `OptimizeReport`.
+
 A request is what the MCP tool and the CLI build, what the job queue stores (a job's inputs are its
 request as JSON) and what the worker receives (`JobContext.request`, parsed by the kind's model); a
 result is what the job stores and what every reader parses (the server, the CLI's --json, a campaign

@@ -664,8 +664,9 @@ async def deploy(
     mon = deployments.MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
                         max_degradation_ratio=max_degradation_ratio, consecutive=consecutive,
                         interval_s=interval_s, workload_cmd=workload_cmd)
-    d = await in_thread(deployments.deploy, token, target, actor="mcp", dry_run=dry_run, monitor=mon,
-                        scope=parse_scope(scope))
+    req = deployments.DeployRequest(token=token, target=target, dry_run=dry_run, monitor=mon,
+                                    scope=parse_scope(scope))
+    d = await in_thread(deployments.deploy, req, actor="mcp")
     return deployment_answer(d, detail)
 
 
