@@ -7,6 +7,10 @@ learning-history outcome). So the coordinator sends the records a job refers to 
 and the worker sends back every record the job wrote; the files a report refers to (its compiled
 object, its source) travel with it. The coordinator's store stays the record of what ran, so
 `schedcp reports`, `feedback`, `token` and `deploy` work there.
+
+This module knows no kind of record: the layers that own them register each (`RecordType`: its
+model, its files, how it is re-derived on the coordinator) and this machine's file stores, at
+startup (schedcp_mcp.worker).
 """
 
 from __future__ import annotations

@@ -36,13 +36,13 @@ class JobCancelled(Exception):
 
 
 class JobContext:
-    """What a running job sees. `progress()` is the library's progress(message, fraction) callback:
-    it is written to the store (throttled) and raises JobCancelled once the job is cancelled."""
+    """What a running job sees: its typed `request`, its dependencies' results, and `progress()`, the
+    library's progress(message, fraction) callback: it is written to the store (throttled) and raises
+    JobCancelled once the job is cancelled."""
 
     def __init__(self, job, dep_results: dict[str, Any] | None = None,
                  write: Callable[[str, float], None] | None = None):
         self.job = job
-        self.inputs: dict[str, Any] = job.inputs
         self.dep_results = dep_results or {}
         self._request: Any = None
         self.cancelled = threading.Event()
