@@ -406,3 +406,16 @@ def test_a_fleet_without_its_locks_does_not_start(tmp_path, monkeypatch, schedcp
     with pytest.raises(fleetauth.FleetAuthError, match="too short"):
         fleetauth.load_key(short)
     assert len(fleetauth.load_key(key)) == 64
+
+
+def test_a_worker_started_on_the_infrastructure_module_alone_refuses_and_names_the_right_one(tmp_path):
+    """jobs/ knows no job kind (they are registered from above, by schedcp_mcp.worker): a Celery worker
+    started on jobs.fleet would refuse every real job, so it does not start, and says what to run."""
+    key = tmp_path / "fleet.key"
+    write_private(key, b"k" * 64)
+    env = {**os.environ, "SCHEDCP_HOME": str(tmp_path), "SCHEDCP_FLEET_KEY_FILE": str(key),
+           "SCHEDCP_BROKER": "redis://:pw@127.0.0.1:1/0"}  # never reached: it stops before connecting
+    p = subprocess.run([sys.executable, "-m", "celery", "-A", "schedcp_mcp.jobs.fleet", "worker",
+                        "--loglevel=WARNING"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "no job kinds are registered; start it with `celery -A schedcp_mcp.worker worker`" in p.stderr
