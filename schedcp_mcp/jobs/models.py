@@ -6,7 +6,7 @@ import json
 import sqlite3
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, Field, ValidationError, computed_field
 
 State = Literal["pending", "running", "succeeded", "failed", "cancelled", "dead"]
 LaneName = Literal["urgent", "high", "normal", "low"]
@@ -87,8 +87,12 @@ class Job(BaseModel):
 
     @property
     def brief(self) -> ResultBrief:
-        """The result's conclusion fields (all None before it succeeded)."""
-        return ResultBrief.model_validate(self.result or {})
+        """The result's conclusion fields (all None before it succeeded, or for a kind whose result
+        uses those names for something else: a listing never fails on one job's result)."""
+        try:
+            return ResultBrief.model_validate(self.result or {})
+        except ValidationError:
+            return ResultBrief()
 
     @property
     def node(self) -> str:
