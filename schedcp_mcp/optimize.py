@@ -39,7 +39,7 @@ from .models import Goal, in_words, times, vs_default
 from .observe.system import SystemInfo
 from .plans import Lesson, OptimizationPlan, PlannedCandidate
 from .validate.gates import GUARD_RESULTS
-from .workloads import GUARDS
+from .workloads import GUARDS, SEARCH_WORDS
 
 Progress = Callable[[str, float], None]
 M = TypeVar("M", bound=BaseModel)
@@ -57,10 +57,7 @@ MAX_PLAN_ROUNDS = 3
 ROUND_SHARE = 0.5
 #: a host command is profiled repeated for this long, as match_workloads' references are
 MATCH_PROFILE_S = 3
-#: words a search gets for each sandbox workload and each profile characteristic
-WORKLOAD_WORDS = {"hackbench": "message passing", "pipe": "pipe wakeup latency",
-                  "wakeup": "latency wakeup interactive", "build": "build many-processes fork",
-                  "cpu": "throughput cpu-bound batch"}
+#: words a search gets for each profile characteristic (a workload's: workloads.SEARCH_WORDS)
 TRAIT_WORDS = {"latency_sensitive": "latency interactive", "cpu_bound": "throughput cpu-bound",
                "many_short_lived_processes": "build many-processes", "io_heavy": "io"}
 
@@ -285,7 +282,7 @@ async def observe(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
 
 def search_query(profile: ProfileBrief, workloads: list[str]) -> str:
     ch = profile.characteristics
-    words = [WORKLOAD_WORDS.get(w, w) for w in workloads]
+    words = [SEARCH_WORDS.get(w, w) for w in workloads]
     words += [w for trait, w in TRAIT_WORDS.items() if getattr(ch, trait)]
     return " ".join(dict.fromkeys(" ".join(words).split()))
 

@@ -127,6 +127,11 @@ WORKLOADS: list[Workload] = [
 #: the workloads every system-wide candidate is held to besides its target (gates.GUARD_RESULTS)
 GUARDS = ["wakeup", "pipe", "cpu"]
 
+#: what each workload stands for in a repository search (optimize's query); another workload: its name
+SEARCH_WORDS = {"hackbench": "message passing", "pipe": "pipe wakeup latency",
+                "wakeup": "latency wakeup interactive", "build": "build many-processes fork",
+                "cpu": "throughput cpu-bound batch"}
+
 
 def list_workloads() -> list[Workload]:
     """The whole catalogue (what a validation, a plan or `optimize --workload` may name)."""
