@@ -114,3 +114,20 @@ def test_optimize_reads_the_observation_and_planning_answers_with_the_servers_mo
     assert plan.budget_s == pytest.approx((600 - optimize.DEPLOY_RESERVE_S - req.watch_s) *
                                           optimize.first_share(req, len(optimize.with_guards(["pipe"]))))
     assert status.deployments == []
+
+
+def test_a_command_queues_the_kinds_it_needs_in_a_process_of_its_own(tmp_path):
+    """Kinds are registered by the modules that own them, not found by name: a command run as its own
+    process (no test's imports) queues a campaign of validations and its report node."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SCHEDCP_HOME": str(tmp_path)}
+    for args in (["bench", "stability", "--policy", "fifo", "--runs", "2", "--background", "--json"],
+                 ["bench", "policies", "--policy", "fifo", "--out", str(tmp_path), "--background", "--json"],
+                 ["campaign", "--policy", "fifo", "--background", "--json"]):
+        p = subprocess.run([sys.executable, "-m", "schedcp_mcp", *args], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 0, (args, p.stderr[-2000:])
+        assert json.loads(p.stdout)["job_id"].startswith("job-"), p.stdout

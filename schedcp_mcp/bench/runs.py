@@ -26,6 +26,7 @@ from pydantic import AliasChoices, BaseModel, Field
 from rich.console import Console
 from rich.text import Text
 
+from .. import candidates  # noqa: F401 — the validate and verify_program kinds its campaigns queue
 from ..errors import BadInput, InfrastructureError
 from ..jobs import queue
 from ..jobs.campaigns import Node, submit_campaign
@@ -255,7 +256,6 @@ def peers_campaign(peer_names: list[str] | None = None, programs: list[tuple[str
     (the kernel's examples, `schedcp peers build`; or `peer_names`), plus any `programs` given as
     (path, args), each through the same validation — a program as layer 1 (it attaches) then the same
     A/B and gates — then one table (and chart) into `out_dir` (peers-ab.*)."""
-    from .. import candidates
     from ..sandbox import peers
 
     pols = policies or [BEST_POLICY]
