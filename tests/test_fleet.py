@@ -166,6 +166,12 @@ def test_workers_with_their_own_homes_carry_records_both_ways(cluster_of, tmp_pa
         h.mkdir()
     fleet, workers = cluster_of(homes)
     prof = profile_workload(["sleep", "0.5"], duration_s=1)
+    # both workers up (a worker process reaps its home's VMs when it starts: vms/run exists), or
+    # the first one up takes every job: they take milliseconds each
+    deadline = time.monotonic() + 60
+    while not all((h / "vms" / "run").is_dir() for h in homes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # from the process's start to its consumer's
     srcs = [HOSTILE + f"// candidate {i}\n" for i in range(4)]
     with fleet.Fleet(capacity=2):
         camp = submit_campaign("hostile", [Node(name=f"c{i}", kind="verify", inputs={
