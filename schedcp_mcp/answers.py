@@ -19,6 +19,11 @@ from typing import Any, Literal
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 
+from .diagnose import Diagnosis
+from .learn import match
+from .repository.policies import Parameter
+from .synth.spec import SchedulerSpec
+
 Detail = Literal["summary", "full"]
 DETAIL = Field(description='"summary": what decides, ids to drill down; "full": every field')
 CURSOR = Field(description="next_cursor of the previous page")
@@ -189,3 +194,214 @@ def campaign_brief(c) -> dict[str, Any]:
         if k.get("error"):
             k["error"] = clip(k["error"], 300)
     return out
+
+
+# --- the answers as a client reads them ----------------------------------------------------------------
+# One model per answer a client parses (`optimize`'s stages read every tool result through these, never
+# through string keys). Where a tool answers with a record's own model (plans.OptimizationPlan,
+# learn.feedback.Feedback, observe.system.SystemInfo, a Diagnosis) the client parses with that model;
+# the summaries above have theirs here, field for field (a field the summary leaves out is optional).
+
+class WorkloadRow(BaseModel):
+    """A sandbox workload as list_workloads names it."""
+    name: str
+    description: str = ""
+    metric: str
+    unit: str = ""
+    direction: Literal["lower", "higher"]
+    goal_metrics: list[str] = []
+    default: bool = True
+
+
+class WorkloadList(BaseModel):
+    workloads: list[WorkloadRow]
+
+    @classmethod
+    def of(cls, workloads) -> "WorkloadList":
+        return cls(workloads=[WorkloadRow.model_validate(w, from_attributes=True) for w in workloads])
+
+
+class Traits(BaseModel):
+    """A profile's characteristics, as profile_brief gives them."""
+    cpu_bound: bool = False
+    latency_sensitive: bool = False
+    many_short_lived_processes: bool = False
+    io_heavy: bool = False
+    parallelism: float | None = None
+    cpu_utilization: float | None = None
+
+
+class GoalBrief(BaseModel):
+    metric: str
+    direction: Literal["lower", "higher"]
+    target_ratio: float | None = None
+
+
+class ProfileBrief(BaseModel):
+    """profile_workload / get_profile (summary)."""
+    id: str
+    command: list[str] | None = None
+    duration_s: float | None = None
+    summary: str = ""
+    characteristics: Traits = Traits()
+    goals: list[GoalBrief] = []
+
+
+class MatchResult(BaseModel):
+    """match_workloads."""
+    profile_id: str
+    matches: list[match.WorkloadMatch]
+
+
+class HitBrief(BaseModel):
+    """A search_policies hit."""
+    name: str
+    kind: str
+    score: float
+    text_score: float = 0.0
+    history_score: float = 0.0
+    runnable: bool = False
+    summary: str | None = None
+    reason: str | None = ""
+
+
+class SearchAnswer(BaseModel):
+    query: str = ""
+    hits: list[HitBrief]
+    next_cursor: str | None = None
+
+
+class OutcomeBrief(BaseModel):
+    """A recorded outcome in get_policy's history (summary)."""
+    id: str
+    source: str
+    params: dict[str, Any] = {}
+    profile_id: str | None = None
+    report_id: str | None = None
+    reward: float
+    goals_met: bool
+    measured: list[str] = []
+
+
+class PolicyBrief(BaseModel):
+    name: str
+    kind: str = ""
+    summary: str = ""
+    runnable: bool = False
+    parameters: list[Parameter] = []
+
+
+class PolicyAnswer(BaseModel):
+    """get_policy (summary)."""
+    policy: PolicyBrief
+    history: list[OutcomeBrief] = []
+    outcomes: int = 0
+
+
+class PrimitivesAnswer(BaseModel):
+    """list_primitives (summary): what optimize needs of it, the example spec."""
+    spec_example: SchedulerSpec
+
+
+class SynthBrief(BaseModel):
+    """generate_scheduler / reconfigure_policy / revise_policy (summary)."""
+    candidate_id: str | None = None
+    report_id: str | None = None
+    verdict: str
+    stage: str | None = None
+    status: str = ""
+
+
+class DiagnosisAnswer(BaseModel):
+    """diagnose_report."""
+    report_id: str
+    candidate: str = Field(description="the policy (with parameters) or generated scheduler validated")
+    lost: list[str] = Field(description="workloads it did not show unharmed")
+    evidence: list[str] = Field(description="per traced phase, candidate and default side by side")
+    diagnoses: list[Diagnosis] = Field(description="rule, figures, reason and the change to try")
+
+
+class ChildBrief(BaseModel):
+    """A campaign child in campaign_brief."""
+    id: str
+    name: str
+    kind: str
+    state: str
+    cached: bool = False
+    report_id: str | None = None
+    passed: bool | None = None
+    error: str | None = None
+
+
+class CampaignAnswer(BaseModel):
+    """validate_campaign."""
+    job_id: str
+    state: str
+    children: list[ChildBrief] = []
+    counts: dict[str, int] = {}
+    used: dict[str, float] = {}
+    not_started_for_budget: list[str] = []
+
+
+class FigureBrief(BaseModel):
+    """One workload's A/B in layer2_brief."""
+    name: str
+    metric: str
+    unit: str
+    direction: Literal["lower", "higher"]
+    pairs: int = 0
+    ratio: float | None = None
+    ratio_low: float | None = None
+    ratio_high: float | None = None
+    noise: float | None = None
+    verdict: str
+    baseline: float | None = None
+    candidate: float | None = None
+
+
+class Layer2Brief(BaseModel):
+    passed: bool
+    rounds: int = 0
+    failure_reason: str | None = None
+    workloads: list[FigureBrief] = []
+    warnings: list[str] = []
+
+
+class ReportBrief(BaseModel):
+    """get_report / submit_scheduler / validate_scheduler (summary)."""
+    id: str
+    policy: str | None = None
+    params: dict[str, str] = {}
+    passed: bool = False
+    status: str = ""
+    layer2: Layer2Brief | None = None
+
+
+class TokenOut(BaseModel):
+    """issue_token."""
+    token: str = Field(description="pass to deploy(token=…); single use")
+    report_id: str
+    target: str
+    expires_at: float
+
+
+class DeploymentBrief(BaseModel):
+    id: str
+    report_id: str | None = None
+    policy: str | None = None
+    params: dict[str, str] = {}
+    target: str
+    status: str
+    baseline: float | None = None
+    end_reason: str | None = None
+    readings: int = 0
+
+
+class DeploymentAnswer(BaseModel):
+    """deploy / rollback (summary)."""
+    deployment: DeploymentBrief
+
+
+class StatusAnswer(BaseModel):
+    """get_status (summary)."""
+    deployments: list[DeploymentBrief] = []

@@ -20,11 +20,13 @@ from .jobs.kinds import JobContext, register
 from .jobs.models import Job
 from .learn.feedback import record_validation_outcome
 from .models import Goal
+from .operations import (CampaignCandidate, CampaignRequest, CandidateRef, ValidateRequest, ValidateResult,
+                         VerifyManyResult, VerifyProgramRequest, VerifyRequest, VerifyResult)
 from .observe.profile import get_profile
 from .reports import ValidationOutcome, ValidationReport, get_report, new_report, save, save_source
 from .repository.policies import get_policy
 from .validate.runner import BUDGET_S, MAX_ROUNDS, validate_in_sandbox
-from .validate.workloads import get_workloads, list_workloads
+from .workloads import get_workloads, list_workloads
 from .verify import pipeline
 from .verify.source_check import MAX_SOURCE_BYTES
 
@@ -104,15 +106,13 @@ def store_program(path: str | Path, args: list[str]) -> tuple[str, str, list[str
     return sha, p.name, args
 
 
-@register("verify_program", key=lambda i: _content_key("verify_program", i), timeout_s=600, max_attempts=2,
-          sandbox=True)
-def _verify_program_job(ctx: JobContext) -> dict[str, Any]:
-    i = ctx.inputs
-    goals = [Goal(**g) for g in i["goals"]] if i.get("goals") else None
-    r = submit_program(i["program_sha"], i.get("args") or [], name=i.get("name") or "program",
-                       profile_id=i.get("profile_id"), goals=goals, progress=ctx.progress,
-                       fixed_id=f"rep-{ctx.job.id[4:]}")
-    return {"report_id": r.id, "verdict": r.layer1.verdict, "status": r.status}
+@register("verify_program", key=lambda r: _content_key("verify_program", r), timeout_s=600, max_attempts=2,
+          sandbox=True, request=VerifyProgramRequest)
+def _verify_program_job(ctx: JobContext) -> VerifyResult:
+    req: VerifyProgramRequest = ctx.request
+    r = submit_program(req.program_sha, req.args, name=req.name or "program", profile_id=req.profile_id,
+                       goals=req.goals or None, progress=ctx.progress, fixed_id=f"rep-{ctx.job.id[4:]}")
+    return VerifyResult(report_id=r.id, verdict=r.layer1.verdict, status=r.status)
 
 
 def verify_program_job(path: str | Path, args: list[str], *, profile_id: str | None = None,
@@ -123,9 +123,8 @@ def verify_program_job(path: str | Path, args: list[str], *, profile_id: str | N
     sha, name, args = store_program(path, args)
     if profile_id:
         get_profile(profile_id)
-    inputs = {"program_sha": sha, "args": args, "name": name, "profile_id": profile_id,
-              "goals": [g.model_dump(mode="json") for g in goals] if goals else None}
-    return queue.submit("verify_program", inputs, lane=lane, use_cache=use_cache, actor=actor,
+    req = VerifyProgramRequest(program_sha=sha, args=args, name=name, profile_id=profile_id, goals=goals or None)
+    return queue.submit("verify_program", req, lane=lane, use_cache=use_cache, actor=actor,
                         complete_by_s=complete_by_s)
 
 
@@ -257,10 +256,11 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """A hash of the code of every layer that decides a verdict: layer 1 (verify/), layer 2
-    (validate/, its BPF tracer included), the sandbox that runs both (sandbox/) and this module. A change to any of them must
+    (validate/, its BPF tracer included), the workloads and their parsers (workloads.py), the sandbox
+    that runs both (sandbox/) and this module. A change to any of them must
     never be answered from an older job's result."""
     here = Path(__file__).parent
-    files = [here / "candidates.py", here / "reports.py",
+    files = [here / "candidates.py", here / "reports.py", here / "workloads.py",
              *(p for d in ("verify", "validate", "sandbox") for p in sorted((here / d).rglob("*"))
                if p.suffix in (".py", ".c", ".h", ".sh"))]  # the layer-2 tracer and guest agent too
     h = hashlib.sha256()
@@ -276,13 +276,14 @@ def _policy_src(name: str) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _content_key(kind: str, i: dict[str, Any]) -> str | None:
+def _content_key(kind: str, req: VerifyRequest | ValidateRequest | VerifyProgramRequest) -> str | None:
     """What decides a verify/validate result: source (or report), every policy and its source,
     parameters, target, kernel build, the code of every deciding layer, workloads, rounds, goals.
     None (no dedupe) without a built sandbox image."""
     from .sandbox import image
 
     m = image.load_manifest()
+    i = req.model_dump(mode="json")  # the request's fields, where its kind has them
     if m is None or i.get("include_dirs"):
         return None
     src = i.get("source")
@@ -308,127 +309,120 @@ def _check_request(source: str | None, policy: str | None, report_id: str | None
         get_report(report_id)
 
 
-@register("verify", key=lambda i: _content_key("verify", i), timeout_s=900, max_attempts=3, sandbox=True)
-def _verify_job(ctx: JobContext) -> dict[str, Any]:
-    i = ctx.inputs
-    if i.get("policies"):  # several policies share one VM (a boot is most of a verify)
+@register("verify", key=lambda r: _content_key("verify", r), timeout_s=900, max_attempts=3, sandbox=True,
+          issues_ids=("rep", "out"), request=VerifyRequest)
+def _verify_job(ctx: JobContext) -> VerifyResult | VerifyManyResult:
+    req: VerifyRequest = ctx.request
+    if req.policies:  # several policies share one VM (a boot is most of a verify)
         from .sandbox.vm import VM
 
         out = []
         with VM() as vm:
-            for n, name in enumerate(i["policies"]):
-                ctx.progress(name, n / len(i["policies"]))
-                r = submit(policy=name, target=i.get("target", "sandbox"), use_cache=i.get("use_cache", True),
-                           vm=vm, actor=i.get("actor", "api"), fixed_id=f"rep-{ctx.job.id[4:]}-{n}")
-                out.append({"report_id": r.id, "verdict": r.layer1.verdict, "status": r.status})
-        return {"reports": out}
-    r = submit(source=i.get("source"), policy=i.get("policy"), params=i.get("params"),
-               target=i.get("target", "sandbox"), profile_id=i.get("profile_id"),
-               trusted_include_dirs=tuple(Path(d) for d in i.get("include_dirs") or ()),
-               use_cache=i.get("use_cache", True), progress=ctx.progress, actor=i.get("actor", "api"),
+            for n, name in enumerate(req.policies):
+                ctx.progress(name, n / len(req.policies))
+                r = submit(policy=name, target=req.target, use_cache=req.use_cache,
+                           vm=vm, actor=req.actor, fixed_id=f"rep-{ctx.job.id[4:]}-{n}")
+                out.append(VerifyResult(report_id=r.id, verdict=r.layer1.verdict, status=r.status))
+        return VerifyManyResult(reports=out)
+    r = submit(source=req.source, policy=req.policy, params=req.params, target=req.target,
+               profile_id=req.profile_id, trusted_include_dirs=tuple(Path(d) for d in req.include_dirs),
+               use_cache=req.use_cache, progress=ctx.progress, actor=req.actor,
                fixed_id=f"rep-{ctx.job.id[4:]}")
-    return {"report_id": r.id, "verdict": r.layer1.verdict, "status": r.status}
+    return VerifyResult(report_id=r.id, verdict=r.layer1.verdict, status=r.status)
 
 
-@register("validate", key=lambda i: _content_key("validate", i), timeout_s=3600, max_attempts=3, sandbox=True)
-def _validate_job(ctx: JobContext) -> dict[str, Any]:
-    i = dict(ctx.inputs)
-    if not i.get("report_id") and not i.get("source") and not i.get("policy"):
+@register("validate", key=lambda r: _content_key("validate", r), timeout_s=3600, max_attempts=3, sandbox=True,
+          issues_ids=("rep", "out"), request=ValidateRequest)
+def _validate_job(ctx: JobContext) -> ValidateResult:
+    req: ValidateRequest = ctx.request
+    report_id = req.report_id
+    if not report_id and not req.source and not req.policy:
         # a campaign node: validate the report its verify dependency made
-        i["report_id"] = next(r["report_id"] for r in ctx.dep_results.values() if r and r.get("report_id"))
-    goals = [Goal(**g) for g in i["goals"]] if i.get("goals") else None
-    out = validate(report_id=i.get("report_id"), source=i.get("source"), policy=i.get("policy"),
-                   params=i.get("params"), goals=goals, workloads=i.get("workloads"),
-                   profile_id=i.get("profile_id"), rounds=i.get("rounds", 3), budget_s=i.get("budget_s"),
-                   progress=ctx.progress,
-                   issue_token=False, use_cache=i.get("use_cache", True), run_id=ctx.job.id[4:])
-    return {"report_id": out.report_id, "passed": out.passed, "status": out.status}
+        report_id = next(r.report_id for r in ctx.dep_result(VerifyResult))
+    out = validate(report_id=report_id, source=req.source, policy=req.policy, params=req.params,
+                   goals=req.goals or None, workloads=req.workloads, profile_id=req.profile_id,
+                   rounds=req.rounds, budget_s=req.budget_s, progress=ctx.progress,
+                   issue_token=False, use_cache=req.use_cache, run_id=ctx.job.id[4:])
+    return ValidateResult(report_id=out.report_id, passed=out.passed, status=out.status)
 
 
-def verify_job(source: str | None = None, policy: str | None = None, params: dict[str, Any] | None = None,
-               target: str = "sandbox", profile_id: str | None = None,
-               include_dirs: tuple[Path, ...] = (), policies: list[str] | None = None,
-               use_cache: bool = True, lane: str = "high", actor: str = "api",
-               complete_by_s: float | None = None) -> Job:
-    """Queue layer 1 (one source or policy, or several `policies` in one VM); `complete_by_s`: a
-    deadline from now (a job past it is dead-lettered)."""
-    if not policies:
-        _check_request(source, policy)
-    _refuse_host_verify(target, actor)
-    inputs = {"source": source, "policy": policy, "params": {k: str(v) for k, v in (params or {}).items()},
-              "target": target, "profile_id": profile_id, "include_dirs": [str(d) for d in include_dirs],
-              "policies": policies, "use_cache": use_cache, "actor": actor}
-    return queue.submit("verify", inputs, lane=lane, use_cache=use_cache, actor=actor,
+def verify_job(request: VerifyRequest | None = None, *, lane: str = "high", complete_by_s: float | None = None,
+               **fields: Any) -> Job:
+    """Queue layer 1 (one source or policy, or several `policies` in one VM); the request, or its
+    fields as keywords; `complete_by_s`: a deadline from now (a job past it is dead-lettered)."""
+    req = request or VerifyRequest(**fields)
+    if not req.policies:
+        _check_request(req.source, req.policy)
+    _refuse_host_verify(req.target, req.actor)
+    return queue.submit("verify", req, lane=lane, use_cache=req.use_cache, actor=req.actor,
                         complete_by_s=complete_by_s)
 
 
-def validate_job(report_id: str | None = None, source: str | None = None, policy: str | None = None,
-                 params: dict[str, Any] | None = None, goals: list[Goal] | None = None,
-                 workloads: list[str] | None = None, profile_id: str | None = None, rounds: int = 3,
-                 use_cache: bool = True, lane: str = "high", actor: str = "api",
-                 budget_s: float | None = None, **kw) -> Job:
-    """Queue layer 2 (after layer 1 when given a source or policy)."""
-    _check_request(source, policy, report_id) if report_id else _check_request(source, policy)
-    check_layer2_request(goals, workloads, rounds, budget_s, profile_id)
-    inputs = {"report_id": report_id, "source": source, "policy": policy,
-              "params": {k: str(v) for k, v in (params or {}).items()},
-              "goals": [g.model_dump(mode="json") for g in goals] if goals else None,
-              "workloads": workloads, "profile_id": profile_id, "rounds": rounds, "budget_s": budget_s,
-              "use_cache": use_cache}
-    return queue.submit("validate", inputs, lane=lane, use_cache=use_cache, actor=actor, **kw)
+def validate_job(request: ValidateRequest | None = None, *, lane: str = "high", actor: str = "api",
+                 complete_by_s: float | None = None, **fields: Any) -> Job:
+    """Queue layer 2 (after layer 1 when given a source or policy); the request, or its fields as
+    keywords. Every check that needs no VM is made first."""
+    req = request or ValidateRequest(**fields)
+    if req.report_id:
+        _check_request(req.source, req.policy, req.report_id)
+    else:
+        _check_request(req.source, req.policy)
+    check_layer2_request(req.goals, req.workloads, req.rounds, req.budget_s, req.profile_id)
+    return queue.submit("validate", req, lane=lane, use_cache=req.use_cache, actor=actor,
+                        complete_by_s=complete_by_s)
 
 
 def verified_report(job: Job) -> ValidationReport:
     """The report a finished verify job made (raises what went wrong otherwise)."""
-    return get_report(queue.result_or_raise(job)["report_id"])
+    queue.result_or_raise(job)
+    return get_report(job.result_as(VerifyResult).report_id)
 
 
 def validation_outcome(job: Job, issue_token: bool = True) -> ValidationOutcome:
     """What a finished validate job answers, with a fresh deployment token when it passed (a job
     answered from the cache gets its own token: tokens are single use)."""
-    r = get_report(queue.result_or_raise(job)["report_id"])
+    queue.result_or_raise(job)
+    r = get_report(job.result_as(ValidateResult).report_id)
     return ValidationOutcome.of(r, issue(r.id, "sandbox") if issue_token and r.passed else None)
 
 
-def validate_campaign(cands: list[dict[str, Any]], *, goals: list[Goal] | None = None,
-                      workloads: list[str] | None = None, rounds: int = 3, budget=None,
-                      use_cache: bool = True, lane: str = "normal", actor: str = "api",
-                      budget_s: float | None = None, profile_id: str | None = None,
-                      complete_by_s: float | None = None) -> Job:
-    """Validate several candidates ({policy | source | report_id, params?, name?, lane?}) as one DAG
-    campaign: verify → validate for each (the validate node takes its report from the verify node;
-    a report_id is validated as it is), the candidates in parallel up to the pool size, within
-    `budget` (earlier lanes first); `budget_s` is each validation's own time budget (validate's).
-    `profile_id`: the WorkloadProfile they are all for: every report links to it (so the learning
-    stage sees their outcomes) and its goals apply unless `goals` are given."""
+def validate_campaign(request: CampaignRequest | list[CampaignCandidate | dict[str, Any]], *,
+                      lane: str = "normal", actor: str = "api", complete_by_s: float | None = None,
+                      **fields: Any) -> Job:
+    """Validate several candidates as one DAG campaign: verify → validate for each (the validate
+    node takes its report from the verify node; a report_id is validated as it is), the candidates
+    in parallel up to the pool size, within the request's `budget` (earlier lanes first);
+    `validation_budget_s` is each validation's own `budget_s`. `profile_id`: the WorkloadProfile
+    they are all for: every report links to it (so the learning stage sees their outcomes) and its
+    goals apply unless `goals` are given. A list of candidates with the request's other `fields` as
+    keywords is the same request."""
     from .jobs.campaigns import Node, submit_campaign
 
-    if not cands:
+    req = request if isinstance(request, CampaignRequest) else CampaignRequest(candidates=request, **fields)
+    if not req.candidates:
         raise BadInput("a campaign needs at least one candidate", "give --policy NAME or --file FILE")
     from .access import check_cap
 
-    check_cap("campaign_candidates", len(cands), actor, "candidates in one campaign")
-    check_layer2_request(goals, workloads, rounds, budget_s, profile_id)
-    goal_dicts = [g.model_dump(mode="json") for g in goals] if goals else None
+    check_cap("campaign_candidates", len(req.candidates), actor, "candidates in one campaign")
+    check_layer2_request(req.goals, req.workloads, req.rounds, req.validation_budget_s, req.profile_id)
+    check = dict(goals=req.goals or None, workloads=req.workloads, rounds=req.rounds,
+                 budget_s=req.validation_budget_s, profile_id=req.profile_id, use_cache=req.use_cache)
     nodes, seen = [], set()
-    for n, c in enumerate(cands):
-        _check_request(c.get("source"), c.get("policy"), c.get("report_id"))
-        name = c.get("name") or c.get("policy") or c.get("report_id") or f"source{n}"
+    for n, c in enumerate(req.candidates):
+        _check_request(c.source, c.policy, c.report_id)
+        name = c.name or c.policy or c.report_id or f"source{n}"
         name = name if name not in seen else f"{name}#{n}"
         seen.add(name)
-        params = {k: str(v) for k, v in (c.get("params") or {}).items()}
-        who = {"policy": c.get("policy"), "params": params, "report_id": c.get("report_id"),
-               "source_sha256": hashlib.sha256(c["source"].encode()).hexdigest() if c.get("source") else None}
-        check = {"goals": goal_dicts, "workloads": workloads, "rounds": rounds, "budget_s": budget_s,
-                 "profile_id": profile_id, "use_cache": use_cache}
-        if c.get("report_id"):  # already through layer 1 (e.g. generate_scheduler's)
-            nodes.append(Node(name=f"validate:{name}", kind="validate", lane=c.get("lane", lane),
-                              inputs={"report_id": c["report_id"], **check}))
+        if c.report_id:  # already through layer 1 (e.g. generate_scheduler's)
+            nodes.append(Node(name=f"validate:{name}", kind="validate", lane=c.lane,
+                              inputs=ValidateRequest(report_id=c.report_id, **check).model_dump(mode="json")))
             continue
-        nodes.append(Node(name=f"verify:{name}", kind="verify", lane=c.get("lane", lane), inputs={
-            "source": c.get("source"), "policy": c.get("policy"), "params": params, "target": "sandbox",
-            "profile_id": profile_id, "use_cache": use_cache, "actor": actor}))
-        nodes.append(Node(name=f"validate:{name}", kind="validate", lane=c.get("lane", lane),
-                          after=[f"verify:{name}"], inputs={"candidate": who, **check}))
-    return submit_campaign(f"validate {len(cands)} candidates", nodes, budget=budget, lane=lane,
-                           use_cache=use_cache, actor=actor, complete_by_s=complete_by_s)
+        who = CandidateRef(policy=c.policy, params=c.params or {}, report_id=c.report_id,
+                           source_sha256=hashlib.sha256(c.source.encode()).hexdigest() if c.source else None)
+        nodes.append(Node(name=f"verify:{name}", kind="verify", lane=c.lane, inputs=VerifyRequest(
+            source=c.source, policy=c.policy, params=c.params or {}, target="sandbox", profile_id=req.profile_id,
+            use_cache=req.use_cache, actor=actor).model_dump(mode="json")))
+        nodes.append(Node(name=f"validate:{name}", kind="validate", lane=c.lane, after=[f"verify:{name}"],
+                          inputs=ValidateRequest(candidate=who, **check).model_dump(mode="json")))
+    return submit_campaign(f"validate {len(req.candidates)} candidates", nodes, budget=req.budget, lane=lane,
+                           use_cache=req.use_cache, actor=actor, complete_by_s=complete_by_s)

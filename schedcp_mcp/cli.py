@@ -249,7 +249,7 @@ def serve(http: str | None, token_file: Path | None, tls_cert: str | None, tls_k
         os.environ["SCHEDCP_ALLOW_HOST_DEPLOY"] = "1"
     if allow_host_verify:
         os.environ["SCHEDCP_ALLOW_HOST_VERIFY"] = "1"
-    from .validate.workloads import host_commands
+    from .workloads import host_commands
 
     access.set_policy(allow_command, list(command_prefixes),
                       host_commands() + [access.argv(c, "--allow-exact-command") for c in exact_commands])
@@ -301,6 +301,7 @@ def _lane(background: bool) -> str:
 
 
 def run_to_end(job_id: str, progress):
+    from . import worker  # noqa: F401 — a pool started here runs any kind (children included)
     from .jobs.pool import run_to_end as run
 
     return run(job_id, progress)
@@ -336,8 +337,10 @@ def queued(job, as_json: bool) -> None:
 def worker(size: int | None, engine: str, as_json: bool) -> None:
     """Run the job worker pool in the foreground (Ctrl-C / SIGTERM stops it; its running jobs go
     back to the queue). With --engine celery it is the fleet's coordinator; the workers are
-    `celery -A schedcp_mcp.jobs.fleet worker` on the sandbox machines."""
+    `celery -A schedcp_mcp.worker worker` on the sandbox machines."""
     import signal
+
+    from . import worker as _kinds  # noqa: F401 — every job kind, registered
 
     def on_term(*_):
         raise KeyboardInterrupt
@@ -416,7 +419,7 @@ def render_job_detail(d) -> None:
     if j.error:
         console.print(f"  [red]error:[/red] {escape(j.error)}")
     if j.result is not None:
-        from .benches import without_printed
+        from .bench.runs import without_printed
 
         console.print(f"  result: {escape(json.dumps(without_printed(j.result))[:600])}")
     for a in d.attempts:
@@ -426,7 +429,7 @@ def render_job_detail(d) -> None:
         render_jobs(d.children)
     printed = next((x.result for x in [j, *d.children] if (x.result or {}).get("printed")), None)
     if printed:  # a benchmark's tables, as the command printed them
-        from .benches import show
+        from .bench.runs import show
 
         show(printed, console)
 
@@ -441,6 +444,8 @@ def render_job_detail(d) -> None:
 def jobs(ctx: click.Context, state: str | None, kind: str | None, all_: bool, limit: int,
          as_json: bool) -> None:
     """The supervisor's jobs, newest first (subcommands: show, cancel, wait)."""
+    from . import worker  # noqa: F401 — cancel stops a job's VMs; wait may run any kind here
+
     if ctx.invoked_subcommand is not None:
         return
     from .jobs import queue
@@ -882,13 +887,18 @@ def verify(file_and_args: tuple[str, ...], policy: str | None, all_policies: boo
     kv = parse_params(params)
     if all_policies:
         names = [p.name for p in list_policies() if p.kind == "schedcp"]
-        job = candidates.verify_job(policies=names, target=target, use_cache=not no_cache,
-                                    lane=_lane(background), actor="cli", complete_by_s=deadline)
+        from .operations import VerifyRequest
+
+        job = candidates.verify_job(VerifyRequest(policies=names, target=target, use_cache=not no_cache,
+                                                  actor="cli"), lane=_lane(background), complete_by_s=deadline)
         if background:
             return queued(job, as_json)
         with progress_bar("verifying policies", not as_json) as bar:
             job = run_to_end(job.id, bar)
-        reports = [get_report(x["report_id"]) for x in queue_result(job)["reports"]]
+        from .operations import VerifyManyResult
+
+        queue_result(job)
+        reports = [get_report(x.report_id) for x in job.result_as(VerifyManyResult).reports]
         ok = all(r.passed_layer1 for r in reports)
         if as_json:
             click.echo(json.dumps({"passed": ok, "reports": [layer1_json(r) for r in reports]},
@@ -898,9 +908,11 @@ def verify(file_and_args: tuple[str, ...], policy: str | None, all_policies: boo
                 render_layer1(r)
         sys.exit(0 if ok else 1)
     source = file.read_text(errors="replace") if file else None
-    job = candidates.verify_job(source=source, policy=policy, params=kv, target=target, actor="cli",
-                                include_dirs=tuple(p.resolve() for p in include_dirs),
-                                use_cache=not no_cache, lane=_lane(background), complete_by_s=deadline)
+    from .operations import VerifyRequest
+
+    req = VerifyRequest(source=source, policy=policy, params=kv, target=target, actor="cli",
+                        include_dirs=[str(p.resolve()) for p in include_dirs], use_cache=not no_cache)
+    job = candidates.verify_job(req, lane=_lane(background), complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("verify", not as_json) as bar:
@@ -943,7 +955,7 @@ def render_layer2(out) -> None:
     l2 = r.layer2
     if l2 is None:
         return
-    from .validate.bench import interval_table
+    from .bench.validate import interval_table
 
     console.print(interval_table(l2.workloads, f"sandbox A/B: {l2.rounds} paired rounds in one boot "
                                  f"({l2.durations.get('total', 0):.0f} s); TCG timings, ratios only"))
@@ -1012,12 +1024,13 @@ def validate(file_and_args: tuple[str, ...], policy: str | None, report_id: str 
         file = _one_file(file_and_args)
     if sum(bool(x) for x in (file, policy, report_id)) != 1:
         raise click.UsageError("give exactly one of FILE, --policy NAME, --report ID, --program PATH")
-    job = candidates.validate_job(report_id=report_id,
-                                  source=file.read_text(errors="replace") if file else None,
-                                  policy=policy, params=parse_params(params), goals=parse_goals(goals),
-                                  workloads=list(workloads) or None, profile_id=profile_id,
-                                  rounds=rounds, budget_s=budget, use_cache=not no_cache,
-                                  lane=_lane(background), actor="cli", complete_by_s=deadline)
+    from .operations import ValidateRequest
+
+    req = ValidateRequest(report_id=report_id, source=file.read_text(errors="replace") if file else None,
+                          policy=policy, params=parse_params(params), goals=parse_goals(goals) or None,
+                          workloads=list(workloads) or None, profile_id=profile_id, rounds=rounds,
+                          budget_s=budget, use_cache=not no_cache)
+    job = candidates.validate_job(req, lane=_lane(background), actor="cli", complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("validate", not as_json) as bar:
@@ -1046,30 +1059,33 @@ def campaign(policies: tuple[str, ...], files: tuple[Path, ...], goals: tuple[st
     """Validate several candidates as one campaign: verify → validate per candidate, in parallel up to
     the pool size, within an optional budget (earlier candidates first). Exit 0 when all passed."""
     from . import candidates
+    from .jobs.campaigns import CampaignResult
     from .jobs.models import Budget
+    from .operations import CampaignCandidate, CampaignRequest
 
-    cands = [{"policy": p} for p in policies] + [{"source": f.read_text(errors="replace"), "name": f.stem}
-                                                  for f in files]
+    lane = _lane(background)
+    cands = [CampaignCandidate(policy=p, lane=lane) for p in policies] + \
+        [CampaignCandidate(source=f.read_text(errors="replace"), name=f.stem, lane=lane) for f in files]
     budget = Budget(runs=budget_runs, sandbox_s=budget_seconds) \
         if budget_runs is not None or budget_seconds is not None else None
-    job = candidates.validate_campaign(cands, goals=parse_goals(goals), workloads=list(workloads) or None,
-                                       rounds=rounds, budget=budget, use_cache=not no_cache,
-                                       lane=_lane(background), actor="cli", complete_by_s=deadline)
+    req = CampaignRequest(candidates=cands, goals=parse_goals(goals), workloads=list(workloads) or None,
+                          rounds=rounds, budget=budget, use_cache=not no_cache)
+    job = candidates.validate_campaign(req, lane=lane, actor="cli", complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("campaign", not as_json) as bar:
         job = run_to_end(job.id, lambda m, f: bar(m, f))
     queue_result(job)
     emit(queue_detail(job.id), as_json, render_job_detail)
-    sys.exit(0 if job.result and all(c["state"] == "succeeded" and c["passed"] is not False
-                                     for c in job.result["children"]) else 1)
+    res = job.result_as(CampaignResult)
+    sys.exit(0 if all(c.state == "succeeded" and c.passed is not False for c in res.children) else 1)
 
 
 @main.command("workloads")
 @json_option
 def workloads_cmd(as_json: bool) -> None:
     """The sandbox benchmark workloads."""
-    from .validate.workloads import list_workloads
+    from .workloads import list_workloads
 
     def render(ws):
         t = Table("name", "metric", "unit", "better", "command")
@@ -1200,7 +1216,7 @@ def _show_synth(res, as_json: bool, show_source: bool) -> None:
 @json_option
 def primitives_cmd(as_json: bool) -> None:
     """The algorithm primitives a generated scheduler is built from (what, when, knobs, ranges)."""
-    from .synth.primitives import catalog
+    from .synth.spec import catalog
 
     def render(c):
         for axis in c.axes:
@@ -1304,10 +1320,12 @@ def parse_space(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @click.argument("name", metavar="NAME|CANDIDATE")
 @click.option("--workload", "workloads", multiple=True, help="sandbox workloads to tune on (default hackbench)")
 @click.option("--goal", "goals", multiple=True, metavar="METRIC<=RATIO", help="gates each trial is judged by")
-@click.option("--budget", "budget_rounds", default=12, show_default=True, type=click.IntRange(2, 200),
-              help="paired baseline/candidate rounds, all trials together")
+@click.option("--budget-rounds", "budget_rounds", default=None, type=click.IntRange(2, 200),
+              help="paired baseline/candidate rounds, all trials together  [default: 12]")
+@click.option("--budget", "old_budget", default=None, type=click.IntRange(2, 200), hidden=True,
+              help="deprecated: ROUNDS here (not seconds); use --budget-rounds")
 @click.option("--seconds", "budget_s", type=click.FloatRange(0, 7200, min_open=True), default=None,
-              help="stop starting rungs after this long")
+              help="stop starting rungs after this long (the tune's budget_s)")
 @click.option("--configs", default=4, show_default=True, type=click.IntRange(1, 64),
               help="configurations in the first rung")
 @click.option("--space", multiple=True, metavar="NAME=V1,V2…", help="only try these values of a knob")
@@ -1315,15 +1333,25 @@ def parse_space(items: tuple[str, ...]) -> dict[str, list[str]] | None:
 @background_option
 @deadline_option
 @json_option
-def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_rounds: int,
-         budget_s: float | None, configs: int, space: tuple[str, ...], seed: int, background: bool,
-         deadline: float | None, as_json: bool) -> None:
+def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_rounds: int | None,
+         old_budget: int | None, budget_s: float | None, configs: int, space: tuple[str, ...], seed: int,
+         background: bool, deadline: float | None, as_json: bool) -> None:
     """Search a policy's parameters in the sandbox (successive halving, one VM boot).
     Exit 0 when the best is at least as good as the defaults, 1 when nothing ran, 2 usage."""
+    from .operations import TuneRequest
     from .synth.tune import tune_job, tune_result
 
-    job = tune_job(name, list(workloads) or None, parse_goals(goals), budget_rounds, budget_s, configs,
-                   parse_space(space), seed, lane=_lane(background), actor="cli", complete_by_s=deadline)
+    if old_budget is not None:
+        if budget_rounds is not None:
+            raise click.UsageError("give --budget-rounds only (--budget is its deprecated spelling)")
+        err_console.print("[yellow]--budget is deprecated here: it means paired ROUNDS in tune (seconds "
+                          "everywhere else); use --budget-rounds (and --seconds for a time limit)[/yellow]")
+        budget_rounds = old_budget
+    budget_rounds = 12 if budget_rounds is None else budget_rounds
+    req = TuneRequest(name=name, workloads=list(workloads) or None, goals=parse_goals(goals) or None,
+                      budget_rounds=budget_rounds, budget_s=budget_s, configs=configs, space=parse_space(space),
+                      seed=seed, actor="cli")
+    job = tune_job(req, lane=_lane(background), complete_by_s=deadline)
     if background:
         return queued(job, as_json)
     with progress_bar("tune", not as_json) as bar:
@@ -1373,17 +1401,17 @@ def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metr
     """Deploy a validated scheduler with its token, then monitor it (automatic rollback). With a scope
     (`--scope pid:N`, `--scope cgroup:PATH` or `-- CMD`): in partial mode, only those tasks (and their
     children) on it; every other task stays on the default scheduler, and rollback moves them back."""
-    from .deploy.deployments import MonitorPolicy, deploy as do_deploy
+    from .deploy.deployments import DeployRequest, MonitorPolicy, deploy as do_deploy
     from .deploy.scope import parse as parse_scope
-
-    scope = parse_scope(scope_, list(command) or None)
 
     mon = MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
                         max_degradation_ratio=max_degradation, consecutive=consecutive,
                         interval_s=interval, workload_cmd=workload)
+    req = DeployRequest(token=token_, target=target, dry_run=dry_run, monitor=mon,
+                        scope=parse_scope(scope_, list(command) or None))
     with progress_bar("deploy", not as_json and not dry_run) as bar:
         bar("deploying", 0.2)
-        d = do_deploy(token_, target, actor="cli", dry_run=dry_run, monitor=mon, scope=scope)
+        d = do_deploy(req, actor="cli")
 
     def render(d):
         if getattr(d, "dry_run", False):
@@ -1411,7 +1439,7 @@ def ab(token_: str, target: str, rounds: int, no_aa: bool, command: tuple[str, .
     in paired rounds as SCHED_EXT (candidate) and SCHED_NORMAL (default), with a plain FIFO's partial-mode
     A/A beside it (what the class order alone costs). Nothing stays deployed."""
     from .deploy.ab import ab as run_ab
-    from .validate.bench import fmt_interval
+    from .bench.validate import fmt_interval
 
     with progress_bar("ab", not as_json) as bar:
         res = run_ab(token_, list(command), target, rounds=rounds, aa=not no_aa, actor="cli",
@@ -1720,7 +1748,7 @@ def bench_verify(runs: int, as_json: bool) -> None:
     Cold starts a VM for a new object: restored from the image's saved idle guest, and booted as
     the baseline, interleaved in the same run; warm loads a new object in a running VM; cached
     answers the same source again from the store. The machine's load average is printed too."""
-    from .verify.bench import bench_verify as run
+    from .bench.verify import bench_verify as run
 
     res = run(runs=runs, say=(lambda line: None) if as_json else None)
     if as_json:
@@ -1734,7 +1762,7 @@ def bench_tools(as_json: bool) -> None:
     README's worked examples (ids from this store), through a real stdio client."""
     from rich.table import Table
 
-    from .toolbench import LIST_MAX, bench_tools as run
+    from .bench.tools import LIST_MAX, bench_tools as run
 
     def render(b) -> None:
         console.print(f"tools/list: {b.list_bytes:,} bytes (~{b.list_tokens:,} tokens) for {b.tools} "
@@ -1754,7 +1782,7 @@ def bench_tools(as_json: bool) -> None:
 def bench_job(job, label: str, background: bool, as_json: bool, answer=None) -> dict:
     """A benchmark job from the command line: its id (--background), or wait with a progress bar and
     print what it printed (under --json: its result). `answer`: what to read from the ended job."""
-    from .benches import show, without_printed
+    from .bench.runs import show, without_printed
 
     if background:
         queued(job, as_json)
@@ -1776,7 +1804,7 @@ def bench_job(job, label: str, background: bool, as_json: bool, answer=None) -> 
 @json_option
 def bench_synth(workers: int, background: bool, deadline: float | None, as_json: bool) -> None:
     """The primitive matrix: render, compile and kernel-verify every spec in one VM boot."""
-    from .benches import synth_job
+    from .bench.runs import synth_job
 
     res = bench_job(synth_job(workers, lane=_lane(background), actor="cli", complete_by_s=deadline),
                     "bench synth", background, as_json)
@@ -1794,7 +1822,7 @@ def bench_synth(workers: int, background: bool, deadline: float | None, as_json:
 @json_option
 def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, as_json: bool) -> None:
     """The supervisor's throughput (jobs/s) and submit→start latency with trivial jobs."""
-    from .jobs.bench import TARGET_JOBS_S, TARGET_P99_MS, bench_campaign, bench_jobs as run, bench_vm_noise
+    from .bench.jobs import TARGET_JOBS_S, TARGET_P99_MS, bench_campaign, bench_jobs as run, bench_vm_noise
 
     if campaign_:
         from . import candidates
@@ -1803,7 +1831,7 @@ def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, 
 
         def submit():
             return candidates.validate_campaign([{"policy": p} for p in names], workloads=["hackbench"],
-                                                rounds=2, budget_s=0, use_cache=False)
+                                                rounds=2, validation_budget_s=0, use_cache=False)
 
         def show_c(rs):
             t = Table("pool", "candidates", "wall time", "validations done", "A/A noise", "baseline hackbench",
@@ -1862,7 +1890,7 @@ def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], ou
                    background: bool, deadline: float | None, as_json: bool) -> None:
     """A/B intervals of every repository policy and the kernel's example schedulers on the sandbox
     workloads (table + PNG chart): a campaign of one validation per policy, then the report."""
-    from .benches import policies_campaign, report_of
+    from .bench.runs import policies_campaign, report_of
 
     job = policies_campaign(list(names) or None, rounds, budget, out, use_cache=not no_cache,
                             width=console.width, lane=_lane(background), actor="cli", complete_by_s=deadline)
@@ -1888,7 +1916,7 @@ def bench_peers(program_args: tuple[str, ...], peer_names: tuple[str, ...], prog
     """The repository's best policy against every peer program (the kernel's examples, started with their
     own userspace), each through the same validation; one table with every row's intervals (+ chart)."""
     from . import candidates
-    from .benches import peers_campaign, report_of
+    from .bench.runs import peers_campaign, report_of
 
     if program_args and not program:
         raise click.UsageError("arguments after `--` belong to --program")
@@ -1912,7 +1940,7 @@ def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], back
              deadline: float | None, as_json: bool) -> None:
     """The default scheduler against itself in one boot: each workload's ratio interval, the smallest
     difference a validation can tell. Exit 1 when an interval is wider than ±10 %."""
-    from .benches import aa_job
+    from .bench.runs import aa_job
 
     res = bench_job(aa_job(rounds, budget, list(workloads) or None, width=console.width, lane=_lane(background),
                            actor="cli", complete_by_s=deadline), "bench aa", background, as_json)
@@ -1933,7 +1961,7 @@ def bench_stability(policy: str, runs: int, rounds: int, budget: float | None, o
                     background: bool, deadline: float | None, as_json: bool) -> None:
     """Validate one policy in N fresh boots (N validation jobs, never from the cache): each run's
     verdicts and how often a verdict flipped. Exit 1 when any verdict flipped."""
-    from .benches import report_of, stability_campaign
+    from .bench.runs import report_of, stability_campaign
 
     if runs < 2:
         raise click.UsageError("--runs must be at least 2 to see a flip")

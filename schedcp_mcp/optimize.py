@@ -21,20 +21,28 @@ import sys
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import anyio
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from pydantic import BaseModel, Field, PrivateAttr
 
 from . import agents, answers, config
+from .answers import (CampaignAnswer, DeploymentAnswer, DeploymentBrief, DiagnosisAnswer, FigureBrief, HitBrief, Layer2Brief,
+                      MatchResult, PolicyAnswer, PolicyBrief, PrimitivesAnswer, ProfileBrief, ReportBrief,
+                      SearchAnswer, StatusAnswer, SynthBrief, TokenOut, WorkloadList, WorkloadRow)
 from .candidates import check_goal_ratio, check_layer2_request
+from .diagnose import Change, Diagnosis
 from .errors import BadInput, InfrastructureError, SchedcpError
+from .learn.feedback import Feedback
 from .models import Goal, in_words, times, vs_default
+from .observe.system import SystemInfo
+from .plans import Lesson, OptimizationPlan, PlannedCandidate
 from .validate.gates import GUARD_RESULTS
-from .validate.workloads import GUARDS
+from .workloads import GUARDS, SEARCH_WORDS
 
 Progress = Callable[[str, float], None]
+M = TypeVar("M", bound=BaseModel)
 
 #: seconds a validation costs besides its rounds (boot, layer 1, stress) and per workload round,
 #: measured on the 2-vCPU TCG development machine (README "Results"); used only to fit the budget
@@ -49,10 +57,7 @@ MAX_PLAN_ROUNDS = 3
 ROUND_SHARE = 0.5
 #: a host command is profiled repeated for this long, as match_workloads' references are
 MATCH_PROFILE_S = 3
-#: words a search gets for each sandbox workload and each profile characteristic
-WORKLOAD_WORDS = {"hackbench": "message passing", "pipe": "pipe wakeup latency",
-                  "wakeup": "latency wakeup interactive", "build": "build many-processes fork",
-                  "cpu": "throughput cpu-bound batch"}
+#: words a search gets for each profile characteristic (a workload's: workloads.SEARCH_WORDS)
 TRAIT_WORDS = {"latency_sensitive": "latency interactive", "cpu_bound": "throughput cpu-bound",
                "many_short_lived_processes": "build many-processes", "io_heavy": "io"}
 
@@ -114,6 +119,11 @@ class Stage:
             text = " ".join(getattr(c, "text", "") for c in res.content).strip()
             raise ToolFailed(f"{tool}: {text}")
         return res.structured_content or {}
+
+    async def ask(self, tool: str, model: type[M], args: dict[str, Any] | None = None,
+                  progress: Progress | None = None) -> M:
+        """A tool's answer, parsed by the model the server answers with (answers.py, or the record's own)."""
+        return model.model_validate(await self.call(tool, args, progress))
 
 
 # --- the report --------------------------------------------------------------------------------------
@@ -207,7 +217,7 @@ class OptimizeReport(BaseModel):
     winner_label: str | None = None
     why: str = ""
     token: str | None = None
-    deployment: dict[str, Any] | None = None
+    deployment: DeploymentBrief | None = None
     host_command: str | None = None
     feedback: list[str] = []
     outcome_ids: list[str] = []
@@ -223,7 +233,7 @@ class OptimizeReport(BaseModel):
     #: workload name -> the metrics it measures (its own and its goal metrics), from list_workloads
     _measures: dict[str, set[str]] = PrivateAttr(default_factory=dict)
     #: list_workloads' rows (name, metric, …)
-    _workload_rows: list[dict] = PrivateAttr(default_factory=list)
+    _workload_rows: list[WorkloadRow] = PrivateAttr(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -233,15 +243,14 @@ class OptimizeReport(BaseModel):
 # --- the stages ----------------------------------------------------------------------------------------
 
 async def observe(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
-    info = await st.call("get_system_info")
-    sx = (info.get("kernel") or {}).get("sched_ext") or {}
-    rep.host_sched_ext = bool(sx.get("present"))
+    info = await st.ask("get_system_info", SystemInfo)
+    rep.host_sched_ext = info.kernel.sched_ext.present
     rep.host_note = ("this host has sched_ext: a human can deploy the winner here with its token"
                      if rep.host_sched_ext else
                      "this host has no sched_ext: candidates are judged in the sandbox VM; only a "
                      "host deployment needs a sched_ext kernel")
-    listed = (await st.call("list_workloads"))["workloads"]
-    rep._measures = {w["name"]: {w["metric"], *w.get("goal_metrics", [])} for w in listed}
+    listed = (await st.ask("list_workloads", WorkloadList)).workloads
+    rep._measures = {w.name: {w.metric, *w.goal_metrics} for w in listed}
     rep._workload_rows = listed
     known = list(rep._measures)
     unknown = [w for w in req.workloads if w not in known]
@@ -250,48 +259,49 @@ async def observe(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pro
     if req.command:
         say("observation: profiling the command on this host", 0.02)
         # repeated for as long as the sandbox workloads' reference profiles, so the rates compare
-        prof = await st.call("profile_workload", {"command": req.command, "duration_s": 30,
-                                                  "repeat_s": MATCH_PROFILE_S})
-        rep.profile_id, rep.profile_summary = prof["id"], prof["summary"]
+        prof = await st.ask("profile_workload", ProfileBrief, {"command": req.command, "duration_s": 30,
+                                                               "repeat_s": MATCH_PROFILE_S})
+        rep.profile_id, rep.profile_summary = prof.id, prof.summary
         say("observation: matching it to the sandbox workloads", 0.05)
-        matches = (await st.call("match_workloads", {"profile_id": prof["id"]}))["matches"]
-        good = [m for m in matches if m["good"]][:2] or matches[:1]
-        rep.workloads = [m["workload"] for m in good]
+        matches = (await st.ask("match_workloads", MatchResult, {"profile_id": prof.id})).matches
+        good = [m for m in matches if m.good][:2] or matches[:1]
+        rep.workloads = [m.workload for m in good]
         rep.workload_reasons = [
-            f"{m['workload']}: similarity {m['similarity']:.2f}"
-            + ("" if m["good"] else " (the best there is, below the 0.75 of a good match)")
-            + f" — {m['reason']}" for m in good]
+            f"{m.workload}: similarity {m.similarity:.2f}"
+            + ("" if m.good else " (the best there is, below the 0.75 of a good match)")
+            + f" — {m.reason}" for m in good]
     else:
-        rep.workloads = req.workloads or [w["name"] for w in listed if w.get("default", True)]
+        rep.workloads = req.workloads or [w.name for w in listed if w.default]
         for i, name in enumerate(rep.workloads):
             say(f"observation: profiling sandbox workload {name} on this host", 0.02 + 0.03 * i)
-            prof = await st.call("profile_workload", {"workload": name, "duration_s": 30})
+            prof = await st.ask("profile_workload", ProfileBrief, {"workload": name, "duration_s": 30})
             if rep.profile_id is None:  # the plan serves the first; each is stored for history
-                rep.profile_id, rep.profile_summary = prof["id"], prof["summary"]
-            rep.workload_reasons.append(f"{name}: given (profile {prof['id']})")
+                rep.profile_id, rep.profile_summary = prof.id, prof.summary
+            rep.workload_reasons.append(f"{name}: given (profile {prof.id})")
 
 
-def search_query(profile: dict, workloads: list[str]) -> str:
-    ch = profile.get("characteristics") or {}
-    words = [WORKLOAD_WORDS.get(w, w) for w in workloads]
-    words += [w for trait, w in TRAIT_WORDS.items() if ch.get(trait)]
+def search_query(profile: ProfileBrief, workloads: list[str]) -> str:
+    ch = profile.characteristics
+    words = [SEARCH_WORDS.get(w, w) for w in workloads]
+    words += [w for trait, w in TRAIT_WORDS.items() if getattr(ch, trait)]
     return " ".join(dict.fromkeys(" ".join(words).split()))
 
 
-def choose_strategy(hits: list[dict], query: str, can_generate: bool) -> tuple[str, str, list[dict]]:
+def choose_strategy(hits: list[HitBrief], query: str, can_generate: bool,
+                    won_before: set[str] = frozenset()) -> tuple[str, str, list[HitBrief]]:
     """Reconfigure > revise > generate, by rule: reconfigure while repository policies match and
     have not all done worse than the default on similar workloads. Revising needs a patch only an
     agent can write, so this planner moves on to generate (when the server can) and otherwise
     reconfigures the closest policies, saying so. Returns (strategy, rationale, policies to try
     in order: policies that passed and met their goals before (`won_before`), then the best
     history on similar workloads, then relevance)."""
-    ours = [h for h in hits if h["kind"] == "schedcp" and h["runnable"]]
+    ours = [h for h in hits if h.kind == "schedcp" and h.runnable]
     # what did best on similar workloads before comes first (by that history alone), then the rest
     # by relevance
-    ours.sort(key=lambda h: (not h.get("won_before"), h["history_score"] <= 0,
-                             -h["history_score"] if h["history_score"] > 0 else -h["score"]))
-    fits = [h for h in ours if h["text_score"] > 0 or h["history_score"] > 0]
-    if fits and not all(h["history_score"] < 0 for h in fits):
+    ours.sort(key=lambda h: (h.name not in won_before, h.history_score <= 0,
+                             -h.history_score if h.history_score > 0 else -h.score))
+    fits = [h for h in ours if h.text_score > 0 or h.history_score > 0]
+    if fits and not all(h.history_score < 0 for h in fits):
         return "reconfigure", (f"reconfigure: {len(fits)} repository policies match {query!r}; "
                                "running them with parameters fitted to the profile is the cheapest "
                                "and best-known way. "), fits
@@ -319,65 +329,75 @@ def first_share(req: OptimizeRequest, n_workloads: int) -> float:
     return ROUND_SHARE if (req.budget_s - DEPLOY_RESERVE_S - req.watch_s) >= 2 * per else 1.0
 
 
-def reconfigured(policy: dict, profile: dict) -> dict[str, str] | None:
+def reconfigured(policy: PolicyBrief, profile: ProfileBrief) -> dict[str, str] | None:
     """Parameters chosen for the profile, within the policy's ranges: shorter slices for a
     latency-sensitive workload, longer for a CPU-bound one. None when the defaults stand."""
-    ch = profile.get("characteristics") or {}
-    slice_p = next((p for p in policy.get("parameters", []) if p["name"] == "slice_ns"), None)
+    ch = profile.characteristics
+    slice_p = next((p for p in policy.parameters if p.name == "slice_ns"), None)
     if slice_p is None:
         return None
-    d = int(slice_p["default"])
-    lo, hi = slice_p.get("min") or 1, slice_p.get("max") or d * 8
-    if ch.get("latency_sensitive"):
+    d = int(slice_p.default)
+    lo, hi = slice_p.min or 1, slice_p.max or d * 8
+    if ch.latency_sensitive:
         v = max(lo, d // 4)
-    elif ch.get("cpu_bound"):
+    elif ch.cpu_bound:
         v = min(hi, d * 2)
     else:
         return None
     return {"slice_ns": str(v)} if v != d else None
 
 
+def goal_args(goals: list[Goal]) -> list[dict[str, Any]]:
+    """Goals as the tools take them (GoalIn)."""
+    return [{"metric": g.metric, "direction": g.direction,
+             "target_ratio": g.target_ratio if g.target_ratio is not None else 1.0} for g in goals]
+
+
+def plan_args(cands: list[PlannedCandidate]) -> list[dict[str, Any]]:
+    return [c.model_dump(mode="json", exclude_none=True) for c in cands]
+
+
 async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
     say("planning: searching the repository", 0.1)
-    prof = await st.call("get_profile", {"profile_id": rep.profile_id})
+    prof = await st.ask("get_profile", ProfileBrief, {"profile_id": rep.profile_id})
     query = rep.query = search_query(prof, rep.workloads)
     judged = with_guards(rep.workloads)
-    hits = (await st.call("search_policies", {"query": query, "profile_id": rep.profile_id,
-                                              "workloads": judged}))["hits"]
-    measured = {w["metric"] for w in rep._workload_rows if w["name"] in judged} if rep._workload_rows else set()
+    hits = (await st.ask("search_policies", SearchAnswer, {"query": query, "profile_id": rep.profile_id,
+                                                          "workloads": judged})).hits
+    measured = {w.metric for w in rep._workload_rows if w.name in judged}
+    won_before = set()
     for h in hits:  # a history that includes a validated win on everything this plan is judged on
-        if h["kind"] == "schedcp" and h["history_score"] > 0:
-            hist = (await st.call("get_policy", {"name": h["name"]})).get("history", [])
-            h["won_before"] = any(o["goals_met"] and o["reward"] > 0 and o["source"] != "external"
-                                  and measured <= set(o.get("measured", [])) for o in hist)
-    strategy, rationale, fits = choose_strategy(hits, query, st.may("generate_scheduler"))
+        if h.kind == "schedcp" and h.history_score > 0:
+            hist = (await st.ask("get_policy", PolicyAnswer, {"name": h.name})).history
+            if any(o.goals_met and o.reward > 0 and o.source != "external" and measured <= set(o.measured)
+                   for o in hist):
+                won_before.add(h.name)
+    strategy, rationale, fits = choose_strategy(hits, query, st.may("generate_scheduler"), won_before)
     share = first_share(req, len(with_guards(rep.workloads)))
     n, per = candidate_budget(req, len(with_guards(rep.workloads)), share)
-    chosen, candidates = fits[:n], []
-    for h in chosen:
-        reason = f"score {h['score']:.2f}: {h['reason']}"
-        candidates.append({"policy": h["name"], "params": {}, "strategy": "reconfigure",
-                           "why": reason})
+    chosen = fits[:n]
+    candidates = [PlannedCandidate(policy=h.name, strategy="reconfigure", why=f"score {h.score:.2f}: {h.reason}")
+                  for h in chosen]
     if chosen and n > 1:  # last: the top policy with parameters fitted to the profile (other families
         # first: a campaign the budget cuts short drops the last candidates, and a variant of the top
         # policy tells less than another policy)
-        top = await st.call("get_policy", {"name": chosen[0]["name"]})
-        params = reconfigured(top["policy"], prof)
+        top = await st.ask("get_policy", PolicyAnswer, {"name": chosen[0].name})
+        params = reconfigured(top.policy, prof)
         if params:
-            candidates.insert(max(1, n - 1), {"policy": chosen[0]["name"], "params": params,
-                                  "strategy": "reconfigure",
-                                  "why": f"{chosen[0]['name']} with {params} for a "
-                                         + ("latency-sensitive" if (prof["characteristics"] or {})
-                                            .get("latency_sensitive") else "CPU-bound") + " profile"})
+            kind = "latency-sensitive" if prof.characteristics.latency_sensitive else "CPU-bound"
+            candidates.insert(max(1, n - 1), PlannedCandidate(
+                policy=chosen[0].name, params=params, strategy="reconfigure",
+                why=f"{chosen[0].name} with {params} for a {kind} profile"))
     if strategy == "generate":
-        spec = (await st.call("list_primitives"))["spec_example"]
-        spec = {**spec, "name": f"gen_{rep.workloads[0]}"[:31]}
-        g = await st.call("generate_scheduler", {"spec": spec, "profile_id": rep.profile_id})
-        if g["verdict"] == "accepted":
-            candidates.insert(0, {"report_id": g["report_id"], "strategy": "generate",
-                                  "why": f"generated from primitives: {spec['description']}"})
+        spec = (await st.ask("list_primitives", PrimitivesAnswer)).spec_example
+        spec = spec.model_copy(update={"name": f"gen_{rep.workloads[0]}"[:31]})
+        g = await st.ask("generate_scheduler", SynthBrief, {"spec": spec.model_dump(mode="json", exclude_none=True),
+                                                            "profile_id": rep.profile_id})
+        if g.verdict == "accepted":
+            candidates.insert(0, PlannedCandidate(report_id=g.report_id, strategy="generate",
+                                                  why=f"generated from primitives: {spec.description}"))
         else:
-            rationale += f"The generated scheduler was refused by layer 1 ({g['status']}). "
+            rationale += f"The generated scheduler was refused by layer 1 ({g.status}). "
     if not candidates:
         raise InfrastructureError("the repository has no runnable schedcp policy",
                                   "check `schedcp policies list`")
@@ -387,34 +407,33 @@ async def plan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progre
                   f"budget (~{per:.0f} s per validation on {len(with_guards(rep.workloads))} workload(s) x "
                   f"{req.rounds} rounds{'; the rest is for a re-plan if this round fails' if share < 1 else ''}); "
                   "policies with a winning history on similar workloads first.")
+    # the plan's budget_s: the seconds its validations may spend (validate_round holds a round to it)
     args: dict[str, Any] = {"profile_id": rep.profile_id, "workloads": rep.workloads,
-                            "strategy": strategy, "rationale": rationale, "candidates": candidates,
-                            "budget_s": req.budget_s}
+                            "strategy": strategy, "rationale": rationale, "candidates": plan_args(candidates),
+                            "budget_s": max(1.0, (req.budget_s - DEPLOY_RESERVE_S - req.watch_s) * share)}
     if req.goals:
-        args["goals"] = [{"metric": g.metric, "direction": g.direction,
-                          "target_ratio": g.target_ratio if g.target_ratio is not None else 1.0}
-                         for g in req.goals]
-    p = await st.call("create_plan", args)
-    rep.plan_id, rep.strategy, rep.rationale = p["id"], p["strategy"], p["rationale"]
-    rep.plan_versions.append(p["id"])
-    rep.goals = [Goal(**g) for g in p["goals"]]
+        args["goals"] = goal_args(req.goals)
+    p = await st.ask("create_plan", OptimizationPlan, args)
+    rep.plan_id, rep.strategy, rep.rationale = p.id, p.strategy, p.rationale
+    rep.plan_versions.append(p.id)
+    rep.goals = p.goals
 
 
-def diverse(candidates: list[dict], fits: list[dict], n: int) -> list[dict]:
+def diverse(candidates: list[PlannedCandidate], fits: list[HitBrief], n: int) -> list[PlannedCandidate]:
     """At least one candidate of another family (policy) when there is room for two and the plan holds
     one family only (a history won on one workload must not fill a broader plan with variants of one
     policy: fifo and fifo at 5 ms both failed the wakeup goal, and the one policy that had passed
     other workloads was never tried)."""
-    fams = {c.get("policy") or "generated" for c in candidates}
+    fams = {c.policy or "generated" for c in candidates}
     if n < 2 or len(fams) > 1:
         return candidates
-    other = next((h for h in fits if h["name"] not in fams), None)
+    other = next((h for h in fits if h.name not in fams), None)
     if other is None:
         return candidates
     keep = candidates[:n - 1] if len(candidates) >= n else candidates
-    return [*keep, {"policy": other["name"], "params": {}, "strategy": "reconfigure",
-                    "why": f"another family beside {', '.join(sorted(fams))} (diversity): score "
-                           f"{other['score']:.2f}: {other['reason']}"}]
+    return [*keep, PlannedCandidate(policy=other.name, strategy="reconfigure",
+                                    why=f"another family beside {', '.join(sorted(fams))} (diversity): score "
+                                        f"{other.score:.2f}: {other.reason}")]
 
 
 def tied(rep: OptimizeReport) -> bool:
@@ -423,15 +442,14 @@ def tied(rep: OptimizeReport) -> bool:
     return bool(win) and not any(f.verdict == "better" for f in win.figures if not f.guard)
 
 
-def change_label(ch: dict) -> str:
-    if ch["tool"] == "reconfigure_policy":
-        return f"reconfigure {ch['policy']} with " + ", ".join(f"{k}={v}" for k, v in sorted(ch["params"].items()))
-    if ch["tool"] == "generate_scheduler":
-        sp = ch["spec"]
-        return (f"generate {sp['name']} ({sp['queue']}/{sp['ordering']}/{sp['cpu_select']}/{sp['slice']}/"
-                f"{sp['preempt']}" + (", " + ", ".join(f"{k}={v}" for k, v in sorted(sp.get("params", {}).items()))
-                                      if sp.get("params") else "") + ")")
-    return f"revise {ch['policy']}"
+def change_label(ch: Change) -> str:
+    if ch.tool == "reconfigure_policy":
+        return f"reconfigure {ch.policy} with " + ", ".join(f"{k}={v}" for k, v in sorted(ch.params.items()))
+    if ch.tool == "generate_scheduler" and ch.spec is not None:
+        sp = ch.spec
+        return (f"generate {sp.name} ({sp.queue}/{sp.ordering}/{sp.cpu_select}/{sp.slice}/{sp.preempt}"
+                + (", " + ", ".join(f"{k}={v}" for k, v in sorted(sp.params.items())) if sp.params else "") + ")")
+    return f"revise {ch.policy}"
 
 
 async def replan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress, t0: float,
@@ -450,92 +468,87 @@ async def replan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Prog
     say(f"planning: round {rnd} {why}; diagnosing", 0.5)
     lost = [c for c in rep.candidates if c.round == rnd and c.report_id and
             (not c.passed or c.report_id == rep.winner)]
-    per_cand: list[list[tuple[CandidateResult, dict]]] = []
+    per_cand: list[list[tuple[CandidateResult, Diagnosis]]] = []
     for c in lost:
         try:
-            d = await st.call("diagnose_report", {"report_id": c.report_id})
+            d = await st.ask("diagnose_report", DiagnosisAnswer, {"report_id": c.report_id})
         except ToolFailed as e:
             c.diagnoses.append(f"not diagnosed: {e.message}")
             continue
-        c.lost_because = d["evidence"]
-        c.diagnoses = [f"{g['rule']} ({g['phase']}): {g['evidence']} -> {change_label(g['change'])}"
-                       for g in d["diagnoses"]]
-        per_cand.append([(c, g) for g in d["diagnoses"]])
+        c.lost_because = d.evidence
+        c.diagnoses = [f"{g.rule} ({g.phase}): {g.evidence} -> {change_label(g.change)}" for g in d.diagnoses]
+        per_cand.append([(c, g) for g in d.diagnoses])
     # one change per lost candidate in turn: each lost candidate's first (strongest) change first
     order = [x for k in range(max((len(p) for p in per_cand), default=0)) for p in per_cand if k < len(p)
              for x in [p[k]]]
     tried = {c.label for c in rep.candidates}
-    cands: list[dict] = []
-    lessons: list[dict] = []
+    cands: list[PlannedCandidate] = []
+    lessons: list[Lesson] = []
     for c, g in order:
         if len(cands) >= n:
             break
-        ch = g["change"]
-        why_c = f"from {c.label}: {g['rule']} on {g['phase']}: {g['reason']}"
-        if ch["tool"] == "reconfigure_policy":
-            cand = {"policy": ch["policy"], "params": ch["params"], "strategy": "reconfigure", "why": why_c}
-        elif ch["tool"] == "generate_scheduler" and st.may("generate_scheduler"):
-            if any(ls["change"] == change_label(ch) for ls in lessons):
+        ch = g.change
+        why_c = f"from {c.label}: {g.rule} on {g.phase}: {g.reason}"
+        if ch.tool == "reconfigure_policy":
+            cand = PlannedCandidate(policy=ch.policy, params=ch.params, strategy="reconfigure", why=why_c)
+        elif ch.tool == "generate_scheduler" and ch.spec is not None and st.may("generate_scheduler"):
+            if any(ls.change == change_label(ch) for ls in lessons):
                 continue
             try:
-                out = await st.call("generate_scheduler", {"spec": ch["spec"], "profile_id": rep.profile_id})
+                out = await st.ask("generate_scheduler", SynthBrief, {
+                    "spec": ch.spec.model_dump(mode="json", exclude_none=True), "profile_id": rep.profile_id})
             except ToolFailed as e:
-                c.diagnoses.append(f"generate {ch['spec']['name']} refused: {e.message}")
+                c.diagnoses.append(f"generate {ch.spec.name} refused: {e.message}")
                 continue
-            if out["verdict"] != "accepted":
-                c.diagnoses.append(f"generate {ch['spec']['name']}: layer 1 said {out['status']}")
+            if out.verdict != "accepted":
+                c.diagnoses.append(f"generate {ch.spec.name}: layer 1 said {out.status}")
                 continue
-            cand = {"report_id": out["report_id"], "strategy": "generate", "why": why_c}
-        elif ch["tool"] == "revise_policy" and st.may("revise_policy") and ch.get("patch"):
+            cand = PlannedCandidate(report_id=out.report_id, strategy="generate", why=why_c)
+        elif ch.tool == "revise_policy" and st.may("revise_policy") and ch.patch:
             try:
-                out = await st.call("revise_policy", {"base": ch["policy"], "patch": ch["patch"]})
+                out = await st.ask("revise_policy", SynthBrief, {"base": ch.policy, "patch": ch.patch})
             except ToolFailed as e:
-                c.diagnoses.append(f"revise {ch['policy']} refused: {e.message}")
+                c.diagnoses.append(f"revise {ch.policy} refused: {e.message}")
                 continue
-            cand = {"report_id": out["report_id"], "strategy": "revise", "why": why_c}
+            cand = PlannedCandidate(report_id=out.report_id, strategy="revise", why=why_c)
         else:
             continue
         lbl = _label(cand)
         if lbl in tried or any(_label(x) == lbl for x in cands):
             continue
         cands.append(cand)
-        lessons.append({"candidate": c.label, "report_id": c.report_id, "rule": g["rule"],
-                        "evidence": g["evidence"], "change": change_label(ch), "next_candidate": lbl})
+        lessons.append(Lesson(candidate=c.label, report_id=c.report_id, rule=g.rule, evidence=g.evidence,
+                              change=change_label(ch), next_candidate=lbl))
     if not cands:
         rep.replans.append(f"after round {rnd}: {why}; no re-plan: " +
                            ("no diagnosis rule fired on the evidence" if not order else
                             "every change the diagnoses name was tried already or refused"))
         return False
-    strategy = "generate" if any(x["strategy"] == "generate" for x in cands) else \
-        "revise" if any(x["strategy"] == "revise" for x in cands) else "reconfigure"
+    strategy = "generate" if any(x.strategy == "generate" for x in cands) else \
+        "revise" if any(x.strategy == "revise" for x in cands) else "reconfigure"
     rationale = (f"re-plan {rnd + 1} of {rep.plan_id}: {why}; {len(cands)} change(s) from the diagnoses, "
                  f"within the {max(left, 0):.0f} s left: " + "; ".join(
-                     f"{ls['candidate']} -> {ls['rule']} -> {ls['change']}" for ls in lessons))
+                     f"{ls.candidate} -> {ls.rule} -> {ls.change}" for ls in lessons))
     args: dict[str, Any] = {"profile_id": rep.profile_id, "workloads": rep.workloads, "strategy": strategy,
-                            "rationale": rationale[:3900], "candidates": cands, "budget_s": max(left, 1.0),
-                            "replaces": rep.plan_id, "lessons": lessons,
-                            "goals": [{"metric": g.metric, "direction": g.direction,
-                                       "target_ratio": g.target_ratio if g.target_ratio is not None else 1.0}
-                                      for g in rep.goals]}
-    p = await st.call("create_plan", args)
-    rep.replans.append(f"after round {rnd}: {why}; plan {p['id']} (version {p.get('version')}) replaces "
-                       f"{rep.plan_id}")
-    rep.plan_id = p["id"]
-    rep.plan_versions.append(p["id"])
+                            "rationale": rationale[:3900], "candidates": plan_args(cands),
+                            "budget_s": max(left, 1.0), "replaces": rep.plan_id,
+                            "lessons": [ls.model_dump(mode="json", exclude_none=True) for ls in lessons],
+                            "goals": goal_args(rep.goals)}
+    p = await st.ask("create_plan", OptimizationPlan, args)
+    rep.replans.append(f"after round {rnd}: {why}; plan {p.id} (version {p.version}) replaces {rep.plan_id}")
+    rep.plan_id = p.id
+    rep.plan_versions.append(p.id)
     return True
 
 
-def figures(layer2: dict | None, targets: list[str] = ()) -> list[WorkloadFigure]:
+def figures(layer2: Layer2Brief | None, targets: list[str] = ()) -> list[WorkloadFigure]:
     """The A/B figures of a report; a workload that is not a target is marked as a guard."""
-    out = []
-    for w in (layer2 or {}).get("workloads", []):  # answers.layer2_brief
-        out.append(WorkloadFigure(workload=w["name"], metric=w["metric"], unit=w["unit"],
-                                  direction=w["direction"], baseline=w.get("baseline"),
-                                  candidate=w.get("candidate"), ratio=w.get("ratio"),
-                                  ratio_low=w.get("ratio_low"), ratio_high=w.get("ratio_high"),
-                                  noise=w.get("noise"), verdict=w["verdict"],
-                                  guard=w["name"] in GUARD_RESULTS and w["name"].removesuffix("_tail") not in targets))
-    return out
+    def fig(w: FigureBrief) -> WorkloadFigure:
+        return WorkloadFigure(workload=w.name, metric=w.metric, unit=w.unit, direction=w.direction,
+                              baseline=w.baseline, candidate=w.candidate, ratio=w.ratio, ratio_low=w.ratio_low,
+                              ratio_high=w.ratio_high, noise=w.noise, verdict=w.verdict,
+                              guard=w.name in GUARD_RESULTS and w.name.removesuffix("_tail") not in targets)
+    return [fig(w) for w in (layer2.workloads if layer2 else [])]
 
 
 def harmed(figs: list[WorkloadFigure]) -> list[str]:
@@ -580,11 +593,11 @@ def goal_score(figs: list[WorkloadFigure], goals: list[Goal], measures: dict[str
     return round(sum(log(f) for f in chosen) / len(chosen), 4)
 
 
-def _label(c: dict) -> str:
-    if not c.get("policy"):
-        return c.get("report_id") or "source"
-    params = ",".join(f"{k}={v}" for k, v in sorted((c.get("params") or {}).items()))
-    return c["policy"] + (f"[{params}]" if params else "")
+def _label(c: PlannedCandidate) -> str:
+    if not c.policy:
+        return c.report_id or "source"
+    params = ",".join(f"{k}={v}" for k, v in sorted(c.params.items()))
+    return c.policy + (f"[{params}]" if params else "")
 
 
 async def execute(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress,
@@ -599,53 +612,54 @@ async def validate_round(st: Stage, req: OptimizeRequest, rep: OptimizeReport, s
                          t0: float, rnd: int, share: float = 1.0) -> None:
     """One plan version's candidates validated as a campaign; figures read; the winner so far kept.
     `share`: the fraction of the time left this round may spend (the rest is for re-planning)."""
-    p = await st.call("get_plan", {"plan_id": rep.plan_id})
-    n = len(p["candidates"])
-    _, per = candidate_budget(req, len(with_guards(p["workloads"])))
+    p = await st.ask("get_plan", OptimizationPlan, {"plan_id": rep.plan_id})
+    n = len(p.candidates)
+    _, per = candidate_budget(req, len(with_guards(p.workloads)))
     # what is left for the sandbox: each validation gets its share (the sandbox adds paired rounds
     # within it while a workload's interval still straddles its threshold), and the campaign starts
-    # no node once its children have used it all (validations slower than estimated)
+    # no node once its children have used it all (validations slower than estimated); never more than
+    # the plan's own budget_s
     left = (req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s) * share
+    if p.budget_s is not None:
+        left = min(left, p.budget_s)
     sandbox_s = max(per - VALIDATION_FIXED_S, min(600.0, left / n - VALIDATION_FIXED_S))
     specs, this_round = [], []
-    came = {ls["next_candidate"]: f"{ls['candidate']}: {ls['rule']}" for ls in p.get("lessons") or []
-            if ls.get("next_candidate")}
-    for i, c in enumerate(p["candidates"]):
+    came = {ls.next_candidate: f"{ls.candidate}: {ls.rule}" for ls in p.lessons if ls.next_candidate}
+    for i, c in enumerate(p.candidates):
         label = _label(c)
         label = f"{label}#{i}" if any(r.label == label for r in rep.candidates) else label
-        res = CandidateResult(label=label, policy=c.get("policy"), params=c.get("params") or {},
-                              strategy=c["strategy"], why=c["why"], round=rnd, came_from=came.get(_label(c)))
+        res = CandidateResult(label=label, policy=c.policy, params=c.params, strategy=c.strategy, why=c.why,
+                              round=rnd, came_from=came.get(_label(c)))
         rep.candidates.append(res)
         this_round.append(res)
-        spec = {"name": label, **{k: c[k] for k in ("policy", "report_id", "source") if c.get(k)}}
-        if c.get("params") and not c.get("report_id"):
-            spec["params"] = c["params"]
+        spec = {"name": label, **{k: v for k, v in (("policy", c.policy), ("report_id", c.report_id),
+                                                    ("source", c.source)) if v}}
+        if c.params and not c.report_id:
+            spec["params"] = c.params
         specs.append(spec)
     args: dict[str, Any] = {
-        "candidates": specs, "workloads": with_guards(p["workloads"]), "profile_id": p["profile_id"],
+        "candidates": specs, "workloads": with_guards(p.workloads), "profile_id": p.profile_id,
         "rounds": req.rounds, "budget_s": round(sandbox_s), "budget_sandbox_s": round(max(per, left)),
-        "goals": [{"metric": g["metric"], "direction": g["direction"],
-                   "target_ratio": g["target_ratio"] if g["target_ratio"] is not None else 1.0}
-                  for g in p["goals"]]}
+        "goals": goal_args(p.goals)}
     start = time.monotonic()
-    camp = await st.call("validate_campaign", args,
-                         progress=lambda m, f: say(f"execution: {m}", 0.15 + 0.7 * f))
-    rep.campaign_id = camp["job_id"]
-    kids = {k["name"]: k for k in camp.get("children", [])}
+    camp = await st.ask("validate_campaign", CampaignAnswer, args,
+                        progress=lambda m, f: say(f"execution: {m}", 0.15 + 0.7 * f))
+    rep.campaign_id = camp.job_id
+    kids = {k.name: k for k in camp.children}
     for res in this_round:
         v, check = kids.get(f"validate:{res.label}"), kids.get(f"verify:{res.label}")
-        if v is None or v["state"] != "succeeded":
-            first = check if check and check["state"] != "succeeded" else v or {}  # what ended it
-            why = first.get("error") or first.get("state")
+        if v is None or v.state != "succeeded":
+            first = check if check and check.state != "succeeded" else v  # what ended it
+            why = (first.error or first.state) if first else None
             res.error = (f"skipped: the budget ({req.budget_s:.0f} s) is spent" if
                          (why or "").startswith("budget exhausted") else why or "not run")
-            res.report_id = (check or {}).get("report_id")
+            res.report_id = check.report_id if check else None
             continue
-        r = await st.call("get_report", {"report_id": v["report_id"]})
-        res.job_id, res.report_id, res.passed, res.status = v["id"], r["id"], r["passed"], r["status"]
-        res.figures = figures(r.get("layer2"), rep.workloads)
+        r = await st.ask("get_report", ReportBrief, {"report_id": v.report_id})
+        res.job_id, res.report_id, res.passed, res.status = v.id, r.id, r.passed, r.status
+        res.figures = figures(r.layer2, rep.workloads)
         res.harmed_guards = harmed(res.figures)
-        res.warnings = (r.get("layer2") or {}).get("warnings", [])
+        res.warnings = r.layer2.warnings if r.layer2 else []
         res.score = goal_score(res.figures, rep.goals, rep._measures)
         res.worst = goal_score(res.figures, rep.goals, rep._measures, worst=True)
         if res.passed and (rep.winner is None or _better(res, rep)):
@@ -659,7 +673,7 @@ async def validate_round(st: Stage, req: OptimizeRequest, rep: OptimizeReport, s
 async def conclude(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
     """The winner over every round (if any): its token, why it won, the staging deploy."""
     if rep.winner:  # only the winner gets a (single-use) deployment token
-        rep.token = (await st.call("issue_token", {"report_id": rep.winner}))["token"]
+        rep.token = (await st.ask("issue_token", TokenOut, {"report_id": rep.winner})).token
     passed = [c for c in rep.candidates if c.passed]
     if not passed:
         rep.why = ("no candidate passed the sandbox's gates, so the default scheduler stays "
@@ -686,23 +700,21 @@ async def conclude(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Pr
         return
     say(f"execution: deploying {win.label} to the sandbox staging VM", 0.87)
     try:
-        d = await st.call("deploy", {"token": rep.token, "target": "sandbox",
-                                     "interval_s": max(2.0, min(10.0, req.watch_s / 3 or 5))})
+        d = await st.ask("deploy", DeploymentAnswer, {"token": rep.token, "target": "sandbox",
+                                                      "interval_s": max(2.0, min(10.0, req.watch_s / 3 or 5))})
     except ToolFailed as e:
         rep.why += f" Deploying it to the sandbox staging VM failed: {e.message}"
         return
-    dep = d["deployment"]
+    dep = d.deployment
     if req.watch_s:
-        say(f"execution: monitor watching {dep['id']} for {req.watch_s:.0f} s", 0.9)
+        say(f"execution: monitor watching {dep.id} for {req.watch_s:.0f} s", 0.9)
         await anyio.sleep(req.watch_s)
-    status = await st.call("get_status")
-    dep = next((x for x in status.get("deployments", []) if x["id"] == dep["id"]), dep)
-    rep.deployment = {k: dep.get(k) for k in ("id", "status", "target", "policy", "params",
-                                              "baseline", "end_reason")}
-    rep.deployment["readings"] = dep.get("readings") or 0
-    rep.outcome = "deployed" if dep.get("status") == "active" else "kept_default"
+    status = await st.ask("get_status", StatusAnswer)
+    dep = next((x for x in status.deployments if x.id == dep.id), dep)
+    rep.deployment = dep
+    rep.outcome = "deployed" if dep.status == "active" else "kept_default"
     if rep.outcome != "deployed":
-        rep.why += f" The staging deployment did not stay active: {dep.get('end_reason')}."
+        rep.why += f" The staging deployment did not stay active: {dep.end_reason}."
     rep.host_command = (f'schedcp deploy --token "$(schedcp token {win.report_id} --target host)"'
                         " --target host")
 
@@ -719,34 +731,34 @@ def _better(res: CandidateResult, rep: OptimizeReport) -> bool:
 
 async def learn(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Progress) -> None:
     say("learning: feedback and repository update", 0.95)
-    subjects = ([rep.deployment["id"]] if rep.deployment else []) + \
+    subjects = ([rep.deployment.id] if rep.deployment else []) + \
         [c.report_id for c in rep.candidates if c.report_id]
     for sid in subjects:
         try:
-            fb = await st.call("get_feedback", {"subject_id": sid})
+            fb = await st.ask("get_feedback", Feedback, {"subject_id": sid})
         except ToolFailed as e:
             rep.feedback.append(f"{sid}: {e.message}")
             continue
-        rep.feedback.append(fb["summary"])
-        if fb.get("outcome_id"):
-            rep.outcome_ids.append(fb["outcome_id"])
+        rep.feedback.append(fb.summary)
+        if fb.outcome_id:
+            rep.outcome_ids.append(fb.outcome_id)
     win = next((c for c in rep.candidates if c.report_id and c.report_id == rep.winner), None)
     if win is not None and (win.params or not win.policy):
-        fb = await st.call("get_feedback", {"subject_id": win.report_id})
-        if fb["goals_met"]:
+        fb = await st.ask("get_feedback", Feedback, {"subject_id": win.report_id})
+        if fb.goals_met:
             base = win.policy or "custom"
             name = f"{base}_{rep.workloads[0]}_{win.report_id.split('-')[-1][:6]}"[:31]
             desc = (f"{win.label}, found by schedcp optimize for {', '.join(rep.workloads)} "
                     f"(profile {rep.profile_id}): {rep.why}")
             try:
-                p = await st.call("contribute_policy", {"report_id": win.report_id, "name": name,
-                                                        "description": desc})
-                rep.contributed = p.get("name", name)
+                p = await st.ask("contribute_policy", PolicyBrief, {"report_id": win.report_id, "name": name,
+                                                                    "description": desc})
+                rep.contributed = p.name
             except ToolFailed as e:
                 rep.feedback.append(f"not contributed: {e.message}")
-    hits = (await st.call("search_policies", {"query": rep.query, "profile_id": rep.profile_id,
-                                              "limit": 3}))["hits"]
-    rep.ranking_after = [f"{h['name']} ({h['score']:.2f}: {h['reason']})" for h in hits]
+    hits = (await st.ask("search_policies", SearchAnswer, {"query": rep.query, "profile_id": rep.profile_id,
+                                                           "limit": 3})).hits
+    rep.ranking_after = [f"{h.name} ({h.score:.2f}: {h.reason})" for h in hits]
 
 
 # --- running it ------------------------------------------------------------------------------------
@@ -973,9 +985,9 @@ def render(rep: OptimizeReport, console) -> None:
     console.print(f"[{colour}]{'winner' if rep.winner else 'no winner'}[/{colour}]: {escape(rep.why)}")
     if rep.deployment:
         d = rep.deployment
-        console.print(f"[bold]deployment[/bold]: {d['id']} of {d['policy']} on {d['target']}: "
-                      f"{d['status']}, baseline {d['baseline']}, {d['readings']} monitor reading(s)"
-                      + (f" ({escape(str(d['end_reason']))})" if d.get("end_reason") else ""))
+        console.print(f"[bold]deployment[/bold]: {d.id} of {d.policy} on {d.target}: "
+                      f"{d.status}, baseline {d.baseline}, {d.readings} monitor reading(s)"
+                      + (f" ({escape(str(d.end_reason))})" if d.end_reason else ""))
     if rep.token and rep.request.target == "sandbox" and rep.deployment:
         console.print("  (its single-use sandbox token was spent by that deploy)")
     if rep.host_command:

@@ -25,7 +25,7 @@ from .models import Goal
 from .observe.profile import get_profile
 from .reports import get_report
 from .repository.policies import get_policy
-from .validate.workloads import get_workloads
+from .workloads import get_workloads
 
 KIND = "plan"
 Strategy = Literal["reconfigure", "revise", "generate"]

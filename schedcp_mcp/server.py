@@ -23,7 +23,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from . import __version__, diagnose, plans, reports
+from . import __version__, diagnose, plans, reports, worker  # noqa: F401 — worker: every job kind
 from . import answers as A
 from . import candidates as candidate_jobs  # the name `candidates` is validate_campaign's argument
 from .deploy import deployments, tokens
@@ -34,11 +34,12 @@ from .jobs.models import Budget, JobDetailView, LaneName
 from .jobs.pool import Pool, run_to_end
 from .learn import callbacks, contribute, feedback, history, match
 from .models import Deployment, Goal, MetricResult
+from .operations import CampaignCandidate, CampaignRequest, TuneRequest, ValidateRequest, VerifyRequest
 from .observe import cpu, profile, system
 from .repository import policies
 from .synth.provenance import SynthResult
 from .synth.spec import SchedulerSpec
-from .validate.workloads import get_workloads, list_workloads as all_workloads
+from .workloads import get_workloads, list_workloads as all_workloads
 
 log = logging.getLogger("schedcp.server")
 T = TypeVar("T")
@@ -204,11 +205,6 @@ async def profile_workload(
     return A.answer(p if detail == "full" else A.profile_brief(p), f"{p.id}: {A.clip(p.summary, 200)}")
 
 
-class MatchResult(BaseModel):
-    profile_id: str
-    matches: list[match.WorkloadMatch]
-
-
 @server.tool(annotations=MEASURES)
 @agent_errors
 async def match_workloads(
@@ -220,7 +216,7 @@ async def match_workloads(
     with the features that agree or differ. Candidates are judged on the good matches (first use
     profiles each sandbox workload here)."""
     ms = await in_thread(match.match_workloads, profile_id, limit, ctx=ctx)
-    return A.answer(MatchResult(profile_id=profile_id, matches=ms),
+    return A.answer(A.MatchResult(profile_id=profile_id, matches=ms),
                     ", ".join(f"{m.workload} {m.similarity:.2f}" for m in ms) or "no workloads")
 
 
@@ -350,14 +346,6 @@ async def create_plan(
     return plan_answer(p, "summary")
 
 
-class DiagnosisAnswer(BaseModel):
-    report_id: str
-    candidate: str = Field(description="the policy (with parameters) or generated scheduler validated")
-    lost: list[str] = Field(description="workloads it did not show unharmed")
-    evidence: list[str] = Field(description="per traced phase, candidate and default side by side")
-    diagnoses: list[diagnose.Diagnosis] = Field(description="rule, figures, reason and the change to try")
-
-
 @server.tool(annotations=READ_ONLY)
 @agent_errors
 async def diagnose_report(report_id: Annotated[str, Field(description="a validated report (rep-…)")]
@@ -372,7 +360,7 @@ async def diagnose_report(report_id: Annotated[str, Field(description="a validat
                     + (", ".join(f"{d.rule} -> {d.change.label}" for d in a.diagnoses) or "no rule fired"))
 
 
-def diagnose_answer(report_id: str) -> DiagnosisAnswer:
+def diagnose_answer(report_id: str) -> A.DiagnosisAnswer:
     r = reports.get_report(report_id)
     if r.layer2 is None:
         raise BadInput(f"{report_id} has no sandbox run to diagnose ({r.status})", "validate it first")
@@ -381,7 +369,7 @@ def diagnose_answer(report_id: str) -> DiagnosisAnswer:
     ds = diagnose.diagnose(r.layer2, policy, r.params, spec)
     label = (policy or (spec.name if spec else r.ops_name or "source")) + (
         "[" + ",".join(f"{k}={v}" for k, v in sorted(r.params.items())) + "]" if r.params and policy else "")
-    return DiagnosisAnswer(report_id=r.id, candidate=label, lost=diagnose.lost_phases(r.layer2),
+    return A.DiagnosisAnswer(report_id=r.id, candidate=label, lost=diagnose.lost_phases(r.layer2),
                            evidence=diagnose.evidence_lines(r.layer2), diagnoses=ds)
 
 
@@ -466,8 +454,10 @@ async def submit_scheduler(
         job = await in_thread(candidate_jobs.verify_program_job, program, program_args or [], profile_id=profile_id,
                               actor="mcp", lane="normal" if background else "high", complete_by_s=deadline_s)
     else:
-        job = await in_thread(candidate_jobs.verify_job, source, policy, params, target, profile_id, actor="mcp",
-                              lane="normal" if background else "high", complete_by_s=deadline_s)
+        req = VerifyRequest(source=source, policy=policy, params=params or {}, target=target,
+                            profile_id=profile_id, actor="mcp")
+        job = await in_thread(candidate_jobs.verify_job, req, lane="normal" if background else "high",
+                              complete_by_s=deadline_s)
     if background:
         return queued(job.id)
     r = candidate_jobs.verified_report(await in_thread(run_to_end, job.id, ctx=ctx))
@@ -500,24 +490,15 @@ async def validate_scheduler(
     scheduler. Returns the report id, passed, failed gates and per workload the ratio with its
     interval ("full": samples, timeline, kernel log). A pass can then get a token (issue_token)."""
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
-    job = await in_thread(candidate_jobs.validate_job, report_id, source, policy, params, gs, workloads,
-                          profile_id, rounds, lane="normal" if background else "high", actor="mcp",
-                          budget_s=budget_s, complete_by_s=deadline_s)
+    req = ValidateRequest(report_id=report_id, source=source, policy=policy, params=params or {}, goals=gs,
+                          workloads=workloads, profile_id=profile_id, rounds=rounds, budget_s=budget_s)
+    job = await in_thread(candidate_jobs.validate_job, req, lane="normal" if background else "high", actor="mcp",
+                          complete_by_s=deadline_s)
     if background:
         return queued(job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
     out = await in_thread(candidate_jobs.validation_outcome, job, False)
     return report_answer(out.report, detail, job.id)
-
-
-class CampaignCandidate(BaseModel):
-    policy: str | None = Field(None, description="a repository policy name")
-    source: str | None = Field(None, description="or: BPF C source")
-    report_id: str | None = Field(None, description="or: a report that passed layer 1 (submit_scheduler, "
-                                  "generate_scheduler)")
-    params: dict[str, str] | None = None
-    name: str | None = Field(None, description="how the campaign's result names it")
-    lane: LaneName = Field("normal", description="priority: a tight budget starts higher lanes first")
 
 
 @server.tool(annotations=SANDBOXED)
@@ -532,7 +513,8 @@ async def validate_campaign(
         description="the WorkloadProfile they are all for (its goals apply; outcomes link to it)")] = None,
     rounds: Annotated[int, Field(ge=1, le=10)] = 3,
     budget_s: Annotated[float | None, Field(
-        ge=0, le=3600, description="each validation's sandbox seconds, as validate_scheduler's")] = None,
+        ge=0, le=3600, description="each validation's sandbox seconds, as validate_scheduler's "
+        "(its validation_budget_s)")] = None,
     budget_runs: Annotated[int | None, Field(ge=0, description="at most this many sandbox runs")] = None,
     budget_sandbox_s: Annotated[float | None, Field(ge=0, description="at most this many sandbox seconds")] = None,
     background: Annotated[bool, BACKGROUND] = False,
@@ -544,15 +526,15 @@ async def validate_campaign(
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
     budget = Budget(runs=budget_runs, sandbox_s=budget_sandbox_s) \
         if budget_runs is not None or budget_sandbox_s is not None else None
-    job = await in_thread(candidate_jobs.validate_campaign, [c.model_dump() for c in candidates], goals=gs,
-                          workloads=workloads, rounds=rounds, budget=budget, actor="mcp",
-                          lane="normal" if background else "high", budget_s=budget_s,
-                          profile_id=profile_id, complete_by_s=deadline_s)
+    req = CampaignRequest(candidates=candidates, goals=gs, workloads=workloads, profile_id=profile_id,
+                          rounds=rounds, validation_budget_s=budget_s, budget=budget)
+    job = await in_thread(candidate_jobs.validate_campaign, req, actor="mcp",
+                          lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:
         return queued(job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
     jobq.result_or_raise(job)
-    res = CampaignResult.model_validate(job.result) if job.result else None
+    res = job.result_as(CampaignResult) if job.result else None
     out = {"job_id": job.id, "state": job.state, **(A.campaign_brief(res) if res else {})}
     passed = [c.name for c in (res.children if res else []) if c.passed]
     return A.answer(out, f"campaign {job.id} {job.state}: passed " + (", ".join(passed) or "none"))
@@ -616,9 +598,7 @@ async def cancel_job(job_id: Annotated[str, Field(description="job-…")]
 async def list_workloads() -> CallToolResult:
     """The sandbox benchmark workloads that judge candidates: name, metric, unit, direction."""
     ws = all_workloads()
-    return A.answer({"workloads": [A.pick(w, {"name", "description", "metric", "unit", "direction",
-                                              "goal_metrics", "default"}) for w in ws]},
-                    ", ".join(w.name for w in ws))
+    return A.answer(A.WorkloadList.of(ws), ", ".join(w.name for w in ws))
 
 
 @server.tool(annotations=READ_ONLY)
@@ -630,13 +610,6 @@ async def get_report(report_id: Annotated[str, Field(description="rep-…")],
     return report_answer(await in_thread(reports.get_report, report_id), detail)
 
 
-class TokenOut(BaseModel):
-    token: str = Field(description="pass to deploy(token=…); single use")
-    report_id: str
-    target: str
-    expires_at: float
-
-
 @server.tool(annotations=MEASURES)
 @agent_errors
 async def issue_token(
@@ -644,11 +617,11 @@ async def issue_token(
     target: Annotated[Literal["sandbox", "host"], Field(
         description="where the token may deploy; host deploys still need the operator's permission")]
     = "sandbox",
-) -> Annotated[CallToolResult, TokenOut]:
+) -> Annotated[CallToolResult, A.TokenOut]:
     """Execution, after choosing the winner: a single-use deployment token bound to exactly that
     report's artifact and parameters (1 h). Refused for a report that did not pass."""
     t = await in_thread(tokens.issue, report_id, target, actor="mcp")
-    return A.answer(TokenOut(token=t.token, report_id=t.report_id, target=t.target,
+    return A.answer(A.TokenOut(token=t.token, report_id=t.report_id, target=t.target,
                              expires_at=t.expires_at),
                     f"single-use {t.target} token for {t.report_id}: deploy(token=…)")
 
@@ -691,8 +664,9 @@ async def deploy(
     mon = deployments.MonitorPolicy(metric_cmd=metric_cmd, metric_direction=metric_direction,
                         max_degradation_ratio=max_degradation_ratio, consecutive=consecutive,
                         interval_s=interval_s, workload_cmd=workload_cmd)
-    d = await in_thread(deployments.deploy, token, target, actor="mcp", dry_run=dry_run, monitor=mon,
-                        scope=parse_scope(scope))
+    req = deployments.DeployRequest(token=token, target=target, dry_run=dry_run, monitor=mon,
+                                    scope=parse_scope(scope))
+    d = await in_thread(deployments.deploy, req, actor="mcp")
     return deployment_answer(d, detail)
 
 
@@ -772,7 +746,7 @@ async def list_primitives(detail: Annotated[A.Detail, A.DETAIL] = "summary") -> 
     """Before generate_scheduler: the algorithm primitives per axis (queue, ordering, cpu_select,
     slice, preempt, task_class) with what each does, and an example spec; "full" adds when to use
     each, where it fails, its knobs (type, default, range) and constraints."""
-    from .synth.primitives import catalog
+    from .synth.spec import catalog
 
     c = catalog()
     text = f"{len(c.primitives)} primitives on {len(c.axes)} axes"
@@ -866,8 +840,9 @@ async def tune_policy(
     from .synth.tune import tune_job, tune_result
 
     gs = [Goal(**g.model_dump(), why="given by the agent") for g in goals] if goals else None
-    job = await in_thread(tune_job, name, workloads, gs, budget_rounds, budget_s, configs, space,
-                          lane="normal" if background else "high", actor="mcp", complete_by_s=deadline_s)
+    req = TuneRequest(name=name, workloads=workloads, goals=gs, budget_rounds=budget_rounds, budget_s=budget_s,
+                      configs=configs, space=space, actor="mcp")
+    job = await in_thread(tune_job, req, lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:
         return queued(job.id)
     job = await in_thread(run_to_end, job.id, ctx=ctx)
@@ -1010,7 +985,7 @@ def status_app(token: str, secure: bool = False):
     from starlette.routing import Route
 
     from .access import bearer_ok
-    from .jobs import status
+    from .web import status
 
     sessions: dict[str, float] = {}  # sha256(session) -> expiry: a leaked table opens nothing
 

@@ -29,6 +29,9 @@ if not os.environ.get("SCHEDCP_VMSTATE_DIR"):
     os.environ["SCHEDCP_VMSTATE_DIR"] = _VMSTATE
     atexit.register(shutil.rmtree, _VMSTATE, True)
 
+# tests run jobs as the CLI and the server do: every job kind and carried record registered
+import schedcp_mcp.worker  # noqa: E402,F401
+
 
 def pytest_configure(config):
     """A killed test run (SIGTERM: a CI timeout, `kill`) stops like Ctrl-C, so fixtures tear down and

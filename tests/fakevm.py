@@ -213,7 +213,7 @@ def _record_validation(vm, scenario: str, source: str | None, policy: str | None
     assert l1.accepted, l1.errors
     ex: list[dict] = []
     res = validate_layer1(l1, rounds=rounds, budget_s=0, vm=Recorder(vm, ex), workloads=workloads)
-    from schedcp_mcp.validate.workloads import get_workloads
+    from schedcp_mcp.workloads import get_workloads
 
     _write(scenario, {"recorded_at": time.strftime("%Y-%m-%d"), "ops_name": l1.ops_name, "params": l1.params,
                       "workloads": workloads, "rounds": rounds, "kernel_version": vm.kernel_version,

@@ -1,4 +1,4 @@
-"""The sandbox benchmarks as supervised jobs (`schedcp_mcp/benches.py`): their graphs, their dedupe
+"""The sandbox benchmarks as supervised jobs (`schedcp_mcp/bench/runs.py`): their graphs, their dedupe
 (a policy's validation is the one `schedcp validate` runs; stability's fresh boots are never
 shared), `--background`, and the report nodes, which run once the validations ended however they
 ended. No VM boots here: the validations are cancelled before a pool could start them (the report
@@ -11,7 +11,8 @@ import json
 import pytest
 from rich.text import Text
 
-from schedcp_mcp import benches, candidates
+from schedcp_mcp import candidates
+from schedcp_mcp.bench import runs as benches
 from schedcp_mcp.errors import BadInput, InfrastructureError, NotFound
 from schedcp_mcp.jobs import queue
 from schedcp_mcp.jobs.pool import Pool

@@ -233,16 +233,18 @@ def test_diagnosing_a_report_without_a_sandbox_run_is_a_clear_error():
 # ---------------------------------------------------------------------------------------- planning
 
 def test_a_plan_of_one_family_gets_a_candidate_of_another():
+    from schedcp_mcp.answers import HitBrief
     from schedcp_mcp.optimize import diverse
+    from schedcp_mcp.plans import PlannedCandidate as C
 
-    fits = [{"name": "fifo", "score": 3.0, "reason": "won hackbench"},
-            {"name": "lean_preempt", "score": 1.0, "reason": "matches latency"}]
-    one = [{"policy": "fifo", "params": {}, "strategy": "reconfigure", "why": "a"},
-           {"policy": "fifo", "params": {"slice_ns": "5000000"}, "strategy": "reconfigure", "why": "b"}]
+    fits = [HitBrief(name="fifo", kind="schedcp", score=3.0, reason="won hackbench"),
+            HitBrief(name="lean_preempt", kind="schedcp", score=1.0, reason="matches latency")]
+    one = [C(policy="fifo", strategy="reconfigure", why="a"),
+           C(policy="fifo", params={"slice_ns": "5000000"}, strategy="reconfigure", why="b")]
     out = diverse(one, fits, 2)
-    assert [c["policy"] for c in out] == ["fifo", "lean_preempt"] and "diversity" in out[1]["why"]
+    assert [c.policy for c in out] == ["fifo", "lean_preempt"] and "diversity" in out[1].why
     assert diverse(one[:1], fits, 1) == one[:1]  # no room for two: the best alone
-    mixed = [one[0], {"policy": "lean_preempt", "params": {}, "strategy": "reconfigure", "why": "c"}]
+    mixed = [one[0], C(policy="lean_preempt", strategy="reconfigure", why="c")]
     assert diverse(mixed, fits, 2) == mixed
 
 

@@ -17,7 +17,7 @@ from schedcp_mcp.models import MonitorPolicy
 from schedcp_mcp.reports import get_report, new_report, save
 from schedcp_mcp.validate import gates, runner, starvation
 from schedcp_mcp.validate.models import Layer2Result
-from schedcp_mcp.validate.workloads import get_workloads
+from schedcp_mcp.workloads import get_workloads
 from schedcp_mcp.verify.models import Layer1Report
 
 

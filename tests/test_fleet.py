@@ -53,7 +53,7 @@ def cluster_of(tmp_path, schedcp_home, monkeypatch):
                "SCHEDCP_FLEET_VISIBILITY_S": str(visibility_s), "SCHEDCP_FLEET_RESTORE_S": "1"}
         monkeypatch.setenv("SCHEDCP_BROKER", broker)
         monkeypatch.setenv("SCHEDCP_FLEET_KEY_FILE", str(key))
-        workers = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "schedcp_mcp.jobs.fleet", "worker",
+        workers = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "schedcp_mcp.worker", "worker",
                                      "--pool=prefork", "--concurrency=1", "-n", f"w{i}@%h", "-Q", "schedcp",
                                      "--without-gossip", "--without-mingle", "--loglevel=WARNING"],
                                     env={**env, "SCHEDCP_HOME": str(home)}, start_new_session=True,
@@ -166,6 +166,12 @@ def test_workers_with_their_own_homes_carry_records_both_ways(cluster_of, tmp_pa
         h.mkdir()
     fleet, workers = cluster_of(homes)
     prof = profile_workload(["sleep", "0.5"], duration_s=1)
+    # both workers up (a worker process reaps its home's VMs when it starts: vms/run exists), or
+    # the first one up takes every job: they take milliseconds each
+    deadline = time.monotonic() + 60
+    while not all((h / "vms" / "run").is_dir() for h in homes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # from the process's start to its consumer's
     srcs = [HOSTILE + f"// candidate {i}\n" for i in range(4)]
     with fleet.Fleet(capacity=2):
         camp = submit_campaign("hostile", [Node(name=f"c{i}", kind="verify", inputs={
@@ -413,3 +419,16 @@ def test_a_fleet_without_its_locks_does_not_start(tmp_path, monkeypatch, schedcp
     with pytest.raises(fleetauth.FleetAuthError, match="too short"):
         fleetauth.load_key(short)
     assert len(fleetauth.load_key(key)) == 64
+
+
+def test_a_worker_started_on_the_infrastructure_module_alone_refuses_and_names_the_right_one(tmp_path):
+    """jobs/ knows no job kind (they are registered from above, by schedcp_mcp.worker): a Celery worker
+    started on jobs.fleet would refuse every real job, so it does not start, and says what to run."""
+    key = tmp_path / "fleet.key"
+    write_private(key, b"k" * 64)
+    env = {**os.environ, "SCHEDCP_HOME": str(tmp_path), "SCHEDCP_FLEET_KEY_FILE": str(key),
+           "SCHEDCP_BROKER": "redis://:pw@127.0.0.1:1/0"}  # never reached: it stops before connecting
+    p = subprocess.run([sys.executable, "-m", "celery", "-A", "schedcp_mcp.jobs.fleet", "worker",
+                        "--loglevel=WARNING"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "no job kinds are registered; start it with `celery -A schedcp_mcp.worker worker`" in p.stderr

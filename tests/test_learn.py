@@ -142,7 +142,7 @@ def test_a_metric_1010x_worse_is_not_met_and_is_said_so_in_words():
 
 def test_a_win_measured_on_one_workload_does_not_rank_a_policy_first_for_a_broader_goal(profiles, monkeypatch):
     """#27: fifo won hackbench-only runs, then ranked first for a five-workload goal and failed wakeup."""
-    from schedcp_mcp.validate.workloads import get_workloads
+    from schedcp_mcp.workloads import get_workloads
 
     home, _, _, hb = profiles
     monkeypatch.setenv("SCHEDCP_HOME", str(home))

@@ -102,18 +102,22 @@ def test_budget_decides_how_many_candidates():
 
 
 def test_reconfigure_fits_slices_to_the_profile_within_range():
-    pol = {"parameters": [{"name": "slice_ns", "default": 20_000_000, "min": 100_000,
-                           "max": 1_000_000_000}]}
-    assert optimize.reconfigured(pol, {"characteristics": {"latency_sensitive": True}}) == \
-        {"slice_ns": "5000000"}
-    assert optimize.reconfigured(pol, {"characteristics": {"cpu_bound": True}}) == \
-        {"slice_ns": "40000000"}
-    assert optimize.reconfigured(pol, {"characteristics": {}}) is None
+    from schedcp_mcp.answers import PolicyBrief, ProfileBrief
+
+    pol = PolicyBrief.model_validate({"name": "p", "parameters": [{
+        "name": "slice_ns", "type": "u64", "default": 20_000_000, "min": 100_000, "max": 1_000_000_000,
+        "description": "slice"}]})
+    prof = lambda **traits: ProfileBrief.model_validate({"id": "prof-1", "characteristics": traits})  # noqa: E731
+    assert optimize.reconfigured(pol, prof(latency_sensitive=True)) == {"slice_ns": "5000000"}
+    assert optimize.reconfigured(pol, prof(cpu_bound=True)) == {"slice_ns": "40000000"}
+    assert optimize.reconfigured(pol, prof()) is None
 
 
 def hit(name, text, history=0.0, kind="schedcp"):
-    return {"name": name, "kind": kind, "runnable": kind == "schedcp", "text_score": text,
-            "history_score": history, "score": text + history, "reason": "r"}
+    from schedcp_mcp.answers import HitBrief
+
+    return HitBrief(name=name, kind=kind, runnable=kind == "schedcp", text_score=text, history_score=history,
+                    score=text + history, reason="r")
 
 
 def test_planner_prefers_reconfigure_and_what_won_before():
@@ -122,10 +126,9 @@ def test_planner_prefers_reconfigure_and_what_won_before():
     strategy, why, order = optimize.choose_strategy(hits, "q", can_generate=True)
     assert strategy == "reconfigure" and "cheapest" in why
     # did best on similar workloads before: first, whatever the text relevance
-    assert [h["name"] for h in order] == ["b", "c", "a"]
+    assert [h.name for h in order] == ["b", "c", "a"]
     # ...unless another one passed its gates and met its goals there
-    hits[2]["won_before"] = True
-    assert [h["name"] for h in optimize.choose_strategy(hits, "q", True)[2]] == ["c", "b", "a"]
+    assert [h.name for h in optimize.choose_strategy(hits, "q", True, won_before={"c"})[2]] == ["c", "b", "a"]
 
 
 def test_planner_generates_when_nothing_fits_or_everything_failed_before():
@@ -159,7 +162,7 @@ def test_a_campaign_carries_its_profile_to_every_candidate(tmp_path):
     camp = candidates.validate_campaign(
         [{"policy": "fifo", "name": "fifo"}, {"policy": "fifo", "params": {"slice_ns": "5000000"},
                                              "name": "fifo[slice_ns=5000000]"}],
-        goals=[goal], workloads=["hackbench"], profile_id=prof.id, budget_s=40)
+        goals=[goal], workloads=["hackbench"], profile_id=prof.id, validation_budget_s=40)
     kids = {j.inputs["node"]: j for j in queue.list_jobs(parent=camp.id)}
     assert set(kids) == {"verify:fifo", "validate:fifo", "verify:fifo[slice_ns=5000000]",
                          "validate:fifo[slice_ns=5000000]"}
@@ -288,7 +291,7 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy,
     # a winner, deployed to the staging VM with its token, and the human's host command
     win = next(c for c in rep.candidates if c.report_id == rep.winner)
     assert win.passed and win.score is not None and rep.token
-    assert rep.deployment["status"] == "active" and rep.deployment["readings"] >= 1
+    assert rep.deployment.status == "active" and rep.deployment.readings >= 1
     assert f"schedcp token {rep.winner} --target host" in rep.host_command
     assert rep.feedback and rep.outcome_ids
     data = json.loads(Path(rep.json_path).read_text())
@@ -353,7 +356,11 @@ def test_optimize_a_host_command_through_the_cli_matches_it_and_says_why(policie
 
 
 def test_optimize_always_measures_the_guard_set_and_names_a_guard_a_candidate_harmed():
-    from schedcp_mcp.optimize import figures, harmed, with_guards
+    from schedcp_mcp.answers import Layer2Brief
+    from schedcp_mcp.optimize import figures as figures_of, harmed, with_guards
+
+    def figures(l2, targets):  # as the client parses get_report's layer2
+        return figures_of(Layer2Brief.model_validate({"passed": False, **l2}), targets)
 
     assert with_guards(["hackbench"]) == ["hackbench", "wakeup", "pipe", "cpu"]
     assert with_guards(["pipe", "wakeup"]) == ["pipe", "wakeup", "cpu"]

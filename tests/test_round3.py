@@ -57,9 +57,9 @@ def test_no_shell_text_is_built_from_a_command_anywhere():
     deploy/targets.py (metric/workload argv as "$@" or shlex.join; scheduler-control scripts of
     fixed text), observe/profile.py (`"$@"` in the pid-namespace wrapper; `repeated` gets
     shlex.join(argv) or a sandbox workload's own command), learn/match.py via profile.repeated,
-    jobs/bench.py (`schedcp bench vm-noise`, the CLI user's own command, inside a VM),
+    bench/jobs.py (`schedcp bench vm-noise`, the CLI user's own command, inside a VM),
     sandbox/toolchain.py (the jail script, arguments as "$@"), verify/compile.py (a fixed bpftool
-    line), validate/workloads.py (the sandbox's own benchmark, in the VM), deploy/deployments.py
+    line), workloads.py (the sandbox's own benchmark, in the VM), deploy/deployments.py
     (a docstring), sandbox/peers.py (a fixed make loop in the toolchain jail, the target names — from
     its own list, checked against the kernel Makefile's — as "$@")."""
     import re
@@ -70,8 +70,8 @@ def test_no_shell_text_is_built_from_a_command_anywhere():
                            "--include=*.py"], capture_output=True, text=True).stdout.splitlines()
     where = sorted({re.sub(r":\d+:.*", "", h).split("schedcp_mcp/")[1] for h in hits})
     assert not any("shell=True" in h for h in hits)
-    assert where == ["deploy/deployments.py", "deploy/targets.py", "jobs/bench.py", "observe/profile.py",
-                     "sandbox/peers.py", "sandbox/toolchain.py", "validate/workloads.py", "verify/compile.py"], where
+    assert where == ["bench/jobs.py", "deploy/deployments.py", "deploy/targets.py", "observe/profile.py",
+                     "sandbox/peers.py", "sandbox/toolchain.py", "verify/compile.py", "workloads.py"], where
 
 
 # --- Medium: a rolled-back artifact needs a new validation; Low: host rollback needs the opt-in --------

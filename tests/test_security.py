@@ -42,7 +42,7 @@ def test_an_mcp_client_cannot_run_a_command_by_default(tmp_path):
 
 
 def test_an_mcp_client_can_profile_a_pid_and_the_sandbox_workloads(monkeypatch):
-    from schedcp_mcp.validate.workloads import host_commands
+    from schedcp_mcp.workloads import host_commands
 
     access.set_policy(False, [], host_commands())  # what `schedcp serve` does
     with subprocess.Popen(["sleep", "5"]) as sleeper:

@@ -21,7 +21,7 @@ from schedcp_mcp.synth.matrix import matrix
 from schedcp_mcp.synth.reconfigure import reconfigure
 from schedcp_mcp.synth.render import render
 from schedcp_mcp.synth.revise import PatchRefused, apply_patch, revise
-from schedcp_mcp.synth.spec import EXAMPLE_SPEC, SpecRefused, validate_spec
+from schedcp_mcp.synth.spec import EXAMPLE_SPEC, SpecRefused, catalog, validate_spec
 from schedcp_mcp.verify.source_check import check_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def nothing_stored() -> bool:
 # ---------------------------------------------------------------- catalog
 
 def test_every_primitive_is_documented_with_typed_ranged_knobs():
-    c = prims.catalog()
+    c = catalog()
     for axis in c.axes:
         assert prims.names(axis), f"no primitives on axis {axis}"
     for p in c.primitives:

@@ -14,7 +14,7 @@ from schedcp_mcp import candidates, store
 from schedcp_mcp.learn import history
 from schedcp_mcp.models import Goal
 from schedcp_mcp.reports import get_report
-from schedcp_mcp.synth.bench import verify_specs
+from schedcp_mcp.bench.synth import verify_specs
 from schedcp_mcp.synth.generate import generate
 from schedcp_mcp.synth.matrix import matrix
 from schedcp_mcp.synth.provenance import candidate_source, get_candidate

@@ -15,7 +15,8 @@ import anyio
 import pytest
 from mcp import ClientSession, stdio_client
 
-from schedcp_mcp import answers, reports, server, store, toolbench
+from schedcp_mcp import answers, reports, server, store
+from schedcp_mcp.bench import tools as toolbench
 from schedcp_mcp.jobs.campaigns import CampaignResult
 from schedcp_mcp.jobs.queue import get as get_job
 from schedcp_mcp.models import Deployment

@@ -18,7 +18,7 @@ from schedcp_mcp.errors import BadInput
 from schedcp_mcp.observe.profile import Goal
 from schedcp_mcp.validate import gates
 from schedcp_mcp.validate.models import Observations, StateSample, StressSummary
-from schedcp_mcp.validate.workloads import (get_workloads, list_workloads, parse, parse_hackbench,
+from schedcp_mcp.workloads import (get_workloads, list_workloads, parse, parse_hackbench,
                                             parse_perf_pipe, parse_probe_compile, parse_probe_time,
                                             parse_probe_wakeup, parse_redis_benchmark, parse_stress_ng_cpu,
                                             parse_stress_ng_metrics)
@@ -159,7 +159,7 @@ def test_the_real_workloads_run_only_when_named():
     # a default validation stays affordable: compile and redis cost seconds a run under TCG
     assert [w.name for w in get_workloads(None)] == ["hackbench", "pipe", "wakeup", "build", "cpu"]
     assert [w.name for w in get_workloads(["redis", "compile"])] == ["redis", "compile"]
-    from schedcp_mcp.validate.workloads import host_commands
+    from schedcp_mcp.workloads import host_commands
 
     assert not any("redis" in " ".join(c) or "make" in c for c in host_commands())  # guest-only snippets
 
@@ -175,7 +175,7 @@ def test_the_redis_workloads_own_snippet_runs_on_this_host_and_parses():
 
 
 def test_probe_built_by_the_sandbox_toolchain_measures_wakeups_on_the_host(manifest):
-    from schedcp_mcp.validate.workloads import ensure_probe
+    from schedcp_mcp.workloads import ensure_probe
 
     probe = ensure_probe()
     p = subprocess.run([str(probe), "wakeup", "-P", "-t", "2", "-H", "1", "-p", "1000", "-d", "300"],
@@ -299,7 +299,7 @@ def test_a_target_win_does_not_excuse_harm_to_the_guard_workloads():
 
 
 def test_stability_counts_a_flip_per_workload_whose_verdict_changed_and_one_for_pass_fail():
-    from schedcp_mcp.validate.bench import count_flips
+    from schedcp_mcp.bench.validate import count_flips
 
     steady = {"hackbench": ["better"] * 3, "pipe": ["undecided"] * 3}
     assert count_flips(steady, [False] * 3) == ([], 0)
@@ -308,7 +308,7 @@ def test_stability_counts_a_flip_per_workload_whose_verdict_changed_and_one_for_
 
 
 def test_only_verdicts_that_cannot_both_be_true_count_as_contradictions():
-    from schedcp_mcp.validate.bench import count_contradictions
+    from schedcp_mcp.bench.validate import count_contradictions
 
     compatible = {"pipe": ["better", "same", "same"], "build": ["same", "undecided", "same"]}
     assert count_contradictions(compatible, [True] * 3) == ([], 0)
@@ -553,7 +553,7 @@ def test_a_policy_is_judged_on_the_real_compile_and_redis_workloads(sandbox_vm):
 def test_rounds_for_margin_is_the_fewest_rounds_whose_interval_fits():
     from schedcp_mcp.validate.tquantile import t_quantile
 
-    from schedcp_mcp.validate.bench import rounds_for
+    from schedcp_mcp.bench.validate import rounds_for
 
     quiet, noisy = rounds_for(0.03), rounds_for(0.12)
     assert quiet is not None and noisy is not None and 2 <= quiet < noisy
@@ -638,7 +638,7 @@ def test_each_workloads_two_sides_run_back_to_back_in_alternating_order():
 
 
 def test_an_unbounded_interval_prints_as_inf_also_after_a_json_round_trip():
-    from schedcp_mcp.validate.bench import fmt_interval
+    from schedcp_mcp.bench.validate import fmt_interval
 
     one_pair = _result("hackbench", [2.0], [1.6])
     assert one_pair.speedup_high == math.inf

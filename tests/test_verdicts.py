@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from schedcp_mcp.jobs import queue, status
+from schedcp_mcp.jobs import queue
+from schedcp_mcp.web import status
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG_REASON = ("layer 2 failed: wakeup worse: 0.00099x [0.00081, 0.0012] vs the default scheduler; "

@@ -26,7 +26,7 @@ from .. import store
 from ..errors import BadInput, InfrastructureError
 from ..validate.gates import summarize
 from ..validate.models import Workload, WorkloadResult
-from ..validate.workloads import ensure_probe, parse_probe_time
+from ..workloads import ensure_probe, parse_probe_time
 from . import scope as scope_mod
 from . import tokens
 from .targets import Target, get_target

@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
+from typing import Literal
+
+from pydantic import BaseModel, Field
 
 from .. import config, store
 from ..errors import BadInput, InfrastructureError, NotFound, SchedcpError
@@ -83,11 +85,24 @@ def _median_metric(t: Target, cmd: str, n: int = 3) -> float:
     return statistics.median(t.run_metric(words) for _ in range(n))
 
 
-def deploy(token: str, target: str = "sandbox", *, actor: str = "cli", dry_run: bool = False,
+class DeployRequest(BaseModel):
+    """What a deployment is asked (the MCP deploy tool and `schedcp deploy` build it): the single-use
+    token, the target, a dry run or not, the monitor, and the scope (None: system-wide)."""
+    token: str
+    target: Literal["sandbox", "host"] = "sandbox"
+    dry_run: bool = False
+    monitor: MonitorPolicy = Field(default_factory=MonitorPolicy)
+    scope: Scope | None = None
+
+
+def deploy(token: str | DeployRequest, target: str = "sandbox", *, actor: str = "cli", dry_run: bool = False,
            monitor: MonitorPolicy | None = None, start_monitor: bool = True,
            scope: Scope | None = None) -> Deployment | DryRun:
-    """Deploy a validated scheduler with its token. `scope` (deploy.scope): load it in partial mode and
-    move only those tasks to SCHED_EXT; None: system-wide (the token must allow it)."""
+    """Deploy a validated scheduler with its token (a DeployRequest, or its fields). `scope`
+    (deploy.scope): load it in partial mode and move only those tasks to SCHED_EXT; None: system-wide
+    (the token must allow it)."""
+    if isinstance(token, DeployRequest):
+        token, target, dry_run, monitor, scope = token.token, token.target, token.dry_run, token.monitor, token.scope
     monitor = monitor or MonitorPolicy()
     scoped = scope is not None
     if target == "host":

@@ -59,7 +59,7 @@ def parse(scope: str | None, command: list[str] | None = None) -> Scope | None:
 
 def setclass_binary() -> bytes:
     """The static schedcp-setclass, built by the sandbox toolchain and cached by its source hash."""
-    from ..validate.workloads import built_in_toolchain
+    from ..workloads import built_in_toolchain
 
     return built_in_toolchain(SRC, "schedcp-setclass",
                               ["gcc", "-O2", "-Wall", "-static", "-o", "schedcp-setclass", "setclass.c"],

@@ -24,7 +24,9 @@ from .. import store
 from ..errors import BadInput
 from . import queue
 from .kinds import JobContext, register
-from .models import Budget, Job, LaneName
+from .models import Budget, ChildSummary, Job, LaneName
+
+__all__ = ["CampaignResult", "ChildSummary", "Node", "submit_campaign"]
 
 _HOLD = 10 ** 12  # not_before of a campaign while its children are being added
 
@@ -32,24 +34,16 @@ _HOLD = 10 ** 12  # not_before of a campaign while its children are being added
 class Node(BaseModel):
     name: str = Field(description="unique within the campaign")
     kind: str
-    inputs: dict[str, Any] = {}
+    inputs: dict[str, Any] = Field({}, description="the kind's request (its model's JSON)")
     lane: LaneName = "normal"
     after: list[str] = Field(default_factory=list, description="names of the nodes it needs first")
     join: bool = Field(False, description="runs once those have ended, however they ended (a report)")
 
 
-class ChildSummary(BaseModel):
-    id: str
-    name: str
-    kind: str
-    lane: str
-    state: str
-    attempts: int
-    cached: bool
-    report_id: str | None = None
-    passed: bool | None = None
-    result_json: str | None = None
-    error: str | None = None
+class CampaignJob(BaseModel):
+    """What a campaign job itself is asked: its label and its nodes' names (the nodes are its children)."""
+    label: str = ""
+    nodes: list[str] = []
 
 
 class CampaignResult(BaseModel):
@@ -74,12 +68,12 @@ def submit_campaign(label: str, nodes: list[Node], *, budget: Budget | None = No
         if unknown:
             raise BadInput(f"node {n.name} depends on {sorted(unknown)}, which are not earlier nodes",
                            "list a node after the nodes it needs (the graph must be acyclic)")
-    camp = queue.submit("campaign", {"label": label, "nodes": names}, lane=lane, budget=budget,
+    camp = queue.submit("campaign", CampaignJob(label=label, nodes=names), lane=lane, budget=budget,
                         join_all=True, actor=actor, not_before=_HOLD, complete_by_s=complete_by_s)
     try:
         ids: dict[str, str] = {}
         for n in nodes:
-            ids[n.name] = queue.submit(n.kind, {**n.inputs, "node": n.name}, lane=n.lane, parent=camp.id,
+            ids[n.name] = queue.submit(n.kind, n.inputs, node=n.name, lane=n.lane, parent=camp.id,
                                        deps=[ids[a] for a in n.after], join_all=n.join,
                                        use_cache=use_cache, actor=actor,
                                        deadline=camp.deadline).id
@@ -89,14 +83,14 @@ def submit_campaign(label: str, nodes: list[Node], *, budget: Budget | None = No
     return queue.get(camp.id)
 
 
-@register("campaign", timeout_s=300, max_attempts=3, local=True)
-def _campaign(ctx: JobContext) -> dict[str, Any]:
+@register("campaign", timeout_s=300, max_attempts=3, local=True, request=CampaignJob)
+def _campaign(ctx: JobContext) -> "CampaignResult":
     """The join: what each child did, and what the budget left out."""
     kids = queue.list_jobs(parent=ctx.job.id, limit=10_000)
     kids.sort(key=lambda j: j.created_at)
-    summary = [ChildSummary(id=j.id, name=j.inputs.get("node", j.id), kind=j.kind, lane=j.lane,
+    summary = [ChildSummary(id=j.id, name=j.node, kind=j.kind, lane=j.lane,
                             state=j.state, attempts=j.attempts, cached=j.cached_from is not None,
-                            report_id=(j.result or {}).get("report_id"), passed=(j.result or {}).get("passed"),
+                            report_id=j.brief.report_id, passed=j.brief.passed,
                             result_json=json.dumps(j.result) if j.result else None, error=j.error)
                for j in kids]
     counts: dict[str, int] = {}
@@ -104,6 +98,5 @@ def _campaign(ctx: JobContext) -> dict[str, Any]:
         counts[j.state] = counts.get(j.state, 0) + 1
     return CampaignResult(children=summary, counts=counts, budget=ctx.job.budget,
                           used=queue.budget_usage(store.db(), ctx.job.id, time.time()),
-                          not_started_for_budget=[j.inputs.get("node", j.id) for j in kids
-                                                  if (j.error or "").startswith("budget exhausted")]
-                          ).model_dump(mode="json")
+                          not_started_for_budget=[j.node for j in kids
+                                                  if (j.error or "").startswith("budget exhausted")])

@@ -6,7 +6,7 @@ Roles:
   which stays the record of what ran), sends each to Celery with the job and its dependencies'
   results, heartbeats it while Celery has it, and writes the outcome back — only if its attempt
   still owns the job, as a pool does. Cancelling a job revokes its task.
-- **workers** (`celery -A schedcp_mcp.jobs.fleet worker`, on any machine with a sandbox, each with
+- **workers** (`celery -A schedcp_mcp.worker worker`, which registers every job kind, on any machine with a sandbox, each with
   its own $SCHEDCP_HOME) run the job's kind (`kinds.execute`, the same code a local pool runs) and
   return the outcome; they report progress through the task state. The records a job refers to go
   with it, and the records it wrote come back with its outcome (`carry`), so the coordinator's
@@ -43,7 +43,6 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import store
-from ..sandbox import vm as vmmod
 from . import carry, fleetauth, kinds, queue
 from .kinds import JobContext
 from .models import LANES, Job
@@ -92,6 +91,10 @@ def _refuse_without_locks(**_: Any) -> None:
     except fleetauth.FleetAuthError as e:
         log.critical("schedcp fleet worker refused to start: %s", e)
         raise SystemExit(2) from None
+    if not carry.record_kinds():  # started on this module: it would refuse every real job
+        log.critical("schedcp fleet worker refused to start: no job kinds are registered; start it with "
+                     "`celery -A schedcp_mcp.worker worker`")
+        raise SystemExit(2)
 
 
 @worker_process_init.connect
@@ -99,12 +102,28 @@ def _reap_vms_left_behind(**_: Any) -> None:
     """A (re)started worker process stops the sandbox VMs a SIGKILLed predecessor in this home left
     running (their qemu is in its own session, so killing the worker's group does not reach it), as
     the local pool does when it starts."""
-    vmmod.reap_orphans()
+    kinds.reap()
 
 
 #: how long an order stays good after the coordinator sent it, beyond the job's own time limit
 #: (time in the queue): a copy replayed later is refused
 ORDER_GRACE_S = 3600.0
+
+
+class Order(BaseModel):
+    """What the coordinator sends a worker for one attempt of a job (sealed by fleetauth)."""
+    model_config = ConfigDict(extra="forbid")
+    job: Job
+    deps: dict[str, Any] = Field({}, description="the results of the jobs it depends on, by job id")
+    referred: carry.Bundle = Field(default_factory=carry.Bundle, description="the records it refers to")
+    task_id: str
+    expires: float = Field(description="epoch seconds: a copy replayed later is refused")
+
+
+class Progress(BaseModel):
+    """A running job's progress, as a worker reports it through the task state."""
+    message: str = ""
+    progress: float = 0.0
 
 
 class Reply(BaseModel):
@@ -126,7 +145,8 @@ def run_job(self, order: dict[str, Any]) -> dict[str, Any]:
     """On a worker: one attempt of the job in a sealed order (fleetauth checked its tag before this
     runs), with the records it refers to (`carry`); returns the outcome with every record it wrote
     (never raises: the store decides)."""
-    j = Job.model_validate(order["job"])
+    o = Order.model_validate(order)
+    j = o.job
 
     def reply(outcome: str, result=None, error=None, carried=None) -> dict[str, Any]:
         return Reply(job_id=j.id, attempt=j.attempts, outcome=outcome, result=result, error=error,
@@ -134,13 +154,13 @@ def run_job(self, order: dict[str, Any]) -> dict[str, Any]:
                      redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
                      carried=carried or carry.Bundle()).model_dump()
 
-    if order.get("task_id") != self.request.id or time.time() > float(order.get("expires", 0)):
+    if o.task_id != self.request.id or time.time() > o.expires:
         return reply("failed", error="fleet: a stale or re-addressed order (not run)")
     if j.kind not in kinds.names(local=False):
         return reply("failed", error=f"fleet: kind {j.kind!r} is not run by fleet workers")
-    carry.unpack(order.get("referred"))
-    ctx = JobContext(j, order.get("deps") or {}, write=lambda m, f: self.update_state(
-        state="PROGRESS", meta={"message": m, "progress": f}))
+    carry.unpack(o.referred)
+    ctx = JobContext(j, o.deps, write=lambda m, f: self.update_state(
+        state="PROGRESS", meta=Progress(message=m, progress=f).model_dump()))
     with store.capture() as written:
         outcome, result, error = kinds.execute(ctx)
     return reply(outcome or "failed", result, error, carry.with_files(list(written.values())))
@@ -199,9 +219,9 @@ class Fleet(Service):
             deps = queue.dep_results(job)
             sent = carry.referred(job.inputs, deps)
             task_id = f"{job.id}.{job.attempts}.{uuid.uuid4().hex[:8]}"
-            order = {"job": job.model_dump(mode="json"), "deps": deps, "referred": sent.model_dump(),
-                     "task_id": task_id, "expires": time.time() + job.timeout_s + ORDER_GRACE_S}
-            ar = run_job.apply_async(args=[order], task_id=task_id, priority=LANE_PRIORITY[job.lane],
+            order = Order(job=job, deps=deps, referred=sent, task_id=task_id,
+                          expires=time.time() + job.timeout_s + ORDER_GRACE_S)
+            ar = run_job.apply_async(args=[order.model_dump(mode="json")], task_id=task_id, priority=LANE_PRIORITY[job.lane],
                                      queue=QUEUE, time_limit=job.timeout_s + 30)
             self._inflight[job.id] = (job, ar, {r["id"] for r in sent.records})
         for jid, (job, ar, sent_ids) in list(self._inflight.items()):
@@ -224,8 +244,8 @@ class Fleet(Service):
     def _collect(self, jid: str, job: Job, ar: AsyncResult, sent: set[str]) -> None:
         """Progress of a job in flight, or its reply once it ended: checked, then written."""
         if ar.state == "PROGRESS" and isinstance(ar.info, dict):
-            queue.set_progress(jid, job.attempts, str(ar.info.get("message", ""))[:500],
-                               float(ar.info.get("progress", 0)))
+            p = Progress.model_validate(ar.info)
+            queue.set_progress(jid, job.attempts, p.message[:500], p.progress)
             return
         if not ar.ready():
             return

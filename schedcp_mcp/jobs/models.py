@@ -4,20 +4,52 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, Field, ValidationError, computed_field
 
 State = Literal["pending", "running", "succeeded", "failed", "cancelled", "dead"]
 LaneName = Literal["urgent", "high", "normal", "low"]
 LANES: tuple[LaneName, ...] = ("urgent", "high", "normal", "low")
 TERMINAL: tuple[State, ...] = ("succeeded", "failed", "cancelled", "dead")
+M = TypeVar("M", bound=BaseModel)
 
 
 class Budget(BaseModel):
     """What a campaign's children may spend together; a child that would exceed it is not started."""
     runs: int | None = Field(None, ge=0, description="child attempts started")
     sandbox_s: float | None = Field(None, ge=0, description="seconds children have run")
+
+
+class ChildSummary(BaseModel):
+    """One child of a campaign, in the campaign's result."""
+    id: str
+    name: str
+    kind: str
+    lane: str
+    state: str
+    attempts: int
+    cached: bool
+    report_id: str | None = None
+    passed: bool | None = None
+    result_json: str | None = None
+    error: str | None = None
+
+
+class ResultBrief(BaseModel):
+    """The fields by which a job's result states its conclusion, whatever its kind: each kind's result
+    model has those that apply (a verify: report_id, verdict, status, or `reports` of several; a
+    validation: report_id, passed, status; a campaign: its children)."""
+    report_id: str | None = None
+    verdict: str | None = None
+    passed: bool | None = None
+    status: str | None = None
+    reports: list["ResultBrief"] | None = None
+    children: list[ChildSummary] | None = None
+
+
+class NodeName(BaseModel):
+    node: str | None = Field(None, description="its name in a campaign (kinds.NODE), beside the request")
 
 
 class Job(BaseModel):
@@ -52,6 +84,24 @@ class Job(BaseModel):
     @property
     def done(self) -> bool:
         return self.state in TERMINAL
+
+    @property
+    def brief(self) -> ResultBrief:
+        """The result's conclusion fields (all None before it succeeded, or for a kind whose result
+        uses those names for something else: a listing never fails on one job's result)."""
+        try:
+            return ResultBrief.model_validate(self.result or {})
+        except ValidationError:
+            return ResultBrief()
+
+    @property
+    def node(self) -> str:
+        """Its name in a campaign (its id when it is none's)."""
+        return NodeName.model_validate(self.inputs).node or self.id
+
+    def result_as(self, model: type[M]) -> M:
+        """The result, parsed by the kind's result model."""
+        return model.model_validate(self.result or {})
 
     @computed_field(description="what the work concluded, beside the job's state (a verify: "
                     "accepted/rejected; a validation or campaign: passed/failed; an error: error)")
@@ -92,22 +142,21 @@ def job_outcome(j: "Job") -> tuple[str | None, str | None]:
         return "cancelled", first
     if j.state != "succeeded":
         return None, None
-    r = j.result or {}
-    if "reports" in r:  # verify of several policies
-        bad = [x for x in r["reports"] if x.get("verdict") != "accepted"]
-        return ("rejected", f"{len(bad)} of {len(r['reports'])} rejected: "
-                + "; ".join(f"{x.get('report_id')}: {x.get('status')}" for x in bad)) if bad else \
-            ("accepted", f"all {len(r['reports'])} accepted")
-    if "verdict" in r:
-        return ("accepted" if r["verdict"] == "accepted" else "rejected"), r.get("status")
-    if isinstance(r.get("passed"), bool):
-        return ("passed" if r["passed"] else "failed"), r.get("status")
-    if "children" in r:  # a campaign
-        kids = r["children"]
-        ok = [c for c in kids if c.get("state") == "succeeded" and c.get("passed") is not False]
+    r = j.brief
+    if r.reports is not None:  # verify of several policies
+        bad = [x for x in r.reports if x.verdict != "accepted"]
+        return ("rejected", f"{len(bad)} of {len(r.reports)} rejected: "
+                + "; ".join(f"{x.report_id}: {x.status}" for x in bad)) if bad else \
+            ("accepted", f"all {len(r.reports)} accepted")
+    if r.verdict is not None:
+        return ("accepted" if r.verdict == "accepted" else "rejected"), r.status
+    if r.passed is not None:
+        return ("passed" if r.passed else "failed"), r.status
+    if r.children is not None:  # a campaign
+        kids = r.children
+        ok = [c for c in kids if c.state == "succeeded" and c.passed is not False]
         bad = [c for c in kids if c not in ok]
-        why = "; ".join(f"{c.get('name')}: " + (c.get("error") or ("failed" if c.get("passed") is False
-                                                                   else c.get("state", "?"))).split("\n")[0]
+        why = "; ".join(f"{c.name}: " + (c.error or ("failed" if c.passed is False else c.state)).split("\n")[0]
                         for c in bad)
         return ("passed" if not bad else "failed"), f"{len(ok)} of {len(kids)} passed" + (f" ({why})" if why else "")
     return "done", None
@@ -159,10 +208,9 @@ class JobView(BaseModel):
 
     @classmethod
     def of(cls, j: Job) -> "JobView":
-        r = j.result or {}
         mine = {"report_id", "passed", "outcome", "outcome_reason"}
         return cls(**{k: getattr(j, k) for k in cls.model_fields if hasattr(j, k) and k not in mine},
-                   report_id=r.get("report_id"), passed=j.passed, outcome=j.outcome,
+                   report_id=j.brief.report_id, passed=j.passed, outcome=j.outcome,
                    outcome_reason=j.outcome_reason,
                    inputs_json=json.dumps(j.inputs), result_json=json.dumps(j.result) if j.result else None)
 

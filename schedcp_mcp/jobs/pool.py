@@ -12,7 +12,8 @@ Three loops:
 - each job thread runs its kind, then records the outcome (only if its attempt still owns the job);
 - the supervisor heartbeats (the pool and its running jobs), stops local work whose job was
   cancelled or given up on elsewhere (and kills its VMs), reclaims jobs of dead pools and jobs past
-  their timeout or deadline (`queue.reclaim`), and stops orphan qemu processes of dead owners.
+  their timeout or deadline (`queue.reclaim`), and stops what jobs of dead owners left running
+  (orphan qemu processes: `kinds.reap`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import threading
 import time
 from typing import Callable
 
-from ..sandbox import vm as vmmod
 from . import kinds, queue
 from .kinds import JobContext
 from .models import Job
@@ -93,7 +93,7 @@ class Pool(Service):
 
     def start(self) -> "Pool":
         self.id = queue.register_worker(self.engine, self.size, self.scope, self.kind_names)
-        vmmod.reap_orphans()
+        kinds.reap()
         queue.reclaim(self.stale_s)
         queue._wakeups.append(self._wake)
         for name, fn in (("dispatch", self._dispatch), ("supervise", self._supervise)):
@@ -120,7 +120,7 @@ class Pool(Service):
         for job, ctx in left:
             ctx.cancelled.set()
         if left:
-            vmmod.kill_job_vms([j.id for j, _ in left])
+            kinds.release([j.id for j, _ in left])
         for t in self._threads:
             t.join(timeout=5)
         if self._wake in queue._wakeups:
@@ -180,7 +180,7 @@ class Pool(Service):
         except Exception:  # noqa: BLE001
             log.exception("recording job %s failed (the supervisor will retry it)", job.id)
         finally:
-            vmmod.kill_job_vms([job.id])  # anything the kind left running
+            kinds.release([job.id])  # anything the kind left running
             with self._lock:
                 self._running.pop(job.id, None)
             self._wake.set()
@@ -203,8 +203,8 @@ class Pool(Service):
         for jid in lost:
             mine[jid][1].cancelled.set()
         if lost:
-            vmmod.kill_job_vms(lost)
-        vmmod.reap_orphans()
+            kinds.release(lost)
+        kinds.reap()
 
 
 def run_to_end(job_id: str, progress: Callable[[str, float], None] | None = None,

@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable, Iterable
 
 import psutil
+from pydantic import BaseModel
 
 from .. import store
 from .. import errors
@@ -49,12 +50,15 @@ def _wake_local() -> None:
 
 # --- submit ------------------------------------------------------------------------------------
 
-def submit(kind: str, inputs: dict[str, Any] | None = None, *, lane: LaneName = "normal",
+def submit(kind: str, inputs: BaseModel | dict[str, Any] | None = None, *, lane: LaneName = "normal",
            timeout_s: float | None = None, max_attempts: int | None = None,
            complete_by_s: float | None = None, deps: Iterable[str] = (), parent: str | None = None,
            join_all: bool = False, budget: Budget | None = None, use_cache: bool = True,
-           actor: str = "api", not_before: float | None = None, deadline: float | None = None) -> Job:
-    """Queue a job (or answer it at once: see below). `complete_by_s` is a deadline from now
+           actor: str = "api", not_before: float | None = None, deadline: float | None = None,
+           node: str | None = None) -> Job:
+    """Queue a job (or answer it at once: see below). `inputs`: the kind's request (a model, or its
+    JSON as a dict, checked against the kind's model and stored as that model writes it); `node`: its
+    name in a campaign. `complete_by_s` is a deadline from now
     (`deadline`: the same as epoch seconds; the earlier wins). A job past its deadline is
     dead-lettered: before it starts when it is claimed, while running by the supervisor's sweep.
 
@@ -63,10 +67,13 @@ def submit(kind: str, inputs: dict[str, Any] | None = None, *, lane: LaneName = 
     with that twin's result (`cached_from`); a top-level job whose twin is pending or running is
     that job."""
     k = kinds.get(kind)
-    inputs = dict(inputs or {})
+    req = k.parse(inputs or {})
+    inputs = req.model_dump(mode="json") if isinstance(req, BaseModel) else dict(req)
+    if node is not None:
+        inputs[kinds.NODE] = node
     if lane not in LANES:
         raise BadInput(f"unknown priority lane {lane!r}", f"use one of {', '.join(LANES)}")
-    key = k.key(inputs) if k.key else None
+    key = k.key(req) if k.key else None
     now = time.time()
     deps = list(dict.fromkeys(deps))
     row = dict(id=store.new_id("job"), kind=kind, lane=LANES.index(lane), state="pending",
@@ -555,9 +562,7 @@ def cancel(job_id: str, actor: str = "api") -> list[str]:
         _get(conn, job_id)
         tree = _cancel_tree(conn, job_id, now, f"cancelled by {actor}")
     if tree:
-        from ..sandbox.vm import kill_job_vms
-
-        kill_job_vms(tree)
+        kinds.release(tree)
         store.audit(actor, "cancel_job", {"job": job_id, "cancelled": tree})
     _wake_local()
     return tree

@@ -19,7 +19,7 @@ from ..errors import BadInput
 from ..models import Deployment, Goal, MetricResult, SchedulerExit
 from ..records import get_deployment
 from ..reports import get_report
-from ..validate.workloads import list_workloads
+from ..workloads import list_workloads
 from .history import Outcome, new_outcome, record, reward
 
 

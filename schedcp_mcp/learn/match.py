@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import BadInput
 from ..observe.profile import WorkloadProfile, get_profile, list_profiles, profile_workload, repeated
-from ..validate.workloads import ensure_probe, get_workloads
+from ..workloads import ensure_probe, get_workloads
 from .history import similarity
 
 Progress = Callable[[str, float], None]

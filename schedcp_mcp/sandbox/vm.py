@@ -37,7 +37,6 @@ switching schedulers, see _cmdline) otherwise; the probe result is cached in `<s
 from __future__ import annotations
 
 import atexit
-import contextvars
 import fcntl
 import hashlib
 import json
@@ -59,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import config
 from ..errors import BadInput, InfrastructureError, TransientError
+from ..jobs import kinds
 from . import image, vmstate
 
 AGENT_PORT = "org.schedcp.agent"
@@ -180,8 +180,8 @@ def probe_accel(refresh: bool = False) -> str:
 # ---------------------------------------------------------------- who owns a running qemu
 
 #: the job the VMs booted in this context belong to (set by the supervisor's workers): cancelling
-#: the job kills them, from any process on this host
-current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("schedcp_job", default=None)
+#: the job kills them, from any process on this host (kill_job_vms, registered with the jobs below)
+current_job = kinds.current_job
 
 
 def _run_dir() -> Path:
@@ -237,6 +237,9 @@ def reap_orphans() -> int:
         if not owner_alive or not _pid_alive(e["pid"], e["sock"]):
             n += _stop_registered(p, e)
     return n
+
+
+kinds.on_release(kill_job_vms, reap_orphans)  # a job's VMs end with the job
 
 
 def running_vms() -> list[dict]:

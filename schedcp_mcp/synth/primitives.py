@@ -17,7 +17,6 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..repository.policies import Parameter
-from ..repository.provenance import SchedulerSpec
 
 Axis = Literal["queue", "ordering", "cpu_select", "slice", "preempt", "task_class"]
 AXES: tuple[Axis, ...] = ("queue", "ordering", "cpu_select", "slice", "preempt", "task_class")
@@ -294,22 +293,3 @@ def get(axis: str, name: str) -> Primitive | None:
 
 def names(axis: str) -> list[str]:
     return [p.name for p in PRIMITIVES if p.axis == axis]
-
-
-class Catalog(BaseModel):
-    """What `list_primitives` returns: every primitive, the class treatments and shared knobs."""
-    axes: list[str]
-    primitives: list[Primitive]
-    common_params: list[Parameter]
-    class_treatments: dict[str, str]
-    class_params: list[Parameter]
-    max_classes: int
-    spec_example: SchedulerSpec
-
-
-def catalog() -> Catalog:
-    from .spec import EXAMPLE_SPEC
-
-    return Catalog(axes=list(AXES), primitives=PRIMITIVES, common_params=COMMON_PARAMS,
-                   class_treatments=CLASS_TREATMENTS, class_params=CLASS_PARAMS,
-                   max_classes=MAX_CLASSES, spec_example=SchedulerSpec.model_validate(EXAMPLE_SPEC))

@@ -200,3 +200,21 @@ def validate_spec(data: SchedulerSpec | dict[str, Any]) -> SchedulerSpec:
     if problems:
         raise SpecRefused(problems)
     return spec
+
+
+class Catalog(BaseModel):
+    """What `list_primitives` returns: every primitive, the class treatments and shared knobs."""
+    axes: list[str]
+    primitives: list[prims.Primitive]
+    common_params: list[Parameter]
+    class_treatments: dict[str, str]
+    class_params: list[Parameter]
+    max_classes: int
+    spec_example: SchedulerSpec
+
+
+def catalog() -> Catalog:
+    """The primitives (synth/primitives.py) with the example spec: what list_primitives answers."""
+    return Catalog(axes=list(prims.AXES), primitives=prims.PRIMITIVES, common_params=prims.COMMON_PARAMS,
+                   class_treatments=prims.CLASS_TREATMENTS, class_params=prims.CLASS_PARAMS,
+                   max_classes=prims.MAX_CLASSES, spec_example=SchedulerSpec.model_validate(EXAMPLE_SPEC))

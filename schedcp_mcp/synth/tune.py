@@ -261,7 +261,7 @@ def tune(name: str, workloads: list[str] | None = None, goals: list[Goal] | None
     from ..reports import get_report, save
     from ..sandbox.vm import VM
     from ..validate.runner import validate_in_sandbox
-    from ..validate.workloads import get_workloads
+    from ..workloads import get_workloads
 
     say = progress or (lambda msg, frac: None)
     if not 2 <= configs <= 16:
@@ -391,35 +391,31 @@ def tune(name: str, workloads: list[str] | None = None, goals: list[Goal] | None
 # --- as a supervised job (schedcp_mcp.jobs): the CLI and MCP tool submit it and wait ----------------
 
 from ..jobs import queue as _jobs  # noqa: E402
+from ..operations import TuneRequest  # noqa: E402
 from ..jobs.kinds import JobContext as _Ctx, register as _register  # noqa: E402
 
 
-@_register("tune", timeout_s=7200, max_attempts=2, sandbox=True)
-def _tune_job(ctx: _Ctx) -> dict[str, Any]:
-    i = ctx.inputs
-    goals = [Goal(**g) for g in i["goals"]] if i.get("goals") else None
-    return tune(i["name"], i.get("workloads"), goals, i["budget_rounds"], i.get("budget_s"), i["configs"],
-                i.get("space"), i.get("seed", 0), progress=ctx.progress,
-                actor=i.get("actor", "api")).model_dump(mode="json")
+@_register("tune", timeout_s=7200, max_attempts=2, sandbox=True, request=TuneRequest)
+def _tune_job(ctx: _Ctx) -> TuneResult:
+    r: TuneRequest = ctx.request
+    return tune(r.name, r.workloads, r.goals or None, r.budget_rounds, r.budget_s, r.configs, r.space, r.seed,
+                progress=ctx.progress, actor=r.actor)
 
 
-def tune_job(name: str, workloads: list[str] | None = None, goals: list[Goal] | None = None,
-             budget_rounds: int = 12, budget_s: float | None = None, configs: int = 4,
-             space: dict[str, list[Any]] | None = None, seed: int = 0, lane: str = "high",
-             actor: str = "api", complete_by_s: float | None = None):
-    """Queue a tuning run (checked first: a bad request is refused before it waits in the queue)."""
-    from ..validate.workloads import get_workloads
+def tune_job(request: TuneRequest | None = None, *, lane: str = "high", complete_by_s: float | None = None,
+             **fields: Any):
+    """Queue a tuning run, the request or its fields as keywords (checked first: a bad request is
+    refused before it waits in the queue)."""
+    from ..workloads import get_workloads
 
-    if not 2 <= configs <= 16 or not 2 <= budget_rounds <= 200:
-        raise BadInput(f"configs={configs}, budget_rounds={budget_rounds}: give 2..16 and 2..200")
-    get_workloads(workloads or ["hackbench"])
-    _target(name)
-    return _jobs.submit("tune", {"name": name, "workloads": workloads,
-                                 "goals": [g.model_dump(mode="json") for g in goals] if goals else None,
-                                 "budget_rounds": budget_rounds, "budget_s": budget_s, "configs": configs,
-                                 "space": space, "seed": seed, "actor": actor}, lane=lane, actor=actor,
-                        complete_by_s=complete_by_s)
+    req = request or TuneRequest(**fields)
+    if not 2 <= req.configs <= 16 or not 2 <= req.budget_rounds <= 200:
+        raise BadInput(f"configs={req.configs}, budget_rounds={req.budget_rounds}: give 2..16 and 2..200")
+    get_workloads(req.workloads or ["hackbench"])
+    _target(req.name)
+    return _jobs.submit("tune", req, lane=lane, actor=req.actor, complete_by_s=complete_by_s)
 
 
 def tune_result(job) -> TuneResult:
-    return TuneResult.model_validate(_jobs.result_or_raise(job))
+    _jobs.result_or_raise(job)
+    return job.result_as(TuneResult)

@@ -52,7 +52,7 @@ SEVERE_REGRESSION = 1.5
 #: the guard set: a scheduler runs every task of the machine, so whatever it is validated for, these
 #: may not get worse beyond the margin (an interactive task's wakeup wait and its tail, a pipe
 #: hand-off, CPU-bound throughput) — with goals too, where an uncovered workload otherwise only may
-#: not regress severely. `schedcp optimize` always measures them (validate.workloads.GUARDS).
+#: not regress severely. `schedcp optimize` always measures them (workloads.GUARDS).
 GUARD_RESULTS = ("wakeup", "wakeup_tail", "pipe", "cpu")
 #: an interval wider than ±NOISY makes a "same" or "better" weak evidence: the result warns
 NOISY = 0.25

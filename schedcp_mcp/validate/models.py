@@ -7,30 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..models import Direction, LoaderExit, MetricResult
+from ..workloads import Workload  # noqa: F401 — its home is the workloads room; imported from here too
 from .evidence import Evidence
 from .starvation import WaitSummary
-
-
-class Workload(BaseModel):
-    """A benchmark run in the guest. `command` is a shell snippet; `$PROBE` is the path of
-    schedcp-probe in the guest. Its stdout goes to the parser named by `parser`."""
-
-    name: str
-    description: str
-    command: str = Field(description="shell snippet run in the guest (busybox sh)")
-    metric: str = Field(description="the primary metric this workload reports, e.g. p99_wakeup_latency_us")
-    unit: str
-    direction: Direction = Field(description="lower or higher is better")
-    parser: str = Field(description="name of the output parser in validate.workloads.PARSERS")
-    goal_metrics: list[str] = Field(
-        [], description="goal metrics (from a WorkloadProfile/plan) this workload stands for, e.g. throughput")
-    requires: list[str] = Field([], description="guest binaries it needs besides busybox")
-    timeout_s: float = Field(30.0, description="a run taking longer is killed and counts as a crash")
-    reps: int = Field(1, description="runs per side per round; the round's figure is their median (runner.reduce_reps)")
-    tail_metric: str | None = Field(None, description="a secondary metric judged like a workload of its own "
-                                    "(result `<name>_tail`: its own interval and no-regression gate)")
-    default: bool = Field(True, description="in the default validation set (no workloads named); False: only "
-                          "when named, because one run costs seconds")
 
 
 class Spread(BaseModel):

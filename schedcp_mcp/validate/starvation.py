@@ -156,7 +156,7 @@ class WaitSummary(BaseModel):
 def ensure_tracer() -> Path:
     """The compiled tracer object, built by the sandbox toolchain and cached by its source's hash."""
     from ..sandbox import toolchain
-    from .workloads import built_in_toolchain
+    from ..workloads import built_in_toolchain
 
     return built_in_toolchain(TRACER_SRC, "runqwait.bpf.o",
                               ["clang", *toolchain.bpf_cflags(), "-c", "runqwait.bpf.c", "-o", "runqwait.bpf.o"],

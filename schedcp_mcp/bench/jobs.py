@@ -61,7 +61,7 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 def bench_pool(workers: int, jobs: int = 2000) -> JobsBench:
-    from . import queue
+    from ..jobs import queue
 
     with _home() as home:
         store.db()  # migrate before the worker starts
@@ -96,7 +96,7 @@ def bench_pool(workers: int, jobs: int = 2000) -> JobsBench:
 
 
 def _drain(ids: list[str]) -> None:
-    from . import queue
+    from ..jobs import queue
 
     for i in reversed(ids):
         while not queue.get(i).done:
@@ -118,7 +118,7 @@ class NoiseBench(BaseModel):
 
 
 def _aa(vm, runs: int, cmd: str) -> list[float]:
-    from ..validate.workloads import parse_hackbench
+    from ..workloads import parse_hackbench
 
     out = []
     for _ in range(runs):
@@ -166,8 +166,8 @@ def bench_campaign(submit, sizes: tuple[int, ...] = (1, 2)) -> list[CampaignBenc
     (nothing from a cache), and the A/A noise the validations measured. `submit()` queues the
     campaign (the caller builds it: campaigns of candidates live above this layer)."""
     from ..reports import get_report
-    from .pool import Pool
-    from . import queue
+    from ..jobs.pool import Pool
+    from ..jobs import queue
 
     out = []
     for n in sizes:

@@ -17,8 +17,8 @@ from pydantic import BaseModel, Field
 from .. import records
 from ..learn import history
 from ..models import Reading
-from . import queue
-from .models import LANES, JobView, WorkerInfo
+from ..jobs import queue
+from ..jobs.models import LANES, JobView, WorkerInfo
 
 REFRESH_S = 5
 

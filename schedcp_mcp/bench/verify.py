@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from .. import config
 from ..errors import InfrastructureError
 from ..sandbox.vm import VM
-from .pipeline import verify_source
+from ..verify.pipeline import verify_source
 
 BENCH_POLICY = "fifo"
 TARGETS = {"cold_s": 1.5, "warm_s": 0.5, "cached_s": 0.1}

@@ -10,7 +10,7 @@ shared host). Writes <out_dir>/policies-ab.png, policies-ab.md and policies-ab.j
 differs). `schedcp bench stability`: one policy validated in N fresh boots, and how often a verdict
 flipped between them.
 
-The runs themselves are supervised jobs (`schedcp_mcp/benches.py`: a validation per policy, per
+The runs themselves are supervised jobs (`schedcp_mcp/bench/runs.py`: a validation per policy, per
 fresh boot); this module measures A/A and renders what the runs measured.
 """
 
@@ -31,10 +31,10 @@ from .. import config
 from ..errors import BadInput
 from ..models import in_words, times
 from ..repository.policies import list_policies
-from . import gates
-from .runner import BUDGET_S
-from .models import Layer2Result, WorkloadResult
-from .workloads import list_workloads
+from ..validate import gates
+from ..validate.runner import BUDGET_S
+from ..validate.models import Layer2Result, WorkloadResult
+from ..workloads import list_workloads
 
 #: kernel example schedulers that verify and run under our loader (see DESIGN: scx_pair needs a sized
 #: map, scx_userland its userspace half, scx_central is a bad fit for 2 vCPUs)
@@ -171,7 +171,7 @@ def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: l
     """Default vs default in one boot; every workload's interval should lie within ±MARGIN. Also
     prints the per-pair noise (sd of the log ratios) and the rounds a validation needs to resolve
     ±MARGIN at that noise. Runs exactly `rounds` rounds by default (budget 0)."""
-    from .runner import BUDGET_S, aa_in_sandbox
+    from ..validate.runner import BUDGET_S, aa_in_sandbox
 
     con = console or Console(quiet=quiet)
     budget = BUDGET_S if budget_s is None else budget_s

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from ..verify.pipeline import verify_source
-from .matrix import matrix
-from .render import render
-from .spec import SchedulerSpec
+from ..synth.matrix import matrix
+from ..synth.render import render
+from ..synth.spec import SchedulerSpec
 
 TARGET_S = 90.0
 

@@ -17,7 +17,7 @@ import anyio
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from pydantic import BaseModel
 
-from . import answers, store
+from .. import answers, store
 
 LIST_MAX = 40_000
 RESULT_MAX = 8_192
@@ -71,7 +71,7 @@ def example_calls() -> list[tuple[str, dict[str, Any]]]:
     for rid in store.ids("report", 3):
         calls.append(("get_report", {"report_id": rid}))
         calls.append(("get_feedback", {"subject_id": rid}))
-    from .reports import get_report
+    from ..reports import get_report
 
     if rid := next((r for r in store.ids("report", 20) if get_report(r).layer2), None):
         calls.append(("diagnose_report", {"report_id": rid}))

@@ -1,0 +1,1 @@
+"""What `schedcp serve --http` shows a browser besides the MCP endpoint: the status page."""
