@@ -693,9 +693,9 @@ async def ab_test(
     aa: Annotated[bool, Field(description="also a FIFO's partial-mode A/A")] = True,
     detail: Annotated[A.Detail, A.DETAIL] = "summary",
 ) -> CallToolResult:
-    """Minutes: A/B of the user's command on the target by its class: the candidate in partial mode,
-    the command in paired rounds as SCHED_EXT and SCHED_NORMAL; a FIFO's A/A shows what the class
-    order alone does. Nothing stays deployed. Returns both intervals (> 1 = candidate better)."""
+    """Minutes: A/B of the user's command by its class, the candidate in partial mode: paired rounds
+    as SCHED_EXT and SCHED_NORMAL, and a FIFO's A/A (the class order alone). Nothing stays
+    deployed. Returns both intervals (> 1 = candidate better)."""
     from .deploy.ab import ab
 
     res = await in_thread(ab, token, command, target, rounds=rounds, aa=aa, actor="mcp",
