@@ -128,6 +128,20 @@ BPF_CFLAGS = [
     "-g", "-O2", "-mcpu=v3", "-target", "bpf", "-D__TARGET_ARCH_x86", "-mlittle-endian",
     "-fms-extensions", "-Wno-microsoft-anon-tag", "-Wno-compare-distinct-pointer-types", "-nostdinc",
 ]
+#: what every compile adds: plain diagnostics, and output that does not depend on where clang ran
+COMPILE_FLAGS = ["-fno-color-diagnostics", "-fno-trigraphs", "-ffile-compilation-dir=."]
+#: vmlinux.h precompiled, in the include dir: parsing its ~3 MB was most of a compile. Made with the
+#: macro scx/common.bpf.h defines before it includes vmlinux.h, so a source that starts with that
+#: include compiles the same with it (verify/compile.py uses it only then).
+PCH = f"{INCLUDE_ROOT}/vmlinux.h.pch"
+PCH_DEFINES = ["-DBPF_NO_KFUNC_PROTOTYPES="]
+
+
+def clang_argv(rootfs: Path, cflags: list[str], include_dirs: list[str]) -> list[str]:
+    """clang with `cflags`, COMPILE_FLAGS and `include_dirs`, as run in the rootfs. Without
+    address-space randomisation (setarch -R) clang's output does not depend on where it ran."""
+    norandom = ["setarch", "x86_64", "-R"] if Path(rootfs, "usr/bin/setarch").exists() else []
+    return [*norandom, "clang", *cflags, *COMPILE_FLAGS, *[f"-I{d}" for d in include_dirs]]
 
 
 # ---------------------------------------------------------------- helpers
@@ -236,7 +250,7 @@ def sources_sha() -> str:
     """Hash of what this checkout builds into the image (guest sources, package lists): when it
     differs from the manifest's, the image is out of date (e.g. after a pull that changed loader.c)."""
     h = hashlib.sha256(json.dumps([ROOTFS_SUITE, ROOTFS_PACKAGES, GUEST_TOOLS, COMPILE_TOOLS, INCLUDE_DIRS,
-                                   BPF_CFLAGS]).encode())
+                                   BPF_CFLAGS, COMPILE_FLAGS, PCH, PCH_DEFINES]).encode())
     for p in sorted(GUEST_SRC.iterdir()):
         if p.is_file():
             h.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -450,11 +464,26 @@ def _include(b: _Build, rootfs: Path, status: str, scx: Path, vh: Path) -> Path:
     """6. The allowlisted include directory inside the rootfs."""
     b.step("allowlisted BPF include directory")
     inc = rootfs / INCLUDE_ROOT.lstrip("/")
-    ifp = b.fp["include"] = _fp(b.fp["sched_ext"], status, b.fp["vmlinux_h"])
-    if not b.steps.fresh("include", ifp, inc / "vmlinux.h", inc / "scx/common.bpf.h"):
+    ifp = b.fp["include"] = _fp(b.fp["sched_ext"], status, b.fp["vmlinux_h"],
+                                BPF_CFLAGS, COMPILE_FLAGS, INCLUDE_DIRS, PCH_DEFINES)
+    pch = rootfs / PCH.lstrip("/")
+    if not b.steps.fresh("include", ifp, inc / "vmlinux.h", inc / "scx/common.bpf.h", pch):
         _make_include_dir(rootfs, scx, vh, inc)
+        _make_pch(rootfs, pch)
         b.steps.mark("include", ifp)
     return inc
+
+
+def _make_pch(rootfs: Path, out: Path) -> None:
+    """Precompile the include dir's vmlinux.h (after it is in place: the PCH names the header's path
+    and clang checks its size and time), then rename it in: a compile meanwhile finds none and
+    compiles without it."""
+    tmp = "/tmp/schedcp-vmlinux.h.pch"
+    chroot_run(rootfs, [*clang_argv(rootfs, BPF_CFLAGS, INCLUDE_DIRS), *PCH_DEFINES, "-x", "c-header",
+                        f"{INCLUDE_ROOT}/vmlinux.h", "-o", tmp], "precompiling vmlinux.h")
+    built = rootfs / tmp.lstrip("/")
+    built.chmod(0o644)
+    os.replace(built, out)
 
 
 def _guest_binaries(b: _Build, rootfs: Path, status: str) -> tuple[Path, Path]:

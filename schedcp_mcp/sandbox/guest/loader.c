@@ -25,6 +25,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -43,7 +44,8 @@
 #define MAX_PARAMS 64
 #define SCX_SYSFS "/sys/kernel/sched_ext"
 #define SCX_EXIT_ERROR 1024   /* enum scx_exit_kind: this and above are errors */
-#define VERIFY_SETTLE_MS 200  /* --verify keeps the scheduler attached this long */
+#define VERIFY_SETTLE_MS 20   /* --verify keeps the scheduler attached at least this long */
+#define POLL_US 2000          /* between reads of the sched_ext state */
 
 /* ---------- a growable text buffer and JSON output ---------- */
 
@@ -893,12 +895,39 @@ static int set_up(struct bpf_object *obj, struct bpf_map *ops, const struct btf 
  * callback recorded its UEI, so reading it earlier loses the scheduler's own reason */
 static void wait_disabled(char *state, size_t len)
 {
-	for (int i = 0; i < 100; i++) {
+	for (int i = 0; i < 2000000 / POLL_US; i++) {
 		read_line(SCX_SYSFS "/state", state, len);
 		if (!strcmp(state, "disabled"))
 			return;
-		usleep(20000);
+		usleep(POLL_US);
 	}
+}
+
+/* --verify's moment of real scheduling: this thread runs on every CPU it may use, twice (each move
+ * and each short sleep is a select_cpu, enqueue, dispatch, running and stopping of the scheduler on
+ * that CPU), and then sleeps out VERIFY_SETTLE_MS (a few ticks), so an error a scheduler raises on
+ * its first events (a map its loader should have sized, a userspace half that is missing) shows
+ * here, not after a deploy. A 200 ms sleep did this before: longer, and without reaching each CPU. */
+static void settle(struct uei_loc *uei)
+{
+	double t0 = now_s();
+	cpu_set_t all, one;
+	bool pinned = !sched_getaffinity(0, sizeof(all), &all);
+	for (int round = 0; pinned && round < 2 && !uei_kind_now(uei); round++) {
+		for (int c = 0; c < CPU_SETSIZE && !uei_kind_now(uei); c++) {
+			if (!CPU_ISSET(c, &all))
+				continue;
+			CPU_ZERO(&one);
+			CPU_SET(c, &one);
+			if (!sched_setaffinity(0, sizeof(one), &one))
+				usleep(1000);
+		}
+	}
+	if (pinned)
+		sched_setaffinity(0, sizeof(all), &all);
+	while (now_s() - t0 < VERIFY_SETTLE_MS / 1000.0 && !uei_kind_now(uei))
+		usleep(POLL_US);
+	mark("settle");
 }
 
 /* stays attached until a signal, the duration, or the scheduler's/kernel's exit; true = it exited */
@@ -1023,11 +1052,11 @@ int main(int argc, char **argv)
 	}
 	mark("attach");
 	R.stage = "enabled";
-	for (int i = 0; i < 50; i++) {
+	for (int i = 0; i < 1000000 / POLL_US; i++) {
 		read_line(SCX_SYSFS "/state", R.state_attached, sizeof(R.state_attached));
 		if (strcmp(R.state_attached, "enabling"))
 			break;
-		usleep(20000);
+		usleep(POLL_US);
 	}
 	read_line(SCX_SYSFS "/root/ops", R.root_ops, sizeof(R.root_ops));
 	if (strcmp(R.state_attached, "enabled")) {
@@ -1040,12 +1069,8 @@ int main(int argc, char **argv)
 		goto out;
 	}
 	fprintf(stderr, "loader: %s enabled (root/ops=%s)\n", R.ops_name, R.root_ops);
-	if (o.verify) {
-		/* a moment of real scheduling: an error a scheduler raises on its first events (a map its
-		 * loader should have sized, a userspace half that is missing) shows here, not after a deploy */
-		for (int i = 0; i < VERIFY_SETTLE_MS / 20 && !uei_kind_now(&uei); i++)
-			usleep(20000);
-	}
+	if (o.verify)
+		settle(&uei);
 
 	bool exited = o.run && run_attached(&uei, o.duration);
 	R.stage = "detach";
