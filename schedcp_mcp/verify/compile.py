@@ -5,11 +5,13 @@ allowlisted include directories and the work directory (no host file, no /etc, n
 network, with time and memory limits. Only the allowlisted include directories are searched
 (`-nostdinc`, the image's `/opt/schedcp/include` holding vmlinux.h, bpf/, scx/, asm-generic/errno*.h),
 plus the operator's trusted directories, copied into the work directory (a symlink in them that
-leads outside is refused). Two steps: the preprocessor runs first and its output — where every
-macro, `_Pragma` and string trick is expanded — is checked (`source_check.check_preprocessed`: inline
-assembly with escapes decoded, only allowlisted directives and pragmas; every file opened, from
-`-MD`, inside the allowed directories); only then is it compiled (same inputs, same jail: the
-compiler sees the checked text).
+leads outside is refused). Two steps, at once, each in a jail: the preprocessor's output — where
+every macro, `_Pragma` and string trick is expanded — is checked (`source_check.check_preprocessed`:
+inline assembly with escapes decoded, only allowlisted directives and pragmas; every file opened,
+from `-MD`, inside the allowed directories) while clang compiles the same inputs, and the object is
+taken only when the text passed (same inputs, same jail: the compiler saw the checked text). Until
+2026-12 the compile waited for the check; the jail, not the order, is what keeps the compiler from
+host files, and the preprocessor always ran on the unchecked source in the same jail.
 
 For the host target the object is compiled against a vmlinux.h generated from the host's own BTF
 (`host_vmlinux_h`), put first on the include path as `target/vmlinux.h`.
@@ -33,6 +35,7 @@ import posixpath
 import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,35 +231,39 @@ def _compile(source: str, files: dict[str, bytes], flags: list[str], include_dir
             result.errors.append(VerifyError(stage="compile", code="compiler_failed", message=why))
         return result
 
-    # 1. Preprocess (in the jail, like everything else) and check what the compiler will really see:
-    # every macro, _Pragma and string-literal trick is expanded in this text.
+    # 1. Preprocess and check what the compiler really sees (every macro, _Pragma and string-literal
+    # trick is expanded in this text), while 2. clang compiles the same inputs in a jail of its own;
+    # the object is taken only when the text passed. One after the other they were most of a warm
+    # verify. The compiler meets nothing the preprocessor did not: the same jail, the same inputs.
     t0 = time.monotonic()
-    pre = toolchain.run([*flags, "-MD", "-MF", DEPS_NAME, "-E", SOURCE_NAME, "-o", PREPROCESSED_NAME],
-                        workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
-                        outputs=[DEPS_NAME, PREPROCESSED_NAME])
-    diags = diagnostics(pre.stderr)
-    result = CompileResult(ok=False, stderr=pre.stderr, errors=[d for d in diags if d.severity == "error"],
-                           warnings=[d for d in diags if d.severity == "warning"])
-    text = pre.outputs.get(PREPROCESSED_NAME)
-    if pre.timed_out or pre.rc != 0 or text is None:
-        result.seconds = time.monotonic() - t0
-        return failed(pre, result)
-    result.opened = _deps(pre.outputs.get(DEPS_NAME, b"").decode("utf-8", "replace"))
-    for p in result.opened:
-        if outside(p):
-            result.errors.append(VerifyError(stage="compile", code="include_not_allowed",
-                                             message=f"the compiler opened {p}, outside the allowed "
-                                             "include directories; refused"))
-    result.errors += check_preprocessed(text.decode("utf-8", "replace"))
-    if result.errors:
-        result.seconds = time.monotonic() - t0
-        return result
-
-    # 2. Compile. The same inputs in the same jail preprocess to the same text, so the compiler sees
-    # the checked tokens; compiling the source rather than source.i keeps clang's columns exact.
-    res = toolchain.run([*flags, "-c", SOURCE_NAME, "-o", OBJECT_NAME], workdir_files=files,
-                        timeout_s=timeout_s, mem_mb=mem_mb, outputs=[OBJECT_NAME])
+    with ThreadPoolExecutor(1, thread_name_prefix="schedcp-clang") as pool:
+        compiling = pool.submit(toolchain.run, [*flags, "-c", SOURCE_NAME, "-o", OBJECT_NAME],
+                                workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
+                                outputs=[OBJECT_NAME])
+        pre = toolchain.run([*flags, "-MD", "-MF", DEPS_NAME, "-E", SOURCE_NAME, "-o", PREPROCESSED_NAME],
+                            workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
+                            outputs=[DEPS_NAME, PREPROCESSED_NAME])
+        diags = diagnostics(pre.stderr)
+        result = CompileResult(ok=False, stderr=pre.stderr, errors=[d for d in diags if d.severity == "error"],
+                               warnings=[d for d in diags if d.severity == "warning"])
+        text = pre.outputs.get(PREPROCESSED_NAME)
+        if not (pre.timed_out or pre.rc != 0 or text is None):
+            result.opened = _deps(pre.outputs.get(DEPS_NAME, b"").decode("utf-8", "replace"))
+            for p in result.opened:
+                if outside(p):
+                    result.errors.append(VerifyError(stage="compile", code="include_not_allowed",
+                                                     message=f"the compiler opened {p}, outside the allowed "
+                                                     "include directories; refused"))
+            result.errors += check_preprocessed(text.decode("utf-8", "replace"))
+        res = compiling.result()
     result.seconds = time.monotonic() - t0
+    if pre.timed_out or pre.rc != 0 or text is None:
+        return failed(pre, result)
+    if result.errors:
+        return result  # the object (if any) is dropped
+
+    # the same inputs preprocess to the same text, so the compiler saw the checked tokens;
+    # compiling the source rather than source.i keeps clang's columns exact
     result.stderr = res.stderr
     diags = diagnostics(res.stderr)
     result.errors = [d for d in diags if d.severity == "error"]
@@ -268,4 +275,3 @@ def _compile(source: str, files: dict[str, bytes], flags: list[str], include_dir
         return result
     result.ok, result.object = True, obj
     return result
-
