@@ -469,6 +469,24 @@ def test_a_scheduler_failing_on_its_first_event_on_another_cpu_fails_at_init(vm)
 
 
 @pytest.mark.vm
+def test_the_guests_enum_table_gives_what_the_kernels_btf_gives(vm, manifest):
+    """The loader takes the kernel's SCX_* enumerators from the table the image lists for this
+    kernel instead of parsing its BTF on every load; hidden, the loader parses the BTF: the same
+    __SCX_* values either way, and the same exit kind names."""
+    obj = compile_source(fixture("error_loader_moves"), manifest).object
+    seen = {}
+    for hide in (False, True):
+        script = ("mount -t tmpfs none /usr/share/schedcp\n" if hide else "") + \
+            scheduler.verify_script("obj.bpf.o", {}) + ("\numount /usr/share/schedcp" if hide else "")
+        out, _ = scheduler.parse_verify(vm.run(script, files={"obj.bpf.o": obj}).stdout)
+        seen[hide] = scheduler.last_json(out)
+    table, btf_parsed = seen[False], seen[True]
+    assert (table["enums_from"], btf_parsed["enums_from"]) == ("table", "btf")
+    assert table["enums_set"] == btf_parsed["enums_set"] and "SCX_DSQ_GLOBAL" in table["enums_set"]
+    assert table["uei"]["kind_name"] == btf_parsed["uei"]["kind_name"] == "SCX_EXIT_ERROR_BPF"
+
+
+@pytest.mark.vm
 def test_maps_left_to_the_loader_are_sized_by_a_parameter(vm, tmp_path, monkeypatch):
     """Like scx_pair's C loader: a map without max_entries is refused until a parameter sizes it,
     given raw (`map:NAME=N`) or by a policy.json parameter with `sizes_map`."""

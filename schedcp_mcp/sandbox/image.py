@@ -77,6 +77,7 @@ COMPILE_TOOLS = [
 #: where the compile workload's source tree (the kernel's scripts/dtc and guest/compile.mk) is in the guest
 COMPILE_GUEST_DIR = "/usr/src/schedcp-compile"
 LOADER_GUEST_PATH = "/usr/bin/schedcp-loader"
+KERNEL_ENUMS_GUEST_PATH = "/usr/share/schedcp/kernel-enums"  # ENUMS_PATH in guest/loader.c
 GUEST_SRC = Path(__file__).parent / "guest"
 
 
@@ -297,7 +298,7 @@ def build(force: bool = False, progress: Progress | None = None, refresh: bool =
         scx, dtc = _sched_ext_dir(b, apt, k)
         inc = _include(b, rootfs, status, scx, vh)
         loader, agent = _guest_binaries(b, rootfs, status)
-        small, full = _initramfs(b, rootfs, status, loader, agent, dtc)
+        small, full = _initramfs(b, rootfs, status, loader, agent, dtc, vbtf, k["abi"])
         old = _up_to_date(b, rootfs)
         if old is not None:
             return old
@@ -505,7 +506,7 @@ def _guest_binaries(b: _Build, rootfs: Path, status: str) -> tuple[Path, Path]:
 
 
 def _initramfs(b: _Build, rootfs: Path, status: str, loader: Path, agent: Path,
-               dtc: Path) -> tuple[Path, Path]:
+               dtc: Path, vbtf: Path, release: str) -> tuple[Path, Path]:
     """8. The small (verify) and full (workloads: tools, and the compile workload's compiler and source)
     initramfs images."""
     b.step("guest initramfs images")
@@ -513,9 +514,10 @@ def _initramfs(b: _Build, rootfs: Path, status: str, loader: Path, agent: Path,
     small, full = gdir / "initramfs.cpio.gz", gdir / "initramfs-full.img"
     init = GUEST_SRC / "init.sh"
     gfp = b.fp["initramfs"] = _fp(_sha256_file(init), _sha256_file(loader), _sha256_file(agent), status,
-                                  GUEST_TOOLS, COMPILE_TOOLS, b.fp["sched_ext"], _sha256_file(COMPILE_MK))
+                                  GUEST_TOOLS, COMPILE_TOOLS, b.fp["sched_ext"], _sha256_file(COMPILE_MK),
+                                  _sha256_file(vbtf), release)
     if not b.steps.fresh("initramfs", gfp, small, full):
-        small_gz = _small_initramfs(rootfs, init, loader, agent)
+        small_gz = _small_initramfs(rootfs, init, loader, agent, _kernel_enums(rootfs, loader, vbtf, release))
         _atomic_write(small, small_gz)
         _atomic_write(full, small_gz + _tools_archive(rootfs) + _compile_archive(rootfs, dtc))
         b.steps.mark("initramfs", gfp)
@@ -635,11 +637,30 @@ def _build_static(rootfs: Path, sources: list[Path], out: Path, libs: list[str])
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _small_initramfs(rootfs: Path, init: Path, loader: Path, agent: Path) -> bytes:
+def _kernel_enums(rootfs: Path, loader: Path, vbtf: Path, release: str) -> bytes:
+    """The guest kernel's SCX_* enumerators, listed by the loader itself from the kernel's BTF: in the
+    guest (KERNEL_ENUMS_GUEST_PATH) they spare every load a parse of that BTF (see loader.c)."""
+    stage = rootfs / "tmp/schedcp-enums"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        shutil.copy(vbtf, stage / "vmlinux.btf")
+        shutil.copy(loader, stage / "loader")
+        out = chroot_run(rootfs, ["/tmp/schedcp-enums/loader", "--dump-enums", "/tmp/schedcp-enums/vmlinux.btf",
+                                  release], "listing the kernel's SCX enumerators")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if not out.startswith("schedcp-kernel-enums 1 ") or "SCX_DSQ_GLOBAL" not in out:
+        raise InfrastructureError(f"the loader listed no SCX enumerators from {vbtf}: {out[:200]!r}")
+    return out.encode()
+
+
+def _small_initramfs(rootfs: Path, init: Path, loader: Path, agent: Path, kernel_enums: bytes) -> bytes:
     c = Cpio()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "etc",
-              "sys/fs/bpf", "sys/kernel/debug"):
+              "sys/fs/bpf", "sys/kernel/debug", "usr/share", "usr/share/schedcp"):
         c.dir(d)
+    c.file(KERNEL_ENUMS_GUEST_PATH.lstrip("/"), kernel_enums, 0o644)
     c.chardev("dev/console", 5, 1)
     c.chardev("dev/null", 1, 3, 0o666)
     c.file("init", init.read_bytes(), 0o755)
