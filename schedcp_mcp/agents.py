@@ -34,7 +34,7 @@ PROJECT_PREFIX = f"mcp__{SERVER}__"
 PLUGIN_PREFIX = f"mcp__plugin_{PLUGIN}_{SERVER}__"  # Claude Code names plugin servers plugin:P:S
 #: only these roles may call tools that change what a kernel runs
 DEPLOYING_ROLES = {"execution"}
-DEPLOY_TOOLS = {"deploy", "rollback"}
+DEPLOY_TOOLS = {"deploy", "rollback", "ab_test"}
 MCP_SERVER_ENTRY = {"type": "stdio", "command": "schedcp", "args": ["serve"], "env": {}}
 
 

@@ -20,8 +20,7 @@ from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 
 Detail = Literal["summary", "full"]
-DETAIL = Field(description='"summary": verdict, deciding figures, ids to drill down with; '
-                           '"full": every field (large)')
+DETAIL = Field(description='"summary": what decides, ids to drill down; "full": every field')
 CURSOR = Field(description="next_cursor of the previous page")
 
 #: ~4 bytes of JSON per token: the estimate `schedcp optimize` reports (OpenAI's and Anthropic's

@@ -243,7 +243,7 @@ def serve(http: str | None, token_file: Path | None, tls_cert: str | None, tls_k
     """Run the MCP server (stdio by default, for `claude mcp add schedcp -- schedcp serve`).
     Over HTTP every request needs the bearer token (loopback too): from --token-file, or generated
     once into $SCHEDCP_HOME/http-token."""
-    from . import access, server
+    from . import access
 
     if allow_host_deploy:
         os.environ["SCHEDCP_ALLOW_HOST_DEPLOY"] = "1"
@@ -255,6 +255,8 @@ def serve(http: str | None, token_file: Path | None, tls_cert: str | None, tls_k
                       host_commands() + [access.argv(c, "--allow-exact-command") for c in exact_commands])
 
     if http is None:
+        from . import server
+
         server.run_stdio()
         return
     host, port = parse_host_port(http)
@@ -279,6 +281,8 @@ def serve(http: str | None, token_file: Path | None, tls_cert: str | None, tls_k
     scheme = "https" if tls_cert else "http"
     err_console.print(f"schedcp MCP server on {scheme}://{host}:{port}/mcp (clients send "
                       f"'Authorization: Bearer <token>'; the token is in {where})")
+    from . import server  # after the refusals above: importing the MCP library takes a second or more
+
     server.run_http(host, port, token, tls=(tls_cert, tls_key) if tls_cert else None)
 
 
@@ -1411,7 +1415,7 @@ def ab(token_: str, target: str, rounds: int, no_aa: bool, command: tuple[str, .
 
     with progress_bar("ab", not as_json) as bar:
         res = run_ab(token_, list(command), target, rounds=rounds, aa=not no_aa, actor="cli",
-                     progress=lambda m: bar(m, 0.5))
+                     progress=bar)
 
     def render(r) -> None:
         t = Table("scheduler (partial mode)", "SCHED_NORMAL median", "SCHED_EXT median",

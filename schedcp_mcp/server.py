@@ -708,6 +708,46 @@ async def rollback(
     return deployment_answer(d, "summary")
 
 
+@server.tool(annotations=DESTRUCTIVE)
+@agent_errors
+async def ab_test(
+    ctx: Context,
+    token: Annotated[str, Field(description="issue_token's; checked, not spent")],
+    command: Annotated[list[str], Field(min_length=1, description="the workload's argv")],
+    target: Literal["sandbox", "host"] = "sandbox",
+    rounds: Annotated[int, Field(ge=2, le=50)] = 5,
+    aa: Annotated[bool, Field(description="also a FIFO's partial-mode A/A")] = True,
+    detail: Annotated[A.Detail, A.DETAIL] = "summary",
+) -> CallToolResult:
+    """Minutes: A/B of the user's command on the target by its class: the candidate in partial mode,
+    the command in paired rounds as SCHED_EXT and SCHED_NORMAL; a FIFO's A/A shows what the class
+    order alone does. Nothing stays deployed. Returns both intervals (> 1 = candidate better)."""
+    from .deploy.ab import ab
+
+    res = await in_thread(ab, token, command, target, rounds=rounds, aa=aa, actor="mcp",
+                          ctx=ctx)
+    line = (f"{res.ops_name} as SCHED_EXT vs SCHED_NORMAL: {_interval_text(res.candidate)}"
+            + (f"; fifo A/A (class order alone): {_interval_text(res.aa)}" if res.aa else "")
+            + f"; {res.rounds} paired rounds on {res.target}")
+    if detail == "full":
+        return A.answer(res, line)
+    brief = {"report_id": res.report_id, "target": res.target, "rounds": res.rounds,
+             "candidate": _interval_brief(res.candidate), "aa": _interval_brief(res.aa) if res.aa else None,
+             "load_average": res.load_average, "seconds": res.seconds}
+    return A.answer(brief, line)
+
+
+def _interval_brief(w) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in w.model_dump().items()
+            if k in ("speedup", "speedup_low", "speedup_high", "verdict", "pairs")}
+
+
+def _interval_text(w) -> str:
+    if w.speedup is None:
+        return f"{w.verdict} (no pair measured)"
+    return f"{w.speedup:.2f}x [{w.speedup_low:.2f}, {w.speedup_high:.2f}] {w.verdict}"
+
+
 @server.tool(annotations=READ_ONLY)
 @agent_errors
 async def get_status(detail: Annotated[A.Detail, A.DETAIL] = "summary") -> CallToolResult:
@@ -937,6 +977,8 @@ def lean(schema: Any) -> Any:
 
 
 for _tool in server._tool_manager.list_tools():  # once, before the first tools/list
+    # the docstring's source indentation is not for the reader (~4 % of tools/list)
+    _tool.description = " ".join((_tool.description or "").split())
     _tool.parameters = lean(_tool.parameters)
     if _tool.fn_metadata.output_schema:
         _tool.fn_metadata.output_schema = lean(_tool.fn_metadata.output_schema)

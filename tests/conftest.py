@@ -43,10 +43,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """One convention: a test that uses the built image (`manifest`, or `vm` which needs it) is marked
-    `image`, so `-m "not vm and not image"` is the fast set that runs on a machine without the image."""
+    """One marker, `image`: the test needs the built sandbox image (its toolchain jail, or its kernel
+    booted in a VM). A test gets it by hand (`@pytest.mark.image`) or by using a fixture that needs the
+    image (`manifest`, `vm`: marked here). `-m "not image"` is the fast set; it runs as on a machine
+    without the image (see schedcp_home), so an unmarked test that needs it fails instead of passing
+    here and failing in CI."""
     for item in items:
-        if {"manifest", "vm"} & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("vm"):
+        if {"manifest", "vm"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.image)
 
 
@@ -71,12 +74,27 @@ def home_env(path: Path):
 
 
 @pytest.fixture(autouse=True)
-def schedcp_home(tmp_path, monkeypatch) -> Path:
+def schedcp_home(tmp_path, monkeypatch, request) -> Path:
+    """A home of the test's own. The shared image only for `image` tests: the others get an empty
+    sandbox dir, and building an image there fails the test (it would download 1.2 GB)."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("SCHEDCP_HOME", str(home))
-    monkeypatch.setenv("SCHEDCP_SANDBOX_DIR", str(REAL_SANDBOX))
+    if request.node.get_closest_marker("image"):
+        monkeypatch.setenv("SCHEDCP_SANDBOX_DIR", str(REAL_SANDBOX))
+    else:
+        from schedcp_mcp.sandbox import image
+
+        monkeypatch.setenv("SCHEDCP_SANDBOX_DIR", str(tmp_path / "no-sandbox-image"))
+        monkeypatch.setattr(image, "_resolve", _needs_the_image)  # a build's first step
+        # a command this test starts cannot download one either: no Debian mirror answers
+        monkeypatch.setenv("SCHEDCP_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")
     return home
+
+
+def _needs_the_image(*a, **k):
+    pytest.fail("this test needs the sandbox image: mark it `@pytest.mark.image` (or use the `manifest` "
+                "fixture); unmarked tests run as on a machine without it")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 from schedcp_mcp.jobs import queue
 from test_jobs_interfaces import schedcp
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 
 
 def test_bench_policies_runs_a_validation_per_policy_and_a_second_run_is_cached(manifest, tmp_path):
@@ -47,7 +47,7 @@ def test_bench_aa_is_one_job_and_prints_its_table(manifest):
 
 
 def test_bench_stability_is_n_validations_each_its_own_boot_and_report(manifest, tmp_path):
-    p = schedcp("bench", "stability", "--policy", "fifo", "--runs", "2", "--rounds", "2", "--budget", "0",
+    p = schedcp("bench", "stability", "--policy", "fifo", "--runs", "2", "--rounds", "1", "--budget", "0",
                 "--out", str(tmp_path), timeout=1200)
     assert p.returncode in (0, 1), p.stderr
     assert "stability of fifo: 2 fresh boots" in p.stdout and "run 2/2: fifo in a fresh boot" in p.stdout

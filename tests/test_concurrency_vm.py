@@ -23,7 +23,7 @@ from schedcp_mcp.jobs import queue
 from schedcp_mcp.sandbox import vm as vmmod
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 
 QUICK = ["--workload", "hackbench", "--rounds", "1", "--budget", "0", "--json"]  # a fresh home: no cache
 

@@ -16,7 +16,7 @@ from schedcp_mcp.learn.contribute import contribute_policy
 from schedcp_mcp.observe.profile import Goal
 from schedcp_mcp.repository.policies import get_policy
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 
 
 def test_contributed_policy_is_a_valid_policy_the_verifier_accepts(policies_copy):

@@ -21,7 +21,7 @@ from schedcp_mcp.deploy.targets import SandboxTarget
 from schedcp_mcp.observe.profile import Goal
 from schedcp_mcp.sandbox.vm import VM
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 FIXTURES = Path(__file__).parent / "fixtures" / "bpf_deploy"
 LENIENT = [Goal(metric="wall_time_s", direction="lower", target_ratio=2.0, why="test: correctness matters here")]
 

@@ -292,7 +292,7 @@ def test_a_plain_validation_traces_no_round_optimize_traces_round_one_and_the_kn
 
 # ---------------------------------------------------------------------------------------- the real tracer
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_the_tracer_in_the_guest_sees_a_pipe_pair_wake_each_other_and_the_cpus_idle(manifest):
     """The tracer as a validation runs it (`evidence.wrap`), around perf's pipe ping-pong under the
     default scheduler in a real sandbox VM: every map it dumps reads, and the figures are the pair's."""

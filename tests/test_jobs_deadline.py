@@ -97,7 +97,7 @@ async def test_mcp_deadline_s_on_the_long_tools():
         assert got["state"] == "dead" and "complete-by deadline" in got["error"]
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_cli_validation_running_past_its_deadline_is_stopped_with_its_vm(manifest, schedcp_home):
     t0 = time.monotonic()
     p = schedcp("validate", "--policy", "fifo", "--no-cache", "--deadline", "15", "--json", timeout=300)

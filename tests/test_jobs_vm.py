@@ -19,7 +19,7 @@ from schedcp_mcp.jobs.campaigns import Node, submit_campaign
 from schedcp_mcp.jobs.pool import Pool
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 
 
 def verify_campaign(*policies: str):

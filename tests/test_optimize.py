@@ -247,9 +247,9 @@ def no_staging_left():
     VM.stop_named(STAGING)
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy, no_staging_left):
-    req = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=600, max_candidates=3,
+    req = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=600, max_candidates=2,
                                    watch_s=8, out_dir=str(repo_copy / "run1"))
     rep = anyio.run(optimize.run, req)
     for c in rep.candidates:  # every candidate measured on its target and the guard set
@@ -326,7 +326,7 @@ def test_a_host_command_is_matched_to_the_sandbox_workloads_like_it(manifest):
     assert again[0].reference_profile_id == matches[0].reference_profile_id
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_optimize_a_host_command_through_the_cli_matches_it_and_says_why(policies_copy, tmp_path):
     """`schedcp optimize --json -- CMD…`: the command is profiled here (the server optimize starts
     allows exactly it), matched to the sandbox workloads like it, and the candidates are judged on

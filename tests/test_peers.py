@@ -161,7 +161,7 @@ def test_a_failed_make_is_summed_up_by_its_error_lines():
     assert "undeclared identifier 'foo'" in why and "Error 1" in why
 
 
-def test_the_shims_give_the_makefile_what_it_includes(tmp_path):
+def test_the_shims_give_the_makefile_what_it_includes(tmp_path, manifest):
     """The kernel's Makefile parses with the shims in place of tools/build and tools/scripts (make -n:
     nothing is built), and the commands it would run use the packaged bpftool and libbpf."""
     from schedcp_mcp.sandbox import peers
@@ -189,12 +189,10 @@ def test_the_shims_give_the_makefile_what_it_includes(tmp_path):
 
 
 def _kernel_scx_dir() -> Path:
+    """The kernel's tools/sched_ext (it comes with the image: use the `manifest` fixture)."""
     from schedcp_mcp.sandbox import image
 
-    m = image.load_manifest()
-    if m is None or not (Path(m.paths.scx_dir) / "Makefile").exists():
-        pytest.skip("sandbox image not built (the kernel's tools/sched_ext/Makefile comes with it)")
-    return Path(m.paths.scx_dir)
+    return Path(image.load_manifest().paths.scx_dir)
 
 
 def test_peers_build_makes_the_kernel_examples_and_caches_them(manifest):
@@ -241,7 +239,7 @@ def test_cli_program_with_a_param_is_refused(tmp_path):
     assert r.exit_code == 2 and "--program takes its arguments after" in r.output
 
 
-def test_cli_unknown_peer_says_what_is_known():
+def test_cli_unknown_peer_says_what_is_known(manifest):  # the known ones: the image's kernel Makefile
     from schedcp_mcp.cli import main
 
     r = CliRunner().invoke(main, ["peers", "build", "--only", "scx_nope", "--json"])

@@ -39,7 +39,7 @@ def run_scenario(vm, obj: bytes) -> tuple[str, int, str]:
     return m[1], int(m[3]), res.stdout
 
 
-@pytest.mark.vm
+@pytest.mark.image
 @pytest.mark.parametrize("name", OURS)
 def test_a_task_that_ran_alone_is_not_starved_when_others_arrive(vm, name):
     from pathlib import Path

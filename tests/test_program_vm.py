@@ -15,7 +15,7 @@ from schedcp_mcp.sandbox import peers, program, scheduler
 from schedcp_mcp.sandbox.vm import VM
 from schedcp_mcp.verify.program import verify_program
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 
 
 @pytest.fixture(scope="module")

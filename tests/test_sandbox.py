@@ -1,7 +1,7 @@
 """The sandbox: image build, toolchain jail, VM runner + guest agent, and the guest loader.
 
-Tests marked `vm` boot the real sched_ext kernel under qemu; the others need only the built image
-(the first test to need it builds it: ~70 s with network access to Debian's mirror)."""
+Tests marked `image` (by hand, or through the `manifest`/`vm` fixtures) need the built image: its
+toolchain jail, or the real sched_ext kernel booted under qemu; the others need neither."""
 
 from __future__ import annotations
 
@@ -114,6 +114,78 @@ def test_a_second_build_with_nothing_changed_does_nothing(manifest):
     assert after == before
 
 
+class _Stop(Exception):
+    pass
+
+
+def _fake_build(seen: list[dict]):
+    """A FAKE build (for what a build reads, and when; no download): its first step notes which steps
+    the build believes finished, and stops it there."""
+    def first_step(b, refresh):
+        seen.append(dict(b.steps.done))
+        raise _Stop
+    return first_step
+
+
+def _fake_image(sd: Path) -> image.Manifest:
+    """What another command's finished build leaves: a manifest and the files ensure() looks at (FAKE)."""
+    files = {"initramfs": sd / "guest/initramfs.cpio.gz", "rootfs": sd / "rootfs",
+             "vmlinux_btf": sd / "kernel/vmlinux.btf"}
+    for p in (files["initramfs"], files["rootfs"] / "usr/bin/clang", files["vmlinux_btf"]):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"fake")
+    paths = {f: str(files.get(f, sd / f)) for f in image.Paths.model_fields}
+    m = image.Manifest(built_at="now", sandbox_dir=str(sd), kernel_version="7.0-fake", kernel_package="fake",
+                       sched_ext=True, packages={}, paths=image.Paths(**paths), sizes={}, hashes={},
+                       toolchain=image.Toolchain(clang="", bpftool="", libbpf="", include_dirs=[], cflags=[]),
+                       build_id="fake-build-id", sources_sha=image.sources_sha())
+    image._write_manifest(m)
+    return m
+
+
+def _while_another_builds(sd: Path, call, finish) -> list:
+    """Run `call` in a thread while this one holds the build lock (another command building), then
+    `finish` (what that build leaves) and let go. What `call` returned or raised."""
+    import threading
+
+    out: list = []
+
+    def go():
+        try:
+            out.append(call())
+        except _Stop as e:
+            out.append(e)
+
+    with image._BuildLock(sd):
+        t = threading.Thread(target=go)
+        t.start()
+        time.sleep(0.5)  # it is waiting for the lock
+        finish()
+    t.join(20)
+    return out
+
+
+def test_a_build_that_waited_for_another_decides_from_the_steps_that_one_finished(monkeypatch):
+    """Two commands in a fresh home: the second build read steps.json before it waited (nothing
+    done), redid every step and deleted kernel/ under the first command's verify ("cannot read
+    kernel BTF ... vmlinux.btf: No such file")."""
+    seen: list[dict] = []
+    monkeypatch.setattr(image, "_resolve", _fake_build(seen))
+    sd = config.sandbox_dir()
+    _while_another_builds(sd, image.build,
+                          lambda: (sd / "steps.json").write_text(json.dumps({"kernel": "the first build's"})))
+    assert seen == [{"kernel": "the first build's"}]
+
+
+def test_a_command_that_finds_the_image_being_built_waits_and_uses_it_without_building(monkeypatch):
+    seen: list[dict] = []
+    monkeypatch.setattr(image, "_resolve", _fake_build(seen))
+    sd = config.sandbox_dir()
+    built: list[image.Manifest] = []
+    got = _while_another_builds(sd, image.ensure, lambda: built.append(_fake_image(sd)))
+    assert [getattr(m, "build_id", m) for m in got] == ["fake-build-id"] and seen == []  # no step ran
+
+
 def test_cpio_is_deterministic_and_well_formed():
     c = cpio.Cpio()
     c.file("usr/bin/x", b"abc", 0o755)
@@ -175,7 +247,7 @@ def test_toolchain_timeout_kills_the_command(manifest):
 # ------------------------------------------------------------------ VM
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_vm_boots_runs_commands_and_is_gone_after_close(manifest):
     with VM() as v:
         assert v.kernel_version == manifest.kernel_version
@@ -189,7 +261,7 @@ def test_vm_boots_runs_commands_and_is_gone_after_close(manifest):
     assert not d.exists()
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_hung_guest_command_times_out_and_the_vm_is_killed(manifest):
     v = VM().start()
     pid = v.pid
@@ -201,7 +273,7 @@ def test_a_hung_guest_command_times_out_and_the_vm_is_killed(manifest):
     assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
-@pytest.mark.vm
+@pytest.mark.image
 @pytest.mark.parametrize("name,ops", [("scx_simple", "simple"), ("scx_central", "central")])
 def test_loader_verifies_the_kernels_example_schedulers(vm, manifest, name, ops):
     obj = compile_example(manifest, name)
@@ -216,7 +288,7 @@ def test_loader_verifies_the_kernels_example_schedulers(vm, manifest, name, ops)
     assert out["uei"]["kind_name"] == "SCX_EXIT_UNREG"
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_scx_simple_runs_under_load_until_the_duration_ends(vm, manifest):
     obj = compile_example(manifest, "scx_simple")
     script = """
@@ -235,7 +307,7 @@ exit $rc
     assert out["sched_ext"]["state_attached"] == "enabled"
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_verifier_rejected_program_returns_the_kernels_log(vm):
     obj = compile_source(BAD_SCHED, "bad")
     r = vm.run("schedcp-loader --verify bad.bpf.o", files={"bad.bpf.o": obj}, timeout_s=60)
@@ -246,7 +318,7 @@ def test_a_verifier_rejected_program_returns_the_kernels_log(vm):
     assert "bad_enqueue" in out["log"]
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_loader_type_checks_parameters(vm, manifest):
     obj = compile_example(manifest, "scx_simple")
     for arg, msg in [("nope=1", "unknown parameter nope"), ("fifo_sched=maybe", "is a bool")]:
@@ -255,7 +327,7 @@ def test_loader_type_checks_parameters(vm, manifest):
         assert r.rc == 2 and out["stage"] == "params" and msg in out["error"]
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_full_image_has_the_workload_tools(manifest):
     with VM(full=True) as v:
         r = v.run("stress-ng --version && hackbench -l 10 -g 1 >/dev/null && perf bench sched pipe -l 100 "
@@ -284,7 +356,7 @@ def test_full_image_carries_the_compile_workloads_tree_and_only_the_compiler_fil
     assert "usr/include/bpf/libbpf.h" not in names and "usr/include/zlib.h" not in names
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_named_vm_is_shared_between_processes_and_stops(manifest):
     name = f"test-{os.getpid()}"
     try:
@@ -305,7 +377,7 @@ def test_named_vm_is_shared_between_processes_and_stops(manifest):
         VM.attach(name)
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_forgotten_named_vm_powers_itself_off_when_idle(manifest):
     name = f"idle-{os.getpid()}"
     try:
@@ -322,7 +394,7 @@ def test_a_forgotten_named_vm_powers_itself_off_when_idle(manifest):
         shutil.rmtree(config.home() / "vms" / name, ignore_errors=True)
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_an_ephemeral_vm_does_not_outlive_a_killed_owner(manifest):
     code = ("import os, sys; from schedcp_mcp.sandbox.vm import VM; v = VM().start(); "
             "print(v.pid, flush=True); sys.stdin.read()")

@@ -13,7 +13,7 @@ from schedcp_mcp.deploy.targets import SandboxTarget
 from schedcp_mcp.sandbox.vm import VM
 from schedcp_mcp.validate.models import Layer2Result
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 
 
 @pytest.fixture(scope="module")

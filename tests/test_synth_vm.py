@@ -22,7 +22,7 @@ from schedcp_mcp.synth.reconfigure import reconfigure
 from schedcp_mcp.synth.revise import revise
 from schedcp_mcp.synth.spec import EXAMPLE_SPEC
 
-pytestmark = pytest.mark.vm
+pytestmark = pytest.mark.image
 
 
 def test_the_primitive_matrix_passes_the_kernel_verifier_in_one_boot(vm):

@@ -8,6 +8,7 @@ its profile, plan, three validation reports, deployment, outcomes and campaign j
 from __future__ import annotations
 
 import json
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -45,9 +46,16 @@ def rows() -> dict[str, list[tuple]]:
     return {t: sorted(map(tuple, conn.execute(f"SELECT * FROM {t}")), key=repr) for t in tables}
 
 
-async def session_calls(calls):
+@asynccontextmanager
+async def session():
+    """One server for a test's calls (a start costs 1.5-3 s of the fast suite)."""
     async with stdio_client(toolbench.server_params()) as (r, w), ClientSession(r, w) as s:
         await s.initialize()
+        yield s
+
+
+async def session_calls(calls):
+    async with session() as s:
         return [await s.call_tool(name, args) for name, args in calls], (await s.list_tools()).tools
 
 
@@ -109,24 +117,25 @@ async def test_full_detail_gives_what_the_summary_leaves_out(run_store):
 
 
 async def test_lists_page_with_a_cursor(run_store):
-    (first,), _ = await session_calls([("list_jobs", {"parent": CAMPAIGN, "limit": 4})])
-    page1 = first.structured_content
-    assert len(page1["jobs"]) == 4 and page1["next_cursor"]
-    (second,), _ = await session_calls([("list_jobs", {"parent": CAMPAIGN, "limit": 4,
-                                                       "cursor": page1["next_cursor"]})])
-    page2 = second.structured_content
+    async with session() as s:
+        page1 = (await s.call_tool("list_jobs", {"parent": CAMPAIGN, "limit": 4})).structured_content
+        assert len(page1["jobs"]) == 4 and page1["next_cursor"]
+        page2 = (await s.call_tool("list_jobs", {"parent": CAMPAIGN, "limit": 4,
+                                                 "cursor": page1["next_cursor"]})).structured_content
     assert len(page2["jobs"]) == 2 and page2.get("next_cursor") is None
     assert not {j["id"] for j in page1["jobs"]} & {j["id"] for j in page2["jobs"]}
 
 
 async def test_issue_token_for_a_passed_report_and_deploy_dry_run_accepts_it(run_store):
-    (tok, dry), tools = await session_calls([("issue_token", {"report_id": PASSED})] * 1 + [
-        ("get_job", {"job_id": "job-8f00ffd45a"})])
-    assert not tok.is_error, tok.content
-    t = tok.structured_content
-    assert t["report_id"] == PASSED and t["target"] == "sandbox" and t["token"].count(".") == 1
-    assert "token" not in json.dumps(dry.structured_content)  # get_job no longer hands out tokens
-    (check,), _ = await session_calls([("deploy", {"token": t["token"], "dry_run": True})])
+    async with session() as s:
+        tok = await s.call_tool("issue_token", {"report_id": PASSED})
+        dry = await s.call_tool("get_job", {"job_id": "job-8f00ffd45a"})
+        assert not tok.is_error, tok.content
+        t = tok.structured_content
+        assert t["report_id"] == PASSED and t["target"] == "sandbox" and t["token"].count(".") == 1
+        assert "token" not in json.dumps(dry.structured_content)  # get_job no longer hands out tokens
+        check = await s.call_tool("deploy", {"token": t["token"], "dry_run": True})
+        tools = (await s.list_tools()).tools
     assert not check.is_error, check.content
     annotations = {x.name: x.annotations for x in tools}
     assert annotations["issue_token"].read_only_hint is False
@@ -144,14 +153,15 @@ async def test_issue_token_refuses_a_report_that_did_not_pass(run_store):
 async def test_read_only_tools_change_no_store_row(run_store):
     # every tool annotated readOnlyHint is called (with the worked examples' arguments, or none);
     # the whole store, every table, is the same afterwards
-    _, tools = await session_calls([])
-    read_only = {t.name for t in tools if t.annotations and t.annotations.read_only_hint}
-    examples = toolbench.example_calls() + [("get_job", {"job_id": "job-8f00ffd45a", "detail": "full"}),
-                                            ("get_report", {"report_id": PASSED, "detail": "full"})]
-    calls = [(n, a) for n, a in examples if n in read_only]
-    calls += [(n, {}) for n in sorted(read_only - {n for n, _ in calls})]
     before = rows()
-    results, _ = await session_calls(calls)
+    async with session() as s:
+        tools = (await s.list_tools()).tools
+        read_only = {t.name for t in tools if t.annotations and t.annotations.read_only_hint}
+        examples = toolbench.example_calls() + [("get_job", {"job_id": "job-8f00ffd45a", "detail": "full"}),
+                                                ("get_report", {"report_id": PASSED, "detail": "full"})]
+        calls = [(n, a) for n, a in examples if n in read_only]
+        calls += [(n, {}) for n in sorted(read_only - {n for n, _ in calls})]
+        results = [await s.call_tool(n, a) for n, a in calls]
     assert {n for n, _ in calls} == read_only and {"get_job", "get_report"} <= read_only
     assert not [(n, r.content[0].text) for (n, _), r in zip(calls, results) if r.is_error]
     await anyio.sleep(0.2)

@@ -1,7 +1,8 @@
 """Layer 1: untrusted-source checks, compile, ELF/BTF checks and the real kernel verifier.
 
-Tests without a mark need no VM; those that compile need the sandbox image (toolchain) and are
-skipped with a hint when it is not built. `@pytest.mark.vm` tests boot the sched_ext VM.
+Tests without a mark need neither the image nor a VM; `image` ones (marked, or through the
+`manifest`/`vm` fixtures) compile in its toolchain or boot the sched_ext VM, and are skipped with a
+hint when it is not built.
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ def test_policy_parameters_are_checked_against_policy_json(manifest):
 
 # --- the real kernel verifier in the sandbox VM --------------------------------------------------
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_cold_verify_boots_while_compiling_and_drops_the_vm_on_early_rejection(manifest):
     import psutil
 
@@ -343,7 +344,7 @@ def test_cold_verify_boots_while_compiling_and_drops_the_vm_on_early_rejection(m
     assert cold.verdict == "accepted" and (cold.durations.get("vm_boot") or cold.durations["vm_restore"]) > 0
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_dead_vm_is_an_infrastructure_error_not_a_verdict(manifest):
     from schedcp_mcp.errors import InfrastructureError
     from schedcp_mcp.sandbox.vm import VM
@@ -354,7 +355,7 @@ def test_a_dead_vm_is_an_infrastructure_error_not_a_verdict(manifest):
         verify_source(fixture("minimal"), vm=v, use_cache=False)
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_minimal_scheduler_is_accepted_by_the_kernel(vm, manifest):
     r = verify_source(fixture("minimal"), vm=vm)
     assert (r.verdict, r.stage) == ("accepted", "done"), r.errors
@@ -363,7 +364,7 @@ def test_minimal_scheduler_is_accepted_by_the_kernel(vm, manifest):
     assert enq.verified_insns and enq.verified_insns > 0
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_unbounded_map_index_is_rejected_with_kernel_message_and_line(vm):
     src = fixture("unbounded_index")
     r = verify_source(src, vm=vm)
@@ -376,7 +377,7 @@ def test_unbounded_map_index_is_rejected_with_kernel_message_and_line(vm):
     assert e.insn is not None
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_the_loader_type_checks_parameters_against_the_object(vm):
     src = (FIXTURES / "minimal.bpf.c").read_text().replace(
         "UEI_DEFINE(uei);", "UEI_DEFINE(uei);\nconst volatile u64 slice_ns = 1000000;")
@@ -389,7 +390,7 @@ def test_the_loader_type_checks_parameters_against_the_object(vm):
     assert not verify_source(src, params={"slice_ns": "banana"}, vm=vm).cached
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_every_repository_policy_passes_the_verifier(vm):
     from schedcp_mcp.repository.policies import list_policies
 
@@ -415,7 +416,7 @@ EXAMPLES_THAT_NEED_MORE = {
 }
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_kernel_example_schedulers_pass_or_fail_with_the_kernels_reason(vm, manifest):
     examples = Path(manifest.paths.scx_examples_dir)
     sources = sorted(examples.glob("scx_*.bpf.c"))
@@ -436,7 +437,7 @@ def test_kernel_example_schedulers_pass_or_fail_with_the_kernels_reason(vm, mani
         assert r.errors[0].code == code and words in r.errors[0].message, (name, r.errors)
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_scheduler_the_verifier_accepts_but_that_cannot_start_fails_at_init(vm, manifest):
     """The kernel's own examples without their C loaders: scx_userland's init exits (no user
     scheduler pid), scx_pair with a one-entry pair_ctx is disabled as it is enabled. Every program
@@ -458,7 +459,7 @@ def test_a_scheduler_the_verifier_accepts_but_that_cannot_start_fails_at_init(vm
     print("scx_pair map:pair_ctx=1:", pair.exit.describe())
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_scheduler_failing_on_its_first_event_on_another_cpu_fails_at_init(vm):
     """The loader's verify runs its own thread on every CPU while the scheduler is attached: a
     scheduler that fails only when the loader runs on a second CPU is caught (the 200 ms sleep the
@@ -468,7 +469,7 @@ def test_a_scheduler_failing_on_its_first_event_on_another_cpu_fails_at_init(vm)
     assert r.verifier_accepted and "deliberate error: the loader moved from CPU" in r.errors[0].message
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_the_guests_enum_table_gives_what_the_kernels_btf_gives(vm, manifest):
     """The loader takes the kernel's SCX_* enumerators from the table the image lists for this
     kernel instead of parsing its BTF on every load; hidden, the loader parses the BTF: the same
@@ -486,7 +487,7 @@ def test_the_guests_enum_table_gives_what_the_kernels_btf_gives(vm, manifest):
     assert table["uei"]["kind_name"] == btf_parsed["uei"]["kind_name"] == "SCX_EXIT_ERROR_BPF"
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_maps_left_to_the_loader_are_sized_by_a_parameter(vm, tmp_path, monkeypatch):
     """Like scx_pair's C loader: a map without max_entries is refused until a parameter sizes it,
     given raw (`map:NAME=N`) or by a policy.json parameter with `sizes_map`."""
@@ -514,7 +515,7 @@ def test_maps_left_to_the_loader_are_sized_by_a_parameter(vm, tmp_path, monkeypa
     assert r.params == {"map:cpu_enqueues": "8"}
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_verify_leaves_no_pinned_map_behind(vm, manifest):
     """A map marked LIBBPF_PIN_BY_NAME would outlive the verify in /sys/fs/bpf (or reuse someone
     else's pin); the loader keeps every map private to its load."""
@@ -536,7 +537,7 @@ def test_map_sizes_must_be_positive_integers():
             verify_source(fixture("minimal"), params={"map:cpu_enqueues": bad})
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_load_only_runs_the_verifier_and_never_attaches(vm, manifest):
     """`--load-only` is all the host target ever does; here it runs in the sandbox kernel, where
     sched_ext's enable counter shows whether anything was attached."""
@@ -611,7 +612,7 @@ def test_host_target_compiles_against_the_hosts_own_btf(manifest):
     assert not any(p.endswith("/vmlinux.h") and not p.startswith("target/") for p in c.opened)
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_the_host_chain_works_on_a_sched_ext_kernels_btf(vm, manifest, tmp_path):
     """What `--target host` does on a sched_ext host, with the sandbox kernel standing in for it:
     vmlinux.h generated from the kernel's raw BTF (as from /sys/kernel/btf/vmlinux), a scheduler

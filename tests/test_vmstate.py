@@ -1,6 +1,6 @@
 """The verify fast path: a sandbox guest restored from a saved state of a booted, idle guest.
 
-Without a mark: the state file's header and the refusal reasons (no VM). `@pytest.mark.vm`: the
+Without a mark: the state file's header and the refusal reasons (no VM). `@pytest.mark.image`: the
 real kernel verifier in restored guests gives what it gives in booted ones, a state saved for
 another image build or another machine is refused (with the reason) and the VM boots, two
 concurrent first verifies leave one good state, and no restore leaves a qemu behind. Every VM test
@@ -117,7 +117,7 @@ def _log(text: str) -> str:
     return re.sub(r"0xffff[0-9a-f]{12}", "0xADDR", text)
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_restored_and_booted_guests_give_the_same_verdict_and_verifier_log(states, manifest, monkeypatch):
     from schedcp_mcp.sandbox.vm import VM
     from schedcp_mcp.verify.pipeline import verify_source
@@ -143,7 +143,7 @@ def test_restored_and_booted_guests_give_the_same_verdict_and_verifier_log(state
     assert not _qemu_children(), "a restored VM outlived its verify"
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_every_restore_starts_from_the_same_clean_guest(states):
     """Nothing a candidate leaves in the guest reaches the next one: each restore is the saved
     idle guest again (a security property as much as a reproducibility one)."""
@@ -161,7 +161,7 @@ def test_every_restore_starts_from_the_same_clean_guest(states):
         assert float(r.stdout.split()[-2]) <= up_a + 5  # its clock starts where the save left it
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_state_saved_for_another_image_build_is_refused_and_the_vm_boots(states, manifest, tmp_path,
                                                                             monkeypatch):
     from schedcp_mcp.sandbox.vm import VM
@@ -179,7 +179,7 @@ def test_a_state_saved_for_another_image_build_is_refused_and_the_vm_boots(state
     assert not real.exists()
 
 
-@pytest.mark.vm
+@pytest.mark.image
 @pytest.mark.parametrize("kw, words", [
     ({"extra_cmdline": "schedcp.test=1"}, "machine arguments differ"),
     ({"cpus": 1}, "CPU count differs: saved 2, this VM 1"),
@@ -193,7 +193,7 @@ def test_a_state_saved_for_another_machine_is_refused_and_the_vm_boots(states, t
         assert vm.run("nproc").stdout.strip() == str(kw.get("cpus", 2))
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_two_concurrent_first_verifies_leave_one_good_state(manifest, tmp_path, monkeypatch):
     from schedcp_mcp.sandbox.vm import VM
     from schedcp_mcp.verify.pipeline import verify_source
@@ -222,7 +222,7 @@ def test_two_concurrent_first_verifies_leave_one_good_state(manifest, tmp_path, 
         assert vm.boot_path == "restore", vm.restore_note
 
 
-@pytest.mark.vm
+@pytest.mark.image
 def test_a_restored_vm_powers_off_when_its_owner_is_killed(states):
     """The restored guest is still an ephemeral one: SIGKILL its owner (no finalizer runs) and the
     guest sees its channel close and powers off; no qemu is left behind."""

@@ -73,7 +73,7 @@ def _side_by_side(t: Target, obj: bytes, params: dict[str, str], command: list[s
     normal, ext = [], []
     try:
         for r in range(1, rounds + 1):
-            say(f"round {r}/{rounds}")
+            say(f"round {r}/{rounds}", (r - 1) / rounds)
             order = (False, True) if r % 2 else (True, False)
             got = {}
             for e in order:
@@ -91,7 +91,7 @@ def _side_by_side(t: Target, obj: bytes, params: dict[str, str], command: list[s
 
 def ab(token: str, command: list[str], target: str = "sandbox", *, rounds: int = 5, aa: bool = True,
        timeout_s: float = 120, actor: str = "cli", progress=None) -> ABResult:
-    say = progress or (lambda msg: None)
+    say = progress or (lambda msg, fraction=0.0: None)  # progress(message, fraction done)
     if not command:
         raise BadInput("give the command to measure after `--`", "e.g. schedcp ab --token T -- hackbench -g 2 -l 60")
     if not 2 <= rounds <= 50:
@@ -121,8 +121,10 @@ def ab(token: str, command: list[str], target: str = "sandbox", *, rounds: int =
                 report.artifact_sha256)
     w = _workload(command)
     obj = open(report.object_path or "", "rb").read()
-    say(f"{report.ops_name} in partial mode: the command as SCHED_EXT and as SCHED_NORMAL")
-    n, e = _side_by_side(t, obj, report.params, command, rounds, timeout_s, lambda m: say(f"candidate: {m}"))
+    share = 0.5 if aa else 1.0  # of the whole run: the candidate's rounds, then the A/A's
+    say(f"{report.ops_name} in partial mode: the command as SCHED_EXT and as SCHED_NORMAL", 0.0)
+    n, e = _side_by_side(t, obj, report.params, command, rounds, timeout_s,
+                         lambda m, f: say(f"candidate: {m}", f * share))
     out = ABResult(target=target, command=list(command), report_id=report.id, ops_name=report.ops_name,
                    rounds=rounds, candidate=summarize(w, n, e))
     if aa:
@@ -131,9 +133,9 @@ def ab(token: str, command: list[str], target: str = "sandbox", *, rounds: int =
         fifo = verify_policy(AA_POLICY)
         if not fifo.accepted or not fifo.object_path:
             raise InfrastructureError(f"the A/A's {AA_POLICY} did not pass layer 1: {fifo.verdict} at {fifo.stage}")
-        say(f"A/A: {AA_POLICY} in partial mode, the same rounds")
+        say(f"A/A: {AA_POLICY} in partial mode, the same rounds", share)
         n, e = _side_by_side(t, open(fifo.object_path, "rb").read(), fifo.params, command, rounds, timeout_s,
-                             lambda m: say(f"A/A: {m}"))
+                             lambda m, f: say(f"A/A: {m}", share + f * share))
         out.aa = summarize(w, n, e)
     out.load_average = " ".join(f"{x:.2f}" for x in os.getloadavg())
     out.seconds = round(time.monotonic() - t0, 1)

@@ -258,13 +258,24 @@ def sources_sha() -> str:
     return h.hexdigest()[:16]
 
 
-def ensure(progress: Progress | None = None) -> Manifest:
-    """The manifest of a complete, up-to-date image, building (only what is missing or stale) on need."""
+def _complete() -> Manifest | None:
+    """The manifest when the image it describes is complete and built from this checkout's sources."""
     m = load_manifest()
     if (m is not None and m.sources_sha == sources_sha() and Path(m.paths.initramfs).exists()
-            and Path(m.paths.rootfs, "usr/bin/clang").exists()):
+            and Path(m.paths.rootfs, "usr/bin/clang").exists() and Path(m.paths.vmlinux_btf).exists()):
         return m
-    return build(progress=progress)
+    return None
+
+
+def ensure(progress: Progress | None = None) -> Manifest:
+    """The manifest of a complete, up-to-date image, building (only what is missing or stale) on need.
+    A command that finds another one building waits for it and takes what it built (it looks again
+    under the lock): two commands in a fresh home must not both build."""
+    m = _complete()
+    if m is not None:
+        return m
+    with _BuildLock(config.sandbox_dir()):
+        return _complete() or _build(False, progress, False)
 
 
 class _Build:
@@ -288,63 +299,71 @@ class _Build:
 
 def build(force: bool = False, progress: Progress | None = None, refresh: bool = False) -> Manifest:
     """Build (or bring up to date) the sandbox image and return its manifest."""
+    with _BuildLock(config.sandbox_dir()):
+        return _build(force, progress, refresh)
+
+
+def _build(force: bool, progress: Progress | None, refresh: bool) -> Manifest:
+    """The build, under the build lock. Everything it decides from (steps.json, the manifest) is read
+    here, under the lock: a build that waited for another one must see what that one finished. (It
+    read steps.json before waiting, saw nothing done and redid every step, deleting kernel/ — the
+    first command's vmlinux.btf — under that command's verify: "cannot read kernel BTF".)"""
     b = _Build(force, progress)
-    with _BuildLock(b.sd):
-        apt, k = _resolve(b, refresh)
-        vmlinuz, kconfig = _kernel(b, apt, k)
-        rootfs = _rootfs(b)
-        status = _sha256_file(rootfs / "var/lib/dpkg/status")
-        vmlinux, vbtf, vh = _vmlinux_h(b, rootfs, status, vmlinuz)
-        scx, dtc = _sched_ext_dir(b, apt, k)
-        inc = _include(b, rootfs, status, scx, vh)
-        loader, agent = _guest_binaries(b, rootfs, status)
-        small, full = _initramfs(b, rootfs, status, loader, agent, dtc, vbtf, k["abi"])
-        old = _up_to_date(b, rootfs)
-        if old is not None:
-            return old
-        toolchain = _toolchain_versions(rootfs)
-        b.step("manifest")
-        hashes = {
-            "vmlinuz": _sha256_file(vmlinuz),
-            "vmlinux_btf": _sha256_file(vbtf),
-            "vmlinux_h": _sha256_file(vh),
-            "rootfs_dpkg_status": status,
-            "include_dir": _sha256_tree(inc),
-            "loader": _sha256_file(loader),
-            "agent": _sha256_file(agent),
-            "initramfs": _sha256_file(small),
-            "initramfs_full": _sha256_file(full),
-        }
-        build_id = _fp(hashes["vmlinuz"], hashes["include_dir"], hashes["loader"], hashes["initramfs"],
-                       hashes["initramfs_full"], hashes["rootfs_dpkg_status"], toolchain)[:16]
-        pkgs = _rootfs_packages(rootfs)
-        pkgs.update({k["binary"]: k["version"], k["base"]: k["version"], k["image"]: k["version"]})
-        if k.get("source_version"):
-            pkgs[k["source"]] = k["source_version"]
-        m = Manifest(
-            built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            sandbox_dir=str(b.sd),
-            kernel_version=k["abi"],
-            kernel_package=k["image"],
-            sched_ext=True,
-            packages=pkgs,
-            paths=Paths(vmlinuz=str(vmlinuz), kernel_config=str(kconfig), vmlinux=str(vmlinux),
-                        boot_kernel=str(vmlinux if has_pvh_entry(vmlinux) else vmlinuz),
-                        vmlinux_btf=str(vbtf), vmlinux_h=str(vh), scx_dir=str(scx),
-                        scx_include_dir=str(scx / "include"), scx_examples_dir=str(scx), rootfs=str(rootfs),
-                        loader=str(loader), initramfs=str(small), initramfs_full=str(full)),
-            toolchain=Toolchain(**toolchain, include_dirs=INCLUDE_DIRS, cflags=BPF_CFLAGS),
-            sizes={"initramfs": small.stat().st_size, "initramfs_full": full.stat().st_size,
-                   "loader": loader.stat().st_size},
-            hashes=hashes,
-            build_id=build_id,
-            sources_sha=sources_sha(),
-            build_seconds=round(time.monotonic() - b.t_start, 1),
-        )
-        _write_manifest(m)
-        b.steps.mark("manifest", _manifest_fp(b))
-        b.say("sandbox image built", 1.0)
-        return m
+    apt, k = _resolve(b, refresh)
+    vmlinuz, kconfig = _kernel(b, apt, k)
+    rootfs = _rootfs(b)
+    status = _sha256_file(rootfs / "var/lib/dpkg/status")
+    vmlinux, vbtf, vh = _vmlinux_h(b, rootfs, status, vmlinuz)
+    scx, dtc = _sched_ext_dir(b, apt, k)
+    inc = _include(b, rootfs, status, scx, vh)
+    loader, agent = _guest_binaries(b, rootfs, status)
+    small, full = _initramfs(b, rootfs, status, loader, agent, dtc, vbtf, k["abi"])
+    old = _up_to_date(b, rootfs)
+    if old is not None:
+        return old
+    toolchain = _toolchain_versions(rootfs)
+    b.step("manifest")
+    hashes = {
+        "vmlinuz": _sha256_file(vmlinuz),
+        "vmlinux_btf": _sha256_file(vbtf),
+        "vmlinux_h": _sha256_file(vh),
+        "rootfs_dpkg_status": status,
+        "include_dir": _sha256_tree(inc),
+        "loader": _sha256_file(loader),
+        "agent": _sha256_file(agent),
+        "initramfs": _sha256_file(small),
+        "initramfs_full": _sha256_file(full),
+    }
+    build_id = _fp(hashes["vmlinuz"], hashes["include_dir"], hashes["loader"], hashes["initramfs"],
+                   hashes["initramfs_full"], hashes["rootfs_dpkg_status"], toolchain)[:16]
+    pkgs = _rootfs_packages(rootfs)
+    pkgs.update({k["binary"]: k["version"], k["base"]: k["version"], k["image"]: k["version"]})
+    if k.get("source_version"):
+        pkgs[k["source"]] = k["source_version"]
+    m = Manifest(
+        built_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        sandbox_dir=str(b.sd),
+        kernel_version=k["abi"],
+        kernel_package=k["image"],
+        sched_ext=True,
+        packages=pkgs,
+        paths=Paths(vmlinuz=str(vmlinuz), kernel_config=str(kconfig), vmlinux=str(vmlinux),
+                    boot_kernel=str(vmlinux if has_pvh_entry(vmlinux) else vmlinuz),
+                    vmlinux_btf=str(vbtf), vmlinux_h=str(vh), scx_dir=str(scx),
+                    scx_include_dir=str(scx / "include"), scx_examples_dir=str(scx), rootfs=str(rootfs),
+                    loader=str(loader), initramfs=str(small), initramfs_full=str(full)),
+        toolchain=Toolchain(**toolchain, include_dirs=INCLUDE_DIRS, cflags=BPF_CFLAGS),
+        sizes={"initramfs": small.stat().st_size, "initramfs_full": full.stat().st_size,
+               "loader": loader.stat().st_size},
+        hashes=hashes,
+        build_id=build_id,
+        sources_sha=sources_sha(),
+        build_seconds=round(time.monotonic() - b.t_start, 1),
+    )
+    _write_manifest(m)
+    b.steps.mark("manifest", _manifest_fp(b))
+    b.say("sandbox image built", 1.0)
+    return m
 
 
 def _resolve(b: _Build, refresh: bool) -> tuple[Apt, dict[str, str]]:

@@ -271,14 +271,17 @@ def starvation_gate(sides: list[starvation.WaitSummary]) -> Gate:
     n_base = len(base.starved) if base and not base.error else 0
     ref = (f"the default scheduler starved {n_base} and waited at most {base.max_ms:.0f} ms in the same phase"
            if base and not base.error else "no figures from the default scheduler")
-    if len(cand.starved) > n_base:
-        who = "; ".join(starvation.describe(t) for t in cand.starved[:4])
+    # and a task the share rule let through that waited far longer than anything under the default
+    floor = starvation.foreground_max_ms(base) if base and not base.error else None
+    victims = cand.starved + [t for t in cand.worst if t not in cand.starved and starvation.starved(t, floor)]
+    if len(victims) > n_base:
+        who = "; ".join(starvation.describe(t) for t in victims[:4])
         return Gate(name=name, passed=False, reason=f"tasks starved: {who} — {ref}. A queue that is always "
                     "served first (a CPU's local DSQ refilled by wakeups, a priority DSQ) or a vtime/deadline "
                     "that keeps some tasks behind needs a bound: aging, a cap on consecutive picks, or one "
                     "ordered queue")
-    note = f"; {len(cand.starved)} starved, as many as under the default scheduler (a busy host)" \
-        if cand.starved else ""
+    note = f"; {len(victims)} starved, as many as under the default scheduler (a busy host)" \
+        if victims else ""
     return Gate(name=name, passed=True, reason=f"no task starved: longest run-queue wait {cand.max_ms:.0f} ms "
                 f"under the candidate, {cand.tasks} tasks traced ({ref}){note}")
 

@@ -514,6 +514,7 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         elapsed = time.monotonic() - t_start
         say(msg, min(0.99, elapsed / max(expected_s, elapsed + 10.0)))
 
+    loaded = False  # the candidate is attached (between a load and its unload)
     try:
         tick("setting up the guest")
         run.setup()
@@ -521,7 +522,6 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         run.warm_up()
         overhead_s = 0.0  # a round's cost beyond its workloads' own (load, unload, the agent's replies)
         only: list[Workload] | None = None  # after the minimum rounds: the workloads still undecided
-        loaded = False
 
         def switch_to(side: str) -> bool:
             """Put `side`'s scheduler in charge; False when the candidate failed to start."""
@@ -581,6 +581,8 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
             raise
         run.obs.kernel_log = _kernel_lines(vm.console(), getattr(run, "marker", None))
         run.obs.hang = _hang_reason(e, run)
+        if loaded:  # it died with the candidate attached: an earlier unload's state is not the final one
+            run.obs.final_state = run.obs.final_ops = None
     finally:
         if own_vm:
             vm.close()

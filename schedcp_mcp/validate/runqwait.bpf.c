@@ -26,6 +26,15 @@
  * in the guest. The scheduler under test cannot hide a wait from it: the tracepoints belong to the
  * core scheduler, not to the sched_ext class.
  *
+ * Time the guest lost to its host is not the scheduler's: under qemu TCG a vCPU stops whenever the host
+ * does not run its thread (a busy host: seconds), and every task waiting then waits that long. A busy
+ * CPU takes a timer interrupt every tick and switches tasks, so a gap of more than GAP_NS between two
+ * such events on a CPU that was not idle is time that CPU did not run at all (rqw_cpu.lost_ns). A
+ * wait is charged to the scheduler minus the time *every* CPU lost during it (the least of their
+ * lost time: a CPU that ran, or idled, could have served the task); the waits' counts, maxima and the
+ * histogram use that charged wait, the part excused is summed per task (excused_ns). Nothing a BPF
+ * scheduler does makes a busy CPU skip its ticks, so it cannot excuse itself.
+ *
  * Only waits that begin or end while rqw_on[0] is 1 are recorded (the phase switches it on once its
  * load is running and off before the load ends, with `bpftool map update`): the start-up burst of a
  * dozen processes exec'ing at once is not what a scheduler is judged by (a task's first wait may
@@ -43,6 +52,7 @@ char _license[] SEC("license") = "GPL";
 #define STARVE_NS (250ULL * 1000 * 1000)	/* and this long, apart (validate/starvation.py STARVE_MS) */
 #define HIST_SLOTS 40
 #define IN_WINDOW (1ULL << 63)	/* rqw_start: the wait began in the window */
+#define GAP_NS (20ULL * 1000 * 1000)	/* no tick or switch on a busy CPU for this long: it was stopped */
 
 struct rqw_task {
 	u64 max_ns;
@@ -61,6 +71,7 @@ struct rqw_task {
 	u64 woken_xcpu;	/* wakeups that put it on another CPU than its waker's */
 	u64 blocked_ns;	/* waits that ended when this task was switched out */
 	u64 blocked;
+	u64 excused_ns;	/* wait time when every CPU was stopped by the host (not counted above) */
 };
 
 struct rqw_edge_key {
@@ -89,6 +100,15 @@ struct rqw_cpu {
 	u64 idle_since;	/* 0: busy */
 	u64 last_idle_start;
 	u64 last_idle_end;
+	u64 last_event;	/* last tick or switch seen on this CPU */
+	u64 lost_ns;	/* busy, yet no tick or switch for more than GAP_NS: time the CPU did not run */
+	u64 lost_window_ns;	/* the same, while the window was open */
+};
+
+/* rqw_start's value: when the wait began, and every CPU's lost time then */
+struct rqw_begin {
+	u64 ts;
+	u64 lost[SCAN_CPUS];
 };
 
 struct {
@@ -116,7 +136,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, u32);
-	__type(value, u64);
+	__type(value, struct rqw_begin);
 } rqw_start SEC(".maps");
 
 struct {
@@ -148,15 +168,68 @@ static bool window_open(void)
 	return on && *on;
 }
 
+/* A tick or a switch on `c` at `now`: a gap since the last one while the CPU was busy is lost time. */
+static void progress(struct rqw_cpu *c, u64 now, bool was_idle)
+{
+	if (c->last_event && !was_idle && now - c->last_event > GAP_NS) {
+		c->lost_ns += now - c->last_event - GAP_NS;
+		if (window_open())
+			c->lost_window_ns += now - c->last_event - GAP_NS;
+	}
+	c->last_event = now;
+}
+
 static void queued(struct task_struct *p)
 {
+	struct rqw_begin b = {};
 	u32 pid = p->pid;
-	u64 ts = bpf_ktime_get_ns();
 
+	if (!pid)
+		return;
+	b.ts = bpf_ktime_get_ns();
 	if (window_open())
-		ts |= IN_WINDOW;
-	if (pid)
-		bpf_map_update_elem(&rqw_start, &pid, &ts, BPF_ANY);
+		b.ts |= IN_WINDOW;
+#pragma clang loop unroll(full)	/* constant offsets into the stack copy: the verifier wants them */
+	for (u32 i = 0; i < SCAN_CPUS; i++) {
+		u32 key = i;	/* i's address is never taken: it stays a constant */
+		struct rqw_cpu *c = bpf_map_lookup_elem(&rqw_cpus, &key);
+
+		if (c)
+			b.lost[i] = c->lost_ns;
+	}
+	bpf_map_update_elem(&rqw_start, &pid, &b, BPF_ANY);
+}
+
+/* What every CPU lost since `b`: the least lost time among the CPUs that have run (ns). */
+static u64 all_lost_since(struct rqw_begin *b)
+{
+	u64 least = ~0ULL;
+
+#pragma clang loop unroll(full)
+	for (u32 i = 0; i < SCAN_CPUS; i++) {
+		u32 key = i;
+		struct rqw_cpu *c = bpf_map_lookup_elem(&rqw_cpus, &key);
+		u64 d;
+
+		if (!c || !c->last_event)
+			continue;
+		d = c->lost_ns - b->lost[i];
+		if (d < least)
+			least = d;
+	}
+	return least == ~0ULL ? 0 : least;
+}
+
+/* the tick (and every other hrtimer) on this CPU */
+SEC("tp_btf/hrtimer_expire_entry")
+int BPF_PROG(rqw_timer)
+{
+	u32 cpu = bpf_get_smp_processor_id();
+	struct rqw_cpu *c = bpf_map_lookup_elem(&rqw_cpus, &cpu);
+
+	if (c)
+		progress(c, bpf_ktime_get_ns(), c->idle_since != 0);
+	return 0;
 }
 
 static u32 log2_slot(u64 v)
@@ -275,11 +348,13 @@ int BPF_PROG(rqw_switch, bool preempt, struct task_struct *prev, struct task_str
 	struct rqw_edge *e;
 	struct rqw_cpu *c;
 	u32 pid = next->pid, cpu = bpf_get_smp_processor_id(), slot, *waker;
-	u64 *start, wait, *bucket, now = bpf_ktime_get_ns(), began;
+	u64 wait, *bucket, now = bpf_ktime_get_ns(), began, excused;
+	struct rqw_begin *start;
 	bool on = window_open();
 
 	c = bpf_map_lookup_elem(&rqw_cpus, &cpu);
 	if (c) {
+		progress(c, now, prev->pid == 0);
 		if (on) {
 			c->switches++;
 			if (prev_state == 0 && prev->pid)
@@ -308,13 +383,17 @@ int BPF_PROG(rqw_switch, bool preempt, struct task_struct *prev, struct task_str
 	start = bpf_map_lookup_elem(&rqw_start, &pid);
 	if (!start)
 		return 0;
-	if (!(*start & IN_WINDOW) && !on) {
+	if (!(start->ts & IN_WINDOW) && !on) {
 		bpf_map_delete_elem(&rqw_start, &pid);
 		bpf_map_delete_elem(&rqw_waker, &pid);
 		return 0;
 	}
-	began = *start & ~IN_WINDOW;
+	began = start->ts & ~IN_WINDOW;
 	wait = now - began;
+	excused = all_lost_since(start);
+	if (excused > wait)
+		excused = wait;
+	wait -= excused;
 	bpf_map_delete_elem(&rqw_start, &pid);
 
 	slot = log2_slot(wait);
@@ -352,6 +431,7 @@ int BPF_PROG(rqw_switch, bool preempt, struct task_struct *prev, struct task_str
 		return 0;
 	t->count++;
 	t->total_ns += wait;
+	t->excused_ns += excused;
 	if (wait >= OVER_NS)
 		t->over++;
 	if (wait >= STARVE_NS)

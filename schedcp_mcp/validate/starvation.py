@@ -28,15 +28,26 @@ the tracer is read, so a starved task gets to run — and its wait is counted �
 is gone.
 
 The rule (`starved`, judged by gates.starvation_gate): a task is starved when it waited STARVE_MS or
-more at least REPEAT times in the window — "a large fraction of a second each time it wakes". Why
-repeats and not the longest single wait: under this 2-vCPU TCG guest the default scheduler itself
-leaves a task waiting 250-400 ms once in a while (a vCPU thread the host descheduled, a nice-19
-khugepaged), but never the same task again and again; a scheduler that starves a minority does
-exactly that. The candidate fails when it starves more tasks than the default scheduler did in the
-same phase (none, on a machine that is not overloaded); the reason names them (comm, pid, longest
-wait, how many long waits). Tasks that asked to wait (nice >= BACKGROUND_NICE, SCHED_IDLE) are named
-among the worst but never counted as starved: the default scheduler itself left nice-19 khugepaged
-waiting 600 ms twice in one A/A phase. A stall past the watchdog's timeout is the no_stall gate's.
+more at least REPEAT times in the window, and those long waits are either a large share of all its
+waits (SHARE: "a large fraction of a second each time it wakes") or longer than RELATIVE times the
+longest wait of any task under the default scheduler in the same phase. Why repeats and a share, not
+the longest single wait: under this 2-vCPU TCG guest the default scheduler itself leaves a task
+waiting 250-700 ms now and then, on a busy host again and again — against itself in one boot (load
+4, 2026-12-07) it kept a CPU hog waiting 250 ms or more 2 of 218 times and 3 of 68 times, and reached
+465 ms on its first side — but a task that waits long on a small share of its wakeups is a hog
+preempted many times, not a task left behind; the schedulers that starve a minority do it to the
+same tasks every time (the starve_timer fixture: 19 of 19 waits, 2 of 2, 6 of 9). The relative arm
+keeps a starved CPU hog (many short waits, a few very long ones) from hiding behind its share. The
+candidate fails when it starves more tasks than the default scheduler did in the same phase; the
+reason names them (comm, pid, how many long waits of how many, the longest). Tasks that asked to
+wait (nice >= BACKGROUND_NICE, SCHED_IDLE) are named among the worst but never counted as starved:
+the default scheduler itself left nice-19 khugepaged waiting 600 ms twice in one A/A phase. A stall
+past the watchdog's timeout is the no_stall gate's.
+
+Time the guest lost to its host is not charged (runqwait.bpf.c: a busy CPU with no tick or switch for
+over 20 ms did not run; a wait is charged minus what every CPU lost during it). On the busy host of
+the A/A above that was 11-23 ms a side: TCG under load runs the guest slowly rather than not at all,
+so the share rule, not this, is what keeps such a host from failing the default scheduler.
 """
 
 from __future__ import annotations
@@ -56,6 +67,10 @@ MAP_DIR = "/sys/fs/bpf/schedcp-rqw-maps"
 #: a task that waited this long on a run queue at least REPEAT times in the window is starved
 STARVE_MS = 250.0
 REPEAT = 2
+#: ...and those long waits are at least this share of all its waits
+SHARE = 0.25
+#: ...or its longest wait is more than this many times the default scheduler's longest in the phase
+RELATIVE = 2.0
 #: tasks at this nice or above (or SCHED_IDLE) are background by their own request: counted, named in
 #: the summary, never "starved" (the default scheduler left nice-19 khugepaged waiting 600 ms twice
 #: in one A/A phase)
@@ -107,6 +122,7 @@ class TaskWait(BaseModel):
     over_50ms: int = Field(description="waits of 50 ms or more")
     long_waits: int = Field(0, description=f"waits of {STARVE_MS:.0f} ms or more")
     cpu: int = Field(description="the CPU its longest wait ended on")
+    excused_ms: float = Field(0.0, description="wait time not charged: every CPU was stopped by the host")
     nice: int
     policy: int = Field(description="0 normal, 3 batch, 5 idle, 7 ext, 1/2 RT")
     kthread: bool
@@ -124,14 +140,17 @@ class WaitSummary(BaseModel):
     worst: list[TaskWait] = Field([], description=f"the {TOP} tasks with the longest single wait")
     starved: list[TaskWait] = Field([], description=f"tasks that waited {STARVE_MS:.0f} ms or more at least "
                                     f"{REPEAT} times")
+    host_stall_ms: float = Field(0.0, description="time the guest's CPUs did not run while traced (the host "
+                                 "did not run them), the most any CPU lost; waits are charged without it")
     error: str | None = Field(None, description="why the tracer gave no figures")
 
     def line(self) -> str:
         if self.error:
             return f"{self.side}: no figures ({self.error})"
         names = ", ".join(f"{t.comm}[{t.pid}] {t.max_ms:.0f} ms" for t in self.worst[:3])
+        stall = f", host stalled it {self.host_stall_ms:.0f} ms (not charged)" if self.host_stall_ms >= 1 else ""
         return (f"{self.side}: {self.tasks} tasks, {self.waits} waits, longest {self.max_ms:.0f} ms, "
-                f"{self.over_50ms} over 50 ms, {len(self.starved)} starved; worst: {names or '-'}")
+                f"{self.over_50ms} over 50 ms, {len(self.starved)} starved{stall}; worst: {names or '-'}")
 
 
 def ensure_tracer() -> Path:
@@ -193,11 +212,15 @@ def parse_phase(side: str, text: str) -> WaitSummary:
                               mean_ms=v["total_ns"] / v["count"] / 1e6, waits=int(v["count"]),
                               over_50ms=int(v["over"]), long_waits=int(v.get("starved", 0)),
                               cpu=int(v["cpu"]), nice=int(v["prio"]) - 120,
+                              excused_ms=int(v.get("excused_ns", 0)) / 1e6,
                               policy=int(v["policy"]), kthread=bool(v["kthread"])))
     tasks.sort(key=lambda t: -t.max_ms)
     s = WaitSummary(side=side, tasks=len(tasks), waits=sum(t.waits for t in tasks),
                     max_ms=tasks[0].max_ms if tasks else 0.0, over_50ms=sum(t.over_50ms for t in tasks),
-                    worst=tasks[:TOP], starved=[t for t in tasks if t.long_waits >= REPEAT and not background(t)][:TOP])
+                    worst=tasks[:TOP], starved=[t for t in tasks if starved(t)][:TOP])
+    lost = [int(v.get("lost_window_ns", 0)) for _, v in map(_value, _block(text, "RQC") or [])
+            if isinstance(v, dict)]
+    s.host_stall_ms = max(lost, default=0) / 1e6
     hist = {int(k): int(v) for k, v in map(_value, _block(text, "RQH") or []) if isinstance(v, int)}
     total = sum(hist.values())
     if total:
@@ -210,6 +233,20 @@ def parse_phase(side: str, text: str) -> WaitSummary:
     return s
 
 
+def starved(t: TaskWait, default_max_ms: float | None = None) -> bool:
+    """REPEAT long waits or more, a SHARE of its waits or (given the default scheduler's longest wait in
+    the same phase) more than RELATIVE times that; never a task that asked to wait."""
+    if t.long_waits < REPEAT or background(t):
+        return False
+    return (t.long_waits >= SHARE * t.waits
+            or (default_max_ms is not None and t.max_ms > RELATIVE * default_max_ms))
+
+
+def foreground_max_ms(s: WaitSummary) -> float:
+    """The longest wait of a task that did not ask to wait (the worst list holds the longest)."""
+    return max((t.max_ms for t in s.worst if not background(t)), default=0.0)
+
+
 def background(t: TaskWait) -> bool:
     """A task that asked to wait: nice BACKGROUND_NICE or more, or SCHED_IDLE."""
     return t.nice >= BACKGROUND_NICE or t.policy == SCHED_IDLE
@@ -217,4 +254,4 @@ def background(t: TaskWait) -> bool:
 
 def describe(t: TaskWait) -> str:
     return (f"{t.comm}[{t.pid}]{' (kthread)' if t.kthread else ''} waited {STARVE_MS:.0f} ms or more "
-            f"{t.long_waits} times (longest {t.max_ms:.0f} ms, {t.waits} waits)")
+            f"{t.long_waits} times of {t.waits} (longest {t.max_ms:.0f} ms)")
