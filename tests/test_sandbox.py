@@ -90,7 +90,8 @@ def test_manifest_describes_a_sched_ext_kernel_and_a_new_enough_toolchain(manife
 def test_include_dir_holds_only_the_allowlisted_headers(manifest):
     root = Path(manifest.paths.rootfs) / image.INCLUDE_ROOT.lstrip("/")
     top = sorted(p.name for p in root.iterdir())
-    assert top == ["asm-generic", "bpf", "bpf-compat", "scx", "vmlinux.h"]
+    assert top == ["asm-generic", "bpf", "bpf-compat", "scx", "vmlinux.h", "vmlinux.h.pch"]
+    assert image.PCH == f"{image.INCLUDE_ROOT}/vmlinux.h.pch"  # vmlinux.h precompiled, nothing more
     assert sorted(p.name for p in (root / "asm-generic").iterdir()) == ["errno-base.h", "errno.h"]
     assert all(p.suffix == ".h" for p in (root / "bpf").iterdir())
     assert manifest.toolchain.include_dirs == image.INCLUDE_DIRS

@@ -205,6 +205,60 @@ def test_compiler_jail_reports_files_outside_the_allowlist(manifest):
         assert all(e.snippet is None for e in c.errors if e.file and e.file.startswith(("/etc", "/usr")))
 
 
+def _sections(obj: bytes) -> dict[str, bytes]:
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    return {sec.name: sec.data() for sec in ELFFile(io.BytesIO(obj)).iter_sections()}
+
+
+def _btf_types(data: bytes) -> list[tuple]:
+    """The BTF's types without their numbering: kind, name, size, member names (ids left out)."""
+    types = btf.Btf(data).types[1:]
+    return sorted((t.kind, t.name, t.vlen, t.kind_flag,
+                   t.size_or_type if t.kind in (btf.STRUCT, btf.UNION, btf.INT) else 0,
+                   tuple(m[0] for m in t.members if isinstance(m, tuple) and isinstance(m[0], str)))
+                  for t in types)
+
+
+def test_the_precompiled_vmlinux_h_changes_nothing_in_the_object(manifest):
+    """A source whose first line is `#include <scx/common.bpf.h>` compiles with the image's
+    precompiled vmlinux.h; anything else on that line (here a comment) compiles without it. The two
+    objects have the same programs, relocations, maps and BTF types (numbered in another order; the
+    DWARF, which nothing loads, lists the headers in another order too)."""
+    src = fixture("minimal")
+    plain_src = src.replace("#include <scx/common.bpf.h>\n", "#include <scx/common.bpf.h> // no PCH\n")
+    fast, plain = compile_source(src, manifest), compile_source(plain_src, manifest)
+    assert fast.ok and plain.ok, (fast.errors, plain.errors)
+    assert fast.pch and not plain.pch
+    a, b = _sections(fast.object), _sections(plain.object)
+    assert a.keys() == b.keys()
+    for name in a:
+        if not name.startswith((".BTF", ".rel.BTF", ".debug", ".rel.debug", ".strtab", ".symtab")):
+            assert a[name] == b[name], name
+    assert _btf_types(a[".BTF"]) == _btf_types(b[".BTF"])
+    assert len(a[".BTF.ext"]) == len(b[".BTF.ext"])
+    ia, ib = inspect_object(fast.object), inspect_object(plain.object)
+    assert (ia.kfuncs, ia.callbacks, [p.insns for p in ia.programs]) == \
+        (ib.kfuncs, ib.callbacks, [p.insns for p in ib.programs])
+
+
+def test_the_precompiled_header_only_when_nothing_comes_before_vmlinux_h(manifest, tmp_path):
+    from schedcp_mcp.verify.compile import _pch_flags
+
+    head = "#include <scx/common.bpf.h>\n"
+    used = lambda src, trusted=False, own=False: bool(_pch_flags(src, manifest, trusted, own))  # noqa: E731
+    assert used(head) and used("/* a\n comment */\n// another\n\n" + head)
+    assert used('#include "scx/common.bpf.h"\n')
+    assert not used("#define task_struct my_task\n" + head)  # would change how vmlinux.h reads
+    assert not used("// a comment continued \\\n" + head)  # the include is part of the comment
+    assert not used(head.rstrip() + " \\\n\n")  # a continued line
+    assert not used("#include <vmlinux.h>\n" + head)
+    assert not used(head, trusted=True)  # its own scx/common.bpf.h may come first
+    assert not used(head, own=True)  # the host target's vmlinux.h
+
+
 def test_hot_path_counts_the_functions_callbacks_call(manifest):
     examples = Path(manifest.paths.scx_examples_dir)
     c = compile_source((examples / "scx_flatcg.bpf.c").read_text(), manifest,
@@ -403,6 +457,34 @@ def test_a_scheduler_the_verifier_accepts_but_that_cannot_start_fails_at_init(vm
         assert r.exit.message in e.message and r.exit.kernel_line, r.exit
     assert "User scheduler pid uninitialized" in user.exit.message
     print("scx_pair map:pair_ctx=1:", pair.exit.describe())
+
+
+@pytest.mark.image
+def test_a_scheduler_failing_on_its_first_event_on_another_cpu_fails_at_init(vm):
+    """The loader's verify runs its own thread on every CPU while the scheduler is attached: a
+    scheduler that fails only when the loader runs on a second CPU is caught (the 200 ms sleep the
+    loader did before on the CPU it started on accepted it: measured, 3 of 3)."""
+    r = verify_source(fixture("error_loader_moves"), vm=vm, use_cache=False)
+    assert (r.verdict, r.stage) == ("rejected", "init"), (r.errors, r.verifier_log[-500:])
+    assert r.verifier_accepted and "deliberate error: the loader moved from CPU" in r.errors[0].message
+
+
+@pytest.mark.image
+def test_the_guests_enum_table_gives_what_the_kernels_btf_gives(vm, manifest):
+    """The loader takes the kernel's SCX_* enumerators from the table the image lists for this
+    kernel instead of parsing its BTF on every load; hidden, the loader parses the BTF: the same
+    __SCX_* values either way, and the same exit kind names."""
+    obj = compile_source(fixture("error_loader_moves"), manifest).object
+    seen = {}
+    for hide in (False, True):
+        script = ("mount -t tmpfs none /usr/share/schedcp\n" if hide else "") + \
+            scheduler.verify_script("obj.bpf.o", {}) + ("\numount /usr/share/schedcp" if hide else "")
+        out, _ = scheduler.parse_verify(vm.run(script, files={"obj.bpf.o": obj}).stdout)
+        seen[hide] = scheduler.last_json(out)
+    table, btf_parsed = seen[False], seen[True]
+    assert (table["enums_from"], btf_parsed["enums_from"]) == ("table", "btf")
+    assert table["enums_set"] == btf_parsed["enums_set"] and "SCX_DSQ_GLOBAL" in table["enums_set"]
+    assert table["uei"]["kind_name"] == btf_parsed["uei"]["kind_name"] == "SCX_EXIT_ERROR_BPF"
 
 
 @pytest.mark.image

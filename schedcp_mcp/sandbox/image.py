@@ -77,6 +77,7 @@ COMPILE_TOOLS = [
 #: where the compile workload's source tree (the kernel's scripts/dtc and guest/compile.mk) is in the guest
 COMPILE_GUEST_DIR = "/usr/src/schedcp-compile"
 LOADER_GUEST_PATH = "/usr/bin/schedcp-loader"
+KERNEL_ENUMS_GUEST_PATH = "/usr/share/schedcp/kernel-enums"  # ENUMS_PATH in guest/loader.c
 GUEST_SRC = Path(__file__).parent / "guest"
 
 
@@ -128,6 +129,20 @@ BPF_CFLAGS = [
     "-g", "-O2", "-mcpu=v3", "-target", "bpf", "-D__TARGET_ARCH_x86", "-mlittle-endian",
     "-fms-extensions", "-Wno-microsoft-anon-tag", "-Wno-compare-distinct-pointer-types", "-nostdinc",
 ]
+#: what every compile adds: plain diagnostics, and output that does not depend on where clang ran
+COMPILE_FLAGS = ["-fno-color-diagnostics", "-fno-trigraphs", "-ffile-compilation-dir=."]
+#: vmlinux.h precompiled, in the include dir: parsing its ~3 MB was most of a compile. Made with the
+#: macro scx/common.bpf.h defines before it includes vmlinux.h, so a source that starts with that
+#: include compiles the same with it (verify/compile.py uses it only then).
+PCH = f"{INCLUDE_ROOT}/vmlinux.h.pch"
+PCH_DEFINES = ["-DBPF_NO_KFUNC_PROTOTYPES="]
+
+
+def clang_argv(rootfs: Path, cflags: list[str], include_dirs: list[str]) -> list[str]:
+    """clang with `cflags`, COMPILE_FLAGS and `include_dirs`, as run in the rootfs. Without
+    address-space randomisation (setarch -R) clang's output does not depend on where it ran."""
+    norandom = ["setarch", "x86_64", "-R"] if Path(rootfs, "usr/bin/setarch").exists() else []
+    return [*norandom, "clang", *cflags, *COMPILE_FLAGS, *[f"-I{d}" for d in include_dirs]]
 
 
 # ---------------------------------------------------------------- helpers
@@ -236,7 +251,7 @@ def sources_sha() -> str:
     """Hash of what this checkout builds into the image (guest sources, package lists): when it
     differs from the manifest's, the image is out of date (e.g. after a pull that changed loader.c)."""
     h = hashlib.sha256(json.dumps([ROOTFS_SUITE, ROOTFS_PACKAGES, GUEST_TOOLS, COMPILE_TOOLS, INCLUDE_DIRS,
-                                   BPF_CFLAGS]).encode())
+                                   BPF_CFLAGS, COMPILE_FLAGS, PCH, PCH_DEFINES]).encode())
     for p in sorted(GUEST_SRC.iterdir()):
         if p.is_file():
             h.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -302,7 +317,7 @@ def _build(force: bool, progress: Progress | None, refresh: bool) -> Manifest:
     scx, dtc = _sched_ext_dir(b, apt, k)
     inc = _include(b, rootfs, status, scx, vh)
     loader, agent = _guest_binaries(b, rootfs, status)
-    small, full = _initramfs(b, rootfs, status, loader, agent, dtc)
+    small, full = _initramfs(b, rootfs, status, loader, agent, dtc, vbtf, k["abi"])
     old = _up_to_date(b, rootfs)
     if old is not None:
         return old
@@ -469,11 +484,26 @@ def _include(b: _Build, rootfs: Path, status: str, scx: Path, vh: Path) -> Path:
     """6. The allowlisted include directory inside the rootfs."""
     b.step("allowlisted BPF include directory")
     inc = rootfs / INCLUDE_ROOT.lstrip("/")
-    ifp = b.fp["include"] = _fp(b.fp["sched_ext"], status, b.fp["vmlinux_h"])
-    if not b.steps.fresh("include", ifp, inc / "vmlinux.h", inc / "scx/common.bpf.h"):
+    ifp = b.fp["include"] = _fp(b.fp["sched_ext"], status, b.fp["vmlinux_h"],
+                                BPF_CFLAGS, COMPILE_FLAGS, INCLUDE_DIRS, PCH_DEFINES)
+    pch = rootfs / PCH.lstrip("/")
+    if not b.steps.fresh("include", ifp, inc / "vmlinux.h", inc / "scx/common.bpf.h", pch):
         _make_include_dir(rootfs, scx, vh, inc)
+        _make_pch(rootfs, pch)
         b.steps.mark("include", ifp)
     return inc
+
+
+def _make_pch(rootfs: Path, out: Path) -> None:
+    """Precompile the include dir's vmlinux.h (after it is in place: the PCH names the header's path
+    and clang checks its size and time), then rename it in: a compile meanwhile finds none and
+    compiles without it."""
+    tmp = "/tmp/schedcp-vmlinux.h.pch"
+    chroot_run(rootfs, [*clang_argv(rootfs, BPF_CFLAGS, INCLUDE_DIRS), *PCH_DEFINES, "-x", "c-header",
+                        f"{INCLUDE_ROOT}/vmlinux.h", "-o", tmp], "precompiling vmlinux.h")
+    built = rootfs / tmp.lstrip("/")
+    built.chmod(0o644)
+    os.replace(built, out)
 
 
 def _guest_binaries(b: _Build, rootfs: Path, status: str) -> tuple[Path, Path]:
@@ -495,7 +525,7 @@ def _guest_binaries(b: _Build, rootfs: Path, status: str) -> tuple[Path, Path]:
 
 
 def _initramfs(b: _Build, rootfs: Path, status: str, loader: Path, agent: Path,
-               dtc: Path) -> tuple[Path, Path]:
+               dtc: Path, vbtf: Path, release: str) -> tuple[Path, Path]:
     """8. The small (verify) and full (workloads: tools, and the compile workload's compiler and source)
     initramfs images."""
     b.step("guest initramfs images")
@@ -503,9 +533,10 @@ def _initramfs(b: _Build, rootfs: Path, status: str, loader: Path, agent: Path,
     small, full = gdir / "initramfs.cpio.gz", gdir / "initramfs-full.img"
     init = GUEST_SRC / "init.sh"
     gfp = b.fp["initramfs"] = _fp(_sha256_file(init), _sha256_file(loader), _sha256_file(agent), status,
-                                  GUEST_TOOLS, COMPILE_TOOLS, b.fp["sched_ext"], _sha256_file(COMPILE_MK))
+                                  GUEST_TOOLS, COMPILE_TOOLS, b.fp["sched_ext"], _sha256_file(COMPILE_MK),
+                                  _sha256_file(vbtf), release)
     if not b.steps.fresh("initramfs", gfp, small, full):
-        small_gz = _small_initramfs(rootfs, init, loader, agent)
+        small_gz = _small_initramfs(rootfs, init, loader, agent, _kernel_enums(rootfs, loader, vbtf, release))
         _atomic_write(small, small_gz)
         _atomic_write(full, small_gz + _tools_archive(rootfs) + _compile_archive(rootfs, dtc))
         b.steps.mark("initramfs", gfp)
@@ -625,11 +656,30 @@ def _build_static(rootfs: Path, sources: list[Path], out: Path, libs: list[str])
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _small_initramfs(rootfs: Path, init: Path, loader: Path, agent: Path) -> bytes:
+def _kernel_enums(rootfs: Path, loader: Path, vbtf: Path, release: str) -> bytes:
+    """The guest kernel's SCX_* enumerators, listed by the loader itself from the kernel's BTF: in the
+    guest (KERNEL_ENUMS_GUEST_PATH) they spare every load a parse of that BTF (see loader.c)."""
+    stage = rootfs / "tmp/schedcp-enums"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        shutil.copy(vbtf, stage / "vmlinux.btf")
+        shutil.copy(loader, stage / "loader")
+        out = chroot_run(rootfs, ["/tmp/schedcp-enums/loader", "--dump-enums", "/tmp/schedcp-enums/vmlinux.btf",
+                                  release], "listing the kernel's SCX enumerators")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if not out.startswith("schedcp-kernel-enums 1 ") or "SCX_DSQ_GLOBAL" not in out:
+        raise InfrastructureError(f"the loader listed no SCX enumerators from {vbtf}: {out[:200]!r}")
+    return out.encode()
+
+
+def _small_initramfs(rootfs: Path, init: Path, loader: Path, agent: Path, kernel_enums: bytes) -> bytes:
     c = Cpio()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "etc",
-              "sys/fs/bpf", "sys/kernel/debug"):
+              "sys/fs/bpf", "sys/kernel/debug", "usr/share", "usr/share/schedcp"):
         c.dir(d)
+    c.file(KERNEL_ENUMS_GUEST_PATH.lstrip("/"), kernel_enums, 0o644)
     c.chardev("dev/console", 5, 1)
     c.chardev("dev/null", 1, 3, 0o666)
     c.file("init", init.read_bytes(), 0o755)

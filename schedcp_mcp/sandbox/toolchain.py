@@ -86,19 +86,19 @@ def _check_rel(name: str) -> None:
 
 # Builds the jail's root inside the new mount namespace, then enters it. $1 root mount point,
 # $2 rootfs, $3 work dir, $4 its name, $5 "drop" to run as $JAIL_ID; the command follows.
+# As few programs as it takes (each costs a few ms, twice per compile): `mount -o bind,ro` binds
+# and remounts read-only in one (util-linux >= 2.27), one `ln` makes the four links.
 _JAIL_SH = r"""
 set -e
 J=$1 R=$2 W=$3 N=$4 DROP=$5
 shift 5
 mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev schedcp-jail "$J"
 mkdir -p "$J/usr" "$J/opt/schedcp/include" "$J/w/$N" "$J/tmp" "$J/dev"
-for l in bin lib lib64 sbin; do ln -s "usr/$l" "$J/$l"; done
-mount --rbind "$R/usr" "$J/usr"
-mount -o remount,bind,ro "$J/usr"
-mount --bind "$R/opt/schedcp/include" "$J/opt/schedcp/include"
-mount -o remount,bind,ro "$J/opt/schedcp/include"
+ln -s usr/bin usr/lib usr/lib64 usr/sbin "$J/"
+mount --rbind -o ro "$R/usr" "$J/usr"
+mount --bind -o ro "$R/opt/schedcp/include" "$J/opt/schedcp/include"
 mount --bind "$W" "$J/w/$N"
-touch "$J/dev/null"
+: >"$J/dev/null"
 mount --bind /dev/null "$J/dev/null"
 mount -t tmpfs -o mode=1777,size=64m,nosuid,nodev schedcp-tmp "$J/tmp"
 mount -o remount,bind,ro "$J"

@@ -5,18 +5,26 @@ allowlisted include directories and the work directory (no host file, no /etc, n
 network, with time and memory limits. Only the allowlisted include directories are searched
 (`-nostdinc`, the image's `/opt/schedcp/include` holding vmlinux.h, bpf/, scx/, asm-generic/errno*.h),
 plus the operator's trusted directories, copied into the work directory (a symlink in them that
-leads outside is refused). Two steps: the preprocessor runs first and its output — where every
-macro, `_Pragma` and string trick is expanded — is checked (`source_check.check_preprocessed`: inline
-assembly with escapes decoded, only allowlisted directives and pragmas; every file opened, from
-`-MD`, inside the allowed directories); only then is it compiled (same inputs, same jail: the
-compiler sees the checked text).
+leads outside is refused). Two steps, at once, each in a jail: the preprocessor's output — where
+every macro, `_Pragma` and string trick is expanded — is checked (`source_check.check_preprocessed`:
+inline assembly with escapes decoded, only allowlisted directives and pragmas; every file opened,
+from `-MD`, inside the allowed directories) while clang compiles the same inputs, and the object is
+taken only when the text passed (same inputs, same jail: the compiler saw the checked text). Until
+2026-12 the compile waited for the check; the jail, not the order, is what keeps the compiler from
+host files, and the preprocessor always ran on the unchecked source in the same jail.
 
 For the host target the object is compiled against a vmlinux.h generated from the host's own BTF
 (`host_vmlinux_h`), put first on the include path as `target/vmlinux.h`.
 
-Most of a compile is clang parsing vmlinux.h (~3 MB). A precompiled `scx/common.bpf.h` halved the
-compile, but clang 19 then leaves the BTF of extern kfuncs declared in the header out of the object
-(libbpf: "failed to find BTF for extern 'bpf_iter_scx_dsq_destroy'"), so every compile parses it.
+Most of a compile was clang parsing vmlinux.h (~3 MB) and checking its preprocessed text. The
+image holds it precompiled (`image.PCH`, made with the macro scx/common.bpf.h defines before it
+includes vmlinux.h), and a source whose first line is `#include <scx/common.bpf.h>` is preprocessed
+and compiled with it: nothing of the source comes before vmlinux.h there, so the object has the same
+code and the same BTF types (numbered in another order); every other source, a host-target compile and
+one with trusted include dirs parse vmlinux.h as before. (A precompiled `scx/common.bpf.h` was tried
+first: clang 19 then leaves the BTF of the extern kfuncs declared in it out of the object; vmlinux.h
+declares none under that macro.) The check of the preprocessed text then reads the source and the
+scx headers, not vmlinux.h, which no macro of the source can reach.
 """
 
 from __future__ import annotations
@@ -27,12 +35,13 @@ import posixpath
 import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config
 from ..errors import BadInput, InfrastructureError
-from ..sandbox import toolchain
+from ..sandbox import image, toolchain
 from .models import VerifyError
 from .source_check import check_preprocessed
 
@@ -57,6 +66,7 @@ class CompileResult:
     stderr: str = ""
     seconds: float = 0.0
     opened: list[str] = field(default_factory=list)  # files clang read (from -MD)
+    pch: bool = False  # compiled with the image's precompiled vmlinux.h
 
     @property
     def object_sha256(self) -> str | None:
@@ -118,12 +128,26 @@ def _deps(text: str) -> list[str]:
 
 
 def _base_argv(manifest, first_includes: list[str] = ()) -> list[str]:
-    # Without address-space randomisation clang's output does not depend on where it ran
-    # (belt and braces: with -ffile-compilation-dir objects were already reproducible here).
-    norandom = ["setarch", "x86_64", "-R"] if Path(manifest.paths.rootfs, "usr/bin/setarch").exists() else []
-    return [*norandom, "clang", *manifest.toolchain.cflags, "-fno-color-diagnostics", "-fno-trigraphs",
-            "-ffile-compilation-dir=.",  # reproducible: no random work dir in the DWARF
-            *[f"-I{d}" for d in [*first_includes, *manifest.toolchain.include_dirs]]]
+    return image.clang_argv(Path(manifest.paths.rootfs), manifest.toolchain.cflags,
+                            [*first_includes, *manifest.toolchain.include_dirs])
+
+
+#: the source's first line of code (comments and blank lines before it skipped)
+_FIRST_LINE = re.compile(r"\A(?:\s|//[^\n\\]*\n|/\*.*?\*/)*([^\n]*)", re.S)  # (no \ continuing a //)
+_COMMON_INCLUDE = re.compile(r'#\s*include\s*(<scx/common\.bpf\.h>|"scx/common\.bpf\.h")\s*')
+
+
+def _pch_flags(source: str, manifest, trusted: bool, own_vmlinux_h: bool) -> list[str]:
+    """The precompiled vmlinux.h's flags when compiling with it is the same as without: the source
+    starts with `#include <scx/common.bpf.h>` (which includes vmlinux.h before anything else, under
+    the macro the PCH was made with: nothing of the source comes before it), the image's headers
+    are the only ones (no trusted dirs, no target vmlinux.h) and the image has the PCH."""
+    if trusted or own_vmlinux_h or not Path(manifest.paths.rootfs, image.PCH.lstrip("/")).is_file():
+        return []
+    m = _FIRST_LINE.match(source)
+    if not m or not _COMMON_INCLUDE.fullmatch(m.group(1)):
+        return []
+    return [*image.PCH_DEFINES, "-include-pch", image.PCH]
 
 
 def host_vmlinux_h(btf_path: Path) -> bytes:
@@ -165,6 +189,18 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
         first = [TARGET_HEADER_DIR]  # searched before the image's include dirs
     include_dirs = list(manifest.toolchain.include_dirs)
     flags = [*_base_argv(manifest, first), *trusted_flags]
+    pch = _pch_flags(source, manifest, bool(trusted_flags), vmlinux_h is not None)
+    res = _compile(source, files, [*flags, *pch], include_dirs, timeout_s, mem_mb)
+    if pch and not res.ok and any(image.PCH in e.message or "precompiled header" in e.message
+                                  for e in res.errors):
+        res = _compile(source, files, flags, include_dirs, timeout_s, mem_mb)  # a PCH clang refused
+    else:
+        res.pch = bool(pch)
+    return res
+
+
+def _compile(source: str, files: dict[str, bytes], flags: list[str], include_dirs: list[str],
+             timeout_s: float, mem_mb: int) -> CompileResult:
     allowed = tuple(d.rstrip("/") + "/" for d in include_dirs)
 
     def outside(path: str) -> bool:
@@ -195,35 +231,39 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
             result.errors.append(VerifyError(stage="compile", code="compiler_failed", message=why))
         return result
 
-    # 1. Preprocess (in the jail, like everything else) and check what the compiler will really see:
-    # every macro, _Pragma and string-literal trick is expanded in this text.
+    # 1. Preprocess and check what the compiler really sees (every macro, _Pragma and string-literal
+    # trick is expanded in this text), while 2. clang compiles the same inputs in a jail of its own;
+    # the object is taken only when the text passed. One after the other they were most of a warm
+    # verify. The compiler meets nothing the preprocessor did not: the same jail, the same inputs.
     t0 = time.monotonic()
-    pre = toolchain.run([*flags, "-MD", "-MF", DEPS_NAME, "-E", SOURCE_NAME, "-o", PREPROCESSED_NAME],
-                        workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
-                        outputs=[DEPS_NAME, PREPROCESSED_NAME])
-    diags = diagnostics(pre.stderr)
-    result = CompileResult(ok=False, stderr=pre.stderr, errors=[d for d in diags if d.severity == "error"],
-                           warnings=[d for d in diags if d.severity == "warning"])
-    text = pre.outputs.get(PREPROCESSED_NAME)
-    if pre.timed_out or pre.rc != 0 or text is None:
-        result.seconds = time.monotonic() - t0
-        return failed(pre, result)
-    result.opened = _deps(pre.outputs.get(DEPS_NAME, b"").decode("utf-8", "replace"))
-    for p in result.opened:
-        if outside(p):
-            result.errors.append(VerifyError(stage="compile", code="include_not_allowed",
-                                             message=f"the compiler opened {p}, outside the allowed "
-                                             "include directories; refused"))
-    result.errors += check_preprocessed(text.decode("utf-8", "replace"))
-    if result.errors:
-        result.seconds = time.monotonic() - t0
-        return result
-
-    # 2. Compile. The same inputs in the same jail preprocess to the same text, so the compiler sees
-    # the checked tokens; compiling the source rather than source.i keeps clang's columns exact.
-    res = toolchain.run([*flags, "-c", SOURCE_NAME, "-o", OBJECT_NAME], workdir_files=files,
-                        timeout_s=timeout_s, mem_mb=mem_mb, outputs=[OBJECT_NAME])
+    with ThreadPoolExecutor(1, thread_name_prefix="schedcp-clang") as pool:
+        compiling = pool.submit(toolchain.run, [*flags, "-c", SOURCE_NAME, "-o", OBJECT_NAME],
+                                workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
+                                outputs=[OBJECT_NAME])
+        pre = toolchain.run([*flags, "-MD", "-MF", DEPS_NAME, "-E", SOURCE_NAME, "-o", PREPROCESSED_NAME],
+                            workdir_files=files, timeout_s=timeout_s, mem_mb=mem_mb,
+                            outputs=[DEPS_NAME, PREPROCESSED_NAME])
+        diags = diagnostics(pre.stderr)
+        result = CompileResult(ok=False, stderr=pre.stderr, errors=[d for d in diags if d.severity == "error"],
+                               warnings=[d for d in diags if d.severity == "warning"])
+        text = pre.outputs.get(PREPROCESSED_NAME)
+        if not (pre.timed_out or pre.rc != 0 or text is None):
+            result.opened = _deps(pre.outputs.get(DEPS_NAME, b"").decode("utf-8", "replace"))
+            for p in result.opened:
+                if outside(p):
+                    result.errors.append(VerifyError(stage="compile", code="include_not_allowed",
+                                                     message=f"the compiler opened {p}, outside the allowed "
+                                                     "include directories; refused"))
+            result.errors += check_preprocessed(text.decode("utf-8", "replace"))
+        res = compiling.result()
     result.seconds = time.monotonic() - t0
+    if pre.timed_out or pre.rc != 0 or text is None:
+        return failed(pre, result)
+    if result.errors:
+        return result  # the object (if any) is dropped
+
+    # the same inputs preprocess to the same text, so the compiler saw the checked tokens;
+    # compiling the source rather than source.i keeps clang's columns exact
     result.stderr = res.stderr
     diags = diagnostics(res.stderr)
     result.errors = [d for d in diags if d.severity == "error"]
@@ -235,4 +275,3 @@ def compile_source(source: str, manifest, *, trusted_include_dirs: tuple[Path, .
         return result
     result.ok, result.object = True, obj
     return result
-

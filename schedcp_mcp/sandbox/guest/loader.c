@@ -25,6 +25,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -35,6 +36,8 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
 
 #include <bpf/bpf.h>
 #include <bpf/btf.h>
@@ -43,7 +46,8 @@
 #define MAX_PARAMS 64
 #define SCX_SYSFS "/sys/kernel/sched_ext"
 #define SCX_EXIT_ERROR 1024   /* enum scx_exit_kind: this and above are errors */
-#define VERIFY_SETTLE_MS 200  /* --verify keeps the scheduler attached this long */
+#define VERIFY_SETTLE_MS 20   /* --verify keeps the scheduler attached at least this long */
+#define POLL_US 2000          /* between reads of the sched_ext state */
 
 /* ---------- a growable text buffer and JSON output ---------- */
 
@@ -128,6 +132,7 @@ static struct {
 	double run_s;
 	const char *stop_reason;
 	struct buf timings; /* JSON object body: seconds per phase */
+	const char *enums_from; /* "table" (ENUMS_PATH) or "btf" (the kernel's BTF parsed here) */
 } R = { .stage = "start" };
 
 static double now_s(void);
@@ -190,7 +195,8 @@ static void emit_result(void)
 		buf_json_str(&o, R.stop_reason);
 	else
 		buf_printf(&o, "null");
-	buf_printf(&o, ", \"timings\": {%s}", R.timings.p ? R.timings.p : "");
+	buf_printf(&o, ", \"timings\": {%s}, \"enums_from\": ", R.timings.p ? R.timings.p : "");
+	buf_json_str(&o, R.enums_from ? R.enums_from : "");
 	buf_printf(&o, ", \"log\": ");
 	buf_json_str(&o, R.log.p ? R.log.p : "");
 	buf_printf(&o, "}\n");
@@ -347,6 +353,102 @@ static struct enum_want *find_want(struct enum_ctx *c, const char *name)
 	return bsearch(&key, c->w, c->n, sizeof(*c->w), cmp_want);
 }
 
+/* ---------- the kernel's SCX_* enumerators ----------
+ *
+ * What the loader needs of the kernel's BTF is enumerators: the __SCX_* rodata, a flag
+ * (SCX_OPS_SWITCH_PARTIAL) and the exit kinds' names. Parsing the BTF for them cost ~0.1 s of every
+ * load under TCG (libbpf parses it again inside bpf_object__load). The image build writes them with
+ * this loader (`--dump-enums BTF RELEASE`, from the very BTF the guest kernel carries) to ENUMS_PATH
+ * in the guest: a header line `schedcp-kernel-enums 1 RELEASE BTF_BYTES`, then `TYPE BITS NAME RAW`
+ * per SCX_* enumerator in BTF order. The table is used only when RELEASE and BTF_BYTES are the running
+ * kernel's; else (the host, another kernel) the BTF is parsed as before.
+ */
+#define ENUMS_PATH "/usr/share/schedcp/kernel-enums"
+#define ENUMS_MAGIC "schedcp-kernel-enums 1"
+
+struct kenum {
+	char type[64], name[96];
+	bool is64;
+	unsigned long long raw; /* the enumerator's bits: u32 for a 32-bit enum */
+};
+static struct kenum *kenums;
+static int nkenums;
+
+/* every SCX_* enumerator of `btf` in type order, as ENUMS_PATH holds them */
+static int dump_enums(const char *btf_path, const char *release)
+{
+	struct btf *btf = btf__parse_raw(btf_path);
+	struct stat st;
+	if (!btf || stat(btf_path, &st)) {
+		fprintf(stderr, "loader: cannot read BTF %s\n", btf_path);
+		return 1;
+	}
+	printf("%s %s %lld\n", ENUMS_MAGIC, release, (long long)st.st_size);
+	__u32 cnt = btf__type_cnt(btf);
+	for (__u32 id = 1; id < cnt; id++) {
+		const struct btf_type *t = btf__type_by_id(btf, id);
+		bool is64 = btf_is_enum64(t);
+		if (!is64 && !btf_is_enum(t))
+			continue;
+		const char *type = btf__name_by_offset(btf, t->name_off);
+		for (int i = 0; i < btf_vlen(t); i++) {
+			const struct btf_enum *e = is64 ? NULL : btf_enum(t) + i;
+			const struct btf_enum64 *e64 = is64 ? btf_enum64(t) + i : NULL;
+			const char *n = btf__name_by_offset(btf, is64 ? e64->name_off : e->name_off);
+			if (strncmp(n, "SCX_", 4))
+				continue;
+			printf("%s %d %s %llu\n", type && type[0] ? type : "-", is64 ? 64 : 32, n,
+			       is64 ? btf_enum64_value(e64) : (unsigned long long)(__u32)e->val);
+		}
+	}
+	btf__free(btf);
+	return fflush(stdout) ? 1 : 0;
+}
+
+/* ENUMS_PATH into kenums when it is the running kernel's (true), else nothing (false) */
+static bool load_enum_table(void)
+{
+	FILE *f = fopen(ENUMS_PATH, "r");
+	struct utsname u;
+	struct stat st;
+	char line[256], release[128];
+	long long size;
+	if (!f)
+		return false;
+	bool ok = fgets(line, sizeof(line), f) && !uname(&u) && !stat("/sys/kernel/btf/vmlinux", &st) &&
+		  !strncmp(line, ENUMS_MAGIC " ", sizeof(ENUMS_MAGIC)) &&
+		  sscanf(line + sizeof(ENUMS_MAGIC), "%127s %lld", release, &size) == 2 &&
+		  !strcmp(release, u.release) && size == (long long)st.st_size;
+	int cap = 0;
+	while (ok && fgets(line, sizeof(line), f)) {
+		struct kenum k;
+		int bits;
+		if (sscanf(line, "%63s %d %95s %llu", k.type, &bits, k.name, &k.raw) != 4 || (bits != 32 && bits != 64)) {
+			ok = false;
+			break;
+		}
+		k.is64 = bits == 64;
+		if (nkenums == cap) {
+			cap = cap ? cap * 2 : 256;
+			struct kenum *n = realloc(kenums, cap * sizeof(*n));
+			if (!n) {
+				ok = false;
+				break;
+			}
+			kenums = n;
+		}
+		kenums[nkenums++] = k;
+	}
+	fclose(f);
+	if (!ok || !nkenums) {
+		free(kenums);
+		kenums = NULL;
+		nkenums = 0;
+		return false;
+	}
+	return true;
+}
+
 /* One pass over the kernel's BTF: every enum member that a __SCX_ variable asks for. */
 static void fill_scx_enums(struct bpf_object *obj, const struct btf *kbtf)
 {
@@ -355,7 +457,14 @@ static void fill_scx_enums(struct bpf_object *obj, const struct btf *kbtf)
 	if (!c.n)
 		return;
 	qsort(c.w, c.n, sizeof(*c.w), cmp_want);
-	__u32 cnt = btf__type_cnt(kbtf);
+	for (int i = 0; !kbtf && i < nkenums; i++) {
+		struct enum_want *w = find_want(&c, kenums[i].name);
+		if (!w || w->found)
+			continue;
+		w->found = true;
+		w->val = kenums[i].is64 ? kenums[i].raw : (unsigned long long)(long long)(__s32)(__u32)kenums[i].raw;
+	}
+	__u32 cnt = kbtf ? btf__type_cnt(kbtf) : 0;
 	for (__u32 id = 1; id < cnt; id++) {
 		const struct btf_type *t = btf__type_by_id(kbtf, id);
 		bool is64 = btf_is_enum64(t);
@@ -568,7 +677,13 @@ static long struct_member_off(struct btf *btf, __u32 type_id, const char *member
 /* the value of the kernel enumerator `name` (any enum), from its BTF */
 static bool kernel_enum_value(const struct btf *kbtf, const char *name, unsigned long long *out)
 {
-	__u32 cnt = btf__type_cnt(kbtf);
+	for (int i = 0; !kbtf && i < nkenums; i++) {
+		if (!strcmp(kenums[i].name, name)) {
+			*out = kenums[i].raw;
+			return true;
+		}
+	}
+	__u32 cnt = kbtf ? btf__type_cnt(kbtf) : 0;
 	for (__u32 id = 1; id < cnt; id++) {
 		const struct btf_type *t = btf__type_by_id(kbtf, id);
 		bool is64 = btf_is_enum64(t);
@@ -589,7 +704,13 @@ static bool kernel_enum_value(const struct btf *kbtf, const char *name, unsigned
 static const char *exit_kind_name(const struct btf *kbtf, int kind)
 {
 	static char name[64];
-	__s32 id = btf__find_by_name_kind(kbtf, "scx_exit_kind", BTF_KIND_ENUM);
+	for (int i = 0; !kbtf && i < nkenums; i++) {
+		if (!kenums[i].is64 && !strcmp(kenums[i].type, "scx_exit_kind") && (__s32)(__u32)kenums[i].raw == kind) {
+			snprintf(name, sizeof(name), "%s", kenums[i].name);
+			return name;
+		}
+	}
+	__s32 id = kbtf ? btf__find_by_name_kind(kbtf, "scx_exit_kind", BTF_KIND_ENUM) : -1;
 	if (id > 0) {
 		const struct btf_type *t = btf__type_by_id(kbtf, id);
 		const struct btf_enum *e = btf_enum(t);
@@ -703,7 +824,8 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: schedcp-loader OBJ.bpf.o (--verify [--load-only] | --run [--duration S])\n"
 		"       [--param NAME=VALUE]... [--map-size MAP=N]... [--timeout-ms N] [--partial]\n"
-		"  --load-only  load (the kernel verifier runs) and unload; never attach\n");
+		"  --load-only  load (the kernel verifier runs) and unload; never attach\n"
+		"       schedcp-loader --dump-enums BTF RELEASE   (the image build's " ENUMS_PATH ")\n");
 }
 
 static void report_programs(struct bpf_object *obj)
@@ -893,12 +1015,39 @@ static int set_up(struct bpf_object *obj, struct bpf_map *ops, const struct btf 
  * callback recorded its UEI, so reading it earlier loses the scheduler's own reason */
 static void wait_disabled(char *state, size_t len)
 {
-	for (int i = 0; i < 100; i++) {
+	for (int i = 0; i < 2000000 / POLL_US; i++) {
 		read_line(SCX_SYSFS "/state", state, len);
 		if (!strcmp(state, "disabled"))
 			return;
-		usleep(20000);
+		usleep(POLL_US);
 	}
+}
+
+/* --verify's moment of real scheduling: this thread runs on every CPU it may use, twice (each move
+ * and each short sleep is a select_cpu, enqueue, dispatch, running and stopping of the scheduler on
+ * that CPU), and then sleeps out VERIFY_SETTLE_MS (a few ticks), so an error a scheduler raises on
+ * its first events (a map its loader should have sized, a userspace half that is missing) shows
+ * here, not after a deploy. A 200 ms sleep did this before: longer, and without reaching each CPU. */
+static void settle(struct uei_loc *uei)
+{
+	double t0 = now_s();
+	cpu_set_t all, one;
+	bool pinned = !sched_getaffinity(0, sizeof(all), &all);
+	for (int round = 0; pinned && round < 2 && !uei_kind_now(uei); round++) {
+		for (int c = 0; c < CPU_SETSIZE && !uei_kind_now(uei); c++) {
+			if (!CPU_ISSET(c, &all))
+				continue;
+			CPU_ZERO(&one);
+			CPU_SET(c, &one);
+			if (!sched_setaffinity(0, sizeof(one), &one))
+				usleep(1000);
+		}
+	}
+	if (pinned)
+		sched_setaffinity(0, sizeof(all), &all);
+	while (now_s() - t0 < VERIFY_SETTLE_MS / 1000.0 && !uei_kind_now(uei))
+		usleep(POLL_US);
+	mark("settle");
 }
 
 /* stays attached until a signal, the duration, or the scheduler's/kernel's exit; true = it exited */
@@ -943,6 +1092,8 @@ int main(int argc, char **argv)
 	struct bpf_link *link = NULL;
 	struct bpf_map *ops = NULL, *map;
 	struct uei_loc uei = { 0 };
+	if (argc == 4 && !strcmp(argv[1], "--dump-enums"))
+		return dump_enums(argv[2], argv[3]); /* the image build's ENUMS_PATH */
 	int rc = parse_args(argc, argv, &o);
 
 	if (rc) {
@@ -968,9 +1119,13 @@ int main(int argc, char **argv)
 		goto out;
 	}
 	mark("open");
-	kbtf = btf__load_vmlinux_btf();
+	R.enums_from = "table";
+	if (!load_enum_table()) {
+		R.enums_from = "btf";
+		kbtf = btf__load_vmlinux_btf();
+	}
 	mark("kernel_btf");
-	if (!kbtf) {
+	if (!kbtf && !nkenums) {
 		fail("open", "cannot read the kernel's BTF: %s", strerror(errno));
 		goto out;
 	}
@@ -1023,11 +1178,11 @@ int main(int argc, char **argv)
 	}
 	mark("attach");
 	R.stage = "enabled";
-	for (int i = 0; i < 50; i++) {
+	for (int i = 0; i < 1000000 / POLL_US; i++) {
 		read_line(SCX_SYSFS "/state", R.state_attached, sizeof(R.state_attached));
 		if (strcmp(R.state_attached, "enabling"))
 			break;
-		usleep(20000);
+		usleep(POLL_US);
 	}
 	read_line(SCX_SYSFS "/root/ops", R.root_ops, sizeof(R.root_ops));
 	if (strcmp(R.state_attached, "enabled")) {
@@ -1040,12 +1195,8 @@ int main(int argc, char **argv)
 		goto out;
 	}
 	fprintf(stderr, "loader: %s enabled (root/ops=%s)\n", R.ops_name, R.root_ops);
-	if (o.verify) {
-		/* a moment of real scheduling: an error a scheduler raises on its first events (a map its
-		 * loader should have sized, a userspace half that is missing) shows here, not after a deploy */
-		for (int i = 0; i < VERIFY_SETTLE_MS / 20 && !uei_kind_now(&uei); i++)
-			usleep(20000);
-	}
+	if (o.verify)
+		settle(&uei);
 
 	bool exited = o.run && run_attached(&uei, o.duration);
 	R.stage = "detach";
@@ -1076,5 +1227,6 @@ out:
 		bpf_object__close(obj);
 	btf__free(kbtf);
 	free(R.uei_dump);
+	free(kenums);
 	return rc;
 }
