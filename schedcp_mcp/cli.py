@@ -1367,7 +1367,8 @@ def tune(name: str, workloads: tuple[str, ...], goals: tuple[str, ...], budget_r
 @click.option("--target", type=click.Choice(["sandbox", "host"]), default="sandbox", show_default=True)
 @click.option("--ttl", default=3600, show_default=True, type=int,
               help="seconds until it expires (1 s .. 7 days; checked by deploy.tokens)")
-@click.option("--scoped", is_flag=True, help="allow only a scoped deploy (partial mode: `deploy --scope`)")
+@click.option("--scoped", is_flag=True, help="allow only a scoped deploy (partial mode: `deploy --scope`); "
+              "the only token a report that harmed just the guard set gets")
 @json_option
 def token(report_id: str, target: str, ttl: int, scoped: bool, as_json: bool) -> None:
     """Issue a fresh deployment token for a report that passed layers 1 and 2."""

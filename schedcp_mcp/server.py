@@ -402,8 +402,8 @@ async def list_plans(
 JOB_ID = "the supervisor's job that ran (or, with background, will run) it: get_job"
 BACKGROUND = Field(description="queue it and return a job id at once (follow with get_job); "
                                "otherwise wait, with progress notifications")
-DEADLINE = Field(gt=0, le=7 * 86400, description="complete-by deadline, seconds from now: a job "
-                 "not finished by then is dead-lettered (its sandbox VMs stopped); default none")
+DEADLINE = Field(gt=0, le=7 * 86400, description="seconds from now; a job unfinished by then is "
+                 "dead-lettered, its VMs stopped")
 
 
 def queued(job_id: str) -> CallToolResult:
@@ -615,12 +615,13 @@ async def get_report(report_id: Annotated[str, Field(description="rep-…")],
 async def issue_token(
     report_id: Annotated[str, Field(description="a report that passed layers 1 and 2 (rep-…)")],
     target: Annotated[Literal["sandbox", "host"], Field(
-        description="where the token may deploy; host deploys still need the operator's permission")]
-    = "sandbox",
+        description="host deploys need the operator's permission")] = "sandbox",
+    scope: Annotated[Literal["system", "scoped"], Field(
+        description="scoped: only deploy(scope=…)")] = "system",
 ) -> Annotated[CallToolResult, A.TokenOut]:
-    """Execution, after choosing the winner: a single-use deployment token bound to exactly that
-    report's artifact and parameters (1 h). Refused for a report that did not pass."""
-    t = await in_thread(tokens.issue, report_id, target, actor="mcp")
+    """Execution, for the winner: a single-use token bound to that report's artifact and
+    parameters (1 h). Refused for a report that did not pass (scoped only if it harmed only guards)."""
+    t = await in_thread(tokens.issue, report_id, target, actor="mcp", scope=scope)
     return A.answer(A.TokenOut(token=t.token, report_id=t.report_id, target=t.target,
                              expires_at=t.expires_at),
                     f"single-use {t.target} token for {t.report_id}: deploy(token=…)")

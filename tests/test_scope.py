@@ -70,3 +70,46 @@ def test_ab_refuses_bad_input_before_anything_runs():
         ab(t, [], "sandbox")
     with pytest.raises(BadInput, match="rounds must be 2..50"):
         ab(t, ["true"], "sandbox", rounds=1)
+
+
+def _judged(correctness_ok: bool, failed: list[str], passed: list[str]):
+    """A stored report whose layer 2 failed exactly the performance gates of `failed` (workload names)
+    and passed those of `passed`; the correctness gates passed or one (stress) did not."""
+    from schedcp_mcp.reports import save
+    from schedcp_mcp.validate.models import Gate, Layer2Result
+
+    r = validated_report()
+    perf = [Gate(name=f"{'guard' if w in ('wakeup', 'pipe', 'cpu') else 'goal'}:{w}", passed=w in passed,
+                 reason="figures", kind="performance", threshold=0.909, workload=w) for w in [*failed, *passed]]
+    r.layer2 = Layer2Result(passed=False, ops_name="fifo", performance=perf,
+                            correctness=[Gate(name="stress_progress", passed=correctness_ok, reason="…")],
+                            failure_reason=f"{perf[0].name}: figures")
+    save(r)
+    return r
+
+
+def test_a_scheduler_that_only_harmed_the_guard_set_gets_a_scoped_token_and_nothing_more():
+    """#22 item 3 / #26: a candidate that wins its target but harms a guard may run scoped (partial mode,
+    the rest of the machine on the default scheduler), never system-wide."""
+    r = _judged(True, failed=["wakeup", "pipe"], passed=["hackbench"])
+    with pytest.raises(tokens.TokenRefused, match=r"harmed the guard set \(wakeup, pipe\)") as e:
+        tokens.issue(r.id)
+    assert f"schedcp token {r.id} --scoped" in e.value.hint
+    t = tokens.issue(r.id, scope="scoped").token
+    with pytest.raises(tokens.TokenRefused, match="only a scoped deployment"):
+        tokens.check(t, "sandbox", "test", spend=False)
+    p, rep = tokens.check(t, "sandbox", "test", spend=False, scoped=True)
+    assert p.scope == "scoped" and rep.id == r.id
+
+
+@pytest.mark.parametrize("correctness_ok,failed,passed", [
+    (False, ["wakeup"], ["hackbench"]),        # a correctness gate failed too
+    (True, ["wakeup", "hackbench"], []),       # the target lost as well
+    (True, ["wakeup"], []),                    # nothing but guards measured: no win to run scoped for
+    (True, ["build"], ["hackbench"]),          # a failure outside the guard set
+])
+def test_any_other_failure_gets_no_token_at_all(correctness_ok, failed, passed):
+    r = _judged(correctness_ok, failed, passed)
+    for scope_ in ("system", "scoped"):
+        with pytest.raises(tokens.TokenRefused, match="did not pass layers 1 and 2"):
+            tokens.issue(r.id, scope=scope_)

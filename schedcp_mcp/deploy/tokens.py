@@ -23,6 +23,7 @@ from .. import config, store
 from ..errors import BadInput, SchedcpError
 from ..models import IssuedToken
 from ..reports import ValidationReport, artifact_hash, get_report
+from ..validate import gates
 
 DEFAULT_TTL_S = 3600
 MAX_TTL_S = 7 * 24 * 3600  # a token is a short-lived key, not a standing permission
@@ -70,6 +71,14 @@ def _sign(payload: bytes) -> str:
     return _b64(hmac.new(secret(), payload, hashlib.sha256).digest())
 
 
+def guards_only(r: ValidationReport) -> list[str]:
+    """The guard workloads a report harmed when that is all it failed on (validate.gates.
+    harmed_only_guards): it gets a scoped token only. Empty for a pass or any other failure."""
+    if r.passed or not r.passed_layer1 or r.layer2 is None or r.invalidated:
+        return []
+    return gates.harmed_only_guards(r.layer2.correctness, r.layer2.performance)
+
+
 def issue(report_id: str, target: str = "sandbox", ttl_s: float = DEFAULT_TTL_S,
           actor: str = "server", scope: str = "system") -> IssuedToken:
     """`scope`: "system" allows a system-wide deploy (and a scoped one); "scoped" only a scoped one
@@ -82,9 +91,15 @@ def issue(report_id: str, target: str = "sandbox", ttl_s: float = DEFAULT_TTL_S,
         raise BadInput(f"token lifetime {ttl_s:g} s is out of range",
                        f"give 1 .. {MAX_TTL_S} seconds (7 days); the default is {DEFAULT_TTL_S}")
     r = get_report(report_id)
-    if not r.passed:
-        store.audit(actor, "token_refused", {"report_id": report_id, "why": r.status},
+    guards = guards_only(r)
+    if not r.passed and not (guards and scope == "scoped"):
+        store.audit(actor, "token_refused", {"report_id": report_id, "why": r.status, "scope": scope},
                     r.artifact_sha256)
+        if guards:
+            raise TokenRefused(f"report {report_id} harmed the guard set ({', '.join(guards)}): it may run only "
+                               "scoped, never system-wide",
+                               f"a scoped token: `schedcp token {report_id} --scoped` (MCP: issue_token(scope="
+                               "\"scoped\")), then `schedcp deploy --token T --scope pid:N | -- CMD`")
         raise TokenRefused(f"report {report_id} did not pass layers 1 and 2 ({r.status})",
                            "only a validated artifact can be deployed: `schedcp validate` / validate_scheduler")
     now = time.time()
@@ -93,7 +108,9 @@ def issue(report_id: str, target: str = "sandbox", ttl_s: float = DEFAULT_TTL_S,
     raw = p.model_dump_json().encode()
     token = f"{_b64(raw)}.{_sign(raw)}"
     store.audit(actor, "token_issued", {"report_id": r.id, "target": target, "jti": p.jti,
-                                        "expires_at": p.exp, "scope": scope}, r.artifact_sha256)
+                                        "expires_at": p.exp, "scope": scope,
+                                        **({"guards_harmed": guards} if not r.passed else {})},
+                r.artifact_sha256)
     return IssuedToken(token=token, report_id=r.id, artifact_sha256=p.artifact_sha256,
                        target=target, expires_at=p.exp)
 
@@ -143,7 +160,7 @@ def check(token: str, target: str, actor: str = "cli", *, spend: bool = True, sc
     if r.invalidated:
         raise refuse(f"report {r.id} was invalidated: {r.invalidated_reason}",
                      "validate the scheduler again", p.artifact_sha256)
-    if not r.passed or r.artifact_sha256 != p.artifact_sha256:
+    if not (r.passed or (p.scope == "scoped" and guards_only(r))) or r.artifact_sha256 != p.artifact_sha256:
         raise refuse("token does not match its report's artifact", "validate again", p.artifact_sha256)
     obj = Path(r.object_path or "")
     if not obj.is_file():

@@ -362,6 +362,21 @@ def harmed_guards(gates_: list[Gate]) -> list[str]:
             and (g.name.startswith(("guard:", "no_regression:")) or g.threshold is not None and g.threshold < 1)]
 
 
+def harmed_only_guards(correctness: list[Gate], performance: list[Gate]) -> list[str]:
+    """The guard workloads harmed when those are a validation's only failures: every correctness gate
+    passed, every failed performance gate is a guard's, and a gate on another workload (the target)
+    passed. Such a scheduler may run scoped (partial mode: only the chosen tasks on it, the rest of
+    the machine on the default scheduler), never system-wide. Empty otherwise."""
+    if not performance or not all(g.passed for g in correctness):
+        return []
+    failed = [g for g in performance if not g.passed]
+    if not failed or any(g.workload not in GUARD_RESULTS for g in failed):
+        return []
+    if not any(g.passed and g.workload not in GUARD_RESULTS for g in performance):
+        return []
+    return list(dict.fromkeys(g.workload for g in failed))
+
+
 def undecided(gates_: list[Gate]) -> list[str]:
     """Names of the performance gates more rounds could still decide."""
     return [g.name for g in gates_ if not g.decided]
