@@ -977,6 +977,10 @@ def render(rep: OptimizeReport, console) -> None:
     for c in rep.candidates:
         if c.harmed_guards:
             console.print(f"  [red]{escape(c.label)}[/red] {escape(guard_words(c))}: not deployable system-wide")
+            if c.report_id and any(not f.guard and f.verdict == "better" for f in c.figures):
+                # a target won and only guards lost: tokens.issue gives it a scoped token (partial mode)
+                console.print(f"    if the guards were all it failed, it may run scoped (only the workload's tasks "
+                              f"on it): `schedcp token {c.report_id} --scoped`, then `schedcp deploy --token T -- CMD`")
         if not c.passed:
             console.print(f"  [red]{escape(c.label)}[/red]: {escape(c.error or c.status)}")
     for ln in chain_lines(rep):
