@@ -130,8 +130,11 @@ def test_job_keys_cover_the_policies_their_sources_and_every_layers_code(manifes
     import shutil
 
     from schedcp_mcp import candidates, config
+    from schedcp_mcp.operations import ValidateRequest, VerifyRequest
 
-    key = candidates._content_key
+    def key(kind: str, fields: dict):  # the typed request its kind's job stores
+        return candidates._content_key(kind, (VerifyRequest if kind == "verify" else ValidateRequest)(**fields))
+
     assert key("verify", {"policies": ["fifo"]}) != key("verify", {"policies": ["fifo", "vtime_fair"]})
     assert key("verify", {"policies": ["fifo"]}) != key("verify", {"policies": ["vtime_fair"]})
     base_v = key("verify", {"policies": ["fifo"]})
