@@ -52,10 +52,17 @@ def loader_args(params: dict[str, str]) -> list[str]:
     return args
 
 
+#: the kernel watchdog while layer 1 has the scheduler attached (layer 2 uses the same): the loader's
+#: settle visits every CPU, so a scheduler that never runs a task there stalls its own loader, and the
+#: kernel's default (30 s) made such a verify take 31 s
+VERIFY_WATCHDOG_MS = 3000
+
+
 def verify_argv(obj: str, params: dict[str, str], load_only: bool = False) -> list[str]:
     """Load through the verifier, attach for a moment (the scheduler's init runs) and detach; with
     `load_only`, never attach."""
-    return [obj, "--verify", *(["--load-only"] if load_only else []), *loader_args(params)]
+    attach = ["--load-only"] if load_only else ["--timeout-ms", str(VERIFY_WATCHDOG_MS)]
+    return [obj, "--verify", *attach, *loader_args(params)]
 
 
 def run_argv(obj: str, params: dict[str, str], timeout_ms: int | None = None, partial: bool = False) -> list[str]:
