@@ -187,9 +187,9 @@ class Deployment(BaseModel):
     created_at: float
     report_id: str
     artifact_sha256: str
-    policy: str | None
+    policy: str | None = None
     params: dict[str, str]
-    ops_name: str | None
+    ops_name: str | None = None
     target: str
     actor: str
     token_jti: str

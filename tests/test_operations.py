@@ -131,3 +131,25 @@ def test_a_command_queues_the_kinds_it_needs_in_a_process_of_its_own(tmp_path):
                            timeout=120)
         assert p.returncode == 0, (args, p.stderr[-2000:])
         assert json.loads(p.stdout)["job_id"].startswith("job-"), p.stdout
+
+
+def test_every_answer_model_reads_back_what_the_server_sends():
+    """A tool's answer drops None fields (answers.answer: exclude_none), so a model a client parses it
+    with may not require a field that can be None: optimize's learning stage failed to read a
+    Feedback whose policy was None ('policy: Field required')."""
+    import importlib
+    import inspect
+    import typing
+
+    from pydantic import BaseModel
+
+    required_nullable = []
+    for m in ("schedcp_mcp.answers", "schedcp_mcp.learn.feedback", "schedcp_mcp.plans", "schedcp_mcp.diagnose",
+              "schedcp_mcp.observe.system", "schedcp_mcp.models", "schedcp_mcp.learn.match",
+              "schedcp_mcp.repository.policies", "schedcp_mcp.observe.profile", "schedcp_mcp.operations"):
+        mod = importlib.import_module(m)
+        for name, cls in vars(mod).items():
+            if inspect.isclass(cls) and issubclass(cls, BaseModel) and cls.__module__ == m:
+                required_nullable += [f"{m}.{name}.{f}" for f, info in cls.model_fields.items()
+                                      if info.is_required() and type(None) in typing.get_args(info.annotation)]
+    assert not required_nullable

@@ -26,7 +26,7 @@ from .history import Outcome, new_outcome, record, reward
 class Feedback(BaseModel):
     subject_id: str
     source: Literal["sandbox", "deployment"]
-    policy: str | None
+    policy: str | None = None  # None: a source, not a repository policy (answers drop None fields)
     params: dict[str, str] = {}
     metrics: list[MetricResult]
     reward: float

@@ -57,7 +57,7 @@ class KernelInfo(BaseModel):
     release: str
     version: str
     btf: bool = Field(description="/sys/kernel/btf/vmlinux present (CO-RE BPF works)")
-    config_source: str | None
+    config_source: str | None = None
     config: dict[str, str] = Field(description="scheduler-relevant CONFIG_ values")
     sched_ext: SchedExt
     can_load_bpf: bool
