@@ -18,5 +18,5 @@ def test_processes_opening_a_new_database_at_once_all_migrate_it(tmp_path):
     outs = [p.communicate(timeout=60) for p in procs]
     from schedcp_mcp import store
 
-    assert all(p.returncode == 0 for p in procs), [e[-500:] for _, e in outs]
+    assert all(p.returncode == 0 for p in procs), [(p.returncode, e[-500:]) for p, (_, e) in zip(procs, outs)]
     assert {o.strip() for o, _ in outs} == {str(len(store.MIGRATIONS))}
