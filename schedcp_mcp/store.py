@@ -144,11 +144,26 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
     _private_db(path)
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
+    _wal(conn)
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     migrate(conn)
     return conn
+
+
+def _wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """Switch to WAL, waiting for the lock it needs: on a new database the switch takes the exclusive
+    lock, and SQLite does not wait for it (no busy handler) — a process started beside another one's
+    migration failed at once with "database is locked" (the eight-process test, under load)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _private_db(path: Path) -> None:
