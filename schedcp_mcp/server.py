@@ -697,12 +697,13 @@ async def ab_test(
     """Minutes: A/B of the user's command by its class, the candidate in partial mode: paired rounds
     as SCHED_EXT and SCHED_NORMAL, and a FIFO's A/A (the class order alone). Nothing stays
     deployed. Returns both intervals (> 1 = candidate better)."""
+    from .bench.validate import fmt_interval
     from .deploy.ab import ab
 
     res = await in_thread(ab, token, command, target, rounds=rounds, aa=aa, actor="mcp",
                           ctx=ctx)
-    line = (f"{res.ops_name} as SCHED_EXT vs SCHED_NORMAL: {_interval_text(res.candidate)}"
-            + (f"; fifo A/A (class order alone): {_interval_text(res.aa)}" if res.aa else "")
+    line = (f"{res.ops_name} as SCHED_EXT vs SCHED_NORMAL: {fmt_interval(res.candidate)}"
+            + (f"; fifo A/A (class order alone): {fmt_interval(res.aa)}" if res.aa else "")
             + f"; {res.rounds} paired rounds on {res.target}")
     if detail == "full":
         return A.answer(res, line)
@@ -715,12 +716,6 @@ async def ab_test(
 def _interval_brief(w) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in w.model_dump().items()
             if k in ("speedup", "speedup_low", "speedup_high", "verdict", "pairs")}
-
-
-def _interval_text(w) -> str:
-    if w.speedup is None:
-        return f"{w.verdict} (no pair measured)"
-    return f"{w.speedup:.2f}x [{w.speedup_low:.2f}, {w.speedup_high:.2f}] {w.verdict}"
 
 
 @server.tool(annotations=READ_ONLY)
