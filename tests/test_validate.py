@@ -585,6 +585,9 @@ def test_an_extra_round_measures_only_the_undecided_workloads_and_only_if_it_fit
     # 2 s overhead + 2 sides x 1 s + the tail: no longer fits 5 s before the budget ends
     assert runner._next_round(run, None, 90.0, t0 - 85.0, overhead_s=2.0) == []
     assert runner._next_round(run, None, 0.0, t0, overhead_s=2.0) == []  # budget 0: exactly --rounds
+    # the overhead is per workload: a full round's switches and replies are not charged to a round of one
+    full = runner._overhead(run, None, 2 * len(wls) * 1.0 + 2.0 * len(wls))
+    assert full == pytest.approx(2.0) and runner._overhead(run, [wls[0]], 2 * 1.0 + 2.0) == pytest.approx(2.0)
     assert runner.reduce_reps([1.0, 9.0, 1.2]) == 1.2  # one far-off run does not move a round's figure
     # hackbench: no harm shown ("same", gate passed) but the interval reaches up to a 1.4x gain — its
     # verdict class is not settled, so while the budget allows it is measured again too
