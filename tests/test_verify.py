@@ -643,3 +643,13 @@ def test_bad_parameter_names_are_refused():
 
     with pytest.raises(BadInput):
         verify_source(fixture("minimal"), params={"slice_ns; rm -rf /": "1"})
+
+
+def test_layer1_cache_key_covers_the_sandbox_that_runs_it():
+    """A changed loader or watchdog (sandbox/scheduler.py) must not be answered from an old verdict: once
+    a layer-1 watchdog change was served the old result until --no-cache."""
+    from schedcp_mcp.verify import pipeline
+
+    names = {p.relative_to(Path(pipeline.__file__).parent.parent).as_posix() for p in pipeline.code_files()}
+    assert {"sandbox/scheduler.py", "sandbox/vm.py", "verify/pipeline.py", "verify/verifier.py"} <= names
+    assert any(n.startswith("sandbox/") and n.endswith(".c") for n in names)  # the loader's own source

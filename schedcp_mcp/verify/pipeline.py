@@ -54,9 +54,18 @@ def _trusted_hash(dirs: tuple[Path, ...]) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
-    """A hash of layer 1's own code: a changed check must not be answered from an old cache."""
-    here = Path(__file__).parent
-    return _sha(b"".join(p.read_bytes() for p in sorted(here.glob("*.py"))))[:16]
+    """A hash of layer 1's own code and of the sandbox that runs it (the loader, its watchdog, the
+    VM): a changed check must not be answered from an old cache (a layer-1 watchdog change was once
+    answered with the old verdict until --no-cache)."""
+    pkg = Path(__file__).parent.parent
+    return _sha(b"".join(str(p.relative_to(pkg)).encode() + b"\0" + p.read_bytes() for p in code_files()))[:16]
+
+
+def code_files() -> list[Path]:
+    """What layer 1's verdict depends on besides its input: verify/ and sandbox/ (sources of both)."""
+    pkg = Path(__file__).parent.parent
+    return [p for d in ("verify", "sandbox") for p in sorted((pkg / d).rglob("*"))
+            if p.suffix in (".py", ".c", ".h", ".sh")]
 
 
 def cache_key(source_sha: str, params: dict[str, str], target: str, build_id: str,
