@@ -988,7 +988,7 @@ def render_layer2(out) -> None:
 @click.option("--profile", "profile_id", help="the WorkloadProfile this is for (its goals apply)")
 @click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="interleaved A/B rounds, at least")
 @click.option("--budget", type=VALIDATION_BUDGET, default=None,
-              help="seconds for the whole run: more rounds while a workload is undecided [default: 180]; "
+              help="seconds for the whole run: more rounds while a workload is undecided [default: 240]; "
                    "0 = exactly --rounds")
 @click.option("--no-cache", is_flag=True, help="run again even if identical work has a result")
 @background_option
@@ -1880,7 +1880,7 @@ def bench_jobs(sizes: tuple[int, ...], n: int, vm_noise: bool, campaign_: bool, 
 
 @bench.command("policies")
 @click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="paired rounds per policy, at least")
-@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 180]")
+@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 240]")
 @click.option("--policy", "names", multiple=True, help="only these (repository names or kernel:scx_simple)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option("--no-cache", is_flag=True, help="validate again even if an identical validation has a result")
@@ -1905,7 +1905,7 @@ def bench_policies(rounds: int, budget: float | None, names: tuple[str, ...], ou
 @click.option("--policy", "policies", multiple=True, help="repository policies to compare (default: lean_preempt)")
 @click.option("--workload", "workloads", multiple=True, help="only these workloads (repeatable; default: the default set)")
 @click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="paired rounds per row, at least")
-@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 180]; 0 = exactly --rounds")
+@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 240]; 0 = exactly --rounds")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option("--no-cache", is_flag=True, help="validate again even if an identical validation has a result")
 @background_option
@@ -1953,7 +1953,7 @@ def bench_aa(rounds: int, budget: float | None, workloads: tuple[str, ...], back
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 20),
               help="fresh VM boots, one validation each")
 @click.option("--rounds", default=3, show_default=True, type=ROUNDS, help="paired rounds per run, at least")
-@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 180]")
+@click.option("--budget", type=VALIDATION_BUDGET, default=None, help="seconds per validation [default: 240]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write stability-<policy>.md/json here")
 @background_option
 @deadline_option

@@ -480,7 +480,7 @@ async def validate_scheduler(
     rounds: Annotated[int, Field(ge=1, le=10, description="interleaved A/B rounds, at least")] = 3,
     budget_s: Annotated[float | None, Field(
         ge=0, le=3600, description="seconds for the sandbox run: more paired rounds while a workload's "
-        "interval straddles its threshold (default 180; 0 = exactly `rounds`)")] = None,
+        "interval straddles its threshold (default 240; 0 = exactly `rounds`)")] = None,
     background: Annotated[bool, BACKGROUND] = False,
     deadline_s: Annotated[float | None, DEADLINE] = None,
     detail: Annotated[A.Detail, A.DETAIL] = "summary",

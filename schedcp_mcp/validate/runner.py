@@ -79,12 +79,13 @@ KERNEL_LOG_RE = re.compile(r"(?i:sched_ext)|Kernel panic|RIP: |" + gates.KERNEL_
 #: adaptive rounds stop here whatever the budget says
 MAX_ROUNDS = 30
 #: default time budget of one validation (boot to power-off), seconds. On this 2-core TCG host boot,
-#: warm-up and the stress phase take ~16 s, the starvation phase ~24 s (both sides) and a full round
-#: ~29 s (every workload 3-5 runs per side, one scheduler switch per workload), so three rounds end at
-#: ~135 s; the rest buys one or two rounds of only the workloads still open. At 120 s (before the
-#: starvation phase existed) two of two lean_preempt validations ended after 3 rounds with pipe and
-#: cpu undecided.
-BUDGET_S = 180.0
+#: warm-up and the stress phase take ~17 s, the starvation phase ~25 s (both sides) and a full round
+#: ~30 s (every workload 3-7 runs per side, one scheduler switch per workload), so three rounds end at
+#: ~150-160 s; the rest buys rounds of only the workloads still open (a pipe-only round ~9 s). At 180 s
+#: lean_preempt's five stability validations of 2026-12-07 06:47 ended after 3-4 rounds, four of them
+#: with pipe undecided at 3-4 pairs (its pairs' log ratios spread ±0.05-0.2 from round to round): a
+#: validation that cannot decide costs a whole new one, so the default buys the rounds.
+BUDGET_S = 240.0
 #: a policy's own counters: an ARRAY map named schedcp_stats whose one value is a struct of u64 fields
 #: (bpftool prints it with field names from BTF); read before and after the candidate's measured runs
 COUNTERS_MAP = "schedcp_stats"
