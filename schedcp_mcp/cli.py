@@ -1096,6 +1096,12 @@ def workloads_cmd(as_json: bool) -> None:
     emit(list_workloads(), as_json, render)
 
 
+def _what(report_id: str | None, policy: str | None) -> str:
+    from .reports import what
+
+    return what(report_id, policy)
+
+
 @main.command("reports")
 @click.option("--limit", default=20, show_default=True, type=COUNT)
 @json_option
@@ -1106,7 +1112,7 @@ def reports_cmd(limit: int, as_json: bool) -> None:
     def render(rs):
         t = Table("id", "policy", "ops", "status")
         for r in rs:
-            t.add_row(r.id, r.policy or "(source)", r.ops_name or "", r.status)
+            t.add_row(r.id, _what(r.id, r.policy), r.ops_name or "", r.status)
         console.print(t)
 
     emit(list_reports(limit), as_json, render)
@@ -1138,7 +1144,7 @@ def report_cmd(report_id: str, evidence: bool, as_json: bool) -> None:
             out["counters"] = r.layer2.counters if r.layer2 else {}
         click.echo(json.dumps(out, indent=2))
         return
-    console.print(f"{r.id} ({r.policy or 'source'}): {escape(r.status)}")
+    console.print(f"{r.id} ({escape(_what(r.id, r.policy))}): {escape(r.status)}")
     if not evidence:
         return
     if not sides and not evs:
@@ -1421,7 +1427,7 @@ def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metr
             for w in d.would:
                 console.print(f"  - {w}")
         else:
-            console.print(f"[green]deployed[/green] {d.id}: {d.policy or 'source'} (ops {d.ops_name}) "
+            console.print(f"[green]deployed[/green] {d.id}: {escape(_what(d.report_id, d.policy))} (ops {d.ops_name}) "
                           f"on {d.target}, {'scoped to ' + escape(d.scope) if d.scope else 'system-wide'}; "
                           f"baseline {d.monitor.metric_cmd!r} = {d.baseline}; monitor pid {d.monitor_pid}")
 
@@ -1480,7 +1486,7 @@ def status(as_json: bool) -> None:
 
         for d in s.deployments:
             last = d.readings[-1] if d.readings else None
-            t.add_row(d.id, d.target + (f" ({d.scope})" if d.scope else ""), d.policy or "(source)",
+            t.add_row(d.id, d.target + (f" ({d.scope})" if d.scope else ""), _what(d.report_id, d.policy),
                       d.status + (f": {d.end_reason}" if
                                                                           d.end_reason else ""),
                       dt.datetime.fromtimestamp(d.created_at).strftime("%H:%M:%S"), d.report_id,

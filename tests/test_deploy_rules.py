@@ -16,7 +16,7 @@ from schedcp_mcp.sandbox.scheduler import parse_exit, parse_state
 from schedcp_mcp.errors import BadInput, InfrastructureError
 from schedcp_mcp.observe.profile import Goal
 from schedcp_mcp.reports import invalidate, new_report, save
-from schedcp_mcp.validate.models import Layer2Result
+from schedcp_mcp.validate.models import Layer2Result, WorkloadResult
 from schedcp_mcp.verify.models import Layer1Report
 
 # printed by the sandbox kernel when the watchdog removed a scheduler during a test run
@@ -55,15 +55,18 @@ def test_state_and_metric_parsing():
 
 # --- deployment tokens: pure HMAC rules over a stored report, no VM needed ---------------------------
 
-def validated_report(params: dict[str, str] | None = None):
+def validated_report(params: dict[str, str] | None = None, measured: tuple[str, ...] = ()):
     """A stored report that passed both layers, over a real object file on disk (what a token is
-    bound to); the layers' own verdicts are tested with the real kernel elsewhere."""
-    obj = config.home() / f"obj-{len(params or {})}.bpf.o"
-    obj.write_bytes(b"\x7fELF a validated sched_ext object " + repr(params).encode())
+    bound to), its layer 2 having measured `measured`; the layers' own verdicts are tested with the
+    real kernel elsewhere."""
+    obj = config.home() / f"obj-{len(params or {})}-{len(measured)}.bpf.o"
+    obj.write_bytes(b"\x7fELF a validated sched_ext object " + repr((params, measured)).encode())
     l1 = Layer1Report(verdict="accepted", stage="done", source_sha256="0" * 64, ops_name="fifo",
                       object_sha256=hashlib.sha256(obj.read_bytes()).hexdigest(), object_path=str(obj))
     r = new_report(l1, policy="fifo", params=params or {})
-    r.layer2 = Layer2Result(passed=True, ops_name="fifo")
+    r.layer2 = Layer2Result(passed=True, ops_name="fifo", workloads=[
+        WorkloadResult(name=w, metric="m", unit="s", direction="lower", baseline=[1.0] * 3, candidate=[1.0] * 3,
+                       verdict="same") for w in measured])
     save(r)
     assert r.passed
     return r
@@ -126,7 +129,26 @@ def test_host_deploy_refused_without_sched_ext_and_says_what_is_missing():
         pytest.skip("this host has sched_ext")
     from schedcp_mcp.deploy import deployments
 
-    t = tokens.issue(validated_report().id, target="host").token
+    t = tokens.issue(validated_report(measured=ALL).id, target="host").token
     with pytest.raises(tokens.TokenRefused, match="no sched_ext"):
         deployments.deploy(t, "host", actor="mcp")
     tokens.check(t, "host", "test", spend=False)  # the refusal did not spend it
+
+
+ALL = ("hackbench", "wakeup", "pipe", "cpu")
+
+
+def test_a_system_wide_host_token_needs_the_guard_set_measured():
+    """A validation on its target alone says nothing of the rest of the machine: the host gets such a
+    scheduler only scoped; the sandbox (the staging VM) takes it as it is."""
+    target_only = validated_report(measured=("hackbench",))
+    with pytest.raises(tokens.TokenRefused, match="without the guard workload.*wakeup, pipe, cpu") as e:
+        tokens.issue(target_only.id, target="host")
+    assert "--scoped" in e.value.hint
+    assert tokens.issue(target_only.id, target="host", scope="scoped").token
+    assert tokens.issue(target_only.id, target="sandbox").token
+    partial = validated_report(measured=("hackbench", "wakeup", "cpu"))
+    with pytest.raises(tokens.TokenRefused, match="guard workload\\(s\\) pipe:"):
+        tokens.issue(partial.id, target="host")
+    assert tokens.issue(validated_report(measured=ALL).id, target="host").token
+    assert [a for a in store.audit_log() if a["action"] == "token_refused"][0]["detail"]["missing"] == ["pipe"]

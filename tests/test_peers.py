@@ -143,6 +143,14 @@ def test_a_token_for_a_program_refuses_other_bytes():
         tokens.check(tok.token, "sandbox", spend=False)
 
 
+def test_tables_name_a_program_report_by_its_program_not_as_source():
+    from schedcp_mcp.reports import what
+
+    r = _program_report(b"\x7fELF-named", [])
+    assert what(r.id, r.policy) == f"program {r.layer1.program_name}" and r.layer1.program_name
+    assert what(r.id, "fifo") == "fifo" and what(None, None) == "source" and what("rep-gone", None) == "source"
+
+
 # --- peers: the kernel's examples built with their Makefile --------------------------------------
 
 def test_the_makefile_says_which_examples_this_kernel_has():

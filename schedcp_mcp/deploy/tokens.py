@@ -24,6 +24,7 @@ from ..errors import BadInput, SchedcpError
 from ..models import IssuedToken
 from ..reports import ValidationReport, artifact_hash, get_report
 from ..validate import gates
+from ..workloads import GUARDS
 
 DEFAULT_TTL_S = 3600
 MAX_TTL_S = 7 * 24 * 3600  # a token is a short-lived key, not a standing permission
@@ -79,6 +80,14 @@ def guards_only(r: ValidationReport) -> list[str]:
     return gates.harmed_only_guards(r.layer2.correctness, r.layer2.performance)
 
 
+def missing_guards(r: ValidationReport) -> list[str]:
+    """The guard workloads (workloads.GUARDS: wakeup, pipe, cpu) a report's layer 2 did not measure. A
+    validation on the target alone says nothing of the rest of the machine: scx_sdt passed `--workload
+    hackbench` (1.61x) while the wakeup probe waited ~25x longer under it in another run."""
+    measured = {w.name for w in (r.layer2.workloads if r.layer2 else [])}
+    return [g for g in GUARDS if g not in measured]
+
+
 def issue(report_id: str, target: str = "sandbox", ttl_s: float = DEFAULT_TTL_S,
           actor: str = "server", scope: str = "system") -> IssuedToken:
     """`scope`: "system" allows a system-wide deploy (and a scoped one); "scoped" only a scoped one
@@ -102,6 +111,16 @@ def issue(report_id: str, target: str = "sandbox", ttl_s: float = DEFAULT_TTL_S,
                                "\"scoped\")), then `schedcp deploy --token T --scope pid:N | -- CMD`")
         raise TokenRefused(f"report {report_id} did not pass layers 1 and 2 ({r.status})",
                            "only a validated artifact can be deployed: `schedcp validate` / validate_scheduler")
+    unguarded = missing_guards(r) if target == "host" and scope == "system" else []
+    if unguarded:
+        store.audit(actor, "token_refused", {"report_id": report_id, "why": "guard set not measured",
+                                             "missing": unguarded, "scope": scope}, r.artifact_sha256)
+        raise TokenRefused(f"report {report_id} was validated without the guard workload(s) {', '.join(unguarded)}: "
+                           "a scheduler runs every task of the host, so a system-wide host deploy needs them shown "
+                           "unharmed",
+                           "validate again with them (the default workload set includes them, or add `--workload "
+                           "wakeup --workload pipe --workload cpu`), or take a scoped host token: `schedcp token "
+                           f"{report_id} --target host --scoped`; the sandbox target needs neither")
     now = time.time()
     p = TokenPayload(jti=secrets.token_hex(12), report_id=r.id, artifact_sha256=r.artifact_sha256 or "",
                      target=target, exp=now + ttl_s, iat=now, scope=scope)
