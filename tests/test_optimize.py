@@ -385,3 +385,29 @@ def test_optimize_always_measures_the_guard_set_and_names_a_guard_a_candidate_ha
     c.harmed_guards = harmed(c.figures)
     assert guard_words(c) == ("harmed the guard workload(s) wakeup, wakeup_tail; "
                               "did not show pipe unharmed (undecided)")
+
+
+def test_a_candidate_that_lost_only_by_open_intervals_is_measured_again_once():
+    """lean_preempt lost pipe at 0.98x [0.84, 1.14] after 3 pairs, better on wakeup by 1.44x: more pairs,
+    not another scheduler. A decided loss, a failed correctness gate or a second try is not measured
+    again."""
+    fig = lambda w, v, lo=0.9, hi=1.1: optimize.WorkloadFigure(  # noqa: E731
+        workload=w, metric="m", unit="s", direction="lower", baseline=1.0, candidate=1.0, ratio=1.0,
+        ratio_low=lo, ratio_high=hi, noise=0.1, verdict=v)
+    cand = lambda label, status, figs, rnd=1, worst=0.0: optimize.CandidateResult(  # noqa: E731
+        label=label, policy=label.split("#")[0], strategy="reconfigure", why="", report_id=f"rep-{label}",
+        status=status, figures=figs, round=rnd, worst=worst)
+    open_ = cand("lean_preempt", "layer 2 failed: goal:wall_time_s@pipe: … undecided …",
+                 [fig("pipe", "undecided", 0.88, 1.19), fig("wakeup", "better", 0.66, 0.72)], worst=-0.1)
+    lost = cand("fifo", "layer 2 failed: goal:wall_time_s@pipe: interval high end 0.731 < 0.909",
+                [fig("pipe", "worse", 1.4, 2.3), fig("wakeup", "undecided")])
+    starved = cand("batch", "layer 2 failed: no_starvation: tasks starved: …", [fig("pipe", "undecided")])
+    guard_open = cand("lean_preempt[slice_ns=1]", "layer 2 failed: guard:wakeup: … undecided",
+                      [fig("pipe", "same"), fig("wakeup", "undecided")], worst=0.2)
+    later = cand("vtime_fair", "layer 2 failed: goal:x: undecided", [fig("pipe", "undecided")], rnd=2)
+    rep = optimize.OptimizeReport(started_at=0, request=optimize.OptimizeRequest(),
+                                  candidates=[lost, guard_open, starved, open_, later])
+    assert [c.label for c in optimize.measure_again(rep, 1)] == ["lean_preempt", "lean_preempt[slice_ns=1]"]
+    again = open_.model_copy(update={"label": "lean_preempt#5", "round": 2})
+    rep.candidates.append(again)  # measured again in round 2 and still open: not a third time
+    assert [c.label for c in optimize.measure_again(rep, 2)] == ["vtime_fair"]
