@@ -466,7 +466,7 @@ def measure_again(rep: OptimizeReport, rnd: int) -> list[CandidateResult]:
     gate passed, no figure was decided worse, some were undecided. What they need is more pairs,
     not another scheduler: a second validation, once per candidate. (lean_preempt lost the pipe
     target at 0.98x [0.84, 1.14] after 3 pairs, better on wakeup by 1.44x, and the re-plan then
-    spent the budget on variants of fifo, which had lost by 1.8x.) Best first: the better worst case."""
+    spent 460 s on variants of fifo, which had lost by 1.8x.) Best first: the better worst case."""
     seen: dict[str, int] = {}
     for c in rep.candidates:
         seen[base_label(c.label)] = seen.get(base_label(c.label), 0) + 1
