@@ -83,7 +83,7 @@ def guards_only(r: ValidationReport) -> list[str]:
 def missing_guards(r: ValidationReport) -> list[str]:
     """The guard workloads (workloads.GUARDS: wakeup, pipe, cpu) a report's layer 2 did not measure. A
     validation on the target alone says nothing of the rest of the machine: scx_sdt passed `--workload
-    hackbench` (1.61x) while the wakeup probe waited ~25x longer under it in another run."""
+    hackbench` (1.61x) while the wakeup probe waited ~175x longer under it in `bench peers`."""
     measured = {w.name for w in (r.layer2.workloads if r.layer2 else [])}
     return [g for g in GUARDS if g not in measured]
 
