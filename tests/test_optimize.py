@@ -284,7 +284,7 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy,
     from schedcp_mcp.jobs import queue
     from schedcp_mcp.reports import get_report
 
-    assert rep.calls["execution"].count("validate_campaign") == 1
+    assert rep.calls["execution"].count("validate_campaign") == len(rep.plan_versions)  # one per plan version
     assert "validate_scheduler" not in rep.calls["execution"]
     assert {j.inputs.get("profile_id") for j in queue.list_jobs(parent=rep.campaign_id)} == {rep.profile_id}
     assert all(get_report(c.report_id).profile_id == rep.profile_id for c in tried)
