@@ -494,8 +494,11 @@ async def replan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Prog
                            f"needs ~{per:.0f} s")
         return False
     say(f"planning: round {rnd} {why}; diagnosing", 0.5)
-    lost = [c for c in rep.candidates if c.round == rnd and c.report_id and
-            (not c.passed or c.report_id == rep.winner)]
+    # a round that only measured candidates again leaves the round before it's diagnoses untried
+    measured_only = rnd > 1 and all(c.came_from and c.came_from.endswith(": undecided")
+                                    for c in rep.candidates if c.round == rnd)
+    lost = [c for c in rep.candidates if (c.round == rnd or measured_only and c.round == rnd - 1)
+            and c.report_id and (not c.passed or c.report_id == rep.winner)]
     per_cand: list[list[tuple[CandidateResult, Diagnosis]]] = []
     for c in lost:
         try:
@@ -512,7 +515,10 @@ async def replan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Prog
     tried = {c.label for c in rep.candidates}
     cands: list[PlannedCandidate] = []
     lessons: list[Lesson] = []
-    for c in measure_again(rep, rnd)[:n]:
+    again = measure_again(rep, rnd)[:n]
+    if again:  # the plan holds only these: a validation's extra rounds, not a new candidate, buy the pairs
+        n = len(again)
+    for c in again:
         open_ = [f"{f.workload} [{lo:.2f}, {hi:.2f}]" for f in c.figures
                  if f.verdict == "undecided" and f.ratio_low and f.ratio_high
                  for lo, hi in [(1 / f.ratio_high, 1 / f.ratio_low) if f.direction == "lower"
