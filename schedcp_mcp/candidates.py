@@ -260,13 +260,8 @@ def code_version() -> str:
     that runs both (sandbox/) and this module. A change to any of them must
     never be answered from an older job's result."""
     here = Path(__file__).parent
-    files = [here / "candidates.py", here / "reports.py", here / "workloads.py",
-             *(p for d in ("verify", "validate", "sandbox") for p in sorted((here / d).rglob("*"))
-               if p.suffix in (".py", ".c", ".h", ".sh"))]  # the layer-2 tracer and guest agent too
-    h = hashlib.sha256()
-    for p in files:
-        h.update(str(p.relative_to(here)).encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:16]
+    return pipeline.files_hash([here / "candidates.py", here / "reports.py", here / "workloads.py",
+                                *pipeline.source_files("verify", "validate", "sandbox")])
 
 
 def _policy_src(name: str) -> str | None:

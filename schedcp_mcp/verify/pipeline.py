@@ -52,20 +52,34 @@ def _trusted_hash(dirs: tuple[Path, ...]) -> str:
     return h.hexdigest()
 
 
+PACKAGE = Path(__file__).parent.parent
+
+
+def source_files(*dirs: str) -> list[Path]:
+    """The package's sources under `dirs` (Python, C, headers, shell), sorted: what a verdict's code is."""
+    return [p for d in dirs for p in sorted((PACKAGE / d).rglob("*")) if p.suffix in (".py", ".c", ".h", ".sh")]
+
+
+def files_hash(files: list[Path]) -> str:
+    """A short hash of files' paths (relative to the package) and contents: a code version for cache
+    and job keys, so a changed check is never answered from an older result."""
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(PACKAGE)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def code_files() -> list[Path]:
+    """What layer 1's verdict depends on besides its input: verify/ and sandbox/ (sources of both)."""
+    return source_files("verify", "sandbox")
+
+
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
     """A hash of layer 1's own code and of the sandbox that runs it (the loader, its watchdog, the
     VM): a changed check must not be answered from an old cache (a layer-1 watchdog change was once
     answered with the old verdict until --no-cache)."""
-    pkg = Path(__file__).parent.parent
-    return _sha(b"".join(str(p.relative_to(pkg)).encode() + b"\0" + p.read_bytes() for p in code_files()))[:16]
-
-
-def code_files() -> list[Path]:
-    """What layer 1's verdict depends on besides its input: verify/ and sandbox/ (sources of both)."""
-    pkg = Path(__file__).parent.parent
-    return [p for d in ("verify", "sandbox") for p in sorted((pkg / d).rglob("*"))
-            if p.suffix in (".py", ".c", ".h", ".sh")]
+    return files_hash(code_files())
 
 
 def cache_key(source_sha: str, params: dict[str, str], target: str, build_id: str,
