@@ -19,6 +19,7 @@ import os
 import shlex
 import sys
 import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
@@ -38,7 +39,7 @@ from .learn.feedback import Feedback
 from .models import Goal, in_words, times, vs_default
 from .observe.system import SystemInfo
 from .plans import Lesson, OptimizationPlan, PlannedCandidate
-from .validate.gates import GUARD_RESULTS
+from .validate.gates import GUARD_RESULTS, PERFORMANCE_GATES
 from .workloads import GUARDS, SEARCH_WORDS
 
 Progress = Callable[[str, float], None]
@@ -452,10 +453,6 @@ def change_label(ch: Change) -> str:
     return f"revise {ch.policy}"
 
 
-#: the gates a layer-2 failure names when no correctness gate failed (gates.performance_gates)
-PERFORMANCE_GATES = ("goal:", "guard:", "no_regression:", "no_severe_regression:")
-
-
 def base_label(label: str) -> str:
     """A candidate's label without the `#n` a second validation of the same thing gets."""
     return label.split("#", 1)[0]
@@ -467,9 +464,7 @@ def measure_again(rep: OptimizeReport, rnd: int) -> list[CandidateResult]:
     not another scheduler: a second validation, once per candidate. (lean_preempt lost the pipe
     target at 0.98x [0.84, 1.14] after 3 pairs, better on wakeup by 1.44x, and the re-plan then
     spent 460 s on variants of fifo, which had lost by 1.8x.) Best first: the better worst case."""
-    seen: dict[str, int] = {}
-    for c in rep.candidates:
-        seen[base_label(c.label)] = seen.get(base_label(c.label), 0) + 1
+    seen = Counter(base_label(c.label) for c in rep.candidates)
     out = []
     for c in rep.candidates:
         verdicts = [f.verdict for f in c.figures]
@@ -519,10 +514,7 @@ async def replan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Prog
     if again:  # the plan holds only these: a validation's extra rounds, not a new candidate, buy the pairs
         n = len(again)
     for c in again:
-        open_ = [f"{f.workload} [{lo:.2f}, {hi:.2f}]" for f in c.figures
-                 if f.verdict == "undecided" and f.ratio_low and f.ratio_high
-                 for lo, hi in [(1 / f.ratio_high, 1 / f.ratio_low) if f.direction == "lower"
-                                else (f.ratio_low, f.ratio_high)]]
+        open_ = [f"{f.workload} {f.interval}" for f in c.figures if f.verdict == "undecided"]
         cands.append(PlannedCandidate(policy=c.policy, params=c.params if c.policy else {},
                                       report_id=None if c.policy else c.report_id, strategy=c.strategy,
                                       why=f"measure {c.label} again: it lost only by open intervals"))

@@ -54,6 +54,9 @@ SEVERE_REGRESSION = 1.5
 #: hand-off, CPU-bound throughput) — with goals too, where an uncovered workload otherwise only may
 #: not regress severely. `schedcp optimize` always measures them (workloads.GUARDS).
 GUARD_RESULTS = ("wakeup", "wakeup_tail", "pipe", "cpu")
+#: the names of performance gates begin with these (performance_gates); a failure whose gate name does
+#: not is a correctness failure
+PERFORMANCE_GATES = ("goal:", "guard:", "no_regression:", "no_severe_regression:")
 #: an interval wider than ±NOISY makes a "same" or "better" weak evidence: the result warns
 NOISY = 0.25
 #: kernel log lines that mean the kernel itself is unhappy, whichever scheduler caused it
