@@ -1096,23 +1096,17 @@ def workloads_cmd(as_json: bool) -> None:
     emit(list_workloads(), as_json, render)
 
 
-def _what(report_id: str | None, policy: str | None) -> str:
-    from .reports import what
-
-    return what(report_id, policy)
-
-
 @main.command("reports")
 @click.option("--limit", default=20, show_default=True, type=COUNT)
 @json_option
 def reports_cmd(limit: int, as_json: bool) -> None:
     """Stored validation reports, newest first."""
-    from .reports import list_reports
+    from .reports import list_reports, what
 
     def render(rs):
         t = Table("id", "policy", "ops", "status")
         for r in rs:
-            t.add_row(r.id, _what(r.id, r.policy), r.ops_name or "", r.status)
+            t.add_row(r.id, what(r), r.ops_name or "", r.status)
         console.print(t)
 
     emit(list_reports(limit), as_json, render)
@@ -1129,7 +1123,7 @@ def report_cmd(report_id: str, evidence: bool, as_json: bool) -> None:
     workload, the starvation phase) the waits, who they were behind, idle CPUs beside them, the
     waker -> wakee graph and switches, side by side; the policy's own counters; the starvation
     phase's worst waiters by name and who starved."""
-    from .reports import get_report
+    from .reports import get_report, what
     from .validate.evidence import summary_lines
 
     r = get_report(report_id)
@@ -1144,7 +1138,7 @@ def report_cmd(report_id: str, evidence: bool, as_json: bool) -> None:
             out["counters"] = r.layer2.counters if r.layer2 else {}
         click.echo(json.dumps(out, indent=2))
         return
-    console.print(f"{r.id} ({escape(_what(r.id, r.policy))}): {escape(r.status)}")
+    console.print(f"{r.id} ({escape(what(r))}): {escape(r.status)}")
     if not evidence:
         return
     if not sides and not evs:
@@ -1408,6 +1402,7 @@ def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metr
     """Deploy a validated scheduler with its token, then monitor it (automatic rollback). With a scope
     (`--scope pid:N`, `--scope cgroup:PATH` or `-- CMD`): in partial mode, only those tasks (and their
     children) on it; every other task stays on the default scheduler, and rollback moves them back."""
+    from .reports import deployed_what
     from .deploy.deployments import DeployRequest, MonitorPolicy, deploy as do_deploy
     from .deploy.scope import parse as parse_scope
 
@@ -1427,7 +1422,7 @@ def deploy(token_: str, target: str, dry_run: bool, metric_cmd: str | None, metr
             for w in d.would:
                 console.print(f"  - {w}")
         else:
-            console.print(f"[green]deployed[/green] {d.id}: {escape(_what(d.report_id, d.policy))} (ops {d.ops_name}) "
+            console.print(f"[green]deployed[/green] {d.id}: {escape(deployed_what(d.policy, d.report_id))} (ops {d.ops_name}) "
                           f"on {d.target}, {'scoped to ' + escape(d.scope) if d.scope else 'system-wide'}; "
                           f"baseline {d.monitor.metric_cmd!r} = {d.baseline}; monitor pid {d.monitor_pid}")
 
@@ -1472,6 +1467,7 @@ def ab(token_: str, target: str, rounds: int, no_aa: bool, command: tuple[str, .
 @json_option
 def status(as_json: bool) -> None:
     """What is deployed where, since when, from which report, and the monitor's latest reading."""
+    from .reports import deployed_what
     from .deploy.deployments import resume_monitors, status as get_status
 
     resume_monitors()
@@ -1486,7 +1482,7 @@ def status(as_json: bool) -> None:
 
         for d in s.deployments:
             last = d.readings[-1] if d.readings else None
-            t.add_row(d.id, d.target + (f" ({d.scope})" if d.scope else ""), _what(d.report_id, d.policy),
+            t.add_row(d.id, d.target + (f" ({d.scope})" if d.scope else ""), deployed_what(d.policy, d.report_id),
                       d.status + (f": {d.end_reason}" if
                                                                           d.end_reason else ""),
                       dt.datetime.fromtimestamp(d.created_at).strftime("%H:%M:%S"), d.report_id,

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field, PrivateAttr, computed_field
 
 from . import config, store
-from .errors import BadInput, NotFound
+from .errors import BadInput
 from .models import Goal, IssuedToken
 from .repository.policies import get_policy
 from .repository.provenance import Provenance
@@ -134,18 +134,20 @@ def get_report(report_id: str) -> ValidationReport:
                          "submit a scheduler first (submit_scheduler / schedcp verify)")
 
 
-def what(report_id: str | None, policy: str | None = None) -> str:
+def what(r: ValidationReport | None) -> str:
     """What a report (or a deployment of it) is, in a word for a table: the policy's name, else
-    `program NAME` for a scheduler program, else `source` (submitted source or a generated one)."""
-    if policy:
-        return policy
-    try:
-        r = get_report(report_id) if report_id else None
-    except NotFound:  # a table must not fail over one missing report
-        r = None
+    `program NAME` for a scheduler program, else `source` (submitted source or a generated one, or a
+    report no longer stored)."""
+    if r is not None and r.policy:
+        return r.policy
     if r is not None and r.layer1.program_args is not None:
         return f"program {r.layer1.program_name or '?'}"
     return "source"
+
+
+def deployed_what(policy: str | None, report_id: str) -> str:
+    """`what` for a deployment: its policy, else what its report says it is (one lookup)."""
+    return policy or what(store.get(KIND, report_id, ValidationReport))
 
 
 def list_reports(limit: int = 20) -> list[ValidationReport]:

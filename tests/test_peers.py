@@ -144,11 +144,12 @@ def test_a_token_for_a_program_refuses_other_bytes():
 
 
 def test_tables_name_a_program_report_by_its_program_not_as_source():
-    from schedcp_mcp.reports import what
+    from schedcp_mcp.reports import deployed_what, what
 
     r = _program_report(b"\x7fELF-named", [])
-    assert what(r.id, r.policy) == f"program {r.layer1.program_name}" and r.layer1.program_name
-    assert what(r.id, "fifo") == "fifo" and what(None, None) == "source" and what("rep-gone", None) == "source"
+    assert what(r) == f"program {r.layer1.program_name}" and r.layer1.program_name
+    assert deployed_what(None, r.id) == what(r) and deployed_what("fifo", r.id) == "fifo"
+    assert what(None) == "source" and deployed_what(None, "rep-gone") == "source"
 
 
 # --- peers: the kernel's examples built with their Makefile --------------------------------------
