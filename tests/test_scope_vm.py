@@ -10,6 +10,7 @@ from conftest import home_env
 from schedcp_mcp import candidates, reports
 from schedcp_mcp.deploy import deployments, scope, tokens
 from schedcp_mcp.deploy.targets import SandboxTarget
+from schedcp_mcp.errors import BadInput
 from schedcp_mcp.sandbox.vm import VM
 from schedcp_mcp.validate.models import Layer2Result
 
@@ -68,3 +69,14 @@ def test_a_command_scope_starts_the_command_on_the_scheduler(fifo_passed):
     assert _policy(t, 1) == 0  # init stays on the default scheduler
     deployments.rollback(d.id, reason="test")
     assert _policy(t, d.scope_pid) == 0
+
+
+def test_a_command_that_cannot_run_is_refused_in_its_own_words_and_the_scheduler_unloaded(fifo_passed):
+    t = SandboxTarget()
+    with pytest.raises(BadInput, match="cannot run no-such-command-here"):
+        deployments.deploy(tokens.issue(fifo_passed.id, scope="scoped").token, "sandbox", start_monitor=False,
+                           scope=scope.parse(None, ["no-such-command-here", "--flag"]))
+    assert not t.state().enabled
+    last = deployments.status().deployments[0]  # newest first: recorded as failed, with the reason
+    assert last.scope == "command: no-such-command-here --flag" and last.status == "failed"
+    assert "cannot run no-such-command-here" in (last.end_reason or "")

@@ -75,8 +75,8 @@ def move_script(run_dir: str, s: Scope) -> str:
         return head + f"{tool} ext pid {s.pid}\n"
     if s.kind == "cgroup":
         return head + f"{tool} ext cgroup {shlex.quote(s.cgroup or '')}\n"
-    return head + (f"setsid {tool} ext exec {shlex.join(s.command or [])} >{run_dir}/scope.out 2>&1 </dev/null 3>&- &\n"
-                   f"echo $! >{run_dir}/scope.pid; echo \"@@SCOPEPID $!\"\n")
+    # setclass returns once the command has been exec'd on SCHED_EXT (or says why it could not be)
+    return head + f"{tool} ext exec {run_dir}/scope.out {shlex.join(s.command or [])} </dev/null 3>&-\n"
 
 
 def restore_script(run_dir: str) -> str:
@@ -89,7 +89,8 @@ def check_moved(out: str, rc: int, s: Scope) -> int | None:
     if s.kind == "command":
         m = re.search(r"^@@SCOPEPID (\d+)$", out, re.M)
         if not m:
-            raise InfrastructureError(f"could not start the scoped command: {out.strip()[-300:]}")
+            raise BadInput(f"could not start the scoped command: {out.strip()[-300:]}",
+                           "is the command installed on the target and runnable as root?")
         return int(m.group(1))
     m = re.search(r"^moved (\d+)$", out, re.M)
     if rc != 0 or not m or int(m.group(1)) == 0:

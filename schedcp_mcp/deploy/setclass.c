@@ -8,7 +8,9 @@
  *
  *   schedcp-setclass ext|normal pid PID      every thread of PID
  *   schedcp-setclass ext|normal cgroup DIR   every thread in DIR/cgroup.threads (cgroup v2)
- *   schedcp-setclass ext exec CMD [ARG...]   set itself, then exec CMD (its children follow)
+ *   schedcp-setclass ext exec OUT CMD [ARG...]  start CMD in its own session on SCHED_EXT (its
+ *                                            children follow), output to OUT; prints `@@SCOPEPID P`
+ *                                            once CMD has been exec'd, so the caller never races it
  *   schedcp-setclass normal all              every SCHED_EXT task on the machine back to SCHED_NORMAL
  *   schedcp-setclass policy PID              print the policy of PID (0 normal, 7 ext, ...)
  *
@@ -16,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <fcntl.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -23,6 +26,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define SCHED_NORMAL_ 0
@@ -88,6 +92,54 @@ static void move_pid(int pid, int policy)
 	closedir(d);
 }
 
+/* Fork; the child leaves our session, sets SCHED_EXT and execs CMD. A close-on-exec pipe tells the
+ * parent which happened: EOF means CMD is running on SCHED_EXT; a message means it is not. */
+static int start(const char *out, char **cmd)
+{
+	int p[2];
+	if (pipe2(p, O_CLOEXEC)) {
+		perror("schedcp-setclass: pipe");
+		return 1;
+	}
+	pid_t c = fork();
+	if (c < 0) {
+		perror("schedcp-setclass: fork");
+		return 1;
+	}
+	if (c == 0) {
+		char msg[512];
+		int o = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0644), n = open("/dev/null", O_RDONLY);
+		int r = (o < 0 || n < 0) ? -errno : set(0, SCHED_EXT_);
+		if (r == 0) {
+			dup2(n, 0);
+			dup2(o, 1);
+			dup2(o, 2);
+			for (int fd = 3; fd < 1024; fd++)
+				if (fd != p[1])
+					close(fd);
+			setsid();
+			execvp(cmd[0], cmd);
+			snprintf(msg, sizeof(msg), "cannot run %s: %s", cmd[0], strerror(errno));
+		} else {
+			snprintf(msg, sizeof(msg), "cannot set SCHED_EXT or open %s: %s", out, strerror(-r));
+		}
+		if (write(p[1], msg, strlen(msg)) < 0)
+			_exit(126);
+		_exit(127);
+	}
+	close(p[1]);
+	char msg[512];
+	ssize_t len = read(p[0], msg, sizeof(msg) - 1);
+	if (len > 0) {
+		msg[len] = 0;
+		fprintf(stderr, "schedcp-setclass: %s\n", msg);
+		waitpid(c, NULL, 0);
+		return 1;
+	}
+	printf("@@SCOPEPID %d\n", c);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 3)
@@ -114,15 +166,8 @@ int main(int argc, char **argv)
 		while (fscanf(f, "%d", &tid) == 1)
 			move(tid, policy);
 		fclose(f);
-	} else if (!strcmp(argv[2], "exec") && argc >= 4 && policy == SCHED_EXT_) {
-		int r = set(0, policy);
-		if (r) {
-			fprintf(stderr, "schedcp-setclass: cannot set SCHED_EXT: %s\n", strerror(-r));
-			return 1;
-		}
-		execvp(argv[3], argv + 3);
-		fprintf(stderr, "schedcp-setclass: cannot run %s: %s\n", argv[3], strerror(errno));
-		return 127;
+	} else if (!strcmp(argv[2], "exec") && argc >= 5 && policy == SCHED_EXT_) {
+		return start(argv[3], argv + 4);
 	} else if (!strcmp(argv[2], "all") && policy == SCHED_NORMAL_) {
 		DIR *d = opendir("/proc");
 		struct dirent *e;
