@@ -1556,7 +1556,10 @@ def feedback(subject_id: str, as_json: bool) -> None:
 @click.option("--tag", "tags", multiple=True)
 @json_option
 def contribute(report_id: str, name: str, description: str, tags: tuple[str, ...], as_json: bool) -> None:
-    """Add a validated scheduler that met its goals to the policy repository."""
+    """Add a validated scheduler that met its goals to the policy repository.
+
+    It is written to $SCHEDCP_HOME/policies and searched beside the shipped policies; the checkout
+    or installed package is never written."""
     from .learn.contribute import contribute_policy
 
     p = contribute_policy(report_id, name, description, list(tags), actor="cli")

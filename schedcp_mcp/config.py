@@ -96,23 +96,18 @@ def sandbox_dir() -> Path:
 
 
 def policies_dir() -> Path:
-    """The policy repository (it grows: contributed policies are written here): $SCHEDCP_POLICIES,
-    else `policies/` of the checkout, else — an installed wheel, whose package must stay read-only —
-    `$SCHEDCP_HOME/policies`, seeded from the policies the wheel ships (a shipped policy missing
-    there is copied in; one already there is kept as it is)."""
+    """The policies the project ships, read and never written: $SCHEDCP_POLICIES, else `policies/` of
+    the checkout or the copy an installed wheel carries."""
     if os.environ.get("SCHEDCP_POLICIES"):
         return Path(os.environ["SCHEDCP_POLICIES"])
-    if in_checkout():
-        return PROJECT_ROOT / "policies"
-    import shutil
+    return resource_dir("policies")
 
-    mine = home() / "policies"
-    mine.mkdir(exist_ok=True)
-    shipped = resource_dir("policies")
-    for d in shipped.iterdir():
-        if d.is_dir() and not (mine / d.name).exists():
-            shutil.copytree(d, mine / d.name)
-    return mine
+
+def contributed_policies_dir() -> Path:
+    """Where a policy that passed and met its goals joins the repository: `$SCHEDCP_HOME/policies`.
+    A run never writes into the checkout or the installed package, and an empty home starts from the
+    shipped repository alone."""
+    return home() / "policies"
 
 
 def templates_dir() -> Path:

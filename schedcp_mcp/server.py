@@ -894,7 +894,8 @@ async def contribute_policy(
     description: str,
     tags: list[str] | None = None,
 ) -> CallToolResult:
-    """Learning: add a validated generated/revised scheduler to the repository with provenance."""
+    """Learning: add a validated generated/revised scheduler to the repository with provenance
+    (written to the home's policies/, beside the shipped ones)."""
     p = await in_thread(contribute.contribute_policy, report_id, name, description, tags, actor="mcp")
     return A.answer(A.policy_brief(p) | {"provenance": p.provenance}, f"contributed policy {p.name}")
 

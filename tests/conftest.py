@@ -128,12 +128,12 @@ def anyio_backend():
 
 
 @pytest.fixture
-def policies_copy(tmp_path, monkeypatch) -> Path:
-    """A copy of the policy repository as $SCHEDCP_POLICIES, for tests that add policies to it."""
-    dst = tmp_path / "policies"
-    shutil.copytree(Path(__file__).resolve().parent.parent / "policies", dst)
-    monkeypatch.setenv("SCHEDCP_POLICIES", str(dst))
-    return dst
+def contributed_dir() -> Path:
+    """Where this test's contributed policies land: its own home's policies/ (a run never writes the
+    shipped repository)."""
+    from schedcp_mcp import config
+
+    return config.contributed_policies_dir()
 
 
 class CallbackReceiver:

@@ -19,14 +19,14 @@ from schedcp_mcp.repository.policies import get_policy
 pytestmark = pytest.mark.image
 
 
-def test_contributed_policy_is_a_valid_policy_the_verifier_accepts(policies_copy):
+def test_contributed_policy_is_a_valid_policy_the_verifier_accepts(contributed_dir):
     goal = Goal(metric="wall_time_s", direction="lower", target_ratio=2.0, why="test")
     r = candidates.validate(policy="fifo", params={"slice_ns": "5000000"},
                                    workloads=["hackbench"], rounds=3, budget_s=0, goals=[goal]).report
     assert r.passed, r.status
     p = contribute_policy(r.id, "fifo_short_slice", "FIFO with 5 ms slices, for message passing.",
                           ["throughput", "simple"])
-    d = policies_copy / "fifo_short_slice"
+    d = contributed_dir / "fifo_short_slice"
     meta = json.loads((d / "policy.json").read_text())
     assert meta["provenance"]["parent_policy"] == "fifo"
     assert meta["provenance"]["report_id"] == r.id
@@ -43,10 +43,10 @@ def test_contributed_policy_is_a_valid_policy_the_verifier_accepts(policies_copy
         contribute_policy(r.id, "fifo_short_slice", "again")
 
 
-def test_contributing_a_rejected_candidate_is_refused(policies_copy):
+def test_contributing_a_rejected_candidate_is_refused(contributed_dir):
     r = candidates.submit(source="#include <scx/common.bpf.h>\nchar _license[] SEC(\"license\") = "
                                  "\"GPL\";\nint broken( {\n")
     assert not r.passed_layer1
     with pytest.raises(BadInput, match="did not pass"):
         contribute_policy(r.id, "broken_one", "does not compile")
-    assert not (policies_copy / "broken_one").exists()
+    assert not (contributed_dir / "broken_one").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,19 +219,12 @@ def test_a_campaign_reports_progress_from_its_running_child():
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory, manifest):
-    """Learning may add policies: give it a copy of the repository, and a home of its own."""
+    """A home of its own for both runs (learning contributes policies into the home's policies/)."""
     from conftest import home_env
 
     base = tmp_path_factory.mktemp("optimize")
-    shutil.copytree(ROOT / "policies", base / "policies")
-    old = os.environ.get("SCHEDCP_POLICIES")
-    os.environ["SCHEDCP_POLICIES"] = str(base / "policies")
     with home_env(base / "home"):
         yield base
-    if old is None:
-        os.environ.pop("SCHEDCP_POLICIES", None)
-    else:
-        os.environ["SCHEDCP_POLICIES"] = old
 
 
 @pytest.fixture
@@ -330,7 +322,7 @@ def test_a_host_command_is_matched_to_the_sandbox_workloads_like_it(manifest):
 
 
 @pytest.mark.image
-def test_optimize_a_host_command_through_the_cli_matches_it_and_says_why(policies_copy, tmp_path):
+def test_optimize_a_host_command_through_the_cli_matches_it_and_says_why(tmp_path):
     """`schedcp optimize --json -- CMD…`: the command is profiled here (the server optimize starts
     allows exactly it), matched to the sandbox workloads like it, and the candidates are judged on
     those; the report names the match and the features behind it."""

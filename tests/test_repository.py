@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
+from schedcp_mcp import config
 from schedcp_mcp.errors import BadInput, NotFound
-from schedcp_mcp.repository.policies import get_policy, load_all, search_policies
+from schedcp_mcp.repository.policies import get_policy, list_policies, load_all, search_policies
 
-OURS = [p for p in load_all()[0] if p.kind == "schedcp"]
+# the shipped policies (the developer's home may hold contributed ones; tests get homes of their own)
+OURS = [p for p in load_all()[0] if p.kind == "schedcp" and Path(p.path).parent == config.policies_dir()]
 SCX = [p for p in load_all()[0] if p.kind == "scx"]
 
 
@@ -109,3 +114,28 @@ def test_a_parameter_that_sizes_a_map_must_be_a_usable_map_size():
                parameters=[ok, ok.model_copy(update={"name": "other"})])
     with pytest.raises(BadInput, match="sizes_map"):
         get_policy("fifo").resolve_params({"map:x": "4"})
+
+
+def test_a_contribution_lands_in_the_home_and_the_shipped_repository_is_never_written():
+    shipped = config.policies_dir()
+    before = sorted(p.name for p in shipped.iterdir())
+    mine = config.contributed_policies_dir()
+    assert mine.parent == config.home() and mine != shipped
+    assert {p.name for p in list_policies() if p.kind == "schedcp"} == {p.name for p in OURS}  # empty home
+    shutil.copytree(shipped / "fifo", mine / "fifo_mine")
+    meta = json.loads((mine / "fifo_mine" / "policy.json").read_text())
+    (mine / "fifo_mine" / "policy.json").write_text(json.dumps({**meta, "name": "fifo_mine"}))
+    assert get_policy("fifo_mine").path == str(mine / "fifo_mine")
+    assert sorted(p.name for p in shipped.iterdir()) == before
+
+
+def test_a_home_policy_named_like_a_shipped_one_is_refused_unless_it_is_an_unchanged_copy():
+    shipped, mine = config.policies_dir(), config.contributed_policies_dir()
+    shutil.copytree(shipped / "fifo", mine / "fifo")  # what older wheels seeded homes with
+    policies, errors = load_all()
+    assert errors == [] and [p.path for p in policies if p.name == "fifo"] == [str(shipped / "fifo")]
+    src = next((mine / "fifo").glob("*.bpf.c"))
+    src.write_text(src.read_text() + "\n/* changed */\n")
+    policies, errors = load_all()
+    assert [p.path for p in policies if p.name == "fifo"] == [str(shipped / "fifo")]
+    assert len(errors) == 1 and errors[0].path == str(mine / "fifo") and "rename" in errors[0].error

@@ -83,7 +83,7 @@ def test_tuning_finds_parameters_at_least_as_good_as_the_defaults_and_records_tr
     assert store.get("tune", t.id, TuneResult).best_params == t.best_params  # a later search sees it
 
 
-def test_a_generated_scheduler_passes_layer2_where_its_spec_should_help(policies_copy):
+def test_a_generated_scheduler_passes_layer2_where_its_spec_should_help(contributed_dir):
     """hackbench passes messages among many more tasks than CPUs: a global weighted-vtime queue with
     direct dispatch to idle CPUs (what the repository's vtime_fair does) beats the default there. With
     5 ms slices: at 20 ms the starvation phase found its CPU hogs waiting 0.7-0.87 s four or five times
@@ -103,7 +103,7 @@ def test_a_generated_scheduler_passes_layer2_where_its_spec_should_help(policies
     assert w.speedup > 1.0  # faster than the default scheduler
 
     p = contribute_policy(r.id, "gen_msgpass", "Generated global vtime queue for message passing.")
-    d = policies_copy / "gen_msgpass"
+    d = contributed_dir / "gen_msgpass"
     meta = json.loads((d / "policy.json").read_text())
     assert meta["provenance"]["origin"] == "generated" and meta["provenance"]["candidate_id"] == g.candidate_id
     assert json.loads((d / "spec.json").read_text())["queue"] == "global"

@@ -1,5 +1,6 @@
-"""Repository evolution: a validated candidate that met its goals becomes a policy directory, with
-provenance (parent policy, report id, source hash, date), so later searches can find it."""
+"""Repository evolution: a validated candidate that met its goals becomes a policy directory in the
+home (config.contributed_policies_dir), with provenance (parent policy, report id, source hash,
+date), so later searches can find it."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def contribute_policy(report_id: str, name: str, description: str, tags: list[st
             params.append(d)
     else:
         params = params_from_report(r)
-    d = config.policies_dir() / name
+    d = config.contributed_policies_dir() / name
     d.mkdir(parents=True, exist_ok=False)
     src_name = f"{name}.bpf.c"
     (d / src_name).write_text(source)

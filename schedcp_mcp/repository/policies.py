@@ -173,18 +173,35 @@ def _load_dir(d: Path) -> Policy:
 
 
 def load_all(root: Path | None = None) -> tuple[list[Policy], list[PolicyError]]:
-    """All policies (ours, then the scx catalog) and the directories that failed to load."""
-    root = root or config.policies_dir()
+    """All policies (the shipped ones, the home's contributed ones, then the scx catalog) and the
+    directories that failed to load. A contributed directory named like a shipped policy is not
+    loaded (the shipped one is the policy of that name) unless it is an unchanged copy (homes of
+    older wheels were seeded with copies of the shipped policies)."""
+    shipped = root or config.policies_dir()
     policies, errors = [], []
-    for d in sorted(p for p in root.glob("*") if (p / "policy.json").exists()):
-        try:
-            policies.append(_load_dir(d))
-        except (OSError, ValueError, ValidationError) as e:
-            errors.append(PolicyError(path=str(d), error=str(e)))
+    names: dict[str, Path] = {}
+    for base in (shipped, config.contributed_policies_dir()):
+        for d in sorted(p for p in base.glob("*") if (p / "policy.json").exists()):
+            if d.name in names:
+                if not _same_policy(d, names[d.name]):
+                    errors.append(PolicyError(path=str(d), error=f"named like the shipped policy "
+                                              f"{d.name!r} and different from it: rename the directory "
+                                              "and its policy.json name"))
+                continue
+            try:
+                policies.append(_load_dir(d))
+                names[d.name] = d
+            except (OSError, ValueError, ValidationError) as e:
+                errors.append(PolicyError(path=str(d), error=str(e)))
     for entry in _catalog():
         policies.append(entry.model_copy(update={"runnable": bool(entry.binary and
                                                                    shutil.which(entry.binary))}))
     return policies, errors
+
+
+def _same_policy(a: Path, b: Path) -> bool:
+    return all((a / f.name).is_file() and (a / f.name).read_bytes() == f.read_bytes()
+               for f in b.iterdir() if f.is_file())
 
 
 @lru_cache(maxsize=1)
