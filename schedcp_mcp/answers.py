@@ -117,6 +117,8 @@ def layer2_brief(l2) -> dict[str, Any]:
                         | {"baseline": w.baseline_stats.median if w.baseline_stats else None,
                            "candidate": w.candidate_stats.median if w.candidate_stats else None}
                         for w in l2.workloads]
+    if l2.host:
+        out["host_others_cpu"] = l2.host.others_cpu  # CPUs' worth others used while it measured
     if l2.warnings:
         out["warnings"] = [clip(w, 240) for w in l2.warnings[:3]]
     return out

@@ -965,6 +965,10 @@ def render_layer2(out) -> None:
     for g in l2.correctness + l2.performance:
         mark = "[green]pass[/green]" if g.passed else "[red]FAIL[/red]"
         console.print(f"  {mark} {g.kind}/{g.name}: {escape(g.reason)}")
+    if l2.host:
+        console.print(f"  host: other processes used {l2.host.others_cpu:.2f} of {l2.host.cpus} CPUs while this "
+                      f"measured ({l2.host.seconds:.0f} s)" + (f"; steal {l2.host.steal_cpu:.2f}"
+                                                                if l2.host.steal_cpu else ""))
     for w in l2.warnings:
         console.print(f"  [yellow]warning[/yellow] {escape(w)}")
     colour = "green" if r.passed else "red"

@@ -54,8 +54,13 @@ def test_a_scoped_token_allows_only_a_scoped_deploy():
 def test_the_move_script_moves_exactly_the_scope():
     s = scope.move_script("/run/d", scope.parse("pid:42"))
     assert "/run/d/schedcp-setclass ext pid 42" in s
-    c = scope.move_script("/run/d", scope.parse(None, ["sleep", "100"]))
-    assert "schedcp-setclass ext exec sleep 100" in c and "@@SCOPEPID" in c
+    c = scope.move_script("/run/d", scope.parse(None, ["sleep", "100", "it's"]))
+    # in the foreground: setclass answers once the command runs on SCHED_EXT (no race with a reader)
+    assert "schedcp-setclass ext exec /run/d/scope.out sleep 100 'it'\"'\"'s'" in c and "&\n" not in c
+    assert scope.check_moved("@@SCOPEPID 77\n", 0, scope.parse(None, ["sleep", "100"])) == 77
+    with pytest.raises(BadInput, match="cannot run nope"):
+        scope.check_moved("schedcp-setclass: cannot run nope: No such file or directory\n", 1,
+                          scope.parse(None, ["nope"]))
     assert "normal all" in scope.restore_script("/run/d")
     with pytest.raises(Exception, match="could not move pid:42"):
         scope.check_moved("moved 0\n", 0, scope.parse("pid:42"))

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..models import Direction, LoaderExit, MetricResult
+from ..sandbox.neighbours import HostShare
 from ..workloads import Workload  # noqa: F401 — its home is the workloads room; imported from here too
 from .evidence import Evidence
 from .starvation import WaitSummary
@@ -96,6 +97,7 @@ class Layer2Result(BaseModel):
     kernel_version: str | None = None
     retried_after: list[str] = Field([], description="guest kernel crashes after which the whole run was "
                                      "repeated in a fresh VM (TCG emulation faults; see runner)")
+    host: HostShare | None = Field(None, description="what else used the host's CPUs while this measured")
     warnings: list[str] = Field([], description="what makes this verdict weak evidence (e.g. workloads "
                                 "too noisy to show a regression)")
     note: str = ("timings are from a qemu VM (TCG when KVM is unavailable): only the ratios within this "

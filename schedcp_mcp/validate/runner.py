@@ -48,6 +48,7 @@ from typing import Callable
 from ..errors import BadInput, InfrastructureError, SchedcpError
 from ..models import Goal
 from ..sandbox import scheduler
+from ..sandbox import neighbours
 from ..sandbox.program import Launcher, ObjectLauncher
 from ..sandbox.vm import VM, GuestTimeout
 from . import evidence, gates, starvation
@@ -507,6 +508,8 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
             raise BadInput("layer 2 needs the full sandbox image (VM(full=True)): the small one has no workloads")
         boot_s = 0.0
     run = _Run(vm, object_bytes, ops_name, params, wls, timeout_ms, say, launcher)
+    watch = neighbours.Watch()  # from here to the end of the measurement: who else used the CPUs
+    host = None
     if boot_s:
         run.durations["boot"] = round(boot_s, 3)
     expected_s = budget_s or 0.0
@@ -585,6 +588,7 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         if loaded:  # it died with the candidate attached: an earlier unload's state is not the final one
             run.obs.final_state = run.obs.final_ops = None
     finally:
+        host = watch.stop({p for p in (getattr(vm, "pid", None),) if p})
         if own_vm:
             vm.close()
     run.durations["total"] = round(time.monotonic() - t_start, 3)
@@ -600,7 +604,7 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
                         evidence=run.obs.evidence,
                         loader_exits=run.obs.loader_exits,
                         rounds=run.rounds_done, budget_s=budget_s or None, counters=run.counters,
-                        warnings=gates.noise_warnings(results),
+                        host=host, warnings=gates.noise_warnings(results) + [w for w in [host.warning()] if w],
                         durations=run.durations, kernel_version=getattr(vm, "kernel_version", None) or None)
 
 
