@@ -120,7 +120,7 @@ def layer2_brief(l2) -> dict[str, Any]:
     if l2.host:
         out["host_others_cpu"] = l2.host.others_cpu  # CPUs' worth others used while it measured
     if l2.warnings:
-        out["warnings"] = [clip(w, 240) for w in l2.warnings[:3]]
+        out["warnings"] = [clip(w, 280) for w in l2.warnings[:3]]
     return out
 
 

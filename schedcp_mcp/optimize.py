@@ -1021,6 +1021,9 @@ def render(rep: OptimizeReport, console) -> None:
                               f"on it): `schedcp token {c.report_id} --scoped`, then `schedcp deploy --token T -- CMD`")
         if not c.passed:
             console.print(f"  [red]{escape(c.label)}[/red]: {escape(c.error or c.status)}")
+        for w in c.warnings:
+            if w.startswith("busy host"):
+                console.print(f"  [yellow]{escape(c.label)}[/yellow]: {escape(w)}")
     for ln in chain_lines(rep):
         console.print(escape(ln), soft_wrap=True)
     colour = "green" if rep.exit_code == 0 else "yellow"

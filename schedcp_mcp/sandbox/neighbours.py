@@ -37,12 +37,11 @@ class HostShare(BaseModel):
     def warning(self) -> str | None:
         if self.others_cpu < WARN_OTHERS_CPU and self.steal_cpu < WARN_STEAL_CPU:
             return None
-        who = f" ({', '.join(self.busiest)})" if self.busiest else ""
-        steal = f"; the hypervisor took {self.steal_cpu:.2f}" if self.steal_cpu >= WARN_STEAL_CPU else ""
-        return (f"measured on a busy host: other processes used {self.others_cpu:.2f} of its {self.cpus} "
-                f"CPUs{who}{steal}. Both sides of each pair shared it, but the intervals are wider than "
-                "on a quiet machine; `schedcp status` shows a staging VM that can be stopped "
-                "(`schedcp rollback`, `schedcp sandbox stop`)")
+        who = f" (most: {self.busiest[0]})" if self.busiest else ""
+        steal = f", the hypervisor {self.steal_cpu:.2f}" if self.steal_cpu >= WARN_STEAL_CPU else ""
+        return (f"busy host: others used {self.others_cpu:.2f} of {self.cpus} CPUs while this measured{who}"
+                f"{steal}; intervals are wider than on a quiet machine. A staging VM (`schedcp status`) "
+                "stops with `schedcp rollback` and `schedcp sandbox stop`")
 
 
 def _cpu_of(p: psutil.Process) -> float:
