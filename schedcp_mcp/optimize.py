@@ -48,6 +48,7 @@ M = TypeVar("M", bound=BaseModel)
 #: seconds a validation costs besides its rounds (boot, layer 1, stress) and per workload round,
 #: measured on the 2-vCPU TCG development machine (README "Results"); used only to fit the budget
 VALIDATION_FIXED_S = 55.0  # boot, layer 1, warm-up, the starvation phase (~24 s), stress
+LAYER1_S = 5.0  # a layer-1 job before its validation (`schedcp bench verify`: 4.5 s uncached)
 VALIDATION_PER_ROUND_S = 3.0  # one workload, one side, one round (5 workloads x 2 sides: ~29 s a round)
 #: deploy (baseline x3 + load) plus the learning stage
 DEPLOY_RESERVE_S = 45.0
@@ -321,6 +322,15 @@ def candidate_budget(req: OptimizeRequest, n_workloads: int, share: float = 1.0)
     per = VALIDATION_FIXED_S + VALIDATION_PER_ROUND_S * n_workloads * req.rounds * 2
     fit = int((req.budget_s - DEPLOY_RESERVE_S - req.watch_s) * share // per)
     return max(1, min(req.max_candidates, fit)), per
+
+
+def sandbox_budget(left: float, n: int, per: float) -> float:
+    """One validation's budget when `n` share `left` seconds (each estimated at `per`). The sandbox
+    counts it from its own VM's boot (the minimum rounds, boot, warm-up, starvation and stress all
+    inside), so only the layer-1 job before it is taken off. (Taking off the whole fixed part gave
+    round-1 validations ~84 s when their three rounds take 113-121 s: none could add a pair for a
+    guard left undecided, which is how most optimize candidates lost.)"""
+    return max(per - LAYER1_S, min(600.0, left / max(1, n) - LAYER1_S))
 
 
 def first_share(req: OptimizeRequest, n_workloads: int) -> float:
@@ -660,7 +670,7 @@ async def validate_round(st: Stage, req: OptimizeRequest, rep: OptimizeReport, s
     left = (req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s) * share
     if p.budget_s is not None:
         left = min(left, p.budget_s)
-    sandbox_s = max(per - VALIDATION_FIXED_S, min(600.0, left / n - VALIDATION_FIXED_S))
+    sandbox_s = sandbox_budget(left, n, per)
     specs, this_round = [], []
     came = {ls.next_candidate: f"{ls.candidate}: {ls.rule}" for ls in p.lessons if ls.next_candidate}
     for i, c in enumerate(p.candidates):

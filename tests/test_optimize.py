@@ -100,6 +100,21 @@ def test_budget_decides_how_many_candidates():
     assert optimize.candidate_budget(big, 1)[0] == 4
 
 
+def test_a_round_one_validation_gets_more_than_its_minimum_rounds_cost():
+    """The main job (600 s, hackbench and its three guards): round 1 plans half the budget for two
+    candidates, and each validation's sandbox budget (counted from its own boot) exceeds what its three
+    rounds cost (113-121 s measured, layer 2 durations of the session-4 optimize runs), so a guard left
+    undecided can get more pairs."""
+    req = optimize.OptimizeRequest(workloads=["hackbench"], budget_s=600)
+    n, per = optimize.candidate_budget(req, 4, optimize.first_share(req, 4))
+    assert n == 2
+    left = (600 - optimize.DEPLOY_RESERVE_S - 10) * optimize.first_share(req, 4)  # 10 s: observe, plan
+    each = optimize.sandbox_budget(left, n, per)
+    assert each > 121 and n * (each + optimize.LAYER1_S) <= left + 1
+    assert optimize.sandbox_budget(50, 3, per) == per - optimize.LAYER1_S  # never below the minimum
+    assert optimize.sandbox_budget(10_000, 1, per) == 600
+
+
 def test_reconfigure_fits_slices_to_the_profile_within_range():
     from schedcp_mcp.answers import PolicyBrief, ProfileBrief
 
