@@ -194,6 +194,7 @@ class CandidateResult(BaseModel):
     lost_because: list[str] = Field([], description="its evidence, per phase it lost (validate.evidence)")
     diagnoses: list[str] = Field([], description="rule: figures -> change (diagnose.py)")
     came_from: str | None = Field(None, description="re-planned: the lost candidate and the rule it answers")
+    rule: str | None = Field(None, description="re-planned: the rule (`undecided`: measured again)")
 
 
 class OptimizeReport(BaseModel):
@@ -500,7 +501,7 @@ async def replan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Prog
         return False
     say(f"planning: round {rnd} {why}; diagnosing", 0.5)
     # a round that only measured candidates again leaves the round before it's diagnoses untried
-    measured_only = rnd > 1 and all(c.came_from and c.came_from.endswith(": undecided")
+    measured_only = rnd > 1 and all(c.rule == "undecided"
                                     for c in rep.candidates if c.round == rnd)
     lost = [c for c in rep.candidates if (c.round == rnd or measured_only and c.round == rnd - 1)
             and c.report_id and (not c.passed or c.report_id == rep.winner)]
@@ -672,12 +673,14 @@ async def validate_round(st: Stage, req: OptimizeRequest, rep: OptimizeReport, s
         left = min(left, p.budget_s)
     sandbox_s = sandbox_budget(left, n, per)
     specs, this_round = [], []
-    came = {ls.next_candidate: f"{ls.candidate}: {ls.rule}" for ls in p.lessons if ls.next_candidate}
+    came = {ls.next_candidate: ls for ls in p.lessons if ls.next_candidate}
     for i, c in enumerate(p.candidates):
         label = _label(c)
         label = f"{label}#{i}" if any(r.label == label for r in rep.candidates) else label
         res = CandidateResult(label=label, policy=c.policy, params=c.params, strategy=c.strategy, why=c.why,
-                              round=rnd, came_from=came.get(_label(c)))
+                              round=rnd)
+        if (ls := came.get(_label(c))) is not None:
+            res.came_from, res.rule = f"{ls.candidate}: {ls.rule}", ls.rule
         rep.candidates.append(res)
         this_round.append(res)
         spec = {"name": label, **{k: v for k, v in (("policy", c.policy), ("report_id", c.report_id),
