@@ -44,6 +44,7 @@ def test_bench_aa_is_one_job_and_prints_its_table(manifest):
     assert job.state == "succeeded" and job.result["rounds"] == 2
     assert [w["workload"] for w in job.result["workloads"]] == ["hackbench"]
     assert (p.returncode == 0) == job.result["within_margin"]
+    assert "host: other processes used" in p.stdout and job.result["host"]["seconds"] > 0
 
 
 def test_bench_stability_is_n_validations_each_its_own_boot_and_report(manifest, tmp_path):

@@ -527,6 +527,8 @@ def test_a_repository_policy_passes_correctness_with_real_ab_figures(sandbox_vm)
     assert any('"lean_preempt" enabled' in ln for ln in res.kernel_log)
     assert next(g for g in res.correctness if g.name == "no_starvation").passed  # the bounded fast lane
     assert res.durations["total"] > 0 and res.performance  # perf gates judged (pass or fail by the numbers)
+    # what else used the host meanwhile; the VM under test (its qemu) is not among the others
+    assert res.host and res.host.seconds > 0 and not any(f"[{vm.pid}]" in b for b in res.host.busiest)
 
 
 @pytest.mark.image

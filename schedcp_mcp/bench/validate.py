@@ -175,7 +175,7 @@ def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: l
 
     con = console or Console(quiet=quiet)
     budget = BUDGET_S if budget_s is None else budget_s
-    results, n, secs, starve = aa_in_sandbox(workloads, rounds=rounds, budget_s=budget,
+    results, n, secs, starve, host = aa_in_sandbox(workloads, rounds=rounds, budget_s=budget,
                                              progress=progress or (lambda m, f: con.print(f"  [dim]{m}[/dim]")))
     lo_ok, hi_ok = 1 / (1 + gates.MARGIN), 1 + gates.MARGIN
     rows = []
@@ -204,7 +204,11 @@ def bench_aa(rounds: int = AA_ROUNDS, budget_s: float | None = 0.0, workloads: l
     con.print(f"starvation gate, default vs default: {'pass' if gate.passed else 'FALSE ALARM'} — {gate.reason}")
     for side in starve:
         con.print(f"  {side.line()}")
+    con.print(f"host: other processes used {host.others_cpu:.2f} of {host.cpus} CPUs while this measured")
+    if host.warning():
+        con.print(f"[yellow]warning[/yellow] {host.warning()}")
     return {"rounds": n, "seconds": round(secs, 1), "budget_s": budget, "margin": gates.MARGIN,
+            "host": host.model_dump(),
             "level": gates.LEVEL, "workloads": rows, "within_margin": all(x["within_margin"] for x in rows),
             "starvation": {"passed": gate.passed, "reason": gate.reason,
                            "sides": [x.model_dump(exclude={"worst"}) for x in starve]}}

@@ -666,7 +666,7 @@ def aa_in_sandbox(workloads: list[str] | None = None, *, rounds: int = 3, budget
     the interval each workload gets when nothing differs is the smallest difference a validation can
     see. Same stopping rule as a validation (no goals); after round 1 the starvation phase runs twice
     under the default scheduler (the second as the gate's "candidate"). Returns (results, rounds,
-    seconds, the two starvation sides)."""
+    seconds, the two starvation sides, what else used the host's CPUs meanwhile)."""
     say = progress or (lambda msg, frac: None)
     wls = get_workloads(workloads)
     if any("$PROBE" in w.command for w in wls):
@@ -679,6 +679,7 @@ def aa_in_sandbox(workloads: list[str] | None = None, *, rounds: int = 3, budget
         say("booting the sandbox VM", 0.0)
         vm = VM(full=True).start()
     run = _Run(vm, b"\0", "", {}, wls, 3000, say)
+    watch = neighbours.Watch()
     try:
         run.setup()
         say("warm-up: each workload once (not measured)", 0.0)
@@ -703,9 +704,10 @@ def aa_in_sandbox(workloads: list[str] | None = None, *, rounds: int = 3, budget
                 if not only:
                     break
     finally:
+        host = watch.stop({p for p in (getattr(vm, "pid", None),) if p})
         if own_vm:
             vm.close()
-    return run.results(), run.rounds_done, time.monotonic() - t_start, run.obs.starvation
+    return run.results(), run.rounds_done, time.monotonic() - t_start, run.obs.starvation, host
 
 
 def validate_layer1(report, **kw) -> Layer2Result:
