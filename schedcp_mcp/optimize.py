@@ -334,11 +334,23 @@ def sandbox_budget(left: float, n: int, per: float) -> float:
     return max(per - LAYER1_S, min(600.0, left / max(1, n) - LAYER1_S))
 
 
+def round_share(left: float, per: float, last: bool) -> float:
+    """The share of the `left` seconds a round plans for: ROUND_SHARE while another round may follow
+    and that share still pays for a validation (`per`); else all of it — one more round beats none.
+    (Reserving half for a third round, the main job once stopped with 219 s left: "a validation needs
+    ~127 s", and lean_preempt, undecided on one guard, was not measured again.)"""
+    return ROUND_SHARE if not last and left * ROUND_SHARE >= per else 1.0
+
+
+def time_left(req: OptimizeRequest, t0: float) -> float:
+    """Seconds of the budget left for validations (the deploy and its watch kept aside)."""
+    return req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s
+
+
 def first_share(req: OptimizeRequest, n_workloads: int) -> float:
-    """The share of the budget the first round plans for: ROUND_SHARE when the whole budget fits
-    more than one validation (a re-plan can follow a failed round), else all of it."""
+    """The share of the budget the first round plans for (a re-plan can follow a failed round)."""
     per = candidate_budget(req, n_workloads)[1]
-    return ROUND_SHARE if (req.budget_s - DEPLOY_RESERVE_S - req.watch_s) >= 2 * per else 1.0
+    return round_share(req.budget_s - DEPLOY_RESERVE_S - req.watch_s, per, last=MAX_PLAN_ROUNDS == 1)
 
 
 def reconfigured(policy: PolicyBrief, profile: ProfileBrief) -> dict[str, str] | None:
@@ -491,10 +503,10 @@ async def replan(st: Stage, req: OptimizeRequest, rep: OptimizeReport, say: Prog
     """The next plan version from the diagnoses of round `rnd`'s lost candidates (diagnose_report),
     within what is left of the budget; False when nothing is worth another round (no time, no rule
     fired, every change already tried)."""
-    left = req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s
+    left = time_left(req, t0)
     nw = len(with_guards(rep.workloads))
     per = candidate_budget(req, nw)[1]
-    n = min(req.max_candidates, int(left * (ROUND_SHARE if rnd + 1 < MAX_PLAN_ROUNDS else 1.0) // per))
+    n = min(req.max_candidates, int(left * round_share(left, per, last=rnd + 1 >= MAX_PLAN_ROUNDS) // per))
     if n < 1:
         rep.replans.append(f"after round {rnd}: {why}; no re-plan: {max(left, 0):.0f} s left, a validation "
                            f"needs ~{per:.0f} s")
@@ -668,7 +680,7 @@ async def validate_round(st: Stage, req: OptimizeRequest, rep: OptimizeReport, s
     # within it while a workload's interval still straddles its threshold), and the campaign starts
     # no node once its children have used it all (validations slower than estimated); never more than
     # the plan's own budget_s
-    left = (req.budget_s - (time.monotonic() - t0) - DEPLOY_RESERVE_S - req.watch_s) * share
+    left = time_left(req, t0) * share
     if p.budget_s is not None:
         left = min(left, p.budget_s)
     sandbox_s = sandbox_budget(left, n, per)
@@ -876,11 +888,12 @@ async def _stages(req: OptimizeRequest, rep: OptimizeReport, allowed: dict[str, 
             await observe(stages["observation"], req, rep, say)
             await plan(stages["planning"], req, rep, say)
             rnd = 1
+            nw = len(with_guards(rep.workloads))
             while True:
                 more = rnd < MAX_PLAN_ROUNDS
-                await validate_round(stages["execution"], req, rep, say, t0, rnd,
-                                     ROUND_SHARE if more and first_share(req, len(with_guards(rep.workloads))) < 1
-                                     else 1.0)
+                share = first_share(req, nw) if rnd == 1 else \
+                    round_share(time_left(req, t0), candidate_budget(req, nw)[1], last=not more)
+                await validate_round(stages["execution"], req, rep, say, t0, rnd, share)
                 why = ("every candidate of the round failed" if rep.winner is None else
                        f"the best so far ({rep.winner_label}) only ties the default scheduler" if tied(rep) else None)
                 if why is None or not more:

@@ -115,6 +115,14 @@ def test_a_round_one_validation_gets_more_than_its_minimum_rounds_cost():
     assert optimize.sandbox_budget(10_000, 1, per) == 600
 
 
+def test_time_that_pays_for_one_more_validation_is_spent_not_kept_for_a_third_round():
+    per = optimize.candidate_budget(optimize.OptimizeRequest(workloads=["hackbench"]), 4)[1]
+    assert optimize.round_share(219, per, last=False) == 1.0  # the main job stopped here once, 219 s unspent
+    assert int(219 * optimize.round_share(219, per, last=False) // per) == 1
+    assert optimize.round_share(600, per, last=False) == optimize.ROUND_SHARE  # half of it still pays
+    assert optimize.round_share(600, per, last=True) == 1.0
+
+
 def test_reconfigure_fits_slices_to_the_profile_within_range():
     from schedcp_mcp.answers import PolicyBrief, ProfileBrief
 
