@@ -56,7 +56,7 @@ def test_the_move_script_moves_exactly_the_scope():
     assert "/run/d/schedcp-setclass ext pid 42" in s
     c = scope.move_script("/run/d", scope.parse(None, ["sleep", "100", "it's"]))
     # in the foreground: setclass answers once the command runs on SCHED_EXT (no race with a reader)
-    assert "schedcp-setclass ext exec /run/d/scope.out sleep 100 'it'\"'\"'s'" in c and "&\n" not in c
+    assert "schedcp-setclass ext start /run/d/scope.out sleep 100 'it'\"'\"'s'" in c and "&\n" not in c
     assert scope.check_moved("@@SCOPEPID 77\n", 0, scope.parse(None, ["sleep", "100"])) == 77
     with pytest.raises(BadInput, match="cannot run nope"):
         scope.check_moved("schedcp-setclass: cannot run nope: No such file or directory\n", 1,

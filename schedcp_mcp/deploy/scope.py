@@ -76,7 +76,7 @@ def move_script(run_dir: str, s: Scope) -> str:
     if s.kind == "cgroup":
         return head + f"{tool} ext cgroup {shlex.quote(s.cgroup or '')}\n"
     # setclass returns once the command has been exec'd on SCHED_EXT (or says why it could not be)
-    return head + f"{tool} ext exec {run_dir}/scope.out {shlex.join(s.command or [])} </dev/null 3>&-\n"
+    return head + f"{tool} ext start {run_dir}/scope.out {shlex.join(s.command or [])} </dev/null 3>&-\n"
 
 
 def restore_script(run_dir: str) -> str:

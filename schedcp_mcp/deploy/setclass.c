@@ -8,7 +8,8 @@
  *
  *   schedcp-setclass ext|normal pid PID      every thread of PID
  *   schedcp-setclass ext|normal cgroup DIR   every thread in DIR/cgroup.threads (cgroup v2)
- *   schedcp-setclass ext exec OUT CMD [ARG...]  start CMD in its own session on SCHED_EXT (its
+ *   schedcp-setclass ext exec CMD [ARG...]   set itself, then exec CMD (its children follow)
+ *   schedcp-setclass ext start OUT CMD [ARG...]  start CMD in its own session on SCHED_EXT (its
  *                                            children follow), output to OUT; prints `@@SCOPEPID P`
  *                                            once CMD has been exec'd, so the caller never races it
  *   schedcp-setclass normal all              every SCHED_EXT task on the machine back to SCHED_NORMAL
@@ -166,7 +167,16 @@ int main(int argc, char **argv)
 		while (fscanf(f, "%d", &tid) == 1)
 			move(tid, policy);
 		fclose(f);
-	} else if (!strcmp(argv[2], "exec") && argc >= 5 && policy == SCHED_EXT_) {
+	} else if (!strcmp(argv[2], "exec") && argc >= 4 && policy == SCHED_EXT_) {
+		int r = set(0, policy);
+		if (r) {
+			fprintf(stderr, "schedcp-setclass: cannot set SCHED_EXT: %s\n", strerror(-r));
+			return 1;
+		}
+		execvp(argv[3], argv + 3);
+		fprintf(stderr, "schedcp-setclass: cannot run %s: %s\n", argv[3], strerror(errno));
+		return 127;
+	} else if (!strcmp(argv[2], "start") && argc >= 5 && policy == SCHED_EXT_) {
 		return start(argv[3], argv + 4);
 	} else if (!strcmp(argv[2], "all") && policy == SCHED_NORMAL_) {
 		DIR *d = opendir("/proc");
@@ -195,7 +205,7 @@ int main(int argc, char **argv)
 	printf("moved %d\n", moved);
 	return failed ? 1 : 0;
 usage:
-	fprintf(stderr, "usage: schedcp-setclass ext|normal pid PID | ext|normal cgroup DIR | ext exec CMD... | "
+	fprintf(stderr, "usage: schedcp-setclass ext|normal pid PID | ext|normal cgroup DIR | ext exec CMD... | ext start OUT CMD... | "
 			"normal all | policy PID\n");
 	return 2;
 }
