@@ -18,7 +18,7 @@ import psutil
 from pydantic import BaseModel, Field
 
 #: above this many CPUs' worth of others' use (mean over the measurement) a report carries a warning
-WARN_OTHERS_CPU = 0.25
+WARN_OTHERS_CPU = 0.15
 #: ...or of the hypervisor's steal time
 WARN_STEAL_CPU = 0.1
 
