@@ -323,7 +323,8 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy,
     req2 = optimize.OptimizeRequest(workloads=["hackbench"], target="host", budget_s=150,
                                     max_candidates=1, watch_s=0, out_dir=str(repo_copy / "run2"))
     rep2 = anyio.run(optimize.run, req2)
-    assert rep2.candidates[0].policy == win.policy, (rep2.candidates[0].label, win.label)
+    # (a winner generated in a re-plan has no repository policy: learning contributed it under a name)
+    assert rep2.candidates[0].policy in {win.policy, rep.contributed} - {None}, (rep2.candidates[0].label, win.label)
     assert "history" in rep2.candidates[0].why
     assert "deploy" not in rep2.calls["execution"]  # host target: the human deploys
 
