@@ -1,5 +1,6 @@
 """A validation says what else used the host's CPUs while it measured (sandbox/neighbours.py): real
-processes, one outside this process's tree (a neighbour) and one inside it (the validation's own)."""
+processes: one outside this process's tree (a neighbour), the validation's own (its VM), and another
+child of this process (another job's VM)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def _neighbour(seconds: float, tmp_path) -> int:
 def test_a_neighbour_is_counted_and_named_and_our_own_processes_are_not(tmp_path):
     w = neighbours.Watch()
     own = subprocess.Popen([sys.executable, "-c", SPIN.format(s=2.0)])  # the validation's own (its VM)
+    # a child of this process that is not the validation's (another job's VM, a staging VM) competes
+    sibling = subprocess.Popen([sys.executable, "-c", SPIN.format(s=4.0)])  # still spinning at the stop
     pid = _neighbour(4.0, tmp_path)  # still spinning when the watch stops
     assert psutil.Process(pid).ppid() != own.pid
     try:
@@ -37,9 +40,12 @@ def test_a_neighbour_is_counted_and_named_and_our_own_processes_are_not(tmp_path
     finally:
         psutil.Process(pid).kill()
         own.wait()
+        sibling.kill()
+        sibling.wait()
     assert share.others_cpu >= 0.3, share  # the neighbour spun most of ~2.2 s (2 CPUs, shared with own)
     assert any(b.startswith("python") and f"[{pid}]" in b for b in share.busiest), share.busiest
     assert not any(f"[{own.pid}]" in b for b in share.busiest)
+    assert any(f"[{sibling.pid}]" in b for b in share.busiest), share.busiest
     assert share.cpus == psutil.cpu_count() and len(share.load_avg) == 2
     assert "busy host" in (share.warning() or "")
 

@@ -5,7 +5,7 @@ both sides alike; a neighbour that comes and goes (another validation, the stagi
 monitor, a build) widens the intervals and can leave a verdict undecided or flip a close one. The
 report says so in figures instead of leaving the user to guess: per-process CPU time taken at the
 start and the end of the measurement, everything that is not this validation (this process, its
-VM and their children) summed and the largest named, plus the hypervisor's steal time. Processes
+VM and the VM's children) summed and the largest named, plus the hypervisor's steal time. Processes
 that started and ended between the two snapshots are not seen (an underestimate).
 """
 
@@ -83,7 +83,9 @@ class Watch:
     def stop(self, own_pids: set[int]) -> HostShare:
         secs = max(1e-3, time.monotonic() - self.t0)
         now = _snapshot()
-        own = _own(own_pids | {os.getpid()})
+        # this process itself, and the validation's VM with its children; not this process's other
+        # children: another job's VM in the same pool, or a staging VM this server started, competes
+        own = _own(own_pids) | {os.getpid()}
         used: dict[int, tuple[str, float]] = {}
         for pid, (name, created, cpu) in now.items():
             if pid in own:
