@@ -47,8 +47,7 @@ from typing import Callable
 
 from ..errors import BadInput, InfrastructureError, SchedcpError
 from ..models import Goal
-from ..sandbox import scheduler
-from ..sandbox import neighbours
+from ..sandbox import neighbours, scheduler
 from ..sandbox.program import Launcher, ObjectLauncher
 from ..sandbox.vm import VM, GuestTimeout
 from . import evidence, gates, starvation
@@ -509,7 +508,6 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         boot_s = 0.0
     run = _Run(vm, object_bytes, ops_name, params, wls, timeout_ms, say, launcher)
     watch = neighbours.Watch()  # from here to the end of the measurement: who else used the CPUs
-    host = None
     if boot_s:
         run.durations["boot"] = round(boot_s, 3)
     expected_s = budget_s or 0.0
