@@ -20,6 +20,7 @@ from .jobs.kinds import JobContext, register
 from .jobs.models import Job
 from .learn.feedback import record_validation_outcome
 from .models import Goal
+from .store import new_id
 from .operations import (CampaignCandidate, CampaignRequest, CandidateRef, ValidateRequest, ValidateResult,
                          VerifyManyResult, VerifyProgramRequest, VerifyRequest, VerifyResult)
 from .observe.profile import get_profile
@@ -218,6 +219,7 @@ def validate(report_id: str | None = None, source: str | None = None, policy: st
     r = report_or_submit(report_id, source, policy, params, profile_id=profile_id, goals=goals,
                          use_cache=use_cache, fixed_id=f"rep-{run_id}" if run_id else None,
                          progress=lambda m, f: say(f"layer 1: {m}", 0.1 * f))
+    r = r.measured_again(f"rep-{run_id}" if run_id else new_id("rep"))
     if profile_id and not r.profile_id:
         r.profile_id = profile_id
     if goals:

@@ -704,6 +704,8 @@ async def validate_round(st: Stage, req: OptimizeRequest, rep: OptimizeReport, s
         "candidates": specs, "workloads": with_guards(p.workloads), "profile_id": p.profile_id,
         "rounds": req.rounds, "budget_s": round(sandbox_s), "budget_sandbox_s": round(max(per, left)),
         "goals": goal_args(p.goals)}
+    if any(r.rule == "undecided" for r in this_round):
+        args["measure_again"] = True  # more pairs, never an earlier identical run's answer
     start = time.monotonic()
     camp = await st.ask("validate_campaign", CampaignAnswer, args,
                         progress=lambda m, f: say(f"execution: {m}", 0.15 + 0.7 * f))

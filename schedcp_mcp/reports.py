@@ -47,6 +47,18 @@ class ValidationReport(BaseModel):
     provenance: Provenance | None = Field(None, description="how the candidate was made (synth)")
     invalidated: bool = False
     invalidated_reason: str | None = None
+    again_of: str | None = Field(None, description="the earlier report of the same layer 1 that this one "
+                                 "measured again (each measurement is its own report)")
+
+    def measured_again(self, new_id: str) -> "ValidationReport":
+        """A fresh report for another layer-2 measurement of this one's layer 1, when this one has a
+        layer 2 already: a measurement never overwrites an earlier one. (optimize's measure-again
+        validated lean_preempt's cached layer-1 report a second time and the round-1 figures were
+        gone from the store.) Invalidation is kept: measuring again does not undo a rollback."""
+        if self.layer2 is None:
+            return self
+        return self.model_copy(update={"id": new_id, "created_at": time.time(), "layer2": None,
+                                       "again_of": self.again_of or self.id})
 
     @property
     def passed_layer1(self) -> bool:

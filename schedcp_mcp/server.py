@@ -517,6 +517,8 @@ async def validate_campaign(
         "(its validation_budget_s)")] = None,
     budget_runs: Annotated[int | None, Field(ge=0, description="at most this many sandbox runs")] = None,
     budget_sandbox_s: Annotated[float | None, Field(ge=0, description="at most this many sandbox seconds")] = None,
+    measure_again: Annotated[bool, Field(description="true: run every candidate anew, never answered from "
+                                         "an earlier identical run (more pairs for an open interval)")] = False,
     background: Annotated[bool, BACKGROUND] = False,
     deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> CallToolResult:
@@ -527,7 +529,7 @@ async def validate_campaign(
     budget = Budget(runs=budget_runs, sandbox_s=budget_sandbox_s) \
         if budget_runs is not None or budget_sandbox_s is not None else None
     req = CampaignRequest(candidates=candidates, goals=gs, workloads=workloads, profile_id=profile_id,
-                          rounds=rounds, validation_budget_s=budget_s, budget=budget)
+                          rounds=rounds, validation_budget_s=budget_s, budget=budget, use_cache=not measure_again)
     job = await in_thread(candidate_jobs.validate_campaign, req, actor="mcp",
                           lane="normal" if background else "high", complete_by_s=deadline_s)
     if background:

@@ -152,3 +152,24 @@ def test_a_system_wide_host_token_needs_the_guard_set_measured():
         tokens.issue(partial.id, target="host")
     assert tokens.issue(validated_report(measured=ALL).id, target="host").token
     assert [a for a in store.audit_log() if a["action"] == "token_refused"][0]["detail"]["missing"] == ["pipe"]
+
+
+def test_a_second_measurement_is_a_new_report_and_the_first_is_kept():
+    """validate on a report that has a layer 2 (optimize's measure-again, `validate --report` twice)
+    measures into a fresh report of the same layer 1; the first report and its figures stay."""
+    from schedcp_mcp.reports import get_report
+
+    first = validated_report(measured=("pipe",))
+    again = get_report(first.id).measured_again("rep-again00001")
+    assert again.id == "rep-again00001" and again.layer2 is None and again.again_of == first.id
+    assert again.layer1 == first.layer1 and again.artifact_sha256 == first.artifact_sha256
+    assert get_report(first.id).layer2.workloads[0].name == "pipe"  # untouched until a save, and after
+    again.layer2 = Layer2Result(passed=False, ops_name="fifo")
+    save(again)
+    assert get_report(first.id).passed and not get_report(again.id).passed
+    third = get_report(again.id).measured_again("rep-again00002")
+    assert third.again_of == first.id  # every measurement points at the first
+    fresh = new_report(first.layer1, policy="fifo")
+    assert fresh.measured_again("rep-unused") is fresh  # nothing measured yet: measured in place
+    invalidate(first.id, "rolled back")
+    assert get_report(first.id).measured_again("rep-again00003").invalidated  # a rollback is not undone

@@ -293,6 +293,7 @@ def test_optimize_end_to_end_then_a_second_run_ranks_the_winner_first(repo_copy,
     assert rep.profile_id.startswith("prof-") and rep.plan_id.startswith("plan-")
     assert rep.strategy == "reconfigure" and "reconfigure" in rep.rationale
     tried = [c for c in rep.candidates if c.report_id]
+    assert len({c.report_id for c in tried}) == len(tried)  # a candidate measured again: its own report
     assert tried and all(c.figures and c.figures[0].workload == "hackbench" and not c.figures[0].guard
                          for c in tried)
     # validated as ONE campaign of supervised jobs, every report linked to the plan's profile
