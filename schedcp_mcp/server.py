@@ -517,8 +517,7 @@ async def validate_campaign(
         "(its validation_budget_s)")] = None,
     budget_runs: Annotated[int | None, Field(ge=0, description="at most this many sandbox runs")] = None,
     budget_sandbox_s: Annotated[float | None, Field(ge=0, description="at most this many sandbox seconds")] = None,
-    measure_again: Annotated[bool, Field(description="true: run every candidate anew, never answered from "
-                                         "an earlier identical run (more pairs for an open interval)")] = False,
+    measure_again: Annotated[bool, Field(description="run anew, not from an earlier identical run")] = False,
     background: Annotated[bool, BACKGROUND] = False,
     deadline_s: Annotated[float | None, DEADLINE] = None,
 ) -> CallToolResult:
@@ -896,8 +895,7 @@ async def contribute_policy(
     description: str,
     tags: list[str] | None = None,
 ) -> CallToolResult:
-    """Learning: add a validated generated/revised scheduler to the repository with provenance
-    (written to the home's policies/, beside the shipped ones)."""
+    """Learning: add a validated generated/revised scheduler to the repository with provenance."""
     p = await in_thread(contribute.contribute_policy, report_id, name, description, tags, actor="mcp")
     return A.answer(A.policy_brief(p) | {"provenance": p.provenance}, f"contributed policy {p.name}")
 

@@ -169,7 +169,7 @@ def test_a_second_measurement_is_a_new_report_and_the_first_is_kept():
     assert get_report(first.id).passed and not get_report(again.id).passed
     third = get_report(again.id).measured_again("rep-again00002")
     assert third.again_of == first.id  # every measurement points at the first
-    fresh = new_report(first.layer1, policy="fifo")
+    fresh = new_report(first.layer1, policy="fifo", params={})
     assert fresh.measured_again("rep-unused") is fresh  # nothing measured yet: measured in place
     invalidate(first.id, "rolled back")
     assert get_report(first.id).measured_again("rep-again00003").invalidated  # a rollback is not undone
