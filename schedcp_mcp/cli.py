@@ -981,7 +981,7 @@ def render_layer2(out) -> None:
 @main.command()
 @click.argument("file_and_args", nargs=-1, metavar="[FILE | -- ARGS...]")
 @click.option("--policy", help="a repository policy instead of a file")
-@click.option("--report", "report_id", help="an existing report (layer 1 passed)")
+@click.option("--report", "report_id", help="an existing report (layer 1 passed); one measured already is measured into a new report")
 @click.option("--program", help="a scheduler program with its own loader (a path, or a built peer's name); "
               "its arguments follow `--`: layer 1 (it attaches), then the same A/B and gates in the sandbox")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
