@@ -39,6 +39,7 @@ from .learn.feedback import Feedback
 from .models import Goal, in_words, times, vs_default
 from .observe.system import SystemInfo
 from .plans import Lesson, OptimizationPlan, PlannedCandidate
+from .sandbox import neighbours
 from .validate.gates import GUARD_RESULTS, PERFORMANCE_GATES
 from .workloads import GUARDS, SEARCH_WORDS
 
@@ -1050,7 +1051,7 @@ def render(rep: OptimizeReport, console) -> None:
         if not c.passed:
             console.print(f"  [red]{escape(c.label)}[/red]: {escape(c.error or c.status)}")
         for w in c.warnings:
-            if w.startswith("busy host"):
+            if w.startswith(neighbours.BUSY):
                 console.print(f"  [yellow]{escape(c.label)}[/yellow]: {escape(w)}")
     for ln in chain_lines(rep):
         console.print(escape(ln), soft_wrap=True)

@@ -36,7 +36,7 @@ def test_a_neighbour_is_counted_and_named_and_our_own_processes_are_not(tmp_path
     assert psutil.Process(pid).ppid() != own.pid
     try:
         time.sleep(2.2)
-        share = w.stop({own.pid})
+        share = w.stop(own.pid)
     finally:
         psutil.Process(pid).kill()
         own.wait()

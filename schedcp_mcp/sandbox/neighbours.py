@@ -21,6 +21,8 @@ from pydantic import BaseModel, Field
 WARN_OTHERS_CPU = 0.15
 #: ...or of the hypervisor's steal time
 WARN_STEAL_CPU = 0.1
+#: how the warning starts (what `schedcp optimize` picks out of a report's warnings)
+BUSY = "busy host"
 
 
 class HostShare(BaseModel):
@@ -39,7 +41,7 @@ class HostShare(BaseModel):
             return None
         who = f" (most: {self.busiest[0]})" if self.busiest else ""
         steal = f", the hypervisor {self.steal_cpu:.2f}" if self.steal_cpu >= WARN_STEAL_CPU else ""
-        return (f"busy host: others used {self.others_cpu:.2f} of {self.cpus} CPUs while this measured{who}"
+        return (f"{BUSY}: others used {self.others_cpu:.2f} of {self.cpus} CPUs while this measured{who}"
                 f"{steal}; intervals are wider than on a quiet machine. A staging VM (`schedcp status`) "
                 "stops with `schedcp rollback` and `schedcp sandbox stop`")
 
@@ -72,7 +74,7 @@ def _own(pids: set[int]) -> set[int]:
 
 
 class Watch:
-    """Snapshot now; `stop(own_pids)` says what everyone else used since."""
+    """Snapshot now; `stop(vm_pid)` says what everyone else used since."""
 
     def __init__(self) -> None:
         self.t0 = time.monotonic()
@@ -80,12 +82,12 @@ class Watch:
         self.steal0 = getattr(psutil.cpu_times(), "steal", 0.0)
         self.load0 = os.getloadavg()[0]
 
-    def stop(self, own_pids: set[int]) -> HostShare:
+    def stop(self, vm_pid: int | None) -> HostShare:
         secs = max(1e-3, time.monotonic() - self.t0)
         now = _snapshot()
         # this process itself, and the validation's VM with its children; not this process's other
         # children: another job's VM in the same pool, or a staging VM this server started, competes
-        own = _own(own_pids) | {os.getpid()}
+        own = _own({vm_pid} if vm_pid else set()) | {os.getpid()}
         used: dict[int, tuple[str, float]] = {}
         for pid, (name, created, cpu) in now.items():
             if pid in own:

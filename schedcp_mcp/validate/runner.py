@@ -586,7 +586,7 @@ def _validate_once(object_bytes: bytes, ops_name: str, params: dict[str, str], g
         if loaded:  # it died with the candidate attached: an earlier unload's state is not the final one
             run.obs.final_state = run.obs.final_ops = None
     finally:
-        host = watch.stop({p for p in (getattr(vm, "pid", None),) if p})
+        host = watch.stop(getattr(vm, "pid", None))
         if own_vm:
             vm.close()
     run.durations["total"] = round(time.monotonic() - t_start, 3)
@@ -702,7 +702,7 @@ def aa_in_sandbox(workloads: list[str] | None = None, *, rounds: int = 3, budget
                 if not only:
                     break
     finally:
-        host = watch.stop({p for p in (getattr(vm, "pid", None),) if p})
+        host = watch.stop(getattr(vm, "pid", None))
         if own_vm:
             vm.close()
     return run.results(), run.rounds_done, time.monotonic() - t_start, run.obs.starvation, host
